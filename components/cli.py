@@ -1,0 +1,43 @@
+"""The command-line runner every component's ``__main__`` goes through.
+
+Errors in params or environment (`ParamsError`, `OfflineError`) print one clear
+line and exit 2; other failures print their traceback and exit 1.
+
+The process then exits without interpreter finalisation: once a Beam or
+tf.Transform pipeline has run, protobuf's upb extension (6.31 and newer, which
+TensorFlow 2.21 requires) can segfault while garbage-collecting at shutdown
+(protocolbuffers/protobuf#22067), turning a finished stage into exit code 139.
+Every output is closed and moved into place before `main` returns, so nothing
+is lost by skipping finalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+from components.params import ParamsError
+
+
+class EnvironmentProblem(RuntimeError):
+    """Something outside the params stops the stage (no network, missing files); the message says what to do."""
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    try:
+        code = main() or 0
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 1
+    except (ParamsError, EnvironmentProblem) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - report, then exit non-zero
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

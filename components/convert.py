@@ -1,0 +1,198 @@
+"""convert stage: manifest + images -> sharded TFRecords and the tf.Transform graph (Apache Beam).
+
+Inputs
+    the download stage's folder (``manifest.jsonl`` and ``images/``);
+    params.yaml section ``convert``.
+Outputs (one folder, written atomically)
+    ``records/<split>-NNNNN-of-MMMMM.tfrecord``  tf.Examples with ``image`` (the
+        encoded JPEG/PNG bytes as download stored them), ``label`` (index),
+        ``label_name`` and ``id`` (see ``pipelines/features.py``)
+    ``transform/``   the tf.Transform output (``transform_fn`` SavedModel with the
+                     label vocabulary, analysed on the train split only)
+    ``labels.json``  the label vocabulary in index order
+    ``summary.json`` records per split and class, shard counts, sizes on disk
+    ``params.json``  the resolved params
+
+Run: ``python -m components.convert --download data/download --out data/convert [beam args]``
+Beam arguments (``--runner``, ``--direct_num_workers``, ...) pass through
+unchanged to ``PipelineOptions``; the DirectRunner is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pydantic
+
+from components import outputs
+from components.download import MANIFEST, SPLITS, read_jsonl
+from components.params import Section, load_section, log_resolved, write_resolved
+
+log = logging.getLogger(__name__)
+
+RECORDS = "records"
+TRANSFORM = "transform"
+LABELS = "labels.json"
+SUMMARY = "summary.json"
+DECLARED_OUTPUTS = (RECORDS, TRANSFORM, LABELS, SUMMARY, "params.json")
+
+
+class Shards(Section):
+    train: int = pydantic.Field(4, ge=1, le=10_000)
+    val: int = pydantic.Field(1, ge=1, le=10_000)
+    test: int = pydantic.Field(1, ge=1, le=10_000)
+
+
+class ConvertParams(Section):
+    shards: Shards = Shards()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    convert: ConvertParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"convert": self.convert}
+
+
+def load_config(params_path: str | Path) -> Config:
+    return Config(convert=load_section(params_path, ConvertParams, "convert"))
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def expected_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """Manifest rows per split and class: what the records must hold."""
+    counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
+    for row in manifest:
+        counts[row["split"]][row["label"]] += 1
+    return {split: dict(sorted(c.items())) for split, c in counts.items()}
+
+
+def check_manifest(manifest: Sequence[Mapping]) -> None:
+    """Refuse a manifest the transform cannot handle, before starting Beam."""
+    if not manifest:
+        raise ValueError("the manifest is empty: the download stage kept no image")
+    bad = sorted({row.get("split") for row in manifest} - set(SPLITS), key=str)
+    if bad:
+        raise ValueError(f"manifest has unknown splits {bad}; expected {list(SPLITS)}")
+    counts = expected_counts(manifest)
+    train = set(counts["train"])
+    unseen = {split: sorted(set(counts[split]) - train) for split in SPLITS[1:]}
+    unseen = {split: names for split, names in unseen.items() if names}
+    if unseen:
+        raise ValueError(
+            f"classes {unseen} appear outside train but not in train; the label vocabulary "
+            "is learned from train only, so they would have no index"
+        )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _temp_location(options) -> str | None:
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    return options.view_as(GoogleCloudOptions).temp_location
+
+
+def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
+    """Read every TFRecord back and count records per split and class."""
+    import tensorflow as tf
+
+    from pipelines import features as fk
+
+    spec = {fk.LABEL_NAME: tf.io.FixedLenFeature([], tf.string)}
+    counts: dict[str, collections.Counter] = {}
+    for split in SPLITS:
+        files = sorted(str(p) for p in records_dir.glob(f"{split}-*.tfrecord"))
+        counter: collections.Counter = collections.Counter()
+        if files:
+            dataset = tf.data.TFRecordDataset(files).batch(512).map(lambda s: tf.io.parse_example(s, spec))
+            for batch in dataset.as_numpy_iterator():
+                counter.update(name.decode("utf-8") for name in batch[fk.LABEL_NAME])
+        counts[split] = dict(sorted(counter.items()))
+    return counts
+
+
+def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = ()) -> dict:
+    """Run the Beam pipeline into a staging folder; verify counts; move into place."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import convert as graph
+    from pipelines import features as fk
+
+    started = time.monotonic()
+    download_dir = Path(download_dir)
+    manifest = read_jsonl(download_dir / MANIFEST)
+    check_manifest(manifest)
+    expected = expected_counts(manifest)
+    options = PipelineOptions(list(beam_args))
+    shards = config.convert.shards.model_dump()
+    with outputs.staged_dir(out_dir) as tmp:
+        temp_dir = _temp_location(options) or str(tmp / ".tft_tmp")
+        with beam.Pipeline(options=options) as pipeline:
+            graph.convert(
+                pipeline,
+                manifest_path=str(download_dir / MANIFEST),
+                images_root=str(download_dir),
+                records_dir=str(tmp / RECORDS),
+                transform_dir=str(tmp / TRANSFORM),
+                shards=shards,
+                temp_dir=temp_dir,
+            )
+        shutil.rmtree(tmp / ".tft_tmp", ignore_errors=True)
+        written = count_records(tmp / RECORDS)
+        if written != expected:
+            raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")
+        vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
+        labels = vocab_file.read_text(encoding="utf-8").splitlines()
+        (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False) + "\n", encoding="utf-8")
+        elapsed = time.monotonic() - started
+        summary = {
+            "records": {split: sum(c.values()) for split, c in written.items()},
+            "per_class": written,
+            "labels": labels,
+            "shards": shards,
+            "bytes": {
+                split: sum(p.stat().st_size for p in (tmp / RECORDS).glob(f"{split}-*.tfrecord"))
+                for split in SPLITS
+            },
+            "source_image_bytes": sum((download_dir / row["file"]).stat().st_size for row in manifest),
+            "image_encoding": "encoded bytes as stored by download (JPEG as-is, PNG if normalised)",
+        }
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_resolved(tmp, config.sections())
+        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    total = sum(summary["records"].values())
+    log.info("convert: %d records %s in %.1fs (%.1f images/s)", total, summary["records"], elapsed, total / elapsed)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (section convert)")
+    parser.add_argument("--download", required=True, help="the download stage's output folder")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.params)
+    log_resolved("convert", config.sections())
+    run(config, args.download, args.out, beam_args)
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

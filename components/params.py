@@ -1,0 +1,122 @@
+"""Loading and validating `params.yaml` sections, shared by every component.
+
+Each stage declares a frozen pydantic model for its own section(s). `load_section`
+reads only those sections, refuses unknown keys, wrong types and impossible values
+with a `ParamsError` that names the key (``download.fractions.train``) and what is
+allowed, before the stage does any work. `write_resolved` stores the resolved
+config next to the stage's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import pydantic
+import yaml
+
+log = logging.getLogger(__name__)
+
+RESOLVED_PARAMS_FILE = "params.json"
+
+
+class ParamsError(ValueError):
+    """A params.yaml section is missing, mistyped or impossible."""
+
+
+class Section(pydantic.BaseModel):
+    """Base for every params section: frozen, strict, no unknown keys."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def _describe_error(prefix: str, error: Mapping[str, Any], model: type[Section]) -> str:
+    loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{loc}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{loc}: required key is missing"
+    got = error.get("input")
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{loc}: {message} (got {got!r})"
+
+
+def _allowed_keys(model: type[Section], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at `loc` inside `model`, following nested sections."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = _section_type(fields[part].annotation)
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _section_type(annotation: Any) -> Any:
+    """The Section subclass inside an annotation such as `Foo | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_section(model: type[SectionT], name: str, raw: Any) -> SectionT:
+    """Validate one section's raw mapping into `model`; errors name `name.key`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{name}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return model.model_validate(dict(raw))
+    except pydantic.ValidationError as exc:
+        lines = [_describe_error(name, err, model) for err in exc.errors()]
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def read_params(params_path: str | Path) -> dict[str, Any]:
+    path = Path(params_path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    with path.open(encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at top level")
+    return data
+
+
+def load_section(params_path: str | Path, model: type[SectionT], name: str) -> SectionT:
+    """Read `name` from the params file and validate it as `model`."""
+    data = read_params(params_path)
+    if name not in data:
+        raise ParamsError(f"{params_path}: section {name!r} is missing")
+    return parse_section(model, name, data[name])
+
+
+def to_jsonable(config: pydantic.BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def write_resolved(out_dir: str | Path, sections: Mapping[str, pydantic.BaseModel]) -> Path:
+    """Write the resolved config of a stage (all sections it read) as JSON."""
+    path = Path(out_dir) / RESOLVED_PARAMS_FILE
+    payload = {name: to_jsonable(section) for name, section in sections.items()}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def log_resolved(stage: str, sections: Mapping[str, pydantic.BaseModel]) -> None:
+    payload = {name: to_jsonable(section) for name, section in sections.items()}
+    log.info("%s resolved params: %s", stage, json.dumps(payload, sort_keys=True))

@@ -1,0 +1,31 @@
+"""Feature keys and the TFRecord schema shared by convert, extract, training and serving."""
+
+from __future__ import annotations
+
+IMAGE = "image"  # encoded image bytes (JPEG, or PNG for normalised non-JPEG sources)
+LABEL = "label"  # int64 index into the label vocabulary
+LABEL_NAME = "label_name"  # the class name
+ID = "id"  # the manifest id (first 20 hex digits of the source file's SHA-256)
+
+LABEL_VOCABULARY = "label"  # name of the vocabulary file in the transform graph's assets
+
+RAW_KEYS = (IMAGE, LABEL_NAME, ID)  # what convert feeds tf.Transform
+RECORD_KEYS = (IMAGE, LABEL, LABEL_NAME, ID)  # what each TFRecord holds
+
+
+def record_feature_spec():
+    """The `tf.io.parse_example` spec of the convert stage's TFRecords."""
+    import tensorflow as tf
+
+    return {
+        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        LABEL: tf.io.FixedLenFeature([], tf.int64),
+        LABEL_NAME: tf.io.FixedLenFeature([], tf.string),
+        ID: tf.io.FixedLenFeature([], tf.string),
+    }
+
+
+def raw_feature_spec():
+    import tensorflow as tf
+
+    return {key: tf.io.FixedLenFeature([], tf.string) for key in RAW_KEYS}

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import yaml
+
+from components import convert, download as dl
+from components.params import ParamsError
+from tests.conftest import make_class_folder
+
+pytest.importorskip("apache_beam")
+
+
+@pytest.fixture
+def download_dir(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=10)
+    config = dl.Config(
+        dl.CommonParams(seed=2),
+        dl.DatasetParams(source="folder", dir=str(root)),
+        dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2)),
+    )
+    dl.run(config, tmp_path / "download")
+    return tmp_path / "download"
+
+
+def write_params(tmp_path, shards):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"convert": {"shards": shards}}))
+    return path
+
+
+def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
+    out = tmp_path / "convert"
+    params = write_params(tmp_path, {"train": 2, "val": 1, "test": 1})
+    assert convert.main(["--params", str(params), "--download", str(download_dir), "--out", str(out)]) == 0
+    for name in convert.DECLARED_OUTPUTS:
+        assert (out / name).exists(), name
+    manifest = dl.read_jsonl(download_dir / dl.MANIFEST)
+    summary = json.loads((out / convert.SUMMARY).read_text())
+    assert summary["per_class"] == convert.expected_counts(manifest)
+    assert sum(summary["records"].values()) == len(manifest) == 20
+    assert convert.count_records(out / convert.RECORDS) == convert.expected_counts(manifest)
+    assert json.loads((out / convert.LABELS).read_text()) == ["cats", "dogs"]
+    assert len(list((out / convert.RECORDS).glob("train-*-of-00002.tfrecord"))) == 2
+    assert json.loads((out / "params.json").read_text()) == {"convert": {"shards": {"train": 2, "val": 1, "test": 1}}}
+    assert not list(tmp_path.glob(".convert.*"))
+
+
+def test_rerun_gives_byte_identical_records(download_dir, tmp_path):
+    config = convert.Config(convert.ConvertParams())
+    convert.run(config, download_dir, tmp_path / "a")
+    convert.run(config, download_dir, tmp_path / "b", beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+    names = sorted(p.name for p in (tmp_path / "a" / convert.RECORDS).iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b" / convert.RECORDS).iterdir())
+    for name in names:
+        assert (tmp_path / "a" / convert.RECORDS / name).read_bytes() == (tmp_path / "b" / convert.RECORDS / name).read_bytes()
+    assert (tmp_path / "a" / convert.LABELS).read_bytes() == (tmp_path / "b" / convert.LABELS).read_bytes()
+
+
+def test_beam_arguments_pass_through_unchanged(download_dir, tmp_path):
+    with pytest.raises(Exception, match="NoSuchRunner"):
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", beam_args=["--runner=NoSuchRunner"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_missing_from_train_is_refused_before_beam(download_dir, tmp_path):
+    rows = dl.read_jsonl(download_dir / dl.MANIFEST)
+    rows = [r for r in rows if not (r["label"] == "dogs" and r["split"] == "train")]
+    (download_dir / dl.MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"classes \{.*'dogs'.*\} appear outside train but not in train"):
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
+
+
+def test_empty_manifest_and_bad_params(download_dir, tmp_path):
+    (download_dir / dl.MANIFEST).write_text("")
+    with pytest.raises(ValueError, match="manifest is empty"):
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
+    with pytest.raises(ParamsError, match=r"convert\.shards\.val: .*greater than or equal to 1"):
+        convert.load_config(write_params(tmp_path, {"train": 1, "val": 0, "test": 1}))

@@ -1,0 +1,335 @@
+import io
+import json
+import os
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import download as dl
+from components.params import ParamsError
+from tests.conftest import encode, image_array, make_class_folder
+
+LIMITS = dict(min_side=16, max_pixels=89_478_485)
+FRACTIONS = dl.Fractions(train=0.5, val=0.25, test=0.25)
+
+
+def decoded(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+# --------------------------------------------------------------------------- normalise_image
+
+
+def test_rgb_jpeg_is_kept_byte_for_byte():
+    data = encode(image_array(1))
+    result = dl.normalise_image(data, **LIMITS)
+    assert isinstance(result, dl.Normalised)
+    assert result.data == data and result.ext == "jpg" and result.action == "as-is"
+    assert (result.width, result.height) == (32, 24)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: b"", "empty file"),
+        (lambda: b"hello, I am a text file named cat.jpg\n", "not an image"),
+        (lambda: encode(image_array(2, size=(64, 64)))[:400], "undecodable JPEG"),
+        (lambda: encode(image_array(3, size=(1, 1)), "PNG"), "too small: 1x1"),
+    ],
+    ids=["zero-bytes", "text-as-jpg", "truncated-jpeg", "1x1"],
+)
+def test_bad_files_are_rejected_with_reason(make, reason):
+    result = dl.normalise_image(make(), **LIMITS)
+    assert isinstance(result, dl.Rejected)
+    assert reason in result.reason
+
+
+def test_decompression_bomb_is_rejected_without_decoding():
+    big = Image.new("1", (10_000, 9_000))  # 90 M pixels, a tiny file
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    started = time.monotonic()
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, dl.Rejected) and "too large" in result.reason
+    assert time.monotonic() - started < 2
+    small_limit = dl.normalise_image(encode(image_array(4, size=(40, 40))), min_side=16, max_pixels=1000)
+    assert isinstance(small_limit, dl.Rejected) and "download.max_pixels=1000" in small_limit.reason
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, kwargs",
+    [
+        ("PNG", None, {}),
+        ("GIF", None, {}),
+        ("BMP", None, {}),
+        ("WEBP", None, {"lossless": True}),
+        ("JPEG", "L", {}),
+        ("PNG", "RGBA", {}),
+        ("JPEG", "CMYK", {}),
+        ("TIFF", None, {}),
+    ],
+    ids=["png", "gif", "bmp", "webp", "grayscale-jpeg", "rgba-png", "cmyk-jpeg", "tiff"],
+)
+def test_decodable_formats_are_normalised_to_rgb_png(fmt, mode, kwargs):
+    source = image_array(5, size=(20, 30))
+    result = dl.normalise_image(encode(source, fmt, mode, **kwargs), **LIMITS)
+    assert isinstance(result, dl.Normalised), result
+    assert result.ext == "png" and result.format == fmt
+    out = decoded(result.data)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if fmt in ("PNG", "BMP", "WEBP", "TIFF") and mode is None:  # lossless: pixels unchanged
+        np.testing.assert_array_equal(np.asarray(out), source)
+
+
+def test_rgba_is_composited_on_white():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half
+    rgba[:, 10:, 3] = 255
+    result = dl.normalise_image(encode(rgba, "PNG"), **LIMITS)
+    pixels = np.asarray(decoded(result.data))
+    assert tuple(pixels[0, 0]) == (255, 255, 255)
+    assert tuple(pixels[0, 15]) == (255, 0, 0)
+    assert "onto white" in result.action
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 20 * 20).reshape(20, 20)).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    pixels = np.asarray(decoded(result.data))
+    assert pixels.dtype == np.uint8 and pixels.shape == (20, 20, 3)
+    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255
+    assert 100 < pixels[10, 0, 0] < 155  # mid-grey stays mid-grey
+
+
+def test_exif_rotation_is_applied():
+    source = image_array(6, size=(20, 40))  # 40 wide, 20 high
+    img = Image.fromarray(source)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", exif=exif.tobytes())
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert (result.width, result.height) == (20, 40)
+    assert "EXIF orientation 6" in result.action
+    assert decoded(result.data).size == (20, 40)
+
+
+def test_animated_gif_keeps_first_frame():
+    frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert "first of 2 frames" in result.action
+
+
+# --------------------------------------------------------------------------- split and duplicates
+
+
+def test_hash_split_is_deterministic_and_follows_fractions():
+    hashes = [dl.content_hash(str(i).encode()) for i in range(4000)]
+    splits = [dl.hash_split(h, 7, FRACTIONS) for h in hashes]
+    assert splits == [dl.hash_split(h, 7, FRACTIONS) for h in hashes]
+    share = {s: splits.count(s) / len(splits) for s in dl.SPLITS}
+    assert abs(share["train"] - 0.5) < 0.03 and abs(share["val"] - 0.25) < 0.03
+    other_seed = [dl.hash_split(h, 8, FRACTIONS) for h in hashes]
+    assert other_seed != splits
+
+
+def candidate(source, label, data, given=None):
+    return dl.Candidate(source, label, dl.content_hash(data), given, "jpg", 20, 20, "JPEG", "as-is")
+
+
+def test_duplicates_are_kept_once_and_reported():
+    a, b = b"image-a", b"image-b"
+    rows, rejected = dl.resolve(
+        [candidate("cats/2.jpg", "cats", a), candidate("cats/1.jpg", "cats", a), candidate("dogs/1.jpg", "dogs", b)],
+        1,
+        FRACTIONS,
+    )
+    assert sorted(r["source"] for r in rows) == ["cats/1.jpg", "dogs/1.jpg"]
+    assert rejected == [
+        {"source": "cats/2.jpg", "label": "cats", "reason": "duplicate of cats/1.jpg", "sha256": dl.content_hash(a)}
+    ]
+
+
+def test_duplicates_under_two_labels_are_all_quarantined():
+    rows, rejected = dl.resolve([candidate("cats/x.jpg", "cats", b"x"), candidate("dogs/x.jpg", "dogs", b"x")], 1, FRACTIONS)
+    assert rows == []
+    assert {r["source"] for r in rejected} == {"cats/x.jpg", "dogs/x.jpg"}
+    assert all("different labels (cats, dogs)" in r["reason"] for r in rejected)
+
+
+def test_duplicate_across_given_splits_stays_in_the_earliest():
+    rows, rejected = dl.resolve(
+        [candidate("test/cats/x.jpg", "cats", b"x", "test"), candidate("train/cats/x.jpg", "cats", b"x", "train")],
+        1,
+        FRACTIONS,
+    )
+    assert [(r["source"], r["split"]) for r in rows] == [("train/cats/x.jpg", "train")]
+    assert rejected[0]["source"] == "test/cats/x.jpg"
+
+
+# --------------------------------------------------------------------------- folder scanning and run
+
+
+def folder_config(root, **download_kwargs) -> dl.Config:
+    return dl.Config(
+        common=dl.CommonParams(seed=3),
+        dataset=dl.DatasetParams(source="folder", dir=str(root)),
+        download=dl.DownloadParams(fractions=FRACTIONS, **download_kwargs),
+    )
+
+
+def test_run_writes_declared_outputs_and_reconciles(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    summary = dl.run(folder_config(tiny_folder), out)
+    for name in dl.DECLARED_OUTPUTS:
+        assert (out / name).exists()
+    manifest = dl.read_jsonl(out / dl.MANIFEST)
+    assert len(manifest) == 24 == summary["kept"] == summary["found"]
+    assert {row["label"] for row in manifest} == {"cats", "dogs"}
+    for row in manifest:
+        assert (out / row["file"]).read_bytes() == (tiny_folder / row["source"]).read_bytes()
+        assert row["id"] == row["sha256"][:20] and row["split"] in dl.SPLITS
+    assert sum(s["total"] for s in summary["splits"].values()) == 24
+    assert json.loads((out / "params.json").read_text())["common"]["seed"] == 3
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_adding_images_never_moves_existing_ones(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=10)
+    first = {r["sha256"]: r["split"] for r in (dl.run(folder_config(root), tmp_path / "a") and dl.read_jsonl(tmp_path / "a" / dl.MANIFEST))}
+    make_class_folder(root, per_class=15, start=10)
+    second = {r["sha256"]: r["split"] for r in (dl.run(folder_config(root), tmp_path / "b") and dl.read_jsonl(tmp_path / "b" / dl.MANIFEST))}
+    assert len(second) == 50
+    assert {h: second[h] for h in first} == first
+
+
+def test_rerun_gives_byte_identical_outputs(tiny_folder, tmp_path):
+    (tiny_folder / "cats" / "odd.png").write_bytes(encode(image_array(99, size=(20, 20)), "PNG"))
+    dl.run(folder_config(tiny_folder), tmp_path / "a")
+    dl.run(folder_config(tiny_folder), tmp_path / "b")
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=8)
+    cats = root / "cats"
+    (cats / "zero.jpg").write_bytes(b"")
+    (cats / "text.jpg").write_text("not an image")
+    (cats / "trunc.jpg").write_bytes(encode(image_array(50, size=(64, 64)))[:300])
+    (cats / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cats / "dup.jpg").write_bytes((cats / "cats_0.jpg").read_bytes())
+    (root / "dogs" / "png_named.jpg").write_bytes(encode(image_array(51), "PNG"))
+    (root / "README.txt").write_text("stray file at the root")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(encode(image_array(52)))
+    os.symlink(outside, root / "dogs" / "link_out.jpg")
+    os.symlink(root / "dogs" / "dogs_1.jpg", root / "dogs" / "link_in.jpg")
+    out = tmp_path / "out"
+    summary = dl.run(folder_config(root), out)
+    quarantine = {Path(r["source"]).name: r["reason"] for r in dl.read_jsonl(out / dl.QUARANTINE)}
+    assert quarantine["zero.jpg"].startswith("empty file")
+    assert quarantine["text.jpg"].startswith("not an image")
+    assert quarantine["trunc.jpg"].startswith("undecodable JPEG")
+    assert quarantine[".DS_Store"] == "hidden file"
+    assert quarantine["dup.jpg"] == "duplicate of cats/cats_0.jpg"
+    assert quarantine["README.txt"] == "not inside a class folder"
+    assert "outside the source folder (not followed)" in quarantine["link_out.jpg"]
+    assert quarantine["link_in.jpg"] == "duplicate of dogs/dogs_1.jpg"  # followed, same content
+    kept = {Path(r["source"]).name: r for r in dl.read_jsonl(out / dl.MANIFEST)}
+    assert kept["png_named.jpg"]["format"] == "PNG" and kept["png_named.jpg"]["file"].endswith(".png")
+    assert summary["reconciled"] is True
+    assert summary["found"] == summary["kept"] + summary["quarantined"] == 17 + 8
+    assert summary["per_class"]["cats"] == {"found": 13, "kept": 8, "quarantined": 5}
+    assert summary["per_class"]["dogs"] == {"found": 11, "kept": 9, "quarantined": 2}
+    assert summary["per_class"][dl.NO_CLASS] == {"found": 1, "kept": 0, "quarantined": 1}
+    assert summary["duplicates"] == {"files_quarantined": 2, "distinct_images": 2}
+    assert summary["quarantine_reasons"]["duplicate"] == 2
+
+
+def test_class_names_with_spaces_and_non_ascii_are_nfc(tmp_path):
+    nfd = unicodedata.normalize("NFD", "chats siamois é")
+    root = make_class_folder(tmp_path / "src", per_class=6, classes=(nfd, "Hunde ü"))
+    make_class_folder(root, per_class=0, classes=("empty class",))
+    summary = dl.run(folder_config(root), tmp_path / "out")
+    assert summary["classes"] == sorted(["chats siamois é", "Hunde ü"])
+    assert summary["empty_classes"] == ["empty class"]
+    labels = {r["label"] for r in dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)}
+    assert labels == {"chats siamois é", "Hunde ü"}
+
+
+def test_a_single_class_is_a_clear_error_and_writes_nothing(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=5, classes=("cats",))
+    with pytest.raises(ValueError, match=r"need at least 2 classes.*\['cats'\]"):
+        dl.run(folder_config(root), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_class_without_training_image_is_a_clear_error(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=4)
+    config = dl.Config(
+        dl.CommonParams(), dl.DatasetParams(source="folder", dir=str(root)),
+        dl.DownloadParams(fractions=dl.Fractions(train=1e-9, val=0.5, test=0.5 - 1e-9)),
+    )
+    with pytest.raises(ValueError, match=r"classes with no training image: \['cats', 'dogs'\]"):
+        dl.run(config, tmp_path / "out")
+
+
+def make_split_folders(root: Path, names=("train", "validation", "test")) -> Path:
+    for s, name in enumerate(names):
+        make_class_folder(root / name, per_class=3, start=10 * s)
+    return root
+
+
+def test_existing_split_folders_are_used(tmp_path):
+    root = make_split_folders(tmp_path / "src")
+    dl.run(folder_config(root), tmp_path / "out")
+    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
+    by_split = {s: sorted(r["source"] for r in manifest if r["split"] == s) for s in dl.SPLITS}
+    assert len(by_split["val"]) == 6 and all(src.startswith("validation/") for src in by_split["val"])
+    assert all(src.startswith("train/") for src in by_split["train"])
+
+
+def test_existing_split_folders_can_be_pooled(tmp_path):
+    root = make_split_folders(tmp_path / "src")
+    config = folder_config(root)
+    config = dl.Config(config.common, config.dataset.model_copy(update={"existing_splits": "ignore"}), config.download)
+    dl.run(config, tmp_path / "out")
+    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
+    assert all(r["split"] == dl.hash_split(r["sha256"], 3, FRACTIONS) for r in manifest)
+
+
+def test_incomplete_split_folders_are_a_clear_error(tmp_path):
+    root = make_split_folders(tmp_path / "src", names=("train", "test"))
+    with pytest.raises(ValueError, match=r"missing: \['val'\].*existing_splits: ignore"):
+        dl.run(folder_config(root), tmp_path / "out")
+
+
+def test_missing_source_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        dl.run(folder_config(tmp_path / "nowhere"), tmp_path / "out")
+
+
+def test_main_on_a_tiny_folder(tiny_folder, tmp_path):
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"dataset": {"source": "folder", "dir": str(tiny_folder)}}))
+    assert dl.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / dl.SUMMARY).read_text())
+    assert summary["kept"] == 24 and summary["reconciled"]
+    assert len(dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)) == 24

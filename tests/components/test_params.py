@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import convert, download
+from components.params import ParamsError, parse_section
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_params(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_repo_params_file_is_valid_for_every_stage():
+    cfg = download.load_config(REPO / "params.yaml")
+    assert cfg.dataset.source in ("tfds", "folder")
+    assert abs(sum(cfg.download.fractions.model_dump().values()) - 1) < 1e-9
+    assert convert.load_config(REPO / "params.yaml").convert.shards.train >= 1
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    with pytest.raises(ParamsError) as err:
+        parse_section(download.DownloadParams, "download", {"min_sid": 3})
+    message = str(err.value)
+    assert "download.min_sid: unknown key" in message
+    assert "max_pixels" in message and "min_side" in message
+
+
+def test_nested_unknown_key_names_full_path():
+    with pytest.raises(ParamsError, match=r"dataset\.tfds\.nam: unknown key; allowed keys: image_key, label_key, name, splits"):
+        parse_section(download.DatasetParams, "dataset", {"dir": "x", "tfds": {"nam": "mnist"}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ParamsError, match=r"common\.seed: .*integer.*got '42'"):
+        parse_section(download.CommonParams, "common", {"seed": "42"})
+
+
+@pytest.mark.parametrize(
+    "fractions, fragment",
+    [
+        ({"train": 0.5, "val": 0.3, "test": 0.3}, "must sum to 1"),
+        ({"train": -0.1, "val": 0.6, "test": 0.5}, "within [0, 1]"),
+        ({"train": 0.0, "val": 0.5, "test": 0.5}, "train must be > 0"),
+    ],
+)
+def test_impossible_fractions(fractions, fragment):
+    with pytest.raises(ParamsError) as err:
+        parse_section(download.DownloadParams, "download", {"fractions": fractions})
+    assert "download.fractions" in str(err.value) and fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_sizes_are_refused(value):
+    with pytest.raises(ParamsError, match=r"download\.min_side: .*greater than or equal to 1"):
+        parse_section(download.DownloadParams, "download", {"min_side": value})
+    with pytest.raises(ParamsError, match=r"convert\.shards\.train"):
+        parse_section(convert.ConvertParams, "convert", {"shards": {"train": value}})
+
+
+def test_unknown_source_lists_allowed_values():
+    with pytest.raises(ParamsError, match=r"dataset\.source: Input should be 'tfds' or 'folder'"):
+        parse_section(download.DatasetParams, "dataset", {"dir": "x", "source": "s3"})
+
+
+def test_tfds_split_mapping_needs_all_three():
+    with pytest.raises(ParamsError, match=r"dataset\.tfds\.splits.*train, val, test"):
+        parse_section(download.DatasetParams, "dataset", {"dir": "x", "tfds": {"splits": {"train": "train"}}})
+
+
+def test_missing_section_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="section 'convert' is missing"):
+        convert.load_config(write_params(tmp_path, {"common": {"seed": 1}}))
+    with pytest.raises(ParamsError, match="params file not found"):
+        convert.load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match=r"dataset\.dir: required key is missing"):
+        download.load_config(write_params(tmp_path, {"dataset": {"source": "folder"}}))
+
+
+def test_main_refuses_bad_params_before_any_work(tmp_path):
+    params = write_params(tmp_path, {"dataset": {"source": "folder", "dir": str(tmp_path)}, "download": {"shards": 3}})
+    out = tmp_path / "out"
+    with pytest.raises(ParamsError, match=r"download\.shards: unknown key"):
+        download.main(["--params", str(params), "--out", str(out)])
+    assert not out.exists()

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from pipelines import image  # noqa: E402
+from tests.conftest import encode, image_array  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_decode_and_resize_any_format(fmt):
+    source = image_array(3, size=(24, 32))
+    out = image.decode_and_resize(tf.constant(encode(source, fmt)), (16, 16)).numpy()
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 255.0
+    if fmt in ("PNG", "BMP"):  # lossless: the mean colour survives the resize
+        np.testing.assert_allclose(out.mean(axis=(0, 1)), source.mean(axis=(0, 1)), atol=2.0)
+
+
+def test_grayscale_becomes_three_channels():
+    gray = encode(image_array(4), "PNG", mode="L")
+    out = image.decode_and_resize(tf.constant(gray), (8, 8)).numpy()
+    np.testing.assert_allclose(out[..., 0], out[..., 1])
+
+
+def test_batch_matches_single():
+    blobs = [encode(image_array(s, size=(20 + s, 30))) for s in range(3)]
+    batch = image.decode_and_resize_batch(tf.constant(blobs), (12, 12)).numpy()
+    assert batch.shape == (3, 12, 12, 3)
+    np.testing.assert_allclose(batch[1], image.decode_and_resize(tf.constant(blobs[1]), (12, 12)).numpy())
+
+
+def test_undecodable_bytes_raise():
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        image.decode_and_resize(tf.constant(b"not an image"), (8, 8))
