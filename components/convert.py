@@ -139,8 +139,14 @@ def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args
     expected = expected_counts(manifest)
     options = PipelineOptions(list(beam_args))
     shards = config.convert.shards.model_dump()
+    # A fixed scratch path (not inside the randomly named staging folder): the
+    # vocabulary's path is recorded in the transform graph, which then stays
+    # byte-identical from run to run.
+    out_dir = Path(out_dir)
+    local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp"
+    shutil.rmtree(local_temp, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp:
-        temp_dir = _temp_location(options) or str(tmp / ".tft_tmp")
+        temp_dir = _temp_location(options) or str(local_temp)
         with beam.Pipeline(options=options) as pipeline:
             graph.convert(
                 pipeline,
@@ -151,7 +157,8 @@ def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args
                 shards=shards,
                 temp_dir=temp_dir,
             )
-        shutil.rmtree(tmp / ".tft_tmp", ignore_errors=True)
+        shutil.rmtree(local_temp, ignore_errors=True)
+        outputs.stabilise_saved_model_fingerprint(tmp / TRANSFORM / "transform_fn")
         written = count_records(tmp / RECORDS)
         if written != expected:
             raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")

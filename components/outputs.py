@@ -42,3 +42,21 @@ def require_outputs(root: str | Path, relative: Iterable[str]) -> None:
     missing = [name for name in relative if not (root / name).exists()]
     if missing:
         raise RuntimeError(f"stage did not produce its declared outputs under {root}: {missing}")
+
+
+def stabilise_saved_model_fingerprint(saved_model_dir: str | Path) -> None:
+    """Replace the random `uuid` in a SavedModel's fingerprint.pb with one derived from its checksum.
+
+    TensorFlow writes a fresh random uuid on every save, so two saves of the
+    same graph and weights differ by that field alone; deriving it from the
+    content keeps re-runs byte-identical (and DVC hashes stable).
+    """
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = Path(saved_model_dir) / "fingerprint.pb"
+    if not path.exists():
+        return
+    fingerprint = fingerprint_pb2.FingerprintDef()
+    fingerprint.ParseFromString(path.read_bytes())
+    fingerprint.uuid = str(fingerprint.saved_model_checksum)
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))

@@ -6,10 +6,12 @@ IMAGE = "image"  # encoded image bytes (JPEG, or PNG for normalised non-JPEG sou
 LABEL = "label"  # int64 index into the label vocabulary
 LABEL_NAME = "label_name"  # the class name
 ID = "id"  # the manifest id (first 20 hex digits of the source file's SHA-256)
+FILE = "file"  # convert's input only: the image's path relative to the download folder
+SPLIT = "split"  # convert's input only: train, val or test
 
 LABEL_VOCABULARY = "label"  # name of the vocabulary file in the transform graph's assets
 
-RAW_KEYS = (IMAGE, LABEL_NAME, ID)  # what convert feeds tf.Transform
+RAW_KEYS = (LABEL_NAME, ID, FILE, SPLIT)  # what convert feeds tf.Transform (no pixels: small and fast)
 RECORD_KEYS = (IMAGE, LABEL, LABEL_NAME, ID)  # what each TFRecord holds
 
 

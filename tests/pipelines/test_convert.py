@@ -23,18 +23,14 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
     test_session = None  # tf.test.TestCase's helper, not a test
 
     def test_vocabulary_is_sorted_not_by_frequency_and_learned_from_train_only(self):
-        train = [
-            {fk.IMAGE: b"i1", fk.LABEL_NAME: b"dogs", fk.ID: b"a"},
-            {fk.IMAGE: b"i2", fk.LABEL_NAME: b"dogs", fk.ID: b"b"},
-            {fk.IMAGE: b"i3", fk.LABEL_NAME: b"cats", fk.ID: b"c"},
-        ]
-        val = [
-            {fk.IMAGE: b"v1", fk.LABEL_NAME: b"cats", fk.ID: b"d"},
-            {fk.IMAGE: b"v2", fk.LABEL_NAME: b"zebras", fk.ID: b"e"},  # not in train: no index
-        ]
+        def row(name, rid, split):
+            return {fk.LABEL_NAME: name, fk.ID: rid, fk.FILE: b"images/" + rid + b".jpg", fk.SPLIT: split}
+
+        train = [row(b"dogs", b"a", b"train"), row(b"dogs", b"b", b"train"), row(b"cats", b"c", b"train")]
+        val = [row(b"cats", b"d", b"val"), row(b"zebras", b"e", b"val")]  # zebras: not in train, so no index
         expected = [
-            {fk.IMAGE: b"v1", fk.LABEL: 0, fk.LABEL_NAME: b"cats", fk.ID: b"d"},
-            {fk.IMAGE: b"v2", fk.LABEL: -1, fk.LABEL_NAME: b"zebras", fk.ID: b"e"},
+            {fk.LABEL: 0, fk.LABEL_NAME: b"cats", fk.ID: b"d", fk.FILE: b"images/d.jpg", fk.SPLIT: b"val"},
+            {fk.LABEL: -1, fk.LABEL_NAME: b"zebras", fk.ID: b"e", fk.FILE: b"images/e.jpg", fk.SPLIT: b"val"},
         ]
         self.assertAnalyzeAndTransformResults(
             train,
@@ -116,7 +112,7 @@ def test_convert_graph_on_test_pipeline(tiny_download, tmp_path):
 def test_missing_image_file_is_a_clear_error(tiny_download, tmp_path):
     row = dl.read_jsonl(tiny_download / dl.MANIFEST)[0]
     (tiny_download / row["file"]).unlink()
-    with pytest.raises(Exception, match=f"manifest row {row['id']}.*cannot read"):
+    with pytest.raises(Exception, match=f"manifest row {row['id']}: cannot read"):
         with TestPipeline() as pipeline:
             graph.convert(
                 pipeline,
