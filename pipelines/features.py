@@ -11,6 +11,8 @@ SPLIT = "split"  # convert's input only: train, val or test
 
 LABEL_VOCABULARY = "label"  # name of the vocabulary file in the transform graph's assets
 
+FEATURES = "features"  # extract's output: the conv base's features, flattened float32
+
 RAW_KEYS = (LABEL_NAME, ID, FILE, SPLIT)  # what convert feeds tf.Transform (no pixels: small and fast)
 RECORD_KEYS = (IMAGE, LABEL, LABEL_NAME, ID)  # what each TFRecord holds
 
@@ -31,3 +33,14 @@ def raw_feature_spec():
     import tensorflow as tf
 
     return {key: tf.io.FixedLenFeature([], tf.string) for key in RAW_KEYS}
+
+
+def features_feature_spec(size: int):
+    """The `tf.io.parse_example` spec of the extract stage's feature records."""
+    import tensorflow as tf
+
+    return {
+        ID: tf.io.FixedLenFeature([], tf.string),
+        LABEL: tf.io.FixedLenFeature([], tf.int64),
+        FEATURES: tf.io.FixedLenFeature([size], tf.float32),
+    }

@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.tiny_dataset import image_array, make_class_folder  # noqa: F401 (re-exported for tests)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-
-CLASS_COLORS = {"cats": (200, 60, 40), "dogs": (40, 60, 200), "birds": (40, 180, 60)}
-
-
-def image_array(seed: int, color=(128, 128, 128), size=(24, 32)) -> np.ndarray:
-    """A small noisy image around `color`; distinct seeds give distinct images."""
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(-50, 50, (size[0], size[1], 3))
-    return np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **save_kwargs) -> bytes:
@@ -30,17 +23,6 @@ def encode(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **save
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **save_kwargs)
     return buffer.getvalue()
-
-
-def make_class_folder(root: Path, per_class: int = 6, classes=("cats", "dogs"), start: int = 0) -> Path:
-    """root/<class>/<i>.jpg with distinct, class-coloured JPEGs."""
-    for c, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(start, start + per_class):
-            seed = 1000 * c + i
-            (folder / f"{name}_{i}.jpg").write_bytes(encode(image_array(seed, CLASS_COLORS.get(name, (90, 90, 90)))))
-    return root
 
 
 @pytest.fixture

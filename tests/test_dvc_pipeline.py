@@ -1,4 +1,4 @@
-"""Integration: real `dvc repro` of the data stages in a temporary git repository."""
+"""Integration: real `dvc repro` / `dvc exp run` of the pipeline on the tiny preset in a temporary git repository."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from tests.conftest import make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "components", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
-    ".dvc/config", ".dvc/.gitignore", "tfds_data",
+    "components", "pipelines", "presets", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+    ".dvc/config", ".dvc/.gitignore", "tfds_data", "models",
 )
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,8 @@ def dvc(*args: str, cwd: Path) -> str:
     return run([sys.executable, "-m", "dvc", *args], cwd).stdout
 
 
-def make_project(tmp_path: Path, source: Path) -> Path:
+def make_project(tmp_path: Path) -> Path:
+    """A copy of the project on the tiny preset, exactly as the README's tiny run sets it up."""
     project = tmp_path / "project"
     project.mkdir()
     for name in PROJECT_FILES:
@@ -50,11 +51,16 @@ def make_project(tmp_path: Path, source: Path) -> Path:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dataset"].update(source="folder", dir=str(source))
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "components.tiny_dataset", "--out", "tiny_data", "--per-class", "8"], project)
+    run([sys.executable, "-m", "components.preset", "presets/tiny.yaml", "--write"], project)
     run(["git", "init", "-q"], project)  # .dvc/ (config, .gitignore) came with the project files
+    commit(project, "tiny preset")  # dvclive needs a commit (it fails on an empty git repo)
     return project
+
+
+def commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], project)
 
 
 def out_hashes_from(lock: dict) -> dict[str, str]:
@@ -69,16 +75,21 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_dvc_repro_download_and_convert(tmp_path):
-    source = make_class_folder(tmp_path / "source", per_class=8)
-    project = make_project(tmp_path, source)
+ALL_STAGES = {"download", "convert", "extract", "train_head"}
+
+
+def test_dvc_repro_on_the_tiny_preset(tmp_path):
+    project = make_project(tmp_path)
     first = dvc("repro", cwd=project)
-    assert stages_run(first) == {"download", "convert"}
+    assert stages_run(first) == ALL_STAGES
     manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     summary = json.loads((project / "data" / "convert" / "summary.json").read_text())
     assert sum(summary["records"].values()) == len(manifest) == 16
+    features = json.loads((project / "data" / "extract" / "features.json").read_text())
+    assert features["records"] == summary["records"] and features["feature_shape"] == [1280]
+    assert (project / "data" / "train_head" / "head.keras").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "convert"}
+    assert set(lock["stages"]) == ALL_STAGES
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
@@ -87,19 +98,33 @@ def test_dvc_repro_download_and_convert(tmp_path):
     # Forced re-runs with the same inputs give byte-identical outputs (same DVC hashes).
     for stage in ("download", "convert"):
         dvc("repro", "--force", "--single-item", stage, cwd=project)
-    assert out_hashes(project) == out_hashes_from(lock)
+    assert {k: v for k, v in out_hashes(project).items() if k in ("download", "convert")} == {
+        k: v for k, v in out_hashes_from(lock).items() if k in ("download", "convert")
+    }
 
-    make_class_folder(source, per_class=3, start=100)  # new data arrives
+    make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))  # new data arrives
     third = dvc("repro", cwd=project)
-    assert stages_run(third) == {"download", "convert"}
+    assert stages_run(third) == ALL_STAGES
     new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     assert len(new_manifest) == 22
     new_split = {row["sha256"]: row["split"] for row in new_manifest}
     assert all(new_split[row["sha256"]] == row["split"] for row in manifest)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["convert"]["shards"]["train"] = 3
+    params["train_head"]["hidden_units"] = 4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = dvc("repro", cwd=project)
-    assert stages_run(fourth) == {"convert"}
-    assert len(list((project / "data" / "convert" / "records").glob("train-*-of-00003.tfrecord"))) == 3
+    assert stages_run(fourth) == {"train_head"}
+
+
+def test_dvc_exp_run_metrics_and_plots(tmp_path):
+    project = make_project(tmp_path)
+    dvc("exp", "run", "-S", "train_head.epochs=2", cwd=project)
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=project))
+    flat = json.dumps(metrics)
+    assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    assert "train_head" in json.dumps(shown)
+    dvc("plots", "show", "-o", "plots_html", cwd=project)
+    html = (project / "plots_html" / "index.html").read_text()
+    assert "val_loss" in html

@@ -1,0 +1,81 @@
+"""The `conv_base` params section, shared by extract and finetune, and building the base from it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from components.cli import EnvironmentProblem
+from components.params import ParamsError, Section
+
+
+class BaseWeightsOffline(EnvironmentProblem):
+    """ImageNet weights are not cached and cannot be downloaded."""
+
+
+class ConvBaseParams(Section):
+    # A registry name (pipelines/bases.py), or null with `path` set to a saved
+    # .keras conv base that takes raw RGB 0..255.
+    name: str | None = "mobilenet_v2"
+    path: str | None = None
+    weights: str = "imagenet"  # imagenet | none | a weights file (registry bases only)
+    input_size: tuple[int, int] = (160, 160)
+    pooling: Literal["none", "avg", "max"] = "avg"
+    layer: str | None = None  # tap an intermediate layer's output instead of the last one
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @pydantic.field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError("must be [height, width], two integers")
+        if min(value) < 1:
+            raise ValueError("sides must be positive")
+        return tuple(value)
+
+    @pydantic.field_validator("name", "path", "layer", "weights", mode="before")
+    @classmethod
+    def _strings(cls, value):
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be a string or null")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "ConvBaseParams":
+        if bool(self.name) == bool(self.path):
+            raise ValueError("set exactly one of name (a registry base) and path (a saved .keras base)")
+        if self.path and self.weights not in ("imagenet", "none"):
+            raise ValueError("weights applies to registry bases; a saved base carries its own")
+        return self
+
+
+def build_extractor(params: ConvBaseParams):
+    """The frozen feature extractor (raw RGB in, features out); errors name the param."""
+    from pipelines import bases
+
+    try:
+        base, preprocessing = bases.load_conv_base(
+            params.name, params.path, params.weights, params.input_size, offline_error=BaseWeightsOffline
+        )
+        base = bases.tap(base, params.layer)
+        return bases.build_feature_extractor(base, preprocessing, params.input_size, params.pooling)
+    except bases.BaseError as exc:
+        raise ParamsError(f"conv_base.{exc}") from None
+    except BaseWeightsOffline as exc:
+        raise BaseWeightsOffline(f"conv_base.{exc}") from None
+
+
+def fingerprint(params: ConvBaseParams) -> dict:
+    """What identifies the base's weights: the registry entry and weights, or the saved file's hash."""
+    from pipelines import bases
+
+    record = params.model_dump(mode="json")
+    if params.path:
+        record["file_sha256"] = bases.file_sha256(params.path)
+    elif params.weights not in ("imagenet", "none"):
+        record["weights_sha256"] = bases.file_sha256(params.weights)
+    return record

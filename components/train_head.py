@@ -1,0 +1,206 @@
+"""train_head stage: a dense classifier trained on the cached features of the frozen conv base.
+
+Inputs
+    the extract stage's folder (``features/``, ``features.json``), the convert
+    stage's ``labels.json``; params.yaml sections ``common`` (seed) and ``train_head``.
+Outputs
+    ``<out>/head.keras``     the head (flat features in; sigmoid for two classes,
+                             softmax for more)
+    ``<out>/history.json``   per-epoch loss and accuracy on train and val, best epoch
+    ``<out>/params.json``    the resolved params
+    ``<live>/``              dvclive metrics and per-epoch curves (``dvc metrics show``,
+                             ``dvc plots show``)
+
+Run: ``python -m components.train_head --extract data/extract --labels data/convert/labels.json
+--out data/train_head --live dvclive/train_head``
+
+Validation on the val split every epoch, early stopping with best-weights
+restore, a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal, Sequence
+
+import pydantic
+
+from components import outputs
+from components.download import CommonParams
+from components.params import Section, log_resolved, parse_section, read_params, write_resolved
+
+log = logging.getLogger(__name__)
+
+HEAD = "head.keras"
+HISTORY = "history.json"
+DECLARED_OUTPUTS = (HEAD, HISTORY, "params.json")
+
+
+class TrainHeadParams(Section):
+    hidden_units: int = pydantic.Field(256, ge=0)  # 0: no hidden layer (logistic/softmax regression)
+    dropout: float = pydantic.Field(0.5, ge=0.0, lt=1.0)
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    learning_rate: float = pydantic.Field(1e-3, gt=0.0, le=1.0)
+    epochs: int = pydantic.Field(30, ge=1)
+    batch_size: int = pydantic.Field(32, ge=1)
+    patience: int = pydantic.Field(5, ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    common: CommonParams
+    train_head: TrainHeadParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"common": self.common, "train_head": self.train_head}
+
+
+def load_config(params_path: str | Path) -> Config:
+    data = read_params(params_path)
+    return Config(
+        common=parse_section(CommonParams, "common", data.get("common")),
+        train_head=parse_section(TrainHeadParams, "train_head", data.get("train_head")),
+    )
+
+
+def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
+    """Flat features -> class probabilities: sigmoid for two classes, softmax for more."""
+    import keras
+
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, the label vocabulary has {num_classes}")
+    inputs = keras.Input((feature_size,), name="features")
+    x = inputs
+    if params.hidden_units:
+        x = keras.layers.Dense(params.hidden_units, activation="relu", name="hidden")(x)
+    if params.dropout:
+        x = keras.layers.Dropout(params.dropout, name="dropout")(x)
+    if num_classes == 2:
+        outputs_ = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    else:
+        outputs_ = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs_, name="head")
+
+
+def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
+    import keras
+
+    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
+    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+
+
+def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
+    """(features, label) batches; labels float for the sigmoid head."""
+    import tensorflow as tf
+
+    from pipelines import features as fk
+
+    spec = fk.features_feature_spec(feature_size)
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        label = ex[fk.LABEL]
+        return ex[fk.FEATURES], (tf.cast(label, tf.float32) if num_classes == 2 else label)
+
+    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
+    """Every label must index the vocabulary: a clear error instead of a NaN loss."""
+    import tensorflow as tf
+
+    from pipelines import features as fk
+
+    spec = {fk.LABEL: fk.features_feature_spec(feature_size)[fk.LABEL]}
+    labels = [int(v) for v in tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)[fk.LABEL])]
+    bad = sorted({v for v in labels if not 0 <= v < num_classes})
+    if bad:
+        raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
+
+
+class _LiveLogger:
+    """Logs every epoch's metrics to dvclive (a Keras callback)."""
+
+    def __new__(cls, live):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                for name, value in (logs or {}).items():
+                    live.log_metric(name, float(value))
+                live.next_step()
+
+        return Callback()
+
+
+def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
+    import keras
+    from dvclive import Live
+
+    extract_dir = Path(extract_dir)
+    meta = json.loads((extract_dir / "features.json").read_text())
+    labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
+    size, num_classes, params = int(meta["feature_size"]), len(labels), config.train_head
+    files = {s: sorted(str(p) for p in (extract_dir / "features").glob(f"{s}-*.tfrecord")) for s in ("train", "val")}
+    for split, names in files.items():
+        if not names:
+            raise ValueError(f"no {split} feature shards in {extract_dir / 'features'}")
+        check_labels(names, size, num_classes)
+    keras.utils.set_random_seed(config.common.seed)
+    train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)
+    val = feature_dataset(files["val"], size, num_classes, params.batch_size, None)
+    head = build_head(size, num_classes, params)
+    compile_head(head, num_classes, params.optimizer, params.learning_rate)
+    live_dir = Path(live_dir)
+    shutil.rmtree(live_dir, ignore_errors=True)
+    with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, _LiveLogger(live)], verbose=2)
+        val_loss, val_accuracy = head.evaluate(val, verbose=0)
+        best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
+        live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}
+        head.save(tmp / HEAD)
+        record = {
+            "epochs_run": len(history.history["loss"]),
+            "best_epoch": best_epoch + 1,
+            "val_loss": float(val_loss),
+            "val_accuracy": float(val_accuracy),
+            "labels": labels,
+            "feature_size": size,
+            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        }
+        (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_resolved(tmp, config.sections())
+        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    log.info("train_head: val accuracy %.4f, val loss %.4f (best epoch %d)", val_accuracy, val_loss, best_epoch + 1)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (sections common, train_head)")
+    parser.add_argument("--extract", required=True, help="the extract stage's output folder")
+    parser.add_argument("--labels", required=True, help="the convert stage's labels.json")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.params)
+    log_resolved("train_head", config.sections())
+    run(config, args.extract, args.labels, args.out, args.live)
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,151 @@
+"""The conv-base registry: a name -> a `keras.applications` constructor and its own preprocessing.
+
+Every model built here takes raw RGB pixels (float 0..255, the output of
+`pipelines.image.decode_and_resize`); the base's `preprocess_input` runs inside
+the model as a `BasePreprocessing` layer, so extraction, fine-tuning and serving
+feed the same pixels. A saved Keras base (`.keras`, raw RGB 0..255 in, its own
+rescaling inside) is a base too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSpec:
+    constructor: Callable[..., keras.Model]
+    preprocess_input: Callable  # the application's own, applied inside the model
+    min_size: int  # smallest input side keras.applications accepts
+    top_block: str  # first layer of the top conv block: the default unfreeze point
+
+
+_apps = keras.applications
+REGISTRY: dict[str, BaseSpec] = {
+    "vgg16": BaseSpec(_apps.VGG16, _apps.vgg16.preprocess_input, 32, "block5_conv1"),
+    "vgg19": BaseSpec(_apps.VGG19, _apps.vgg19.preprocess_input, 32, "block5_conv1"),
+    "resnet50": BaseSpec(_apps.ResNet50, _apps.resnet50.preprocess_input, 32, "conv5_block1_1_conv"),
+    "inception_v3": BaseSpec(_apps.InceptionV3, _apps.inception_v3.preprocess_input, 75, "mixed9"),
+    "xception": BaseSpec(_apps.Xception, _apps.xception.preprocess_input, 71, "block14_sepconv1"),
+    "mobilenet_v2": BaseSpec(_apps.MobileNetV2, _apps.mobilenet_v2.preprocess_input, 32, "block_16_expand"),
+    "efficientnet_b0": BaseSpec(_apps.EfficientNetB0, _apps.efficientnet.preprocess_input, 32, "block7a_expand_conv"),
+}
+
+
+@keras.saving.register_keras_serializable(package="transfer")
+class BasePreprocessing(keras.layers.Layer):
+    """A registry base's own `preprocess_input` as a serialisable layer (raw RGB 0..255 in)."""
+
+    def __init__(self, base: str, **kwargs):
+        super().__init__(**kwargs)
+        if base not in REGISTRY:
+            raise ValueError(f"unknown base {base!r}")
+        self.base = base
+
+    def call(self, inputs):
+        return REGISTRY[self.base].preprocess_input(keras.ops.cast(inputs, "float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "base": self.base}
+
+
+class BaseError(ValueError):
+    """A base that cannot be built as configured; the message names the param."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_download_failure(exc: Exception) -> bool:
+    text = str(exc)
+    return "URL fetch failure" in text or "Name or service not known" in text or "urlopen" in text
+
+
+def load_conv_base(
+    name: str | None,
+    path: str | None,
+    weights: str,
+    input_size: tuple[int, int],
+    offline_error: type[Exception] = RuntimeError,
+) -> tuple[keras.Model, keras.layers.Layer | None]:
+    """The bare conv base and the preprocessing layer to put before it (None for saved bases)."""
+    if path:
+        if not Path(path).is_file():
+            raise BaseError(f"path: {path} does not exist")
+        model = keras.saving.load_model(path, compile=False)
+        return model, None
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(str(name), REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise BaseError(f"name: unknown base {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}")
+    spec = REGISTRY[name]
+    if min(input_size) < spec.min_size:
+        raise BaseError(f"input_size: {name} needs each side >= {spec.min_size}, got {list(input_size)}")
+    weights_arg: str | None
+    if weights == "imagenet":
+        weights_arg = "imagenet"
+    elif weights == "none":
+        weights_arg = None
+    else:
+        if not Path(weights).is_file():
+            raise BaseError(f"weights: {weights} is neither 'imagenet', 'none' nor an existing weights file")
+        weights_arg = weights
+    try:
+        model = spec.constructor(include_top=False, weights=weights_arg, input_shape=(*input_size, 3))
+    except ValueError as exc:
+        raise BaseError(f"input_size: {name} refused input_size={list(input_size)}, weights={weights!r}: {exc}") from None
+    except Exception as exc:
+        if weights_arg == "imagenet" and _is_download_failure(exc):
+            raise offline_error(
+                f"weights: imagenet weights of {name} are not in the Keras cache (~/.keras/models) and "
+                "cannot be downloaded here. Copy the weights file into ~/.keras/models from a machine with "
+                "network access, or set weights to the path of a weights file, or use a saved conv "
+                f"base with path=<file.keras>. ({exc})"
+            ) from None
+        raise
+    return model, BasePreprocessing(name, name="preprocess")
+
+
+def tap(base: keras.Model, layer: str | None) -> keras.Model:
+    """The base cut at an intermediate layer's output (the seed taps VGG19's block4_pool)."""
+    if not layer:
+        return base
+    names = [l.name for l in base.layers]
+    if layer not in names:
+        close = difflib.get_close_matches(layer, names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise BaseError(f"layer: {base.name} has no layer {layer!r}{hint}")
+    return keras.Model(base.inputs, base.get_layer(layer).output, name=f"{base.name}_to_{layer}")
+
+
+def build_feature_extractor(
+    base: keras.Model,
+    preprocessing: keras.layers.Layer | None,
+    input_size: tuple[int, int],
+    pooling: str,
+) -> keras.Model:
+    """raw RGB 0..255 [n, h, w, 3] -> features; the base runs frozen, batch norm in inference mode."""
+    base.trainable = False
+    inputs = keras.Input((*input_size, 3), name="image")
+    x = preprocessing(inputs) if preprocessing is not None else inputs
+    x = base(x, training=False)
+    if pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    elif pooling != "none":
+        raise BaseError(f"pooling: {pooling!r} is not one of none, avg, max")
+    model = keras.Model(inputs, x, name="feature_extractor")
+    model.trainable = False
+    return model

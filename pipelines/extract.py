@@ -1,0 +1,90 @@
+"""Beam graph code of the extract stage: a frozen conv base over TFRecord shards.
+
+One work item per input shard: the worker streams the shard through a
+parallel, prefetching tf.data pipeline (the shared decode/resize), runs the base
+on fixed-size batches and streams feature records into the matching output
+shard. Memory holds a few batches whatever the dataset size; the output keeps
+the input's order, so the same records and base give the same files; the
+model is built once per worker, in `setup()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+
+from pipelines import features as fk
+from pipelines import image
+
+log = logging.getLogger(__name__)
+
+
+def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
+    feature = {
+        fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id])),
+        fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        fk.FEATURES: tf.train.Feature(float_list=tf.train.FloatList(value=values.astype(np.float32).ravel())),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+def image_batches(path: str, size: tuple[int, int], batch_size: int) -> tf.data.Dataset:
+    """(ids, labels, float32 pixels) batches of one TFRecord shard, decoded in parallel, in order."""
+    spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.LABEL, fk.IMAGE)}
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        return ex[fk.ID], ex[fk.LABEL], image.decode_and_resize(ex[fk.IMAGE], size)
+
+    return (
+        tf.data.TFRecordDataset(path)
+        .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+class ExtractShard(beam.DoFn):
+    """(split, input shard, output shard) -> writes the features; emits (split, records)."""
+
+    def __init__(self, model_factory: Callable, size: tuple[int, int], batch_size: int):
+        self._factory = model_factory
+        self._size = tuple(size)
+        self._batch_size = batch_size
+        self._model = None
+
+    def setup(self):
+        self._model = self._factory()
+
+    def process(self, job: tuple[str, str, str]) -> Iterable[tuple[str, int]]:
+        split, source, target = job
+        started, count = time.monotonic(), 0
+        partial = target + ".partial"
+        try:
+            with tf.io.TFRecordWriter(partial) as writer:
+                for ids, labels, pixels in image_batches(source, self._size, self._batch_size):
+                    values = self._model.predict_on_batch(pixels)
+                    for record_id, label, row in zip(ids.numpy(), labels.numpy(), np.asarray(values)):
+                        writer.write(feature_example(record_id, label, row))
+                    count += len(ids)
+        except tf.errors.InvalidArgumentError as exc:
+            raise ValueError(f"{source}: an image could not be decoded after {count} records: {exc.message}") from None
+        tf.io.gfile.rename(partial, target, overwrite=True)
+        elapsed = time.monotonic() - started
+        log.info("extract: %s %d images in %.1fs (%.1f images/s)", source, count, elapsed, count / max(elapsed, 1e-9))
+        yield split, count
+
+
+def extract(pipeline: beam.Pipeline, jobs: list[tuple[str, str, str]], model_factory: Callable, size, batch_size: int):
+    """The extract graph: one work item per shard; returns (split, records) per shard."""
+    return (
+        pipeline
+        | "Shards" >> beam.Create(jobs)
+        | "Spread" >> beam.Reshuffle()
+        | "Extract" >> beam.ParDo(ExtractShard(model_factory, size, batch_size))
+    )

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from components import train_head  # noqa: E402
+from components.download import CommonParams  # noqa: E402
+from pipelines import extract as graph  # noqa: E402
+
+SIZE = 12
+
+
+def write_features(folder, split, n, rng, centers, labels=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = rng.integers(0, len(centers), n) if labels is None else labels
+    with tf.io.TFRecordWriter(str(folder / f"{split}-00000-of-00001.tfrecord")) as writer:
+        for i, label in enumerate(labels):
+            values = centers[label % len(centers)] + rng.normal(0, 1, SIZE)  # a bad label still gets features
+            writer.write(graph.feature_example(f"{split}{i}".encode(), int(label), values))
+
+
+def toy_extract(tmp_path, num_classes=2, labels_override=None):
+    extract_dir = tmp_path / "extract"
+    centers = np.random.default_rng(0).normal(0, 3.0, (num_classes, SIZE))  # one cluster per class
+    for seed, (split, n) in enumerate((("train", 120), ("val", 40))):
+        override = labels_override if split == "val" else None
+        write_features(extract_dir / "features", split, n, np.random.default_rng(seed + 1), centers, override)
+    (extract_dir / "features.json").write_text(json.dumps({"feature_size": SIZE, "feature_shape": [SIZE]}))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([f"class{i}" for i in range(num_classes)]))
+    return extract_dir, labels
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_head_learns_a_separable_problem(tmp_path, num_classes):
+    extract_dir, labels = toy_extract(tmp_path, num_classes)
+    params = train_head.TrainHeadParams(hidden_units=8, dropout=0.0, epochs=40, learning_rate=0.01, patience=10)
+    record = train_head.run(train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live")
+    assert record["val_accuracy"] > 0.9  # chance is 1/num_classes
+    for name in train_head.DECLARED_OUTPUTS:
+        assert (tmp_path / "out" / name).exists()
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["val_accuracy"] == pytest.approx(record["val_accuracy"])
+    assert (tmp_path / "live" / "plots" / "metrics" / "val_loss.tsv").exists()
+    import keras
+
+    head = keras.saving.load_model(tmp_path / "out" / "head.keras")
+    assert head.output_shape[-1] == (1 if num_classes == 2 else num_classes)
+
+
+def test_same_seed_same_head(tmp_path):
+    extract_dir, labels = toy_extract(tmp_path)
+    params = train_head.TrainHeadParams(hidden_units=4, epochs=3)
+    runs = [train_head.run(train_head.Config(CommonParams(seed=5), params), extract_dir, labels, tmp_path / f"o{i}", tmp_path / f"l{i}") for i in range(2)]
+    assert runs[0]["history"] == runs[1]["history"]
+
+
+def test_label_outside_vocabulary_is_a_clear_error(tmp_path):
+    extract_dir, labels = toy_extract(tmp_path, labels_override=np.array([0, 1, 2, 1] * 10))
+    with pytest.raises(ValueError, match=r"labels \[2\] are outside the vocabulary of 2 classes"):
+        train_head.run(train_head.Config(CommonParams(), train_head.TrainHeadParams(epochs=1)), extract_dir, labels, tmp_path / "out", tmp_path / "live")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from pipelines import bases  # noqa: E402
+
+SIZE = (80, 80)
+
+
+@pytest.mark.parametrize("name", sorted(bases.REGISTRY))
+def test_every_registry_base_builds_and_applies_its_own_preprocessing(name):
+    base, preprocessing = bases.load_conv_base(name, None, "none", SIZE)
+    model = bases.build_feature_extractor(base, preprocessing, SIZE, "avg")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, *SIZE, 3)).astype("float32")
+    features = model(pixels, training=False)
+    assert features.shape == (2, base.output_shape[-1])
+    expected_input = bases.REGISTRY[name].preprocess_input(pixels.copy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(preprocessing(pixels)), expected_input, rtol=1e-5, atol=1e-4)
+    direct = keras.layers.GlobalAveragePooling2D()(base(expected_input, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(features), keras.ops.convert_to_numpy(direct), rtol=1e-4, atol=1e-4)
+    assert not model.trainable and model.trainable_weights == []
+    assert base.get_layer(bases.REGISTRY[name].top_block) is not None
+
+
+def test_intermediate_layer_tap_and_pooling_none():
+    base, pre = bases.load_conv_base("vgg19", None, "none", (64, 64))
+    model = bases.build_feature_extractor(bases.tap(base, "block4_pool"), pre, (64, 64), "none")
+    assert model.output_shape == (None, 4, 4, 512)
+
+
+def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
+    with pytest.raises(bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean vgg19, vgg16\?\); known: efficientnet_b0"):
+        bases.load_conv_base("vgg61", None, "none", SIZE)
+    with pytest.raises(bases.BaseError, match=r"input_size: inception_v3 needs each side >= 75"):
+        bases.load_conv_base("inception_v3", None, "none", (64, 64))
+    with pytest.raises(bases.BaseError, match=r"weights: .*nope.h5 is neither"):
+        bases.load_conv_base("vgg16", None, str(tmp_path / "nope.h5"), SIZE)
+    with pytest.raises(bases.BaseError, match=r"path: .* does not exist"):
+        bases.load_conv_base(None, str(tmp_path / "base.keras"), "none", SIZE)
+    base, _ = bases.load_conv_base("mobilenet_v2", None, "none", (64, 64))
+    with pytest.raises(bases.BaseError, match=r"layer: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"):
+        bases.tap(base, "block_16_expnd")
+
+
+def test_weights_file_and_saved_base_round_trip(tmp_path):
+    base, _ = bases.load_conv_base("mobilenet_v2", None, "none", (64, 64))
+    weights = tmp_path / "mnv2.weights.h5"
+    base.save_weights(weights)
+    again, _ = bases.load_conv_base("mobilenet_v2", None, str(weights), (64, 64))
+    for a, b in zip(base.weights, again.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    saved = tmp_path / "base.keras"
+    base.save(saved)
+    loaded, pre = bases.load_conv_base(None, str(saved), "none", (64, 64))
+    assert pre is None and loaded.count_params() == base.count_params()
+
+
+def test_imagenet_weights_offline_fail_fast_with_instructions(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))  # an empty cache
+
+    class Offline(RuntimeError):
+        pass
+
+    started = time.monotonic()
+    try:
+        bases.load_conv_base("mobilenet_v2", None, "imagenet", (96, 96), offline_error=Offline)
+    except Offline as exc:
+        assert "not in the Keras cache" in str(exc) and "path=<file.keras>" in str(exc)
+    else:  # only with network access: the weights really downloaded
+        pytest.skip("network reachable: imagenet weights downloaded")
+    assert time.monotonic() - started < 30
