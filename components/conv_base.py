@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import pydantic
@@ -51,6 +52,23 @@ class ConvBaseParams(Section):
         if self.path and self.weights not in ("imagenet", "none"):
             raise ValueError("weights applies to registry bases; a saved base carries its own")
         return self
+
+
+_BUILT: dict[str, object] = {}
+
+
+def cached_extractor(params: ConvBaseParams):
+    """`build_extractor`, once per process: the stage's up-front check and an
+    in-process Beam worker share one model (each remote worker builds its own)."""
+    key = params.model_dump_json()
+    for file in (params.path, params.weights):
+        if file and os.path.isfile(file):  # a replaced file is a different base
+            stat = os.stat(file)
+            key += f"|{file}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in _BUILT:
+        _BUILT.clear()  # one base at a time
+        _BUILT[key] = build_extractor(params)
+    return _BUILT[key]
 
 
 def build_extractor(params: ConvBaseParams):

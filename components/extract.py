@@ -79,11 +79,10 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     # Build once here: a bad layer, size or missing weights stops the stage before Beam starts.
-    probe = conv_base.build_extractor(config.conv_base)
+    probe = conv_base.cached_extractor(config.conv_base)
     feature_shape = [int(d) for d in probe.output_shape[1:]]
     fingerprint = conv_base.fingerprint(config.conv_base)
-    del probe
-    factory = functools.partial(conv_base.build_extractor, config.conv_base)
+    factory = functools.partial(conv_base.cached_extractor, config.conv_base)
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()
