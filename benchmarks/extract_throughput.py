@@ -36,7 +36,8 @@ def prepare(folder: Path, work: Path, limit: int | None = None) -> Path:
 
     dl_out = work / "download"
     if not dl_out.exists():
-        download.run(download.Config(download.CommonParams(), download.DatasetParams(source="folder", dir=str(folder)), download.DownloadParams()), dl_out)
+        preset = download.DownloadParams(fractions=download.Fractions(train=0.5, val=0.25, test=0.25))  # presets/real_lite0.yaml
+        download.run(download.Config(download.CommonParams(), download.DatasetParams(source="folder", dir=str(folder)), preset), dl_out)
     if limit is None:
         target, src = work / "convert", dl_out
     else:
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     convert_500 = prepare(args.folder, work, limit=500)
     rss = {500: peak_rss_mb(convert_500, work / "rss500", params), n: peak_rss_mb(convert_dir, work / "rss_all", params)}
 
-    head_params = train_head.TrainHeadParams(hidden_units=0, dropout=0.2, epochs=60, patience=8)
+    head_params = train_head.TrainHeadParams(hidden_units=0, dropout=0.2, epochs=60, patience=8)  # the preset's head
     history = train_head.run(train_head.Config(CommonParams(), head_params), work / "extract", convert_dir / "labels.json", work / "head", work / "live")
     test_accuracy = head_test_accuracy(work / "head" / "head.keras", work / "extract")
 

@@ -26,6 +26,14 @@ class EnvironmentProblem(RuntimeError):
     """Something outside the params stops the stage (no network, missing files); the message says what to do."""
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """The stages' log format, on stderr (DVC shows it as the stage runs)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     try:
         code = main() or 0

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import pydantic
 
+from components.cli import configure_logging
 from components import outputs
 from components.download import MANIFEST, SPLITS, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--download", required=True, help="the download stage's output folder")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = load_config(args.params)
     log_resolved("convert", config.sections())
     run(config, args.download, args.out, beam_args)

@@ -45,7 +45,7 @@ import pydantic
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components import outputs
-from components.cli import EnvironmentProblem
+from components.cli import EnvironmentProblem, configure_logging
 from components.params import (
     ParamsError,
     Section,
@@ -129,7 +129,7 @@ class Fractions(Section):
 
 
 class DownloadParams(Section):
-    fractions: Fractions = Fractions(train=0.7, val=0.15, test=0.15)
+    fractions: Fractions = Fractions(train=0.5, val=0.25, test=0.25)  # the seed's 2:1:1
     min_side: int = pydantic.Field(16, ge=1)
     max_pixels: int = pydantic.Field(int(Image.MAX_IMAGE_PIXELS or 89_478_485), ge=1)
 
@@ -671,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (sections common, dataset, download)")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = load_config(args.params)
     log_resolved("download", config.sections())
     run(config, args.out)

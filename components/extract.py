@@ -29,6 +29,7 @@ from typing import Sequence
 
 import pydantic
 
+from components.cli import configure_logging
 from components import conv_base, outputs
 from components.download import SPLITS
 from components.params import Section, log_resolved, parse_section, read_params, write_resolved
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--convert", required=True, help="the convert stage's output folder")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = load_config(args.params)
     log_resolved("extract", config.sections())
     run(config, args.convert, args.out, beam_args)

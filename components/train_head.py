@@ -30,6 +30,7 @@ from typing import Literal, Sequence
 
 import pydantic
 
+from components.cli import configure_logging
 from components import outputs
 from components.download import CommonParams
 from components.params import Section, log_resolved, parse_section, read_params, write_resolved
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = load_config(args.params)
     log_resolved("train_head", config.sections())
     run(config, args.extract, args.labels, args.out, args.live)
