@@ -167,6 +167,7 @@ class Found:
     given_split: str | None = None
     data: bytes | None = None
     problem: str | None = None  # rejected before reading (hidden, symlink, ...)
+    class_folder: bool = False  # a class folder itself (declares the class, even if empty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,7 +466,7 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                     yield from _scan_class(entry, root, real_root, None, given_split, "in a hidden folder")
                     continue
                 label = normalise_label(entry.name)
-                yield Found(source=rel + "/", label=label, given_split=given_split, problem="")  # class marker
+                yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
                 yield from _scan_class(entry, root, real_root, label, given_split, None)
             else:
                 yield from _read_entry(entry, root, real_root, None, given_split, "not inside a class folder")
@@ -604,7 +605,7 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         images.mkdir()
         declared, found_labels, candidates, quarantine = set(), [], [], []
         for item in found_iter:
-            if item.problem == "":  # a class folder, possibly empty
+            if item.class_folder:  # possibly empty
                 declared.add(item.label)
                 continue
             found_labels.append(item.label)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 

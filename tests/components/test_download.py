@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from components import download as dl
-from components.params import ParamsError
 from tests.conftest import encode, image_array, make_class_folder
 
 LIMITS = dict(min_side=16, max_pixels=89_478_485)
