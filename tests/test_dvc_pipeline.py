@@ -124,7 +124,12 @@ def test_dvc_exp_run_metrics_and_plots(tmp_path):
     flat = json.dumps(metrics)
     assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat
     shown = json.loads(dvc("exp", "show", "--json", cwd=project))
-    assert "train_head" in json.dumps(shown)
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    experiments = [row for exp in baseline["experiments"] or [] for row in exp["revs"]]
+    assert len(experiments) == 1
+    # The experiment's own commit carries its metrics (dvclive/ is committed, not git-ignored).
+    metrics = experiments[0]["data"]["metrics"]
+    assert "val_accuracy" in metrics["dvclive/train_head/metrics.json"]["data"]
     dvc("plots", "show", "-o", "plots_html", cwd=project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "val_loss" in html
