@@ -31,40 +31,33 @@ BATCH = 32
 
 
 def decode_element(size):
-    import tensorflow as tf
-
-    from pipelines import features as fk
-    from pipelines import image
-
-    spec = {k: fk.record_feature_spec()[k] for k in (fk.ID, fk.LABEL, fk.IMAGE)}
+    """serialized record -> ((id, label), pixels) with the stage's own parse and decode, per element."""
+    from pipelines.extract import parse_image_record
 
     def fn(serialized: bytes):
-        ex = tf.io.parse_single_example(serialized, spec)
-        pixels = image.decode_and_resize(ex[fk.IMAGE], size).numpy()
-        return (ex[fk.ID].numpy(), int(ex[fk.LABEL].numpy())), pixels
+        record_id, label, pixels = parse_image_record(serialized, size)
+        return (record_id.numpy(), int(label.numpy())), pixels.numpy()
 
     return fn
 
 
-class PredictBatches:
+def predict_batches_dofn(factory):
     """A DoFn over BatchElements batches of ((id, label), pixels)."""
+    import apache_beam as beam
+    import numpy as np
 
-    def __new__(cls, factory):
-        import apache_beam as beam
-        import numpy as np
+    from pipelines.extract import feature_example
 
-        from pipelines.extract import feature_example
+    class PredictBatches(beam.DoFn):
+        def setup(self):
+            self._model = factory()
 
-        class Fn(beam.DoFn):
-            def setup(self):
-                self._model = factory()
+        def process(self, batch):
+            values = self._model.predict_on_batch(np.stack([p for _, p in batch]))
+            for ((record_id, label), _), row in zip(batch, values):
+                yield feature_example(record_id, label, row)
 
-            def process(self, batch):
-                values = self._model.predict_on_batch(np.stack([p for _, p in batch]))
-                for ((record_id, label), _), row in zip(batch, values):
-                    yield feature_example(record_id, label, row)
-
-        return Fn()
+    return PredictBatches()
 
 
 def run_design(name, convert_dir: Path, out: Path, base_path: str, size, factory) -> float:
@@ -105,7 +98,7 @@ def run_design(name, convert_dir: Path, out: Path, base_path: str, size, factory
             examples = (
                 decoded
                 | "Batch" >> beam.BatchElements(min_batch_size=BATCH, max_batch_size=BATCH)
-                | "Predict" >> beam.ParDo(PredictBatches(factory))
+                | "Predict" >> beam.ParDo(predict_batches_dofn(factory))
             )
         examples | "Write" >> beam.io.WriteToTFRecord(str(out / "features"), file_name_suffix=".tfrecord")
     return time.perf_counter() - started

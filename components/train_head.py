@@ -128,19 +128,17 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
 
 
-class _LiveLogger:
-    """Logs every epoch's metrics to dvclive (a Keras callback)."""
+def live_callback(live):
+    """A Keras callback that logs every epoch's metrics to dvclive."""
+    import keras
 
-    def __new__(cls, live):
-        import keras
+    class LiveLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for name, value in (logs or {}).items():
+                live.log_metric(name, float(value))
+            live.next_step()
 
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                for name, value in (logs or {}).items():
-                    live.log_metric(name, float(value))
-                live.next_step()
-
-        return Callback()
+    return LiveLogger()
 
 
 def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
@@ -165,7 +163,7 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
-        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, _LiveLogger(live)], verbose=2)
+        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, live_callback(live)], verbose=2)
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}
