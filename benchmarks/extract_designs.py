@@ -32,7 +32,7 @@ BATCH = 32
 
 def decode_element(size):
     """serialized record -> ((id, label), pixels) with the stage's own parse and decode, per element."""
-    from pipelines.extract import parse_image_record
+    from pipelines.records import parse_image_record
 
     def fn(serialized: bytes):
         record_id, label, pixels = parse_image_record(serialized, size)

@@ -53,12 +53,12 @@ def set_args(overrides: Mapping) -> list[str]:
 
 def validate(params: Mapping, where: Path) -> None:
     """Every stage's config must load from the merged params."""
-    from components import convert, download, extract, train_head
+    from components import convert, download, evaluate, extract, finetune, train_head
 
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
     tmp.write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
     try:
-        for stage in (download, convert, extract, train_head):
+        for stage in (download, convert, extract, train_head, finetune, evaluate):
             stage.load_config(tmp)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,395 @@
+"""evaluate stage: test-split metrics and plots of the head-only and the fine-tuned model, Grad-CAM, and the serving model.
+
+Inputs
+    the convert stage's folder (test ``records/``, ``labels.json``), the extract
+    stage's folder (test features), train_head's ``head.keras``, finetune's
+    ``model.keras``, download's ``manifest.jsonl`` (source file names); params.yaml
+    section ``evaluate``. The test split was never trained or tuned on.
+Outputs
+    ``<out>/serving/``             the serving SavedModel (encoded image bytes in,
+                                   probabilities and class names out; `pipelines.serving`)
+    ``<out>/params.json``          the resolved params
+    ``<report>/metrics.json``      per model: accuracy, loss, per-class precision /
+                                   recall / F1, macro F1, ROC-AUC (DVC metrics)
+    ``<report>/plots/``            confusion rows, ROC and precision-recall curves
+                                   per model (DVC plots)
+    ``<report>/gradcam/``          Grad-CAM overlays (PNG) of correct and wrong test
+                                   images of the fine-tuned model (DVC image plots)
+    ``<report>/misclassified.json`` every wrong test prediction of each model, with
+                                   its probabilities and source file
+
+Run: ``python -m components.evaluate --convert data/convert --extract data/extract
+--head data/train_head/head.keras --model data/finetune/model.keras
+--manifest data/download/manifest.jsonl --out data/evaluate --report evaluation``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydantic
+
+from components import outputs
+from components.cli import configure_logging
+from components.params import Section, log_resolved, parse_section, read_params, write_resolved
+
+log = logging.getLogger(__name__)
+
+SERVING = "serving"
+DECLARED_OUTPUTS = (SERVING, "params.json")
+REPORT_OUTPUTS = ("metrics.json", "misclassified.json", "plots", "gradcam")
+MODELS = ("head", "finetune")
+
+
+class EvaluateParams(Section):
+    batch_size: int = pydantic.Field(32, ge=1)
+    gradcam_correct: int = pydantic.Field(3, ge=0)  # Grad-CAM overlays of correctly classified test images
+    gradcam_wrong: int = pydantic.Field(3, ge=0)  # ... and of misclassified ones (the most confident first)
+    serving_check: int = pydantic.Field(16, ge=1)  # test images fed to the exported SavedModel and compared
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    evaluate: EvaluateParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"evaluate": self.evaluate}
+
+
+def load_config(params_path: str | Path) -> Config:
+    return Config(evaluate=parse_section(EvaluateParams, "evaluate", read_params(params_path).get("evaluate")))
+
+
+# ---- metrics: pure functions of labels and probabilities -------------------------------------
+
+
+def as_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs -> [n, classes] (a sigmoid's [n, 1] becomes [1 - p, p])."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return np.concatenate([1.0 - outputs, outputs], axis=1) if outputs.shape[1] == 1 else outputs
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, eps, 1.0))))
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows: actual class; columns: predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def per_class_scores(matrix: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per class (0 where undefined)."""
+    scores = {}
+    for i, name in enumerate(names):
+        tp, predicted, actual = matrix[i, i], matrix[:, i].sum(), matrix[i, :].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)}
+    return scores
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, threshold) at every distinct score, from (0, 0)."""
+    tps, fps, thresholds = _cumulative_counts(positive, scores)
+    tpr = tps / tps[-1] if tps[-1] else np.zeros_like(tps, dtype=float)
+    fpr = fps / fps[-1] if fps[-1] else np.zeros_like(fps, dtype=float)
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+
+
+def precision_recall_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) at every distinct score, highest threshold first."""
+    tps, fps, thresholds = _cumulative_counts(positive, scores)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1] if tps[-1] else np.zeros_like(tps, dtype=float)
+    return precision, recall, thresholds
+
+
+def _cumulative_counts(positive: np.ndarray, scores: np.ndarray):
+    positive = np.asarray(positive).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # ties share one threshold
+    tps = np.cumsum(positive)[last_of_each].astype(float)
+    fps = (last_of_each + 1 - tps).astype(float)
+    return tps, fps, scores[last_of_each]
+
+
+def auc(x: np.ndarray, y: np.ndarray) -> float:
+    """Area under a curve by the trapezoidal rule (x ascending)."""
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """Two classes: the AUC of the positive (second) class; more: the macro one-vs-rest AUC. None if undefined."""
+    num_classes = probabilities.shape[1]
+    classes = [1] if num_classes == 2 else range(num_classes)
+    areas = []
+    for c in classes:
+        positive = labels == c
+        if positive.all() or not positive.any():
+            return None
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
+        areas.append(auc(fpr, tpr))
+    return float(np.mean(areas))
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str]) -> dict:
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(labels, predicted, len(names))
+    per_class = per_class_scores(matrix, names)
+    metrics = {
+        "test_images": int(len(labels)),
+        "accuracy": float(np.mean(predicted == labels)),
+        "loss": log_loss(labels, probabilities),
+        "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
+        "roc_auc": roc_auc(labels, probabilities),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+    return metrics
+
+
+def curve_rows(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """ROC and precision-recall rows for DVC plots: the positive class for two classes, micro one-vs-rest for more."""
+    num_classes = probabilities.shape[1]
+    if num_classes == 2:
+        positive, scores = labels == 1, probabilities[:, 1]
+    else:
+        positive = (np.arange(num_classes)[None, :] == labels[:, None]).ravel()
+        scores = probabilities.ravel()
+    fpr, tpr, roc_thresholds = roc_curve(positive, scores)
+    precision, recall, pr_thresholds = precision_recall_curve(positive, scores)
+    roc = [{"fpr": float(f), "tpr": float(t), "threshold": _finite(th)} for f, t, th in zip(fpr, tpr, roc_thresholds)]
+    pr = [{"recall": float(r), "precision": float(p), "threshold": float(th)} for p, r, th in zip(precision, recall, pr_thresholds)]
+    return roc, pr
+
+
+def _finite(value: float) -> float:
+    return 1.0 if not np.isfinite(value) else float(value)
+
+
+def confusion_rows(labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str]) -> list[dict]:
+    return [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels, probabilities.argmax(axis=1))]
+
+
+def misclassified(model: str, ids, labels, probabilities, names, files: dict[str, str]) -> list[dict]:
+    rows = []
+    for record_id, label, probs in zip(ids, labels, probabilities):
+        predicted = int(np.argmax(probs))
+        if predicted != label:
+            rows.append({
+                "model": model, "id": record_id, "file": files.get(record_id), "actual": names[label],
+                "predicted": names[predicted], "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
+            })
+    return sorted(rows, key=lambda r: -max(r["probabilities"].values()))
+
+
+def pick_gradcam(ids, labels, probabilities, correct: int, wrong: int) -> list[tuple[str, bool]]:
+    """The first `correct` right predictions (id order) and the `wrong` most confident wrong ones."""
+    predicted = probabilities.argmax(axis=1)
+    right = sorted(i for i, (l, p) in zip(ids, zip(labels, predicted)) if l == p)[:correct]
+    bad = [(i, probabilities[k].max()) for k, (i, l, p) in enumerate(zip(ids, labels, predicted)) if l != p]
+    bad = [i for i, _ in sorted(bad, key=lambda t: (-t[1], t[0]))][:wrong]
+    return [(i, True) for i in right] + [(i, False) for i in bad]
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """0..1 -> RGB uint8 on a blue-cyan-yellow-red ramp (a 'jet'-like map)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    stops = np.array([0.0, 0.35, 0.65, 1.0])
+    colours = np.array([[0, 0, 160], [0, 200, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float64)
+    rgb = np.stack([np.interp(v[..., 0], stops, colours[:, c]) for c in range(3)], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a heat map (any resolution, 0..1) over float 0..255 pixels; uint8 RGB out."""
+    import tensorflow as tf
+
+    h, w = pixels.shape[:2]
+    heat = tf.image.resize(heat[..., None].astype(np.float32), (h, w), method="bilinear").numpy()[..., 0]
+    blended = (1 - alpha) * pixels + alpha * colour_map(heat).astype(np.float64)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# ---- I/O --------------------------------------------------------------------------------------
+
+
+def _files(folder: Path, split: str) -> list[str]:
+    files = sorted(str(p) for p in folder.glob(f"{split}-*.tfrecord"))
+    if not files:
+        raise ValueError(f"no {split} files in {folder}")
+    return files
+
+
+def predict_features(head, files: list[str], feature_size: int, batch_size: int):
+    """(ids, labels, probabilities) of the head on feature records."""
+    import tensorflow as tf
+
+    from pipelines import features as fk
+
+    spec = fk.features_feature_spec(feature_size)
+    ds = tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)).batch(batch_size)
+    ids, labels, probs = [], [], []
+    for batch in ds:
+        ids += [i.decode() for i in batch[fk.ID].numpy()]
+        labels.append(batch[fk.LABEL].numpy())
+        probs.append(as_probabilities(head(batch[fk.FEATURES], training=False).numpy()))
+    return ids, np.concatenate(labels), np.concatenate(probs)
+
+
+def predict_images(model, files: list[str], size, batch_size: int):
+    """(ids, labels, probabilities) of the classifier on image records, through the shared decode."""
+    from pipelines import records
+
+    ids, labels, probs = [], [], []
+    for pixels, label, batch_ids in records.image_dataset(files, size, batch_size, binary=False, with_ids=True):
+        ids += [i.decode() for i in batch_ids.numpy()]
+        labels.append(label.numpy())
+        probs.append(as_probabilities(model(pixels, training=False).numpy()))
+    return ids, np.concatenate(labels), np.concatenate(probs)
+
+
+def images_by_id(files: list[str], wanted: set[str], size) -> dict[str, tuple[bytes, np.ndarray]]:
+    import tensorflow as tf
+
+    from pipelines import features as fk
+    from pipelines import image
+
+    spec = {k: fk.record_feature_spec()[k] for k in (fk.ID, fk.IMAGE)}
+    found = {}
+    for serialized in tf.data.TFRecordDataset(files):
+        ex = tf.io.parse_single_example(serialized, spec)
+        record_id = ex[fk.ID].numpy().decode()
+        if record_id in wanted:
+            found[record_id] = (ex[fk.IMAGE].numpy(), image.decode_and_resize(ex[fk.IMAGE], size).numpy())
+    return found
+
+
+def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str]) -> float:
+    """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    result = loaded.signatures["serving_default"](images=tf.constant([blob for blob, _ in samples]))
+    expected = as_probabilities(model(np.stack([pixels for _, pixels in samples]), training=False).numpy())
+    gap = float(np.max(np.abs(result["probabilities"].numpy() - expected)))
+    if gap > 1e-4 or [c.decode() for c in result["classes"].numpy()[0]] != names:
+        raise RuntimeError(f"the serving model disagrees with the Keras model (max probability gap {gap:.2e})")
+    return gap
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def run(
+    config: Config,
+    convert_dir: str | Path,
+    extract_dir: str | Path,
+    head_path: str | Path,
+    model_path: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    report_dir: str | Path,
+) -> dict:
+    import keras
+    from PIL import Image
+
+    import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
+    from components.download import read_jsonl
+    from pipelines import classifier, serving
+
+    params = config.evaluate
+    convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
+    names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
+    files = {row["id"]: row["source"] for row in read_jsonl(manifest_path)}
+    feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
+    head = keras.saving.load_model(head_path, compile=False)
+    model = keras.saving.load_model(model_path, compile=False)
+    size = tuple(int(s) for s in model.input_shape[1:3])
+    image_files = _files(convert_dir / "records", "test")
+
+    predictions = {
+        "head": predict_features(head, _files(extract_dir / "features", "test"), feature_size, params.batch_size),
+        "finetune": predict_images(model, image_files, size, params.batch_size),
+    }
+    if sorted(predictions["head"][0]) != sorted(predictions["finetune"][0]):
+        raise RuntimeError("the test features and the test records hold different images: re-run extract")
+    metrics, wrong = {}, []
+    with outputs.staged_dir(out_dir) as tmp, outputs.staged_dir(report_dir) as report:
+        for name, (ids, labels, probs) in predictions.items():
+            metrics[name] = classification_metrics(labels, probs, names)
+            roc, pr = curve_rows(labels, probs)
+            write_json(report / "plots" / f"roc_{name}.json", roc)
+            write_json(report / "plots" / f"precision_recall_{name}.json", pr)
+            write_json(report / "plots" / f"confusion_{name}.json", confusion_rows(labels, probs, names))
+            wrong += misclassified(name, ids, labels, probs, names, files)
+        write_json(report / "metrics.json", metrics)
+        write_json(report / "misclassified.json", wrong)
+
+        ids, labels, probs = predictions["finetune"]
+        chosen = pick_gradcam(ids, labels, probs, params.gradcam_correct, params.gradcam_wrong)
+        index = {record_id: k for k, record_id in enumerate(ids)}
+        wanted = {i for i, _ in chosen}
+        serving_ids = sorted(ids)[: params.serving_check]
+        images = images_by_id(image_files, wanted | set(serving_ids), size)
+        (report / "gradcam").mkdir()
+        if chosen and len(classifier.find_base(model).output.shape) == 4:
+            maps, _ = classifier.grad_cam(model, np.stack([images[i][1] for i, _ in chosen]))
+            for (record_id, correct), heat in zip(chosen, maps):
+                k = index[record_id]
+                actual, guess = names[labels[k]], names[int(probs[k].argmax())]
+                stem = f"{'correct' if correct else 'wrong'}_{actual}_as_{guess}_{probs[k].max():.2f}_{record_id}"
+                Image.fromarray(overlay(images[record_id][1], heat)).save(report / "gradcam" / f"{stem}.png")
+
+        serving.export(model, names, size, tmp / SERVING)
+        outputs.stabilise_saved_model_fingerprint(tmp / SERVING)
+        gap = check_serving(tmp / SERVING, model, [images[i] for i in serving_ids], names)
+        write_resolved(tmp, config.sections())
+        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+        outputs.require_outputs(report, REPORT_OUTPUTS)
+    for name in MODELS:
+        m = metrics[name]
+        log.info("evaluate: %s test accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
+                 name, m["accuracy"], m["loss"], m["macro_f1"], m["roc_auc"], m["test_images"])
+    log.info("evaluate: serving model agrees with the Keras model (max probability gap %.1e)", gap)
+    return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen), "serving_gap": gap}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (section evaluate)")
+    parser.add_argument("--convert", required=True, help="the convert stage's output folder")
+    parser.add_argument("--extract", required=True, help="the extract stage's output folder")
+    parser.add_argument("--head", required=True, help="train_head's head.keras")
+    parser.add_argument("--model", required=True, help="finetune's model.keras")
+    parser.add_argument("--manifest", required=True, help="download's manifest.jsonl")
+    parser.add_argument("--out", required=True, help="output folder for the serving model (declared in dvc.yaml)")
+    parser.add_argument("--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    config = load_config(args.params)
+    log_resolved("evaluate", config.sections())
+    run(config, args.convert, args.extract, args.head, args.model, args.manifest, args.out, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,244 @@
+"""finetune stage: the conv base plus the trained head, top of the base unfrozen, trained on augmented images.
+
+Inputs
+    the convert stage's folder (``records/``, ``labels.json``), the train_head
+    stage's ``head.keras``; params.yaml sections ``common`` (seed), ``conv_base``
+    (the same base extract used) and ``finetune``.
+Outputs
+    ``<out>/model.keras``    the fine-tuned classifier: raw RGB 0..255 pixels in,
+                             class probabilities out (sigmoid for two classes)
+    ``<out>/history.json``   per-epoch loss and accuracy on train and val, best
+                             epoch, the unfrozen layers
+    ``<out>/params.json``    the resolved params
+    ``<live>/``              dvclive metrics and per-epoch curves
+
+Run: ``python -m components.finetune --convert data/convert --head data/train_head/head.keras
+--out data/finetune --live dvclive/finetune``
+
+The method (keras.io transfer-learning guide; Deep Learning with Python, ch. 5):
+fine-tune only after the head has converged on the frozen features, so start
+from train_head's weights; unfreeze only the top of the base; keep batch norm in
+inference mode (the base is called with ``training=False``); recompile after
+changing ``trainable``; a very low learning rate; augmentation on the training
+split only, in the input pipeline, so every epoch sees new variants; early
+stopping on val loss with the best weights restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import pydantic
+
+from components import outputs
+from components.cli import configure_logging
+from components.conv_base import ConvBaseParams, build_extractor
+from components.download import CommonParams
+from components.params import ParamsError, Section, log_resolved, parse_section, read_params, write_resolved
+
+log = logging.getLogger(__name__)
+
+MODEL = "model.keras"
+HISTORY = "history.json"
+DECLARED_OUTPUTS = (MODEL, HISTORY, "params.json")
+
+
+class AugmentParams(Section):
+    flip: Literal["none", "horizontal", "vertical", "both"] = "horizontal"
+    rotation: float = pydantic.Field(0.1, ge=0.0, le=0.5)  # fraction of a full turn (0.1: up to 36 degrees)
+    zoom: float = pydantic.Field(0.2, ge=0.0, lt=1.0)  # up to this fraction in or out
+    translation: float = pydantic.Field(0.2, ge=0.0, le=1.0)  # fraction of height / width
+    contrast: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+
+
+class FinetuneParams(Section):
+    # The first layer of the base to train; null: the registry's top block
+    # (vgg16: block5_conv1). Or unfreeze_top: the top N layers of the base.
+    unfreeze_from: str | None = None
+    unfreeze_top: int | None = pydantic.Field(None, ge=1)
+    train_batch_norm: bool = False  # scale/offset of unfrozen BN layers; their statistics never move
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "rmsprop"
+    learning_rate: float = pydantic.Field(1e-5, gt=0.0, le=1.0)
+    epochs: int = pydantic.Field(20, ge=1)
+    batch_size: int = pydantic.Field(32, ge=1)
+    patience: int = pydantic.Field(4, ge=1)
+    cache: bool = True  # keep the decoded (pre-augmentation) images in memory between epochs
+    augment: AugmentParams = AugmentParams()
+
+    @pydantic.model_validator(mode="after")
+    def _one_point(self) -> "FinetuneParams":
+        if self.unfreeze_from and self.unfreeze_top:
+            raise ValueError("set at most one of unfreeze_from and unfreeze_top")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    common: CommonParams
+    conv_base: ConvBaseParams
+    finetune: FinetuneParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"common": self.common, "conv_base": self.conv_base, "finetune": self.finetune}
+
+
+def load_config(params_path: str | Path) -> Config:
+    data = read_params(params_path)
+    return Config(
+        common=parse_section(CommonParams, "common", data.get("common")),
+        conv_base=parse_section(ConvBaseParams, "conv_base", data.get("conv_base")),
+        finetune=parse_section(FinetuneParams, "finetune", data.get("finetune")),
+    )
+
+
+def build_augmentation(params: AugmentParams, seed: int):
+    """A batch of float32 pixels -> randomly flipped/rotated/zoomed/translated pixels (training only).
+
+    Keras preprocessing layers, run in the tf.data pipeline on the training split
+    after the decode cache, so each epoch draws new variants; None when every
+    strength is zero.
+    """
+    import keras
+
+    layers = []
+    if params.flip != "none":
+        mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
+        layers.append(keras.layers.RandomFlip(mode, seed=seed))
+    if params.rotation:
+        layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
+    if params.zoom:
+        layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
+    if params.translation:
+        layers.append(keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="reflect", seed=seed + 3))
+    if params.contrast:
+        layers.append(keras.layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
+    if not layers:
+        return None
+    pipeline = keras.Sequential(layers, name="augmentation")
+
+    def augment(pixels):
+        return pipeline(pixels, training=True)
+
+    return augment
+
+
+def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
+    """The conv base (fresh from its params, as extract built it) plus the trained head."""
+    import keras
+
+    from pipelines import classifier
+
+    head = keras.saving.load_model(head_path, compile=False)
+    extractor = build_extractor(conv_base)
+    return classifier.assemble(extractor, head)
+
+
+def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetuneParams) -> list[str]:
+    """Unfreeze the top of the base (errors name the param); returns the trainable layers of the base."""
+    from pipelines import bases, classifier
+
+    base = classifier.find_base(model)
+    default = bases.REGISTRY[conv_base.name].top_block if conv_base.name and not conv_base.layer else None
+    try:
+        start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default)
+    except classifier.UnfreezeError as exc:
+        raise ParamsError(f"finetune.{exc}") from None
+    return classifier.unfreeze(model, start, params.train_batch_norm)
+
+
+def compile_model(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
+    from components.train_head import compile_head
+
+    compile_head(model, num_classes, optimizer, learning_rate)
+
+
+def record_files(convert_dir: Path, split: str) -> list[str]:
+    files = sorted(str(p) for p in (convert_dir / "records").glob(f"{split}-*.tfrecord"))
+    if not files:
+        raise ValueError(f"no {split} records in {convert_dir / 'records'}")
+    return files
+
+
+def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
+    import keras
+    from dvclive import Live
+
+    from components.train_head import live_callback
+    from pipelines import records
+
+    convert_dir = Path(convert_dir)
+    labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
+    num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
+    files = {split: record_files(convert_dir, split) for split in ("train", "val")}
+    keras.utils.set_random_seed(config.common.seed)
+    model = build_classifier(config.conv_base, head_path)
+    if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
+        raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
+    unfrozen = prepare_for_finetuning(model, config.conv_base, params)
+    compile_model(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
+    log.info("finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
+             len(model.trainable_weights), len(unfrozen), unfrozen[0] if unfrozen else "-", unfrozen[-1] if unfrozen else "-")
+    binary = num_classes == 2
+    train = records.image_dataset(
+        files["train"], size, params.batch_size, binary=binary, shuffle_seed=config.common.seed,
+        augment=build_augmentation(params.augment, config.common.seed), cache=params.cache,
+    )
+    val = records.image_dataset(files["val"], size, params.batch_size, binary=binary, cache=params.cache)
+    live_dir = Path(live_dir)
+    shutil.rmtree(live_dir, ignore_errors=True)
+    with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+        before_loss, before_accuracy = model.evaluate(val, verbose=0)
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+        started = time.monotonic()
+        history = model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, live_callback(live)], verbose=2)
+        elapsed = time.monotonic() - started
+        val_loss, val_accuracy = model.evaluate(val, verbose=0)
+        best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)) + 1
+        live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch}
+        model.save(tmp / MODEL)
+        record = {
+            "epochs_run": len(history.history["loss"]),
+            "best_epoch": best_epoch,
+            "seconds_per_epoch": elapsed / len(history.history["loss"]),
+            "val_before": {"loss": float(before_loss), "accuracy": float(before_accuracy)},
+            "val_loss": float(val_loss),
+            "val_accuracy": float(val_accuracy),
+            "unfrozen_layers": unfrozen,
+            "labels": labels,
+            "input_size": list(size),
+            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        }
+        (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_resolved(tmp, config.sections())
+        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    log.info("finetune: val accuracy %.4f -> %.4f, val loss %.4f -> %.4f (best epoch %d, %.1f s/epoch)",
+             before_accuracy, val_accuracy, before_loss, val_loss, best_epoch, record["seconds_per_epoch"])
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (sections common, conv_base, finetune)")
+    parser.add_argument("--convert", required=True, help="the convert stage's output folder")
+    parser.add_argument("--head", required=True, help="the train_head stage's head.keras")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    config = load_config(args.params)
+    log_resolved("finetune", config.sections())
+    run(config, args.convert, args.head, args.out, args.live)
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

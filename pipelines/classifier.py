@@ -1,0 +1,129 @@
+"""The whole classifier: raw RGB pixels -> base's preprocessing -> conv base -> pooling -> head.
+
+Shared by fine-tuning (which unfreezes the top of the base), evaluation
+(Grad-CAM walks the same layers) and serving. The graph is a straight chain of
+named layers, so `split_at_base` can run it in two halves.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class UnfreezeError(ValueError):
+    """An unfreeze point the base does not have; the message names the param."""
+
+
+def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """The feature extractor (pixels -> features) followed by the trained head (flat features -> probabilities)."""
+    features = extractor.output
+    if len(features.shape) > 2:  # pooling none: extract stores flattened features, the head takes them flat
+        features = keras.layers.Flatten(name="flatten")(features)
+    size = int(np.prod(features.shape[1:]))
+    expected = int(head.input_shape[-1])
+    if size != expected:
+        raise ValueError(
+            f"the head takes {expected} features but the conv base gives {size}: "
+            "train_head was trained on another conv_base; re-run extract and train_head"
+        )
+    outputs = head(features)
+    return keras.Model(extractor.input, outputs, name="classifier")
+
+
+def find_base(model: keras.Model) -> keras.Model:
+    """The conv base inside a feature extractor or classifier (its only nested model that is not the head)."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head"]
+    if len(nested) != 1:
+        raise ValueError(f"expected one conv base inside {model.name}, found {[l.name for l in nested]}")
+    return nested[0]
+
+
+def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, default: str | None) -> int:
+    """Index in `base.layers` of the first layer to train: a named layer, the top N layers, or the default."""
+    names = [layer.name for layer in base.layers]
+    if top is not None:
+        if not 1 <= top <= len(names) - 1:
+            raise UnfreezeError(f"unfreeze_top: the base has {len(names)} layers, got {top}")
+        return len(names) - top
+    name = from_layer or default
+    if name is None:
+        raise UnfreezeError(
+            "unfreeze_from: a saved base has no registry default; set unfreeze_from to a layer name or unfreeze_top"
+        )
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnfreezeError(f"unfreeze_from: {base.name} has no layer {name!r}{hint}")
+    return names.index(name)
+
+
+def unfreeze(model: keras.Model, start: int, train_batch_norm: bool = False) -> list[str]:
+    """Make the base's layers from `start` up (and the head) trainable, everything below frozen.
+
+    Batch-norm layers keep their moving statistics whatever happens here: the
+    base is called with `training=False` (see `pipelines.bases`), so they run in
+    inference mode; with `train_batch_norm` false their scale and offset stay
+    frozen too. Recompile the model after calling this.
+    """
+    model.trainable = True
+    base = find_base(model)
+    trainable = []
+    for index, layer in enumerate(base.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = index >= start and (train_batch_norm or not is_bn)
+        if layer.trainable and layer.weights:
+            trainable.append(layer.name)
+    return trainable
+
+
+def split_at_base(model: keras.Model):
+    """(to_features_map, from_features_map): the classifier as two callables around the base's output."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    base = find_base(model)
+    cut = layers.index(base) + 1
+
+    def bottom(pixels):
+        x = pixels
+        for layer in layers[:cut]:
+            x = layer(x, training=False)
+        return x
+
+    def top(feature_map):
+        x = feature_map
+        for layer in layers[cut:]:
+            x = layer(x, training=False)
+        return x
+
+    return bottom, top
+
+
+def grad_cam(model: keras.Model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heat maps (n, h, w) in 0..1 at the base's output resolution, and the probabilities.
+
+    The class explained is the predicted one: the gradient of its probability
+    with respect to the base's last feature map, averaged per channel, weights
+    the channels; negative evidence is cut at zero (Selvaraju et al., 2017).
+    """
+    bottom, top = split_at_base(model)
+    pixels = tf.convert_to_tensor(pixels, tf.float32)
+    feature_map = bottom(pixels)
+    if len(feature_map.shape) != 4:
+        raise ValueError("Grad-CAM needs a spatial feature map; the base's output is not 4-D")
+    with tf.GradientTape() as tape:
+        tape.watch(feature_map)
+        probabilities = top(feature_map)
+        if probabilities.shape[-1] == 1:
+            p = probabilities[:, 0]
+            score = tf.where(p >= 0.5, p, 1.0 - p)
+        else:
+            score = tf.reduce_max(probabilities, axis=-1)
+    grads = tape.gradient(score, feature_map)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1)).numpy()
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    cam = np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0)
+    return cam, probabilities.numpy()

@@ -1,0 +1,76 @@
+"""The serving model: a TensorFlow SavedModel that takes a batch of encoded images.
+
+Signature ``serving_default(images: tf.string [n])`` -> ``probabilities``
+float32 [n, classes], ``classes`` string [n, classes] (the class names, in the
+label vocabulary's order) and ``predicted`` string [n]. It decodes and resizes
+with `pipelines.image.decode_and_resize`, the function extraction and training
+used, so training and serving cannot skew. Loading it needs plain TensorFlow only.
+
+A batch holding something that is not a JPEG, PNG, GIF or BMP (an empty string,
+text, another format) fails with an error naming the batch indices; an image
+with the right header but corrupt data fails in TensorFlow's decoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+from pipelines import image
+
+SIGNATURE = "serving_default"
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+
+
+def check_encoded(images: tf.Tensor) -> tf.Operation:
+    """An assertion that every element starts like a JPEG, PNG, GIF or BMP file."""
+    known = tf.zeros_like(images, dtype=tf.bool)
+    for magic, _ in _MAGIC:
+        known = known | tf.equal(tf.strings.substr(images, 0, len(magic)), magic)
+    bad = tf.reshape(tf.where(~known), [-1])
+    return tf.debugging.Assert(
+        tf.reduce_all(known),
+        ["serving: not a JPEG, PNG, GIF or BMP image (empty, text, truncated header or another format) "
+         "at batch indices", bad],
+        summarize=32,
+        name="check_encoded_images",
+    )
+
+
+def probabilities_of(outputs: tf.Tensor) -> tf.Tensor:
+    """Model outputs -> [n, classes] probabilities (a sigmoid's p becomes [1 - p, p])."""
+    if outputs.shape[-1] == 1:
+        return tf.concat([1.0 - outputs, outputs], axis=-1)
+    return outputs
+
+
+def export(model, class_names: list[str], input_size: tuple[int, int], path: str | Path) -> None:
+    """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in)."""
+    import keras
+
+    names = tf.constant(list(class_names))
+    size = tuple(int(s) for s in input_size)
+    expected = 2 if model.output_shape[-1] == 1 else model.output_shape[-1]
+    if expected != len(class_names):
+        raise ValueError(f"the model has {expected} classes but the vocabulary {len(class_names)}")
+
+    def serve(images):
+        with tf.control_dependencies([check_encoded(images)]):
+            pixels = tf.map_fn(
+                lambda blob: image.decode_and_resize(blob, size),
+                images,
+                fn_output_signature=tf.TensorSpec([size[0], size[1], 3], tf.float32),
+            )
+        probabilities = probabilities_of(model(pixels, training=False))
+        n = tf.shape(probabilities)[0]
+        return {
+            "probabilities": probabilities,
+            "classes": tf.tile(names[tf.newaxis, :], [n, 1]),
+            "predicted": tf.gather(names, tf.argmax(probabilities, axis=-1)),
+        }
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    archive.write_out(str(path), verbose=False)
