@@ -55,6 +55,26 @@ class BasePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "base": self.base}
 
 
+@keras.saving.register_keras_serializable(package="transfer")
+class InferenceMode(keras.layers.Wrapper):
+    """Runs the wrapped conv base in inference mode, whatever the enclosing call's `training` flag.
+
+    The transfer-learning rule is to call the base with `training=False` so its
+    batch-norm layers keep their statistics (and its dropout stays off) even
+    while fine-tuning unfrozen layers. In a Keras 3 functional model a stored
+    `base(x, training=False)` is overridden by the outer call's flag
+    (`keras/src/models/functional.py`, `operation_fn`), so `fit` would run the
+    base in training mode; this layer passes `training=False` explicitly, which
+    takes priority.
+    """
+
+    def call(self, inputs):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
 class BaseError(ValueError):
     """A base that cannot be built as configured; the message names the param."""
 
@@ -139,7 +159,7 @@ def build_feature_extractor(
     base.trainable = False
     inputs = keras.Input((*input_size, 3), name="image")
     x = preprocessing(inputs) if preprocessing is not None else inputs
-    x = base(x, training=False)
+    x = InferenceMode(base, name="conv_base")(x)
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":

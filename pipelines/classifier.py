@@ -34,12 +34,18 @@ def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(extractor.input, outputs, name="classifier")
 
 
+def _base_wrapper(model: keras.Model):
+    from pipelines.bases import InferenceMode
+
+    wrapped = [layer for layer in model.layers if isinstance(layer, InferenceMode)]
+    if len(wrapped) != 1:
+        raise ValueError(f"expected one conv base inside {model.name}, found {len(wrapped)}")
+    return wrapped[0]
+
+
 def find_base(model: keras.Model) -> keras.Model:
-    """The conv base inside a feature extractor or classifier (its only nested model that is not the head)."""
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head"]
-    if len(nested) != 1:
-        raise ValueError(f"expected one conv base inside {model.name}, found {[l.name for l in nested]}")
-    return nested[0]
+    """The conv base inside a feature extractor or classifier (run in inference mode by `bases.InferenceMode`)."""
+    return _base_wrapper(model).layer
 
 
 def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, default: str | None) -> int:
@@ -65,9 +71,9 @@ def unfreeze(model: keras.Model, start: int, train_batch_norm: bool = False) -> 
     """Make the base's layers from `start` up (and the head) trainable, everything below frozen.
 
     Batch-norm layers keep their moving statistics whatever happens here: the
-    base is called with `training=False` (see `pipelines.bases`), so they run in
-    inference mode; with `train_batch_norm` false their scale and offset stay
-    frozen too. Recompile the model after calling this.
+    base always runs with `training=False` (`pipelines.bases.InferenceMode`), so
+    they normalise with the pretrained statistics; with `train_batch_norm` false
+    their scale and offset stay frozen too. Recompile the model after calling this.
     """
     model.trainable = True
     base = find_base(model)
@@ -83,8 +89,7 @@ def unfreeze(model: keras.Model, start: int, train_batch_norm: bool = False) -> 
 def split_at_base(model: keras.Model):
     """(to_features_map, from_features_map): the classifier as two callables around the base's output."""
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    base = find_base(model)
-    cut = layers.index(base) + 1
+    cut = layers.index(_base_wrapper(model)) + 1
 
     def bottom(pixels):
         x = pixels

@@ -30,6 +30,45 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "source", per_class=12)
 
 
+@pytest.fixture(scope="session")
+def converted_tiny(tmp_path_factory) -> Path:
+    """The convert stage's output for 18 generated images (download + convert run once per session)."""
+    from components import convert, download as dl
+
+    root = tmp_path_factory.mktemp("converted")
+    source = make_class_folder(root / "src", per_class=9)
+    dl.run(
+        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(source)), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
+        root / "download",
+    )
+    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
+    return root / "convert"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_weights(tmp_path_factory) -> Path:
+    """A weights file for mobilenet_v2 at 32x32: the same base in every build, with usable batch-norm statistics.
+
+    A freshly initialised base run in inference mode (as transfer learning runs
+    it) shrinks its activations to ~1e-12, so nothing would train. One forward
+    pass in training mode with momentum 0 sets every moving mean and variance to
+    that batch's statistics, as pretraining would have.
+    """
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(11)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    pixels = np.random.default_rng(11).uniform(-1, 1, (16, 32, 32, 3)).astype("float32")
+    base(pixels, training=True)
+    base.save_weights(path)
+    return path
+
+
 _exit_status = {"code": None}
 
 

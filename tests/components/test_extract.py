@@ -10,25 +10,17 @@ beam = pytest.importorskip("apache_beam")
 from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
-from components import conv_base, convert, download as dl, extract  # noqa: E402
+from components import conv_base, extract  # noqa: E402
 from components.params import ParamsError  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
-from tests.conftest import make_class_folder  # noqa: E402
 
 BASE = conv_base.ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
 
 
-@pytest.fixture(scope="module")
-def convert_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extract")
-    source = make_class_folder(root / "src", per_class=9)
-    dl.run(
-        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(source)), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
-        root / "download",
-    )
-    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
-    return root / "convert"
+@pytest.fixture
+def convert_dir(converted_tiny):
+    return converted_tiny
 
 
 def read_features(files, size):

@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from components import finetune, train_head  # noqa: E402
+from components.conv_base import ConvBaseParams  # noqa: E402
+from components.download import CommonParams  # noqa: E402
+from components.params import ParamsError, parse_section  # noqa: E402
+from pipelines import classifier  # noqa: E402
+
+
+@pytest.fixture
+def base_params(tiny_base_weights):
+    return ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
+
+
+@pytest.fixture
+def head_path(tmp_path):
+    keras.utils.set_random_seed(2)
+    head = train_head.build_head(1280, 2, train_head.TrainHeadParams(hidden_units=0, dropout=0.0))
+    path = tmp_path / "head.keras"
+    head.save(path)
+    return path
+
+
+def layer_weights(model):
+    return {layer.name: [w.numpy().copy() for w in layer.weights] for layer in classifier.find_base(model).layers}
+
+
+def changed(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("train_batch_norm", [False, True])
+def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(converted_tiny, base_params, head_path, tmp_path, train_batch_norm):
+    params = finetune.FinetuneParams(
+        unfreeze_from="block_16_expand", train_batch_norm=train_batch_norm, optimizer="sgd",
+        learning_rate=0.05, epochs=2, batch_size=4, patience=5,
+    )
+    before = finetune.build_classifier(base_params, head_path)
+    record = finetune.run(finetune.Config(CommonParams(seed=1), base_params, params), converted_tiny, head_path, tmp_path / "out", tmp_path / "live")
+    for name in finetune.DECLARED_OUTPUTS:
+        assert (tmp_path / "out" / name).exists()
+    assert record["unfrozen_layers"][0] == "block_16_expand"
+    after = keras.saving.load_model(tmp_path / "out" / finetune.MODEL)
+    old, new = layer_weights(before), layer_weights(after)
+    names = [layer.name for layer in classifier.find_base(after).layers]
+    start = names.index("block_16_expand")
+    for index, layer in enumerate(classifier.find_base(after).layers):
+        if not layer.weights:
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma_beta_moved = changed(old[layer.name][:2], new[layer.name][:2])
+            assert not changed(old[layer.name][2:], new[layer.name][2:]), f"{layer.name}: moving statistics changed"
+            assert gamma_beta_moved == (train_batch_norm and index >= start), layer.name
+        elif index < start:
+            assert not changed(old[layer.name], new[layer.name]), f"{layer.name} is below the unfreeze point but changed"
+        else:
+            assert changed(old[layer.name], new[layer.name]), f"{layer.name} is unfrozen but did not change"
+    assert changed([w.numpy() for w in before.get_layer("head").weights], [w.numpy() for w in after.get_layer("head").weights])
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert live["val_loss"] == pytest.approx(record["val_loss"])
+    # The saved model takes raw pixels: its predictions on the val records are probabilities.
+    from pipelines import records
+
+    pixels, _ = next(iter(records.image_dataset(finetune.record_files(converted_tiny, "val"), (32, 32), 8, binary=True)))
+    out = after.predict_on_batch(pixels)
+    assert out.shape == (len(pixels), 1) and ((out >= 0) & (out <= 1)).all()
+
+
+def test_unfreeze_top_counts_layers_from_the_end(base_params, head_path):
+    model = finetune.build_classifier(base_params, head_path)
+    trainable = finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_top=3))
+    base = classifier.find_base(model)
+    assert [l.name for l in base.layers if l.trainable] == [l.name for l in base.layers[-3:] if not isinstance(l, keras.layers.BatchNormalization)]
+    assert trainable == ["Conv_1"]  # block_16_project_BN, Conv_1, Conv_1_bn, out_relu: only Conv_1 has weights and is not BN
+    # The registry's default unfreeze point is the top block.
+    model = finetune.build_classifier(base_params, head_path)
+    assert finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams())[0] == "block_16_expand"
+
+
+def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
+    model = finetune.build_classifier(base_params, head_path)
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"):
+        finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_from="block_16_expnd"))
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_top: the base has \d+ layers, got 100000"):
+        finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_top=100000))
+    with pytest.raises(ParamsError, match="at most one of unfreeze_from and unfreeze_top"):
+        parse_section(finetune.FinetuneParams, "finetune", {"unfreeze_from": "x", "unfreeze_top": 2})
+    with pytest.raises(ParamsError, match=r"finetune\.augment\.flip: "):
+        parse_section(finetune.FinetuneParams, "finetune", {"augment": {"flip": "sideways"}})
+    # A saved base has no registry default: the unfreeze point must be set.
+    saved = tmp_path / "base.keras"
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save(saved)
+    saved_params = ConvBaseParams(name=None, path=str(saved), input_size=(32, 32), pooling="avg")
+    model = finetune.build_classifier(saved_params, head_path)
+    with pytest.raises(ParamsError, match="a saved base has no registry default"):
+        finetune.prepare_for_finetuning(model, saved_params, finetune.FinetuneParams())
+
+
+def test_head_for_another_base_is_a_clear_error(base_params, tmp_path):
+    head = train_head.build_head(512, 2, train_head.TrainHeadParams(hidden_units=0))
+    head.save(tmp_path / "head.keras")
+    with pytest.raises(ValueError, match="the head takes 512 features but the conv base gives 1280"):
+        finetune.build_classifier(base_params, tmp_path / "head.keras")
+
+
+def test_augmentation_draws_new_variants_each_call_and_can_be_off():
+    augment = finetune.build_augmentation(finetune.AugmentParams(rotation=0.1, zoom=0.2, translation=0.1), seed=3)
+    pixels = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32"))
+    ds = tf.data.Dataset.from_tensors(pixels).repeat(2).map(augment)  # as in the input pipeline, two epochs
+    first, second = [batch.numpy() for batch in ds]
+    assert first.shape == pixels.shape
+    assert not np.allclose(first, pixels.numpy()) and not np.allclose(first, second)
+    off = finetune.AugmentParams(flip="none", rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+    assert finetune.build_augmentation(off, seed=3) is None
