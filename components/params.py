@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -86,12 +87,38 @@ def parse_section(model: type[SectionT], name: str, raw: Any) -> SectionT:
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where `1e-05` (no dot) is a string; DVC writes
+    `dvc exp run -S train_head.learning_rate=0.00001` into params.yaml exactly
+    so, and reads it back as a float itself.
+    """
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_params(params_path: str | Path) -> dict[str, Any]:
     path = Path(params_path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+    data = load_yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level")
     return data

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from components.params import ParamsError, read_params
+from components.params import ParamsError, load_yaml, read_params
 
 
 def merge(base: Mapping, overrides: Mapping, prefix: str = "") -> dict:
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--write", action="store_true", help="write the merged params into --params instead of printing -S args")
     args = parser.parse_args(argv)
-    overrides = yaml.safe_load(args.preset.read_text(encoding="utf-8")) or {}
+    overrides = load_yaml(args.preset.read_text(encoding="utf-8")) or {}
     merged = merge(read_params(args.params), overrides)
     validate(merged, args.params)
     if args.write:

@@ -75,7 +75,7 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-ALL_STAGES = {"download", "convert", "extract", "train_head"}
+ALL_STAGES = {"download", "convert", "extract", "train_head", "finetune", "evaluate"}
 
 
 def test_dvc_repro_on_the_tiny_preset(tmp_path):
@@ -88,6 +88,12 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     features = json.loads((project / "data" / "extract" / "features.json").read_text())
     assert features["records"] == summary["records"] and features["feature_shape"] == [1280]
     assert (project / "data" / "train_head" / "head.keras").exists()
+    assert (project / "data" / "finetune" / "model.keras").exists()
+    assert (project / "data" / "evaluate" / "serving" / "saved_model.pb").exists()
+    metrics = json.loads((project / "evaluation" / "metrics.json").read_text())
+    assert metrics["head"]["test_images"] == metrics["finetune"]["test_images"] == summary["records"]["test"]
+    assert list((project / "evaluation" / "gradcam").glob("*.png"))
+    assert (project / "dvclive" / "finetune" / "metrics.json").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == ALL_STAGES
 
@@ -114,15 +120,18 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     params["train_head"]["hidden_units"] = 4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = dvc("repro", cwd=project)
-    assert stages_run(fourth) == {"train_head"}
+    assert stages_run(fourth) == {"train_head", "finetune", "evaluate"}
 
 
 def test_dvc_exp_run_metrics_and_plots(tmp_path):
     project = make_project(tmp_path)
-    dvc("exp", "run", "-S", "train_head.epochs=2", cwd=project)
+    # DVC writes 0.00002 as `2e-05`, which the stages must read as a float.
+    dvc("exp", "run", "-S", "train_head.epochs=2", "-S", "finetune.learning_rate=0.00002", cwd=project)
+    assert "2e-05" in (project / "params.yaml").read_text()
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=project))
     flat = json.dumps(metrics)
     assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat
+    assert "evaluation/metrics.json" in flat and "macro_f1" in flat and "dvclive/finetune/metrics.json" in flat
     shown = json.loads(dvc("exp", "show", "--json", cwd=project))
     baseline = next(entry for entry in shown if entry["rev"] != "workspace")
     experiments = [row for exp in baseline["experiments"] or [] for row in exp["revs"]]
@@ -133,3 +142,8 @@ def test_dvc_exp_run_metrics_and_plots(tmp_path):
     dvc("plots", "show", "-o", "plots_html", cwd=project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "val_loss" in html
+    for plot in ("confusion_finetune", "roc_head", "precision_recall_finetune", "gradcam"):
+        assert plot in html, plot
+    # Comparing revisions: the experiment against the baseline commit.
+    dvc("plots", "diff", "HEAD", "-o", "plots_diff", cwd=project)
+    assert "confusion_head" in (project / "plots_diff" / "index.html").read_text()

@@ -20,6 +20,24 @@ def test_repo_params_file_is_valid_for_every_stage():
     assert cfg.dataset.source in ("tfds", "folder")
     assert abs(sum(cfg.download.fractions.model_dump().values()) - 1) < 1e-9
     assert convert.load_config(REPO / "params.yaml").convert.shards.train >= 1
+    from components import evaluate, extract, finetune, train_head
+
+    for stage in (extract, train_head, finetune, evaluate):
+        stage.load_config(REPO / "params.yaml")
+    for preset in sorted((REPO / "presets").glob("*.yaml")):
+        from components import preset as presets
+
+        assert presets.main([str(preset), "--params", str(REPO / "params.yaml")]) == 0
+
+
+def test_exponent_floats_as_dvc_writes_them(tmp_path):
+    # `dvc exp run -S finetune.learning_rate=0.00001` writes `learning_rate: 1e-05`,
+    # which plain PyYAML (YAML 1.1) would read as a string.
+    from components import finetune
+
+    path = tmp_path / "params.yaml"
+    path.write_text("common: {seed: 1}\nconv_base: {}\nfinetune:\n  learning_rate: 1e-05\n", encoding="utf-8")
+    assert finetune.load_config(path).finetune.learning_rate == 1e-05
 
 
 def test_unknown_key_is_named_with_allowed_keys():

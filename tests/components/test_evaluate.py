@@ -1,0 +1,198 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from components import evaluate, extract, finetune, train_head  # noqa: E402
+from components.conv_base import ConvBaseParams  # noqa: E402
+from components.download import CommonParams  # noqa: E402
+from tests.conftest import encode, image_array  # noqa: E402
+
+
+# ---- metrics against values computed by hand ---------------------------------------------------
+
+
+def test_binary_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1])
+    probs = evaluate.as_probabilities(np.array([[0.1], [0.4], [0.35], [0.8]]))  # p(class 1)
+    m = evaluate.classification_metrics(labels, probs, ["cat", "dog"])
+    # predicted: 0, 0, 0, 1 -> one dog missed
+    assert m["confusion_matrix"] == [[2, 0], [1, 1]]
+    assert m["accuracy"] == 0.75
+    assert m["per_class"]["cat"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert m["per_class"]["dog"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    # positives score 0.35 and 0.8, negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right
+    assert m["roc_auc"] == pytest.approx(0.75)
+    assert m["loss"] == pytest.approx(-(math.log(0.9) + math.log(0.6) + math.log(0.35) + math.log(0.8)) / 4)
+
+
+def test_curves_by_hand_with_tied_scores():
+    positive = np.array([1, 0, 1, 0, 1])
+    scores = np.array([0.9, 0.9, 0.6, 0.3, 0.1])  # a tie at 0.9 is one threshold
+    fpr, tpr, thresholds = evaluate.roc_curve(positive, scores)
+    np.testing.assert_allclose(fpr, [0, 1 / 2, 1 / 2, 1, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(thresholds[1:], [0.9, 0.6, 0.3, 0.1])
+    # pairs (positive, negative) ordered right: (.9,.3) (.6,.3) = 2, the tie (.9,.9) = 1/2, of 6 pairs
+    assert evaluate.auc(fpr, tpr) == pytest.approx(2.5 / 6)
+    precision, recall, _ = evaluate.precision_recall_curve(positive, scores)
+    np.testing.assert_allclose(precision, [1 / 2, 2 / 3, 2 / 4, 3 / 5])
+    np.testing.assert_allclose(recall, [1 / 3, 2 / 3, 2 / 3, 1])
+
+
+def test_three_class_metrics_by_hand():
+    labels = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.array([
+        [0.7, 0.2, 0.1],  # 0 -> 0
+        [0.1, 0.8, 0.1],  # 1 -> 1
+        [0.2, 0.5, 0.3],  # 2 -> 1
+        [0.1, 0.1, 0.8],  # 2 -> 2
+        [0.6, 0.3, 0.1],  # 1 -> 0
+        [0.5, 0.4, 0.1],  # 0 -> 0
+    ])
+    m = evaluate.classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # a: P 2/3 R 1 F1 .8; b: P 1/2 R 1/2 F1 .5; c: P 1 R 1/2 F1 2/3
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert 0.5 < m["roc_auc"] <= 1.0  # macro one-vs-rest
+    roc, pr = evaluate.curve_rows(labels, probs)
+    assert roc[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0} and roc[-1]["fpr"] == roc[-1]["tpr"] == 1.0
+    assert pr[-1]["recall"] == 1.0
+
+
+def test_misclassified_and_gradcam_picks():
+    ids = ["a", "b", "c", "d"]
+    labels = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]])
+    wrong = evaluate.misclassified("finetune", ids, labels, probs, ["cat", "dog"], {"b": "dogs/b.jpg"})
+    assert [(r["id"], r["actual"], r["predicted"], r["file"]) for r in wrong] == [("b", "dog", "cat", "dogs/b.jpg"), ("d", "cat", "dog", None)]
+    assert evaluate.pick_gradcam(ids, labels, probs, correct=1, wrong=1) == [("a", True), ("b", False)]
+
+
+# ---- the stage on tiny data, and its serving model ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
+    extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted_tiny, root / "extract")
+    train_head.run(
+        train_head.Config(CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=5, learning_rate=0.01)),
+        root / "extract", converted_tiny / "labels.json", root / "train_head", root / "live_head",
+    )
+    finetune.run(
+        finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4)),
+        converted_tiny, root / "train_head" / "head.keras", root / "finetune", root / "live_finetune",
+    )
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=3))
+    result = evaluate.run(
+        config, converted_tiny, root / "extract", root / "train_head" / "head.keras", root / "finetune" / "model.keras",
+        manifest, root / "out", root / "report",
+    )
+    return root, result
+
+
+def test_evaluate_stage_outputs(evaluated, converted_tiny):
+    root, result = evaluated
+    report = root / "report"
+    for name in evaluate.REPORT_OUTPUTS:
+        assert (report / name).exists()
+    for name in evaluate.DECLARED_OUTPUTS:
+        assert (root / "out" / name).exists()
+    test_count = json.loads((converted_tiny / "summary.json").read_text())["records"]["test"]
+    metrics = json.loads((report / "metrics.json").read_text())
+    wrong = json.loads((report / "misclassified.json").read_text())
+    for model in evaluate.MODELS:
+        m = metrics[model]
+        assert m["test_images"] == test_count == sum(map(sum, m["confusion_matrix"]))
+        errors = sum(1 for row in wrong if row["model"] == model)
+        assert m["accuracy"] == pytest.approx(1 - errors / test_count)  # the list holds every wrong prediction
+        confusion = json.loads((report / "plots" / f"confusion_{model}.json").read_text())
+        assert len(confusion) == test_count
+        roc = json.loads((report / "plots" / f"roc_{model}.json").read_text())
+        assert roc[0]["fpr"] == 0.0 and roc[-1]["tpr"] == 1.0
+    pngs = sorted((report / "gradcam").glob("*.png"))
+    assert 1 <= len(pngs) <= 4 and len(pngs) == result["gradcam"]
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (32, 32)
+
+
+PLAIN_TF = r"""
+import json, sys
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+serve = model.signatures["serving_default"]
+blobs = [open(p, "rb").read() for p in sys.argv[2:]]
+try:
+    out = serve(images=tf.constant(blobs))
+    result = {k: v.numpy().tolist() for k, v in out.items()}
+    result = {k: [[c.decode() if isinstance(c, bytes) else c for c in row] if isinstance(row, list) else (row.decode() if isinstance(row, bytes) else row) for row in v] for k, v in result.items()}
+except tf.errors.InvalidArgumentError as exc:
+    result = {"error": exc.message}
+project = [m for m in sys.modules if m.split(".")[0] in ("components", "pipelines", "keras", "tests")]
+print(json.dumps({"result": result, "project_modules": project}))
+"""
+
+
+def serve_in_plain_tensorflow(saved_model, files, tmp_path):
+    """Load and call the SavedModel in a fresh interpreter that has only TensorFlow (no project code on the path)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", PLAIN_TF, str(saved_model), *map(str, files)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert payload["project_modules"] == []
+    return payload["result"]
+
+
+def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
+    root, _ = evaluated
+    blobs = [
+        encode(image_array(1, (200, 60, 40), (40, 30)), "JPEG"),
+        encode(image_array(2, (40, 60, 200), (20, 50)), "PNG"),
+        encode(image_array(3, (90, 90, 90), (32, 32)), "PNG", mode="RGBA"),
+    ]
+    files = []
+    for i, blob in enumerate(blobs):
+        files.append(tmp_path / f"img{i}")
+        files[-1].write_bytes(blob)
+    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
+    import pipelines.bases  # noqa: F401 - the custom layers of the saved Keras model
+    from pipelines import image
+
+    model = keras.saving.load_model(root / "finetune" / "model.keras")
+    pixels = np.stack([image.decode_and_resize(tf.constant(b), (32, 32)).numpy() for b in blobs])
+    expected = evaluate.as_probabilities(model.predict_on_batch(pixels))
+    np.testing.assert_allclose(np.array(result["probabilities"]), expected, atol=1e-5)
+    labels = ["cats", "dogs"]  # the tiny dataset's classes, in the vocabulary's (sorted) order
+    assert result["classes"] == [labels] * 3
+    assert result["predicted"] == [labels[i] for i in expected.argmax(axis=1)]
+
+
+def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
+    root, _ = evaluated
+    good = encode(image_array(1, (200, 60, 40)), "JPEG")
+    cases = {"text": b"hello, not an image", "empty": b"", "truncated": good[: len(good) // 3]}
+    paths = {}
+    for name, blob in {"good": good, **cases}.items():
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(blob)
+    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path)
+    assert "not a JPEG, PNG, GIF or BMP image" in result["error"] and "[1 2]" in result["error"]
+    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["truncated"]], tmp_path)
+    assert "error" in result and "jpeg" in result["error"].lower()
