@@ -71,6 +71,27 @@ def out_hashes(project: Path) -> dict[str, str]:
     return out_hashes_from(yaml.safe_load((project / "dvc.lock").read_text()))
 
 
+def kill_repro_during(project: Path, stage: str, timeout: float = 600) -> str:
+    """Start `dvc repro`, SIGKILL its whole process group a few seconds into `stage`; returns its output."""
+    import signal
+    import time
+
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = project.parent / "killed_repro.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while f"Running stage '{stage}'" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # into the stage's work (Beam needs longer than this to start)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return log.read_text()
+
+
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
@@ -109,8 +130,16 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     }
 
     make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))  # new data arrives
+    # The run is killed (SIGKILL, no clean-up) while extract works: no partial output is left
+    # for DVC or the next stage to accept, and the next repro redoes only what did not finish.
+    killed = kill_repro_during(project, "extract")
+    assert {"download", "convert"} <= stages_run(killed)
+    extract_out = project / "data" / "extract"
+    assert not extract_out.exists() or (extract_out / "features.json").exists()
+    assert "extract" in dvc("status", cwd=project)
     third = dvc("repro", cwd=project)
-    assert stages_run(third) == ALL_STAGES
+    assert stages_run(third) == ALL_STAGES - {"download", "convert"}
+    assert not list((project / "data").glob(".*.tmp-*"))  # the killed run's staging folder is cleaned up
     new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     assert len(new_manifest) == 22
     new_split = {row["sha256"]: row["split"] for row in new_manifest}
