@@ -177,8 +177,8 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: record_files(convert_dir, split) for split in ("train", "val")}
-    keras.utils.set_random_seed(config.common.seed)
     model = build_classifier(config.conv_base, head_path)
+    keras.utils.set_random_seed(config.common.seed)  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)

@@ -75,6 +75,9 @@ class InferenceMode(keras.layers.Wrapper):
         return self.layer.compute_output_shape(input_shape)
 
 
+UNTRAINED_SEED = 0  # the random init of `weights: none` bases
+
+
 class BaseError(ValueError):
     """A base that cannot be built as configured; the message names the param."""
 
@@ -121,6 +124,10 @@ def load_conv_base(
         if not Path(weights).is_file():
             raise BaseError(f"weights: {weights} is neither 'imagenet', 'none' nor an existing weights file")
         weights_arg = weights
+    if weights_arg is None:
+        # A fixed random init: extract and finetune (separate processes) build the
+        # same untrained base, and re-runs give the same features.
+        keras.utils.set_random_seed(UNTRAINED_SEED)
     try:
         model = spec.constructor(include_top=False, weights=weights_arg, input_shape=(*input_size, 3))
     except ValueError as exc:

@@ -116,11 +116,19 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert list((project / "evaluation" / "gradcam").glob("*.png"))
     assert (project / "dvclive" / "finetune" / "metrics.json").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
+    # Version it: a local directory remote, commit, push.
+    storage = tmp_path / "storage"
+    dvc("remote", "add", "-d", "storage", str(storage), cwd=project)
+    commit(project, "first model")
+    first_rev = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    dvc("push", cwd=project)
+    first_model = (project / "data" / "finetune" / "model.keras").read_bytes()
+    first_serving = (project / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes()
     assert set(lock["stages"]) == ALL_STAGES
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
-    assert "up to date" in dvc("status", cwd=project)
+    assert len(dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)) == 16  # the first data, from the cache
 
     # Forced re-runs with the same inputs give byte-identical outputs (same DVC hashes).
     for stage in ("download", "convert"):
@@ -140,6 +148,9 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     third = dvc("repro", cwd=project)
     assert stages_run(third) == ALL_STAGES - {"download", "convert"}
     assert not list((project / "data").glob(".*.tmp-*"))  # the killed run's staging folder is cleaned up
+    recovered = out_hashes(project)["extract"]
+    dvc("repro", "--force", "--single-item", "extract", cwd=project)  # an uninterrupted run of the same stage
+    assert out_hashes(project)["extract"] == recovered
     new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     assert len(new_manifest) == 22
     new_split = {row["sha256"]: row["split"] for row in new_manifest}
@@ -150,6 +161,19 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = dvc("repro", cwd=project)
     assert stages_run(fourth) == {"train_head", "finetune", "evaluate"}
+    commit(project, "more data, smaller head")
+    dvc("push", cwd=project)
+    assert (project / "data" / "finetune" / "model.keras").read_bytes() != first_model
+
+    # An auditor gets the first model back in a fresh clone (empty cache) of its commit: pull from the remote.
+    auditor = tmp_path / "auditor"
+    run(["git", "clone", "-q", str(project), str(auditor)], tmp_path)
+    run(["git", "checkout", "-q", first_rev], auditor)
+    assert not (auditor / ".dvc" / "cache").exists()
+    dvc("pull", cwd=auditor)
+    assert (auditor / "data" / "finetune" / "model.keras").read_bytes() == first_model
+    assert (auditor / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes() == first_serving
+    assert len(dl.read_jsonl(auditor / "data" / "download" / dl.MANIFEST)) == 16  # the first data
 
 
 def test_dvc_exp_run_metrics_and_plots(tmp_path):

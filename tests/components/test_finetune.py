@@ -118,3 +118,12 @@ def test_augmentation_draws_new_variants_each_call_and_can_be_off():
     assert not np.allclose(first, pixels.numpy()) and not np.allclose(first, second)
     off = finetune.AugmentParams(flip="none", rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
     assert finetune.build_augmentation(off, seed=3) is None
+
+
+def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_params, tmp_path):
+    head = train_head.build_head(1280, 3, train_head.TrainHeadParams(hidden_units=0))  # labels.json has 2 classes
+    head.save(tmp_path / "head.keras")
+    config = finetune.Config(CommonParams(), base_params, finetune.FinetuneParams(epochs=1))
+    with pytest.raises(ValueError, match=r"does not fit the 2 labels of labels.json"):
+        finetune.run(config, converted_tiny, tmp_path / "head.keras", tmp_path / "out", tmp_path / "live")
+    assert not (tmp_path / "out").exists()

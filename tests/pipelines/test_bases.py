@@ -72,3 +72,12 @@ def test_imagenet_weights_offline_fail_fast_with_instructions(tmp_path, monkeypa
     else:  # only with network access: the weights really downloaded
         pytest.skip("network reachable: imagenet weights downloaded")
     assert time.monotonic() - started < 30
+
+
+def test_untrained_base_is_the_same_in_every_build():
+    # extract and finetune build `weights: none` bases in separate processes: they must agree.
+    first, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
+    keras.utils.set_random_seed(123)  # whatever the caller's seed
+    second, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
