@@ -7,7 +7,8 @@ Inputs
     section ``evaluate``. The test split was never trained or tuned on.
 Outputs
     ``<out>/serving/``             the serving SavedModel (encoded image bytes in,
-                                   probabilities and class names out; `pipelines.serving`)
+                                   probabilities and class names out; `pipelines.serving`),
+                                   with its lineage in ``assets.extra/lineage.json``
     ``<out>/params.json``          the resolved params
     ``<report>/metrics.json``      per model: accuracy, loss, per-class precision /
                                    recall / F1, macro F1, ROC-AUC (DVC metrics)
@@ -42,6 +43,8 @@ from components.params import Section, log_resolved, parse_section, read_params,
 log = logging.getLogger(__name__)
 
 SERVING = "serving"
+LINEAGE = "lineage.json"  # in serving/assets.extra/: what the model was made from
+LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
 DECLARED_OUTPUTS = (SERVING, "params.json")
 REPORT_OUTPUTS = ("metrics.json", "misclassified.json", "plots", "gradcam")
 MODELS = ("head", "finetune")
@@ -292,6 +295,36 @@ def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], na
     return gap
 
 
+def file_sha256(path: str | Path) -> str:
+    from pipelines.bases import file_sha256 as sha
+
+    return sha(path)
+
+
+def lineage_record(manifest_path, model_path, head_path, extract_dir: Path, names: list[str], metrics: dict) -> dict:
+    """The lineage the serving model carries: its data, base, models, labels, test metrics and libraries."""
+    from importlib import metadata
+
+    from components.download import read_jsonl
+
+    rows = read_jsonl(manifest_path)
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row["split"], {}).setdefault(row["label"], 0)
+        counts[row["split"]][row["label"]] += 1
+    features = json.loads((Path(extract_dir) / "features.json").read_text())
+    return {
+        "manifest_sha256": file_sha256(manifest_path),
+        "images": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
+        "labels": names,
+        "conv_base": features["conv_base"],
+        "model_sha256": file_sha256(model_path),
+        "head_sha256": file_sha256(head_path),
+        "test_accuracy": {name: m["accuracy"] for name, m in metrics.items()},
+        "libraries": {lib: metadata.version(lib) for lib in LIBRARIES},
+    }
+
+
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -359,6 +392,8 @@ def run(
 
         serving.export(model, names, size, tmp / SERVING)
         outputs.stabilise_saved_model_fingerprint(tmp / SERVING)
+        lineage = lineage_record(manifest_path, model_path, head_path, extract_dir, names, metrics)
+        write_json(tmp / SERVING / "assets.extra" / LINEAGE, lineage)
         gap = check_serving(tmp / SERVING, model, [images[i] for i in serving_ids], names)
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)

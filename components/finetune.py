@@ -8,7 +8,7 @@ Outputs
     ``<out>/model.keras``    the fine-tuned classifier: raw RGB 0..255 pixels in,
                              class probabilities out (sigmoid for two classes)
     ``<out>/history.json``   per-epoch loss and accuracy on train and val, best
-                             epoch, the unfrozen layers
+                             epoch (0: no epoch beat the starting point), the unfrozen layers
     ``<out>/params.json``    the resolved params
     ``<live>/``              dvclive metrics and per-epoch curves
 
@@ -21,7 +21,9 @@ from train_head's weights; unfreeze only the top of the base; keep batch norm in
 inference mode (the base is called with ``training=False``); recompile after
 changing ``trainable``; a very low learning rate; augmentation on the training
 split only, in the input pipeline, so every epoch sees new variants; early
-stopping on val loss with the best weights restored.
+stopping on val loss with the best weights restored, where the starting point
+(the trained head on the frozen base) counts as epoch 0: fine-tuning that does
+not beat it on val keeps it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class FinetuneParams(Section):
     batch_size: int = pydantic.Field(32, ge=1)
     patience: int = pydantic.Field(4, ge=1)
     cache: bool = True  # keep the decoded (pre-augmentation) images in memory between epochs
+    keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
     augment: AugmentParams = AugmentParams()
 
     @pydantic.model_validator(mode="after")
@@ -195,12 +198,19 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         before_loss, before_accuracy = model.evaluate(val, verbose=0)
+        start_weights = model.get_weights()
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         started = time.monotonic()
         history = model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, live_callback(live)], verbose=2)
         elapsed = time.monotonic() - started
-        val_loss, val_accuracy = model.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)) + 1
+        if params.keep_better_start and history.history["val_loss"][best_epoch - 1] > before_loss:
+            # No epoch beat the converged head on val: keep the starting point (epoch 0)
+            # rather than a worse model; early stopping alone only compares epochs >= 1.
+            model.set_weights(start_weights)
+            best_epoch = 0
+            log.warning("finetune: no epoch improved val loss %.4f; keeping the starting weights", before_loss)
+        val_loss, val_accuracy = model.evaluate(val, verbose=0)
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch}
         model.save(tmp / MODEL)
         record = {

@@ -29,6 +29,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -165,6 +166,24 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     dvc("push", cwd=project)
     assert (project / "data" / "finetune" / "model.keras").read_bytes() != first_model
 
+    # The audit of the new revision against the first: lineage, diff, and the checks pass.
+    run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--against", first_rev, "--workspace", "--out", "audit_out"], project)
+    report = json.loads((project / "audit_out" / "audit.json").read_text())
+    assert report["problems"] == []
+    record = report["revision_record"]
+    assert record["images"] == {s: c for s, c in record["serving_lineage"]["images"].items()}
+    assert sum(sum(c.values()) for c in record["images"].values()) == 22
+    assert report["diff"]["images"] == {"added": 6, "removed": 0, "kept": 16}
+    assert report["diff"]["params"]["train_head.train_head.hidden_units"] == [8, 4]
+    assert "| train |" in (project / "audit_out" / "audit.md").read_text()
+    # A workspace output that no longer matches dvc.lock fails the audit, naming the stage.
+    with (project / "data" / "train_head" / "history.json").open("a") as handle:
+        handle.write(" ")
+    failed = subprocess.run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--workspace", "--out", "audit_bad"],
+                            cwd=project, capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "workspace: stage train_head differs from dvc.lock" in failed.stderr
+
     # An auditor gets the first model back in a fresh clone (empty cache) of its commit: pull from the remote.
     auditor = tmp_path / "auditor"
     run(["git", "clone", "-q", str(project), str(auditor)], tmp_path)
@@ -174,6 +193,9 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert (auditor / "data" / "finetune" / "model.keras").read_bytes() == first_model
     assert (auditor / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes() == first_serving
     assert len(dl.read_jsonl(auditor / "data" / "download" / dl.MANIFEST)) == 16  # the first data
+    run([sys.executable, "-m", "components.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
+    first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())
+    assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev
 
 
 def test_dvc_exp_run_metrics_and_plots(tmp_path):
@@ -200,3 +222,45 @@ def test_dvc_exp_run_metrics_and_plots(tmp_path):
     # Comparing revisions: the experiment against the baseline commit.
     dvc("plots", "diff", "HEAD", "-o", "plots_diff", cwd=project)
     assert "confusion_head" in (project / "plots_diff" / "index.html").read_text()
+
+
+def set_params(project: Path, section: str, **values) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def retrain(project: Path) -> tuple[int, dict]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@e",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@e")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 3), proc.stderr[-4000:]
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_scheduled_retrain_promotes_and_rejects(tmp_path):
+    project = make_project(tmp_path)
+    set_params(project, "retrain", threshold=0.0)
+    code, first = retrain(project)  # the first run: repro everything, nothing promoted yet
+    assert (code, first["decision"], first["version"], first["stage"]) == (0, "promoted", "v0.0.1", "prod")
+    tags = run(["git", "tag"], project).stdout.split()
+    assert "classifier@v0.0.1" in tags and "classifier#prod#1" in tags
+    manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
+
+    # New images arrive; the gate is set where this model cannot pass it.
+    make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))
+    set_params(project, "retrain", threshold=1.0)
+    code, second = retrain(project)
+    assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
+    assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
+    new_split = {row["sha256"]: row["split"] for row in dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)}
+    assert len(new_split) == 22 and all(new_split[row["sha256"]] == row["split"] for row in manifest)
+    assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"
+    tags = run(["git", "tag"], project).stdout.split()
+    assert "classifier@v0.0.2" in tags and not any(t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags)
+    shown = run([str(Path(sys.executable).parent / "gto"), "show", "classifier", "--json"], project).stdout
+    assert '"prod"' in shown and "v0.0.1" in shown
+    # The rejected model is committed and in the DVC cache: its commit restores it.
+    assert run(["git", "log", "-1", "--format=%s"], project).stdout.startswith("retrain: rejected")
+    assert "up to date" in dvc("status", cwd=project)

@@ -39,7 +39,7 @@ def changed(a, b):
 def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(converted_tiny, base_params, head_path, tmp_path, train_batch_norm):
     params = finetune.FinetuneParams(
         unfreeze_from="block_16_expand", train_batch_norm=train_batch_norm, optimizer="sgd",
-        learning_rate=0.05, epochs=2, batch_size=4, patience=5,
+        learning_rate=0.05, epochs=2, batch_size=4, patience=5, keep_better_start=False,
     )
     before = finetune.build_classifier(base_params, head_path)
     record = finetune.run(finetune.Config(CommonParams(seed=1), base_params, params), converted_tiny, head_path, tmp_path / "out", tmp_path / "live")
@@ -127,3 +127,15 @@ def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_par
     with pytest.raises(ValueError, match=r"does not fit the 2 labels of labels.json"):
         finetune.run(config, converted_tiny, tmp_path / "head.keras", tmp_path / "out", tmp_path / "live")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
+    # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.
+    params = finetune.FinetuneParams(unfreeze_top=10, optimizer="sgd", learning_rate=1.0, epochs=2, batch_size=4, patience=5)
+    before = finetune.build_classifier(base_params, head_path)
+    record = finetune.run(finetune.Config(CommonParams(seed=1), base_params, params), converted_tiny, head_path, tmp_path / "out", tmp_path / "live")
+    assert min(record["history"]["val_loss"]) > record["val_before"]["loss"]
+    assert record["best_epoch"] == 0 and record["val_loss"] == pytest.approx(record["val_before"]["loss"], rel=1e-5)
+    after = keras.saving.load_model(tmp_path / "out" / finetune.MODEL)
+    for a, b in zip(before.weights, after.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

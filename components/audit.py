@@ -1,0 +1,265 @@
+"""audit: the lineage of a revision's model (Markdown and JSON), checks, and a diff of two revisions.
+
+Run: ``python -m components.audit --rev HEAD [--against REV] --out audit``
+
+For a git revision it reports the data source and its version (the download
+stage's dependency hash in ``dvc.lock``), the manifest's hash and counts per
+class and split, the label vocabulary, every stage's params, the code
+revision, each stage's output hashes from ``dvc.lock``, the metrics, the pinned
+library versions (``constraints.txt``) and the lineage record the serving model
+carries (``serving/assets.extra/lineage.json``). DVC-tracked files are read
+through the DVC API from the cache or the remote, so any committed revision
+can be audited without checking it out.
+
+Checks (a failed check exits 1): no image in two splits; the serving model's
+lineage matches the revision's manifest and model; with ``--workspace``, the
+workspace's outputs match ``dvc.lock``; with ``--against``, no image that both
+revisions hold moved split and the label vocabulary kept its order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+from components.cli import configure_logging
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "data/download/manifest.jsonl"
+LABELS = "data/convert/labels.json"
+LINEAGE = "data/evaluate/serving/assets.extra/lineage.json"
+METRICS = ("evaluation/metrics.json", "dvclive/train_head/metrics.json", "dvclive/finetune/metrics.json")
+
+
+# ---- checks and diffs: pure functions ----------------------------------------------------------
+
+
+def split_conflicts(rows: list[dict]) -> list[str]:
+    """Images (by content hash) listed in more than one split."""
+    splits: dict[str, set[str]] = {}
+    for row in rows:
+        splits.setdefault(row["sha256"], set()).add(row["split"])
+    return sorted(sha for sha, found in splits.items() if len(found) > 1)
+
+
+def moved_splits(old: list[dict], new: list[dict]) -> list[dict]:
+    """Images both manifests hold whose split changed (a leak between train and test across retrains)."""
+    before = {row["sha256"]: row["split"] for row in old}
+    return sorted(
+        ({"sha256": row["sha256"], "from": before[row["sha256"]], "to": row["split"]}
+         for row in new if row["sha256"] in before and before[row["sha256"]] != row["split"]),
+        key=lambda r: r["sha256"],
+    )
+
+
+def label_order_changes(old: list[str], new: list[str]) -> list[str]:
+    """Labels whose index changed or that disappeared: the old model's outputs would mean other classes."""
+    problems = [f"{name!r}: index {i} -> {new.index(name)}" for i, name in enumerate(old) if name in new and new.index(name) != i]
+    problems += [f"{name!r}: removed" for name in old if name not in new]
+    return problems
+
+
+def manifest_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        per_class = counts.setdefault(row["split"], {})
+        per_class[row["label"]] = per_class.get(row["label"], 0) + 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def diff_flat(old: dict, new: dict) -> dict[str, list]:
+    """key -> [old, new] for every key whose value differs (None where absent)."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def stage_outputs(lock: dict) -> dict[str, dict[str, str]]:
+    return {stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])} for stage, entry in lock.get("stages", {}).items()}
+
+
+def stage_params(lock: dict) -> dict[str, dict]:
+    return {stage: entry.get("params", {}).get("params.yaml", {}) for stage, entry in lock.get("stages", {}).items()}
+
+
+def lineage_checks(lineage: dict | None, manifest_sha256: str | None, model_sha256: str | None) -> list[str]:
+    if lineage is None:
+        return ["the serving model carries no lineage record"]
+    problems = []
+    if lineage.get("manifest_sha256") != manifest_sha256:
+        problems.append("the serving model's lineage names another manifest than the revision's")
+    if lineage.get("model_sha256") != model_sha256:
+        problems.append("the serving model's lineage names another fine-tuned model than the revision's")
+    return problems
+
+
+# ---- I/O --------------------------------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def git_file(repo: Path, rev: str, path: str) -> str | None:
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def dvc_file(repo: Path, rev: str, path: str) -> bytes | None:
+    """A DVC-tracked file at a revision, from the local cache or the remote."""
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, repo=str(repo), rev=rev, mode="rb")
+    except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or not in cache/remote
+        log.warning("audit: cannot read %s at %s: %s", path, rev, exc)
+        return None
+
+
+def read_rows(blob: bytes | None) -> list[dict] | None:
+    return None if blob is None else [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+
+
+def collect(repo: Path, rev: str) -> dict:
+    """Everything the report says about one revision."""
+    import yaml
+
+    commit = git(repo, "rev-parse", rev).strip()
+    lock_text = git_file(repo, commit, "dvc.lock")
+    if lock_text is None:
+        raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
+    lock = yaml.safe_load(lock_text)
+    manifest_blob = dvc_file(repo, commit, MANIFEST)
+    rows = read_rows(manifest_blob) or []
+    labels_blob = dvc_file(repo, commit, LABELS)
+    lineage_blob = dvc_file(repo, commit, LINEAGE)
+    model_blob = dvc_file(repo, commit, "data/finetune/model.keras")
+    download = lock["stages"].get("download", {})
+    metrics = {}
+    for path in METRICS:
+        text = git_file(repo, commit, path)
+        if text is not None:
+            metrics[path] = json.loads(text)
+    constraints = git_file(repo, commit, "constraints.txt") or ""
+    return {
+        "revision": commit,
+        "subject": git(repo, "log", "-1", "--format=%s", commit).strip(),
+        "date": git(repo, "log", "-1", "--format=%cI", commit).strip(),
+        "data_source": {"params": stage_params(lock).get("download", {}).get("dataset"),
+                        "dependency": [d for d in download.get("deps", []) if not d["path"].endswith(".py")]},
+        "manifest_sha256": hashlib.sha256(manifest_blob).hexdigest() if manifest_blob else None,
+        "images": manifest_counts(rows),
+        "labels": json.loads(labels_blob) if labels_blob else None,
+        "params": stage_params(lock),
+        "outputs": stage_outputs(lock),
+        "metrics": metrics,
+        "libraries": dict(line.split("==", 1) for line in constraints.splitlines() if "==" in line and not line.startswith("#")),
+        "serving_lineage": json.loads(lineage_blob) if lineage_blob else None,
+        "model_sha256": hashlib.sha256(model_blob).hexdigest() if model_blob else None,
+        "_rows": rows,
+    }
+
+
+def workspace_changes(repo: Path) -> dict:
+    """Stages whose workspace outputs or dependencies differ from dvc.lock (`dvc status`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return dvc_repo.status()
+
+
+KEY_LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
+
+
+def to_markdown(report: dict) -> str:
+    r = report["revision_record"]
+    lines = [f"# Audit of {r['revision'][:12]}", "", f"- commit: `{r['revision']}` ({r['date']}): {r['subject']}",
+             f"- result: **{'PASS' if not report['problems'] else 'FAIL'}**", ""]
+    if report["problems"]:
+        lines += ["## Problems", ""] + [f"- {p}" for p in report["problems"]] + [""]
+    lines += ["## Data", "", f"- source: `{json.dumps(r['data_source']['params'])}`"]
+    lines += [f"- source version: `{d['path']}` {d.get('md5')} ({d.get('nfiles', '?')} files)" for d in r["data_source"]["dependency"]]
+    lines += [f"- manifest sha256: `{r['manifest_sha256']}`", f"- labels: {r['labels']}", "", "| split | " + " | ".join(r["labels"] or []) + " |",
+              "|---|" + "---|" * len(r["labels"] or [])]
+    for split, counts in r["images"].items():
+        lines.append(f"| {split} | " + " | ".join(str(counts.get(label, 0)) for label in r["labels"] or []) + " |")
+    lines += ["", "## Stages", "", "| stage | output | md5 |", "|---|---|---|"]
+    for stage, outs in r["outputs"].items():
+        lines += [f"| {stage} | `{path}` | `{md5}` |" for path, md5 in outs.items()]
+    lines += ["", "## Params", "", "```json", json.dumps(r["params"], indent=2, sort_keys=True), "```", "", "## Metrics", ""]
+    for path, values in r["metrics"].items():
+        flat = {k: v for k, v in flatten(values).items() if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)}
+        lines += [f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())]
+    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in KEY_LIBRARIES if k in r["libraries"]]
+    if report.get("workspace") is not None:
+        lines += ["", "## Workspace against dvc.lock", "", f"- {report['workspace'] or 'all outputs match'}"]
+    if report.get("diff"):
+        d = report["diff"]
+        lines += ["", f"## Against {d['against'][:12]}", "", f"- images: {d['images']}", f"- params changed: {json.dumps(d['params'])}",
+                  f"- metrics changed: {json.dumps(d['metrics'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False) -> dict:
+    record = collect(repo, rev)
+    rows = record.pop("_rows")
+    problems = [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
+    problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
+    report: dict[str, Any] = {"revision_record": record, "problems": problems}
+    if workspace:
+        changes = workspace_changes(repo)
+        report["workspace"] = changes
+        problems += [f"workspace: stage {stage} differs from dvc.lock: {json.dumps(c)}" for stage, c in changes.items()]
+    if against:
+        other = collect(repo, against)
+        other_rows = other.pop("_rows")
+        problems += [f"image {m['sha256'][:12]} moved from {m['from']} to {m['to']}" for m in moved_splits(other_rows, rows)]
+        problems += [f"label map changed: {p}" for p in label_order_changes(other["labels"] or [], record["labels"] or [])]
+        old_ids, new_ids = {r["sha256"] for r in other_rows}, {r["sha256"] for r in rows}
+        report["diff"] = {
+            "against": other["revision"],
+            "images": {"added": len(new_ids - old_ids), "removed": len(old_ids - new_ids), "kept": len(new_ids & old_ids)},
+            "params": diff_flat(other["params"], record["params"]),
+            "metrics": diff_flat(other["metrics"], record["metrics"]),
+        }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default="HEAD", help="the git revision to audit")
+    parser.add_argument("--against", default=None, help="an earlier revision to diff and check against")
+    parser.add_argument("--workspace", action="store_true", help="also check the workspace's outputs against dvc.lock")
+    parser.add_argument("--repo", default=".", help="the project's git repository")
+    parser.add_argument("--out", default="audit", help="folder for audit.json and audit.md")
+    args = parser.parse_args(argv)
+    configure_logging()
+    report = audit(Path(args.repo), args.rev, args.against, args.workspace)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "audit.md").write_text(to_markdown(report), encoding="utf-8")
+    for problem in report["problems"]:
+        log.error("audit: %s", problem)
+    log.info("audit: %s -> %s (%s)", args.rev, out, "FAIL" if report["problems"] else "PASS")
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)
