@@ -129,7 +129,6 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
-    assert len(dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)) == 16  # the first data, from the cache
 
     # Forced re-runs with the same inputs give byte-identical outputs (same DVC hashes).
     for stage in ("download", "convert"):
@@ -140,14 +139,21 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
 
     make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))  # new data arrives
     # The run is killed (SIGKILL, no clean-up) while extract works: no partial output is left
-    # for DVC or the next stage to accept, and the next repro redoes only what did not finish.
+    # for DVC or the next stage to accept, and the next run redoes only what did not finish.
     killed = kill_repro_during(project, "extract")
     assert {"download", "convert"} <= stages_run(killed)
     extract_out = project / "data" / "extract"
     assert not extract_out.exists() or (extract_out / "features.json").exists()
     assert "extract" in dvc("status", cwd=project)
-    third = dvc("repro", cwd=project)
-    assert stages_run(third) == ALL_STAGES - {"download", "convert"}
+
+    # The next run is the scheduler's retrain: it finishes the pipeline and, with nothing promoted
+    # yet and a gate of 0, promotes the model in DVC's registry (GTO tags).
+    set_params(project, "retrain", threshold=0.0)
+    code, first, output = retrain(project)
+    assert stages_run(output) == ALL_STAGES - {"download", "convert"}
+    assert (code, first["decision"], first["version"], first["stage"]) == (0, "promoted", "v0.0.1", "prod")
+    tags = run(["git", "tag"], project).stdout.split()
+    assert "classifier@v0.0.1" in tags and "classifier#prod#1" in tags
     assert not list((project / "data").glob(".*.tmp-*"))  # the killed run's staging folder is cleaned up
     recovered = out_hashes(project)["extract"]
     dvc("repro", "--force", "--single-item", "extract", cwd=project)  # an uninterrupted run of the same stage
@@ -155,14 +161,23 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     assert len(new_manifest) == 22
     new_split = {row["sha256"]: row["split"] for row in new_manifest}
-    assert all(new_split[row["sha256"]] == row["split"] for row in manifest)
+    assert all(new_split[row["sha256"]] == row["split"] for row in manifest)  # existing images keep their split
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train_head"]["hidden_units"] = 4
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    fourth = dvc("repro", cwd=project)
-    assert stages_run(fourth) == {"train_head", "finetune", "evaluate"}
-    commit(project, "more data, smaller head")
+    # A param change re-runs only the stages that read it; the gate is set where this model cannot pass.
+    set_params(project, "train_head", hidden_units=4)
+    set_params(project, "retrain", threshold=1.0)
+    code, second, output = retrain(project)
+    assert stages_run(output) == {"train_head", "finetune", "evaluate"}
+    assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
+    assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
+    assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"
+    tags = run(["git", "tag"], project).stdout.split()
+    assert "classifier@v0.0.2" in tags and not any(t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags)
+    shown = run([str(Path(sys.executable).parent / "gto"), "show", "classifier", "--json"], project).stdout
+    assert '"prod"' in shown and "v0.0.1" in shown
+    # The rejected model is committed (and its data cached): its commit restores it.
+    assert run(["git", "log", "-1", "--format=%s"], project).stdout.startswith("retrain: rejected")
+    assert "up to date" in dvc("status", cwd=project)
     dvc("push", cwd=project)
     assert (project / "data" / "finetune" / "model.keras").read_bytes() != first_model
 
@@ -230,37 +245,10 @@ def set_params(project: Path, section: str, **values) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def retrain(project: Path) -> tuple[int, dict]:
+def retrain(project: Path) -> tuple[int, dict, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@e",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@e")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_scheduled_retrain_promotes_and_rejects(tmp_path):
-    project = make_project(tmp_path)
-    set_params(project, "retrain", threshold=0.0)
-    code, first = retrain(project)  # the first run: repro everything, nothing promoted yet
-    assert (code, first["decision"], first["version"], first["stage"]) == (0, "promoted", "v0.0.1", "prod")
-    tags = run(["git", "tag"], project).stdout.split()
-    assert "classifier@v0.0.1" in tags and "classifier#prod#1" in tags
-    manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
-
-    # New images arrive; the gate is set where this model cannot pass it.
-    make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))
-    set_params(project, "retrain", threshold=1.0)
-    code, second = retrain(project)
-    assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
-    assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
-    new_split = {row["sha256"]: row["split"] for row in dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)}
-    assert len(new_split) == 22 and all(new_split[row["sha256"]] == row["split"] for row in manifest)
-    assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"
-    tags = run(["git", "tag"], project).stdout.split()
-    assert "classifier@v0.0.2" in tags and not any(t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags)
-    shown = run([str(Path(sys.executable).parent / "gto"), "show", "classifier", "--json"], project).stdout
-    assert '"prod"' in shown and "v0.0.1" in shown
-    # The rejected model is committed and in the DVC cache: its commit restores it.
-    assert run(["git", "log", "-1", "--format=%s"], project).stdout.startswith("retrain: rejected")
-    assert "up to date" in dvc("status", cwd=project)
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
