@@ -37,8 +37,10 @@ def configure_logging() -> None:
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     try:
         code = main() or 0
-    except SystemExit as exc:  # argparse
-        code = exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # argparse, or SystemExit("message")
+        if isinstance(exc.code, str):
+            print(f"error: {exc.code}", file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except (ParamsError, EnvironmentProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

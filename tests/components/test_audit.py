@@ -32,3 +32,16 @@ def test_serving_lineage_must_name_the_revisions_manifest_and_model():
     assert audit.lineage_checks(lineage, "m", "k") == []
     assert len(audit.lineage_checks(lineage, "other", "k")) == 1
     assert audit.lineage_checks(None, "m", "k") == ["the serving model carries no lineage record"]
+
+
+def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
+    import subprocess
+
+    import pytest
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "README").write_text("x")
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    with pytest.raises(SystemExit, match="HEAD has no dvc.lock: nothing was reproduced and committed there"):
+        audit.main(["--rev", "HEAD", "--repo", str(tmp_path), "--out", str(tmp_path / "audit")])
