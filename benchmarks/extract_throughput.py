@@ -53,9 +53,10 @@ def prepare(folder: Path, work: Path, limit: int | None = None) -> Path:
 def bare_predict(model, convert_dir: Path, size) -> tuple[float, int]:
     import numpy as np
 
-    from pipelines import extract as graph
+    from pipelines import records
 
-    pixels = [p.numpy() for path in sorted((convert_dir / "records").glob("*.tfrecord")) for _, _, p in graph.image_batches(str(path), size, BATCH)]
+    paths = sorted((convert_dir / "records").glob("*.tfrecord"))
+    pixels = [p.numpy() for path in paths for p, _ in records.image_dataset([str(path)], size, BATCH, binary=False)]
     images = np.concatenate(pixels)
     model.predict_on_batch(images[:BATCH])  # warm-up (trace)
     started = time.perf_counter()

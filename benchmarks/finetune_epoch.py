@@ -83,7 +83,6 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
 
     from components import finetune, train_head
     from components.conv_base import ConvBaseParams
@@ -106,9 +105,9 @@ def main(argv=None) -> int:
     model = finetune.build_classifier(base, work / "head.keras")
     params = finetune.FinetuneParams(unfreeze_from=args.unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
     unfrozen = finetune.prepare_for_finetuning(model, base, params)
-    finetune.compile_model(model, 2, params.optimizer, params.learning_rate)
+    train_head.compile_head(model, 2, params.optimizer, params.learning_rate)
 
-    files = finetune.record_files(convert_dir, "train")
+    files = records.split_files(convert_dir / "records", "train")
     augment = finetune.build_augmentation(params.augment, seed=1)
     stage = records.image_dataset(files, size, BATCH, binary=True, shuffle_seed=1, augment=augment, cache=True)
     uncached = records.image_dataset(files, size, BATCH, binary=True, shuffle_seed=1, augment=augment, cache=False)

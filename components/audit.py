@@ -66,14 +66,14 @@ def label_order_changes(old: list[str], new: list[str]) -> list[str]:
 
 
 def manifest_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for row in rows:
-        per_class = counts.setdefault(row["split"], {})
-        per_class[row["label"]] = per_class.get(row["label"], 0) + 1
-    return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
+    """Images per split and class, for the splits that have any."""
+    from components.convert import expected_counts
+
+    return {split: counts for split, counts in expected_counts(rows).items() if counts}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}; an empty dict adds no key (unlike `preset.leaves`, where it is a value to set)."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -182,7 +182,7 @@ def workspace_changes(repo: Path) -> dict:
         return dvc_repo.status()
 
 
-KEY_LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
+LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
 
 
 def to_markdown(report: dict) -> str:
@@ -204,7 +204,7 @@ def to_markdown(report: dict) -> str:
     for path, values in r["metrics"].items():
         flat = {k: v for k, v in flatten(values).items() if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)}
         lines += [f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())]
-    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in KEY_LIBRARIES if k in r["libraries"]]
+    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in LIBRARIES if k in r["libraries"]]
     if report.get("workspace") is not None:
         lines += ["", "## Workspace against dvc.lock", "", f"- {report['workspace'] or 'all outputs match'}"]
     if report.get("diff"):

@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 SERVING = "serving"
 LINEAGE = "lineage.json"  # in serving/assets.extra/: what the model was made from
-LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
 DECLARED_OUTPUTS = (SERVING, "params.json")
 REPORT_OUTPUTS = ("metrics.json", "misclassified.json", "plots", "gradcam")
 MODELS = ("head", "finetune")
@@ -231,13 +230,6 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
 # ---- I/O --------------------------------------------------------------------------------------
 
 
-def _files(folder: Path, split: str) -> list[str]:
-    files = sorted(str(p) for p in folder.glob(f"{split}-*.tfrecord"))
-    if not files:
-        raise ValueError(f"no {split} files in {folder}")
-    return files
-
-
 def predict_features(head, files: list[str], feature_size: int, batch_size: int):
     """(ids, labels, probabilities) of the head on feature records."""
     import tensorflow as tf
@@ -295,27 +287,16 @@ def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], na
     return gap
 
 
-def file_sha256(path: str | Path) -> str:
-    from pipelines.bases import file_sha256 as sha
-
-    return sha(path)
-
-
-def lineage_record(manifest_path, model_path, head_path, extract_dir: Path, names: list[str], metrics: dict) -> dict:
+def lineage_record(manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict) -> dict:
     """The lineage the serving model carries: its data, base, models, labels, test metrics and libraries."""
     from importlib import metadata
 
-    from components.download import read_jsonl
+    from components.audit import LIBRARIES, manifest_counts
+    from pipelines.bases import file_sha256
 
-    rows = read_jsonl(manifest_path)
-    counts: dict[str, dict[str, int]] = {}
-    for row in rows:
-        counts.setdefault(row["split"], {}).setdefault(row["label"], 0)
-        counts[row["split"]][row["label"]] += 1
-    features = json.loads((Path(extract_dir) / "features.json").read_text())
     return {
         "manifest_sha256": file_sha256(manifest_path),
-        "images": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
+        "images": manifest_counts(rows),
         "labels": names,
         "conv_base": features["conv_base"],
         "model_sha256": file_sha256(model_path),
@@ -345,20 +326,22 @@ def run(
 
     import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
     from components.download import read_jsonl
-    from pipelines import classifier, serving
+    from pipelines import classifier, records, serving
 
     params = config.evaluate
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
     names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
-    files = {row["id"]: row["source"] for row in read_jsonl(manifest_path)}
-    feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
+    manifest = read_jsonl(manifest_path)
+    files = {row["id"]: row["source"] for row in manifest}
+    features = json.loads((extract_dir / "features.json").read_text())
+    feature_size = int(features["feature_size"])
     head = keras.saving.load_model(head_path, compile=False)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
-    image_files = _files(convert_dir / "records", "test")
+    image_files = records.split_files(convert_dir / "records", "test")
 
     predictions = {
-        "head": predict_features(head, _files(extract_dir / "features", "test"), feature_size, params.batch_size),
+        "head": predict_features(head, records.split_files(extract_dir / "features", "test"), feature_size, params.batch_size),
         "finetune": predict_images(model, image_files, size, params.batch_size),
     }
     if sorted(predictions["head"][0]) != sorted(predictions["finetune"][0]):
@@ -392,7 +375,7 @@ def run(
 
         serving.export(model, names, size, tmp / SERVING)
         outputs.stabilise_saved_model_fingerprint(tmp / SERVING)
-        lineage = lineage_record(manifest_path, model_path, head_path, extract_dir, names, metrics)
+        lineage = lineage_record(manifest_path, manifest, model_path, head_path, features, names, metrics)
         write_json(tmp / SERVING / "assets.extra" / LINEAGE, lineage)
         gap = check_serving(tmp / SERVING, model, [images[i] for i in serving_ids], names)
         write_resolved(tmp, config.sections())

@@ -156,36 +156,23 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
     return classifier.unfreeze(model, start, params.train_batch_norm)
 
 
-def compile_model(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
-    from components.train_head import compile_head
-
-    compile_head(model, num_classes, optimizer, learning_rate)
-
-
-def record_files(convert_dir: Path, split: str) -> list[str]:
-    files = sorted(str(p) for p in (convert_dir / "records").glob(f"{split}-*.tfrecord"))
-    if not files:
-        raise ValueError(f"no {split} records in {convert_dir / 'records'}")
-    return files
-
-
 def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
     import keras
     from dvclive import Live
 
-    from components.train_head import live_callback
+    from components.train_head import compile_head, live_callback
     from pipelines import records
 
     convert_dir = Path(convert_dir)
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
-    files = {split: record_files(convert_dir, split) for split in ("train", "val")}
+    files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
     model = build_classifier(config.conv_base, head_path)
     keras.utils.set_random_seed(config.common.seed)  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
-    compile_model(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
+    compile_head(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
     log.info("finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
              len(model.trainable_weights), len(unfrozen), unfrozen[0] if unfrozen else "-", unfrozen[-1] if unfrozen else "-")
     binary = num_classes == 2

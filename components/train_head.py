@@ -145,14 +145,14 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
     import keras
     from dvclive import Live
 
+    from pipelines import records
+
     extract_dir = Path(extract_dir)
     meta = json.loads((extract_dir / "features.json").read_text())
     labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
     size, num_classes, params = int(meta["feature_size"]), len(labels), config.train_head
-    files = {s: sorted(str(p) for p in (extract_dir / "features").glob(f"{s}-*.tfrecord")) for s in ("train", "val")}
-    for split, names in files.items():
-        if not names:
-            raise ValueError(f"no {split} feature shards in {extract_dir / 'features'}")
+    files = {split: records.split_files(extract_dir / "features", split) for split in ("train", "val")}
+    for names in files.values():
         check_labels(names, size, num_classes)
     keras.utils.set_random_seed(config.common.seed)
     train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)

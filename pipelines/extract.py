@@ -11,7 +11,6 @@ model is built once per worker, in `setup()`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable, Iterable
 
@@ -21,7 +20,6 @@ import tensorflow as tf
 
 from pipelines import features as fk
 from pipelines import records
-from pipelines.records import parse_image_record
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +31,6 @@ def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
         fk.FEATURES: tf.train.Feature(float_list=tf.train.FloatList(value=values.astype(np.float32).ravel())),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
-
-
-def image_batches(path: str, size: tuple[int, int], batch_size: int) -> tf.data.Dataset:
-    """(ids, labels, float32 pixels) batches of one TFRecord shard, decoded in parallel, in order."""
-
-    def parse(serialized):
-        return parse_image_record(serialized, size)
-
-    return (
-        tf.data.TFRecordDataset(path)
-        .map(parse, num_parallel_calls=os.cpu_count() or 1, deterministic=True)
-        .batch(batch_size)
-        .prefetch(2)
-        .with_options(records.fixed_parallelism())
-    )
 
 
 class ExtractShard(beam.DoFn):
@@ -73,7 +56,8 @@ class ExtractShard(beam.DoFn):
         partial = target + ".partial"
         try:
             with tf.io.TFRecordWriter(partial) as writer:
-                for ids, labels, pixels in image_batches(source, self._size, self._batch_size):
+                batches = records.image_dataset([source], self._size, self._batch_size, binary=False, with_ids=True)
+                for pixels, labels, ids in batches:
                     values = self._predict(pixels).numpy()
                     for record_id, label, row in zip(ids.numpy(), labels.numpy(), values):
                         writer.write(feature_example(record_id, label, row))

@@ -68,5 +68,15 @@ def image_dataset(
     return ds.prefetch(2).with_options(fixed_parallelism())
 
 
+def split_files(folder, split: str) -> list[str]:
+    """The sorted shard files of one split (``<split>-NNNNN-of-MMMMM.tfrecord``) in a folder; an error if none."""
+    from pathlib import Path
+
+    files = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tfrecord"))
+    if not files:
+        raise ValueError(f"no {split} files in {folder}")
+    return files
+
+
 def count_records(files: list[str]) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset(files))

@@ -24,13 +24,16 @@ PROJECT_FILES = (
 pytestmark = pytest.mark.integration
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def tool_env() -> dict[str, str]:
+    """The environment of every command the tests run: this venv first, no analytics, a git identity."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
@@ -77,11 +80,9 @@ def kill_repro_during(project: Path, stage: str, timeout: float = 600) -> str:
     import signal
     import time
 
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = project.parent / "killed_repro.log"
     with log.open("w") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, stdout=handle,
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=tool_env(), stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while f"Running stage '{stage}'" not in log.read_text() and time.monotonic() < deadline:
@@ -246,9 +247,6 @@ def set_params(project: Path, section: str, **values) -> None:
 
 
 def retrain(project: Path) -> tuple[int, dict, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@e",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@e")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=tool_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout

@@ -14,6 +14,7 @@ from components import conv_base, extract  # noqa: E402
 from components.params import ParamsError  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
+from pipelines import records  # noqa: E402
 
 BASE = conv_base.ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
 
@@ -50,7 +51,7 @@ def test_beam_graph_with_test_pipeline_matches_a_direct_predict(convert_dir, tmp
         counts = graph.extract(pipeline, [("val", str(shard), str(target))], factory, (32, 32), 3)
         assert_that(counts, equal_to([("val", sum(1 for _ in tf.data.TFRecordDataset(str(shard))))]))
     rows = read_features([target], 1280)
-    pixels = np.concatenate([p.numpy() for _, _, p in graph.image_batches(str(shard), (32, 32), 100)])
+    pixels = np.concatenate([p.numpy() for p, _, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False, with_ids=True)])
     direct = factory().predict_on_batch(pixels)
     np.testing.assert_allclose(np.stack([r[fk.FEATURES].numpy() for r in rows]), direct, rtol=1e-4, atol=1e-5)
 

@@ -67,7 +67,7 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(converte
     # The saved model takes raw pixels: its predictions on the val records are probabilities.
     from pipelines import records
 
-    pixels, _ = next(iter(records.image_dataset(finetune.record_files(converted_tiny, "val"), (32, 32), 8, binary=True)))
+    pixels, _ = next(iter(records.image_dataset(records.split_files(converted_tiny / "records", "val"), (32, 32), 8, binary=True)))
     out = after.predict_on_batch(pixels)
     assert out.shape == (len(pixels), 1) and ((out >= 0) & (out <= 1)).all()
 
