@@ -8,11 +8,20 @@ Outputs (one folder, written atomically)
         in input order: ``id``, ``label`` and ``features`` (float32, flattened)
     ``features.json``  feature shape, records per split, the base's fingerprint
                        (registry entry and weights, or the saved file's SHA-256)
-                       and throughput
     ``params.json``    the resolved params
+    Nothing in the folder depends on timing or on the cache: the same records and
+    base give the same bytes, cold or warm.
+Also written
+    ``--metrics`` file  images, how many were computed and how many came from the
+                        cache, seconds and images/s (a DVC metric, not cached)
+    ``--cache`` folder  the content-keyed feature cache (`pipelines.feature_cache`):
+                        only images it does not hold go through the base. Not a DVC
+                        output; deleting it only makes the next run cold.
 
-Run: ``python -m components.extract --convert data/convert --out data/extract [beam args]``
-Beam arguments pass through unchanged to ``PipelineOptions``.
+Run: ``python -m components.extract --convert data/convert --out data/extract
+[--cache .cache/extract] [--metrics metrics/extract.json] [beam args]``
+Beam arguments pass through unchanged to ``PipelineOptions``; on a distributed
+runner give ``--cache`` a bucket path the workers share.
 """
 
 from __future__ import annotations
@@ -71,25 +80,38 @@ def shard_jobs(records_dir: Path, out_dir: Path) -> list[tuple[str, str, str]]:
     return jobs
 
 
-def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = ()) -> dict:
+def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = (),
+        *, cache_root: str | None = None, metrics_path: str | Path | None = None) -> dict:
     import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines import extract as graph
+    from pipelines import feature_cache
 
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
-    # Build once here: a bad layer, size or missing weights stops the stage before Beam starts.
-    probe = conv_base.cached_extractor(config.conv_base)
-    feature_shape = [int(d) for d in probe.output_shape[1:]]
     fingerprint = conv_base.fingerprint(config.conv_base)
+    namespace = feature_cache.namespace_record(fingerprint)
+    if cache_root and "://" not in cache_root:
+        cache_root = str(Path(cache_root).resolve())
+    # A namespace in the cache was built from exactly these params; otherwise build
+    # the base here: a bad layer, size or missing weights stops the stage before Beam starts.
+    feature_shape = feature_cache.stored_feature_shape(cache_root, namespace) if cache_root else None
+    if feature_shape is None:
+        probe = conv_base.cached_extractor(config.conv_base)
+        feature_shape = [int(d) for d in probe.output_shape[1:]]
     factory = functools.partial(conv_base.cached_extractor, config.conv_base)
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()
         jobs = shard_jobs(convert_dir / "records", tmp / FEATURES_DIR)
-        with beam.Pipeline(options=PipelineOptions(list(beam_args))) as pipeline:
-            graph.extract(pipeline, jobs, factory, config.conv_base.input_size, config.extract.batch_size)
+        pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+        graph.extract(pipeline, jobs, factory, config.conv_base.input_size, config.extract.batch_size,
+                      cache_root=cache_root, namespace=namespace, feature_shape=feature_shape)
+        result = pipeline.run()
+        result.wait_until_finish()
+        computed = sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(graph.COMPUTED))["counters"])
         written = {split: _count(tmp / FEATURES_DIR, split) for split in SPLITS}
         if written != expected:
             raise RuntimeError(f"feature records {written} do not match the TFRecords {expected}")
@@ -100,12 +122,24 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
             "feature_size": math.prod(feature_shape),
             "records": written,
             "conv_base": fingerprint,
-        }  # no timings in the output: the same records and base give byte-identical outputs
+        }  # no timings or cache counts in the output: the same records and base give byte-identical outputs
         (tmp / FEATURES_JSON).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
-    log.info("extract: %d images %s in %.1fs (%.1f images/s), features %s", total, written, elapsed, total / elapsed, feature_shape)
-    return {**record, "seconds": round(elapsed, 2), "images_per_s": round(total / elapsed, 2)}
+    run_metrics = {
+        "images": total,
+        "computed": computed,
+        "from_cache": total - computed,
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(total / elapsed, 2),
+        "feature_size": record["feature_size"],
+    }
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(run_metrics, indent=2) + "\n", encoding="utf-8")
+    log.info("extract: %d images %s in %.1fs (%.1f images/s; %d computed, %d from the cache), features %s",
+             total, written, elapsed, total / elapsed, computed, total - computed, feature_shape)
+    return {**record, **run_metrics}
 
 
 def _count(features_dir: Path, split: str) -> int:
@@ -120,11 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (sections conv_base, extract)")
     parser.add_argument("--convert", required=True, help="the convert stage's output folder")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--cache", help="feature cache folder or bucket path, kept between runs (not a DVC output)")
+    parser.add_argument("--metrics", help="where to write this run's counts and timing (a DVC metric)")
     args, beam_args = parser.parse_known_args(argv)
     configure_logging()
     config = load_config(args.params)
     log_resolved("extract", config.sections())
-    run(config, args.convert, args.out, beam_args)
+    run(config, args.convert, args.out, beam_args, cache_root=args.cache, metrics_path=args.metrics)
     return 0
 
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, FAILED = 0, 3, 1
 METRICS = "evaluation/metrics.json"
-COMMITTED = ("dvc.lock", "evaluation", "dvclive", "params.yaml")
+COMMITTED = ("dvc.lock", "evaluation", "dvclive", "metrics", "params.yaml")
 
 
 class RetrainParams(Section):

@@ -17,7 +17,7 @@ from tests.conftest import make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "components", "pipelines", "presets", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+    "components", "pipelines", "presets", "sweeps", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
     ".dvc/config", ".dvc/.gitignore", "tfds_data", "models",
 )
 
@@ -68,7 +68,8 @@ def commit(project: Path, message: str) -> None:
 
 
 def out_hashes_from(lock: dict) -> dict[str, str]:
-    return {stage: entry["outs"][0]["md5"] for stage, entry in lock["stages"].items()}
+    """Each stage's data output (data/<stage>) hash."""
+    return {stage: next(o["md5"] for o in entry["outs"] if o["path"] == f"data/{stage}") for stage, entry in lock["stages"].items()}
 
 
 def out_hashes(project: Path) -> dict[str, str]:
@@ -156,8 +157,14 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     tags = run(["git", "tag"], project).stdout.split()
     assert "classifier@v0.0.1" in tags and "classifier#prod#1" in tags
     assert not list((project / "data").glob(".*.tmp-*"))  # the killed run's staging folder is cleaned up
+    # Only the new images went through the base (the killed run may have cached a few of them first) ...
+    extract_run = json.loads((project / "metrics" / "extract.json").read_text())
+    assert extract_run["images"] == 22 and extract_run["computed"] <= 6 and extract_run["from_cache"] >= 16
     recovered = out_hashes(project)["extract"]
-    dvc("repro", "--force", "--single-item", "extract", cwd=project)  # an uninterrupted run of the same stage
+    # ... and the result is what an uninterrupted cold run (empty feature cache) writes.
+    shutil.rmtree(project / ".cache")
+    dvc("repro", "--force", "--single-item", "extract", cwd=project)
+    assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 22
     assert out_hashes(project)["extract"] == recovered
     new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
     assert len(new_manifest) == 22
@@ -214,28 +221,49 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev
 
 
-def test_dvc_exp_run_metrics_and_plots(tmp_path):
+def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
     project = make_project(tmp_path)
-    # DVC writes 0.00002 as `2e-05`, which the stages must read as a float.
-    dvc("exp", "run", "-S", "train_head.epochs=2", "-S", "finetune.learning_rate=0.00002", cwd=project)
+    params_before = (project / "params.yaml").read_text()
+    # Two variants (two bases) as DVC experiments, then the leaderboard.
+    swept = run([sys.executable, "-m", "components.sweep", "sweeps/tiny.yaml", "--out", "board"], project)
+    board = json.loads((project / "board" / "leaderboard.json").read_text())
+    rows = {row["variant"]: row for row in board["rows"]}
+    assert set(rows) == {"mobilenet", "effnet"}
+    assert (rows["mobilenet"]["base"], rows["effnet"]["base"]) == ("mobilenet_v2", "efficientnet_b0")
+    for row in rows.values():
+        assert row["feature_size"] == 1280 and row["extract_images_per_s"] > 0 and row["extract_from_cache"] == 0
+        assert 0.0 <= row["head_accuracy"] <= 1.0 and 0.0 <= row["finetune_accuracy"] <= 1.0 and row["test_images"] > 0
+    assert rows["mobilenet"]["test_images"] == rows["effnet"]["test_images"]  # same data, two bases
+    ranked = [r["finetune_accuracy"] for r in board["rows"]]
+    assert ranked == sorted(ranked, reverse=True)
+    assert "| 1 |" in (project / "board" / "leaderboard.md").read_text() and "| 1 |" in swept.stdout
+    # The workspace is the baseline again; the experiments stay, named, with their own params.
+    assert (project / "params.yaml").read_text() == params_before and not (project / "dvc.lock").exists()
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    experiments = {row["name"]: row for exp in baseline["experiments"] or [] for row in exp["revs"]}
+    assert set(experiments) == {"tiny-mobilenet", "tiny-effnet"}
+    exp_params = experiments["tiny-mobilenet"]["data"]["params"]["params.yaml"]["data"]
+    # DVC writes 0.00002 as `2e-05`, which the stages read as a float; the other variant keeps the baseline's.
+    assert exp_params["finetune"]["learning_rate"] == 2e-05
+    assert experiments["tiny-effnet"]["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"] == 0.0001
+    # A second sweep runs nothing again and gives the same table.
+    again = run([sys.executable, "-m", "components.sweep", "sweeps/tiny.yaml", "--out", "board2"], project)
+    assert "Running stage" not in again.stdout + again.stderr
+    assert json.loads((project / "board2" / "leaderboard.json").read_text()) == board
+
+    # One experiment into the workspace: metrics and plots from it and against the baseline commit.
+    dvc("exp", "apply", "tiny-mobilenet", cwd=project)
     assert "2e-05" in (project / "params.yaml").read_text()
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=project))
     flat = json.dumps(metrics)
-    assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat
+    assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat and "metrics/extract.json" in flat
     assert "evaluation/metrics.json" in flat and "macro_f1" in flat and "dvclive/finetune/metrics.json" in flat
-    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
-    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
-    experiments = [row for exp in baseline["experiments"] or [] for row in exp["revs"]]
-    assert len(experiments) == 1
-    # The experiment's own commit carries its metrics (dvclive/ is committed, not git-ignored).
-    metrics = experiments[0]["data"]["metrics"]
-    assert "val_accuracy" in metrics["dvclive/train_head/metrics.json"]["data"]
     dvc("plots", "show", "-o", "plots_html", cwd=project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "val_loss" in html
     for plot in ("confusion_finetune", "roc_head", "precision_recall_finetune", "gradcam"):
         assert plot in html, plot
-    # Comparing revisions: the experiment against the baseline commit.
     dvc("plots", "diff", "HEAD", "-o", "plots_diff", cwd=project)
     assert "confusion_head" in (project / "plots_diff" / "index.html").read_text()
 

@@ -48,8 +48,9 @@ def test_beam_graph_with_test_pipeline_matches_a_direct_predict(convert_dir, tmp
     target = tmp_path / shard.name
     factory = functools.partial(conv_base.build_extractor, BASE)  # pickled to the worker, built in setup()
     with TestPipeline() as pipeline:
-        counts = graph.extract(pipeline, [("val", str(shard), str(target))], factory, (32, 32), 3)
-        assert_that(counts, equal_to([("val", sum(1 for _ in tf.data.TFRecordDataset(str(shard))))]))
+        counts = graph.extract(pipeline, [("val", str(shard), str(target))], factory, (32, 32), 3, feature_shape=[1280])
+        n = sum(1 for _ in tf.data.TFRecordDataset(str(shard)))
+        assert_that(counts, equal_to([("val", n, n)]))  # no cache given: every image computed
     rows = read_features([target], 1280)
     pixels = np.concatenate([p.numpy() for p, _, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False, with_ids=True)])
     direct = factory().predict_on_batch(pixels)
@@ -82,7 +83,120 @@ def test_undecodable_image_is_a_clear_error(tmp_path):
     with tf.io.TFRecordWriter(str(shard)) as writer:
         writer.write(example.SerializeToString())
     factory = functools.partial(conv_base.build_extractor, BASE)
-    with pytest.raises(Exception, match="could not be decoded after 0 records"):
+    with pytest.raises(Exception, match="could not be decoded after 0 new records"):
         with TestPipeline() as pipeline:
-            graph.extract(pipeline, [("train", str(shard), str(tmp_path / "out.tfrecord"))], factory, (32, 32), 2)
+            graph.extract(pipeline, [("train", str(shard), str(tmp_path / "out.tfrecord"))], factory, (32, 32), 2,
+                          feature_shape=[1280])
     assert not (tmp_path / "out.tfrecord").exists()
+
+
+# --- the content-keyed feature cache -------------------------------------------------------------
+
+
+def make_converted(root, per_class, start=0):
+    """download + convert of a generated folder (new images added to `root/src` keep the old ones' splits)."""
+    from components import convert, download as dl
+    from tests.conftest import make_class_folder
+
+    make_class_folder(root / "src", per_class=per_class, start=start)
+    dl.run(
+        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(root / "src")),
+                  dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
+        root / "download",
+    )
+    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
+    return root / "convert"
+
+
+def output_bytes(out_dir):
+    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+
+
+def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp_path):
+    config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
+    cache = str(tmp_path / "cache")
+    convert_dir = make_converted(tmp_path / "data", per_class=6)
+
+    cold = extract.run(config, convert_dir, tmp_path / "first", cache_root=cache, metrics_path=tmp_path / "m1.json")
+    assert (cold["images"], cold["computed"], cold["from_cache"]) == (12, 12, 0)
+    assert json.loads((tmp_path / "m1.json").read_text())["computed"] == 12
+    warm = extract.run(config, convert_dir, tmp_path / "again", cache_root=cache)
+    assert (warm["computed"], warm["from_cache"]) == (0, 12)
+    assert output_bytes(tmp_path / "again") == output_bytes(tmp_path / "first")
+
+    # Four images arrive: only they go through the base; the result equals a cold run's, byte for byte.
+    convert_dir = make_converted(tmp_path / "data", per_class=2, start=100)
+    incremental = extract.run(config, convert_dir, tmp_path / "incremental", cache_root=cache)
+    assert (incremental["images"], incremental["computed"], incremental["from_cache"]) == (16, 4, 12)
+    scratch = extract.run(config, convert_dir, tmp_path / "cold", cache_root=str(tmp_path / "empty_cache"))
+    assert scratch["computed"] == 16
+    assert output_bytes(tmp_path / "incremental") == output_bytes(tmp_path / "cold")
+    no_cache = extract.run(config, convert_dir, tmp_path / "uncached")  # a private cache per worker
+    assert no_cache["computed"] == 16 and output_bytes(tmp_path / "uncached") == output_bytes(tmp_path / "cold")
+
+    # Another input size is another namespace: nothing is reused (the namespace test covers the rest).
+    other = extract.Config(BASE.model_copy(update={"input_size": (40, 40)}), config.extract)
+    assert extract.run(other, convert_dir, tmp_path / "other", cache_root=cache)["computed"] == 16
+
+
+def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading_the_base(tmp_path, converted_tiny):
+    from pipelines import feature_cache
+
+    config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
+    cache = tmp_path / "cache"
+    first = extract.run(config, converted_tiny, tmp_path / "first", cache_root=str(cache))
+    entries = sorted(cache.rglob("*" + feature_cache.SUFFIX))
+    assert len(entries) == first["images"] == first["computed"]
+    entries[0].write_bytes(entries[0].read_bytes()[:-4])  # a truncated write
+    entries[1].unlink()
+    conv_base._BUILT.clear()
+    again = extract.run(config, converted_tiny, tmp_path / "again", cache_root=str(cache))
+    assert again["computed"] == 2
+    assert output_bytes(tmp_path / "again") == output_bytes(tmp_path / "first")
+    conv_base._BUILT.clear()
+    warm = extract.run(config, converted_tiny, tmp_path / "warm", cache_root=str(cache))
+    assert warm["computed"] == 0 and not conv_base._BUILT  # all from the cache: the base was never built
+
+
+def test_namespace_covers_what_decides_the_features(tmp_path):
+    from pipelines import feature_cache
+
+    def ns(**change):
+        return feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change))))
+
+    assert ns() == ns()
+    variants = [ns(input_size=(40, 40)), ns(pooling="max"), ns(layer="block_16_project"), ns(name="vgg16"), ns(weights="imagenet")]
+    assert len({ns(), *variants}) == 6
+    saved_a, saved_b = tmp_path / "a.keras", tmp_path / "b.keras"
+    saved_a.write_bytes(b"one base")
+    saved_b.write_bytes(b"another base")
+    copy = tmp_path / "copy" / "a.keras"
+    copy.parent.mkdir()
+    copy.write_bytes(b"one base")
+    saved = lambda path: ns(name=None, path=str(path))  # noqa: E731
+    assert saved(saved_a) == saved(copy) != saved(saved_b)  # the file's content decides, not its path
+    record = feature_cache.namespace_record(conv_base.fingerprint(BASE))
+    assert record["preprocessing_version"] == feature_cache.PREPROCESSING_VERSION and record["tensorflow"] == tf.__version__
+
+
+def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny):
+    shard = sorted((converted_tiny / "records").glob("train-*.tfrecord"))[0]
+    pixels = np.concatenate([p.numpy() for p, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False)])
+    predict, tail = graph.batch_predictor(conv_base.build_extractor(BASE), (32, 32), len(pixels))
+    assert tail in graph.TAILS
+    together = predict(pixels)
+    for i in range(len(pixels)):
+        assert np.array_equal(predict(pixels[i : i + 1]), together[i : i + 1]), i
+        assert np.array_equal(predict(pixels[::-1])[::-1], together)
+
+
+def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
+    class Neighbourly:  # each image's output mixes in the batch's mean: no tail makes it independent
+        def __call__(self, pixels, training=False):
+            flat = tf.reshape(pixels, [tf.shape(pixels)[0], -1])
+            return flat[:, :2] + tf.reduce_mean(flat[:, :2], axis=0, keepdims=True)
+
+    predict, tail = graph.batch_predictor(Neighbourly(), (2, 2), 4)
+    assert tail is None
+    images = np.arange(3 * 2 * 2 * 3, dtype=np.float32).reshape(3, 2, 2, 3)
+    np.testing.assert_array_equal(predict(images), 2 * images.reshape(3, -1)[:, :2])

@@ -1,0 +1,243 @@
+"""sweep: run the pipeline once per variant (a base, a size, a tap) as DVC experiments and write a leaderboard.
+
+    python -m components.sweep sweeps/real_lite0.yaml --out leaderboard
+    python -m components.sweep sweeps/real_lite0.yaml --out leaderboard --collect   # table only
+
+A sweep file names variants; each is a preset-style set of overrides
+(``conv_base: {name: vgg16, input_size: [150, 150]}``). Every variant is
+validated against every stage's params before anything runs.
+
+Each variant runs as ``dvc exp run -n <sweep>-<variant> -S ...`` in the
+workspace, one after another, so unchanged stages (download, convert) run once
+and every variant is an experiment DVC keeps (``dvc exp show``, ``dvc exp apply``).
+Every variant sets every key any variant overrides (the others at the
+baseline's value), so overrides never leak from one variant into the next. A
+variant whose experiment already exists on this commit is not run again. At the
+end the workspace goes back to the baseline commit's params and outputs.
+
+The leaderboard (``leaderboard.json`` and ``leaderboard.md`` under ``--out``),
+best fine-tuned test accuracy first: per variant the base, input size, pooling,
+tapped layer, feature size, extraction images/s (from ``metrics/extract.json``;
+marked when the feature cache served images), and head and fine-tuned test
+accuracy and ROC-AUC (``evaluation/metrics.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pydantic
+
+from components import preset
+from components.cli import configure_logging
+from components.params import ParamsError, load_yaml, read_params
+
+log = logging.getLogger(__name__)
+
+EXTRACT_METRICS = "metrics/extract.json"
+EVALUATION_METRICS = "evaluation/metrics.json"
+RESTORED = ("params.yaml", "dvc.lock", "metrics", "evaluation", "dvclive")
+
+
+class SweepFile(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    variants: dict[str, dict[str, Any]] = pydantic.Field(min_length=1)
+
+    @pydantic.field_validator("variants")
+    @classmethod
+    def _names(cls, variants):
+        for name in variants:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"variant name {name!r}: letters, digits, '-' and '_' only (it becomes an experiment name)")
+        return variants
+
+
+def load_sweep(path: Path) -> SweepFile:
+    try:
+        return SweepFile.model_validate(load_yaml(path.read_text(encoding="utf-8")) or {})
+    except pydantic.ValidationError as exc:
+        raise ParamsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+
+def lookup(params: Mapping, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def variant_args(sweep: SweepFile, baseline: Mapping) -> dict[str, list[str]]:
+    """`-S` arguments per variant: its own overrides, and the baseline's value for keys only others override."""
+    keys = sorted({key for overrides in sweep.variants.values() for key, _ in preset.leaves(overrides)})
+    args = {}
+    for name, overrides in sweep.variants.items():
+        own = dict(preset.leaves(overrides))
+        full: dict[str, Any] = {}
+        for key in keys:
+            value = own[key] if key in own else lookup(baseline, key)
+            node = full
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        args[name] = preset.set_args(full)
+    return args
+
+
+def validate_variants(sweep: SweepFile, params_path: Path) -> None:
+    baseline = read_params(params_path)
+    for name, overrides in sweep.variants.items():
+        try:
+            preset.validate(preset.merge(baseline, overrides), params_path)
+        except ParamsError as exc:
+            raise ParamsError(f"variant {name}: {exc}") from None
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """The baseline commit's experiments by name: {name: {"rev", "params", "metrics"}}."""
+    shown = json.loads(dvc(["exp", "show", "--json"], repo))
+    found = {}
+    for entry in shown:
+        if entry.get("rev") == "workspace":
+            continue
+        for exp in entry.get("experiments") or []:
+            for row in exp.get("revs") or []:
+                if row.get("name"):
+                    data = row.get("data") or {}
+                    found[row["name"]] = {
+                        "rev": row.get("rev"),
+                        "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
+                        "metrics": {path: value.get("data") or {} for path, value in (data.get("metrics") or {}).items()},
+                    }
+    return found
+
+
+def leaderboard_row(variant: str, exp: Mapping) -> dict:
+    base = exp["params"].get("conv_base", {})
+    extracted = exp["metrics"].get(EXTRACT_METRICS, {})
+    evaluation = exp["metrics"].get(EVALUATION_METRICS, {})
+    return {
+        "variant": variant,
+        "experiment": exp.get("rev"),
+        "base": base.get("name") or Path(base.get("path") or "?").name,
+        "weights": base.get("weights") if base.get("name") else "saved file",
+        "input_size": base.get("input_size"),
+        "pooling": base.get("pooling"),
+        "layer": base.get("layer"),
+        "feature_size": extracted.get("feature_size"),
+        "extract_images_per_s": extracted.get("images_per_s"),
+        "extract_from_cache": extracted.get("from_cache"),
+        "head_accuracy": (evaluation.get("head") or {}).get("accuracy"),
+        "finetune_accuracy": (evaluation.get("finetune") or {}).get("accuracy"),
+        "head_roc_auc": (evaluation.get("head") or {}).get("roc_auc"),
+        "finetune_roc_auc": (evaluation.get("finetune") or {}).get("roc_auc"),
+        "test_images": (evaluation.get("finetune") or {}).get("test_images"),
+    }
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    key = lambda r: (-(r["finetune_accuracy"] or 0.0), -(r["head_accuracy"] or 0.0), r["variant"])  # noqa: E731
+    return sorted(rows, key=key)
+
+
+def markdown(rows: list[dict], sweep_name: str) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    def speed(r):
+        if r["extract_images_per_s"] is None:
+            return "n/a"
+        cached = f" ({r['extract_from_cache']} from cache)" if r["extract_from_cache"] else ""
+        return f"{r['extract_images_per_s']:.1f}{cached}"
+
+    lines = [
+        f"# Leaderboard: {sweep_name}",
+        "",
+        "| # | variant | base | input | pooling / layer | feature size | extract images/s | head test acc | fine-tuned test acc | fine-tuned ROC-AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        size = "x".join(map(str, r["input_size"])) if r["input_size"] else "?"
+        tap = r["pooling"] + (f" @ {r['layer']}" if r["layer"] else "") if r["pooling"] else "?"
+        auc = "n/a" if r["finetune_roc_auc"] is None else f"{r['finetune_roc_auc']:.4f}"
+        lines.append(f"| {i} | {r['variant']} | {r['base']} ({r['weights']}) | {size} | {tap} | {r['feature_size']} | "
+                     f"{speed(r)} | {pct(r['head_accuracy'])} | {pct(r['finetune_accuracy'])} | {auc} |")
+    return "\n".join(lines) + "\n"
+
+
+def dvc(args: list[str], repo: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def restore_baseline(repo: Path) -> None:
+    """Params, lock and metrics back to the commit, then the outputs from the DVC cache.
+
+    A commit without a dvc.lock (nothing reproduced yet) gets none back.
+    """
+    def tracked(path: str) -> bool:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=repo, capture_output=True).returncode == 0
+
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", *[p for p in RESTORED if tracked(p)]], cwd=repo, check=True)
+    if not tracked("dvc.lock"):
+        (repo / "dvc.lock").unlink(missing_ok=True)
+    else:
+        dvc(["checkout", "--force", "--quiet"], repo)
+
+
+def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
+    sweep = load_sweep(sweep_path)
+    validate_variants(sweep, params_path)
+    prefix = sweep_path.stem
+    names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
+    if not collect_only:
+        args = variant_args(sweep, read_params(params_path))
+        done = experiments(repo)
+        try:
+            for variant, name in names.items():
+                if name in done:
+                    log.info("sweep: %s exists on this commit (%s); not run again", name, done[name]["rev"])
+                    continue
+                log.info("sweep: dvc exp run -n %s %s", name, " ".join(args[variant]))
+                proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", name, *args[variant]], cwd=repo)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"variant {variant}: dvc exp run failed ({proc.returncode})")
+        finally:
+            restore_baseline(repo)
+    found = experiments(repo)
+    missing = [name for name in names.values() if name not in found]
+    if missing:
+        raise RuntimeError(f"no experiment for {missing} on this commit: run the sweep without --collect first")
+    rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.json").write_text(json.dumps({"sweep": prefix, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    (out / "leaderboard.md").write_text(markdown(rows, prefix), encoding="utf-8")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="a sweep file, e.g. sweeps/real_lite0.yaml")
+    parser.add_argument("--out", type=Path, default=Path("leaderboard"), help="folder for leaderboard.json and .md")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--collect", action="store_true", help="only write the leaderboard from existing experiments")
+    args = parser.parse_args(argv)
+    configure_logging()
+    rows = run_sweep(args.sweep, args.out, Path.cwd(), args.params, args.collect)
+    print((args.out / "leaderboard.md").read_text(encoding="utf-8"), end="")
+    log.info("sweep: %d variants; leaderboard in %s", len(rows), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,128 @@
+"""A content-keyed store of conv-base features, so that new images are the only ones extracted.
+
+DVC re-runs a stage from scratch when any input changes (treeverse/dvc#4279):
+with 100 images added to 2,000, the extract stage would run the base over
+2,100. The extract stage instead looks each image up here first.
+
+Layout: ``<root>/<namespace>/<key[:2]>/<key>.f32`` with ``<root>/<namespace>/meta.json``.
+
+- **namespace**: the SHA-256 of everything that decides an image's features
+  apart from the image: the base's fingerprint (registry entry and weights, or
+  the saved file's SHA-256), input size, pooling, tapped layer, the decode /
+  resize version, the TensorFlow and Keras versions and the CPU architecture.
+  Another base, size or decode is another namespace, so it never reads these.
+- **key**: the SHA-256 of the image's encoded bytes as convert stored them.
+- **value**: the flattened float32 features, little-endian, nothing else. An
+  entry of the wrong length (a truncated write, a foreign file) is a miss.
+
+Writes go to a unique temporary name and are renamed into place, so workers
+writing at once and runs killed mid-write leave only whole entries. The store
+goes through `tf.io.gfile`, so a bucket path works for distributed runners.
+Nothing here is a DVC output: deleting the folder only makes the next run cold,
+and a cold run writes the same bytes (the extract tests check this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import uuid
+
+import numpy as np
+
+# Bump when the decode/resize in pipelines/image.py changes what pixels an image gives.
+PREPROCESSING_VERSION = 1
+SUFFIX = ".f32"
+
+
+def image_key(image_bytes: bytes) -> str:
+    return hashlib.sha256(image_bytes).hexdigest()
+
+
+def namespace_record(base_fingerprint: dict) -> dict:
+    """What, besides the image, decides its features."""
+    import keras
+    import tensorflow as tf
+
+    base = dict(base_fingerprint)
+    if base.get("file_sha256"):
+        base.pop("path", None)  # the same saved base copied elsewhere is the same base
+    return {
+        "conv_base": base,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def namespace_of(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """One namespace of the store: get/put flattened float32 features by image key."""
+
+    def __init__(self, root: str, record: dict, feature_shape: list[int]):
+        import tensorflow as tf
+
+        self._gfile = tf.io.gfile
+        self.record = record
+        self.feature_shape = [int(d) for d in feature_shape]
+        self.feature_size = int(np.prod(self.feature_shape))
+        self.folder = f"{root.rstrip('/')}/{namespace_of(record)}"
+        self._gfile.makedirs(self.folder)
+        meta = f"{self.folder}/meta.json"
+        if not self._gfile.exists(meta):
+            self._write(meta, json.dumps({**record, "feature_shape": self.feature_shape}, indent=2, sort_keys=True).encode())
+
+    def _path(self, key: str) -> str:
+        return f"{self.folder}/{key[:2]}/{key}{SUFFIX}"
+
+    def _write(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self._gfile.GFile(tmp, "wb") as handle:
+            handle.write(data)
+        self._gfile.rename(tmp, path, overwrite=True)
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
+        try:
+            with self._gfile.GFile(path, "rb") as handle:
+                data = handle.read()
+        except Exception:  # noqa: BLE001 - gfile raises NotFoundError (and others on buckets): a miss
+            return None
+        if len(data) != 4 * self.feature_size:
+            return None
+        return np.frombuffer(data, dtype="<f4")
+
+    def put(self, key: str, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype="<f4").ravel()
+        if values.size != self.feature_size:
+            raise ValueError(f"feature cache: {values.size} values for a {self.feature_size}-value namespace")
+        self._gfile.makedirs(f"{self.folder}/{key[:2]}")
+        self._write(self._path(key), values.tobytes())
+
+
+    def get_note(self, name: str) -> dict | None:
+        """A small JSON record kept with the namespace (e.g. the batch tail extract found), or None."""
+        path = f"{self.folder}/{name}.json"
+        if not self._gfile.exists(path):
+            return None
+        with self._gfile.GFile(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    def put_note(self, name: str, record: dict) -> None:
+        self._write(f"{self.folder}/{name}.json", json.dumps(record, sort_keys=True).encode())
+
+
+def stored_feature_shape(root: str, record: dict) -> list[int] | None:
+    """The feature shape recorded for this namespace, or None if it was never built."""
+    import tensorflow as tf
+
+    meta = f"{root.rstrip('/')}/{namespace_of(record)}/meta.json"
+    if not tf.io.gfile.exists(meta):
+        return None
+    with tf.io.gfile.GFile(meta, "rb") as handle:
+        return [int(d) for d in json.loads(handle.read())["feature_shape"]]
