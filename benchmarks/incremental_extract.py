@@ -88,10 +88,11 @@ def add_images(project: Path, count: int) -> int:
     from PIL import Image, ImageOps
 
     classes = sorted(p for p in (project / "images").iterdir() if p.is_dir())
+    originals = {folder: sorted(folder.glob("*.jpg")) for folder in classes}  # before any new file is written
     added = 0
     for i in range(count):
         folder = classes[i % len(classes)]
-        source = sorted(folder.glob("*.jpg"))[i // len(classes)]
+        source = originals[folder][i // len(classes)]
         with Image.open(source) as img:
             img = ImageOps.mirror(img.convert("RGB"))
             w, h = img.size
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     added = add_images(project, args.new)
     warm = data_stages(project)
     warm_run = extract_run(project)
+    if warm_run["images"] != cold_run["images"] + added:
+        raise SystemExit(f"download kept {warm_run['images'] - cold_run['images']} of the {added} new images (see its quarantine)")
     warm_hash = extract_hash(project)
     shutil.rmtree(project / ".cache" / "extract")
     reference = data_stages(project, force=True)

@@ -111,8 +111,11 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
                       cache_root=cache_root, namespace=namespace, feature_shape=feature_shape)
         result = pipeline.run()
         result.wait_until_finish()
-        computed = sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(graph.COMPUTED))["counters"])
-        written = {split: _count(tmp / FEATURES_DIR, split) for split in SPLITS}
+        def counter(name: str) -> int:
+            return int(sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(name))["counters"]))
+
+        computed = counter(graph.COMPUTED)
+        written = {split: counter(graph.WRITTEN + split) for split in SPLITS}
         if written != expected:
             raise RuntimeError(f"feature records {written} do not match the TFRecords {expected}")
         elapsed = time.monotonic() - started
@@ -140,13 +143,6 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
     log.info("extract: %d images %s in %.1fs (%.1f images/s; %d computed, %d from the cache), features %s",
              total, written, elapsed, total / elapsed, computed, total - computed, feature_shape)
     return {**record, **run_metrics}
-
-
-def _count(features_dir: Path, split: str) -> int:
-    import tensorflow as tf
-
-    files = sorted(str(p) for p in features_dir.glob(f"{split}-*.tfrecord"))
-    return int(sum(1 for _ in tf.data.TFRecordDataset(files))) if files else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,10 @@ by another code path than the rest, and which path depends on the batch size
 one batch shape, `batch_size` images plus a few blank tail slots, and a worker
 checks on its first batch shape that the tail is long enough: the same random
 images give the same bits reversed and in a half-full batch. It doubles the
-tail until they do (and runs images one at a time if none of 1..16 does), and
-notes the tail in the cache's namespace for later runs. Then
+tail until they do (and runs images one at a time if none of 1..16 does). It
+also checks which smaller batches (1, 2, 4, ... images plus the tail) give the
+same bits, so a shard's few new images need not fill a whole batch, and notes
+this plan in the cache's namespace for later runs. Then
 a run that extracts only new images writes the same bytes as a cold run.
 """
 
@@ -41,6 +43,7 @@ from pipelines import records
 log = logging.getLogger(__name__)
 
 COMPUTED = "images_computed"  # Beam counter: images that went through the base (not from the cache)
+WRITTEN = "records_written_"  # Beam counter per split (WRITTEN + split): feature records in finished shards
 
 
 def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
@@ -63,49 +66,68 @@ def _scan(source: str) -> list[tuple[bytes, int, str]]:
 
 
 TAILS = (1, 2, 4, 8, 16)
+Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def fixed_shape(model, size: tuple[int, int], slots: int) -> Callable[[np.ndarray], np.ndarray]:
-    """pixels [n <= slots] -> features [n], always run as a [slots, h, w, 3] batch with blanks after the images."""
-    step = tf.function(lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([slots, *size, 3], tf.float32)])
+def padded_runner(model, size: tuple[int, int]) -> Callable[[np.ndarray, int], np.ndarray]:
+    """(pixels [n], slots >= n) -> features [n], run as a [slots, h, w, 3] batch with blanks after the images.
 
-    def predict(pixels: np.ndarray) -> np.ndarray:
+    One trace serves every `slots` (a dynamic batch dimension; the kernels are chosen per shape at run time).
+    """
+    step = tf.function(lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)])
+
+    def run(pixels: np.ndarray, slots: int) -> np.ndarray:
         n = len(pixels)
         padded = np.zeros((slots, *size, 3), np.float32)
         padded[:n] = pixels
         return step(tf.constant(padded)).numpy()[:n]
 
-    return predict
+    return run
 
 
-def independent_of_neighbours(predict: Callable[[np.ndarray], np.ndarray], probe: np.ndarray) -> bool:
-    """Do the probe's images give the same bits reversed in the batch and in a half-full batch?"""
-    reference = predict(probe)
-    reversed_ = predict(probe[::-1])[::-1]
-    half = predict(probe[1::2])
-    return np.array_equal(reference, reversed_) and np.array_equal(reference[1::2], half)
+def _same(run, probe: np.ndarray, reference: np.ndarray, fill: int, tail: int) -> bool:
+    """Do `fill` probe images in a [fill + tail] batch give the reference's bits, in order, reversed and half-full?"""
+    images, expected = probe[:fill], reference[:fill]
+    return (np.array_equal(run(images, fill + tail), expected)
+            and np.array_equal(run(images[::-1], fill + tail)[::-1], expected)
+            and np.array_equal(run(images[1::2], fill + tail), expected[1::2]))
 
 
-def batch_predictor(model, size: tuple[int, int], batch_size: int, known_tail: int | None | str = "probe",
-                    ) -> tuple[Callable[[np.ndarray], np.ndarray], int | None]:
-    """A predictor of up to `batch_size` images whose features do not depend on their batch, and its blank tail.
+def plan_batches(run, size: tuple[int, int], batch_size: int) -> dict:
+    """Which batch shapes give every image the same features: {"tail": t, "fills": [...]} or {"tail": None}.
 
-    The tail is the shortest of `TAILS` that passes `independent_of_neighbours`
-    (or `known_tail`, found by an earlier run); None means none did, and images
-    run one at a time (always shape [1]).
+    The tail is the shortest of `TAILS` with which `batch_size` probe images give
+    the same bits in order, reversed and in a half-full batch. A smaller fill f
+    (a power of two) is allowed if f images in an [f + tail] batch give those same
+    bits too, so a shard's few new images need not run in a full batch.
     """
-    if known_tail != "probe":
-        candidates = [] if known_tail is None else [known_tail]
-        probe = None
-    else:
-        candidates = list(TAILS)
-        probe = np.random.default_rng(0).uniform(0, 255, (batch_size, *size, 3)).astype(np.float32)
-    for tail in candidates:
-        predict = fixed_shape(model, size, batch_size + tail)
-        if probe is None or batch_size == 1 or independent_of_neighbours(predict, probe):
-            return predict, tail
-    single = fixed_shape(model, size, 1)
-    return (lambda pixels: np.concatenate([single(pixels[i : i + 1]) for i in range(len(pixels))])), None
+    probe = np.random.default_rng(0).uniform(0, 255, (batch_size, *size, 3)).astype(np.float32)
+    for tail in TAILS:
+        reference = run(probe, batch_size + tail)
+        if batch_size == 1 or _same(run, probe, reference, batch_size, tail):
+            fills = [f for f in (2 ** k for k in range(batch_size.bit_length())) if f < batch_size
+                     and _same(run, probe, reference, f, tail)]
+            return {"tail": tail, "fills": [*fills, batch_size]}
+    return {"tail": None}
+
+
+def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | None = None) -> tuple[Predict, dict]:
+    """A predictor of up to `batch_size` images whose features do not depend on their batch, and its plan.
+
+    `plan` (from `plan_batches`, found by an earlier run) skips the probe. Without
+    a tail that works, images run one at a time (always shape [1]).
+    """
+    run = padded_runner(model, size)
+    plan = plan or plan_batches(run, size, batch_size)
+    if plan["tail"] is None:
+        return (lambda pixels: np.concatenate([run(pixels[i : i + 1], 1) for i in range(len(pixels))])), plan
+    tail, fills = plan["tail"], sorted(plan["fills"])
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        fill = next(f for f in fills if f >= len(pixels))
+        return run(pixels, fill + tail)
+
+    return predict, plan
 
 
 class ExtractShard(beam.DoFn):
@@ -138,12 +160,14 @@ class ExtractShard(beam.DoFn):
     def _model(self):
         if self._predict is None:  # built on the first miss: a shard fully in the cache never loads the base
             started = time.monotonic()
-            known = self._cache.get_note(f"tail-{self._batch_size}")
-            self._predict, tail = batch_predictor(self._factory(), self._size, self._batch_size,
-                                                  known["tail"] if known else "probe")
+            note = f"batches-{self._batch_size}"
+            known = self._cache.get_note(note)
+            self._predict, plan = batch_predictor(self._factory(), self._size, self._batch_size, known)
             if not known:
-                self._cache.put_note(f"tail-{self._batch_size}", {"tail": tail})
-            log.info("extract: base ready in %.1fs; batches of %d run with %s", time.monotonic() - started, self._batch_size,
+                self._cache.put_note(note, plan)
+            tail = plan["tail"]
+            log.info("extract: base ready in %.1fs; batches of %s images run with %s", time.monotonic() - started,
+                     "/".join(map(str, plan.get("fills", [1]))),
                      f"{tail} blank tail slot(s)" if tail else "one image at a time (no tail gave batch-independent features)")
         return self._predict
 
@@ -190,6 +214,7 @@ class ExtractShard(beam.DoFn):
                     raise RuntimeError(f"{source}: the feature cache lost the entry of record {record_id!r} while writing")
                 writer.write(feature_example(record_id, label, values))
         tf.io.gfile.rename(partial, target, overwrite=True)
+        beam.metrics.Metrics.counter("extract", WRITTEN + split).inc(len(rows))
         elapsed = time.monotonic() - started
         log.info("extract: %s %d images (%d computed, %d from the cache) in %.1fs",
                  source, len(rows), len(missing), len(rows) - len(missing), elapsed)

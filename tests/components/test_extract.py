@@ -182,8 +182,8 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
 def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny):
     shard = sorted((converted_tiny / "records").glob("train-*.tfrecord"))[0]
     pixels = np.concatenate([p.numpy() for p, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False)])
-    predict, tail = graph.batch_predictor(conv_base.build_extractor(BASE), (32, 32), len(pixels))
-    assert tail in graph.TAILS
+    predict, plan = graph.batch_predictor(conv_base.build_extractor(BASE), (32, 32), len(pixels))
+    assert plan["tail"] in graph.TAILS and plan["fills"][-1] == len(pixels)
     together = predict(pixels)
     for i in range(len(pixels)):
         assert np.array_equal(predict(pixels[i : i + 1]), together[i : i + 1]), i
@@ -196,7 +196,7 @@ def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
             flat = tf.reshape(pixels, [tf.shape(pixels)[0], -1])
             return flat[:, :2] + tf.reduce_mean(flat[:, :2], axis=0, keepdims=True)
 
-    predict, tail = graph.batch_predictor(Neighbourly(), (2, 2), 4)
-    assert tail is None
+    predict, plan = graph.batch_predictor(Neighbourly(), (2, 2), 4)
+    assert plan == {"tail": None}
     images = np.arange(3 * 2 * 2 * 3, dtype=np.float32).reshape(3, 2, 2, 3)
     np.testing.assert_array_equal(predict(images), 2 * images.reshape(3, -1)[:, :2])
