@@ -27,7 +27,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from components.cli import configure_logging
+from components.cli import configure_logging, sh
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def lineage_checks(lineage: dict | None, manifest_sha256: str | None, model_sha2
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+    return sh("git", *args, cwd=repo)
 
 
 def git_file(repo: Path, rev: str, path: str) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import traceback
 from typing import Callable, NoReturn
@@ -32,6 +33,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging() -> None:
     """The stages' log format, on stderr (DVC shows it as the stage runs)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+def sh(*cmd: str, cwd) -> str:
+    """Run a command (git, dvc, ...); its stdout, or a RuntimeError with the end of its output."""
+    result = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}")
+    return result.stdout
 
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:

@@ -32,7 +32,7 @@ from typing import Literal, Sequence
 
 import pydantic
 
-from components.cli import configure_logging
+from components.cli import configure_logging, sh
 from components.params import Section, log_resolved, parse_section, read_params
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ def decide(candidate: float | None, promoted: float | None, params: RetrainParam
 def metric_of(metrics: dict, params: RetrainParams) -> float | None:
     value = metrics.get(params.model, {}).get(params.metric)
     return None if value is None else float(value)
-
-
-def sh(*cmd: str, cwd: Path) -> str:
-    result = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}")
-    return result.stdout
 
 
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:

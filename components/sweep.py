@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import pydantic
 
 from components import preset
-from components.cli import configure_logging
+from components.cli import configure_logging, sh
 from components.params import ParamsError, load_yaml, read_params
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,7 @@ def markdown(rows: list[dict], sweep_name: str) -> str:
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return sh(sys.executable, "-m", "dvc", *args, cwd=repo)
 
 
 def restore_baseline(repo: Path) -> None:
@@ -186,7 +183,7 @@ def restore_baseline(repo: Path) -> None:
     def tracked(path: str) -> bool:
         return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=repo, capture_output=True).returncode == 0
 
-    subprocess.run(["git", "checkout", "-q", "HEAD", "--", *[p for p in RESTORED if tracked(p)]], cwd=repo, check=True)
+    sh("git", "checkout", "-q", "HEAD", "--", *[p for p in RESTORED if tracked(p)], cwd=repo)
     if not tracked("dvc.lock"):
         (repo / "dvc.lock").unlink(missing_ok=True)
     else:

@@ -19,14 +19,13 @@ images give the same bits reversed and in a half-full batch. It doubles the
 tail until they do (and runs images one at a time if none of 1..16 does). It
 also checks which smaller batches (1, 2, 4, ... images plus the tail) give the
 same bits, so a shard's few new images need not fill a whole batch, and notes
-this plan in the cache's namespace for later runs. Then
-a run that extracts only new images writes the same bytes as a cold run.
+this plan in the cache's namespace for later runs. Then a run that extracts
+only new images writes the same bytes as a cold run.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -57,7 +56,7 @@ def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
 
 def _scan(source: str) -> list[tuple[bytes, int, str]]:
     """(id, label, image key) of every record of a shard, in order."""
-    spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.LABEL, fk.IMAGE)}
+    spec = records.image_record_spec()
     rows = []
     for batch in tf.data.TFRecordDataset([source]).batch(256).map(lambda r: tf.io.parse_example(r, spec)):
         for record_id, label, image_bytes in zip(batch[fk.ID].numpy(), batch[fk.LABEL].numpy(), batch[fk.IMAGE].numpy()):
@@ -173,24 +172,11 @@ class ExtractShard(beam.DoFn):
 
     def _compute(self, source: str, rows: list[tuple[bytes, int, str]], missing: list[int]) -> None:
         """Run the base over the records at `missing` (indices into the shard) and store their features."""
-        mask = np.zeros(len(rows), dtype=bool)
-        mask[missing] = True
-        mask = tf.constant(mask)
-        workers = os.cpu_count() or 1
-        pixels = (
-            tf.data.TFRecordDataset([source])
-            .enumerate()
-            .filter(lambda index, _: tf.gather(mask, index))
-            .map(lambda _, serialized: records.parse_image_record(serialized, self._size)[2],
-                 num_parallel_calls=workers, deterministic=True)
-            .batch(self._batch_size)
-            .prefetch(2)
-            .with_options(records.fixed_parallelism())
-        )
+        pixels = records.image_dataset([source], self._size, self._batch_size, binary=False, only=missing)
         keys = iter([rows[i][2] for i in missing])
         done = 0
         try:
-            for batch in pixels:
+            for batch, _ in pixels:
                 values = self._model()(batch.numpy())
                 for row in values:
                     self._cache.put(next(keys), row)
@@ -202,7 +188,7 @@ class ExtractShard(beam.DoFn):
         split, source, target = job
         started = time.monotonic()
         rows = _scan(source)
-        missing = [i for i, (_, _, key) in enumerate(rows) if self._cache.get(key) is None]
+        missing = [i for i, (_, _, key) in enumerate(rows) if not self._cache.has(key)]
         if missing:
             self._compute(source, rows, missing)
             self._computed.inc(len(missing))

@@ -61,6 +61,19 @@ def namespace_of(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def namespace_folder(root: str, record: dict) -> str:
+    return f"{root.rstrip('/')}/{namespace_of(record)}"
+
+
+def _read_json(path: str) -> dict | None:
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
 class FeatureCache:
     """One namespace of the store: get/put flattened float32 features by image key."""
 
@@ -71,11 +84,10 @@ class FeatureCache:
         self.record = record
         self.feature_shape = [int(d) for d in feature_shape]
         self.feature_size = int(np.prod(self.feature_shape))
-        self.folder = f"{root.rstrip('/')}/{namespace_of(record)}"
+        self.folder = namespace_folder(root, record)
         self._gfile.makedirs(self.folder)
-        meta = f"{self.folder}/meta.json"
-        if not self._gfile.exists(meta):
-            self._write(meta, json.dumps({**record, "feature_shape": self.feature_shape}, indent=2, sort_keys=True).encode())
+        if self.get_note("meta") is None:
+            self.put_note("meta", {**record, "feature_shape": self.feature_shape})
 
     def _path(self, key: str) -> str:
         return f"{self.folder}/{key[:2]}/{key}{SUFFIX}"
@@ -85,6 +97,13 @@ class FeatureCache:
         with self._gfile.GFile(tmp, "wb") as handle:
             handle.write(data)
         self._gfile.rename(tmp, path, overwrite=True)
+
+    def has(self, key: str) -> bool:
+        """Is there a whole entry for `key`? (A size check, without reading it.)"""
+        try:
+            return self._gfile.stat(self._path(key)).length == 4 * self.feature_size
+        except Exception:  # noqa: BLE001 - gfile raises NotFoundError (and others on buckets): a miss
+            return False
 
     def get(self, key: str) -> np.ndarray | None:
         path = self._path(key)
@@ -104,25 +123,15 @@ class FeatureCache:
         self._gfile.makedirs(f"{self.folder}/{key[:2]}")
         self._write(self._path(key), values.tobytes())
 
-
     def get_note(self, name: str) -> dict | None:
-        """A small JSON record kept with the namespace (e.g. the batch tail extract found), or None."""
-        path = f"{self.folder}/{name}.json"
-        if not self._gfile.exists(path):
-            return None
-        with self._gfile.GFile(path, "rb") as handle:
-            return json.loads(handle.read())
+        """A small JSON record kept with the namespace (its meta, the batch plan extract found), or None."""
+        return _read_json(f"{self.folder}/{name}.json")
 
     def put_note(self, name: str, record: dict) -> None:
-        self._write(f"{self.folder}/{name}.json", json.dumps(record, sort_keys=True).encode())
+        self._write(f"{self.folder}/{name}.json", json.dumps(record, indent=2, sort_keys=True).encode())
 
 
 def stored_feature_shape(root: str, record: dict) -> list[int] | None:
     """The feature shape recorded for this namespace, or None if it was never built."""
-    import tensorflow as tf
-
-    meta = f"{root.rstrip('/')}/{namespace_of(record)}/meta.json"
-    if not tf.io.gfile.exists(meta):
-        return None
-    with tf.io.gfile.GFile(meta, "rb") as handle:
-        return [int(d) for d in json.loads(handle.read())["feature_shape"]]
+    meta = _read_json(f"{namespace_folder(root, record)}/meta.json")
+    return None if meta is None else [int(d) for d in meta["feature_shape"]]

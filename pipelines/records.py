@@ -12,16 +12,21 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from pipelines import features as fk
 from pipelines import image
 
 
+def image_record_spec() -> dict:
+    """The parse spec of the fields every reader of convert's records needs: id, label, encoded image."""
+    return {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.LABEL, fk.IMAGE)}
+
+
 def parse_image_record(serialized: tf.Tensor, size: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One convert record -> (id, label, float32 pixels at `size`) through the shared decode."""
-    spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.LABEL, fk.IMAGE)}
-    ex = tf.io.parse_single_example(serialized, spec)
+    ex = tf.io.parse_single_example(serialized, image_record_spec())
     return ex[fk.ID], ex[fk.LABEL], image.decode_and_resize(ex[fk.IMAGE], size)
 
 
@@ -43,12 +48,15 @@ def image_dataset(
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
     cache: bool = False,
     with_ids: bool = False,
+    only: list[int] | None = None,
 ) -> tf.data.Dataset:
     """(pixels, label) batches (or (pixels, label, id) with `with_ids`) of TFRecord files.
 
     Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
     Without `shuffle_seed` the order is the files' order, so predictions line up
-    with ids. `augment` maps a float32 pixel batch to an augmented one.
+    with ids. `augment` maps a float32 pixel batch to an augmented one. `only`
+    keeps just the records at these positions (counted over the files in order),
+    before anything is decoded.
     """
     workers = os.cpu_count() or 1
 
@@ -57,7 +65,16 @@ def image_dataset(
         label = tf.cast(label, tf.float32) if binary else label
         return (pixels, label, record_id) if with_ids else (pixels, label)
 
-    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=workers, deterministic=True)
+    ds = tf.data.TFRecordDataset(files)
+    if only is not None:
+        mask = np.zeros(max(only, default=-1) + 1, dtype=bool)
+        mask[list(only)] = True
+        keep = tf.constant(mask)
+        ds = (ds.take(len(mask))
+              .enumerate()
+              .filter(lambda index, _: tf.gather(keep, index))
+              .map(lambda _, serialized: serialized))
+    ds = ds.map(parse, num_parallel_calls=workers, deterministic=True)
     if cache:
         ds = ds.cache()
     if shuffle_seed is not None:

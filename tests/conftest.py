@@ -30,19 +30,23 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "source", per_class=12)
 
 
-@pytest.fixture(scope="session")
-def converted_tiny(tmp_path_factory) -> Path:
-    """The convert stage's output for 18 generated images (download + convert run once per session)."""
+def make_converted(root: Path, per_class: int, start: int = 0) -> Path:
+    """download + convert of generated images in `root/src` (images added later keep the earlier ones' splits)."""
     from components import convert, download as dl
 
-    root = tmp_path_factory.mktemp("converted")
-    source = make_class_folder(root / "src", per_class=9)
+    make_class_folder(root / "src", per_class=per_class, start=start)
     dl.run(
-        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(source)), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
+        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(root / "src")), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
         root / "download",
     )
     convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
     return root / "convert"
+
+
+@pytest.fixture(scope="session")
+def converted_tiny(tmp_path_factory) -> Path:
+    """The convert stage's output for 18 generated images (download + convert run once per session)."""
+    return make_converted(tmp_path_factory.mktemp("converted"), per_class=9)
 
 
 @pytest.fixture(scope="session")

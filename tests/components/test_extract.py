@@ -15,6 +15,7 @@ from components.params import ParamsError  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
 from pipelines import records  # noqa: E402
+from tests.conftest import make_converted  # noqa: E402
 
 BASE = conv_base.ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
 
@@ -91,21 +92,6 @@ def test_undecodable_image_is_a_clear_error(tmp_path):
 
 
 # --- the content-keyed feature cache -------------------------------------------------------------
-
-
-def make_converted(root, per_class, start=0):
-    """download + convert of a generated folder (new images added to `root/src` keep the old ones' splits)."""
-    from components import convert, download as dl
-    from tests.conftest import make_class_folder
-
-    make_class_folder(root / "src", per_class=per_class, start=start)
-    dl.run(
-        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(root / "src")),
-                  dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
-        root / "download",
-    )
-    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
-    return root / "convert"
 
 
 def output_bytes(out_dir):
