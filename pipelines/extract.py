@@ -16,10 +16,11 @@ by another code path than the rest, and which path depends on the batch size
 one batch shape, `batch_size` images plus a few blank tail slots, and a worker
 checks on its first batch shape that the tail is long enough: the same random
 images give the same bits reversed and in a half-full batch. It doubles the
-tail until they do (and runs images one at a time if none of 1..16 does). It
-also checks which smaller batches (1, 2, 4, ... images plus the tail) give the
-same bits, so a shard's few new images need not fill a whole batch, and notes
-this plan in the cache's namespace for later runs. Then a run that extracts
+tail until they do (and runs images one at a time if none of 1..16 does). A
+batch of fewer images (a shard's last, or its few new images) runs in the
+smallest power-of-two batch that gives the same bits, checked the first time it
+is needed, so a cold run does not pay to probe batch shapes it never uses. The
+plan is noted in the cache's namespace for later runs. Then a run that extracts
 only new images writes the same bytes as a cold run.
 """
 
@@ -84,47 +85,69 @@ def padded_runner(model, size: tuple[int, int]) -> Callable[[np.ndarray, int], n
     return run
 
 
-def _same(run, probe: np.ndarray, reference: np.ndarray, fill: int, tail: int) -> bool:
-    """Do `fill` probe images in a [fill + tail] batch give the reference's bits, in order, reversed and half-full?"""
-    images, expected = probe[:fill], reference[:fill]
-    return (np.array_equal(run(images, fill + tail), expected)
-            and np.array_equal(run(images[::-1], fill + tail)[::-1], expected)
-            and np.array_equal(run(images[1::2], fill + tail), expected[1::2]))
+def _agrees(run, images: np.ndarray, expected: np.ndarray, slots: int, *, in_order: bool = True) -> bool:
+    """Do `images` in a [slots] batch give `expected`'s bits (in order), reversed and half-full?"""
+    return ((not in_order or np.array_equal(run(images, slots), expected))
+            and np.array_equal(run(images[::-1], slots)[::-1], expected)
+            and np.array_equal(run(images[1::2], slots), expected[1::2]))
 
 
-def plan_batches(run, size: tuple[int, int], batch_size: int) -> dict:
-    """Which batch shapes give every image the same features: {"tail": t, "fills": [...]} or {"tail": None}.
+def _probe_images(size: tuple[int, int], batch_size: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (batch_size, *size, 3)).astype(np.float32)
 
-    The tail is the shortest of `TAILS` with which `batch_size` probe images give
-    the same bits in order, reversed and in a half-full batch. A smaller fill f
-    (a power of two) is allowed if f images in an [f + tail] batch give those same
-    bits too, so a shard's few new images need not run in a full batch.
-    """
-    probe = np.random.default_rng(0).uniform(0, 255, (batch_size, *size, 3)).astype(np.float32)
+
+def plan_tail(run, probe: np.ndarray) -> tuple[dict, np.ndarray | None]:
+    """The shortest of `TAILS` with which a full batch of probe images gives the same bits
+    reversed and half-full: ({"tail": t, "fills": [batch_size]}, their features), or ({"tail": None}, None)."""
+    batch_size = len(probe)
     for tail in TAILS:
         reference = run(probe, batch_size + tail)
-        if batch_size == 1 or _same(run, probe, reference, batch_size, tail):
-            fills = [f for f in (2 ** k for k in range(batch_size.bit_length())) if f < batch_size
-                     and _same(run, probe, reference, f, tail)]
-            return {"tail": tail, "fills": [*fills, batch_size]}
-    return {"tail": None}
+        if batch_size == 1 or _agrees(run, probe, reference, batch_size + tail, in_order=False):
+            return {"tail": tail, "fills": [batch_size]}, reference
+    return {"tail": None}, None
 
 
-def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | None = None) -> tuple[Predict, dict]:
+def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | None = None,
+                    on_change: Callable[[dict], None] | None = None) -> tuple[Predict, dict]:
     """A predictor of up to `batch_size` images whose features do not depend on their batch, and its plan.
 
-    `plan` (from `plan_batches`, found by an earlier run) skips the probe. Without
-    a tail that works, images run one at a time (always shape [1]).
+    The plan (`plan_tail`; or one an earlier run noted, which skips that probe)
+    fixes the blank tail. Without a tail that works, images run one at a time.
+    A batch of n < `batch_size` images runs in the smallest power-of-two fill
+    f >= n whose [f + tail] batch gives the full batch's bits; each fill is
+    probed the first time it could serve, and kept in the plan as one of
+    "fills" or "rejected" (`on_change` gets the plan then, to note it). A cold
+    run whose shards end in large remainders so never probes a small fill.
     """
     run = padded_runner(model, size)
-    plan = plan or plan_batches(run, size, batch_size)
+    probe, reference = _probe_images(size, batch_size), None
+    if plan is None:
+        plan, reference = plan_tail(run, probe)
+    plan = dict(plan)
     if plan["tail"] is None:
         return (lambda pixels: np.concatenate([run(pixels[i : i + 1], 1) for i in range(len(pixels))])), plan
-    tail, fills = plan["tail"], sorted(plan["fills"])
+    tail = plan["tail"]
+    fills, rejected = set(plan["fills"]) | {batch_size}, set(plan.get("rejected", ()))
+
+    def fill_for(n: int) -> int:
+        nonlocal reference
+        f = 1 << max(0, n - 1).bit_length()  # the smallest power of two >= n
+        while f < batch_size:
+            if f not in fills and f not in rejected:
+                if reference is None:
+                    reference = run(probe, batch_size + tail)
+                agrees = _agrees(run, probe[:f], reference[:f], f + tail)
+                (fills if agrees else rejected).add(f)
+                plan.update(fills=sorted(fills), rejected=sorted(rejected))
+                if on_change:
+                    on_change(plan)
+            if f in fills:
+                return f
+            f *= 2
+        return batch_size
 
     def predict(pixels: np.ndarray) -> np.ndarray:
-        fill = next(f for f in fills if f >= len(pixels))
-        return run(pixels, fill + tail)
+        return run(pixels, fill_for(len(pixels)) + tail)
 
     return predict, plan
 
@@ -161,12 +184,13 @@ class ExtractShard(beam.DoFn):
             started = time.monotonic()
             note = f"batches-{self._batch_size}"
             known = self._cache.get_note(note)
-            self._predict, plan = batch_predictor(self._factory(), self._size, self._batch_size, known)
+            self._predict, plan = batch_predictor(self._factory(), self._size, self._batch_size, known,
+                                                  on_change=lambda plan: self._cache.put_note(note, plan))
             if not known:
                 self._cache.put_note(note, plan)
             tail = plan["tail"]
-            log.info("extract: base ready in %.1fs; batches of %s images run with %s", time.monotonic() - started,
-                     "/".join(map(str, plan.get("fills", [1]))),
+            log.info("extract: base ready in %.1fs; batches of %d images run with %s", time.monotonic() - started,
+                     self._batch_size,
                      f"{tail} blank tail slot(s)" if tail else "one image at a time (no tail gave batch-independent features)")
         return self._predict
 

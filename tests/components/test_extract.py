@@ -168,12 +168,34 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
 def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny):
     shard = sorted((converted_tiny / "records").glob("train-*.tfrecord"))[0]
     pixels = np.concatenate([p.numpy() for p, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False)])
-    predict, plan = graph.batch_predictor(conv_base.build_extractor(BASE), (32, 32), len(pixels))
-    assert plan["tail"] in graph.TAILS and plan["fills"][-1] == len(pixels)
+    n, model, noted = len(pixels), conv_base.build_extractor(BASE), []
+    predict, plan = graph.batch_predictor(model, (32, 32), n, on_change=lambda p: noted.append(p))
+    assert plan["tail"] in graph.TAILS and plan["fills"] == [n] and not noted  # smaller batches are probed when needed
     together = predict(pixels)
-    for i in range(len(pixels)):
+    assert np.array_equal(predict(pixels[::-1])[::-1], together)
+    for i in range(n):
         assert np.array_equal(predict(pixels[i : i + 1]), together[i : i + 1]), i
-        assert np.array_equal(predict(pixels[::-1])[::-1], together)
+    for k in range(2, n):
+        assert np.array_equal(predict(pixels[:k]), together[:k]), k
+    final = noted[-1]
+    assert 1 in final["fills"] + final["rejected"] and final["fills"][-1] == n
+    again, _ = graph.batch_predictor(model, (32, 32), n, plan=final, on_change=lambda p: pytest.fail("re-probed a noted fill"))
+    assert all(np.array_equal(again(pixels[:k]), together[:k]) for k in range(1, n + 1))
+
+
+def test_a_batch_shape_that_changes_the_bits_is_rejected():
+    class OddAtThree:  # a batch of exactly 3 images comes out shifted (as a kernel path change would)
+        def __call__(self, pixels, training=False):
+            flat = tf.reshape(pixels, [tf.shape(pixels)[0], -1])[:, :2]
+            return flat + 1e-3 * tf.cast(tf.equal(tf.shape(pixels)[0], 3), tf.float32)
+
+    predict, plan = graph.batch_predictor(OddAtThree(), (2, 2), 4)
+    assert plan["tail"] == 1
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.float32).reshape(4, 2, 2, 3)
+    expected = images.reshape(4, -1)[:, :2]
+    for k in range(1, 5):
+        np.testing.assert_array_equal(predict(images[:k]), expected[:k])
+    assert plan["fills"] == [1, 4] and plan["rejected"] == [2]  # 2 images + 1 tail slot is the odd shape: they run in a 4 + 1
 
 
 def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
