@@ -18,9 +18,21 @@ def decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """uint8 or float [h, w, 3] -> float32 [size[0], size[1], 3] in 0..255 (aspect not kept)."""
-    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
-    return tf.clip_by_value(resized, 0.0, 255.0)
+    """uint8 or float [h, w, 3] -> float32 [size[0], size[1], 3] in 0..255 (aspect not kept).
+
+    Shrinking (both sides at least the target's) averages the source pixels each
+    output pixel covers (`area`, a box filter: antialiased, and ~3x cheaper than
+    TF's antialiased bilinear, which cost 3/4 of decode + resize on photos);
+    anything else (enlarging on a side) is antialiased bilinear.
+    """
+    shape = tf.shape(image)
+    shrinking = tf.logical_and(shape[0] >= size[0], shape[1] >= size[1])
+    resized = tf.cond(
+        shrinking,
+        lambda: tf.image.resize(image, size, method="area"),
+        lambda: tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True),
+    )
+    return tf.clip_by_value(tf.cast(resized, tf.float32), 0.0, 255.0)
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:

@@ -33,3 +33,13 @@ def test_batch_matches_single():
 def test_undecodable_bytes_raise():
     with pytest.raises(tf.errors.InvalidArgumentError):
         image.decode_and_resize(tf.constant(b"not an image"), (8, 8))
+
+
+def test_shrinking_averages_the_covered_pixels_and_enlarging_interpolates():
+    source = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+    shrunk = image.resize(tf.constant(source), (3, 4)).numpy()  # each output pixel covers a 3x3 block
+    blocks = source.astype(np.float64).reshape(3, 3, 4, 3, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(shrunk, blocks, rtol=1e-5)
+    taller = image.resize(tf.constant(source), (18, 4)).numpy()  # enlarged on one side: not a shrink
+    assert taller.shape == (18, 4, 3) and taller.dtype == np.float32 and 0.0 <= taller.min() and taller.max() <= 255.0
+    np.testing.assert_array_equal(image.resize(tf.constant(source), (9, 12)).numpy(), source.astype(np.float32))
