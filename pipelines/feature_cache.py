@@ -16,8 +16,10 @@ Layout: ``<root>/<namespace>/<key[:2]>/<key>.f32`` with ``<root>/<namespace>/met
   entry of the wrong length (a truncated write, a foreign file) is a miss.
 
 Writes go to a unique temporary name and are renamed into place, so workers
-writing at once and runs killed mid-write leave only whole entries. The store
-goes through `tf.io.gfile`, so a bucket path works for distributed runners.
+writing at once and runs killed mid-write leave only whole entries. A bucket
+path (``gs://...``, any ``scheme://``) goes through `tf.io.gfile`, so distributed
+runners can share the store; a local folder uses plain file calls, as opening a
+GFile costs ~1.4 ms an entry (about 3 s of a 2,000-image cold run, measured).
 Nothing here is a DVC output: deleting the folder only makes the next run cold,
 and a cold run writes the same bytes (the extract tests check this).
 """
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import uuid
 
 import numpy as np
 
 # Bump when the decode/resize in pipelines/image.py changes what pixels an image gives.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: shrinking uses area resize
 SUFFIX = ".f32"
 
 
@@ -65,27 +68,82 @@ def namespace_folder(root: str, record: dict) -> str:
     return f"{root.rstrip('/')}/{namespace_of(record)}"
 
 
-def _read_json(path: str) -> dict | None:
-    import tensorflow as tf
+class _LocalFiles:
+    """The store's file calls on a local folder."""
 
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        return json.loads(handle.read())
+    makedirs = staticmethod(lambda path: os.makedirs(path, exist_ok=True))
+    replace = staticmethod(os.replace)
+
+    @staticmethod
+    def size(path: str) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return None
+
+    @staticmethod
+    def read(path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    @staticmethod
+    def write(path: str, data: bytes) -> None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+
+
+class _GFiles:
+    """The same calls through `tf.io.gfile`, for bucket paths."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self._gfile = tf.io.gfile
+        self.makedirs = self._gfile.makedirs
+
+    def replace(self, src: str, dst: str) -> None:
+        self._gfile.rename(src, dst, overwrite=True)
+
+    def size(self, path: str) -> int | None:
+        try:
+            return self._gfile.stat(path).length
+        except Exception:  # noqa: BLE001 - gfile raises NotFoundError (and others on buckets): a miss
+            return None
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with self._gfile.GFile(path, "rb") as handle:
+                return handle.read()
+        except Exception:  # noqa: BLE001 - as in size()
+            return None
+
+    def write(self, path: str, data: bytes) -> None:
+        with self._gfile.GFile(path, "wb") as handle:
+            handle.write(data)
+
+
+def _files(root: str):
+    return _GFiles() if "://" in root else _LocalFiles()
+
+
+def _read_json(path: str) -> dict | None:
+    data = _files(path).read(path)
+    return None if data is None else json.loads(data)
 
 
 class FeatureCache:
     """One namespace of the store: get/put flattened float32 features by image key."""
 
     def __init__(self, root: str, record: dict, feature_shape: list[int]):
-        import tensorflow as tf
-
-        self._gfile = tf.io.gfile
+        self._files = _files(root)
         self.record = record
         self.feature_shape = [int(d) for d in feature_shape]
         self.feature_size = int(np.prod(self.feature_shape))
         self.folder = namespace_folder(root, record)
-        self._gfile.makedirs(self.folder)
+        self._files.makedirs(self.folder)
         if self.get_note("meta") is None:
             self.put_note("meta", {**record, "feature_shape": self.feature_shape})
 
@@ -94,25 +152,16 @@ class FeatureCache:
 
     def _write(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self._gfile.GFile(tmp, "wb") as handle:
-            handle.write(data)
-        self._gfile.rename(tmp, path, overwrite=True)
+        self._files.write(tmp, data)
+        self._files.replace(tmp, path)
 
     def has(self, key: str) -> bool:
         """Is there a whole entry for `key`? (A size check, without reading it.)"""
-        try:
-            return self._gfile.stat(self._path(key)).length == 4 * self.feature_size
-        except Exception:  # noqa: BLE001 - gfile raises NotFoundError (and others on buckets): a miss
-            return False
+        return self._files.size(self._path(key)) == 4 * self.feature_size
 
     def get(self, key: str) -> np.ndarray | None:
-        path = self._path(key)
-        try:
-            with self._gfile.GFile(path, "rb") as handle:
-                data = handle.read()
-        except Exception:  # noqa: BLE001 - gfile raises NotFoundError (and others on buckets): a miss
-            return None
-        if len(data) != 4 * self.feature_size:
+        data = self._files.read(self._path(key))
+        if data is None or len(data) != 4 * self.feature_size:
             return None
         return np.frombuffer(data, dtype="<f4")
 
@@ -120,7 +169,7 @@ class FeatureCache:
         values = np.asarray(values, dtype="<f4").ravel()
         if values.size != self.feature_size:
             raise ValueError(f"feature cache: {values.size} values for a {self.feature_size}-value namespace")
-        self._gfile.makedirs(f"{self.folder}/{key[:2]}")
+        self._files.makedirs(f"{self.folder}/{key[:2]}")
         self._write(self._path(key), values.tobytes())
 
     def get_note(self, name: str) -> dict | None:

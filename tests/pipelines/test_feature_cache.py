@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from pipelines import feature_cache  # noqa: E402
+
+RECORD = {"conv_base": {"name": "tiny"}, "preprocessing_version": feature_cache.PREPROCESSING_VERSION}
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"], ids=["local folder", "through tf.io.gfile"])
+def test_entries_notes_and_misses(tmp_path, scheme):
+    root = scheme + str(tmp_path / "cache")
+    cache = feature_cache.FeatureCache(root, RECORD, [2, 3])
+    key = feature_cache.image_key(b"an image")
+    assert not cache.has(key) and cache.get(key) is None
+    cache.put(key, np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert cache.has(key)
+    np.testing.assert_array_equal(cache.get(key), np.arange(6, dtype=np.float32))
+    with pytest.raises(ValueError, match="5 values for a 6-value namespace"):
+        cache.put(key, np.zeros(5))
+    cache.put_note("plan", {"tail": 1})
+    assert cache.get_note("plan") == {"tail": 1} and cache.get_note("absent") is None
+    assert feature_cache.stored_feature_shape(root, RECORD) == [2, 3]
+    assert feature_cache.stored_feature_shape(root, {**RECORD, "preprocessing_version": -1}) is None
+
+    entry = next((tmp_path / "cache").rglob("*" + feature_cache.SUFFIX))
+    assert not list(entry.parent.glob("*.tmp-*"))  # written under a temporary name, then renamed
+    entry.write_bytes(entry.read_bytes()[:-4])  # a truncated write is a miss
+    assert not cache.has(key) and cache.get(key) is None
+
+
+def test_both_backends_share_one_layout(tmp_path):
+    local = feature_cache.FeatureCache(str(tmp_path), RECORD, [4])
+    remote = feature_cache.FeatureCache("file://" + str(tmp_path), RECORD, [4])
+    local.put("ab" + "0" * 62, np.ones(4))
+    np.testing.assert_array_equal(remote.get("ab" + "0" * 62), np.ones(4))
