@@ -26,8 +26,11 @@ only new images writes the same bytes as a cold run.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import shutil
+import threading
 import tempfile
 import time
 from typing import Callable, Iterable
@@ -50,7 +53,8 @@ def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
     feature = {
         fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id])),
         fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        fk.FEATURES: tf.train.Feature(float_list=tf.train.FloatList(value=values.astype(np.float32).ravel())),
+        # a list, not the array: protobuf converts numpy scalars one by one, 3x slower (same bytes)
+        fk.FEATURES: tf.train.Feature(float_list=tf.train.FloatList(value=values.astype(np.float32).ravel().tolist())),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
@@ -66,6 +70,9 @@ def _scan(source: str) -> list[tuple[bytes, int, str]]:
 
 
 TAILS = (1, 2, 4, 8, 16)
+# Batches the base runs at once: on 2 cores two concurrent batches gave 5-10% more images/s than one
+# (each batch's ops leave cores idle); the features are the same bits either way (tested).
+IN_FLIGHT = 2
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -129,7 +136,13 @@ def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | 
     tail = plan["tail"]
     fills, rejected = set(plan["fills"]) | {batch_size}, set(plan.get("rejected", ()))
 
+    lock = threading.Lock()  # batches may run concurrently; one probes a fill at a time
+
     def fill_for(n: int) -> int:
+        with lock:
+            return _fill_for(n)
+
+    def _fill_for(n: int) -> int:
         nonlocal reference
         f = 1 << max(0, n - 1).bit_length()  # the smallest power of two >= n
         while f < batch_size:
@@ -198,13 +211,21 @@ class ExtractShard(beam.DoFn):
         """Run the base over the records at `missing` (indices into the shard) and store their features."""
         pixels = records.image_dataset([source], self._size, self._batch_size, binary=False, only=missing)
         keys = iter([rows[i][2] for i in missing])
-        done = 0
+        predict, running, done = self._model(), collections.deque(), 0
+
+        def store(future) -> None:
+            for row in future.result():
+                self._cache.put(next(keys), row)
+
         try:
-            for batch, _ in pixels:
-                values = self._model()(batch.numpy())
-                for row in values:
-                    self._cache.put(next(keys), row)
-                done += len(batch)
+            with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="extract") as pool:
+                for batch, _ in pixels:
+                    running.append(pool.submit(predict, batch.numpy()))
+                    done += len(batch)
+                    if len(running) == IN_FLIGHT:
+                        store(running.popleft())
+                while running:
+                    store(running.popleft())
         except tf.errors.InvalidArgumentError as exc:
             raise ValueError(f"{source}: an image could not be decoded after {done} new records: {exc.message}") from None
 
