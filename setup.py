@@ -34,5 +34,5 @@ setup(
         "pydantic==2.14.3",
         "PyYAML==6.0.3",
     ],
-    extras_require={"dev": ["pytest==9.2.0"]},
+    extras_require={"dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},
 )
