@@ -133,6 +133,8 @@ def main(argv=None) -> int:
         "images": n,
         "size": list(size),
         "stage_s": round(stage_s, 2), "stage_images_per_s": round(stage_ips, 1),
+        # of which: checking params and loading the base before Beam starts, then the Beam job itself
+        "stage_setup_s": round(stage_s - record["seconds"], 2), "stage_beam_s": record["seconds"],
         "bare_predict_s": round(bare_s, 2), "bare_predict_images_per_s": round(bare_ips, 1),
         "seed_loop_s": round(seed_s, 2), "seed_loop_images_per_s": round(seed_ips, 1),
         "stage_over_bare": round(stage_ips / bare_ips, 3),
