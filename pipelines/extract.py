@@ -127,36 +127,34 @@ def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | 
     run whose shards end in large remainders so never probes a small fill.
     """
     run = padded_runner(model, size)
-    probe, reference = _probe_images(size, batch_size), None
+    probe = reference = None  # made on the first probe: a noted plan whose fills serve needs neither
     if plan is None:
+        probe = _probe_images(size, batch_size)
         plan, reference = plan_tail(run, probe)
     plan = dict(plan)
     if plan["tail"] is None:
         return (lambda pixels: np.concatenate([run(pixels[i : i + 1], 1) for i in range(len(pixels))])), plan
     tail = plan["tail"]
     fills, rejected = set(plan["fills"]) | {batch_size}, set(plan.get("rejected", ()))
-
     lock = threading.Lock()  # batches may run concurrently; one probes a fill at a time
 
     def fill_for(n: int) -> int:
-        with lock:
-            return _fill_for(n)
-
-    def _fill_for(n: int) -> int:
-        nonlocal reference
+        nonlocal probe, reference
         f = 1 << max(0, n - 1).bit_length()  # the smallest power of two >= n
-        while f < batch_size:
-            if f not in fills and f not in rejected:
-                if reference is None:
-                    reference = run(probe, batch_size + tail)
-                agrees = _agrees(run, probe[:f], reference[:f], f + tail)
-                (fills if agrees else rejected).add(f)
-                plan.update(fills=sorted(fills), rejected=sorted(rejected))
-                if on_change:
-                    on_change(plan)
-            if f in fills:
-                return f
-            f *= 2
+        with lock:
+            while f < batch_size:
+                if f not in fills and f not in rejected:
+                    if reference is None:
+                        probe = _probe_images(size, batch_size)
+                        reference = run(probe, batch_size + tail)
+                    agrees = _agrees(run, probe[:f], reference[:f], f + tail)
+                    (fills if agrees else rejected).add(f)
+                    plan.update(fills=sorted(fills), rejected=sorted(rejected))
+                    if on_change:
+                        on_change(plan)
+                if f in fills:
+                    return f
+                f *= 2
         return batch_size
 
     def predict(pixels: np.ndarray) -> np.ndarray:

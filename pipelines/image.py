@@ -32,7 +32,7 @@ def resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
         lambda: tf.image.resize(image, size, method="area"),
         lambda: tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True),
     )
-    return tf.clip_by_value(tf.cast(resized, tf.float32), 0.0, 255.0)
+    return tf.clip_by_value(resized, 0.0, 255.0)  # both methods give float32
 
 
 def decode_and_resize(image_bytes: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
