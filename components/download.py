@@ -7,7 +7,8 @@ Inputs
 Outputs (one folder, written atomically)
     ``images/<id>.jpg|png``  every kept image, normalised to RGB (JPEGs that are
                              already RGB and upright are kept byte-for-byte)
-    ``manifest.jsonl``       one row per kept image: id, file, source, sha256,
+    ``manifest.jsonl``       one row per kept image: id, file, source, sha256 (of
+                             the file), pixels_sha256 (of its normalised pixels),
                              label, split, width, height, format, normalised
     ``quarantine.jsonl``     one row per rejected file: source, label, reason
     ``summary.json``         counts per class per split, duplicates, quarantine;
@@ -16,10 +17,15 @@ Outputs (one folder, written atomically)
 
 Run: ``python -m components.download --params params.yaml --out data/download``
 
-An image's split depends only on its content hash, the seed and the fractions,
-so re-runs give the same split and adding images never moves existing ones.
-Identical files (same SHA-256) are kept once; copies are quarantined as
-duplicates, and copies under different labels are all quarantined.
+An image's pixels are those of `pipelines.image.decode_image`, the decode the
+serving model runs on a client's file, so training and serving cannot disagree
+on a file download kept (EXIF orientation, transparency, CMYK, 16-bit, frames);
+a file that decode reads differently from Pillow, or cannot read, is quarantined.
+An image's id and split depend only on the hash of its normalised pixels, the
+seed and the fractions, so re-runs give the same split and adding images never
+moves existing ones. Identical images (the same pixels, whatever the file
+format) are kept once; copies are quarantined as duplicates, and copies under
+different labels are all quarantined.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from components.params import (
     parse_section,
     write_resolved,
 )
+from pipelines import image
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +185,7 @@ class Normalised:
     height: int
     format: str
     action: str
+    pixels_sha256: str  # `pixels_hash` of the normalised pixels: the image's identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,14 +203,15 @@ def content_hash(data: bytes) -> str:
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
-    """Any PIL mode to 8-bit RGB; transparent pixels are composited onto white."""
+    """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
+    `pipelines.image.decode_image` is checked against."""
     mode = img.mode
     if mode == "RGB":
         return img, "RGB"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr8 = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        arr8 = np.clip(np.floor(arr * (256.0 / (peak + 1))), 0, 255).astype(np.uint8)  # the high byte, as libpng gives
         return Image.fromarray(arr8, mode="L").convert("RGB"), f"{mode} grayscale to 8-bit RGB"
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -211,24 +220,48 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGB"), f"{mode} to RGB"
 
 
-_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+# Pixels of the shared decode may differ from Pillow's by a JPEG decoder's rounding or a CMYK
+# conversion formula (a few levels); anything further apart is a different reading of the file.
+MAX_PIXEL_GAP, MAX_MEAN_GAP = 24, 2.0
+
+Decoder = Callable[[bytes], tuple[np.ndarray, int]]
 
 
-def _sniff_format(data: bytes) -> str:
-    """The format a file's first bytes claim, to name it when it fails to decode."""
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return "image"
+def make_decoder() -> Decoder:
+    """encoded bytes -> (normalised uint8 pixels, EXIF orientation) through `pipelines.image`,
+    the decode extraction, training and the serving model run."""
+    import tensorflow as tf
+
+    from pipelines import image
+
+    traced = tf.function(image.decode_with_orientation, input_signature=[tf.TensorSpec([], tf.string)])
+
+    def decode(data: bytes) -> tuple[np.ndarray, int]:
+        pixels, orientation = traced(tf.constant(data))
+        return pixels.numpy(), int(orientation)
+
+    return decode
 
 
-def normalise_image(data: bytes, *, min_side: int, max_pixels: int) -> Normalised | Rejected:
-    """Decode fully, check, and return RGB bytes (as-is when already an upright RGB JPEG)."""
+def pixels_hash(pixels: np.ndarray) -> str:
+    """The identity of an image: the SHA-256 of its normalised pixels and their shape, whatever the file format."""
+    digest = hashlib.sha256(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode())
+    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
+    """Check a file, and return the pixels training and serving will see, as RGB bytes.
+
+    Pillow checks it first (size limits before decoding, a full decode, the
+    side limit). The pixels are those of `decode` (the shared decode, see
+    `make_decoder`), which must agree with Pillow's reading: the same EXIF
+    orientation and pixels within a decoder's rounding. An RGB JPEG that needs
+    no orientation is kept byte-for-byte; anything else is re-encoded as PNG.
+    """
     if not data:
         return Rejected("empty file (0 bytes)")
-    fmt = _sniff_format(data)
+    fmt = image.sniff_format(data) or "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -249,24 +282,41 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int) -> Normalise
         return Rejected(f"undecodable {fmt}: {exc}")
     if min(width, height) < min_side:
         return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
+    if fmt not in image.FORMATS:
+        return Rejected(f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
+                        "convert the file to one of them")
 
     actions = []
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
         actions.append(f"first of {img.n_frames} frames")
     orientation = img.getexif().get(0x0112, 1)
-    if orientation not in (1, None):
+    if orientation in range(2, 9):
         img = ImageOps.exif_transpose(img)
         actions.append(f"EXIF orientation {orientation} applied")
-    if fmt == "JPEG" and img.mode == "RGB" and not actions:
-        return Normalised(data, "jpg", width, height, fmt, "as-is")
-    rgb, how = _to_rgb(img)
+    reference, how = _to_rgb(img)
     if how != "RGB":
         actions.append(how)
+    try:
+        pixels, decoded_orientation = decode(data)
+    except Exception as exc:  # noqa: BLE001 - TensorFlow's decoders raise InvalidArgumentError and others
+        return Rejected(f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}")
+    expected = np.asarray(reference, dtype=np.uint8)
+    if decoded_orientation != (orientation if orientation in range(2, 9) else 1) or pixels.shape != expected.shape:
+        return Rejected(f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
+                        f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})")
+    gap = np.abs(pixels.astype(np.int16) - expected)
+    if gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP:
+        hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""
+        return Rejected(f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
+                        f"largest pixel difference {int(gap.max())}, mean {gap.mean():.2f}; re-save it as PNG or JPEG")
+    identity = pixels_hash(pixels)
+    if fmt == "JPEG" and img.mode == "RGB" and not actions:
+        return Normalised(data, "jpg", width, height, fmt, "as-is", identity)
     buffer = io.BytesIO()
-    rgb.save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     actions.append(f"{fmt} re-encoded as PNG")
-    return Normalised(buffer.getvalue(), "png", rgb.width, rgb.height, fmt, "; ".join(actions))
+    return Normalised(buffer.getvalue(), "png", pixels.shape[1], pixels.shape[0], fmt, "; ".join(actions), identity)
 
 
 def hash_split(sha256: str, seed: int, fractions: Fractions) -> str:
@@ -286,32 +336,35 @@ class Candidate:
 
     source: str
     label: str
-    sha256: str
+    sha256: str  # of the file as found
     given_split: str | None
     ext: str
     width: int
     height: int
     format: str
     action: str
+    pixels_sha256: str  # of its normalised pixels: copies in other formats share it
 
     @property
     def id(self) -> str:
-        return self.sha256[:20]
+        return self.pixels_sha256[:20]
 
 
 def resolve(
     candidates: Sequence[Candidate], seed: int, fractions: Fractions
 ) -> tuple[list[dict], list[dict]]:
-    """Dedupe by content, assign splits. Returns (manifest rows, duplicate quarantine rows).
+    """Dedupe by normalised pixels, assign splits. Returns (manifest rows, duplicate quarantine rows).
 
-    Identical files are kept once: the copy in the earliest given split
-    (train, val, test), then the first source path. Identical files under
-    different labels are all quarantined, since their label is unknown.
+    Images with identical pixels (the same file, or the same pixels saved in
+    another format) are kept once: the copy in the earliest given split
+    (train, val, test), then the first source path. Copies under different
+    labels are all quarantined, since their label is unknown. The split is a
+    function of the pixels, so a re-encoded copy can never land in another split.
     """
     rank = {name: i for i, name in enumerate(SPLITS)}
     groups: dict[str, list[Candidate]] = collections.defaultdict(list)
     for cand in candidates:
-        groups[cand.sha256].append(cand)
+        groups[cand.pixels_sha256].append(cand)
     manifest, rejected = [], []
     for sha, group in sorted(groups.items()):
         group = sorted(group, key=lambda c: (rank.get(c.given_split or "train", 0), c.source))
@@ -323,7 +376,8 @@ def resolve(
                         "source": cand.source,
                         "label": cand.label,
                         "reason": f"duplicate content under different labels ({', '.join(labels)})",
-                        "sha256": sha,
+                        "sha256": cand.sha256,
+                        "pixels_sha256": sha,
                     }
                 )
             continue
@@ -333,8 +387,9 @@ def resolve(
                 {
                     "source": dup.source,
                     "label": dup.label,
-                    "reason": f"duplicate of {kept.source}",
-                    "sha256": sha,
+                    "reason": f"duplicate of {kept.source}" + ("" if dup.sha256 == kept.sha256 else " (same pixels, another file)"),
+                    "sha256": dup.sha256,
+                    "pixels_sha256": sha,
                 }
             )
         split = kept.given_split or hash_split(sha, seed, fractions)
@@ -343,7 +398,8 @@ def resolve(
                 "id": kept.id,
                 "file": f"{IMAGES}/{kept.id}.{kept.ext}",
                 "source": kept.source,
-                "sha256": sha,
+                "sha256": kept.sha256,
+                "pixels_sha256": sha,
                 "label": kept.label,
                 "split": split,
                 "width": kept.width,
@@ -390,7 +446,7 @@ def summarise(
         "splits": {s: {"total": sum(c.values()), "per_class": c} for s, c in splits.items()},
         "duplicates": {
             "files_quarantined": len(duplicates),
-            "distinct_images": len({row["sha256"] for row in duplicates}),
+            "distinct_images": len({row["pixels_sha256"] for row in duplicates}),
         },
         "quarantine_reasons": dict(sorted(reasons.items())),
     }
@@ -600,6 +656,7 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
     else:
         found_iter = read_tfds(ds, network_probe)
     dl = config.download
+    decode = make_decoder()
     with outputs.staged_dir(out_dir) as tmp:
         images = tmp / IMAGES
         images.mkdir()
@@ -612,7 +669,7 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
             if item.problem:
                 quarantine.append({"source": item.source, "label": item.label, "reason": item.problem})
                 continue
-            result = normalise_image(item.data, min_side=dl.min_side, max_pixels=dl.max_pixels)
+            result = normalise_image(item.data, min_side=dl.min_side, max_pixels=dl.max_pixels, decode=decode)
             if isinstance(result, Rejected):
                 quarantine.append({"source": item.source, "label": item.label, "reason": result.reason})
                 continue
@@ -626,6 +683,7 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
                 height=result.height,
                 format=result.format,
                 action=result.action,
+                pixels_sha256=result.pixels_sha256,
             )
             (images / f"{cand.id}.{cand.ext}").write_bytes(result.data)
             candidates.append(cand)

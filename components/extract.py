@@ -92,7 +92,7 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
-    namespace = feature_cache.namespace_record(fingerprint)
+    namespace = feature_cache.namespace_record(fingerprint, config.extract.batch_size)
     if cache_root and "://" not in cache_root:
         cache_root = str(Path(cache_root).resolve())
     # A namespace in the cache was built from exactly these params; otherwise build

@@ -8,9 +8,12 @@ Layout: ``<root>/<namespace>/<key[:2]>/<key>.f32`` with ``<root>/<namespace>/met
 
 - **namespace**: the SHA-256 of everything that decides an image's features
   apart from the image: the base's fingerprint (registry entry and weights, or
-  the saved file's SHA-256), input size, pooling, tapped layer, the decode /
-  resize version, the TensorFlow and Keras versions and the CPU architecture.
-  Another base, size or decode is another namespace, so it never reads these.
+  the saved file's SHA-256), input size, pooling, tapped layer, the batch size
+  (a batch's shape can change the last bits), the source of the code that
+  decodes images and builds the base (`FEATURE_CODE`: an edit there is another
+  namespace, no version to bump by hand), the TensorFlow and Keras versions and
+  the CPU architecture. Another base, size, batch or decode is another
+  namespace, so it never reads these.
 - **key**: the SHA-256 of the image's encoded bytes as convert stored them.
 - **value**: the flattened float32 features, little-endian, nothing else. An
   entry of the wrong length (a truncated write, a foreign file) is a miss.
@@ -27,6 +30,7 @@ and a cold run writes the same bytes (the extract tests check this).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -34,8 +38,11 @@ import uuid
 
 import numpy as np
 
-# Bump when the decode/resize in pipelines/image.py changes what pixels an image gives.
-PREPROCESSING_VERSION = 2  # 2: shrinking uses area resize
+# The modules whose code decides an image's pixels (decode, resize, record parsing) and the
+# model that runs on them (the registry, tapping, pooling). The batch-independence probe in
+# pipelines/extract.py makes the rest of that module irrelevant to the bits; its plan is
+# noted in the namespace per batch size.
+FEATURE_CODE = ("pipelines.image", "pipelines.records", "pipelines.bases", "components.conv_base")
 SUFFIX = ".f32"
 
 
@@ -43,7 +50,17 @@ def image_key(image_bytes: bytes) -> str:
     return hashlib.sha256(image_bytes).hexdigest()
 
 
-def namespace_record(base_fingerprint: dict) -> dict:
+def code_fingerprint(modules: tuple[str, ...] = FEATURE_CODE) -> dict[str, str]:
+    """module -> SHA-256 of its source file."""
+    fingerprint = {}
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        with open(spec.origin, "rb") as handle:
+            fingerprint[name] = hashlib.sha256(handle.read()).hexdigest()
+    return fingerprint
+
+
+def namespace_record(base_fingerprint: dict, batch_size: int) -> dict:
     """What, besides the image, decides its features."""
     import keras
     import tensorflow as tf
@@ -53,7 +70,8 @@ def namespace_record(base_fingerprint: dict) -> dict:
         base.pop("path", None)  # the same saved base copied elsewhere is the same base
     return {
         "conv_base": base,
-        "preprocessing_version": PREPROCESSING_VERSION,
+        "batch_size": int(batch_size),
+        "code": code_fingerprint(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "machine": platform.machine(),

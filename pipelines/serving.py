@@ -2,13 +2,15 @@
 
 Signature ``serving_default(images: tf.string [n])`` -> ``probabilities``
 float32 [n, classes], ``classes`` string [n, classes] (the class names, in the
-label vocabulary's order) and ``predicted`` string [n]. It decodes and resizes
-with `pipelines.image.decode_and_resize`, the function extraction and training
-used, so training and serving cannot skew. Loading it needs plain TensorFlow only.
+label vocabulary's order) and ``predicted`` string [n]. It decodes, normalises
+(EXIF orientation, transparency onto white, the first frame) and resizes with
+`pipelines.image.decode_and_resize`, the function download, extraction and
+training used, so a client's file gives the pixels training saw for the same
+file. Loading it needs plain TensorFlow only.
 
-A batch holding something that is not a JPEG, PNG, GIF or BMP (an empty string,
-text, another format) fails with an error naming the batch indices; an image
-with the right header but corrupt data fails in TensorFlow's decoder.
+A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
+string, text, another format) fails with an error naming the batch indices; an
+image with the right header but corrupt data fails in TensorFlow's decoder.
 """
 
 from __future__ import annotations
@@ -20,18 +22,15 @@ import tensorflow as tf
 from pipelines import image
 
 SIGNATURE = "serving_default"
-_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
 
 
 def check_encoded(images: tf.Tensor) -> tf.Operation:
-    """An assertion that every element starts like a JPEG, PNG, GIF or BMP file."""
-    known = tf.zeros_like(images, dtype=tf.bool)
-    for magic, _ in _MAGIC:
-        known = known | tf.equal(tf.strings.substr(images, 0, len(magic)), magic)
+    """An assertion that every element starts like a file of a format `pipelines.image` reads."""
+    known = image.format_index(images) >= 0
     bad = tf.reshape(tf.where(~known), [-1])
     return tf.debugging.Assert(
         tf.reduce_all(known),
-        ["serving: not a JPEG, PNG, GIF or BMP image (empty, text, truncated header or another format) "
+        [f"serving: not a {', '.join(image.FORMATS)} image (empty, text, truncated header or another format) "
          "at batch indices", bad],
         summarize=32,
         name="check_encoded_images",

@@ -12,7 +12,8 @@ from PIL import Image
 from components import download as dl
 from tests.conftest import encode, image_array, make_class_folder
 
-LIMITS = dict(min_side=16, max_pixels=89_478_485)
+DECODE = dl.make_decoder()
+LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
 FRACTIONS = dl.Fractions(train=0.5, val=0.25, test=0.25)
 
 
@@ -57,7 +58,7 @@ def test_decompression_bomb_is_rejected_without_decoding():
     result = dl.normalise_image(buffer.getvalue(), **LIMITS)
     assert isinstance(result, dl.Rejected) and "too large" in result.reason
     assert time.monotonic() - started < 2
-    small_limit = dl.normalise_image(encode(image_array(4, size=(40, 40))), min_side=16, max_pixels=1000)
+    small_limit = dl.normalise_image(encode(image_array(4, size=(40, 40))), min_side=16, max_pixels=1000, decode=DECODE)
     assert isinstance(small_limit, dl.Rejected) and "download.max_pixels=1000" in small_limit.reason
 
 
@@ -71,9 +72,8 @@ def test_decompression_bomb_is_rejected_without_decoding():
         ("JPEG", "L", {}),
         ("PNG", "RGBA", {}),
         ("JPEG", "CMYK", {}),
-        ("TIFF", None, {}),
     ],
-    ids=["png", "gif", "bmp", "webp", "grayscale-jpeg", "rgba-png", "cmyk-jpeg", "tiff"],
+    ids=["png", "gif", "bmp", "webp", "grayscale-jpeg", "rgba-png", "cmyk-jpeg"],
 )
 def test_decodable_formats_are_normalised_to_rgb_png(fmt, mode, kwargs):
     source = image_array(5, size=(20, 30))
@@ -82,8 +82,28 @@ def test_decodable_formats_are_normalised_to_rgb_png(fmt, mode, kwargs):
     assert result.ext == "png" and result.format == fmt
     out = decoded(result.data)
     assert out.mode == "RGB" and out.size == (30, 20)
-    if fmt in ("PNG", "BMP", "WEBP", "TIFF") and mode is None:  # lossless: pixels unchanged
+    if fmt in ("PNG", "BMP", "WEBP") and mode is None:  # lossless: pixels unchanged
         np.testing.assert_array_equal(np.asarray(out), source)
+
+
+def test_a_format_the_serving_model_cannot_read_is_quarantined():
+    result = dl.normalise_image(encode(image_array(5, size=(20, 30)), "TIFF"), **LIMITS)
+    assert isinstance(result, dl.Rejected)
+    assert result.reason.startswith("unsupported format TIFF: the serving model reads JPEG, PNG, GIF, BMP, WEBP")
+
+
+def test_gif_transparency_the_shared_decoder_cannot_read_is_quarantined():
+    indices = np.tile(np.arange(4, dtype=np.uint8), (20, 5))  # every fourth pixel transparent
+    img = Image.fromarray(indices, mode="P")
+    img.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30, 30, 30, 200])
+    buffer = io.BytesIO()
+    img.save(buffer, format="GIF", transparency=0)
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, dl.Rejected)
+    assert "decoded differently by the shared decoder" in result.reason and "GIF transparency" in result.reason
+    buffer = io.BytesIO()
+    img.save(buffer, format="GIF")  # the same GIF without transparency is kept
+    assert isinstance(dl.normalise_image(buffer.getvalue(), **LIMITS), dl.Normalised)
 
 
 def test_rgba_is_composited_on_white():
@@ -142,8 +162,9 @@ def test_hash_split_is_deterministic_and_follows_fractions():
     assert other_seed != splits
 
 
-def candidate(source, label, data, given=None):
-    return dl.Candidate(source, label, dl.content_hash(data), given, "jpg", 20, 20, "JPEG", "as-is")
+def candidate(source, label, data, given=None, pixels=None):
+    pixels_sha256 = dl.content_hash(pixels if pixels is not None else data)
+    return dl.Candidate(source, label, dl.content_hash(data), given, "jpg", 20, 20, "JPEG", "as-is", pixels_sha256)
 
 
 def test_duplicates_are_kept_once_and_reported():
@@ -155,8 +176,32 @@ def test_duplicates_are_kept_once_and_reported():
     )
     assert sorted(r["source"] for r in rows) == ["cats/1.jpg", "dogs/1.jpg"]
     assert rejected == [
-        {"source": "cats/2.jpg", "label": "cats", "reason": "duplicate of cats/1.jpg", "sha256": dl.content_hash(a)}
+        {"source": "cats/2.jpg", "label": "cats", "reason": "duplicate of cats/1.jpg", "sha256": dl.content_hash(a),
+         "pixels_sha256": dl.content_hash(a)}
     ]
+
+
+def test_the_same_pixels_in_two_files_are_one_image_with_one_split():
+    rows, rejected = dl.resolve(
+        [candidate("cats/a.png", "cats", b"png bytes", "test", pixels=b"p"), candidate("cats/a.bmp", "cats", b"bmp bytes", "train", pixels=b"p")],
+        1,
+        FRACTIONS,
+    )
+    assert [(r["source"], r["split"], r["id"]) for r in rows] == [("cats/a.bmp", "train", dl.content_hash(b"p")[:20])]
+    assert [(r["source"], r["reason"]) for r in rejected] == [("cats/a.png", "duplicate of cats/a.bmp (same pixels, another file)")]
+
+
+def test_a_re_encoded_copy_is_caught_by_the_stage(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    pixels = image_array(77, size=(24, 32))
+    (root / "cats" / "same.png").write_bytes(encode(pixels, "PNG"))
+    (root / "cats" / "same.bmp").write_bytes(encode(pixels, "BMP"))
+    (root / "dogs" / "same.webp").write_bytes(encode(pixels, "WEBP", lossless=True))
+    summary = dl.run(folder_config(root), tmp_path / "out")
+    quarantine = {r["source"]: r["reason"] for r in dl.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
+    assert quarantine == {f"{folder}/same.{ext}": "duplicate content under different labels (cats, dogs)"
+                          for folder, ext in (("cats", "png"), ("cats", "bmp"), ("dogs", "webp"))}
+    assert summary["kept"] == 12 and summary["reconciled"]
 
 
 def test_duplicates_under_two_labels_are_all_quarantined():
@@ -197,7 +242,8 @@ def test_run_writes_declared_outputs_and_reconciles(tiny_folder, tmp_path):
     assert {row["label"] for row in manifest} == {"cats", "dogs"}
     for row in manifest:
         assert (out / row["file"]).read_bytes() == (tiny_folder / row["source"]).read_bytes()
-        assert row["id"] == row["sha256"][:20] and row["split"] in dl.SPLITS
+        assert row["id"] == row["pixels_sha256"][:20] and row["split"] in dl.SPLITS
+        assert row["sha256"] == dl.content_hash((tiny_folder / row["source"]).read_bytes())
     assert sum(s["total"] for s in summary["splits"].values()) == 24
     assert json.loads((out / "params.json").read_text())["common"]["seed"] == 3
     assert not list(tmp_path.glob(".out.tmp-*"))
@@ -309,7 +355,7 @@ def test_existing_split_folders_can_be_pooled(tmp_path):
     config = dl.Config(config.common, config.dataset.model_copy(update={"existing_splits": "ignore"}), config.download)
     dl.run(config, tmp_path / "out")
     manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
-    assert all(r["split"] == dl.hash_split(r["sha256"], 3, FRACTIONS) for r in manifest)
+    assert all(r["split"] == dl.hash_split(r["pixels_sha256"], 3, FRACTIONS) for r in manifest)
 
 
 def test_incomplete_split_folders_are_a_clear_error(tmp_path):

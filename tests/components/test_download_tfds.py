@@ -66,7 +66,7 @@ def test_tfds_single_slice_is_hash_split(tmp_path):
         summary = dl.run(tfds_config(tmp_path / "tfds", "train[:40]"), tmp_path / "out")
     manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
     assert summary["kept"] == 40
-    assert all(r["split"] == dl.hash_split(r["sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25)) for r in manifest)
+    assert all(r["split"] == dl.hash_split(r["pixels_sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25)) for r in manifest)
 
 
 def test_tfds_stock_mock_data_duplicates_are_reported(tmp_path):

@@ -193,6 +193,6 @@ def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
         paths[name] = tmp_path / name
         paths[name].write_bytes(blob)
     result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path)
-    assert "not a JPEG, PNG, GIF or BMP image" in result["error"] and "[1 2]" in result["error"]
+    assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2]" in result["error"]
     result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["truncated"]], tmp_path)
     assert "error" in result and "jpeg" in result["error"].lower()

@@ -25,6 +25,12 @@ def convert_dir(converted_tiny):
     return converted_tiny
 
 
+@pytest.fixture
+def trained_base(tiny_base_weights):
+    """BASE with fixed, non-degenerate weights: an untrained base's features are ~1e-12, alike for any image."""
+    return BASE.model_copy(update={"weights": str(tiny_base_weights)})
+
+
 def read_features(files, size):
     spec = fk.features_feature_spec(size)
     return [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset([str(f) for f in files])]
@@ -44,18 +50,24 @@ def test_extract_stage_counts_shapes_and_order(convert_dir, tmp_path):
         assert all(np.isfinite(r[fk.FEATURES].numpy()).all() for r in rows)
 
 
-def test_beam_graph_with_test_pipeline_matches_a_direct_predict(convert_dir, tmp_path):
+def test_beam_graph_with_test_pipeline_matches_a_direct_predict(convert_dir, trained_base, tmp_path):
     shard = sorted((convert_dir / "records").glob("val-*.tfrecord"))[0]
     target = tmp_path / shard.name
-    factory = functools.partial(conv_base.build_extractor, BASE)  # pickled to the worker, built in setup()
+    factory = functools.partial(conv_base.build_extractor, trained_base)  # pickled to the worker, built in setup()
     with TestPipeline() as pipeline:
         counts = graph.extract(pipeline, [("val", str(shard), str(target))], factory, (32, 32), 3, feature_shape=[1280])
         n = sum(1 for _ in tf.data.TFRecordDataset(str(shard)))
         assert_that(counts, equal_to([("val", n, n)]))  # no cache given: every image computed
-    rows = read_features([target], 1280)
-    pixels = np.concatenate([p.numpy() for p, _, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False, with_ids=True)])
-    direct = factory().predict_on_batch(pixels)
-    np.testing.assert_allclose(np.stack([r[fk.FEATURES].numpy() for r in rows]), direct, rtol=1e-4, atol=1e-5)
+    extracted = {r[fk.ID].numpy(): r[fk.FEATURES].numpy() for r in read_features([target], 1280)}
+    pixels, _, ids = next(iter(records.image_dataset([str(shard)], (32, 32), 100, binary=False, with_ids=True)))
+    direct = dict(zip(ids.numpy(), factory().predict_on_batch(pixels.numpy())))
+    assert sorted(extracted) == sorted(direct) and len(direct) >= 2
+    scale = max(np.abs(v).max() for v in direct.values())
+    assert scale > 0.1  # real activations, so a tolerance below can tell features apart
+    for record_id, values in direct.items():  # each id carries its own image's features
+        np.testing.assert_allclose(extracted[record_id], values, rtol=1e-4, atol=1e-4 * scale, err_msg=record_id)
+    first, second = list(direct.values())[:2]
+    assert np.abs(first - second).max() > 100 * 1e-4 * scale  # images differ well beyond the tolerance
 
 
 def test_bad_base_params_stop_before_any_work(convert_dir, tmp_path):
@@ -124,6 +136,15 @@ def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp
     # Another input size is another namespace: nothing is reused (the namespace test covers the rest).
     other = extract.Config(BASE.model_copy(update={"input_size": (40, 40)}), config.extract)
     assert extract.run(other, convert_dir, tmp_path / "other", cache_root=cache)["computed"] == 16
+    # So is another batch size (the batch's shape can change the last bits) ...
+    other_batch = extract.Config(BASE, extract.ExtractParams(batch_size=3))
+    assert extract.run(other_batch, convert_dir, tmp_path / "batch3", cache_root=cache)["computed"] == 16
+    # ... and an edited decode: the namespace holds the hash of the decode module's source.
+    from pipelines import feature_cache
+
+    edited = {**feature_cache.code_fingerprint(), "pipelines.image": "0" * 64}
+    monkeypatch.setattr(feature_cache, "code_fingerprint", lambda: edited)
+    assert extract.run(config, convert_dir, tmp_path / "edited", cache_root=cache)["computed"] == 16
 
 
 def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading_the_base(tmp_path, converted_tiny):
@@ -149,9 +170,10 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
     from pipelines import feature_cache
 
     def ns(**change):
-        return feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change))))
+        return feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change)), 4))
 
     assert ns() == ns()
+    assert feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE), 8)) != ns()
     variants = [ns(input_size=(40, 40)), ns(pooling="max"), ns(layer="block_16_project"), ns(name="vgg16"), ns(weights="imagenet")]
     assert len({ns(), *variants}) == 6
     saved_a, saved_b = tmp_path / "a.keras", tmp_path / "b.keras"
@@ -162,14 +184,28 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
     copy.write_bytes(b"one base")
     saved = lambda path: ns(name=None, path=str(path))  # noqa: E731
     assert saved(saved_a) == saved(copy) != saved(saved_b)  # the file's content decides, not its path
-    record = feature_cache.namespace_record(conv_base.fingerprint(BASE))
-    assert record["preprocessing_version"] == feature_cache.PREPROCESSING_VERSION and record["tensorflow"] == tf.__version__
+    record = feature_cache.namespace_record(conv_base.fingerprint(BASE), 4)
+    assert record["tensorflow"] == tf.__version__ and record["batch_size"] == 4
+    assert set(record["code"]) == {"pipelines.image", "pipelines.records", "pipelines.bases", "components.conv_base"}
 
 
-def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny):
+def test_code_fingerprint_follows_the_source_file(tmp_path, monkeypatch):
+    from pipelines import feature_cache
+
+    (tmp_path / "decode_probe.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = feature_cache.code_fingerprint(("decode_probe",))
+    (tmp_path / "decode_probe.py").write_text("SCALE = 2\n")
+    after = feature_cache.code_fingerprint(("decode_probe",))
+    assert before["decode_probe"] != after["decode_probe"]
+    assert feature_cache.code_fingerprint()["pipelines.image"] == __import__("hashlib").sha256(
+        open(__import__("pipelines.image").image.__file__, "rb").read()).hexdigest()
+
+
+def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny, trained_base):
     shard = sorted((converted_tiny / "records").glob("train-*.tfrecord"))[0]
     pixels = np.concatenate([p.numpy() for p, _ in records.image_dataset([str(shard)], (32, 32), 100, binary=False)])
-    n, model, noted = len(pixels), conv_base.build_extractor(BASE), []
+    n, model, noted = len(pixels), conv_base.build_extractor(trained_base), []
     predict, plan = graph.batch_predictor(model, (32, 32), n, on_change=lambda p: noted.append(p))
     assert plan["tail"] in graph.TAILS and plan["fills"] == [n] and not noted  # smaller batches are probed when needed
     together = predict(pixels)

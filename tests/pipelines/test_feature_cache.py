@@ -5,7 +5,7 @@ pytest.importorskip("tensorflow")
 
 from pipelines import feature_cache  # noqa: E402
 
-RECORD = {"conv_base": {"name": "tiny"}, "preprocessing_version": feature_cache.PREPROCESSING_VERSION}
+RECORD = {"conv_base": {"name": "tiny"}, "batch_size": 4, "code": {"pipelines.image": "abc"}}
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"], ids=["local folder", "through tf.io.gfile"])
@@ -22,7 +22,7 @@ def test_entries_notes_and_misses(tmp_path, scheme):
     cache.put_note("plan", {"tail": 1})
     assert cache.get_note("plan") == {"tail": 1} and cache.get_note("absent") is None
     assert feature_cache.stored_feature_shape(root, RECORD) == [2, 3]
-    assert feature_cache.stored_feature_shape(root, {**RECORD, "preprocessing_version": -1}) is None
+    assert feature_cache.stored_feature_shape(root, {**RECORD, "batch_size": 8}) is None
 
     entry = next((tmp_path / "cache").rglob("*" + feature_cache.SUFFIX))
     assert not list(entry.parent.glob("*.tmp-*"))  # written under a temporary name, then renamed
