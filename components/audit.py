@@ -11,7 +11,10 @@ carries (``serving/assets.extra/lineage.json``). DVC-tracked files are read
 through the DVC API from the cache or the remote, so any committed revision
 can be audited without checking it out.
 
-Checks (a failed check exits 1): no image in two splits; the serving model's
+Checks (a failed check exits 1): every DVC-tracked file the audit reads is
+readable (from the cache or a remote: an audit that cannot see the data fails,
+naming the file and how to fetch it); no image (by its normalised pixels) in
+two splits; the serving model's
 lineage matches the revision's manifest and model; with ``--workspace``, the
 workspace's outputs match ``dvc.lock``; with ``--against``, no image that both
 revisions hold moved split and the label vocabulary kept its order.
@@ -34,26 +37,33 @@ log = logging.getLogger(__name__)
 MANIFEST = "data/download/manifest.jsonl"
 LABELS = "data/convert/labels.json"
 LINEAGE = "data/evaluate/serving/assets.extra/lineage.json"
+MODEL = "data/finetune/model.keras"
 METRICS = ("evaluation/metrics.json", "dvclive/train_head/metrics.json", "dvclive/finetune/metrics.json")
 
 
 # ---- checks and diffs: pure functions ----------------------------------------------------------
 
 
+def identity(row: dict) -> str:
+    """An image's identity: the hash of its normalised pixels (the same photo in two file formats is one
+    image); manifests written before download recorded it fall back to the file's hash."""
+    return row.get("pixels_sha256") or row["sha256"]
+
+
 def split_conflicts(rows: list[dict]) -> list[str]:
-    """Images (by content hash) listed in more than one split."""
+    """Images (by normalised pixels) listed in more than one split."""
     splits: dict[str, set[str]] = {}
     for row in rows:
-        splits.setdefault(row["sha256"], set()).add(row["split"])
+        splits.setdefault(identity(row), set()).add(row["split"])
     return sorted(sha for sha, found in splits.items() if len(found) > 1)
 
 
 def moved_splits(old: list[dict], new: list[dict]) -> list[dict]:
     """Images both manifests hold whose split changed (a leak between train and test across retrains)."""
-    before = {row["sha256"]: row["split"] for row in old}
+    before = {identity(row): row["split"] for row in old}
     return sorted(
-        ({"sha256": row["sha256"], "from": before[row["sha256"]], "to": row["split"]}
-         for row in new if row["sha256"] in before and before[row["sha256"]] != row["split"]),
+        ({"sha256": identity(row), "from": before[identity(row)], "to": row["split"]}
+         for row in new if identity(row) in before and before[identity(row)] != row["split"]),
         key=lambda r: r["sha256"],
     )
 
@@ -119,14 +129,25 @@ def git_file(repo: Path, rev: str, path: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def dvc_file(repo: Path, rev: str, path: str) -> bytes | None:
-    """A DVC-tracked file at a revision, from the local cache or the remote."""
+DVC_FILES = (MANIFEST, LABELS, LINEAGE, MODEL)
+
+
+def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | None:
+    """A DVC-tracked file at a revision, from the local cache or the remote.
+
+    A file that cannot be read is noted in `unreadable` (the audit then fails):
+    an audit never passes on data it did not see.
+    """
     import dvc.api
 
     try:
         return dvc.api.read(path, repo=str(repo), rev=rev, mode="rb")
-    except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or not in cache/remote
-        log.warning("audit: cannot read %s at %s: %s", path, rev, exc)
+    except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or in neither the cache nor a remote
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        unreadable.append(
+            f"cannot read {path} at {rev[:12]} ({reason}): its data is in neither the local DVC cache nor the "
+            f"default remote. Fetch it with `git checkout {rev[:12]} && dvc pull` (or `dvc fetch --all-commits`) "
+            "from a remote that holds it (`dvc remote list`), or reproduce that revision and `dvc push` it")
         return None
 
 
@@ -143,11 +164,9 @@ def collect(repo: Path, rev: str) -> dict:
     if lock_text is None:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
     lock = yaml.safe_load(lock_text)
-    manifest_blob = dvc_file(repo, commit, MANIFEST)
+    unreadable: list[str] = []
+    manifest_blob, labels_blob, lineage_blob, model_blob = (dvc_file(repo, commit, path, unreadable) for path in DVC_FILES)
     rows = read_rows(manifest_blob) or []
-    labels_blob = dvc_file(repo, commit, LABELS)
-    lineage_blob = dvc_file(repo, commit, LINEAGE)
-    model_blob = dvc_file(repo, commit, "data/finetune/model.keras")
     download = lock["stages"].get("download", {})
     metrics = {}
     for path in METRICS:
@@ -170,6 +189,7 @@ def collect(repo: Path, rev: str) -> dict:
         "libraries": dict(line.split("==", 1) for line in constraints.splitlines() if "==" in line and not line.startswith("#")),
         "serving_lineage": json.loads(lineage_blob) if lineage_blob else None,
         "model_sha256": hashlib.sha256(model_blob).hexdigest() if model_blob else None,
+        "unreadable": unreadable,
         "_rows": rows,
     }
 
@@ -217,7 +237,8 @@ def to_markdown(report: dict) -> str:
 def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False) -> dict:
     record = collect(repo, rev)
     rows = record.pop("_rows")
-    problems = [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
+    problems = list(record["unreadable"])
+    problems += [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if workspace:
@@ -227,9 +248,10 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     if against:
         other = collect(repo, against)
         other_rows = other.pop("_rows")
+        problems += list(other["unreadable"])
         problems += [f"image {m['sha256'][:12]} moved from {m['from']} to {m['to']}" for m in moved_splits(other_rows, rows)]
         problems += [f"label map changed: {p}" for p in label_order_changes(other["labels"] or [], record["labels"] or [])]
-        old_ids, new_ids = {r["sha256"] for r in other_rows}, {r["sha256"] for r in rows}
+        old_ids, new_ids = {identity(r) for r in other_rows}, {identity(r) for r in rows}
         report["diff"] = {
             "against": other["revision"],
             "images": {"added": len(new_ids - old_ids), "removed": len(old_ids - new_ids), "kept": len(new_ids & old_ids)},

@@ -45,3 +45,102 @@ def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"], cwd=tmp_path, check=True)
     with pytest.raises(SystemExit, match="HEAD has no dvc.lock: nothing was reproduced and committed there"):
         audit.main(["--rev", "HEAD", "--repo", str(tmp_path), "--out", str(tmp_path / "audit")])
+
+
+# ---- end to end: real DVC revisions, every failure mode ------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.test_dvc_pipeline import commit, dvc, run  # noqa: E402
+
+# Stages that only copy prepared files into the paths the audit reads: the audit sees real dvc.lock
+# entries, DVC cache objects and revisions, without training anything.
+LAYOUT = {"download": audit.MANIFEST, "convert": audit.LABELS, "finetune": audit.MODEL, "evaluate": audit.LINEAGE}
+
+
+def write_revision(project, manifest_rows, labels, lineage_override=None):
+    src = project / "src"
+    src.mkdir(exist_ok=True)
+    manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest_rows).encode()
+    model = b"model weights " + manifest[:16]
+    lineage = {"manifest_sha256": hashlib.sha256(manifest).hexdigest(), "model_sha256": hashlib.sha256(model).hexdigest()}
+    lineage.update(lineage_override or {})
+    blobs = {"download": manifest, "convert": json.dumps(labels).encode(), "finetune": model, "evaluate": json.dumps(lineage).encode()}
+    for stage, blob in blobs.items():
+        (src / stage).write_bytes(blob)
+
+
+@pytest.fixture
+def audited_project(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    run(["git", "init", "-q"], project)
+    dvc("init", "-q", cwd=project)
+    stages = {stage: {"cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs(os.path.dirname('{path}'), exist_ok=True); "
+                             f"shutil.copy('src/{stage}', '{path}')\"",
+                      "deps": [f"src/{stage}"], "outs": [path]} for stage, path in LAYOUT.items()}
+    (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))  # JSON is YAML
+    (project / ".gitignore").write_text("/data/\n")
+
+    def revision(message, rows, labels, **kwargs):
+        write_revision(project, rows, labels, **kwargs)
+        dvc("repro", "-q", cwd=project)
+        commit(project, message)
+        return run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+    return project, revision
+
+
+def manifest_rows(*items):
+    return [{"id": p[:20], "sha256": f"file-{p}", "pixels_sha256": p, "split": split, "label": label} for p, split, label in items]
+
+
+def audit_of(project, rev, against=None):
+    args = ["--rev", rev, "--repo", str(project), "--out", str(project / "audit")] + (["--against", against] if against else [])
+    code = audit.main(args)
+    return code, json.loads((project / "audit" / "audit.json").read_text())["problems"]
+
+
+@pytest.mark.integration
+def test_every_audit_failure_mode_on_real_revisions(audited_project):
+    project, revision = audited_project
+    good = revision("good", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    assert audit_of(project, good) == (0, [])
+
+    two_splits = revision("a re-encoded copy in test", manifest_rows(
+        ("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("a" * 64, "test", "cat")), ["cat", "dog"])
+    code, problems = audit_of(project, two_splits)
+    assert code == 1 and problems == [f"image {'a' * 12} is in two splits"]
+
+    stale = revision("serving model from another manifest", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")),
+                     ["cat", "dog"], lineage_override={"manifest_sha256": "0" * 64})
+    code, problems = audit_of(project, stale)
+    assert code == 1 and problems == ["the serving model's lineage names another manifest than the revision's"]
+
+    moved = revision("b moved to train, labels reordered", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "train", "dog")),
+                     ["dog", "cat"])
+    code, problems = audit_of(project, moved, against=good)
+    assert code == 1 and problems == [f"image {'b' * 12} moved from test to train",
+                                      "label map changed: 'cat': index 0 -> 1", "label map changed: 'dog': index 1 -> 0"]
+
+
+@pytest.mark.integration
+def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project):
+    project, revision = audited_project
+    old = revision("old", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    new = revision("new", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("c" * 64, "val", "dog")), ["cat", "dog"])
+    assert audit_of(project, new, against=old)[0] == 0
+    shutil.rmtree(project / ".dvc" / "cache")  # the old revision's data was never pushed and is gone
+    dvc("commit", "-f", "-q", cwd=project)  # the workspace (the new revision) is back in the cache
+    code, problems = audit_of(project, new, against=old)
+    assert code == 1 and problems, problems
+    missing = [p for p in problems if p.startswith("cannot read")]
+    # labels and model are the same bytes in both revisions, so the workspace put them back in the cache
+    assert {p.split(" at ")[0] for p in missing} == {f"cannot read {path}" for path in (audit.MANIFEST, audit.LINEAGE)}
+    assert all(f"at {old[:12]}" in p and "dvc pull" in p for p in missing)
