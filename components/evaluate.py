@@ -10,8 +10,10 @@ Outputs
                                    probabilities and class names out; `pipelines.serving`),
                                    with its lineage in ``assets.extra/lineage.json``
     ``<out>/params.json``          the resolved params
-    ``<report>/metrics.json``      per model: accuracy, loss, per-class precision /
-                                   recall / F1, macro F1, ROC-AUC (DVC metrics)
+    ``<report>/metrics.json``      per model and split (``val``, ``test``): accuracy,
+                                   loss, per-class precision / recall / F1, macro
+                                   F1, ROC-AUC (DVC metrics); the sweep and the
+                                   retrain gate choose on ``val``, ``test`` reports
     ``<report>/plots/``            confusion rows, ROC and precision-recall curves
                                    per model (DVC plots)
     ``<report>/gradcam/``          Grad-CAM overlays (PNG) of correct and wrong test
@@ -153,7 +155,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, names:
     matrix = confusion_matrix(labels, predicted, len(names))
     per_class = per_class_scores(matrix, names)
     metrics = {
-        "test_images": int(len(labels)),
+        "images": int(len(labels)),
         "accuracy": float(np.mean(predicted == labels)),
         "loss": log_loss(labels, probabilities),
         "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
@@ -301,7 +303,8 @@ def lineage_record(manifest_path, rows: list[dict], model_path, head_path, featu
         "conv_base": features["conv_base"],
         "model_sha256": file_sha256(model_path),
         "head_sha256": file_sha256(head_path),
-        "test_accuracy": {name: m["accuracy"] for name, m in metrics.items()},
+        "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
+        "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
         "libraries": {lib: metadata.version(lib) for lib in LIBRARIES},
     }
 
@@ -339,17 +342,31 @@ def run(
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
     image_files = records.split_files(convert_dir / "records", "test")
+    counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 
-    predictions = {
-        "head": predict_features(head, records.split_files(extract_dir / "features", "test"), feature_size, params.batch_size),
-        "finetune": predict_images(model, image_files, size, params.batch_size),
-    }
-    if sorted(predictions["head"][0]) != sorted(predictions["finetune"][0]):
-        raise RuntimeError("the test features and the test records hold different images: re-run extract")
+    def scored(split: str) -> dict[str, tuple] | None:
+        """Both models' (ids, labels, probabilities) on one split; None for a split without images."""
+        if not counts.get(split):
+            return None
+        found = {
+            "head": predict_features(head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size),
+            "finetune": predict_images(model, records.split_files(convert_dir / "records", split), size, params.batch_size),
+        }
+        if sorted(found["head"][0]) != sorted(found["finetune"][0]):
+            raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")
+        return found
+
+    predictions, validation = scored("test"), scored("val")
+    if predictions is None:
+        raise RuntimeError("the test split has no images: nothing to evaluate")
     metrics, wrong = {}, []
     with outputs.staged_dir(out_dir) as tmp, outputs.staged_dir(report_dir) as report:
         for name, (ids, labels, probs) in predictions.items():
-            metrics[name] = classification_metrics(labels, probs, names)
+            # Models are chosen and gated on "val" (sweep, retrain); "test" only reports.
+            metrics[name] = {
+                "val": None if validation is None else classification_metrics(*validation[name][1:], names),
+                "test": classification_metrics(labels, probs, names),
+            }
             roc, pr = curve_rows(labels, probs)
             write_json(report / "plots" / f"roc_{name}.json", roc)
             write_json(report / "plots" / f"precision_recall_{name}.json", pr)
@@ -382,9 +399,11 @@ def run(
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
         outputs.require_outputs(report, REPORT_OUTPUTS)
     for name in MODELS:
-        m = metrics[name]
-        log.info("evaluate: %s test accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
-                 name, m["accuracy"], m["loss"], m["macro_f1"], m["roc_auc"], m["test_images"])
+        for split in ("val", "test"):
+            m = metrics[name][split]
+            if m is not None:
+                log.info("evaluate: %s %s accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
+                         name, split, m["accuracy"], m["loss"], m["macro_f1"], m["roc_auc"], m["images"])
     log.info("evaluate: serving model agrees with the Keras model (max probability gap %.1e)", gap)
     return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen), "serving_gap": gap}
 

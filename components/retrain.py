@@ -5,8 +5,9 @@ Run (cron, CI): ``python -m components.retrain [--pull] [--push]``
 1. ``--pull``: ``git pull --ff-only`` and ``dvc pull`` (what another machine produced).
 2. ``dvc repro``: new images in the source folder re-run the pipeline from
    download (existing images keep their split); unchanged inputs run nothing.
-3. The candidate's test metric (``retrain.model``, ``retrain.metric`` from
-   ``evaluation/metrics.json``) against the model currently in
+3. The candidate's validation metric (``retrain.model``, ``retrain.metric`` on
+   the ``val`` split in ``evaluation/metrics.json``: the gate chooses, so it
+   never reads the test split) against the model currently in
    ``retrain.stage`` of DVC's model registry (GTO tags on the ``artifacts:``
    entry ``retrain.artifact`` of ``dvc.yaml``): promote only if it reaches
    ``retrain.threshold`` and does not fall more than ``retrain.tolerance``
@@ -53,7 +54,7 @@ class RetrainParams(Section):
 
 def decide(candidate: float | None, promoted: float | None, params: RetrainParams) -> tuple[bool, str]:
     """Promote or not, and why."""
-    name = f"{params.model} {params.metric}"
+    name = f"{params.model} {GATE_SPLIT} {params.metric}"
     if candidate is None:
         return False, f"the candidate has no {name}"
     if candidate < params.threshold:
@@ -65,8 +66,11 @@ def decide(candidate: float | None, promoted: float | None, params: RetrainParam
     return True, f"{name} {candidate:.4f} reaches the threshold and is within {params.tolerance} of (or above) the promoted {promoted:.4f}"
 
 
-def metric_of(metrics: dict, params: RetrainParams) -> float | None:
-    value = metrics.get(params.model, {}).get(params.metric)
+GATE_SPLIT = "val"  # the split the gate decides on; the test split only reports
+
+
+def metric_of(metrics: dict, params: RetrainParams, split: str = GATE_SPLIT) -> float | None:
+    value = ((metrics.get(params.model) or {}).get(split) or {}).get(params.metric)
     return None if value is None else float(value)
 
 
@@ -103,7 +107,8 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo)
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
-    candidate = metric_of(json.loads((repo / METRICS).read_text()), params)
+    metrics = json.loads((repo / METRICS).read_text())
+    candidate = metric_of(metrics, params)
     previous, previous_commit = promoted_version(repo, params)
     promoted = promoted_metric(repo, previous_commit, params)
     promote, reason = decide(candidate, promoted, params)
@@ -128,6 +133,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         sh("git", "push", "--tags", cwd=repo)
     record = {
         "decision": "promoted" if promote else "rejected", "reason": reason, "candidate": candidate,
+        "candidate_test": metric_of(metrics, params, "test"),  # reported, never decides
         "promoted_before": {"version": previous, "value": promoted}, "version": version, "commit": head,
         "stage": params.stage if promote else None,
     }

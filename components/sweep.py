@@ -16,10 +16,12 @@ variant whose experiment already exists on this commit is not run again. At the
 end the workspace goes back to the baseline commit's params and outputs.
 
 The leaderboard (``leaderboard.json`` and ``leaderboard.md`` under ``--out``),
-best fine-tuned test accuracy first: per variant the base, input size, pooling,
-tapped layer, feature size, extraction images/s (from ``metrics/extract.json``;
-marked when the feature cache served images), and head and fine-tuned test
-accuracy and ROC-AUC (``evaluation/metrics.json``).
+best fine-tuned validation accuracy first (then the head's): per variant the
+base, input size, pooling, tapped layer, feature size, extraction images/s
+(from ``metrics/extract.json``; marked when the feature cache served images),
+and head and fine-tuned accuracy and ROC-AUC on val and on test
+(``evaluation/metrics.json``). Variants are ranked on val only; the test
+figures are reported beside them and never choose.
 """
 
 from __future__ import annotations
@@ -133,16 +135,20 @@ def leaderboard_row(variant: str, exp: Mapping) -> dict:
         "feature_size": extracted.get("feature_size"),
         "extract_images_per_s": extracted.get("images_per_s"),
         "extract_from_cache": extracted.get("from_cache"),
-        "head_accuracy": (evaluation.get("head") or {}).get("accuracy"),
-        "finetune_accuracy": (evaluation.get("finetune") or {}).get("accuracy"),
-        "head_roc_auc": (evaluation.get("head") or {}).get("roc_auc"),
-        "finetune_roc_auc": (evaluation.get("finetune") or {}).get("roc_auc"),
-        "test_images": (evaluation.get("finetune") or {}).get("test_images"),
+        **{f"{model}_{split}_{metric}": scores(evaluation, model, split).get(metric)
+           for model in ("head", "finetune") for split in ("val", "test") for metric in ("accuracy", "roc_auc")},
+        "val_images": scores(evaluation, "finetune", "val").get("images"),
+        "test_images": scores(evaluation, "finetune", "test").get("images"),
     }
 
 
+def scores(evaluation: Mapping, model: str, split: str) -> Mapping:
+    return ((evaluation.get(model) or {}).get(split)) or {}
+
+
 def rank(rows: list[dict]) -> list[dict]:
-    key = lambda r: (-(r["finetune_accuracy"] or 0.0), -(r["head_accuracy"] or 0.0), r["variant"])  # noqa: E731
+    """Best first on the validation split: fine-tuned accuracy, then the head's. Test figures only report."""
+    key = lambda r: (-(r["finetune_val_accuracy"] or 0.0), -(r["head_val_accuracy"] or 0.0), r["variant"])  # noqa: E731
     return sorted(rows, key=key)
 
 
@@ -159,15 +165,19 @@ def markdown(rows: list[dict], sweep_name: str) -> str:
     lines = [
         f"# Leaderboard: {sweep_name}",
         "",
-        "| # | variant | base | input | pooling / layer | feature size | extract images/s | head test acc | fine-tuned test acc | fine-tuned ROC-AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Ranked on the validation split; the test split only reports.",
+        "",
+        "| # | variant | base | input | pooling / layer | feature size | extract images/s | head val acc | fine-tuned val acc "
+        "| head test acc | fine-tuned test acc | fine-tuned test ROC-AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows, 1):
         size = "x".join(map(str, r["input_size"])) if r["input_size"] else "?"
         tap = r["pooling"] + (f" @ {r['layer']}" if r["layer"] else "") if r["pooling"] else "?"
-        auc = "n/a" if r["finetune_roc_auc"] is None else f"{r['finetune_roc_auc']:.4f}"
+        auc = "n/a" if r["finetune_test_roc_auc"] is None else f"{r['finetune_test_roc_auc']:.4f}"
         lines.append(f"| {i} | {r['variant']} | {r['base']} ({r['weights']}) | {size} | {tap} | {r['feature_size']} | "
-                     f"{speed(r)} | {pct(r['head_accuracy'])} | {pct(r['finetune_accuracy'])} | {auc} |")
+                     f"{speed(r)} | {pct(r['head_val_accuracy'])} | {pct(r['finetune_val_accuracy'])} | "
+                     f"{pct(r['head_test_accuracy'])} | {pct(r['finetune_test_accuracy'])} | {auc} |")
     return "\n".join(lines) + "\n"
 
 

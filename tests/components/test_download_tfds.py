@@ -106,7 +106,27 @@ def test_uncached_tfds_offline_fails_fast_with_instructions(tmp_path):
     assert "not prepared" in message and "dataset.source=folder" in message and "data_dir" in message
 
 
-def test_network_probe_is_bounded():
+def test_network_probe_is_bounded(monkeypatch):
+    import socket
+    import threading
+
+    hang = threading.Event()
+
+    def never_answers(address, timeout=None):  # a connect that hangs past its own timeout; no network is touched
+        hang.wait(30)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(socket, "create_connection", never_answers)
     started = time.monotonic()
-    dl.network_reachable(timeout=1.0)  # True or False: it only has to come back in time
+    assert dl.network_reachable(timeout=1.0) is False
     assert time.monotonic() - started < 3
+    hang.set()
+
+
+def test_network_probe_sees_a_listening_port():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # loopback only
+        port = server.getsockname()[1]
+        assert dl.network_reachable("127.0.0.1", port, timeout=2.0) is True
+    assert dl.network_reachable("127.0.0.1", port, timeout=2.0) is False  # closed now

@@ -113,9 +113,11 @@ def test_evaluate_stage_outputs(evaluated, converted_tiny):
     test_count = json.loads((converted_tiny / "summary.json").read_text())["records"]["test"]
     metrics = json.loads((report / "metrics.json").read_text())
     wrong = json.loads((report / "misclassified.json").read_text())
+    val_count = json.loads((converted_tiny / "summary.json").read_text())["records"]["val"]
     for model in evaluate.MODELS:
-        m = metrics[model]
-        assert m["test_images"] == test_count == sum(map(sum, m["confusion_matrix"]))
+        assert metrics[model]["val"]["images"] == val_count > 0  # what the sweep and the retrain gate choose on
+        m = metrics[model]["test"]
+        assert m["images"] == test_count == sum(map(sum, m["confusion_matrix"]))
         errors = sum(1 for row in wrong if row["model"] == model)
         assert m["accuracy"] == pytest.approx(1 - errors / test_count)  # the list holds every wrong prediction
         confusion = json.loads((report / "plots" / f"confusion_{model}.json").read_text())
