@@ -245,3 +245,11 @@ def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
     assert plan == {"tail": None}
     images = np.arange(3 * 2 * 2 * 3, dtype=np.float32).reshape(3, 2, 2, 3)
     np.testing.assert_array_equal(predict(images), 2 * images.reshape(3, -1)[:, :2])
+
+
+def test_a_record_lost_inside_the_beam_job_fails_the_stage(converted_tiny, tmp_path, monkeypatch):
+    real_scan = graph._scan
+    monkeypatch.setattr(graph, "_scan", lambda source: real_scan(source)[1:])  # a graph bug: one record per shard dropped
+    with pytest.raises(RuntimeError, match=r"feature records \{.*\} do not match the TFRecords"):
+        extract.run(extract.Config(BASE, extract.ExtractParams(batch_size=4)), converted_tiny, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
