@@ -149,8 +149,13 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
 
     base = classifier.find_base(model)
     default = bases.REGISTRY[conv_base.name].top_block if conv_base.name and not conv_base.layer else None
+    if not conv_base.name:
+        no_default = "a saved base (conv_base.path) has no registry default"
+    else:
+        no_default = (f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
+                      f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap")
     try:
-        start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default)
+        start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default, no_default)
     except classifier.UnfreezeError as exc:
         raise ParamsError(f"finetune.{exc}") from None
     return classifier.unfreeze(model, start, params.train_batch_norm)

@@ -48,8 +48,10 @@ def find_base(model: keras.Model) -> keras.Model:
     return _base_wrapper(model).layer
 
 
-def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, default: str | None) -> int:
-    """Index in `base.layers` of the first layer to train: a named layer, the top N layers, or the default."""
+def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, default: str | None,
+                   no_default: str = "this base has no default unfreeze point") -> int:
+    """Index in `base.layers` of the first layer to train: a named layer, the top N layers, or the default
+    (`no_default` says why there is none)."""
     names = [layer.name for layer in base.layers]
     if top is not None:
         if not 1 <= top <= len(names) - 1:
@@ -58,7 +60,7 @@ def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, d
     name = from_layer or default
     if name is None:
         raise UnfreezeError(
-            "unfreeze_from: a saved base has no registry default; set unfreeze_from to a layer name or unfreeze_top"
+            f"unfreeze_from: {no_default}; set unfreeze_from to a layer name or unfreeze_top"
         )
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)

@@ -30,11 +30,11 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_class_folder(tmp_path / "source", per_class=12)
 
 
-def make_converted(root: Path, per_class: int, start: int = 0) -> Path:
+def make_converted(root: Path, per_class: int, start: int = 0, classes=("cats", "dogs")) -> Path:
     """download + convert of generated images in `root/src` (images added later keep the earlier ones' splits)."""
     from components import convert, download as dl
 
-    make_class_folder(root / "src", per_class=per_class, start=start)
+    make_class_folder(root / "src", per_class=per_class, start=start, classes=classes)
     dl.run(
         dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(root / "src")), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
         root / "download",

@@ -198,3 +198,62 @@ def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
     assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2]" in result["error"]
     result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["truncated"]], tmp_path)
     assert "error" in result and "jpeg" in result["error"].lower()
+
+
+# ---- three classes, a tapped mid-network layer, no pooling: finetune, evaluate, Grad-CAM, serving ----
+
+
+@pytest.fixture(scope="module")
+def three_class_tapped(tiny_base_weights, tmp_path_factory):
+    from tests.conftest import make_converted
+
+    root = tmp_path_factory.mktemp("three")
+    converted = make_converted(root / "data", per_class=6, classes=("birds", "cats", "dogs"))
+    base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="none",
+                          layer="block_13_expand_relu")
+    features = extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted, root / "extract")
+    train_head.run(
+        train_head.Config(CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=3, learning_rate=0.01)),
+        root / "extract", converted / "labels.json", root / "train_head", root / "live_head",
+    )
+    with pytest.raises(Exception, match=r"tapped at conv_base\.layer='block_13_expand_relu'"):
+        finetune.run(finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(epochs=1, batch_size=4)),
+                     converted, root / "train_head" / "head.keras", root / "unused", root / "unused_live")
+    tuned = finetune.run(
+        finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_from="block_12_expand", epochs=1, batch_size=4)),
+        converted, root / "train_head" / "head.keras", root / "finetune", root / "live_finetune",
+    )
+    config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=4))
+    result = evaluate.run(config, converted, root / "extract", root / "train_head" / "head.keras",
+                          root / "finetune" / "model.keras", converted.parent / "download" / "manifest.jsonl",
+                          root / "out", root / "report")
+    return root, converted, features, tuned, result
+
+
+def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped, tmp_path):
+    root, converted, features, tuned, result = three_class_tapped
+    assert features["feature_shape"] == [2, 2, 576]  # block_13_expand_relu at 32x32, not pooled
+    assert tuned["unfrozen_layers"][0] == "block_12_expand"
+    names = json.loads((converted / "labels.json").read_text())
+    assert names == ["birds", "cats", "dogs"]
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    test_count = json.loads((converted / "summary.json").read_text())["records"]["test"]
+    for model in evaluate.MODELS:
+        m = metrics[model]["test"]
+        assert np.array(m["confusion_matrix"]).shape == (3, 3) and np.sum(m["confusion_matrix"]) == test_count
+        assert set(m["per_class"]) == set(names)
+    assert len(list((root / "report" / "gradcam").glob("*.png"))) == result["gradcam"] >= 1
+    # The serving model answers with the three classes, as the Keras model does on the training pixels.
+    blobs = [encode(image_array(s, color, (24, 32)), "JPEG") for s, color in ((1, (40, 180, 60)), (2, (200, 60, 40)))]
+    files = []
+    for i, blob in enumerate(blobs):
+        files.append(tmp_path / f"img{i}")
+        files[-1].write_bytes(blob)
+    served = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
+    from pipelines import image
+
+    model = keras.saving.load_model(root / "finetune" / "model.keras")
+    expected = model.predict_on_batch(np.stack([image.decode_and_resize(tf.constant(b), (32, 32)).numpy() for b in blobs]))
+    assert np.array(served["probabilities"]).shape == (2, 3)
+    np.testing.assert_allclose(np.array(served["probabilities"]), expected, atol=1e-5)
+    assert served["classes"] == [names] * 2 and served["predicted"] == [names[i] for i in expected.argmax(axis=1)]

@@ -98,7 +98,7 @@ def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save(saved)
     saved_params = ConvBaseParams(name=None, path=str(saved), input_size=(32, 32), pooling="avg")
     model = finetune.build_classifier(saved_params, head_path)
-    with pytest.raises(ParamsError, match="a saved base has no registry default"):
+    with pytest.raises(ParamsError, match=r"a saved base \(conv_base\.path\) has no registry default"):
         finetune.prepare_for_finetuning(model, saved_params, finetune.FinetuneParams())
 
 
