@@ -5,7 +5,7 @@ from __future__ import annotations
 IMAGE = "image"  # encoded image bytes (JPEG, or PNG for normalised non-JPEG sources)
 LABEL = "label"  # int64 index into the label vocabulary
 LABEL_NAME = "label_name"  # the class name
-ID = "id"  # the manifest id (first 20 hex digits of the source file's SHA-256)
+ID = "id"  # the manifest id (first 20 hex digits of the SHA-256 of the normalised pixels)
 FILE = "file"  # convert's input only: the image's path relative to the download folder
 SPLIT = "split"  # convert's input only: train, val or test
 

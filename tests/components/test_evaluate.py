@@ -63,10 +63,13 @@ def test_three_class_metrics_by_hand():
     assert m["accuracy"] == pytest.approx(4 / 6)
     # a: P 2/3 R 1 F1 .8; b: P 1/2 R 1/2 F1 .5; c: P 1 R 1/2 F1 2/3
     assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
-    assert 0.5 < m["roc_auc"] <= 1.0  # macro one-vs-rest
-    roc, pr = evaluate.curve_rows(labels, probs)
-    assert roc[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0} and roc[-1]["fpr"] == roc[-1]["tpr"] == 1.0
-    assert pr[-1]["recall"] == 1.0
+    # one-vs-rest, counting correctly ordered (positive, negative) pairs: a 7/8, b 6/8, c 8/8
+    assert m["roc_auc"] == pytest.approx((7 / 8 + 6 / 8 + 1) / 3)
+    roc, pr = evaluate.curve_rows(labels, probs)  # micro one-vs-rest: 6 positives, 12 negatives
+    np.testing.assert_allclose([r["fpr"] for r in roc], [0, 0, 0, 1 / 12, 1 / 6, 1 / 4, 1 / 4, 5 / 12, 1])
+    np.testing.assert_allclose([r["tpr"] for r in roc], [0, 1 / 3, 1 / 2, 1 / 2, 2 / 3, 2 / 3, 1, 1, 1])
+    np.testing.assert_allclose([r["precision"] for r in pr], [1, 1, 3 / 4, 2 / 3, 4 / 7, 2 / 3, 6 / 11, 1 / 3])
+    np.testing.assert_allclose([r["recall"] for r in pr], [1 / 3, 1 / 2, 1 / 2, 2 / 3, 2 / 3, 1, 1, 1])
 
 
 def test_misclassified_and_gradcam_picks():

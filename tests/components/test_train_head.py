@@ -48,6 +48,16 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
 
     head = keras.saving.load_model(tmp_path / "out" / "head.keras")
     assert head.output_shape[-1] == (1 if num_classes == 2 else num_classes)
+    # The reported val accuracy is the saved head's, recomputed here from the val feature records.
+    import tensorflow as tf
+
+    from pipelines import features as fk
+
+    spec = fk.features_feature_spec(SIZE)
+    rows = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(sorted(str(p) for p in (extract_dir / "features").glob("val-*")))]
+    outputs = head.predict_on_batch(np.stack([r[fk.FEATURES].numpy() for r in rows]))
+    predicted = (outputs[:, 0] > 0.5).astype(int) if num_classes == 2 else outputs.argmax(axis=1)
+    assert record["val_accuracy"] == pytest.approx(np.mean(predicted == np.array([r[fk.LABEL].numpy() for r in rows])))
 
 
 def test_same_seed_same_head(tmp_path):
