@@ -146,6 +146,14 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
+    # An edit to a shared module makes exactly the stages that import it dirty (dvc.yaml's deps are complete).
+    records_py = project / "pipelines" / "records.py"
+    original = records_py.read_text()
+    records_py.write_text(original + "\n# an edit\n")
+    dirty = json.loads(dvc("status", "--json", cwd=project))
+    assert set(dirty) == {"extract", "train_head", "finetune", "evaluate"}, dirty
+    records_py.write_text(original)
+    assert json.loads(dvc("status", "--json", cwd=project)) == {}
 
     # Forced re-runs with the same inputs give byte-identical outputs (same DVC hashes).
     for stage in ("download", "convert"):

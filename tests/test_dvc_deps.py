@@ -1,0 +1,83 @@
+"""dvc.yaml's deps name every project file each stage's code imports, directly or transitively.
+
+An import DVC does not know of is an edit that does not re-run the stage: `dvc status`
+would say all is up to date while the stage's code changed. Imports are read from the
+source (module level and inside functions), so a new import fails this test until
+dvc.yaml lists the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("components", "pipelines")
+
+
+def module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    path = REPO.joinpath(*parts).with_suffix(".py")
+    if path.is_file():
+        return path
+    package = REPO.joinpath(*parts, "__init__.py")
+    return package if package.is_file() else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules a file imports anywhere in it (`from pkg import mod` counts mod)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if module_file(name)}
+
+
+def closure(module: str) -> set[Path]:
+    seen, todo = set(), [module]
+    while todo:
+        path = module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo += imported_modules(path)
+    return {p for p in seen if not docstring_only(p)}
+
+
+def docstring_only(path: Path) -> bool:
+    """A package's __init__ that holds only its docstring changes no behaviour."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return path.name == "__init__.py" and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def stage_module(cmd: str) -> str:
+    match = re.search(r"python -m (components\.\w+)", cmd)
+    assert match, cmd
+    return match.group(1)
+
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_imported_project_file_is_a_dependency(stage):
+    entry = STAGES[stage]
+    deps = {d for d in entry["deps"] if not d.startswith("$")}
+    needed = {p.relative_to(REPO).as_posix() for p in closure(stage_module(entry["cmd"]))}
+    missing = sorted(n for n in needed if n not in deps)
+    assert not missing, f"dvc.yaml stage {stage} imports {missing} but does not depend on them"
+
+
+def test_the_import_reader_follows_imports_inside_functions():
+    # components/evaluate.py imports pipelines modules inside run(): they must be found
+    assert "pipelines.serving" in imported_modules(REPO / "components" / "evaluate.py")
+    assert REPO / "pipelines" / "image.py" in closure("components.download")
