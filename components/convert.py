@@ -48,8 +48,8 @@ DECLARED_OUTPUTS = (RECORDS, TRANSFORM, LABELS, SUMMARY, "params.json")
 
 class Shards(Section):
     train: int = pydantic.Field(4, ge=1, le=10_000)
-    val: int = pydantic.Field(1, ge=1, le=10_000)
-    test: int = pydantic.Field(1, ge=1, le=10_000)
+    val: int = pydantic.Field(2, ge=1, le=10_000)
+    test: int = pydantic.Field(2, ge=1, le=10_000)
 
 
 class ConvertParams(Section):

@@ -56,8 +56,9 @@ from components.params import (
     ParamsError,
     Section,
     log_resolved,
-    read_params,
     parse_section,
+    read_params,
+    section,
     write_resolved,
 )
 from pipelines import image
@@ -156,9 +157,9 @@ def load_config(params_path: str | Path) -> Config:
     if "dataset" not in data:
         raise ParamsError(f"{params_path}: section 'dataset' is missing")
     return Config(
-        common=parse_section(CommonParams, "common", data.get("common")),
-        dataset=parse_section(DatasetParams, "dataset", data.get("dataset")),
-        download=parse_section(DownloadParams, "download", data.get("download")),
+        common=parse_section(CommonParams, "common", section(data, "common", params_path)),
+        dataset=parse_section(DatasetParams, "dataset", section(data, "dataset", params_path)),
+        download=parse_section(DownloadParams, "download", section(data, "download", params_path)),
     )
 
 

@@ -9,6 +9,7 @@ config next to the stage's outputs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -124,12 +125,19 @@ def read_params(params_path: str | Path) -> dict[str, Any]:
     return data
 
 
+def section(data: Mapping[str, Any], name: str, params_path: str | Path) -> Any:
+    """The raw section `name` of a params file; a missing section is an error, never silent defaults
+    (a misspelt ``train-head:`` would otherwise train with the code's defaults)."""
+    if name not in data:
+        close = difflib.get_close_matches(name, [str(k) for k in data], n=1, cutoff=0.7)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ParamsError(f"{params_path}: section {name!r} is missing{hint}")
+    return data[name]
+
+
 def load_section(params_path: str | Path, model: type[SectionT], name: str) -> SectionT:
     """Read `name` from the params file and validate it as `model`."""
-    data = read_params(params_path)
-    if name not in data:
-        raise ParamsError(f"{params_path}: section {name!r} is missing")
-    return parse_section(model, name, data[name])
+    return parse_section(model, name, section(read_params(params_path), name, params_path))
 
 
 def to_jsonable(config: pydantic.BaseModel) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Literal, Sequence
 import pydantic
 
 from components.cli import configure_logging, sh
-from components.params import Section, log_resolved, parse_section, read_params
+from components.params import Section, log_resolved, parse_section, read_params, section
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--push", action="store_true", help="dvc push and push git tags afterwards")
     args = parser.parse_args(argv)
     configure_logging()
-    params = parse_section(RetrainParams, "retrain", read_params(Path(args.repo) / args.params).get("retrain"))
+    params_path = Path(args.repo) / args.params
+    params = parse_section(RetrainParams, "retrain", section(read_params(params_path), "retrain", params_path))
     log_resolved("retrain", {"retrain": params})
     try:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)

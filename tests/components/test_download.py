@@ -380,7 +380,7 @@ def test_main_on_a_tiny_folder(tiny_folder, tmp_path):
     import yaml
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"dataset": {"source": "folder", "dir": str(tiny_folder)}}))
+    params.write_text(yaml.safe_dump({"common": {"seed": 1}, "dataset": {"source": "folder", "dir": str(tiny_folder)}, "download": {}}))
     assert dl.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / dl.SUMMARY).read_text())
     assert summary["kept"] == 24 and summary["reconciled"]

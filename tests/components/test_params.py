@@ -97,12 +97,54 @@ def test_missing_section_and_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         convert.load_config(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match=r"dataset\.dir: required key is missing"):
-        download.load_config(write_params(tmp_path, {"dataset": {"source": "folder"}}))
+        download.load_config(write_params(tmp_path, {"common": {"seed": 1}, "dataset": {"source": "folder"}, "download": {}}))
 
 
 def test_main_refuses_bad_params_before_any_work(tmp_path):
-    params = write_params(tmp_path, {"dataset": {"source": "folder", "dir": str(tmp_path)}, "download": {"shards": 3}})
+    params = write_params(tmp_path, {"common": {"seed": 1}, "dataset": {"source": "folder", "dir": str(tmp_path)}, "download": {"shards": 3}})
     out = tmp_path / "out"
     with pytest.raises(ParamsError, match=r"download\.shards: unknown key"):
         download.main(["--params", str(params), "--out", str(out)])
     assert not out.exists()
+
+
+def test_a_missing_section_stops_the_stage_instead_of_using_defaults(tmp_path):
+    from components import evaluate, extract, finetune, train_head
+
+    path = tmp_path / "params.yaml"
+    path.write_text("common: {seed: 1}\ntrain-head: {epochs: 3}\n", encoding="utf-8")  # misspelt
+    with pytest.raises(ParamsError, match=r"section 'train_head' is missing \(did you mean 'train-head'\?\)"):
+        train_head.load_config(path)
+    for stage, name in ((extract, "conv_base"), (finetune, "conv_base"), (evaluate, "evaluate"), (download, "dataset")):
+        with pytest.raises(ParamsError, match=f"section '{name}' is missing"):
+            stage.load_config(path)
+
+
+def test_code_defaults_agree_with_params_yaml():
+    """Where a params model has a default, it is params.yaml's value: the two cannot drift apart."""
+    from components import conv_base, evaluate, extract, finetune, retrain, train_head
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    models = {"common": download.CommonParams, "download": download.DownloadParams, "convert": convert.ConvertParams,
+              "conv_base": conv_base.ConvBaseParams, "extract": extract.ExtractParams, "train_head": train_head.TrainHeadParams,
+              "finetune": finetune.FinetuneParams, "evaluate": evaluate.EvaluateParams, "retrain": retrain.RetrainParams}
+
+    def drift(model, values, prefix):
+        found = []
+        for name, field in model.model_fields.items():
+            if name not in values:
+                continue
+            if field.is_required():
+                continue
+            default = field.get_default(call_default_factory=True)
+            expected = values[name]
+            if hasattr(default, "model_dump"):
+                found += drift(type(default), expected, f"{prefix}{name}.") if isinstance(expected, dict) else [f"{prefix}{name}"]
+                found += [f"{prefix}{name}"] if default.model_dump() != type(default).model_validate(expected).model_dump() else []
+            elif (list(default) if isinstance(default, tuple) else default) != expected:
+                found.append(f"{prefix}{name}: code {default!r}, params.yaml {expected!r}")
+        return found
+
+    problems = [p for section, model in models.items() if section in raw for p in drift(model, raw[section], f"{section}.")]
+    assert not problems, problems
+    assert set(models) <= set(raw)  # every stage's section is in params.yaml
