@@ -39,7 +39,7 @@ from typing import Literal, Sequence
 
 import pydantic
 
-from components import outputs
+from components import outputs, training
 from components.cli import configure_logging
 from components.conv_base import ConvBaseParams, build_extractor
 from components.download import CommonParams
@@ -173,7 +173,7 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
     model = build_classifier(config.conv_base, head_path)
-    keras.utils.set_random_seed(config.common.seed)  # after the build: an untrained base seeds its own init
+    training.make_deterministic(config.common.seed)  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
@@ -204,11 +204,10 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
             log.warning("finetune: no epoch improved val loss %.4f; keeping the starting weights", before_loss)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch}
-        model.save(tmp / MODEL)
+        outputs.save_keras(model, tmp / MODEL)
         record = {
             "epochs_run": len(history.history["loss"]),
             "best_epoch": best_epoch,
-            "seconds_per_epoch": elapsed / len(history.history["loss"]),
             "val_before": {"loss": float(before_loss), "accuracy": float(before_accuracy)},
             "val_loss": float(val_loss),
             "val_accuracy": float(val_accuracy),
@@ -221,7 +220,7 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
     log.info("finetune: val accuracy %.4f -> %.4f, val loss %.4f -> %.4f (best epoch %d, %.1f s/epoch)",
-             before_accuracy, val_accuracy, before_loss, val_loss, best_epoch, record["seconds_per_epoch"])
+             before_accuracy, val_accuracy, before_loss, val_loss, best_epoch, elapsed / record["epochs_run"])
     return record
 
 

@@ -60,3 +60,35 @@ def stabilise_saved_model_fingerprint(saved_model_dir: str | Path) -> None:
     fingerprint.ParseFromString(path.read_bytes())
     fingerprint.uuid = str(fingerprint.saved_model_checksum)
     path.write_bytes(fingerprint.SerializeToString(deterministic=True))
+
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
+
+
+def save_keras(model, path: str | Path) -> None:
+    """`model.save(path)` with bytes that depend on the model alone.
+
+    A `.keras` file is a zip whose entries carry the time of writing, and whose
+    metadata.json holds ``date_saved``: two saves of the same weights differ by
+    those alone. Both are fixed here, so a re-trained identical model has the
+    same DVC hash (the config and the HDF5 weights are already deterministic).
+    """
+    import json
+    import zipfile
+
+    path = Path(path)
+    raw = path.with_name(f".{path.name}.raw-{uuid.uuid4().hex[:8]}.keras")
+    model.save(raw)
+    try:
+        with zipfile.ZipFile(raw) as source, zipfile.ZipFile(path, "w") as target:
+            for info in source.infolist():
+                data = source.read(info.filename)
+                if info.filename == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata["date_saved"] = "1980-01-01@00:00:00"
+                    data = json.dumps(metadata, sort_keys=True).encode()
+                entry = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
+                entry.compress_type, entry.external_attr = info.compress_type, info.external_attr
+                target.writestr(entry, data)
+    finally:
+        raw.unlink(missing_ok=True)

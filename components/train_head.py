@@ -31,7 +31,7 @@ from typing import Literal, Sequence
 import pydantic
 
 from components.cli import configure_logging
-from components import outputs
+from components import outputs, training
 from components.download import CommonParams
 from components.params import Section, log_resolved, parse_section, read_params, section, write_resolved
 
@@ -93,7 +93,9 @@ def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) 
 
     optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+    # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
+    # make the saved file depend on what ran before in the process.
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"])
 
 
 def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
@@ -154,7 +156,7 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
     files = {split: records.split_files(extract_dir / "features", split) for split in ("train", "val")}
     for names in files.values():
         check_labels(names, size, num_classes)
-    keras.utils.set_random_seed(config.common.seed)
+    training.make_deterministic(config.common.seed)
     train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)
     val = feature_dataset(files["val"], size, num_classes, params.batch_size, None)
     head = build_head(size, num_classes, params)
@@ -167,7 +169,7 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}
-        head.save(tmp / HEAD)
+        outputs.save_keras(head, tmp / HEAD)
         record = {
             "epochs_run": len(history.history["loss"]),
             "best_epoch": best_epoch + 1,

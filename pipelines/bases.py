@@ -129,7 +129,10 @@ def load_conv_base(
         # same untrained base, and re-runs give the same features.
         keras.utils.set_random_seed(UNTRAINED_SEED)
     try:
-        model = spec.constructor(include_top=False, weights=weights_arg, input_shape=(*input_size, 3))
+        # A named input: keras.applications would name it input_layer_<n>, numbered per process, so
+        # the saved model's bytes would depend on what was built before in the process.
+        inputs = keras.Input((*input_size, 3), name=f"{name}_input")
+        model = spec.constructor(include_top=False, weights=weights_arg, input_tensor=inputs, input_shape=(*input_size, 3))
     except ValueError as exc:
         raise BaseError(f"input_size: {name} refused input_size={list(input_size)}, weights={weights!r}: {exc}") from None
     except Exception as exc:
