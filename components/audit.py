@@ -11,6 +11,11 @@ carries (``serving/assets.extra/lineage.json``). DVC-tracked files are read
 through the DVC API from the cache or the remote, so any committed revision
 can be audited without checking it out.
 
+With ``--rebuild`` it re-trains the revision's models (train_head, finetune,
+evaluate) from its recorded inputs in a scratch git worktree and fails unless
+every output comes back with the hash ``dvc.lock`` recorded: training is
+bit-reproducible on the same machine type.
+
 Checks (a failed check exits 1): every DVC-tracked file the audit reads is
 readable (from the cache or a remote: an audit that cannot see the data fails,
 naming the file and how to fetch it); no image (by its normalised pixels) in
@@ -26,7 +31,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,6 +112,21 @@ def stage_outputs(lock: dict) -> dict[str, dict[str, str]]:
 
 def stage_params(lock: dict) -> dict[str, dict]:
     return {stage: entry.get("params", {}).get("params.yaml", {}) for stage, entry in lock.get("stages", {}).items()}
+
+
+REBUILT = ("train_head", "finetune", "evaluate")  # the training stages and what scores and exports their models
+
+
+def rebuild_mismatches(recorded: dict, rebuilt: dict, stages: Sequence[str] = REBUILT) -> list[str]:
+    """Every output of `stages` whose hash after a rebuild differs from the revision's dvc.lock."""
+    before, after = stage_outputs(recorded), stage_outputs(rebuilt)
+    problems = []
+    for stage in stages:
+        for path, md5 in before.get(stage, {}).items():
+            again = after.get(stage, {}).get(path)
+            if again != md5:
+                problems.append(f"rebuild: {stage}'s {path} is {again} after re-training, {md5} in dvc.lock")
+    return problems
 
 
 def lineage_checks(lineage: dict | None, manifest_sha256: str | None, model_sha256: str | None) -> list[str]:
@@ -194,6 +217,41 @@ def collect(repo: Path, rev: str) -> dict:
     }
 
 
+def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> dict:
+    """Re-run `stages` of a revision from its recorded inputs, in a scratch git worktree; its new dvc.lock.
+
+    The worktree shares this repository's DVC cache: its inputs are checked out
+    from the cache (or pulled from the default remote), then each stage runs
+    again with `dvc repro --force --single-item`. Training is bit-reproducible,
+    so every output must come back with the hash the revision recorded.
+    """
+    import yaml
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    dvc = [sys.executable, "-m", "dvc"]
+    cache = subprocess.run([*dvc, "cache", "dir"], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="audit-rebuild-") as scratch:
+        tree = Path(scratch) / "tree"
+        git(repo, "worktree", "add", "--detach", str(tree), commit)
+        try:
+            def run(*args: str) -> None:
+                result = subprocess.run([*dvc, *args], cwd=tree, env=env, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"audit --rebuild: dvc {' '.join(args)} failed at {commit[:12]}: "
+                                       f"{(result.stderr or result.stdout)[-2000:]}")
+
+            run("config", "--local", "cache.dir", str(Path(repo, cache).resolve()))
+            inputs = subprocess.run([*dvc, "checkout"], cwd=tree, env=env, capture_output=True, text=True)
+            if inputs.returncode != 0:  # something is not in the local cache: the remote may have it
+                run("pull")
+            for stage in stages:
+                log.info("audit: re-running %s at %s", stage, commit[:12])
+                run("repro", "--force", "--single-item", stage)
+            return yaml.safe_load((tree / "dvc.lock").read_text(encoding="utf-8"))
+        finally:
+            git(repo, "worktree", "remove", "--force", str(tree))
+
+
 def workspace_changes(repo: Path) -> dict:
     """Stages whose workspace outputs or dependencies differ from dvc.lock (`dvc status`)."""
     from dvc.repo import Repo
@@ -234,13 +292,20 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False) -> dict:
+def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False, rebuilt: bool = False) -> dict:
     record = collect(repo, rev)
     rows = record.pop("_rows")
     problems = list(record["unreadable"])
     problems += [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
+    if rebuilt:
+        import yaml
+
+        recorded = yaml.safe_load(git_file(repo, record["revision"], "dvc.lock"))
+        mismatches = rebuild_mismatches(recorded, rebuild(repo, record["revision"]))
+        report["rebuild"] = {"stages": list(REBUILT), "identical": not mismatches}
+        problems += mismatches
     if workspace:
         changes = workspace_changes(repo)
         report["workspace"] = changes
@@ -266,11 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rev", default="HEAD", help="the git revision to audit")
     parser.add_argument("--against", default=None, help="an earlier revision to diff and check against")
     parser.add_argument("--workspace", action="store_true", help="also check the workspace's outputs against dvc.lock")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="re-train the revision's models from its recorded inputs and check every output hash")
     parser.add_argument("--repo", default=".", help="the project's git repository")
     parser.add_argument("--out", default="audit", help="folder for audit.json and audit.md")
     args = parser.parse_args(argv)
     configure_logging()
-    report = audit(Path(args.repo), args.rev, args.against, args.workspace)
+    report = audit(Path(args.repo), args.rev, args.against, args.workspace, args.rebuild)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")

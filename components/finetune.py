@@ -73,6 +73,9 @@ class FinetuneParams(Section):
     patience: int = pydantic.Field(4, ge=1)
     cache: bool = True  # keep the decoded (pre-augmentation) images in memory between epochs
     keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
+    # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for ~14% more time an
+    # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
+    deterministic: bool = True
     augment: AugmentParams = AugmentParams()
 
     @pydantic.model_validator(mode="after")
@@ -173,7 +176,7 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
     model = build_classifier(config.conv_base, head_path)
-    training.make_deterministic(config.common.seed)  # after the build: an untrained base seeds its own init
+    training.make_deterministic(config.common.seed, ops=params.deterministic)  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)

@@ -5,20 +5,25 @@ Run (cron, CI): ``python -m components.retrain [--pull] [--push]``
 1. ``--pull``: ``git pull --ff-only`` and ``dvc pull`` (what another machine produced).
 2. ``dvc repro``: new images in the source folder re-run the pipeline from
    download (existing images keep their split); unchanged inputs run nothing.
-3. The candidate's validation metric (``retrain.model``, ``retrain.metric`` on
-   the ``val`` split in ``evaluation/metrics.json``: the gate chooses, so it
-   never reads the test split) against the model currently in
-   ``retrain.stage`` of DVC's model registry (GTO tags on the ``artifacts:``
-   entry ``retrain.artifact`` of ``dvc.yaml``): promote only if it reaches
-   ``retrain.threshold`` and does not fall more than ``retrain.tolerance``
-   below the promoted one.
+3. The gate, on the ``val`` split (it chooses, so it never reads the test
+   split): the candidate's own metric (``retrain.model``, ``retrain.metric``
+   in ``evaluation/metrics.json``) must reach ``retrain.threshold``; and the
+   model currently in ``retrain.stage`` of DVC's model registry (GTO tags on
+   the ``artifacts:`` entry ``retrain.artifact`` of ``dvc.yaml``) is restored
+   with ``dvc artifacts get`` and both serving models score the same current
+   val records: the candidate is rejected if it is significantly worse on
+   those images, by McNemar's exact test (one-sided, ``retrain.alpha``) on the
+   images exactly one of the two gets right. A recorded metric of the old
+   model, from the val split of its day, is never compared with today's.
 4. Commit ``dvc.lock`` and the metrics, register the commit as a new version
    of the artifact (``gto register``), and on success assign it to the stage
    (``gto assign``). A rejected model stays registered and in the DVC cache,
    but is not promoted. ``--push`` pushes data (``dvc push``) and git tags.
 
 Exit codes: 0 promoted, 3 rejected, 1 failed (the pipeline or a step failed),
-2 bad params. The decision is printed as one JSON line.
+2 bad params. The decision is printed as one JSON line, with both models'
+accuracy on the same images, their disagreement counts and the p-value; the
+commit message carries the same.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import pydantic
 
 from components.cli import configure_logging, sh
@@ -46,24 +54,12 @@ COMMITTED = ("dvc.lock", "evaluation", "dvclive", "metrics", "params.yaml")
 class RetrainParams(Section):
     artifact: str = "classifier"  # the `artifacts:` entry of dvc.yaml
     stage: str = "prod"  # the registry stage a passing model is assigned to
-    model: Literal["finetune", "head"] = "finetune"
+    model: Literal["finetune", "head"] = "finetune"  # whose val metric must reach the threshold
     metric: Literal["accuracy", "macro_f1", "roc_auc"] = "accuracy"  # higher is better
     threshold: float = pydantic.Field(0.95, ge=0.0, le=1.0)  # the candidate must reach this
-    tolerance: float = pydantic.Field(0.005, ge=0.0, le=1.0)  # and may fall at most this far below the promoted model
-
-
-def decide(candidate: float | None, promoted: float | None, params: RetrainParams) -> tuple[bool, str]:
-    """Promote or not, and why."""
-    name = f"{params.model} {GATE_SPLIT} {params.metric}"
-    if candidate is None:
-        return False, f"the candidate has no {name}"
-    if candidate < params.threshold:
-        return False, f"{name} {candidate:.4f} is below the threshold {params.threshold:.4f}"
-    if promoted is not None and candidate < promoted - params.tolerance:
-        return False, f"{name} {candidate:.4f} regresses beyond the tolerance {params.tolerance} from the promoted {promoted:.4f}"
-    if promoted is None:
-        return True, f"{name} {candidate:.4f} reaches the threshold {params.threshold:.4f}; nothing was promoted before"
-    return True, f"{name} {candidate:.4f} reaches the threshold and is within {params.tolerance} of (or above) the promoted {promoted:.4f}"
+    # ... and must not be significantly worse than the promoted model on the same images: McNemar's
+    # exact test (one-sided) on the images exactly one of the two gets right, rejected below alpha.
+    alpha: float = pydantic.Field(0.05, gt=0.0, lt=1.0)
 
 
 GATE_SPLIT = "val"  # the split the gate decides on; the test split only reports
@@ -72,6 +68,48 @@ GATE_SPLIT = "val"  # the split the gate decides on; the test split only reports
 def metric_of(metrics: dict, params: RetrainParams, split: str = GATE_SPLIT) -> float | None:
     value = ((metrics.get(params.model) or {}).get(split) or {}).get(params.metric)
     return None if value is None else float(value)
+
+
+def mcnemar_worse_p(candidate_only_wrong: int, candidate_only_right: int) -> float:
+    """One-sided exact McNemar p-value that the candidate is worse: P(X >= b), X ~ Binomial(b + c, 1/2),
+    where b counts the images only the promoted model gets right and c those only the candidate does."""
+    n = candidate_only_wrong + candidate_only_right
+    return sum(math.comb(n, k) for k in range(candidate_only_wrong, n + 1)) / 2**n
+
+
+def paired(candidate_right: np.ndarray, promoted_right: np.ndarray) -> dict:
+    """Both models' accuracy on the same images, their disagreements and McNemar's p-value."""
+    candidate_right, promoted_right = np.asarray(candidate_right, bool), np.asarray(promoted_right, bool)
+    if candidate_right.shape != promoted_right.shape:
+        raise ValueError(f"paired scores of {candidate_right.shape} and {promoted_right.shape} images")
+    only_promoted = int(np.sum(promoted_right & ~candidate_right))
+    only_candidate = int(np.sum(candidate_right & ~promoted_right))
+    return {
+        "images": int(candidate_right.size),
+        "candidate_accuracy": float(candidate_right.mean()) if candidate_right.size else None,
+        "promoted_accuracy": float(promoted_right.mean()) if promoted_right.size else None,
+        "only_promoted_right": only_promoted,
+        "only_candidate_right": only_candidate,
+        "p_worse": mcnemar_worse_p(only_promoted, only_candidate),
+    }
+
+
+def decide(candidate: float | None, comparison: dict | None, params: RetrainParams) -> tuple[bool, str]:
+    """Promote or not, and why: the threshold on the candidate's own metric, then the paired comparison."""
+    name = f"{params.model} {GATE_SPLIT} {params.metric}"
+    if candidate is None:
+        return False, f"the candidate has no {name}"
+    if candidate < params.threshold:
+        return False, f"{name} {candidate:.4f} is below the threshold {params.threshold:.4f}"
+    if comparison is None:
+        return True, f"{name} {candidate:.4f} reaches the threshold {params.threshold:.4f}; nothing was promoted before"
+    c = comparison
+    same = (f"on the same {c['images']} {GATE_SPLIT} images: candidate {c['candidate_accuracy']:.4f}, promoted "
+            f"{c['promoted_accuracy']:.4f}; only the promoted right on {c['only_promoted_right']}, only the candidate "
+            f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}")
+    if c["only_promoted_right"] > c["only_candidate_right"] and c["p_worse"] < params.alpha:
+        return False, f"{name} {candidate:.4f} reaches the threshold, but the candidate is significantly worse {same} < alpha {params.alpha}"
+    return True, f"{name} {candidate:.4f} reaches the threshold and is not significantly worse {same} >= alpha {params.alpha} or better"
 
 
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:
@@ -89,11 +127,44 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
     return version.version, version.commit_hexsha
 
 
-def promoted_metric(repo: Path, commit: str | None, params: RetrainParams) -> float | None:
-    if commit is None:
-        return None
-    shown = subprocess.run(["git", "show", f"{commit}:{METRICS}"], cwd=repo, capture_output=True, text=True)
-    return metric_of(json.loads(shown.stdout), params) if shown.returncode == 0 else None
+def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path]:
+    """(the artifact's path, convert's records folder), as dvc.yaml declares them."""
+    import yaml
+
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    if artifact not in (spec.get("artifacts") or {}):
+        raise RuntimeError(f"retrain.artifact: dvc.yaml has no artifact {artifact!r}")
+    convert = spec["stages"]["convert"]["outs"][0]
+    return repo / spec["artifacts"][artifact]["path"], repo / (convert if isinstance(convert, str) else next(iter(convert))) / "records"
+
+
+def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> np.ndarray:
+    """Per record, in order: does the serving model's `predicted` class name equal the record's label name?"""
+    import tensorflow as tf
+
+    from pipelines import features as fk
+    from pipelines import serving
+
+    serve = tf.saved_model.load(str(serving_dir)).signatures[serving.SIGNATURE]
+    spec = {key: fk.record_feature_spec()[key] for key in (fk.IMAGE, fk.LABEL_NAME)}
+    right = []
+    for batch in tf.data.TFRecordDataset(record_files).batch(batch_size).map(lambda r: tf.io.parse_example(r, spec)):
+        predicted = serve(images=batch[fk.IMAGE])["predicted"]
+        right.append((predicted.numpy() == batch[fk.LABEL_NAME].numpy()))
+    return np.concatenate(right) if right else np.zeros(0, bool)
+
+
+def compare_with_promoted(repo: Path, params: RetrainParams) -> dict:
+    """Restore the promoted model from DVC's registry (`dvc artifacts get`) and score it and the candidate's
+    serving model on the same current records of the gate's split."""
+    artifact, records_dir = pipeline_paths(repo, params.artifact)
+    files = sorted(str(p) for p in records_dir.glob(f"{GATE_SPLIT}-*.tfrecord"))
+    if not files:
+        raise RuntimeError(f"no {GATE_SPLIT} records in {records_dir}: the gate compares models on them")
+    with tempfile.TemporaryDirectory(prefix="retrain-promoted-") as scratch:
+        promoted = Path(scratch) / "promoted"
+        sh(sys.executable, "-m", "dvc", "artifacts", "get", ".", params.artifact, "--stage", params.stage, "-o", str(promoted), cwd=repo)
+        return paired(served_right(artifact, files), served_right(promoted, files))
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
@@ -109,9 +180,9 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
     metrics = json.loads((repo / METRICS).read_text())
     candidate = metric_of(metrics, params)
-    previous, previous_commit = promoted_version(repo, params)
-    promoted = promoted_metric(repo, previous_commit, params)
-    promote, reason = decide(candidate, promoted, params)
+    previous, _ = promoted_version(repo, params)
+    comparison = compare_with_promoted(repo, params) if previous is not None else None
+    promote, reason = decide(candidate, comparison, params)
 
     sh("git", "add", "--", *[p for p in COMMITTED if (repo / p).exists()], cwd=repo)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
@@ -134,7 +205,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     record = {
         "decision": "promoted" if promote else "rejected", "reason": reason, "candidate": candidate,
         "candidate_test": metric_of(metrics, params, "test"),  # reported, never decides
-        "promoted_before": {"version": previous, "value": promoted}, "version": version, "commit": head,
+        "promoted_before": {"version": previous}, "paired": comparison, "version": version, "commit": head,
         "stage": params.stage if promote else None,
     }
     return (PROMOTED if promote else REJECTED), record

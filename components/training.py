@@ -3,15 +3,16 @@
 Training is bit-reproducible: the same inputs and params give the same weights,
 byte for byte (`outputs.save_keras` keeps the saved file's bytes a function of
 the weights). That takes a seed for every random draw (weights, shuffling,
-augmentation, dropout) and TensorFlow's deterministic kernels, which on this
-CPU cost little (`benchmarks/finetune_epoch.py` measures an epoch both ways).
+augmentation, dropout) and TensorFlow's deterministic kernels. On this CPU
+they cost a head epoch nothing and a fine-tuning epoch about 14%
+(`benchmarks/determinism_cost.py`), so finetune has a `deterministic` param.
 """
 
 from __future__ import annotations
 
 
-def make_deterministic(seed: int) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras, and make TensorFlow's ops deterministic.
+def make_deterministic(seed: int, ops: bool = True) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras, and (with `ops`) make TensorFlow's ops deterministic.
 
     Op determinism is a process-wide TensorFlow setting (there is no scoped form);
     each stage runs in its own process.
@@ -20,4 +21,5 @@ def make_deterministic(seed: int) -> None:
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if ops:
+        tf.config.experimental.enable_op_determinism()

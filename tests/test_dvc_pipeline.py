@@ -146,6 +146,12 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
+    # Bit-reproducible training: the audit re-trains this commit's models from its recorded inputs in
+    # a scratch worktree, and every output (models, metrics, plots, serving model) has the recorded hash.
+    run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--rebuild", "--out", "audit_rebuild"], project)
+    rebuilt = json.loads((project / "audit_rebuild" / "audit.json").read_text())
+    assert rebuilt["problems"] == [] and rebuilt["rebuild"] == {"stages": ["train_head", "finetune", "evaluate"], "identical": True}
+    assert len(run(["git", "worktree", "list"], project).stdout.splitlines()) == 1  # the scratch worktree is gone
     # An edit to a shared module makes exactly the stages that import it dirty (dvc.yaml's deps are complete).
     records_py = project / "pipelines" / "records.py"
     original = records_py.read_text()
@@ -205,6 +211,10 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
     assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
     assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"
+    # The promoted v0.0.1 came back from the registry (dvc artifacts get) and both serving models scored
+    # the same current val records.
+    val_records = json.loads((project / "data" / "convert" / "summary.json").read_text())["records"]["val"]
+    assert second["paired"]["images"] == val_records
     tags = run(["git", "tag"], project).stdout.split()
     assert "classifier@v0.0.2" in tags and not any(t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags)
     shown = run([str(Path(sys.executable).parent / "gto"), "show", "classifier", "--json"], project).stdout

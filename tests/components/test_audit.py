@@ -34,6 +34,19 @@ def test_serving_lineage_must_name_the_revisions_manifest_and_model():
     assert audit.lineage_checks(None, "m", "k") == ["the serving model carries no lineage record"]
 
 
+def test_a_rebuilt_output_with_another_hash_is_named():
+    recorded = {"stages": {"finetune": {"outs": [{"path": "data/finetune", "md5": "aaa.dir"}]},
+                           "evaluate": {"outs": [{"path": "data/evaluate", "md5": "bbb.dir"}, {"path": "evaluation/metrics.json", "md5": "ccc"}]}}}
+    same = {"stages": {k: {"outs": [dict(o) for o in v["outs"]]} for k, v in recorded["stages"].items()}}
+    assert audit.rebuild_mismatches(recorded, same) == []
+    same["stages"]["finetune"]["outs"][0]["md5"] = "zzz.dir"
+    del same["stages"]["evaluate"]["outs"][1]
+    assert audit.rebuild_mismatches(recorded, same) == [
+        "rebuild: finetune's data/finetune is zzz.dir after re-training, aaa.dir in dvc.lock",
+        "rebuild: evaluate's evaluation/metrics.json is None after re-training, ccc in dvc.lock",
+    ]
+
+
 def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
     import subprocess
 

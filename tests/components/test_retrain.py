@@ -1,26 +1,54 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
 from components.params import ParamsError, parse_section
-from components.retrain import RetrainParams, decide, metric_of
+from components.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
+from tests.test_dvc_pipeline import commit, dvc, run, tool_env
 
-PARAMS = RetrainParams(threshold=0.9, tolerance=0.01)
+PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
+
+
+def test_mcnemar_exact_p_by_hand():
+    assert mcnemar_worse_p(5, 0) == pytest.approx(1 / 32)  # all 5 disagreements against the candidate
+    assert mcnemar_worse_p(3, 1) == pytest.approx((4 + 1) / 16)  # P(X >= 3), X ~ Bin(4, 1/2)
+    assert mcnemar_worse_p(0, 0) == 1.0 and mcnemar_worse_p(0, 7) == 1.0
+    assert mcnemar_worse_p(12, 2) == pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14)
+
+
+def right(n, wrong):
+    out = np.ones(n, bool)
+    out[list(wrong)] = False
+    return out
 
 
 @pytest.mark.parametrize(
-    "candidate, promoted, expected, why",
+    "candidate, candidate_wrong, promoted_wrong, expected, why",
     [
-        (0.95, None, True, "nothing was promoted before"),
-        (0.85, None, False, "below the threshold 0.9000"),
-        (0.95, 0.955, True, "within 0.01"),  # a drop inside the tolerance
-        (0.95, 0.97, False, "regresses beyond the tolerance 0.01 from the promoted 0.9700"),
-        (0.99, 0.97, True, "above"),
-        (0.89, 0.80, False, "below the threshold"),  # better than the promoted one, still not good enough
-        (None, 0.9, False, "has no finetune val accuracy"),
+        (0.95, range(5), None, True, "nothing was promoted before"),
+        (0.85, range(15), None, False, "below the threshold 0.9000"),
+        (0.95, range(5), range(5, 8), True, "not significantly worse"),  # 5 vs 3 disagreements: p = 0.36
+        (0.94, range(6), [], False, "significantly worse"),  # all 6 disagreements go to the promoted: p = 1/64
+        (0.89, range(11), range(50), False, "below the threshold"),  # far better than the promoted, not good enough
+        (None, range(5), None, False, "has no finetune val accuracy"),
     ],
 )
-def test_promotion_gate(candidate, promoted, expected, why):
-    promote, reason = decide(candidate, promoted, PARAMS)
-    assert promote is expected and why in reason
+def test_promotion_gate(candidate, candidate_wrong, promoted_wrong, expected, why):
+    comparison = None if promoted_wrong is None else paired(right(100, candidate_wrong), right(100, promoted_wrong))
+    promote, reason = decide(candidate, comparison, PARAMS)
+    assert promote is expected and why in reason, reason
+
+
+def test_paired_counts_and_p_value():
+    c = paired(right(10, [0, 1, 2]), right(10, [2, 3]))
+    assert c == {"images": 10, "candidate_accuracy": 0.7, "promoted_accuracy": 0.8, "only_promoted_right": 2,
+                 "only_candidate_right": 1, "p_worse": pytest.approx(4 / 8)}
+    with pytest.raises(ValueError, match="paired scores"):
+        paired(right(10, []), right(9, []))
 
 
 def test_the_gate_reads_the_validation_split_never_the_test_split():
@@ -36,27 +64,55 @@ def test_the_gate_reads_the_validation_split_never_the_test_split():
 def test_metric_lookup_and_params():
     with pytest.raises(ParamsError, match=r"retrain\.metric"):
         parse_section(RetrainParams, "retrain", {"metric": "loss"})  # lower is better: not a gate metric
+    with pytest.raises(ParamsError, match=r"retrain\.alpha"):
+        parse_section(RetrainParams, "retrain", {"alpha": 0})
 
 
-# ---- the scheduler's command end to end: exit codes, --pull and --push ------------------------------
+# ---- the scheduler's command end to end: the paired gate, exit codes, --pull and --push --------------
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+# A stand-in pipeline with the real pipeline's interfaces: convert writes val TFRecords (image bytes and
+# label names), evaluate writes a real TensorFlow SavedModel with the serving signature (its predictions
+# come from a table) and evaluation/metrics.json with its honest val accuracy. The real DVC, git, GTO
+# and `dvc artifacts get` steps of a retrain run; nothing is trained.
+PIPELINE = r'''
+import json, os, sys
+import tensorflow as tf
+day = json.load(open("src/day.json"))
+if sys.argv[1] == "convert":
+    os.makedirs("data/convert/records", exist_ok=True)
+    with tf.io.TFRecordWriter("data/convert/records/val-00000-of-00001.tfrecord") as writer:
+        for image, label in day["records"]:
+            b = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+            writer.write(tf.train.Example(features=tf.train.Features(feature={"image": b(image), "label_name": b(label)})).SerializeToString())
+else:
+    keys, values = zip(*sorted(day["predictions"].items()))
 
-from tests.test_dvc_pipeline import commit, dvc, run, tool_env  # noqa: E402
+    class Served(tf.Module):
+        def __init__(self):
+            self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(list(keys), list(values)), "?")
 
-# One stage that "evaluates" by copying prepared metrics and writing a model file: the real DVC,
-# git and GTO steps of a retrain, without training anything.
-EVALUATE = ("import json, os, sys; m = json.load(open('src/metrics.json')); os.makedirs('evaluation', exist_ok=True); "
-            "os.makedirs('data', exist_ok=True); json.dump(m, open('evaluation/metrics.json', 'w')); "
-            "open('data/model.bin', 'w').write(json.dumps(m)); sys.exit(m.get('fail', 0))")
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve(self, images):
+            return {"predicted": self.table.lookup(images)}
+
+    served = Served()
+    tf.saved_model.save(served, "data/evaluate/serving", signatures={"serving_default": served.serve})
+    right = [day["predictions"].get(image) == label for image, label in day["records"]]
+    os.makedirs("evaluation", exist_ok=True)
+    json.dump({"finetune": {"val": {"accuracy": sum(right) / len(right)}, "test": {"accuracy": 0.5}}},
+              open("evaluation/metrics.json", "w"))
+    sys.exit(day.get("fail", 0))
+'''
 
 
-def write_metrics(project, val, test=0.5, fail=0):
+def write_day(project, images, wrong=(), fail=0):
+    """The day's val records (`images`, indices; labels alternate) and the model built today, which
+    predicts every image there is and gets those in `wrong` wrong."""
+    label = lambda i: ("cat", "dog")[i % 2]  # noqa: E731
+    records = [[f"img{i}", label(i)] for i in images]
+    predictions = {f"img{i}": label(i + 1) if i in set(wrong) else label(i) for i in range(300)}
     (project / "src").mkdir(exist_ok=True)
-    (project / "src" / "metrics.json").write_text(json.dumps(
-        {"finetune": {"val": {"accuracy": val}, "test": {"accuracy": test}}, "fail": fail}))
+    (project / "src" / "day.json").write_text(json.dumps({"records": records, "predictions": predictions, "fail": fail}))
 
 
 def retrain_cli(project, *args):
@@ -74,16 +130,53 @@ def scheduled(tmp_path):
     run(["git", "checkout", "-q", "-b", "main"], project)
     dvc("init", "-q", cwd=project)
     dvc("remote", "add", "-d", "storage", str(storage), cwd=project)
+    (project / "src").mkdir()
+    (project / "src" / "pipeline.py").write_text(PIPELINE)
+    stage = lambda name, outs, **more: {"cmd": f"{sys.executable} src/pipeline.py {name}",  # noqa: E731
+                                        "deps": ["src/day.json", "src/pipeline.py"], "outs": outs, **more}
     (project / "dvc.yaml").write_text(json.dumps({
-        "stages": {"evaluate": {"cmd": f'{sys.executable} -c "{EVALUATE}"', "deps": ["src/metrics.json"],
-                                "outs": ["data/model.bin"], "metrics": [{"evaluation/metrics.json": {"cache": False}}]}},
-        "artifacts": {"classifier": {"path": "data/model.bin", "type": "model"}},
+        "stages": {"convert": stage("convert", ["data/convert"]),
+                   "evaluate": stage("evaluate", ["data/evaluate"], metrics=[{"evaluation/metrics.json": {"cache": False}}])},
+        "artifacts": {"classifier": {"path": "data/evaluate/serving", "type": "model"}},
     }))
-    (project / "params.yaml").write_text(json.dumps({"retrain": {"threshold": 0.8, "tolerance": 0.0}}))
-    write_metrics(project, val=0.9)
+    (project / "params.yaml").write_text(json.dumps({"retrain": {"threshold": 0.75, "alpha": 0.05}}))
+    write_day(project, range(20), wrong=[0, 1])
     commit(project, "pipeline")
     run(["git", "push", "-q", "-u", "origin", "main"], project)
     return server, storage, project
+
+
+@pytest.mark.integration
+def test_the_gate_compares_both_models_on_the_same_images(scheduled):
+    _, _, project = scheduled
+    # Day 1: 20 images; v0.0.1 gets 16 right (recorded val accuracy 0.80). It is also wrong on
+    # images 200-249, which are not in today's split.
+    write_day(project, range(20), wrong=[0, 1, 2, 3, *range(200, 250)])
+    code, first, _ = retrain_cli(project)
+    assert (code, first["decision"], first["candidate"]) == (0, "promoted", 0.8), first
+
+    # Day 2: 100 images. The candidate gets 86 right; the promoted model, on the same images, 96. A gate
+    # on recorded figures would promote (0.86 against the 0.80 recorded on day 1's images); on the same
+    # images the candidate is worse on 12 of 14 disagreements: rejected.
+    write_day(project, range(100), wrong=[0, 1, *range(10, 22)])  # right on 2 and 3, where v0.0.1 is wrong
+    code, second, _ = retrain_cli(project)
+    assert second["candidate"] == 0.86 >= first["candidate"] - 0.005  # what a recorded-figure gate would accept
+    assert (code, second["decision"]) == (3, "rejected"), second
+    assert second["paired"] == {"images": 100, "candidate_accuracy": 0.86, "promoted_accuracy": 0.96,
+                                "only_promoted_right": 12, "only_candidate_right": 2,
+                                "p_worse": pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14)}
+    assert "significantly worse on the same 100 val images" in second["reason"]
+    message = run(["git", "log", "-1", "--format=%s"], project).stdout
+    assert message.startswith("retrain: rejected: ") and "McNemar p=0.00647" in message and "promoted 0.9600" in message
+
+    # The reverse, day 3: 100 harder images (200-299). The candidate gets 78 right, below the 0.80 recorded
+    # for v0.0.1, which a recorded-figure gate would reject; on these images v0.0.1 gets only 50 right,
+    # and it is right on none the candidate gets wrong: promoted.
+    write_day(project, range(200, 300), wrong=range(200, 222))
+    code, third, _ = retrain_cli(project)
+    assert third["candidate"] == 0.78 < first["candidate"] - 0.005
+    assert third["paired"]["promoted_accuracy"] == 0.5 and third["paired"]["only_promoted_right"] == 0
+    assert (code, third["decision"], third["stage"]) == (0, "promoted", "prod"), third
 
 
 @pytest.mark.integration
@@ -97,23 +190,26 @@ def test_retrain_pushes_a_promotion_that_another_machine_pulls(scheduled, tmp_pa
     assert run(["git", "ls-remote", str(server), "main"], tmp_path).stdout.split()[0] == record["commit"]
     assert any(p.is_file() for p in storage.rglob("*"))  # the model's data is in the DVC remote
 
-    # Another machine: --pull brings the commit and the model; nothing changed, nothing is re-run.
+    # Another machine: --pull brings the commit and the model; nothing changed, nothing is re-run, and the
+    # promoted model restored from the remote scores exactly as the candidate (they are the same model).
     other = tmp_path / "other"
     run(["git", "clone", "-q", str(server), str(other)], tmp_path)
     code, again, _ = retrain_cli(other, "--pull")
     assert (code, again["version"], again["commit"]) == (0, "v0.0.1", record["commit"]), again
-    assert (other / "data" / "model.bin").read_bytes() == (project / "data" / "model.bin").read_bytes()
+    assert again["paired"]["only_promoted_right"] == again["paired"]["only_candidate_right"] == 0
+    saved = "data/evaluate/serving/saved_model.pb"
+    assert (other / saved).read_bytes() == (project / saved).read_bytes()
 
 
 @pytest.mark.integration
 def test_retrain_exit_codes(scheduled):
     _, _, project = scheduled
     assert retrain_cli(project)[0] == 0  # v0.0.1 promoted at val 0.9
-    write_metrics(project, val=0.85, test=0.99)  # better on test, worse on val: rejected
+    write_day(project, range(20), wrong=range(8))  # 0.60: below the threshold
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"], record["stage"]) == (3, "rejected", None)
-    assert "finetune val accuracy 0.8500 regresses beyond the tolerance 0.0 from the promoted 0.9000" in record["reason"]
-    write_metrics(project, val=0.95, fail=1)  # the pipeline fails
+    assert "finetune val accuracy 0.6000 is below the threshold 0.7500" in record["reason"]
+    write_day(project, range(20), wrong=[0], fail=1)  # the pipeline fails
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"]) == (1, "failed") and record["reason"].startswith("dvc repro exited ")
     (project / "params.yaml").write_text(json.dumps({"retrain": {"metric": "loss"}}))
