@@ -13,8 +13,10 @@ can be audited without checking it out.
 
 With ``--rebuild`` it re-trains the revision's models (train_head, finetune,
 evaluate) from its recorded inputs in a scratch git worktree and fails unless
-every output comes back with the hash ``dvc.lock`` recorded: training is
-bit-reproducible on the same machine type.
+every output comes back identical: byte for byte, except the serving
+SavedModel, which is compared by what it computes (`saved_model_digest`: its
+writer orders variables by memory address). Training is bit-reproducible on
+the same machine type.
 
 Checks (a failed check exits 1): every DVC-tracked file the audit reads is
 readable (from the cache or a remote: an audit that cannot see the data fails,
@@ -117,16 +119,60 @@ def stage_params(lock: dict) -> dict[str, dict]:
 REBUILT = ("train_head", "finetune", "evaluate")  # the training stages and what scores and exports their models
 
 
-def rebuild_mismatches(recorded: dict, rebuilt: dict, stages: Sequence[str] = REBUILT) -> list[str]:
-    """Every output of `stages` whose hash after a rebuild differs from the revision's dvc.lock."""
-    before, after = stage_outputs(recorded), stage_outputs(rebuilt)
-    problems = []
-    for stage in stages:
-        for path, md5 in before.get(stage, {}).items():
-            again = after.get(stage, {}).get(path)
-            if again != md5:
-                problems.append(f"rebuild: {stage}'s {path} is {again} after re-training, {md5} in dvc.lock")
-    return problems
+def rebuild_mismatches(recorded: dict[str, str], rebuilt: dict[str, str]) -> list[str]:
+    """Every output (path -> content digest) whose digest after a rebuild differs from the recorded one."""
+    return [f"rebuild: {path} is {rebuilt.get(path)} after re-training, {digest} as recorded"
+            for path, digest in sorted(recorded.items()) if rebuilt.get(path) != digest]
+
+
+def saved_model_digest(folder: Path) -> str:
+    """The SHA-256 of what a SavedModel computes, not of its byte order.
+
+    TensorFlow's SavedModel writer lists variables in an order that follows
+    object identity (memory addresses), so two exports of the same model in two
+    processes differ in the variables' order alone: in the top-level graph (the
+    variables and the save/restore plumbing), the object graph, the checkpoint
+    and the two ``_traced_save``/``_traced_restore`` functions. This digest
+    covers every other function (the serving computation; nodes sorted by
+    name), the signatures, and every variable's name and value (sorted), so it
+    is equal for equal models and differs when any weight, op or signature does.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    digest = hashlib.sha256()
+    model = saved_model_pb2.SavedModel()
+    model.ParseFromString((folder / "saved_model.pb").read_bytes())
+    for graph in model.meta_graphs:
+        for function in sorted(graph.graph_def.library.function, key=lambda f: f.signature.name):
+            if function.signature.name.startswith(("__inference__traced_save_", "__inference__traced_restore_")):
+                continue
+            nodes = sorted(function.node_def, key=lambda n: n.name)
+            del function.node_def[:]
+            function.node_def.extend(nodes)
+            digest.update(function.SerializeToString(deterministic=True))
+        for name in sorted(graph.signature_def):
+            digest.update(name.encode() + graph.signature_def[name].SerializeToString(deterministic=True))
+    loaded = tf.saved_model.load(str(folder))
+    for name, value in sorted((v.name, v.numpy().tobytes()) for v in loaded.variables):
+        digest.update(name.encode() + value)
+    return digest.hexdigest()
+
+
+def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
+    """path -> digest of every file under the given outputs; a SavedModel folder counts as one entry
+    (`saved_model_digest`), any other file by its bytes."""
+    found = {}
+    for path in paths:
+        top = root / path
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        models = {p.parent for p in files if p.name == "saved_model.pb"}
+        for model in sorted(models):
+            found[model.relative_to(root).as_posix() + "/"] = saved_model_digest(model)
+        for file in files:
+            if not any(model in file.parents for model in models):
+                found[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found
 
 
 def lineage_checks(lineage: dict | None, manifest_sha256: str | None, model_sha256: str | None) -> list[str]:
@@ -217,13 +263,14 @@ def collect(repo: Path, rev: str) -> dict:
     }
 
 
-def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> dict:
-    """Re-run `stages` of a revision from its recorded inputs, in a scratch git worktree; its new dvc.lock.
+def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> tuple[dict[str, str], dict[str, str]]:
+    """Re-run `stages` of a revision from its recorded inputs, in a scratch git worktree.
 
-    The worktree shares this repository's DVC cache: its inputs are checked out
-    from the cache (or pulled from the default remote), then each stage runs
-    again with `dvc repro --force --single-item`. Training is bit-reproducible,
-    so every output must come back with the hash the revision recorded.
+    The worktree shares this repository's DVC cache: the revision's outputs are
+    checked out from the cache (or pulled from the default remote) and their
+    content digests noted, then each stage runs again with `dvc repro --force
+    --single-item`. Returns (recorded, rebuilt) digests of every output of
+    `stages`; training is bit-reproducible, so they must be equal.
     """
     import yaml
 
@@ -241,13 +288,16 @@ def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> dict:
                                        f"{(result.stderr or result.stdout)[-2000:]}")
 
             run("config", "--local", "cache.dir", str(Path(repo, cache).resolve()))
-            inputs = subprocess.run([*dvc, "checkout"], cwd=tree, env=env, capture_output=True, text=True)
-            if inputs.returncode != 0:  # something is not in the local cache: the remote may have it
+            restored = subprocess.run([*dvc, "checkout"], cwd=tree, env=env, capture_output=True, text=True)
+            if restored.returncode != 0:  # something is not in the local cache: the remote may have it
                 run("pull")
+            lock = yaml.safe_load((tree / "dvc.lock").read_text(encoding="utf-8"))
+            outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
+            recorded = content_digests(tree, outs)
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
                 run("repro", "--force", "--single-item", stage)
-            return yaml.safe_load((tree / "dvc.lock").read_text(encoding="utf-8"))
+            return recorded, content_digests(tree, outs)
         finally:
             git(repo, "worktree", "remove", "--force", str(tree))
 
@@ -300,11 +350,9 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if rebuilt:
-        import yaml
-
-        recorded = yaml.safe_load(git_file(repo, record["revision"], "dvc.lock"))
-        mismatches = rebuild_mismatches(recorded, rebuild(repo, record["revision"]))
-        report["rebuild"] = {"stages": list(REBUILT), "identical": not mismatches}
+        recorded, again = rebuild(repo, record["revision"])
+        mismatches = rebuild_mismatches(recorded, again)
+        report["rebuild"] = {"stages": list(REBUILT), "outputs": len(recorded), "identical": not mismatches}
         problems += mismatches
     if workspace:
         changes = workspace_changes(repo)

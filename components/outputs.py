@@ -68,10 +68,12 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carr
 def save_keras(model, path: str | Path) -> None:
     """`model.save(path)` with bytes that depend on the model alone.
 
-    A `.keras` file is a zip whose entries carry the time of writing, and whose
-    metadata.json holds ``date_saved``: two saves of the same weights differ by
-    those alone. Both are fixed here, so a re-trained identical model has the
-    same DVC hash (the config and the HDF5 weights are already deterministic).
+    A `.keras` file is a zip whose entries carry the time of writing, whose
+    metadata.json holds ``date_saved``, and whose config.json numbers objects
+    shared between layers by their memory address (``shared_object_id``): two
+    saves of the same weights in two processes differ by those alone. All three
+    are fixed here (the ids renumbered in order of appearance, which keeps what
+    is shared with what), so a re-trained identical model has the same DVC hash.
     """
     import json
     import zipfile
@@ -87,8 +89,24 @@ def save_keras(model, path: str | Path) -> None:
                     metadata = json.loads(data)
                     metadata["date_saved"] = "1980-01-01@00:00:00"
                     data = json.dumps(metadata, sort_keys=True).encode()
+                elif info.filename == "config.json":
+                    data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
                 entry = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
                 entry.compress_type, entry.external_attr = info.compress_type, info.external_attr
                 target.writestr(entry, data)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def _renumber_shared_objects(config):
+    """`shared_object_id` values (memory addresses) -> 1, 2, ... in order of first appearance."""
+    numbers: dict[int, int] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (numbers.setdefault(v, len(numbers) + 1) if k == "shared_object_id" else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return node
+
+    return walk(config)

@@ -1,10 +1,19 @@
-"""Apply a preset (a YAML file of params overrides) as `dvc exp run -S` arguments, or into params.yaml.
+"""Apply a preset (a YAML file of params overrides): run it as an experiment, or write it into params.yaml.
 
-    dvc exp run $(python -m components.preset presets/real_lite0.yaml)
-    python -m components.preset presets/tiny.yaml --write    # edit params.yaml in place
+    python -m components.preset presets/real_lite0.yaml --run            # dvc exp run -S ... (no shell)
+    python -m components.preset presets/real_lite0.yaml --run --queue    # dvc exp run --queue -S ...
+    python -m components.preset presets/tiny.yaml --write                # edit params.yaml in place
+    python -m components.preset presets/tiny.yaml                        # print the -S arguments
 
 The merged params are validated with every stage's own config first, so a
 preset with an unknown key or a bad value fails here, naming the key.
+
+A preset may also name its inputs, ``inputs: {repo path: source}``: data or a
+conv base from outside the repository (``../shared/...``). Each one missing is
+brought in as a DVC-tracked import (`dvc import-url`: a ``.dvc`` file to
+commit, the bytes in DVC's cache and remote), so a fresh clone gets it with
+``dvc pull`` and a queued experiment's temporary copy has it; the params then
+point at the repo path, never outside the repository.
 """
 
 from __future__ import annotations
@@ -12,6 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -51,6 +63,30 @@ def set_args(overrides: Mapping) -> list[str]:
     return args
 
 
+def import_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> list[str]:
+    """`dvc import-url` each input whose repo path has no .dvc file yet; returns the .dvc files made.
+
+    A relative source is relative to the repository root (where the preset says
+    ``../shared/...``, it means the folder beside the repository).
+    """
+    made = []
+    for target, source in inputs.items():
+        target_path = repo / target
+        dvc_file = target_path.with_name(target_path.name + ".dvc")
+        if dvc_file.exists():
+            continue
+        source_path = (repo / source).resolve() if "://" not in source else source
+        if "://" not in str(source_path) and not Path(source_path).exists():
+            raise ParamsError(f"{preset_path}: inputs.{target}: {source} does not exist (relative to {repo})")
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([sys.executable, "-m", "dvc", "import-url", str(source_path), target],
+                                cwd=repo, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"dvc import-url {source_path} {target} failed: {(result.stderr or result.stdout)[-2000:]}")
+        made.append(dvc_file.relative_to(repo).as_posix())
+    return made
+
+
 def validate(params: Mapping, where: Path) -> None:
     """Every stage's config must load from the merged params."""
     from components import convert, download, evaluate, extract, finetune, train_head
@@ -68,15 +104,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", type=Path, help="a YAML file of overrides, e.g. presets/tiny.yaml")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--write", action="store_true", help="write the merged params into --params instead of printing -S args")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write the merged params into --params instead of printing -S args")
+    mode.add_argument("--run", action="store_true", help="run it: dvc exp run -S ... (arguments passed as a list, no shell)")
+    parser.add_argument("--queue", action="store_true", help="with --run: queue the experiment (dvc exp run --queue)")
+    parser.add_argument("--name", "-n", help="with --run: the experiment's name")
     args = parser.parse_args(argv)
-    overrides = load_yaml(args.preset.read_text(encoding="utf-8")) or {}
+    if (args.queue or args.name) and not args.run:
+        parser.error("--queue and --name go with --run")
+    overrides = dict(load_yaml(args.preset.read_text(encoding="utf-8")) or {})
+    inputs = overrides.pop("inputs", None) or {}
+    if not isinstance(inputs, Mapping):
+        raise ParamsError(f"{args.preset}: inputs: expected a mapping of repo path -> source")
     merged = merge(read_params(args.params), overrides)
     validate(merged, args.params)
+    repo = args.params.resolve().parent
+    made = import_inputs(inputs, args.preset, repo)
+    if made:
+        print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} .gitignore && git commit)", file=sys.stderr)
     if args.write:
         args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    elif args.run:
+        command = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if args.queue else []),
+                   *(["-n", args.name] if args.name else []), *set_args(overrides)]
+        return subprocess.run(command, cwd=repo).returncode
     else:
-        print(" ".join(set_args(overrides)))
+        print(" ".join(shlex.quote(arg) for arg in set_args(overrides)))
     return 0
 
 

@@ -150,7 +150,9 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     # a scratch worktree, and every output (models, metrics, plots, serving model) has the recorded hash.
     run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--rebuild", "--out", "audit_rebuild"], project)
     rebuilt = json.loads((project / "audit_rebuild" / "audit.json").read_text())
-    assert rebuilt["problems"] == [] and rebuilt["rebuild"] == {"stages": ["train_head", "finetune", "evaluate"], "identical": True}
+    assert rebuilt["problems"] == [], rebuilt["problems"]
+    assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == ["train_head", "finetune", "evaluate"]
+    assert rebuilt["rebuild"]["outputs"] >= 10  # models, histories, dvclive metrics and plots, evaluation, the serving model
     assert len(run(["git", "worktree", "list"], project).stdout.splitlines()) == 1  # the scratch worktree is gone
     # An edit to a shared module makes exactly the stages that import it dirty (dvc.yaml's deps are complete).
     records_py = project / "pipelines" / "records.py"
@@ -317,3 +319,35 @@ def retrain(project: Path) -> tuple[int, dict, str]:
     proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=tool_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def test_queued_experiments_run_on_dvc_tracked_inputs(tmp_path):
+    """Inputs are DVC-tracked, so `dvc exp run --queue` (a temporary copy of the repo) has them."""
+    import time
+
+    project = make_project(tmp_path)
+    dvc("add", "-q", "tiny_data", cwd=project)  # the source folder is a versioned input, as presets/tiny.yaml says
+    commit(project, "track the source data")
+    dvc("repro", cwd=project)  # the baseline; the queued runs restore its unchanged stages from DVC's run cache
+    commit(project, "baseline")
+    # One queued through the preset command (arguments as a list, no shell), one with dvc's own -S.
+    run([sys.executable, "-m", "components.preset", "presets/tiny.yaml", "--run", "--queue", "-n", "q-preset"], project)
+    dvc("exp", "run", "--queue", "-n", "q-hidden4", "-S", "train_head.hidden_units=4", cwd=project)
+    dvc("queue", "start", "-j", "1", cwd=project)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=project)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status and "Success" in status, status
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    done = {row["name"]: row for exp in baseline["experiments"] or [] for row in exp["revs"] if row.get("name")}
+    assert set(done) == {"q-preset", "q-hidden4"}, status
+    val_images = json.loads((project / "data" / "convert" / "summary.json").read_text())["records"]["val"]
+    for name, hidden in (("q-preset", 8), ("q-hidden4", 4)):
+        data = done[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["train_head"]["hidden_units"] == hidden
+        metrics = data["metrics"]["evaluation/metrics.json"]["data"]
+        assert metrics["finetune"]["val"]["images"] == val_images and "accuracy" in metrics["head"]["test"]

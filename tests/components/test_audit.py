@@ -34,17 +34,50 @@ def test_serving_lineage_must_name_the_revisions_manifest_and_model():
     assert audit.lineage_checks(None, "m", "k") == ["the serving model carries no lineage record"]
 
 
-def test_a_rebuilt_output_with_another_hash_is_named():
-    recorded = {"stages": {"finetune": {"outs": [{"path": "data/finetune", "md5": "aaa.dir"}]},
-                           "evaluate": {"outs": [{"path": "data/evaluate", "md5": "bbb.dir"}, {"path": "evaluation/metrics.json", "md5": "ccc"}]}}}
-    same = {"stages": {k: {"outs": [dict(o) for o in v["outs"]]} for k, v in recorded["stages"].items()}}
-    assert audit.rebuild_mismatches(recorded, same) == []
-    same["stages"]["finetune"]["outs"][0]["md5"] = "zzz.dir"
-    del same["stages"]["evaluate"]["outs"][1]
-    assert audit.rebuild_mismatches(recorded, same) == [
-        "rebuild: finetune's data/finetune is zzz.dir after re-training, aaa.dir in dvc.lock",
-        "rebuild: evaluate's evaluation/metrics.json is None after re-training, ccc in dvc.lock",
+def test_a_rebuilt_output_with_another_digest_is_named():
+    recorded = {"data/finetune/model.keras": "aaa", "evaluation/metrics.json": "ccc", "data/evaluate/serving/": "sss"}
+    assert audit.rebuild_mismatches(recorded, dict(recorded)) == []
+    rebuilt = {**recorded, "data/finetune/model.keras": "zzz"}
+    del rebuilt["evaluation/metrics.json"]
+    assert audit.rebuild_mismatches(recorded, rebuilt) == [
+        "rebuild: data/finetune/model.keras is zzz after re-training, aaa as recorded",
+        "rebuild: evaluation/metrics.json is None after re-training, ccc as recorded",
     ]
+
+
+EXPORT = """
+import sys
+import keras
+import numpy as np
+from pipelines import serving
+keras.utils.set_random_seed(1)
+inputs = keras.Input((8, 8, 3))
+x = keras.layers.BatchNormalization(name="norm")(keras.layers.Conv2D(4, 3, name="conv")(inputs))
+model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(keras.layers.Flatten()(x)))
+if sys.argv[2] == "nudged":
+    weights = model.get_weights()
+    weights[-1] = weights[-1] + np.float32(1e-3)  # one bias
+    model.set_weights(weights)
+serving.export(model, ["cats", "dogs"], (8, 8), sys.argv[1])
+"""
+
+
+def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.test_dvc_pipeline import REPO, tool_env
+
+    for name, variant in (("a", "same"), ("b", "same"), ("c", "nudged")):  # each in its own process, as stages run
+        subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path / name), variant], cwd=REPO, env=tool_env(), check=True,
+                       capture_output=True)
+    files = audit.content_digests(tmp_path, ["a", "b"])
+    assert set(files) == {"a/", "b/"} and files["a/"] == files["b/"]
+    assert audit.saved_model_digest(tmp_path / "c") != files["a/"]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    assert audit.content_digests(tmp_path, ["d"]) == {"d/notes.txt": hashlib.sha256(b"x").hexdigest()}
 
 
 def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from components.params import ParamsError, parse_section
 from components.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
-from tests.test_dvc_pipeline import commit, dvc, run, tool_env
+from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 
 PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
 
@@ -199,6 +199,17 @@ def test_retrain_pushes_a_promotion_that_another_machine_pulls(scheduled, tmp_pa
     assert again["paired"]["only_promoted_right"] == again["paired"]["only_candidate_right"] == 0
     saved = "data/evaluate/serving/saved_model.pb"
     assert (other / saved).read_bytes() == (project / saved).read_bytes()
+
+    # A consumer of the registry (examples/deploy): the model in prod, fetched from the git server and the
+    # DVC remote into an empty folder with `dvc artifacts get`, is byte for byte what was promoted.
+    fetch = REPO / "examples" / "deploy" / "fetch_prod.sh"
+    deployed = tmp_path / "deploy" / "serving"
+    deployed.parent.mkdir()
+    run(["bash", str(fetch), str(server), str(deployed)], deployed.parent)
+    promoted = project / "data" / "evaluate" / "serving"
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(deployed) == files(promoted) and files(deployed)
+    assert "examples/deploy/fetch_prod.sh . serving" in (REPO / "examples" / "deploy" / "github-actions-deploy.yml").read_text()
 
 
 @pytest.mark.integration

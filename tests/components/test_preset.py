@@ -1,0 +1,68 @@
+"""Presets: validated overrides, inputs brought in as DVC-tracked imports, experiments run without a shell."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import yaml
+
+from components import preset
+from components.params import ParamsError
+from tests.test_dvc_pipeline import REPO, commit, dvc, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    run(["git", "init", "-q"], root)
+    dvc("init", "-q", cwd=root)
+    for folder in ("models", "sources"):
+        (root / folder).mkdir()
+        (root / folder / ".gitignore").write_text((REPO / folder / ".gitignore").read_text())
+    commit(root, "init")
+    return root
+
+
+def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(project, tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "photos" / "cats").mkdir(parents=True)
+    (shared / "photos" / "cats" / "a.jpg").write_bytes(b"cat")
+    (shared / "base.keras").write_bytes(b"a base")
+    spec = {
+        "inputs": {"sources/photos": "../shared/photos", "models/base.keras": "../shared/base.keras"},
+        "dataset": {"source": "folder", "dir": "sources/photos"},
+        "conv_base": {"name": None, "path": "models/base.keras"},
+    }
+    (project / "my.yaml").write_text(yaml.safe_dump(spec))
+    assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
+    assert (project / "sources" / "photos" / "cats" / "a.jpg").read_bytes() == b"cat"
+    assert (project / "models" / "base.keras").read_bytes() == b"a base"
+    for made in ("sources/photos.dvc", "models/base.keras.dvc"):
+        assert yaml.safe_load((project / made).read_text())["deps"][0]["path"].endswith(made[:-4].split("/")[1])
+    untracked = run(["git", "status", "--porcelain"], project).stdout
+    assert "sources/photos.dvc" in untracked and "models/base.keras.dvc" in untracked  # to commit: not ignored
+    assert "sources/photos/" not in untracked and "models/base.keras\n" not in untracked  # the data is DVC's
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["dataset"]["dir"] == "sources/photos" and params["conv_base"]["path"] == "models/base.keras"
+    # Applied again, nothing is imported twice.
+    assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
+
+
+def test_a_missing_input_is_a_clear_error(project):
+    (project / "bad.yaml").write_text(yaml.safe_dump({"inputs": {"sources/x": "../nowhere"}}))
+    with pytest.raises(ParamsError, match=r"inputs\.sources/x: \.\./nowhere does not exist"):
+        preset.main([str(project / "bad.yaml"), "--params", str(project / "params.yaml")])
+
+
+def test_printed_arguments_survive_a_shell():
+    overrides = {"conv_base": {"input_size": [224, 224], "path": "models/a base.keras"}, "finetune": {"learning_rate": 1e-05}}
+    printed = " ".join(shlex.quote(a) for a in preset.set_args(overrides))
+    assert shlex.split(printed) == ["-S", "conv_base.input_size=[224,224]", "-S", 'conv_base.path="models/a base.keras"',
+                                    "-S", "finetune.learning_rate=1e-05"]
+    assert json.loads(shlex.split(printed)[3].split("=", 1)[1]) == "models/a base.keras"
