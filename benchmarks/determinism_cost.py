@@ -32,21 +32,12 @@ BATCH = 32
 
 
 def child(work: Path, base_path: Path, size: int, unfreeze_from: str, deterministic: bool, epochs: int) -> dict:
-    import keras
-
     from components import finetune, train_head, training
-    from components.conv_base import ConvBaseParams
+    from finetune_epoch import preset_model
     from pipelines import records
 
-    if deterministic:
-        training.make_deterministic(1)
-    else:
-        keras.utils.set_random_seed(1)
-    base = ConvBaseParams(name=None, path=str(base_path), input_size=(size, size), pooling="avg")
-    model = finetune.build_classifier(base, work / "head.keras")
-    params = finetune.FinetuneParams(unfreeze_from=unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
-    finetune.prepare_for_finetuning(model, base, params)
-    train_head.compile_head(model, 2, params.optimizer, params.learning_rate)
+    training.make_deterministic(1, ops=deterministic)
+    model, params, _ = preset_model(base_path, (size, size), work / "head.keras", unfreeze_from)
     files = records.split_files(work / "convert" / "records", "train")
     data = records.image_dataset(files, (size, size), BATCH, binary=True, shuffle_seed=1,
                                  augment=finetune.build_augmentation(params.augment, seed=1), cache=True)
@@ -72,14 +63,11 @@ def child(work: Path, base_path: Path, size: int, unfreeze_from: str, determinis
 
 
 def main(argv=None) -> int:
+    from finetune_epoch import add_common_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("base", type=Path, help="a saved .keras conv base (raw RGB 0..255 in)")
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--unfreeze-from", default="block11_expand_conv")
-    parser.add_argument("--rounds", type=int, default=2)
+    add_common_args(parser)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per child")
-    parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--child", choices=["deterministic", "default"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -73,19 +73,37 @@ def timed_epoch(model, data, steps=None) -> float:
     return time.perf_counter() - started
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of the fine-tuning benchmarks (this one and determinism_cost.py)."""
     parser.add_argument("folder", type=Path)
     parser.add_argument("base", type=Path, help="a saved .keras conv base (raw RGB 0..255 in)")
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--unfreeze-from", default="block11_expand_conv")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
+
+
+def preset_model(base_path: Path, size: tuple[int, int], head_path: Path, unfreeze_from: str):
+    """The real-data preset's classifier: the saved base with the head, top unfrozen, compiled (Adam 1e-5).
+    Returns (model, finetune params, unfrozen layers)."""
+    from components import finetune, train_head
+    from components.conv_base import ConvBaseParams
+
+    base = ConvBaseParams(name=None, path=str(base_path.resolve()), input_size=size, pooling="avg")
+    model = finetune.build_classifier(base, head_path)
+    params = finetune.FinetuneParams(unfreeze_from=unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
+    unfrozen = finetune.prepare_for_finetuning(model, base, params)
+    train_head.compile_head(model, 2, params.optimizer, params.learning_rate)
+    return model, params, unfrozen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from components import finetune, train_head
-    from components.conv_base import ConvBaseParams
     from extract_throughput import prepare
     from pipelines import records
 
@@ -99,13 +117,9 @@ def main(argv=None) -> int:
     shutil.rmtree(view, ignore_errors=True)
     n = class_folder_view(work / "download", "train", view)
 
-    base = ConvBaseParams(name=None, path=str(args.base.resolve()), input_size=size, pooling="avg")
     head = train_head.build_head(1280, 2, train_head.TrainHeadParams(hidden_units=0, dropout=0.2))
     head.save(work / "head.keras")
-    model = finetune.build_classifier(base, work / "head.keras")
-    params = finetune.FinetuneParams(unfreeze_from=args.unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
-    unfrozen = finetune.prepare_for_finetuning(model, base, params)
-    train_head.compile_head(model, 2, params.optimizer, params.learning_rate)
+    model, params, unfrozen = preset_model(args.base, size, work / "head.keras", args.unfreeze_from)
 
     files = records.split_files(convert_dir / "records", "train")
     augment = finetune.build_augmentation(params.augment, seed=1)

@@ -165,6 +165,22 @@ def serve_in_plain_tensorflow(saved_model, files, tmp_path):
     return payload["result"]
 
 
+def served_and_keras(root, blobs: list[bytes], tmp_path):
+    """The exported model's answer in plain TensorFlow for these files, and the Keras model's probabilities
+    on the same files through the shared decode."""
+    files = []
+    for i, blob in enumerate(blobs):
+        files.append(tmp_path / f"img{i}")
+        files[-1].write_bytes(blob)
+    served = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
+    import pipelines.bases  # noqa: F401 - the custom layers of the saved Keras model
+    from pipelines import image
+
+    model = keras.saving.load_model(root / "finetune" / "model.keras")
+    pixels = np.stack([image.decode_and_resize(tf.constant(b), (32, 32)).numpy() for b in blobs])
+    return served, evaluate.as_probabilities(model.predict_on_batch(pixels))
+
+
 def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
     root, _ = evaluated
     blobs = [
@@ -172,17 +188,7 @@ def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
         encode(image_array(2, (40, 60, 200), (20, 50)), "PNG"),
         encode(image_array(3, (90, 90, 90), (32, 32)), "PNG", mode="RGBA"),
     ]
-    files = []
-    for i, blob in enumerate(blobs):
-        files.append(tmp_path / f"img{i}")
-        files[-1].write_bytes(blob)
-    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
-    import pipelines.bases  # noqa: F401 - the custom layers of the saved Keras model
-    from pipelines import image
-
-    model = keras.saving.load_model(root / "finetune" / "model.keras")
-    pixels = np.stack([image.decode_and_resize(tf.constant(b), (32, 32)).numpy() for b in blobs])
-    expected = evaluate.as_probabilities(model.predict_on_batch(pixels))
+    result, expected = served_and_keras(root, blobs, tmp_path)
     np.testing.assert_allclose(np.array(result["probabilities"]), expected, atol=1e-5)
     labels = ["cats", "dogs"]  # the tiny dataset's classes, in the vocabulary's (sorted) order
     assert result["classes"] == [labels] * 3
@@ -248,15 +254,7 @@ def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped
     assert len(list((root / "report" / "gradcam").glob("*.png"))) == result["gradcam"] >= 1
     # The serving model answers with the three classes, as the Keras model does on the training pixels.
     blobs = [encode(image_array(s, color, (24, 32)), "JPEG") for s, color in ((1, (40, 180, 60)), (2, (200, 60, 40)))]
-    files = []
-    for i, blob in enumerate(blobs):
-        files.append(tmp_path / f"img{i}")
-        files[-1].write_bytes(blob)
-    served = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
-    from pipelines import image
-
-    model = keras.saving.load_model(root / "finetune" / "model.keras")
-    expected = model.predict_on_batch(np.stack([image.decode_and_resize(tf.constant(b), (32, 32)).numpy() for b in blobs]))
+    served, expected = served_and_keras(root, blobs, tmp_path)
     assert np.array(served["probabilities"]).shape == (2, 3)
     np.testing.assert_allclose(np.array(served["probabilities"]), expected, atol=1e-5)
     assert served["classes"] == [names] * 2 and served["predicted"] == [names[i] for i in expected.argmax(axis=1)]
