@@ -71,6 +71,7 @@ def make_project(work: Path, images: Path, base: Path) -> Path:
     (project / "models").mkdir(exist_ok=True)
     shutil.copy2(base, project / "models" / base.name)
     overrides = yaml.safe_load((REPO / "presets" / "real_lite0.yaml").read_text())
+    overrides.pop("inputs", None)  # the images and the base are copied in below
     overrides["dataset"]["dir"] = "images"
     overrides["conv_base"]["path"] = f"models/{base.name}"
     params = preset.merge(yaml.safe_load((project / "params.yaml").read_text()), overrides)

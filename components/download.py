@@ -56,7 +56,6 @@ from components.params import (
     ParamsError,
     Section,
     log_resolved,
-    parse_section,
     read_params,
     section,
     write_resolved,
@@ -157,9 +156,9 @@ def load_config(params_path: str | Path) -> Config:
     if "dataset" not in data:
         raise ParamsError(f"{params_path}: section 'dataset' is missing")
     return Config(
-        common=parse_section(CommonParams, "common", section(data, "common", params_path)),
-        dataset=parse_section(DatasetParams, "dataset", section(data, "dataset", params_path)),
-        download=parse_section(DownloadParams, "download", section(data, "download", params_path)),
+        common=section(data, CommonParams, "common", params_path),
+        dataset=section(data, DatasetParams, "dataset", params_path),
+        download=section(data, DownloadParams, "download", params_path),
     )
 
 

@@ -40,7 +40,7 @@ import pydantic
 
 from components import outputs
 from components.cli import configure_logging
-from components.params import Section, log_resolved, parse_section, read_params, section, write_resolved
+from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Config:
 
 
 def load_config(params_path: str | Path) -> Config:
-    return Config(evaluate=parse_section(EvaluateParams, "evaluate", section(read_params(params_path), "evaluate", params_path)))
+    return Config(evaluate=section(read_params(params_path), EvaluateParams, "evaluate", params_path))
 
 
 # ---- metrics: pure functions of labels and probabilities -------------------------------------

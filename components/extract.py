@@ -41,7 +41,7 @@ import pydantic
 from components.cli import configure_logging
 from components import conv_base, outputs
 from components.download import SPLITS
-from components.params import Section, log_resolved, parse_section, read_params, section, write_resolved
+from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class Config:
 def load_config(params_path: str | Path) -> Config:
     data = read_params(params_path)
     return Config(
-        conv_base=parse_section(conv_base.ConvBaseParams, "conv_base", section(data, "conv_base", params_path)),
-        extract=parse_section(ExtractParams, "extract", section(data, "extract", params_path)),
+        conv_base=section(data, conv_base.ConvBaseParams, "conv_base", params_path),
+        extract=section(data, ExtractParams, "extract", params_path),
     )
 
 

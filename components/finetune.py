@@ -43,7 +43,7 @@ from components import outputs, training
 from components.cli import configure_logging
 from components.conv_base import ConvBaseParams, build_extractor
 from components.download import CommonParams
-from components.params import ParamsError, Section, log_resolved, parse_section, read_params, section, write_resolved
+from components.params import ParamsError, Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ class Config:
 def load_config(params_path: str | Path) -> Config:
     data = read_params(params_path)
     return Config(
-        common=parse_section(CommonParams, "common", section(data, "common", params_path)),
-        conv_base=parse_section(ConvBaseParams, "conv_base", section(data, "conv_base", params_path)),
-        finetune=parse_section(FinetuneParams, "finetune", section(data, "finetune", params_path)),
+        common=section(data, CommonParams, "common", params_path),
+        conv_base=section(data, ConvBaseParams, "conv_base", params_path),
+        finetune=section(data, FinetuneParams, "finetune", params_path),
     )
 
 

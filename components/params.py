@@ -125,19 +125,43 @@ def read_params(params_path: str | Path) -> dict[str, Any]:
     return data
 
 
-def section(data: Mapping[str, Any], name: str, params_path: str | Path) -> Any:
-    """The raw section `name` of a params file; a missing section is an error, never silent defaults
-    (a misspelt ``train-head:`` would otherwise train with the code's defaults)."""
+def section(data: Mapping[str, Any], model: type[SectionT], name: str, params_path: str | Path) -> SectionT:
+    """Section `name` of a params file, validated and complete.
+
+    A stage never runs on the code's defaults: a missing section (a misspelt
+    ``train-head:`` would otherwise train with them) and a missing key are
+    errors. Hyper-parameters live in params.yaml; the models' defaults serve
+    code that builds params itself (tests, benchmarks) and equal params.yaml's
+    values (tests/components/test_params.py).
+    """
     if name not in data:
         close = difflib.get_close_matches(name, [str(k) for k in data], n=1, cutoff=0.7)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ParamsError(f"{params_path}: section {name!r} is missing{hint}")
-    return data[name]
+    parsed = parse_section(model, name, data[name])
+    missing = missing_keys(model, data[name] or {}, name)
+    if missing:
+        raise ParamsError(f"{params_path}: {', '.join(missing)}: missing; a stage takes every hyper-parameter from the "
+                          "params file, never from code defaults (see the repository's params.yaml for each key)")
+    return parsed
+
+
+def missing_keys(model: type[Section], raw: Mapping[str, Any], prefix: str) -> list[str]:
+    """Dotted keys of `model` (nested sections included) that `raw` lacks."""
+    missing = []
+    for key, field in model.model_fields.items():
+        if key not in raw:
+            missing.append(f"{prefix}.{key}")
+            continue
+        nested = _section_type(field.annotation)
+        if nested is not None and isinstance(raw[key], Mapping):
+            missing += missing_keys(nested, raw[key], f"{prefix}.{key}")
+    return missing
 
 
 def load_section(params_path: str | Path, model: type[SectionT], name: str) -> SectionT:
     """Read `name` from the params file and validate it as `model`."""
-    return parse_section(model, name, section(read_params(params_path), name, params_path))
+    return section(read_params(params_path), model, name, params_path)
 
 
 def to_jsonable(config: pydantic.BaseModel) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import numpy as np
 import pydantic
 
 from components.cli import configure_logging, sh
-from components.params import Section, log_resolved, parse_section, read_params, section
+from components.params import Section, log_resolved, read_params, section
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     params_path = Path(args.repo) / args.params
-    params = parse_section(RetrainParams, "retrain", section(read_params(params_path), "retrain", params_path))
+    params = section(read_params(params_path), RetrainParams, "retrain", params_path)
     log_resolved("retrain", {"retrain": params})
     try:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)

@@ -33,7 +33,7 @@ import pydantic
 from components.cli import configure_logging
 from components import outputs, training
 from components.download import CommonParams
-from components.params import Section, log_resolved, parse_section, read_params, section, write_resolved
+from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class Config:
 def load_config(params_path: str | Path) -> Config:
     data = read_params(params_path)
     return Config(
-        common=parse_section(CommonParams, "common", section(data, "common", params_path)),
-        train_head=parse_section(TrainHeadParams, "train_head", section(data, "train_head", params_path)),
+        common=section(data, CommonParams, "common", params_path),
+        train_head=section(data, TrainHeadParams, "train_head", params_path),
     )
 
 

@@ -13,6 +13,16 @@ from PIL import Image
 from components.tiny_dataset import image_array, make_class_folder  # noqa: F401 (re-exported for tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_params(overrides: dict | None = None) -> dict:
+    """The repository's params.yaml with `overrides` merged in: a complete params file, as stages need."""
+    from components import preset
+    from components.params import read_params
+
+    return preset.merge(read_params(REPO / "params.yaml"), overrides or {})
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from components import download as dl
-from tests.conftest import encode, image_array, make_class_folder
+from tests.conftest import encode, image_array, make_class_folder, repo_params
 
 DECODE = dl.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
@@ -380,7 +380,7 @@ def test_main_on_a_tiny_folder(tiny_folder, tmp_path):
     import yaml
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"common": {"seed": 1}, "dataset": {"source": "folder", "dir": str(tiny_folder)}, "download": {}}))
+    params.write_text(yaml.safe_dump(repo_params({"dataset": {"source": "folder", "dir": str(tiny_folder)}})))
     assert dl.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / dl.SUMMARY).read_text())
     assert summary["kept"] == 24 and summary["reconciled"]

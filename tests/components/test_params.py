@@ -5,6 +5,7 @@ import yaml
 
 from components import convert, download
 from components.params import ParamsError, parse_section
+from tests.conftest import repo_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,8 @@ def test_exponent_floats_as_dvc_writes_them(tmp_path):
     from components import finetune
 
     path = tmp_path / "params.yaml"
-    path.write_text("common: {seed: 1}\nconv_base: {}\nfinetune:\n  learning_rate: 1e-05\n", encoding="utf-8")
+    text = yaml.safe_dump(repo_params({"finetune": {"learning_rate": "LR"}}), sort_keys=False)
+    path.write_text(text.replace("learning_rate: LR", "learning_rate: 1e-05"), encoding="utf-8")
     assert finetune.load_config(path).finetune.learning_rate == 1e-05
 
 
@@ -97,11 +99,15 @@ def test_missing_section_and_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         convert.load_config(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match=r"dataset\.dir: required key is missing"):
-        download.load_config(write_params(tmp_path, {"common": {"seed": 1}, "dataset": {"source": "folder"}, "download": {}}))
+        params = repo_params({"dataset": {"source": "folder"}})
+        del params["dataset"]["dir"]
+        download.load_config(write_params(tmp_path, params))
 
 
 def test_main_refuses_bad_params_before_any_work(tmp_path):
-    params = write_params(tmp_path, {"common": {"seed": 1}, "dataset": {"source": "folder", "dir": str(tmp_path)}, "download": {"shards": 3}})
+    raw = repo_params({"dataset": {"source": "folder", "dir": str(tmp_path)}})
+    raw["download"]["shards"] = 3
+    params = write_params(tmp_path, raw)
     out = tmp_path / "out"
     with pytest.raises(ParamsError, match=r"download\.shards: unknown key"):
         download.main(["--params", str(params), "--out", str(out)])
@@ -118,6 +124,15 @@ def test_a_missing_section_stops_the_stage_instead_of_using_defaults(tmp_path):
     for stage, name in ((extract, "conv_base"), (finetune, "conv_base"), (evaluate, "evaluate"), (download, "dataset")):
         with pytest.raises(ParamsError, match=f"section '{name}' is missing"):
             stage.load_config(path)
+
+
+def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path):
+    from components import finetune
+
+    raw = repo_params()
+    del raw["finetune"]["deterministic"], raw["finetune"]["augment"]["zoom"]
+    with pytest.raises(ParamsError, match=r"finetune\.deterministic, finetune\.augment\.zoom: missing; a stage takes every"):
+        finetune.load_config(write_params(tmp_path, raw))
 
 
 def test_code_defaults_agree_with_params_yaml():

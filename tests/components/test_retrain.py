@@ -8,6 +8,7 @@ import pytest
 
 from components.params import ParamsError, parse_section
 from components.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
+from tests.conftest import repo_params
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 
 PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
@@ -139,7 +140,7 @@ def scheduled(tmp_path):
                    "evaluate": stage("evaluate", ["data/evaluate"], metrics=[{"evaluation/metrics.json": {"cache": False}}])},
         "artifacts": {"classifier": {"path": "data/evaluate/serving", "type": "model"}},
     }))
-    (project / "params.yaml").write_text(json.dumps({"retrain": {"threshold": 0.75, "alpha": 0.05}}))
+    (project / "params.yaml").write_text(json.dumps({"retrain": repo_params({"retrain": {"threshold": 0.75, "alpha": 0.05}})["retrain"]}))
     write_day(project, range(20), wrong=[0, 1])
     commit(project, "pipeline")
     run(["git", "push", "-q", "-u", "origin", "main"], project)
