@@ -73,7 +73,7 @@ class FinetuneParams(Section):
     patience: int = pydantic.Field(4, ge=1)
     cache: bool = True  # keep the decoded (pre-augmentation) images in memory between epochs
     keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
-    # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for ~14% more time an
+    # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for 14-19% more time an
     # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
     deterministic: bool = True
     augment: AugmentParams = AugmentParams()

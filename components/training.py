@@ -4,7 +4,7 @@ Training is bit-reproducible: the same inputs and params give the same weights,
 byte for byte (`outputs.save_keras` keeps the saved file's bytes a function of
 the weights). That takes a seed for every random draw (weights, shuffling,
 augmentation, dropout) and TensorFlow's deterministic kernels. On this CPU
-they cost a head epoch nothing and a fine-tuning epoch about 14%
+they cost a head epoch nothing and a fine-tuning epoch 14-19%
 (`benchmarks/determinism_cost.py`), so finetune has a `deterministic` param.
 """
 
