@@ -9,11 +9,13 @@ The merged params are validated with every stage's own config first, so a
 preset with an unknown key or a bad value fails here, naming the key.
 
 A preset may also name its inputs, ``inputs: {repo path: source}``: data or a
-conv base from outside the repository (``../shared/...``). Each one missing is
-brought in as a DVC-tracked import (`dvc import-url`: a ``.dvc`` file to
-commit, the bytes in DVC's cache and remote), so a fresh clone gets it with
-``dvc pull`` and a queued experiment's temporary copy has it; the params then
-point at the repo path, never outside the repository.
+conv base from outside the repository (``../shared/...``). With ``--write`` or
+``--run``, each one missing is brought in as a DVC-tracked import (`dvc
+import-url`: a ``.dvc`` file to commit, the bytes in DVC's cache and remote),
+and one whose ``.dvc`` file is committed but whose data is absent (a fresh
+clone) is pulled, or fetched from its source again; a queued experiment's
+temporary copy has it. The params point at the repo path, never outside the
+repository. Printing the arguments changes nothing.
 """
 
 from __future__ import annotations
@@ -63,27 +65,42 @@ def set_args(overrides: Mapping) -> list[str]:
     return args
 
 
-def import_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> list[str]:
-    """`dvc import-url` each input whose repo path has no .dvc file yet; returns the .dvc files made.
+def check_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> None:
+    """Each input has a source (a relative one is relative to the repository root: ``../shared/...`` is
+    the folder beside it) or is already tracked in the repository."""
+    for target, source in inputs.items():
+        target_path = repo / target
+        tracked = target_path.with_name(target_path.name + ".dvc").exists()
+        if not tracked and "://" not in source and not (repo / source).exists():
+            raise ParamsError(f"{preset_path}: inputs.{target}: {source} does not exist (relative to {repo})")
 
-    A relative source is relative to the repository root (where the preset says
-    ``../shared/...``, it means the folder beside the repository).
+
+def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
+    """Bring each input into the repository as a DVC-tracked import; returns the .dvc files made.
+
+    A new input is `dvc import-url`-ed. One whose .dvc file is committed but whose
+    data is not here (a fresh clone) comes from DVC's cache or remote (`dvc pull`),
+    or else from its source again (`dvc update`).
     """
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+
     made = []
     for target, source in inputs.items():
         target_path = repo / target
-        dvc_file = target_path.with_name(target_path.name + ".dvc")
-        if dvc_file.exists():
+        dvc_file = target_path.with_name(target_path.name + ".dvc").relative_to(repo).as_posix()
+        if (repo / dvc_file).exists():
+            if not target_path.exists() and dvc("pull", dvc_file).returncode != 0:
+                result = dvc("update", dvc_file)
+                if result.returncode != 0:
+                    raise RuntimeError(f"dvc update {dvc_file} failed: {(result.stderr or result.stdout)[-2000:]}")
             continue
-        source_path = (repo / source).resolve() if "://" not in source else source
-        if "://" not in str(source_path) and not Path(source_path).exists():
-            raise ParamsError(f"{preset_path}: inputs.{target}: {source} does not exist (relative to {repo})")
+        source_path = str((repo / source).resolve()) if "://" not in source else source
         target_path.parent.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([sys.executable, "-m", "dvc", "import-url", str(source_path), target],
-                                cwd=repo, capture_output=True, text=True)
+        result = dvc("import-url", source_path, target)
         if result.returncode != 0:
             raise RuntimeError(f"dvc import-url {source_path} {target} failed: {(result.stderr or result.stdout)[-2000:]}")
-        made.append(dvc_file.relative_to(repo).as_posix())
+        made.append(dvc_file)
     return made
 
 
@@ -119,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     merged = merge(read_params(args.params), overrides)
     validate(merged, args.params)
     repo = args.params.resolve().parent
-    made = import_inputs(inputs, args.preset, repo)
-    if made:
-        print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} .gitignore && git commit)", file=sys.stderr)
+    check_inputs(inputs, args.preset, repo)
+    if args.write or args.run:  # printing the arguments changes nothing in the repository
+        made = import_inputs(inputs, repo)
+        if made:
+            print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} && git commit)", file=sys.stderr)
     if args.write:
         args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
     elif args.run:

@@ -52,6 +52,24 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
     assert params["dataset"]["dir"] == "sources/photos" and params["conv_base"]["path"] == "models/base.keras"
     # Applied again, nothing is imported twice.
     assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
+    # A fresh clone has the .dvc files but not the data (no remote here): applying the preset fetches it again.
+    run(["git", "add", "-A"], project)
+    commit(project, "inputs")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "sources" / "photos").exists()
+    assert preset.main([str(clone / "my.yaml"), "--params", str(clone / "params.yaml"), "--write"]) == 0
+    assert (clone / "sources" / "photos" / "cats" / "a.jpg").read_bytes() == b"cat"
+    assert (clone / "models" / "base.keras").read_bytes() == b"a base"
+
+
+def test_printing_the_arguments_changes_nothing(project, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (project / "p.yaml").write_text(yaml.safe_dump({"inputs": {"sources/photos": "../photos"}, "train_head": {"epochs": 2}}))
+    before = run(["git", "status", "--porcelain", "--ignored"], project).stdout
+    assert preset.main([str(project / "p.yaml"), "--params", str(project / "params.yaml")]) == 0
+    assert run(["git", "status", "--porcelain", "--ignored"], project).stdout == before
+    assert not (project / "sources" / "photos.dvc").exists()
 
 
 def test_a_missing_input_is_a_clear_error(project):
