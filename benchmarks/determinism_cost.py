@@ -50,7 +50,7 @@ def child(work: Path, base_path: Path, size: int, unfreeze_from: str, determinis
 
     meta = json.loads((work / "extract" / "features.json").read_text())
     head = train_head.build_head(int(meta["feature_size"]), 2, train_head.TrainHeadParams(hidden_units=256, dropout=0.5))
-    train_head.compile_head(head, 2, "adam", 1e-3)
+    training.compile_head(head, 2, "adam", 1e-3)
     features = train_head.feature_dataset(records.split_files(work / "extract" / "features", "train"),
                                           int(meta["feature_size"]), 2, BATCH, shuffle_seed=1)
     head.fit(features, epochs=1, verbose=0)

@@ -86,14 +86,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def preset_model(base_path: Path, size: tuple[int, int], head_path: Path, unfreeze_from: str):
     """The real-data preset's classifier: the saved base with the head, top unfrozen, compiled (Adam 1e-5).
     Returns (model, finetune params, unfrozen layers)."""
-    from components import finetune, train_head
+    from components import finetune, training
     from components.conv_base import ConvBaseParams
 
     base = ConvBaseParams(name=None, path=str(base_path.resolve()), input_size=size, pooling="avg")
     model = finetune.build_classifier(base, head_path)
     params = finetune.FinetuneParams(unfreeze_from=unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
     unfrozen = finetune.prepare_for_finetuning(model, base, params)
-    train_head.compile_head(model, 2, params.optimizer, params.learning_rate)
+    training.compile_head(model, 2, params.optimizer, params.learning_rate)
     return model, params, unfrozen
 
 

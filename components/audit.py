@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from components import lineage, manifest
 from components.cli import configure_logging, sh
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,6 @@ def label_order_changes(old: list[str], new: list[str]) -> list[str]:
     problems = [f"{name!r}: index {i} -> {new.index(name)}" for i, name in enumerate(old) if name in new and new.index(name) != i]
     problems += [f"{name!r}: removed" for name in old if name not in new]
     return problems
-
-
-def manifest_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """Images per split and class, for the splits that have any."""
-    from components.convert import expected_counts
-
-    return {split: counts for split, counts in expected_counts(rows).items() if counts}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -250,7 +244,7 @@ def collect(repo: Path, rev: str) -> dict:
         "data_source": {"params": stage_params(lock).get("download", {}).get("dataset"),
                         "dependency": [d for d in download.get("deps", []) if not d["path"].endswith(".py")]},
         "manifest_sha256": hashlib.sha256(manifest_blob).hexdigest() if manifest_blob else None,
-        "images": manifest_counts(rows),
+        "images": manifest.split_counts(rows),
         "labels": json.loads(labels_blob) if labels_blob else None,
         "params": stage_params(lock),
         "outputs": stage_outputs(lock),
@@ -310,9 +304,6 @@ def workspace_changes(repo: Path) -> dict:
         return dvc_repo.status()
 
 
-LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
-
-
 def to_markdown(report: dict) -> str:
     r = report["revision_record"]
     lines = [f"# Audit of {r['revision'][:12]}", "", f"- commit: `{r['revision']}` ({r['date']}): {r['subject']}",
@@ -332,7 +323,7 @@ def to_markdown(report: dict) -> str:
     for path, values in r["metrics"].items():
         flat = {k: v for k, v in flatten(values).items() if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)}
         lines += [f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())]
-    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in LIBRARIES if k in r["libraries"]]
+    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in lineage.LIBRARIES if k in r["libraries"]]
     if report.get("workspace") is not None:
         lines += ["", "## Workspace against dvc.lock", "", f"- {report['workspace'] or 'all outputs match'}"]
     if report.get("diff"):

@@ -34,7 +34,7 @@ import pydantic
 
 from components.cli import configure_logging
 from components import outputs
-from components.download import MANIFEST, SPLITS, read_jsonl
+from components.manifest import MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,6 @@ def load_config(params_path: str | Path) -> Config:
 
 
 # --------------------------------------------------------------------------- pure
-
-
-def expected_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:
-    """Manifest rows per split and class: what the records must hold."""
-    counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
-    for row in manifest:
-        counts[row["split"]][row["label"]] += 1
-    return {split: dict(sorted(c.items())) for split, c in counts.items()}
 
 
 def check_manifest(manifest: Sequence[Mapping]) -> None:

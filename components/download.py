@@ -52,7 +52,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components import outputs
 from components.cli import EnvironmentProblem, configure_logging
+from components.manifest import MANIFEST, SPLITS, read_jsonl, write_jsonl  # noqa: F401 - read_jsonl: the stage's own reader too
 from components.params import (
+    CommonParams,
     ParamsError,
     Section,
     log_resolved,
@@ -64,9 +66,7 @@ from pipelines import image
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-MANIFEST = "manifest.jsonl"
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
 IMAGES = "images"
@@ -75,10 +75,6 @@ NO_CLASS = "(no class)"
 
 
 # --------------------------------------------------------------------------- config
-
-
-class CommonParams(Section):
-    seed: int = 1337
 
 
 class TfdsParams(Section):
@@ -703,8 +699,8 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()
         check_usable(summary)
-        _write_jsonl(tmp / MANIFEST, manifest)
-        _write_jsonl(tmp / QUARANTINE, quarantine)
+        write_jsonl(tmp / MANIFEST, manifest)
+        write_jsonl(tmp / QUARANTINE, quarantine)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
@@ -717,17 +713,6 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         time.monotonic() - started,
     )
     return summary
-
-
-def _write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,8 +38,9 @@ from typing import Sequence
 import numpy as np
 import pydantic
 
-from components import outputs
+from components import lineage, outputs
 from components.cli import configure_logging
+from components.manifest import read_jsonl, split_counts
 from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
@@ -291,21 +292,18 @@ def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], na
 
 def lineage_record(manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict) -> dict:
     """The lineage the serving model carries: its data, base, models, labels, test metrics and libraries."""
-    from importlib import metadata
-
-    from components.audit import LIBRARIES, manifest_counts
     from pipelines.bases import file_sha256
 
     return {
         "manifest_sha256": file_sha256(manifest_path),
-        "images": manifest_counts(rows),
+        "images": split_counts(rows),
         "labels": names,
         "conv_base": features["conv_base"],
         "model_sha256": file_sha256(model_path),
         "head_sha256": file_sha256(head_path),
         "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
         "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
-        "libraries": {lib: metadata.version(lib) for lib in LIBRARIES},
+        "libraries": lineage.library_versions(),
     }
 
 
@@ -328,7 +326,6 @@ def run(
     from PIL import Image
 
     import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
-    from components.download import read_jsonl
     from pipelines import classifier, records, serving
 
     params = config.evaluate

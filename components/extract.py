@@ -40,7 +40,7 @@ import pydantic
 
 from components.cli import configure_logging
 from components import conv_base, outputs
-from components.download import SPLITS
+from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)

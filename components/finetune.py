@@ -40,9 +40,10 @@ from typing import Literal, Sequence
 import pydantic
 
 from components import outputs, training
+from components.params import CommonParams
 from components.cli import configure_logging
 from components.conv_base import ConvBaseParams, build_extractor
-from components.download import CommonParams
+
 from components.params import ParamsError, Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,6 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     import keras
     from dvclive import Live
 
-    from components.train_head import compile_head, live_callback
     from pipelines import records
 
     convert_dir = Path(convert_dir)
@@ -180,7 +180,7 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
-    compile_head(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
+    training.compile_head(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
     log.info("finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
              len(model.trainable_weights), len(unfrozen), unfrozen[0] if unfrozen else "-", unfrozen[-1] if unfrozen else "-")
     binary = num_classes == 2
@@ -196,7 +196,7 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
         start_weights = model.get_weights()
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         started = time.monotonic()
-        history = model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, live_callback(live)], verbose=2)
+        history = model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2)
         elapsed = time.monotonic() - started
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)) + 1
         if params.keep_better_start and history.history["val_loss"][best_epoch - 1] > before_loss:

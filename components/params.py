@@ -37,6 +37,12 @@ class Section(pydantic.BaseModel):
 SectionT = TypeVar("SectionT", bound=Section)
 
 
+class CommonParams(Section):
+    """The `common` section, read by every stage that draws random numbers."""
+
+    seed: int = 1337
+
+
 def _describe_error(prefix: str, error: Mapping[str, Any], model: type[Section]) -> str:
     loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
     if error["type"] == "extra_forbidden":

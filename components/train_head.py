@@ -32,7 +32,8 @@ import pydantic
 
 from components.cli import configure_logging
 from components import outputs, training
-from components.download import CommonParams
+from components.params import CommonParams
+
 from components.params import Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,6 @@ def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
     return keras.Model(inputs, outputs_, name="head")
 
 
-def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
-    import keras
-
-    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
-    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
-    # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
-    # make the saved file depend on what ran before in the process.
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"])
-
-
 def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
     """(features, label) batches; labels float for the sigmoid head."""
     import tensorflow as tf
@@ -130,19 +121,6 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
 
 
-def live_callback(live):
-    """A Keras callback that logs every epoch's metrics to dvclive."""
-    import keras
-
-    class LiveLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            for name, value in (logs or {}).items():
-                live.log_metric(name, float(value))
-            live.next_step()
-
-    return LiveLogger()
-
-
 def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
     import keras
     from dvclive import Live
@@ -160,12 +138,12 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
     train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)
     val = feature_dataset(files["val"], size, num_classes, params.batch_size, None)
     head = build_head(size, num_classes, params)
-    compile_head(head, num_classes, params.optimizer, params.learning_rate)
+    training.compile_head(head, num_classes, params.optimizer, params.learning_rate)
     live_dir = Path(live_dir)
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
-        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, live_callback(live)], verbose=2)
+        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2)
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}

@@ -1,4 +1,5 @@
-"""What the two training stages (train_head, finetune) share: a seeded, deterministic TensorFlow.
+"""What the two training stages (train_head, finetune) share: a seeded, deterministic TensorFlow,
+compiling a classifier, and logging epochs to dvclive.
 
 Training is bit-reproducible: the same inputs and params give the same weights,
 byte for byte (`outputs.save_keras` keeps the saved file's bytes a function of
@@ -23,3 +24,33 @@ def make_deterministic(seed: int, ops: bool = True) -> None:
     keras.utils.set_random_seed(seed)
     if ops:
         tf.config.experimental.enable_op_determinism()
+
+
+def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
+    """Compile a classifier (a head, or base + head): sigmoid cross-entropy for two classes, else sparse softmax."""
+    import keras
+
+    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
+    loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
+    # make the saved file depend on what ran before in the process.
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"])
+
+
+def live_callback(live):
+    """A Keras 3 callback that logs every epoch's metrics to dvclive under Keras's own names.
+
+    Not dvclive's `DVCLiveCallback`: it subclasses `tf.keras.callbacks.Callback`, which is tf_keras
+    (not Keras 3) in any process where tensorflow_transform was imported (it sets
+    TF_USE_LEGACY_KERAS=1), and it renames the metrics (``val_loss`` -> ``eval/loss``), which would
+    move every plot and metric DVC tracks (tests/components/test_train_head.py shows both).
+    """
+    import keras
+
+    class LiveLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for name, value in (logs or {}).items():
+                live.log_metric(name, float(value))
+            live.next_step()
+
+    return LiveLogger()

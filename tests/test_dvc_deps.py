@@ -81,3 +81,11 @@ def test_the_import_reader_follows_imports_inside_functions():
     # components/evaluate.py imports pipelines modules inside run(): they must be found
     assert "pipelines.serving" in imported_modules(REPO / "components" / "evaluate.py")
     assert REPO / "pipelines" / "image.py" in closure("components.download")
+
+
+def test_stage_modules_are_leaves():
+    """No stage imports another stage: what two stages share lives in a module named for what it holds."""
+    stages = {stage_module(entry["cmd"]) for entry in STAGES.values()}
+    for module in sorted(stages):
+        others = {m for m in imported_modules(module_file(module)) if m in stages and m != module}
+        assert not others, f"{module} imports the stage module(s) {sorted(others)}"

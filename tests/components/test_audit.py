@@ -23,7 +23,9 @@ def test_label_map_order_changes_are_found():
 
 
 def test_counts_and_diffs():
-    assert audit.manifest_counts(rows(("a", "train", "cat"), ("b", "train", "dog"), ("c", "train", "cat"))) == {"train": {"cat": 2, "dog": 1}}
+    from components import manifest
+
+    assert manifest.split_counts(rows(("a", "train", "cat"), ("b", "train", "dog"), ("c", "train", "cat"))) == {"train": {"cat": 2, "dog": 1}}
     assert audit.diff_flat({"x": {"lr": 1, "n": 2}}, {"x": {"lr": 3, "n": 2}, "y": 1}) == {"x.lr": [1, 3], "y": [None, 1]}
 
 

@@ -72,3 +72,20 @@ def test_label_outside_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"labels \[2\] are outside the vocabulary of 2 classes"):
         train_head.run(train_head.Config(CommonParams(), train_head.TrainHeadParams(epochs=1)), extract_dir, labels, tmp_path / "out", tmp_path / "live")
     assert not (tmp_path / "out").exists()
+
+
+def test_why_the_epoch_logger_is_ours_and_not_dvclives(tmp_path):
+    """dvclive's DVCLiveCallback binds to tf.keras (tf_keras once tensorflow_transform set TF_USE_LEGACY_KERAS)
+    and renames val_loss to eval/loss: components.training.live_callback keeps Keras 3 and Keras's names."""
+    import os
+    import subprocess
+    import sys
+
+    from dvclive.utils import standardize_metric_name
+
+    assert standardize_metric_name("val_loss", "dvclive.keras") == "eval/loss"  # our plots are val_loss.tsv
+    probe = ("import keras; from dvclive.keras import DVCLiveCallback; "
+             "print(issubclass(DVCLiveCallback, keras.callbacks.Callback))")
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"  # not a Keras 3 callback in a process that imported tf.Transform

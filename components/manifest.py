@@ -1,0 +1,36 @@
+"""The download stage's manifest, as every later stage and tool reads it: the splits, the file name,
+reading and writing JSON lines, and counts per split and class."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+MANIFEST = "manifest.jsonl"  # in the download stage's folder: one row per kept image
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def expected_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """Manifest rows per split and class (every split, empty ones too): what the records must hold."""
+    counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
+    for row in manifest:
+        counts[row["split"]][row["label"]] += 1
+    return {split: dict(sorted(c.items())) for split, c in counts.items()}
+
+
+def split_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """Images per split and class, for the splits that have any."""
+    return {split: counts for split, counts in expected_counts(manifest).items() if counts}
