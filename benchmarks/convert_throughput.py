@@ -50,7 +50,12 @@ def plain_loop(download_dir: Path, out_dir: Path, shards: dict[str, int]) -> int
                 continue
             data = (download_dir / row["file"]).read_bytes()
             example = graph.to_example(
-                {fk.IMAGE: data, fk.LABEL: index[row["label"]], fk.LABEL_NAME: row["label"].encode(), fk.ID: row["id"].encode()}
+                {
+                    fk.IMAGE: data,
+                    fk.LABEL: index[row["label"]],
+                    fk.LABEL_NAME: row["label"].encode(),
+                    fk.ID: row["id"].encode(),
+                }
             )
             buckets[graph.shard_of(row["id"], n)].append((row["id"].encode(), example))
         for i in range(n):
@@ -94,8 +99,15 @@ def compare_forms(records_dir: Path, work: Path) -> dict:
         for serialized in tf.data.TFRecordDataset(files):
             encoded = tf.io.parse_single_example(serialized, spec)[fk.IMAGE]
             pixels = tf.cast(tf.round(image.decode_and_resize(encoded, SIZE)), tf.uint8)
-            for writer, payload in ((raw_w, pixels.numpy().tobytes()), (jpg_w, tf.io.encode_jpeg(pixels, quality=90).numpy())):
-                ex = tf.train.Example(features=tf.train.Features(feature={fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[payload]))}))
+            for writer, payload in (
+                (raw_w, pixels.numpy().tobytes()),
+                (jpg_w, tf.io.encode_jpeg(pixels, quality=90).numpy()),
+            ):
+                ex = tf.train.Example(
+                    features=tf.train.Features(
+                        feature={fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[payload]))}
+                    )
+                )
                 writer.write(ex.SerializeToString())
 
     def parse_encoded(s):
@@ -113,7 +125,9 @@ def compare_forms(records_dir: Path, work: Path) -> dict:
         "JPEG q90 re-encoded 160x160": (jpeg_path.stat().st_size, read_speed([str(jpeg_path)], parse_encoded)),
     }
     del np
-    return {name: {"kB_per_image": size / n / 1000, "read_images_per_s": speed} for name, (size, speed) in forms.items()}
+    return {
+        name: {"kB_per_image": size / n / 1000, "read_images_per_s": speed} for name, (size, speed) in forms.items()
+    }
 
 
 def main(argv=None) -> int:

@@ -72,12 +72,9 @@ def run_design(name, convert_dir: Path, out: Path, base_path: str, size, factory
     out.mkdir(parents=True)
     started = time.perf_counter()
     with beam.Pipeline() as p:
-        decoded = (
-            p
-            | "Read" >> beam.io.ReadFromTFRecord(files)
-            | "Decode" >> beam.Map(decode_element(size))
-        )
+        decoded = p | "Read" >> beam.io.ReadFromTFRecord(files) | "Decode" >> beam.Map(decode_element(size))
         if name == "runinference":
+
             def inference_fn(model, batch, inference_args, model_id=None):
                 values = model.predict_on_batch(np.stack(batch))
                 return [PredictionResult(x, y) for x, y in zip(batch, values)]
@@ -86,8 +83,14 @@ def run_design(name, convert_dir: Path, out: Path, base_path: str, size, factory
             # imported (TF_USE_LEGACY_KERAS=1) and cannot read a Keras 3 model; so the
             # handler builds the model with our factory and loads saved weights.
             handler = KeyedModelHandler(
-                TFModelHandlerNumpy(base_path, model_type=ModelType.SAVED_WEIGHTS, create_model_fn=factory,
-                                    inference_fn=inference_fn, min_batch_size=BATCH, max_batch_size=BATCH)
+                TFModelHandlerNumpy(
+                    base_path,
+                    model_type=ModelType.SAVED_WEIGHTS,
+                    create_model_fn=factory,
+                    inference_fn=inference_fn,
+                    min_batch_size=BATCH,
+                    max_batch_size=BATCH,
+                )
             )
             examples = (
                 decoded
@@ -161,13 +164,18 @@ def main(argv=None) -> int:
     for name in ("runinference", "batch-dofn"):
         rows = read_all(sorted((work / name).glob("*.tfrecord")))
         agree[name] = bool(len(rows) == n and all(np.allclose(rows[k], reference[k], atol=1e-3) for k in reference))
-    print(json.dumps({
-        "images": n,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "images_per_s": {k: round(n / v, 1) for k, v in seconds.items()},
-        "ratio_to_shard_dofn": {k: round(seconds["shard-dofn"] / v, 3) for k, v in seconds.items()},
-        "features_agree_with_shard_dofn": agree,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                "images_per_s": {k: round(n / v, 1) for k, v in seconds.items()},
+                "ratio_to_shard_dofn": {k: round(seconds["shard-dofn"] / v, 3) for k, v in seconds.items()},
+                "features_agree_with_shard_dofn": agree,
+            },
+            indent=2,
+        )
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

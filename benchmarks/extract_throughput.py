@@ -35,8 +35,13 @@ def prepare(folder: Path, work: Path, limit: int | None = None) -> Path:
 
     dl_out = work / "download"
     if not dl_out.exists():
-        preset = download.DownloadParams(fractions=download.Fractions(train=0.5, val=0.25, test=0.25))  # presets/real_lite0.yaml
-        download.run(download.Config(download.CommonParams(), download.DatasetParams(source="folder", dir=str(folder)), preset), dl_out)
+        preset = download.DownloadParams(
+            fractions=download.Fractions(train=0.5, val=0.25, test=0.25)
+        )  # presets/real_lite0.yaml
+        download.run(
+            download.Config(download.CommonParams(), download.DatasetParams(source="folder", dir=str(folder)), preset),
+            dl_out,
+        )
     if limit is None:
         target, src = work / "convert", dl_out
     else:
@@ -68,7 +73,9 @@ def bare_predict(model, convert_dir: Path, size) -> tuple[float, int]:
 def seed_loop(model, folder: Path, size) -> tuple[float, int]:
     from tf_keras.preprocessing.image import ImageDataGenerator
 
-    generator = ImageDataGenerator().flow_from_directory(str(folder), target_size=size, batch_size=BATCH, class_mode="binary", shuffle=False)
+    generator = ImageDataGenerator().flow_from_directory(
+        str(folder), target_size=size, batch_size=BATCH, class_mode="binary", shuffle=False
+    )
     started, count = time.perf_counter(), 0
     for i in range(len(generator)):
         inputs, _ = generator[i]
@@ -78,9 +85,21 @@ def seed_loop(model, folder: Path, size) -> tuple[float, int]:
 
 
 def peak_rss_mb(convert_dir: Path, out: Path, params: Path) -> float:
-    cmd = [sys.executable, "-m", "components.extract", "--params", str(params), "--convert", str(convert_dir), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.extract",
+        "--params",
+        str(params),
+        "--convert",
+        str(convert_dir),
+        "--out",
+        str(out),
+    ]
     code = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
-    result = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     kb, rc = result.stdout.split()[-2:]
     if rc != "0":
         raise RuntimeError(result.stderr[-3000:])
@@ -120,29 +139,49 @@ def main(argv=None) -> int:
     seed_s, seed_n = seed_loop(model, args.folder, size)
 
     params = work / "params.yaml"
-    params.write_text(yaml.safe_dump({"conv_base": json.loads(base.model_dump_json()), "extract": {"batch_size": BATCH}}))
+    params.write_text(
+        yaml.safe_dump({"conv_base": json.loads(base.model_dump_json()), "extract": {"batch_size": BATCH}})
+    )
     convert_500 = prepare(args.folder, work, limit=500)
-    rss = {500: peak_rss_mb(convert_500, work / "rss500", params), n: peak_rss_mb(convert_dir, work / "rss_all", params)}
+    rss = {
+        500: peak_rss_mb(convert_500, work / "rss500", params),
+        n: peak_rss_mb(convert_dir, work / "rss_all", params),
+    }
 
     head_params = train_head.TrainHeadParams(hidden_units=0, dropout=0.2, epochs=60, patience=8)  # the preset's head
-    history = train_head.run(train_head.Config(CommonParams(), head_params), work / "extract", convert_dir / "labels.json", work / "head", work / "live")
+    history = train_head.run(
+        train_head.Config(CommonParams(), head_params),
+        work / "extract",
+        convert_dir / "labels.json",
+        work / "head",
+        work / "live",
+    )
     test_accuracy = head_test_accuracy(work / "head" / "head.keras", work / "extract")
 
     stage_ips, bare_ips, seed_ips = n / stage_s, bare_n / bare_s, seed_n / seed_s
-    print(json.dumps({
-        "images": n,
-        "size": list(size),
-        "stage_s": round(stage_s, 2), "stage_images_per_s": round(stage_ips, 1),
-        # of which: checking params and loading the base before Beam starts, then the Beam job itself
-        "stage_setup_s": round(stage_s - record["seconds"], 2), "stage_beam_s": record["seconds"],
-        "bare_predict_s": round(bare_s, 2), "bare_predict_images_per_s": round(bare_ips, 1),
-        "seed_loop_s": round(seed_s, 2), "seed_loop_images_per_s": round(seed_ips, 1),
-        "stage_over_bare": round(stage_ips / bare_ips, 3),
-        "stage_over_seed_loop": round(stage_ips / seed_ips, 3),
-        "peak_rss_mb": {str(k): round(v, 1) for k, v in rss.items()},
-        "head_val_accuracy": round(history["val_accuracy"], 4),
-        "head_test_accuracy": round(test_accuracy, 4),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "size": list(size),
+                "stage_s": round(stage_s, 2),
+                "stage_images_per_s": round(stage_ips, 1),
+                # of which: checking params and loading the base before Beam starts, then the Beam job itself
+                "stage_setup_s": round(stage_s - record["seconds"], 2),
+                "stage_beam_s": record["seconds"],
+                "bare_predict_s": round(bare_s, 2),
+                "bare_predict_images_per_s": round(bare_ips, 1),
+                "seed_loop_s": round(seed_s, 2),
+                "seed_loop_images_per_s": round(seed_ips, 1),
+                "stage_over_bare": round(stage_ips / bare_ips, 3),
+                "stage_over_seed_loop": round(stage_ips / seed_ips, 3),
+                "peak_rss_mb": {str(k): round(v, 1) for k, v in rss.items()},
+                "head_val_accuracy": round(history["val_accuracy"], 4),
+                "head_test_accuracy": round(test_accuracy, 4),
+            },
+            indent=2,
+        )
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -53,8 +53,12 @@ def seed_batches(folder: Path, size, seed: int):
     from tf_keras.preprocessing.image import ImageDataGenerator
 
     generator = ImageDataGenerator(
-        rotation_range=36, width_shift_range=0.2, height_shift_range=0.2, zoom_range=0.2,
-        horizontal_flip=True, fill_mode="reflect",
+        rotation_range=36,
+        width_shift_range=0.2,
+        height_shift_range=0.2,
+        zoom_range=0.2,
+        horizontal_flip=True,
+        fill_mode="reflect",
     ).flow_from_directory(str(folder), target_size=size, batch_size=BATCH, class_mode="binary", seed=seed)
 
     def forever():
@@ -91,7 +95,9 @@ def preset_model(base_path: Path, size: tuple[int, int], head_path: Path, unfree
 
     base = ConvBaseParams(name=None, path=str(base_path.resolve()), input_size=size, pooling="avg")
     model = finetune.build_classifier(base, head_path)
-    params = finetune.FinetuneParams(unfreeze_from=unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH)
+    params = finetune.FinetuneParams(
+        unfreeze_from=unfreeze_from, optimizer="adam", learning_rate=1e-5, batch_size=BATCH
+    )
     unfrozen = finetune.prepare_for_finetuning(model, base, params)
     training.compile_head(model, 2, params.optimizer, params.learning_rate)
     return model, params, unfrozen
@@ -103,8 +109,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from components import finetune, train_head
     from extract_throughput import prepare
+
+    from components import finetune, train_head
     from pipelines import records
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_finetune_"))
@@ -127,24 +134,36 @@ def main(argv=None) -> int:
     uncached = records.image_dataset(files, size, BATCH, binary=True, shuffle_seed=1, augment=augment, cache=False)
     seed_data, seed_steps = seed_batches(view, size, seed=1)
 
-    designs = {"stage": lambda: timed_epoch(model, stage), "seed_loop": lambda: timed_epoch(model, seed_data, seed_steps),
-               "stage_no_cache": lambda: timed_epoch(model, uncached)}
+    designs = {
+        "stage": lambda: timed_epoch(model, stage),
+        "seed_loop": lambda: timed_epoch(model, seed_data, seed_steps),
+        "stage_no_cache": lambda: timed_epoch(model, uncached),
+    }
     warm = {name: run() for name, run in designs.items()}
     times: dict[str, list[float]] = {name: [] for name in designs}
     for _ in range(args.rounds):
         for name, run in designs.items():
             times[name].append(run())
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(json.dumps({
-        "train_images": n, "size": list(size), "batch": BATCH, "unfreeze_from": args.unfreeze_from,
-        "unfrozen_layers_with_weights": len(unfrozen), "jit_compile": bool(getattr(model, "jit_compile", False)),
-        "first_epoch_s": {k: round(v, 2) for k, v in warm.items()},
-        "epoch_s": {k: [round(v, 2) for v in values] for k, values in times.items()},
-        "median_epoch_s": {k: round(v, 2) for k, v in median.items()},
-        "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
-        "seed_loop_over_stage": round(median["seed_loop"] / median["stage"], 3),
-        "no_cache_over_stage": round(median["stage_no_cache"] / median["stage"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "train_images": n,
+                "size": list(size),
+                "batch": BATCH,
+                "unfreeze_from": args.unfreeze_from,
+                "unfrozen_layers_with_weights": len(unfrozen),
+                "jit_compile": bool(getattr(model, "jit_compile", False)),
+                "first_epoch_s": {k: round(v, 2) for k, v in warm.items()},
+                "epoch_s": {k: [round(v, 2) for v in values] for k, values in times.items()},
+                "median_epoch_s": {k: round(v, 2) for k, v in median.items()},
+                "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
+                "seed_loop_over_stage": round(median["seed_loop"] / median["stage"], 3),
+                "no_cache_over_stage": round(median["stage_no_cache"] / median["stage"], 3),
+            },
+            indent=2,
+        )
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

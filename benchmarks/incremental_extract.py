@@ -33,13 +33,29 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PROJECT_FILES = ("components", "pipelines", "presets", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "tfds_data")
+PROJECT_FILES = (
+    "components",
+    "pipelines",
+    "presets",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "tfds_data",
+)
 
 
 def env() -> dict[str, str]:
     e = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2")
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    e.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com", GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.com")
+    e.update(
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@example.com",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@example.com",
+    )
     return e
 
 
@@ -134,7 +150,9 @@ def main(argv=None) -> int:
     warm = data_stages(project)
     warm_run = extract_run(project)
     if warm_run["images"] != cold_run["images"] + added:
-        raise SystemExit(f"download kept {warm_run['images'] - cold_run['images']} of the {added} new images (see its quarantine)")
+        raise SystemExit(
+            f"download kept {warm_run['images'] - cold_run['images']} of the {added} new images (see its quarantine)"
+        )
     warm_hash = extract_hash(project)
     shutil.rmtree(project / ".cache" / "extract")
     reference = data_stages(project, force=True)
@@ -142,22 +160,35 @@ def main(argv=None) -> int:
     same = extract_hash(project) == warm_hash
 
     result = {
-        "images_before": cold_run["images"], "images_added": added, "images_after": warm_run["images"],
+        "images_before": cold_run["images"],
+        "images_added": added,
+        "images_after": warm_run["images"],
         "cold_2000": {"stage_wall_s": cold, "extract_stage_s": cold_run["seconds"], "computed": cold_run["computed"]},
-        "warm_after_new": {"stage_wall_s": warm, "extract_stage_s": warm_run["seconds"], "computed": warm_run["computed"],
-                           "from_cache": warm_run["from_cache"]},
-        "cold_reference_same_images": {"extract_wall_s": reference["extract"], "extract_stage_s": reference_run["seconds"],
-                                       "computed": reference_run["computed"]},
+        "warm_after_new": {
+            "stage_wall_s": warm,
+            "extract_stage_s": warm_run["seconds"],
+            "computed": warm_run["computed"],
+            "from_cache": warm_run["from_cache"],
+        },
+        "cold_reference_same_images": {
+            "extract_wall_s": reference["extract"],
+            "extract_stage_s": reference_run["seconds"],
+            "computed": reference_run["computed"],
+        },
         "warm_output_equals_cold": same,
         "ratio_extract_wall_warm_over_cold": round(warm["extract"] / reference["extract"], 3),
         "ratio_extract_stage_warm_over_cold": round(warm_run["seconds"] / reference_run["seconds"], 3),
-        "ratio_data_stages_wall_warm_over_cold": round(sum(warm.values()) / (sum(cold.values()) - cold["extract"] + reference["extract"]), 3),
+        "ratio_data_stages_wall_warm_over_cold": round(
+            sum(warm.values()) / (sum(cold.values()) - cold["extract"] + reference["extract"]), 3
+        ),
     }
     print(json.dumps(result, indent=2))
-    print(f"extract after +{added} images: {warm['extract']:.1f}s wall ({warm_run['seconds']:.1f}s in the stage), "
-          f"cold on the same {warm_run['images']}: {reference['extract']:.1f}s wall ({reference_run['seconds']:.1f}s in the stage): "
-          f"{result['ratio_extract_wall_warm_over_cold']:.3f}x wall, {result['ratio_extract_stage_warm_over_cold']:.3f}x in-stage; "
-          f"outputs identical: {same}")
+    print(
+        f"extract after +{added} images: {warm['extract']:.1f}s wall ({warm_run['seconds']:.1f}s in the stage), "
+        f"cold on the same {warm_run['images']}: {reference['extract']:.1f}s wall ({reference_run['seconds']:.1f}s in the stage): "
+        f"{result['ratio_extract_wall_warm_over_cold']:.3f}x wall, {result['ratio_extract_stage_warm_over_cold']:.3f}x in-stage; "
+        f"outputs identical: {same}"
+    )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if same else 1

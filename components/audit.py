@@ -73,15 +73,22 @@ def moved_splits(old: list[dict], new: list[dict]) -> list[dict]:
     """Images both manifests hold whose split changed (a leak between train and test across retrains)."""
     before = {identity(row): row["split"] for row in old}
     return sorted(
-        ({"sha256": identity(row), "from": before[identity(row)], "to": row["split"]}
-         for row in new if identity(row) in before and before[identity(row)] != row["split"]),
+        (
+            {"sha256": identity(row), "from": before[identity(row)], "to": row["split"]}
+            for row in new
+            if identity(row) in before and before[identity(row)] != row["split"]
+        ),
         key=lambda r: r["sha256"],
     )
 
 
 def label_order_changes(old: list[str], new: list[str]) -> list[str]:
     """Labels whose index changed or that disappeared: the old model's outputs would mean other classes."""
-    problems = [f"{name!r}: index {i} -> {new.index(name)}" for i, name in enumerate(old) if name in new and new.index(name) != i]
+    problems = [
+        f"{name!r}: index {i} -> {new.index(name)}"
+        for i, name in enumerate(old)
+        if name in new and new.index(name) != i
+    ]
     problems += [f"{name!r}: removed" for name in old if name not in new]
     return problems
 
@@ -103,7 +110,10 @@ def diff_flat(old: dict, new: dict) -> dict[str, list]:
 
 
 def stage_outputs(lock: dict) -> dict[str, dict[str, str]]:
-    return {stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])} for stage, entry in lock.get("stages", {}).items()}
+    return {
+        stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])}
+        for stage, entry in lock.get("stages", {}).items()
+    }
 
 
 def stage_params(lock: dict) -> dict[str, dict]:
@@ -115,8 +125,11 @@ REBUILT = ("train_head", "finetune", "evaluate")  # the training stages and what
 
 def rebuild_mismatches(recorded: dict[str, str], rebuilt: dict[str, str]) -> list[str]:
     """Every output (path -> content digest) whose digest after a rebuild differs from the recorded one."""
-    return [f"rebuild: {path} is {rebuilt.get(path)} after re-training, {digest} as recorded"
-            for path, digest in sorted(recorded.items()) if rebuilt.get(path) != digest]
+    return [
+        f"rebuild: {path} is {rebuilt.get(path)} after re-training, {digest} as recorded"
+        for path, digest in sorted(recorded.items())
+        if rebuilt.get(path) != digest
+    ]
 
 
 def saved_model_digest(folder: Path) -> str:
@@ -210,7 +223,8 @@ def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | 
         unreadable.append(
             f"cannot read {path} at {rev[:12]} ({reason}): its data is in neither the local DVC cache nor the "
             f"default remote. Fetch it with `git checkout {rev[:12]} && dvc pull` (or `dvc fetch --all-commits`) "
-            "from a remote that holds it (`dvc remote list`), or reproduce that revision and `dvc push` it")
+            "from a remote that holds it (`dvc remote list`), or reproduce that revision and `dvc push` it"
+        )
         return None
 
 
@@ -228,7 +242,9 @@ def collect(repo: Path, rev: str) -> dict:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
     lock = yaml.safe_load(lock_text)
     unreadable: list[str] = []
-    manifest_blob, labels_blob, lineage_blob, model_blob = (dvc_file(repo, commit, path, unreadable) for path in DVC_FILES)
+    manifest_blob, labels_blob, lineage_blob, model_blob = (
+        dvc_file(repo, commit, path, unreadable) for path in DVC_FILES
+    )
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
     metrics = {}
@@ -241,15 +257,19 @@ def collect(repo: Path, rev: str) -> dict:
         "revision": commit,
         "subject": git(repo, "log", "-1", "--format=%s", commit).strip(),
         "date": git(repo, "log", "-1", "--format=%cI", commit).strip(),
-        "data_source": {"params": stage_params(lock).get("download", {}).get("dataset"),
-                        "dependency": [d for d in download.get("deps", []) if not d["path"].endswith(".py")]},
+        "data_source": {
+            "params": stage_params(lock).get("download", {}).get("dataset"),
+            "dependency": [d for d in download.get("deps", []) if not d["path"].endswith(".py")],
+        },
         "manifest_sha256": hashlib.sha256(manifest_blob).hexdigest() if manifest_blob else None,
         "images": manifest.split_counts(rows),
         "labels": json.loads(labels_blob) if labels_blob else None,
         "params": stage_params(lock),
         "outputs": stage_outputs(lock),
         "metrics": metrics,
-        "libraries": dict(line.split("==", 1) for line in constraints.splitlines() if "==" in line and not line.startswith("#")),
+        "libraries": dict(
+            line.split("==", 1) for line in constraints.splitlines() if "==" in line and not line.startswith("#")
+        ),
         "serving_lineage": json.loads(lineage_blob) if lineage_blob else None,
         "model_sha256": hashlib.sha256(model_blob).hexdigest() if model_blob else None,
         "unreadable": unreadable,
@@ -270,16 +290,21 @@ def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> tuple[d
 
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     dvc = [sys.executable, "-m", "dvc"]
-    cache = subprocess.run([*dvc, "cache", "dir"], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    cache = subprocess.run(
+        [*dvc, "cache", "dir"], cwd=repo, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="audit-rebuild-") as scratch:
         tree = Path(scratch) / "tree"
         git(repo, "worktree", "add", "--detach", str(tree), commit)
         try:
+
             def run(*args: str) -> None:
                 result = subprocess.run([*dvc, *args], cwd=tree, env=env, capture_output=True, text=True)
                 if result.returncode != 0:
-                    raise RuntimeError(f"audit --rebuild: dvc {' '.join(args)} failed at {commit[:12]}: "
-                                       f"{(result.stderr or result.stdout)[-2000:]}")
+                    raise RuntimeError(
+                        f"audit --rebuild: dvc {' '.join(args)} failed at {commit[:12]}: "
+                        f"{(result.stderr or result.stdout)[-2000:]}"
+                    )
 
             run("config", "--local", "cache.dir", str(Path(repo, cache).resolve()))
             restored = subprocess.run([*dvc, "checkout"], cwd=tree, env=env, capture_output=True, text=True)
@@ -306,30 +331,67 @@ def workspace_changes(repo: Path) -> dict:
 
 def to_markdown(report: dict) -> str:
     r = report["revision_record"]
-    lines = [f"# Audit of {r['revision'][:12]}", "", f"- commit: `{r['revision']}` ({r['date']}): {r['subject']}",
-             f"- result: **{'PASS' if not report['problems'] else 'FAIL'}**", ""]
+    lines = [
+        f"# Audit of {r['revision'][:12]}",
+        "",
+        f"- commit: `{r['revision']}` ({r['date']}): {r['subject']}",
+        f"- result: **{'PASS' if not report['problems'] else 'FAIL'}**",
+        "",
+    ]
     if report["problems"]:
         lines += ["## Problems", ""] + [f"- {p}" for p in report["problems"]] + [""]
     lines += ["## Data", "", f"- source: `{json.dumps(r['data_source']['params'])}`"]
-    lines += [f"- source version: `{d['path']}` {d.get('md5')} ({d.get('nfiles', '?')} files)" for d in r["data_source"]["dependency"]]
-    lines += [f"- manifest sha256: `{r['manifest_sha256']}`", f"- labels: {r['labels']}", "", "| split | " + " | ".join(r["labels"] or []) + " |",
-              "|---|" + "---|" * len(r["labels"] or [])]
+    lines += [
+        f"- source version: `{d['path']}` {d.get('md5')} ({d.get('nfiles', '?')} files)"
+        for d in r["data_source"]["dependency"]
+    ]
+    lines += [
+        f"- manifest sha256: `{r['manifest_sha256']}`",
+        f"- labels: {r['labels']}",
+        "",
+        "| split | " + " | ".join(r["labels"] or []) + " |",
+        "|---|" + "---|" * len(r["labels"] or []),
+    ]
     for split, counts in r["images"].items():
         lines.append(f"| {split} | " + " | ".join(str(counts.get(label, 0)) for label in r["labels"] or []) + " |")
     lines += ["", "## Stages", "", "| stage | output | md5 |", "|---|---|---|"]
     for stage, outs in r["outputs"].items():
         lines += [f"| {stage} | `{path}` | `{md5}` |" for path, md5 in outs.items()]
-    lines += ["", "## Params", "", "```json", json.dumps(r["params"], indent=2, sort_keys=True), "```", "", "## Metrics", ""]
+    lines += [
+        "",
+        "## Params",
+        "",
+        "```json",
+        json.dumps(r["params"], indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
     for path, values in r["metrics"].items():
-        flat = {k: v for k, v in flatten(values).items() if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)}
-        lines += [f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())]
-    lines += ["", "## Libraries (constraints.txt)", ""] + [f"- {k}=={r['libraries'][k]}" for k in lineage.LIBRARIES if k in r["libraries"]]
+        flat = {
+            k: v
+            for k, v in flatten(values).items()
+            if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)
+        }
+        lines += [
+            f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())
+        ]
+    lines += ["", "## Libraries (constraints.txt)", ""] + [
+        f"- {k}=={r['libraries'][k]}" for k in lineage.LIBRARIES if k in r["libraries"]
+    ]
     if report.get("workspace") is not None:
         lines += ["", "## Workspace against dvc.lock", "", f"- {report['workspace'] or 'all outputs match'}"]
     if report.get("diff"):
         d = report["diff"]
-        lines += ["", f"## Against {d['against'][:12]}", "", f"- images: {d['images']}", f"- params changed: {json.dumps(d['params'])}",
-                  f"- metrics changed: {json.dumps(d['metrics'])}"]
+        lines += [
+            "",
+            f"## Against {d['against'][:12]}",
+            "",
+            f"- images: {d['images']}",
+            f"- params changed: {json.dumps(d['params'])}",
+            f"- metrics changed: {json.dumps(d['metrics'])}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -353,12 +415,20 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
         other = collect(repo, against)
         other_rows = other.pop("_rows")
         problems += list(other["unreadable"])
-        problems += [f"image {m['sha256'][:12]} moved from {m['from']} to {m['to']}" for m in moved_splits(other_rows, rows)]
-        problems += [f"label map changed: {p}" for p in label_order_changes(other["labels"] or [], record["labels"] or [])]
+        problems += [
+            f"image {m['sha256'][:12]} moved from {m['from']} to {m['to']}" for m in moved_splits(other_rows, rows)
+        ]
+        problems += [
+            f"label map changed: {p}" for p in label_order_changes(other["labels"] or [], record["labels"] or [])
+        ]
         old_ids, new_ids = {identity(r) for r in other_rows}, {identity(r) for r in rows}
         report["diff"] = {
             "against": other["revision"],
-            "images": {"added": len(new_ids - old_ids), "removed": len(old_ids - new_ids), "kept": len(new_ids & old_ids)},
+            "images": {
+                "added": len(new_ids - old_ids),
+                "removed": len(old_ids - new_ids),
+                "kept": len(new_ids & old_ids),
+            },
             "params": diff_flat(other["params"], record["params"]),
             "metrics": diff_flat(other["metrics"], record["metrics"]),
         }
@@ -370,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rev", default="HEAD", help="the git revision to audit")
     parser.add_argument("--against", default=None, help="an earlier revision to diff and check against")
     parser.add_argument("--workspace", action="store_true", help="also check the workspace's outputs against dvc.lock")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="re-train the revision's models from its recorded inputs and check every output hash")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-train the revision's models from its recorded inputs and check every output hash",
+    )
     parser.add_argument("--repo", default=".", help="the project's git repository")
     parser.add_argument("--out", default="audit", help="folder for audit.json and audit.md")
     args = parser.parse_args(argv)

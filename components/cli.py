@@ -39,7 +39,9 @@ def sh(*cmd: str, cwd) -> str:
     """Run a command (git, dvc, ...); its stdout, or a RuntimeError with the end of its output."""
     result = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}"
+        )
     return result.stdout
 
 

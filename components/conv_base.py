@@ -30,8 +30,10 @@ class ConvBaseParams(Section):
     @pydantic.field_validator("input_size", mode="before")
     @classmethod
     def _size(cls, value):
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         ):
             raise ValueError("must be [height, width], two integers")
         if min(value) < 1:

@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 
 import pydantic
 
-from components.cli import configure_logging
 from components import outputs
+from components.cli import configure_logging
 from components.manifest import MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
 
@@ -151,7 +151,7 @@ def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args
                 temp_dir=temp_dir,
             )
         shutil.rmtree(local_temp, ignore_errors=True)
-        outputs.stabilise_saved_model_fingerprint(tmp / TRANSFORM / "transform_fn")
+        outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn")
         written = count_records(tmp / RECORDS)
         if written != expected:
             raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")
@@ -165,8 +165,7 @@ def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args
             "labels": labels,
             "shards": shards,
             "bytes": {
-                split: sum(p.stat().st_size for p in (tmp / RECORDS).glob(f"{split}-*.tfrecord"))
-                for split in SPLITS
+                split: sum(p.stat().st_size for p in (tmp / RECORDS).glob(f"{split}-*.tfrecord")) for split in SPLITS
             },
             "source_image_bytes": sum((download_dir / row["file"]).stat().st_size for row in manifest),
             "image_encoding": "encoded bytes as stored by download (JPEG as-is, PNG if normalised)",

@@ -284,8 +284,10 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
     if min(width, height) < min_side:
         return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
     if fmt not in image.FORMATS:
-        return Rejected(f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
-                        "convert the file to one of them")
+        return Rejected(
+            f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
+            "convert the file to one of them"
+        )
 
     actions = []
     if getattr(img, "n_frames", 1) > 1:
@@ -304,13 +306,17 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         return Rejected(f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}")
     expected = np.asarray(reference, dtype=np.uint8)
     if decoded_orientation != (orientation if orientation in range(2, 9) else 1) or pixels.shape != expected.shape:
-        return Rejected(f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
-                        f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})")
+        return Rejected(
+            f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
+            f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})"
+        )
     gap = np.abs(pixels.astype(np.int16) - expected)
     if fmt != "JPEG" and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
         hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""
-        return Rejected(f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
-                        f"largest pixel difference {int(gap.max())}, mean {gap.mean():.2f}; re-save it as PNG or JPEG")
+        return Rejected(
+            f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
+            f"largest pixel difference {int(gap.max())}, mean {gap.mean():.2f}; re-save it as PNG or JPEG"
+        )
     identity = pixels_hash(pixels)
     if fmt == "JPEG" and img.mode == "RGB" and not actions:
         return Normalised(data, "jpg", width, height, fmt, "as-is", identity)
@@ -351,9 +357,7 @@ class Candidate:
         return self.pixels_sha256[:20]
 
 
-def resolve(
-    candidates: Sequence[Candidate], seed: int, fractions: Fractions
-) -> tuple[list[dict], list[dict]]:
+def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) -> tuple[list[dict], list[dict]]:
     """Dedupe by normalised pixels, assign splits. Returns (manifest rows, duplicate quarantine rows).
 
     Images with identical pixels (the same file, or the same pixels saved in
@@ -388,7 +392,8 @@ def resolve(
                 {
                     "source": dup.source,
                     "label": dup.label,
-                    "reason": f"duplicate of {kept.source}" + ("" if dup.sha256 == kept.sha256 else " (same pixels, another file)"),
+                    "reason": f"duplicate of {kept.source}"
+                    + ("" if dup.sha256 == kept.sha256 else " (same pixels, another file)"),
                     "sha256": dup.sha256,
                     "pixels_sha256": sha,
                 }
@@ -429,9 +434,7 @@ def summarise(
         for name in sorted(set(classes) | set(found))
     }
     splits = {
-        split: dict(
-            sorted(collections.Counter(r["label"] for r in manifest if r["split"] == split).items())
-        )
+        split: dict(sorted(collections.Counter(r["label"] for r in manifest if r["split"] == split).items()))
         for split in SPLITS
     }
     reasons = collections.Counter(_reason_kind(row["reason"]) for row in quarantine)
@@ -580,9 +583,7 @@ def network_reachable(host: str = "storage.googleapis.com", port: int = 443, tim
     return bool(result and result[0])
 
 
-def read_tfds(
-    params: DatasetParams, network_probe: Callable[[], bool] = network_reachable
-) -> Iterator[Found]:
+def read_tfds(params: DatasetParams, network_probe: Callable[[], bool] = network_reachable) -> Iterator[Found]:
     """Examples of a tfds dataset as encoded image bytes, with their label names.
 
     Checks the local `data_dir` first (``download=False``), so an offline machine
@@ -636,13 +637,6 @@ def _check_keys(info, cfg: TfdsParams) -> None:
             raise ParamsError(f"dataset.tfds.{param}: {key!r} is not a feature of {cfg.name}; features: {sorted(keys)}")
     if not hasattr(info.features[cfg.label_key], "int2str"):
         raise ParamsError(f"dataset.tfds.label_key: {cfg.label_key!r} of {cfg.name} is not a ClassLabel")
-
-
-def tfds_class_names(params: DatasetParams) -> list[str]:
-    import tensorflow_datasets as tfds
-
-    info = tfds.builder(params.tfds.name, data_dir=params.dir).info
-    return [normalise_label(n) for n in info.features[params.tfds.label_key].names]
 
 
 # --------------------------------------------------------------------------- run

@@ -178,7 +178,10 @@ def curve_rows(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[dict
     fpr, tpr, roc_thresholds = roc_curve(positive, scores)
     precision, recall, pr_thresholds = precision_recall_curve(positive, scores)
     roc = [{"fpr": float(f), "tpr": float(t), "threshold": _finite(th)} for f, t, th in zip(fpr, tpr, roc_thresholds)]
-    pr = [{"recall": float(r), "precision": float(p), "threshold": float(th)} for p, r, th in zip(precision, recall, pr_thresholds)]
+    pr = [
+        {"recall": float(r), "precision": float(p), "threshold": float(th)}
+        for p, r, th in zip(precision, recall, pr_thresholds)
+    ]
     return roc, pr
 
 
@@ -195,18 +198,24 @@ def misclassified(model: str, ids, labels, probabilities, names, files: dict[str
     for record_id, label, probs in zip(ids, labels, probabilities):
         predicted = int(np.argmax(probs))
         if predicted != label:
-            rows.append({
-                "model": model, "id": record_id, "file": files.get(record_id), "actual": names[label],
-                "predicted": names[predicted], "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "id": record_id,
+                    "file": files.get(record_id),
+                    "actual": names[label],
+                    "predicted": names[predicted],
+                    "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
+                }
+            )
     return sorted(rows, key=lambda r: -max(r["probabilities"].values()))
 
 
 def pick_gradcam(ids, labels, probabilities, correct: int, wrong: int) -> list[tuple[str, bool]]:
     """The first `correct` right predictions (id order) and the `wrong` most confident wrong ones."""
     predicted = probabilities.argmax(axis=1)
-    right = sorted(i for i, (l, p) in zip(ids, zip(labels, predicted)) if l == p)[:correct]
-    bad = [(i, probabilities[k].max()) for k, (i, l, p) in enumerate(zip(ids, labels, predicted)) if l != p]
+    right = sorted(i for i, (label, p) in zip(ids, zip(labels, predicted)) if label == p)[:correct]
+    bad = [(i, probabilities[k].max()) for k, (i, label, p) in enumerate(zip(ids, labels, predicted)) if label != p]
     bad = [i for i, _ in sorted(bad, key=lambda t: (-t[1], t[0]))][:wrong]
     return [(i, True) for i in right] + [(i, False) for i in bad]
 
@@ -290,7 +299,9 @@ def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], na
     return gap
 
 
-def lineage_record(manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict) -> dict:
+def lineage_record(
+    manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict
+) -> dict:
     """The lineage the serving model carries: its data, base, models, labels, test metrics and libraries."""
     from pipelines.bases import file_sha256
 
@@ -346,8 +357,12 @@ def run(
         if not counts.get(split):
             return None
         found = {
-            "head": predict_features(head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size),
-            "finetune": predict_images(model, records.split_files(convert_dir / "records", split), size, params.batch_size),
+            "head": predict_features(
+                head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size
+            ),
+            "finetune": predict_images(
+                model, records.split_files(convert_dir / "records", split), size, params.batch_size
+            ),
         }
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
             raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")
@@ -388,7 +403,7 @@ def run(
                 Image.fromarray(overlay(images[record_id][1], heat)).save(report / "gradcam" / f"{stem}.png")
 
         serving.export(model, names, size, tmp / SERVING)
-        outputs.stabilise_saved_model_fingerprint(tmp / SERVING)
+        outputs.stabilise_saved_model(tmp / SERVING)
         lineage = lineage_record(manifest_path, manifest, model_path, head_path, features, names, metrics)
         write_json(tmp / SERVING / "assets.extra" / LINEAGE, lineage)
         gap = check_serving(tmp / SERVING, model, [images[i] for i in serving_ids], names)
@@ -399,8 +414,16 @@ def run(
         for split in ("val", "test"):
             m = metrics[name][split]
             if m is not None:
-                log.info("evaluate: %s %s accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
-                         name, split, m["accuracy"], m["loss"], m["macro_f1"], m["roc_auc"], m["images"])
+                log.info(
+                    "evaluate: %s %s accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
+                    name,
+                    split,
+                    m["accuracy"],
+                    m["loss"],
+                    m["macro_f1"],
+                    m["roc_auc"],
+                    m["images"],
+                )
     log.info("evaluate: serving model agrees with the Keras model (max probability gap %.1e)", gap)
     return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen), "serving_gap": gap}
 
@@ -414,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="finetune's model.keras")
     parser.add_argument("--manifest", required=True, help="download's manifest.jsonl")
     parser.add_argument("--out", required=True, help="output folder for the serving model (declared in dvc.yaml)")
-    parser.add_argument("--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)")
+    parser.add_argument(
+        "--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)"
+    )
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)

@@ -30,16 +30,16 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Sequence
 
 import pydantic
 
-from components.cli import configure_logging
 from components import conv_base, outputs
+from components.cli import configure_logging
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
 
@@ -80,8 +80,15 @@ def shard_jobs(records_dir: Path, out_dir: Path) -> list[tuple[str, str, str]]:
     return jobs
 
 
-def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = (),
-        *, cache_root: str | None = None, metrics_path: str | Path | None = None) -> dict:
+def run(
+    config: Config,
+    convert_dir: str | Path,
+    out_dir: str | Path,
+    beam_args: Sequence[str] = (),
+    *,
+    cache_root: str | None = None,
+    metrics_path: str | Path | None = None,
+) -> dict:
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -107,12 +114,23 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
         (tmp / FEATURES_DIR).mkdir()
         jobs = shard_jobs(convert_dir / "records", tmp / FEATURES_DIR)
         pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
-        graph.extract(pipeline, jobs, factory, config.conv_base.input_size, config.extract.batch_size,
-                      cache_root=cache_root, namespace=namespace, feature_shape=feature_shape)
+        graph.extract(
+            pipeline,
+            jobs,
+            factory,
+            config.conv_base.input_size,
+            config.extract.batch_size,
+            cache_root=cache_root,
+            namespace=namespace,
+            feature_shape=feature_shape,
+        )
         result = pipeline.run()
         result.wait_until_finish()
+
         def counter(name: str) -> int:
-            return int(sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(name))["counters"]))
+            return int(
+                sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(name))["counters"])
+            )
 
         computed = counter(graph.COMPUTED)
         written = {split: counter(graph.WRITTEN + split) for split in SPLITS}
@@ -140,8 +158,16 @@ def run(config: Config, convert_dir: str | Path, out_dir: str | Path, beam_args:
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(run_metrics, indent=2) + "\n", encoding="utf-8")
-    log.info("extract: %d images %s in %.1fs (%.1f images/s; %d computed, %d from the cache), features %s",
-             total, written, elapsed, total / elapsed, computed, total - computed, feature_shape)
+    log.info(
+        "extract: %d images %s in %.1fs (%.1f images/s; %d computed, %d from the cache), features %s",
+        total,
+        written,
+        elapsed,
+        total / elapsed,
+        computed,
+        total - computed,
+        feature_shape,
+    )
     return {**record, **run_metrics}
 
 

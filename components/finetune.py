@@ -40,11 +40,9 @@ from typing import Literal, Sequence
 import pydantic
 
 from components import outputs, training
-from components.params import CommonParams
 from components.cli import configure_logging
 from components.conv_base import ConvBaseParams, build_extractor
-
-from components.params import ParamsError, Section, log_resolved, read_params, section, write_resolved
+from components.params import CommonParams, ParamsError, Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +121,9 @@ def build_augmentation(params: AugmentParams, seed: int):
     if params.zoom:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
     if params.translation:
-        layers.append(keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="reflect", seed=seed + 3))
+        layers.append(
+            keras.layers.RandomTranslation(params.translation, params.translation, fill_mode="reflect", seed=seed + 3)
+        )
     if params.contrast:
         layers.append(keras.layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
     if not layers:
@@ -156,8 +156,10 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
     if not conv_base.name:
         no_default = "a saved base (conv_base.path) has no registry default"
     else:
-        no_default = (f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
-                      f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap")
+        no_default = (
+            f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
+            f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap"
+        )
     try:
         start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default, no_default)
     except classifier.UnfreezeError as exc:
@@ -165,7 +167,9 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
     return classifier.unfreeze(model, start, params.train_batch_norm)
 
 
-def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
+def run(
+    config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path
+) -> dict:
     import keras
     from dvclive import Live
 
@@ -176,17 +180,29 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
     model = build_classifier(config.conv_base, head_path)
-    training.make_deterministic(config.common.seed, ops=params.deterministic)  # after the build: an untrained base seeds its own init
+    training.make_deterministic(
+        config.common.seed, ops=params.deterministic
+    )  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
     training.compile_head(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
-    log.info("finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
-             len(model.trainable_weights), len(unfrozen), unfrozen[0] if unfrozen else "-", unfrozen[-1] if unfrozen else "-")
+    log.info(
+        "finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
+        len(model.trainable_weights),
+        len(unfrozen),
+        unfrozen[0] if unfrozen else "-",
+        unfrozen[-1] if unfrozen else "-",
+    )
     binary = num_classes == 2
     train = records.image_dataset(
-        files["train"], size, params.batch_size, binary=binary, shuffle_seed=config.common.seed,
-        augment=build_augmentation(params.augment, config.common.seed), cache=params.cache,
+        files["train"],
+        size,
+        params.batch_size,
+        binary=binary,
+        shuffle_seed=config.common.seed,
+        augment=build_augmentation(params.augment, config.common.seed),
+        cache=params.cache,
     )
     val = records.image_dataset(files["val"], size, params.batch_size, binary=binary, cache=params.cache)
     live_dir = Path(live_dir)
@@ -196,7 +212,9 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
         start_weights = model.get_weights()
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         started = time.monotonic()
-        history = model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2)
+        history = model.fit(
+            train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2
+        )
         elapsed = time.monotonic() - started
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)) + 1
         if params.keep_better_start and history.history["val_loss"][best_epoch - 1] > before_loss:
@@ -222,8 +240,15 @@ def run(config: Config, convert_dir: str | Path, head_path: str | Path, out_dir:
         (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
-    log.info("finetune: val accuracy %.4f -> %.4f, val loss %.4f -> %.4f (best epoch %d, %.1f s/epoch)",
-             before_accuracy, val_accuracy, before_loss, val_loss, best_epoch, elapsed / record["epochs_run"])
+    log.info(
+        "finetune: val accuracy %.4f -> %.4f, val loss %.4f -> %.4f (best epoch %d, %.1f s/epoch)",
+        before_accuracy,
+        val_accuracy,
+        before_loss,
+        val_loss,
+        best_epoch,
+        elapsed / record["epochs_run"],
+    )
     return record
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from importlib import metadata
 
-LIBRARIES = ("tensorflow", "keras", "apache-beam", "tensorflow-transform", "tensorflow-datasets", "dvc", "numpy", "protobuf")
+LIBRARIES = (
+    "tensorflow",
+    "keras",
+    "apache-beam",
+    "tensorflow-transform",
+    "tensorflow-datasets",
+    "dvc",
+    "numpy",
+    "protobuf",
+)
 
 
 def library_versions() -> dict[str, str]:

@@ -44,22 +44,56 @@ def require_outputs(root: str | Path, relative: Iterable[str]) -> None:
         raise RuntimeError(f"stage did not produce its declared outputs under {root}: {missing}")
 
 
-def stabilise_saved_model_fingerprint(saved_model_dir: str | Path) -> None:
-    """Replace the random `uuid` in a SavedModel's fingerprint.pb with one derived from its checksum.
+def stabilise_saved_model(saved_model_dir: str | Path) -> None:
+    """Make a SavedModel's bytes a function of its content: canonical function names, a derived uuid.
 
-    TensorFlow writes a fresh random uuid on every save, so two saves of the
-    same graph and weights differ by that field alone; deriving it from the
-    content keeps re-runs byte-identical (and DVC hashes stable).
+    - TensorFlow names traced functions ``__inference_<name>_<n>`` with a
+      process-wide counter, so the numbers depend on what else the process
+      traced first (with tf.Transform's Beam workers, on thread timing: two
+      runs of convert once differed in these numbers alone). They are
+      renumbered here in the order of the original numbers, which keeps every
+      reference consistent (and so are arguments named after the counter).
+    - fingerprint.pb holds a fresh random uuid on every save; it is recomputed
+      from the rewritten graph and its uuid derived from the checksum.
     """
-    from tensorflow.core.protobuf import fingerprint_pb2
+    import re
 
-    path = Path(saved_model_dir) / "fingerprint.pb"
-    if not path.exists():
-        return
-    fingerprint = fingerprint_pb2.FingerprintDef()
-    fingerprint.ParseFromString(path.read_bytes())
-    fingerprint.uuid = str(fingerprint.saved_model_checksum)
-    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    folder = Path(saved_model_dir)
+    model_path = folder / "saved_model.pb"
+    model = saved_model_pb2.SavedModel()
+    model.ParseFromString(model_path.read_bytes())
+    numbered = re.compile(r"^(.*_)(\d+)$")
+    names = {f.signature.name for graph in model.meta_graphs for f in graph.graph_def.library.function}
+    order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
+    mapping = {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
+    text = text_format.MessageToString(model)
+    # Arguments traced without a name get the counter's value as theirs: renumbered the same way.
+    user_named = re.compile(r'(key: "_user_specified_name"\s*value \{\s*s: ")(\d+)(")')
+    numbers = sorted({int(m.group(2)) for m in user_named.finditer(text)})
+    if mapping or numbers:
+        if mapping:
+            token = re.compile(
+                r"(?<![\w])(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")(?![\w])"
+            )
+            text = token.sub(lambda m: mapping[m.group(1)], text)
+        rank = {n: i for i, n in enumerate(numbers)}
+        text = user_named.sub(lambda m: f"{m.group(1)}{rank[int(m.group(2))]}{m.group(3)}", text)
+        model = text_format.Parse(text, saved_model_pb2.SavedModel())
+        for graph in model.meta_graphs:  # the library was listed in the order of the old names
+            functions = sorted(graph.graph_def.library.function, key=lambda f: f.signature.name)
+            del graph.graph_def.library.function[:]
+            graph.graph_def.library.function.extend(functions)
+        model_path.write_bytes(model.SerializeToString(deterministic=True))
+    fingerprint_path = folder / "fingerprint.pb"
+    if fingerprint_path.exists():
+        fingerprint = fingerprint_pb2.FingerprintDef()
+        fingerprint.ParseFromString(fingerprinting.CreateFingerprintDef(str(folder)))
+        fingerprint.uuid = str(fingerprint.saved_model_checksum)
+        fingerprint_path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
@@ -104,7 +138,10 @@ def _renumber_shared_objects(config):
 
     def walk(node):
         if isinstance(node, dict):
-            return {k: (numbers.setdefault(v, len(numbers) + 1) if k == "shared_object_id" else walk(v)) for k, v in node.items()}
+            return {
+                k: (numbers.setdefault(v, len(numbers) + 1) if k == "shared_object_id" else walk(v))
+                for k, v in node.items()
+            }
         if isinstance(node, list):
             return [walk(item) for item in node]
         return node

@@ -147,8 +147,10 @@ def section(data: Mapping[str, Any], model: type[SectionT], name: str, params_pa
     parsed = parse_section(model, name, data[name])
     missing = missing_keys(model, data[name] or {}, name)
     if missing:
-        raise ParamsError(f"{params_path}: {', '.join(missing)}: missing; a stage takes every hyper-parameter from the "
-                          "params file, never from code defaults (see the repository's params.yaml for each key)")
+        raise ParamsError(
+            f"{params_path}: {', '.join(missing)}: missing; a stage takes every hyper-parameter from the "
+            "params file, never from code defaults (see the repository's params.yaml for each key)"
+        )
     return parsed
 
 

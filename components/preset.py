@@ -60,7 +60,11 @@ def set_args(overrides: Mapping) -> list[str]:
     """`-S key=value` pairs; values in JSON, which DVC reads as YAML."""
     args = []
     for key, value in leaves(overrides):
-        text = value if isinstance(value, str) and value and not any(c in value for c in " :#{}[],'\"") else json.dumps(value, separators=(",", ":"))
+        text = (
+            value
+            if isinstance(value, str) and value and not any(c in value for c in " :#{}[],'\"")
+            else json.dumps(value, separators=(",", ":"))
+        )
         args += ["-S", f"{key}={text}"]
     return args
 
@@ -82,6 +86,7 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
     data is not here (a fresh clone) comes from DVC's cache or remote (`dvc pull`),
     or else from its source again (`dvc update`).
     """
+
     def dvc(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
 
@@ -99,7 +104,9 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
         target_path.parent.mkdir(parents=True, exist_ok=True)
         result = dvc("import-url", source_path, target)
         if result.returncode != 0:
-            raise RuntimeError(f"dvc import-url {source_path} {target} failed: {(result.stderr or result.stdout)[-2000:]}")
+            raise RuntimeError(
+                f"dvc import-url {source_path} {target} failed: {(result.stderr or result.stdout)[-2000:]}"
+            )
         made.append(dvc_file)
     return made
 
@@ -122,8 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("preset", type=Path, help="a YAML file of overrides, e.g. presets/tiny.yaml")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="write the merged params into --params instead of printing -S args")
-    mode.add_argument("--run", action="store_true", help="run it: dvc exp run -S ... (arguments passed as a list, no shell)")
+    mode.add_argument(
+        "--write", action="store_true", help="write the merged params into --params instead of printing -S args"
+    )
+    mode.add_argument(
+        "--run", action="store_true", help="run it: dvc exp run -S ... (arguments passed as a list, no shell)"
+    )
     parser.add_argument("--queue", action="store_true", help="with --run: queue the experiment (dvc exp run --queue)")
     parser.add_argument("--name", "-n", help="with --run: the experiment's name")
     args = parser.parse_args(argv)
@@ -144,8 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
     elif args.run:
-        command = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if args.queue else []),
-                   *(["-n", args.name] if args.name else []), *set_args(overrides)]
+        command = [
+            sys.executable,
+            "-m",
+            "dvc",
+            "exp",
+            "run",
+            *(["--queue"] if args.queue else []),
+            *(["-n", args.name] if args.name else []),
+            *set_args(overrides),
+        ]
         return subprocess.run(command, cwd=repo).returncode
     else:
         print(" ".join(shlex.quote(arg) for arg in set_args(overrides)))

@@ -104,12 +104,20 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
     if comparison is None:
         return True, f"{name} {candidate:.4f} reaches the threshold {params.threshold:.4f}; nothing was promoted before"
     c = comparison
-    same = (f"on the same {c['images']} {GATE_SPLIT} images: candidate {c['candidate_accuracy']:.4f}, promoted "
-            f"{c['promoted_accuracy']:.4f}; only the promoted right on {c['only_promoted_right']}, only the candidate "
-            f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}")
+    same = (
+        f"on the same {c['images']} {GATE_SPLIT} images: candidate {c['candidate_accuracy']:.4f}, promoted "
+        f"{c['promoted_accuracy']:.4f}; only the promoted right on {c['only_promoted_right']}, only the candidate "
+        f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}"
+    )
     if c["only_promoted_right"] > c["only_candidate_right"] and c["p_worse"] < params.alpha:
-        return False, f"{name} {candidate:.4f} reaches the threshold, but the candidate is significantly worse {same} < alpha {params.alpha}"
-    return True, f"{name} {candidate:.4f} reaches the threshold and is not significantly worse {same} >= alpha {params.alpha} or better"
+        return (
+            False,
+            f"{name} {candidate:.4f} reaches the threshold, but the candidate is significantly worse {same} < alpha {params.alpha}",
+        )
+    return (
+        True,
+        f"{name} {candidate:.4f} reaches the threshold and is not significantly worse {same} >= alpha {params.alpha} or better",
+    )
 
 
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:
@@ -135,7 +143,9 @@ def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path]:
     if artifact not in (spec.get("artifacts") or {}):
         raise RuntimeError(f"retrain.artifact: dvc.yaml has no artifact {artifact!r}")
     convert = spec["stages"]["convert"]["outs"][0]
-    return repo / spec["artifacts"][artifact]["path"], repo / (convert if isinstance(convert, str) else next(iter(convert))) / "records"
+    return repo / spec["artifacts"][artifact]["path"], repo / (
+        convert if isinstance(convert, str) else next(iter(convert))
+    ) / "records"
 
 
 def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> np.ndarray:
@@ -163,7 +173,20 @@ def compare_with_promoted(repo: Path, params: RetrainParams) -> dict:
         raise RuntimeError(f"no {GATE_SPLIT} records in {records_dir}: the gate compares models on them")
     with tempfile.TemporaryDirectory(prefix="retrain-promoted-") as scratch:
         promoted = Path(scratch) / "promoted"
-        sh(sys.executable, "-m", "dvc", "artifacts", "get", ".", params.artifact, "--stage", params.stage, "-o", str(promoted), cwd=repo)
+        sh(
+            sys.executable,
+            "-m",
+            "dvc",
+            "artifacts",
+            "get",
+            ".",
+            params.artifact,
+            "--stage",
+            params.stage,
+            "-o",
+            str(promoted),
+            cwd=repo,
+        )
         return paired(served_right(artifact, files), served_right(promoted, files))
 
 
@@ -203,9 +226,14 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         sh("git", "push", "--follow-tags", cwd=repo)
         sh("git", "push", "--tags", cwd=repo)
     record = {
-        "decision": "promoted" if promote else "rejected", "reason": reason, "candidate": candidate,
+        "decision": "promoted" if promote else "rejected",
+        "reason": reason,
+        "candidate": candidate,
         "candidate_test": metric_of(metrics, params, "test"),  # reported, never decides
-        "promoted_before": {"version": previous}, "paired": comparison, "version": version, "commit": head,
+        "promoted_before": {"version": previous},
+        "paired": comparison,
+        "version": version,
+        "commit": head,
         "stage": params.stage if promote else None,
     }
     return (PROMOTED if promote else REJECTED), record

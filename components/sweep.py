@@ -56,7 +56,9 @@ class SweepFile(pydantic.BaseModel):
     def _names(cls, variants):
         for name in variants:
             if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"variant name {name!r}: letters, digits, '-' and '_' only (it becomes an experiment name)")
+                raise ValueError(
+                    f"variant name {name!r}: letters, digits, '-' and '_' only (it becomes an experiment name)"
+                )
         return variants
 
 
@@ -115,7 +117,9 @@ def experiments(repo: Path) -> dict[str, dict]:
                     found[row["name"]] = {
                         "rev": row.get("rev"),
                         "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
-                        "metrics": {path: value.get("data") or {} for path, value in (data.get("metrics") or {}).items()},
+                        "metrics": {
+                            path: value.get("data") or {} for path, value in (data.get("metrics") or {}).items()
+                        },
                     }
     return found
 
@@ -135,8 +139,12 @@ def leaderboard_row(variant: str, exp: Mapping) -> dict:
         "feature_size": extracted.get("feature_size"),
         "extract_images_per_s": extracted.get("images_per_s"),
         "extract_from_cache": extracted.get("from_cache"),
-        **{f"{model}_{split}_{metric}": scores(evaluation, model, split).get(metric)
-           for model in ("head", "finetune") for split in ("val", "test") for metric in ("accuracy", "roc_auc")},
+        **{
+            f"{model}_{split}_{metric}": scores(evaluation, model, split).get(metric)
+            for model in ("head", "finetune")
+            for split in ("val", "test")
+            for metric in ("accuracy", "roc_auc")
+        },
         "val_images": scores(evaluation, "finetune", "val").get("images"),
         "test_images": scores(evaluation, "finetune", "test").get("images"),
     }
@@ -175,9 +183,11 @@ def markdown(rows: list[dict], sweep_name: str) -> str:
         size = "x".join(map(str, r["input_size"])) if r["input_size"] else "?"
         tap = r["pooling"] + (f" @ {r['layer']}" if r["layer"] else "") if r["pooling"] else "?"
         auc = "n/a" if r["finetune_test_roc_auc"] is None else f"{r['finetune_test_roc_auc']:.4f}"
-        lines.append(f"| {i} | {r['variant']} | {r['base']} ({r['weights']}) | {size} | {tap} | {r['feature_size']} | "
-                     f"{speed(r)} | {pct(r['head_val_accuracy'])} | {pct(r['finetune_val_accuracy'])} | "
-                     f"{pct(r['head_test_accuracy'])} | {pct(r['finetune_test_accuracy'])} | {auc} |")
+        lines.append(
+            f"| {i} | {r['variant']} | {r['base']} ({r['weights']}) | {size} | {tap} | {r['feature_size']} | "
+            f"{speed(r)} | {pct(r['head_val_accuracy'])} | {pct(r['finetune_val_accuracy'])} | "
+            f"{pct(r['head_test_accuracy'])} | {pct(r['finetune_test_accuracy'])} | {auc} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -190,8 +200,11 @@ def restore_baseline(repo: Path) -> None:
 
     A commit without a dvc.lock (nothing reproduced yet) gets none back.
     """
+
     def tracked(path: str) -> bool:
-        return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=repo, capture_output=True).returncode == 0
+        return (
+            subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=repo, capture_output=True).returncode == 0
+        )
 
     sh("git", "checkout", "-q", "HEAD", "--", *[p for p in RESTORED if tracked(p)], cwd=repo)
     if not tracked("dvc.lock"):
@@ -225,7 +238,9 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         raise RuntimeError(f"no experiment for {missing} on this commit: run the sweep without --collect first")
     rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.json").write_text(json.dumps({"sweep": prefix, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    (out / "leaderboard.json").write_text(
+        json.dumps({"sweep": prefix, "rows": rows}, indent=2) + "\n", encoding="utf-8"
+    )
     (out / "leaderboard.md").write_text(markdown(rows, prefix), encoding="utf-8")
     return rows
 

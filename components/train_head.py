@@ -30,11 +30,9 @@ from typing import Literal, Sequence
 
 import pydantic
 
-from components.cli import configure_logging
 from components import outputs, training
-from components.params import CommonParams
-
-from components.params import Section, log_resolved, read_params, section, write_resolved
+from components.cli import configure_logging
+from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +113,17 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
     from pipelines import features as fk
 
     spec = {fk.LABEL: fk.features_feature_spec(feature_size)[fk.LABEL]}
-    labels = [int(v) for v in tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)[fk.LABEL])]
+    labels = [
+        int(v) for v in tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)[fk.LABEL])
+    ]
     bad = sorted({v for v in labels if not 0 <= v < num_classes})
     if bad:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
 
 
-def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path) -> dict:
+def run(
+    config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path
+) -> dict:
     import keras
     from dvclive import Live
 
@@ -143,7 +145,9 @@ def run(config: Config, extract_dir: str | Path, labels_path: str | Path, out_di
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
-        history = head.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2)
+        history = head.fit(
+            train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2
+        )
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}

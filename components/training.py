@@ -34,7 +34,9 @@ def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) 
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
     # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
     # make the saved file depend on what ran before in the process.
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"]
+    )
 
 
 def live_callback(live):

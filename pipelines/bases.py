@@ -132,9 +132,13 @@ def load_conv_base(
         # A named input: keras.applications would name it input_layer_<n>, numbered per process, so
         # the saved model's bytes would depend on what was built before in the process.
         inputs = keras.Input((*input_size, 3), name=f"{name}_input")
-        model = spec.constructor(include_top=False, weights=weights_arg, input_tensor=inputs, input_shape=(*input_size, 3))
+        model = spec.constructor(
+            include_top=False, weights=weights_arg, input_tensor=inputs, input_shape=(*input_size, 3)
+        )
     except ValueError as exc:
-        raise BaseError(f"input_size: {name} refused input_size={list(input_size)}, weights={weights!r}: {exc}") from None
+        raise BaseError(
+            f"input_size: {name} refused input_size={list(input_size)}, weights={weights!r}: {exc}"
+        ) from None
     except Exception as exc:
         if weights_arg == "imagenet" and _is_download_failure(exc):
             raise offline_error(
@@ -151,7 +155,7 @@ def tap(base: keras.Model, layer: str | None) -> keras.Model:
     """The base cut at an intermediate layer's output (the seed taps VGG19's block4_pool)."""
     if not layer:
         return base
-    names = [l.name for l in base.layers]
+    names = [each.name for each in base.layers]
     if layer not in names:
         close = difflib.get_close_matches(layer, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -48,8 +48,13 @@ def find_base(model: keras.Model) -> keras.Model:
     return _base_wrapper(model).layer
 
 
-def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, default: str | None,
-                   no_default: str = "this base has no default unfreeze point") -> int:
+def unfreeze_index(
+    base: keras.Model,
+    from_layer: str | None,
+    top: int | None,
+    default: str | None,
+    no_default: str = "this base has no default unfreeze point",
+) -> int:
     """Index in `base.layers` of the first layer to train: a named layer, the top N layers, or the default
     (`no_default` says why there is none)."""
     names = [layer.name for layer in base.layers]
@@ -59,9 +64,7 @@ def unfreeze_index(base: keras.Model, from_layer: str | None, top: int | None, d
         return len(names) - top
     name = from_layer or default
     if name is None:
-        raise UnfreezeError(
-            f"unfreeze_from: {no_default}; set unfreeze_from to a layer name or unfreeze_top"
-        )
+        raise UnfreezeError(f"unfreeze_from: {no_default}; set unfreeze_from to a layer name or unfreeze_top")
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -87,9 +87,7 @@ def make_preprocessing_fn(vocabulary_dir: str | None = None):
             output_asset_default_values=[b"__placeholder__"],
             name="label_vocabulary",
         )
-        label = tft.apply_vocabulary(
-            inputs[fk.LABEL_NAME], deferred_vocab_filename_tensor=vocabulary, default_value=-1
-        )
+        label = tft.apply_vocabulary(inputs[fk.LABEL_NAME], deferred_vocab_filename_tensor=vocabulary, default_value=-1)
         return {
             fk.LABEL: label,
             fk.LABEL_NAME: inputs[fk.LABEL_NAME],

@@ -30,8 +30,8 @@ import collections
 import concurrent.futures
 import logging
 import shutil
-import threading
 import tempfile
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -39,9 +39,8 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
-from pipelines import feature_cache
+from pipelines import feature_cache, records
 from pipelines import features as fk
-from pipelines import records
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,9 @@ def _scan(source: str) -> list[tuple[bytes, int, str]]:
     spec = records.image_record_spec()
     rows = []
     for batch in tf.data.TFRecordDataset([source]).batch(256).map(lambda r: tf.io.parse_example(r, spec)):
-        for record_id, label, image_bytes in zip(batch[fk.ID].numpy(), batch[fk.LABEL].numpy(), batch[fk.IMAGE].numpy()):
+        for record_id, label, image_bytes in zip(
+            batch[fk.ID].numpy(), batch[fk.LABEL].numpy(), batch[fk.IMAGE].numpy()
+        ):
             rows.append((record_id, int(label), feature_cache.image_key(image_bytes)))
     return rows
 
@@ -81,7 +82,9 @@ def padded_runner(model, size: tuple[int, int]) -> Callable[[np.ndarray, int], n
 
     One trace serves every `slots` (a dynamic batch dimension; the kernels are chosen per shape at run time).
     """
-    step = tf.function(lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)])
+    step = tf.function(
+        lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)]
+    )
 
     def run(pixels: np.ndarray, slots: int) -> np.ndarray:
         n = len(pixels)
@@ -94,9 +97,11 @@ def padded_runner(model, size: tuple[int, int]) -> Callable[[np.ndarray, int], n
 
 def _agrees(run, images: np.ndarray, expected: np.ndarray, slots: int, *, in_order: bool = True) -> bool:
     """Do `images` in a [slots] batch give `expected`'s bits (in order), reversed and half-full?"""
-    return ((not in_order or np.array_equal(run(images, slots), expected))
-            and np.array_equal(run(images[::-1], slots)[::-1], expected)
-            and np.array_equal(run(images[1::2], slots), expected[1::2]))
+    return (
+        (not in_order or np.array_equal(run(images, slots), expected))
+        and np.array_equal(run(images[::-1], slots)[::-1], expected)
+        and np.array_equal(run(images[1::2], slots), expected[1::2])
+    )
 
 
 def _probe_images(size: tuple[int, int], batch_size: int) -> np.ndarray:
@@ -114,8 +119,13 @@ def plan_tail(run, probe: np.ndarray) -> tuple[dict, np.ndarray | None]:
     return {"tail": None}, None
 
 
-def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | None = None,
-                    on_change: Callable[[dict], None] | None = None) -> tuple[Predict, dict]:
+def batch_predictor(
+    model,
+    size: tuple[int, int],
+    batch_size: int,
+    plan: dict | None = None,
+    on_change: Callable[[dict], None] | None = None,
+) -> tuple[Predict, dict]:
     """A predictor of up to `batch_size` images whose features do not depend on their batch, and its plan.
 
     The plan (`plan_tail`; or one an earlier run noted, which skips that probe)
@@ -166,8 +176,15 @@ def batch_predictor(model, size: tuple[int, int], batch_size: int, plan: dict | 
 class ExtractShard(beam.DoFn):
     """(split, input shard, output shard) -> writes the features; emits (split, records, computed)."""
 
-    def __init__(self, model_factory: Callable, size: tuple[int, int], batch_size: int,
-                 cache_root: str | None, namespace: dict, feature_shape: list[int]):
+    def __init__(
+        self,
+        model_factory: Callable,
+        size: tuple[int, int],
+        batch_size: int,
+        cache_root: str | None,
+        namespace: dict,
+        feature_shape: list[int],
+    ):
         self._factory = model_factory
         self._size = tuple(size)
         self._batch_size = batch_size
@@ -195,14 +212,24 @@ class ExtractShard(beam.DoFn):
             started = time.monotonic()
             note = f"batches-{self._batch_size}"
             known = self._cache.get_note(note)
-            self._predict, plan = batch_predictor(self._factory(), self._size, self._batch_size, known,
-                                                  on_change=lambda plan: self._cache.put_note(note, plan))
+            self._predict, plan = batch_predictor(
+                self._factory(),
+                self._size,
+                self._batch_size,
+                known,
+                on_change=lambda plan: self._cache.put_note(note, plan),
+            )
             if not known:
                 self._cache.put_note(note, plan)
             tail = plan["tail"]
-            log.info("extract: base ready in %.1fs; batches of %d images run with %s", time.monotonic() - started,
-                     self._batch_size,
-                     f"{tail} blank tail slot(s)" if tail else "one image at a time (no tail gave batch-independent features)")
+            log.info(
+                "extract: base ready in %.1fs; batches of %d images run with %s",
+                time.monotonic() - started,
+                self._batch_size,
+                f"{tail} blank tail slot(s)"
+                if tail
+                else "one image at a time (no tail gave batch-independent features)",
+            )
         return self._predict
 
     def _compute(self, source: str, rows: list[tuple[bytes, int, str]], missing: list[int]) -> None:
@@ -225,7 +252,9 @@ class ExtractShard(beam.DoFn):
                 while running:
                     store(running.popleft())
         except tf.errors.InvalidArgumentError as exc:
-            raise ValueError(f"{source}: an image could not be decoded after {done} new records: {exc.message}") from None
+            raise ValueError(
+                f"{source}: an image could not be decoded after {done} new records: {exc.message}"
+            ) from None
 
     def process(self, job: tuple[str, str, str]) -> Iterable[tuple[str, int, int]]:
         split, source, target = job
@@ -240,18 +269,35 @@ class ExtractShard(beam.DoFn):
             for record_id, label, key in rows:
                 values = self._cache.get(key)
                 if values is None:
-                    raise RuntimeError(f"{source}: the feature cache lost the entry of record {record_id!r} while writing")
+                    raise RuntimeError(
+                        f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
+                    )
                 writer.write(feature_example(record_id, label, values))
         tf.io.gfile.rename(partial, target, overwrite=True)
         beam.metrics.Metrics.counter("extract", WRITTEN + split).inc(len(rows))
         elapsed = time.monotonic() - started
-        log.info("extract: %s %d images (%d computed, %d from the cache) in %.1fs",
-                 source, len(rows), len(missing), len(rows) - len(missing), elapsed)
+        log.info(
+            "extract: %s %d images (%d computed, %d from the cache) in %.1fs",
+            source,
+            len(rows),
+            len(missing),
+            len(rows) - len(missing),
+            elapsed,
+        )
         yield split, len(rows), len(missing)
 
 
-def extract(pipeline: beam.Pipeline, jobs: list[tuple[str, str, str]], model_factory: Callable, size, batch_size: int,
-            *, cache_root: str | None = None, namespace: dict | None = None, feature_shape: list[int]):
+def extract(
+    pipeline: beam.Pipeline,
+    jobs: list[tuple[str, str, str]],
+    model_factory: Callable,
+    size,
+    batch_size: int,
+    *,
+    cache_root: str | None = None,
+    namespace: dict | None = None,
+    feature_shape: list[int],
+):
     """The extract graph: one work item per shard; returns (split, records, computed) per shard.
 
     `cache_root` is the feature cache's folder (local or a bucket), shared by runs;
@@ -262,5 +308,6 @@ def extract(pipeline: beam.Pipeline, jobs: list[tuple[str, str, str]], model_fac
         pipeline
         | "Shards" >> beam.Create(jobs)
         | "Spread" >> beam.Reshuffle()
-        | "Extract" >> beam.ParDo(ExtractShard(model_factory, size, batch_size, cache_root, namespace or {}, feature_shape))
+        | "Extract"
+        >> beam.ParDo(ExtractShard(model_factory, size, batch_size, cache_root, namespace or {}, feature_shape))
     )

@@ -37,7 +37,7 @@ ORIENTATION_TAG = 0x0112
 def sniff_format(data: bytes) -> str | None:
     """The format (one of `FORMATS`) a file's first bytes claim, or None."""
     for name, (offset, magic) in zip(FORMATS, _MAGIC):
-        if data[offset:offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
+        if data[offset : offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
             return name
     return None
 
@@ -79,13 +79,17 @@ def _jpeg_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
     def step(pos, found):
         marker = _uint(buf, pos + 1, 1)
-        exif = tf.equal(marker, 0xE1) & tf.equal(_uint(buf, pos + 4, 4), 0x45786966) & tf.equal(_uint(buf, pos + 8, 2), 0)
+        exif = (
+            tf.equal(marker, 0xE1) & tf.equal(_uint(buf, pos + 4, 4), 0x45786966) & tf.equal(_uint(buf, pos + 8, 2), 0)
+        )
         end = tf.equal(marker, 0xDA) | tf.equal(marker, 0xD9)  # start of scan, end of image
         found = tf.where(exif, pos + 10, tf.where(end, tf.constant(-2, tf.int64), found))
         pos = tf.where(tf.equal(marker, 0xFF), pos + 1, pos + 2 + _uint(buf, pos + 2, 2))  # 0xFF: a fill byte
         return pos, found
 
-    _, found = tf.while_loop(more, step, (tf.constant(2, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 16)
+    _, found = tf.while_loop(
+        more, step, (tf.constant(2, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 16
+    )
     return tf.where(found >= 0, found, -1)
 
 
@@ -107,7 +111,9 @@ def _png_chunks(buf: tf.Tensor, size: tf.Tensor) -> dict[str, tf.Tensor]:
         return (pos, *found)
 
     start = tf.constant(-1, tf.int64)
-    _, *found = tf.while_loop(more, step, (tf.constant(8, tf.int64), *([start] * 2 * len(wanted))), maximum_iterations=1 << 20)
+    _, *found = tf.while_loop(
+        more, step, (tf.constant(8, tf.int64), *([start] * 2 * len(wanted))), maximum_iterations=1 << 20
+    )
     out = {name: found[2 * k] for k, name in enumerate(wanted)}
     out.update({f"{name}_length": found[2 * k + 1] for k, name in enumerate(wanted)})
     out["colour_type"] = _uint(buf, 25, 1)
@@ -125,7 +131,9 @@ def _webp_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
         found = tf.where(tf.equal(_uint(buf, pos, 4), 0x45584946), pos + 8, found)
         return pos + 8 + length + length % 2, found
 
-    _, found = tf.while_loop(more, step, (tf.constant(12, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 16)
+    _, found = tf.while_loop(
+        more, step, (tf.constant(12, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 16
+    )
     return found
 
 
@@ -180,7 +188,9 @@ def _palette_alpha(buf: tf.Tensor, rgb: tf.Tensor, chunks: dict[str, tf.Tensor])
     palette = tf.reshape(tf.gather(buf, chunks["PLTE"] + tf.range(entries * 3)), [-1, 3])
     keys = palette[:, 0] * 65536 + palette[:, 1] * 256 + palette[:, 2]
     listed = tf.minimum(chunks["tRNS_length"], entries)
-    alphas = tf.concat([tf.gather(buf, chunks["tRNS"] + tf.range(listed)), tf.fill([entries - listed], tf.constant(255, tf.int64))], 0)
+    alphas = tf.concat(
+        [tf.gather(buf, chunks["tRNS"] + tf.range(listed)), tf.fill([entries - listed], tf.constant(255, tf.int64))], 0
+    )
     unique, slot = tf.unique(keys)
     lowest = tf.math.unsorted_segment_min(alphas, slot, tf.size(unique))
     order = tf.argsort(unique)
@@ -202,8 +212,11 @@ def _decode_png(image_bytes: tf.Tensor, buf: tf.Tensor, chunks: dict[str, tf.Ten
 
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:
     decoded = tf.io.decode_webp(image_bytes, channels=0)[0]  # 3 channels, or 4 with alpha
-    return tf.cond(tf.equal(tf.shape(decoded)[-1], 4),
-                   lambda: composite_on_white(decoded[..., :3], decoded[..., -1]), lambda: decoded[..., :3])
+    return tf.cond(
+        tf.equal(tf.shape(decoded)[-1], 4),
+        lambda: composite_on_white(decoded[..., :3], decoded[..., -1]),
+        lambda: decoded[..., :3],
+    )
 
 
 def _unknown_format() -> tf.Tensor:
@@ -217,21 +230,38 @@ def decode_with_orientation(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tenso
     fmt = format_index(image_bytes)
     buf = _byte_buffer(image_bytes)
     size = tf.cast(tf.strings.length(image_bytes), tf.int64)
-    chunks = tf.cond(tf.equal(fmt, _PNG), lambda: _png_chunks(buf, size),
-                     lambda: {**{k: tf.constant(-1, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
-                              **{f"{k}_length": tf.constant(0, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
-                              "colour_type": tf.constant(0, tf.int64)})
-    exif = tf.switch_case(fmt, [
-        lambda: _jpeg_exif(buf, size), lambda: chunks["eXIf"], lambda: tf.constant(-1, tf.int64),
-        lambda: tf.constant(-1, tf.int64), lambda: _webp_exif(buf, size)], default=lambda: tf.constant(-1, tf.int64))
+    chunks = tf.cond(
+        tf.equal(fmt, _PNG),
+        lambda: _png_chunks(buf, size),
+        lambda: {
+            **{k: tf.constant(-1, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
+            **{f"{k}_length": tf.constant(0, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
+            "colour_type": tf.constant(0, tf.int64),
+        },
+    )
+    exif = tf.switch_case(
+        fmt,
+        [
+            lambda: _jpeg_exif(buf, size),
+            lambda: chunks["eXIf"],
+            lambda: tf.constant(-1, tf.int64),
+            lambda: tf.constant(-1, tf.int64),
+            lambda: _webp_exif(buf, size),
+        ],
+        default=lambda: tf.constant(-1, tf.int64),
+    )
     orientation = tf.cond(exif >= 0, lambda: _tiff_orientation(buf, exif), lambda: tf.constant(1, tf.int32))
-    image = tf.switch_case(fmt, [
-        lambda: tf.io.decode_jpeg(image_bytes, channels=3),
-        lambda: _decode_png(image_bytes, buf, chunks),
-        lambda: tf.io.decode_gif(image_bytes)[0],
-        lambda: tf.io.decode_bmp(image_bytes, channels=3),
-        lambda: _decode_webp(image_bytes),
-    ], default=_unknown_format)
+    image = tf.switch_case(
+        fmt,
+        [
+            lambda: tf.io.decode_jpeg(image_bytes, channels=3),
+            lambda: _decode_png(image_bytes, buf, chunks),
+            lambda: tf.io.decode_gif(image_bytes)[0],
+            lambda: tf.io.decode_bmp(image_bytes, channels=3),
+            lambda: _decode_webp(image_bytes),
+        ],
+        default=_unknown_format,
+    )
     image = orient(image, orientation)
     image.set_shape([None, None, 3])
     return image, orientation

@@ -70,10 +70,12 @@ def image_dataset(
         mask = np.zeros(max(only, default=-1) + 1, dtype=bool)
         mask[list(only)] = True
         keep = tf.constant(mask)
-        ds = (ds.take(len(mask))
-              .enumerate()
-              .filter(lambda index, _: tf.gather(keep, index))
-              .map(lambda _, serialized: serialized))
+        ds = (
+            ds.take(len(mask))
+            .enumerate()
+            .filter(lambda index, _: tf.gather(keep, index))
+            .map(lambda _, serialized: serialized)
+        )
     ds = ds.map(parse, num_parallel_calls=workers, deterministic=True)
     if cache:
         ds = ds.cache()
@@ -93,7 +95,3 @@ def split_files(folder, split: str) -> list[str]:
     if not files:
         raise ValueError(f"no {split} files in {folder}")
     return files
-
-
-def count_records(files: list[str]) -> int:
-    return sum(1 for _ in tf.data.TFRecordDataset(files))

@@ -30,8 +30,11 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
     bad = tf.reshape(tf.where(~known), [-1])
     return tf.debugging.Assert(
         tf.reduce_all(known),
-        [f"serving: not a {', '.join(image.FORMATS)} image (empty, text, truncated header or another format) "
-         "at batch indices", bad],
+        [
+            f"serving: not a {', '.join(image.FORMATS)} image (empty, text, truncated header or another format) "
+            "at batch indices",
+            bad,
+        ],
         summarize=32,
         name="check_encoded_images",
     )

@@ -17,12 +17,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """relative path -> bytes of every file under `root`: two trees compare byte for byte."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
 def repo_params(overrides: dict | None = None) -> dict:
     """The repository's params.yaml with `overrides` merged in: a complete params file, as stages need."""
     from components import preset
     from components.params import read_params
 
     return preset.merge(read_params(REPO / "params.yaml"), overrides or {})
+
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
@@ -42,14 +49,23 @@ def tiny_folder(tmp_path: Path) -> Path:
 
 def make_converted(root: Path, per_class: int, start: int = 0, classes=("cats", "dogs")) -> Path:
     """download + convert of generated images in `root/src` (images added later keep the earlier ones' splits)."""
-    from components import convert, download as dl
+    from components import convert
+    from components import download as dl
 
     make_class_folder(root / "src", per_class=per_class, start=start, classes=classes)
     dl.run(
-        dl.Config(dl.CommonParams(seed=4), dl.DatasetParams(source="folder", dir=str(root / "src")), dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2))),
+        dl.Config(
+            dl.CommonParams(seed=4),
+            dl.DatasetParams(source="folder", dir=str(root / "src")),
+            dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2)),
+        ),
         root / "download",
     )
-    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))), root / "download", root / "convert")
+    convert.run(
+        convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1))),
+        root / "download",
+        root / "convert",
+    )
     return root / "convert"
 
 

@@ -56,7 +56,9 @@ def closure(module: str) -> set[Path]:
 def docstring_only(path: Path) -> bool:
     """A package's __init__ that holds only its docstring changes no behaviour."""
     body = ast.parse(path.read_text(encoding="utf-8")).body
-    return path.name == "__init__.py" and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+    return path.name == "__init__.py" and all(
+        isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body
+    )
 
 
 def stage_module(cmd: str) -> str:

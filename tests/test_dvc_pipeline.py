@@ -17,8 +17,18 @@ from tests.conftest import make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "components", "pipelines", "presets", "sweeps", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
-    ".dvc/config", ".dvc/.gitignore", "tfds_data", "models",
+    "components",
+    "pipelines",
+    "presets",
+    "sweeps",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "tfds_data",
+    "models",
 )
 
 pytestmark = pytest.mark.integration
@@ -28,14 +38,21 @@ def tool_env() -> dict[str, str]:
     """The environment of every command the tests run: this venv first, no analytics, a git identity."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
     return env
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -69,7 +86,10 @@ def commit(project: Path, message: str) -> None:
 
 def out_hashes_from(lock: dict) -> dict[str, str]:
     """Each stage's data output (data/<stage>) hash."""
-    return {stage: next(o["md5"] for o in entry["outs"] if o["path"] == f"data/{stage}") for stage, entry in lock["stages"].items()}
+    return {
+        stage: next(o["md5"] for o in entry["outs"] if o["path"] == f"data/{stage}")
+        for stage, entry in lock["stages"].items()
+    }
 
 
 def out_hashes(project: Path) -> dict[str, str]:
@@ -84,9 +104,11 @@ def kill_during(project: Path, command: list[str], stage: str, signal_line: str,
 
     log = project.parent / "killed_repro.log"
     with log.open("w") as handle:
-        proc = subprocess.Popen(command, cwd=project, env=tool_env(), stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=project, env=tool_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
+
         def at_work() -> bool:
             text = log.read_text()
             started = text.find(f"Running stage '{stage}'")
@@ -152,7 +174,9 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     rebuilt = json.loads((project / "audit_rebuild" / "audit.json").read_text())
     assert rebuilt["problems"] == [], rebuilt["problems"]
     assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == ["train_head", "finetune", "evaluate"]
-    assert rebuilt["rebuild"]["outputs"] >= 10  # models, histories, dvclive metrics and plots, evaluation, the serving model
+    assert (
+        rebuilt["rebuild"]["outputs"] >= 10
+    )  # models, histories, dvclive metrics and plots, evaluation, the serving model
     assert len(run(["git", "worktree", "list"], project).stdout.splitlines()) == 1  # the scratch worktree is gone
     # An edit to a shared module makes exactly the stages that import it dirty (dvc.yaml's deps are complete).
     records_py = project / "pipelines" / "records.py"
@@ -218,7 +242,9 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     val_records = json.loads((project / "data" / "convert" / "summary.json").read_text())["records"]["val"]
     assert second["paired"]["images"] == val_records
     tags = run(["git", "tag"], project).stdout.split()
-    assert "classifier@v0.0.2" in tags and not any(t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags)
+    assert "classifier@v0.0.2" in tags and not any(
+        t.startswith("classifier#prod#") and t != "classifier#prod#1" for t in tags
+    )
     shown = run([str(Path(sys.executable).parent / "gto"), "show", "classifier", "--json"], project).stdout
     assert '"prod"' in shown and "v0.0.1" in shown
     # The rejected model is committed (and its data cached): its commit restores it.
@@ -228,7 +254,21 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert (project / "data" / "finetune" / "model.keras").read_bytes() != first_model
 
     # The audit of the new revision against the first: lineage, diff, and the checks pass.
-    run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--against", first_rev, "--workspace", "--out", "audit_out"], project)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "components.audit",
+            "--rev",
+            "HEAD",
+            "--against",
+            first_rev,
+            "--workspace",
+            "--out",
+            "audit_out",
+        ],
+        project,
+    )
     report = json.loads((project / "audit_out" / "audit.json").read_text())
     assert report["problems"] == []
     record = report["revision_record"]
@@ -240,8 +280,12 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     # A workspace output that no longer matches dvc.lock fails the audit, naming the stage.
     with (project / "data" / "train_head" / "history.json").open("a") as handle:
         handle.write(" ")
-    failed = subprocess.run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--workspace", "--out", "audit_bad"],
-                            cwd=project, capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "components.audit", "--rev", "HEAD", "--workspace", "--out", "audit_bad"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "workspace: stage train_head differs from dvc.lock" in failed.stderr
 
@@ -316,7 +360,14 @@ def set_params(project: Path, section: str, **values) -> None:
 
 
 def retrain(project: Path) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, "-m", "components.retrain"], cwd=project, env=tool_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "components.retrain"],
+        cwd=project,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
 

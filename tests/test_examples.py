@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def crontab_command() -> str:
-    line = next(l for l in (REPO / "examples" / "scheduler" / "crontab").read_text().splitlines() if l.startswith("0 3 "))
+    lines = (REPO / "examples" / "scheduler" / "crontab").read_text().splitlines()
+    line = next(each for each in lines if each.startswith("0 3 "))
     return line.split(None, 5)[5]  # after the five time fields
 
 

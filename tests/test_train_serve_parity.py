@@ -11,7 +11,6 @@ without the shared decode, so a decode that is consistently wrong fails too.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,15 +19,21 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from components import convert, download as dl  # noqa: E402
+from components import convert  # noqa: E402
+from components import download as dl  # noqa: E402
 from pipelines import image, records, serving  # noqa: E402
 from tests.conftest import image_array, make_class_folder  # noqa: E402
 
 SIZE = (24, 24)
 # PIL's transpose that shows a file with this EXIF orientation upright, and so its inverse stores it.
 TO_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 INVERSE = {2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
 
@@ -60,23 +65,37 @@ def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
     files = {f"exif_{o}.jpg": (rotated_jpeg(o, 40 + o), upright_array(40 + o)) for o in range(2, 9)}
     rgba = np.dstack([image_array(60, (200, 80, 40), (20, 28)), rng.integers(0, 256, (20, 28), dtype=np.uint8)])
     alpha = rgba[..., 3:].astype(np.int64)
-    files["alpha.png"] = (save(Image.fromarray(rgba), "PNG"), ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
+    files["alpha.png"] = (
+        save(Image.fromarray(rgba), "PNG"),
+        ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8),
+    )
     indices = rng.integers(0, 4, (20, 28), dtype=np.uint8)
     colours = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200]], np.int64)
     palette = Image.fromarray(indices, mode="P")
     palette.putpalette(colours.ravel().tolist())
     alphas = np.array([0, 128, 255, 255], np.int64)[indices][..., None]
-    files["palette_trns.png"] = (save(palette, "PNG", transparency=bytes([0, 128])),
-                                 ((colours[indices] * alphas + 255 * (255 - alphas) + 127) // 255).astype(np.uint8))
+    files["palette_trns.png"] = (
+        save(palette, "PNG", transparency=bytes([0, 128])),
+        ((colours[indices] * alphas + 255 * (255 - alphas) + 127) // 255).astype(np.uint8),
+    )
     gray = image_array(61, (100, 100, 100), (20, 28))[..., 0]
     files["gray.png"] = (save(Image.fromarray(gray, mode="L"), "PNG"), np.repeat(gray[..., None], 3, axis=2))
     files["gray.jpg"] = (save(Image.fromarray(gray, mode="L"), "JPEG", quality=95), None)
-    files["cmyk.jpg"] = (save(Image.fromarray(image_array(62, (60, 160, 90), (20, 28))).convert("CMYK"), "JPEG", quality=95), None)
+    files["cmyk.jpg"] = (
+        save(Image.fromarray(image_array(62, (60, 160, 90), (20, 28))).convert("CMYK"), "JPEG", quality=95),
+        None,
+    )
     sixteen = (rng.integers(0, 65536, (20, 28))).astype(np.uint16)
-    files["sixteen.png"] = (save(Image.fromarray(sixteen), "PNG"), np.repeat((sixteen >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    files["sixteen.png"] = (
+        save(Image.fromarray(sixteen), "PNG"),
+        np.repeat((sixteen >> 8).astype(np.uint8)[..., None], 3, axis=2),
+    )
     frames = [Image.fromarray(image_array(63 + k, (90, 200, 120), (20, 28))) for k in range(3)]
     files["animated.gif"] = (save(frames[0], "GIF", save_all=True, append_images=frames[1:]), None)
-    files["plain.bmp"] = (save(Image.fromarray(image_array(66, (30, 90, 210), (20, 28))), "BMP"), image_array(66, (30, 90, 210), (20, 28)))
+    files["plain.bmp"] = (
+        save(Image.fromarray(image_array(66, (30, 90, 210), (20, 28))), "BMP"),
+        image_array(66, (30, 90, 210), (20, 28)),
+    )
     return files
 
 
@@ -88,10 +107,17 @@ def both_paths(tmp_path_factory):
     for name, (data, pixels) in kinds().items():
         (source / "cats" / name).write_bytes(data)
         expected[f"cats/{name}"] = pixels
-    config = dl.Config(dl.CommonParams(seed=5), dl.DatasetParams(source="folder", dir=str(source)),
-                       dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2)))
+    config = dl.Config(
+        dl.CommonParams(seed=5),
+        dl.DatasetParams(source="folder", dir=str(source)),
+        dl.DownloadParams(fractions=dl.Fractions(train=0.6, val=0.2, test=0.2)),
+    )
     summary = dl.run(config, root / "download")
-    convert.run(convert.Config(convert.ConvertParams(shards=convert.Shards(train=1, val=1, test=1))), root / "download", root / "convert")
+    convert.run(
+        convert.Config(convert.ConvertParams(shards=convert.Shards(train=1, val=1, test=1))),
+        root / "download",
+        root / "convert",
+    )
     manifest = {row["source"]: row for row in dl.read_jsonl(root / "download" / dl.MANIFEST)}
     trained = {}
     for split in dl.SPLITS:
@@ -136,9 +162,13 @@ def test_serving_model_predicts_what_keras_predicts_on_the_training_pixels(both_
     keras.utils.set_random_seed(3)
     inputs = keras.Input((*SIZE, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0, 1, seed=1))(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0, 1, seed=1))(
+        x
+    )
     x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 0.1, seed=2))(x)
+    outputs = keras.layers.Dense(
+        2, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 0.1, seed=2)
+    )(x)
     model = keras.Model(inputs, outputs)
     serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "serving")
     served = tf.saved_model.load(str(tmp_path / "serving")).signatures[serving.SIGNATURE]

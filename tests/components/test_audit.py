@@ -1,4 +1,13 @@
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
 from components import audit
+from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 
 
 def rows(*items):
@@ -18,15 +27,23 @@ def test_an_image_that_moved_split_between_revisions_is_found():
 
 def test_label_map_order_changes_are_found():
     assert audit.label_order_changes(["cat", "dog"], ["cat", "dog", "fox"]) == []
-    assert audit.label_order_changes(["cat", "dog"], ["ant", "cat", "dog"]) == ["'cat': index 0 -> 1", "'dog': index 1 -> 2"]
+    assert audit.label_order_changes(["cat", "dog"], ["ant", "cat", "dog"]) == [
+        "'cat': index 0 -> 1",
+        "'dog': index 1 -> 2",
+    ]
     assert audit.label_order_changes(["cat", "dog"], ["cat"]) == ["'dog': removed"]
 
 
 def test_counts_and_diffs():
     from components import manifest
 
-    assert manifest.split_counts(rows(("a", "train", "cat"), ("b", "train", "dog"), ("c", "train", "cat"))) == {"train": {"cat": 2, "dog": 1}}
-    assert audit.diff_flat({"x": {"lr": 1, "n": 2}}, {"x": {"lr": 3, "n": 2}, "y": 1}) == {"x.lr": [1, 3], "y": [None, 1]}
+    assert manifest.split_counts(rows(("a", "train", "cat"), ("b", "train", "dog"), ("c", "train", "cat"))) == {
+        "train": {"cat": 2, "dog": 1}
+    }
+    assert audit.diff_flat({"x": {"lr": 1, "n": 2}}, {"x": {"lr": 3, "n": 2}, "y": 1}) == {
+        "x.lr": [1, 3],
+        "y": [None, 1],
+    }
 
 
 def test_serving_lineage_must_name_the_revisions_manifest_and_model():
@@ -65,15 +82,14 @@ serving.export(model, ["cats", "dogs"], (8, 8), sys.argv[1])
 
 
 def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_path):
-    import hashlib
-    import subprocess
-    import sys
-
-    from tests.test_dvc_pipeline import REPO, tool_env
-
     for name, variant in (("a", "same"), ("b", "same"), ("c", "nudged")):  # each in its own process, as stages run
-        subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path / name), variant], cwd=REPO, env=tool_env(), check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", EXPORT, str(tmp_path / name), variant],
+            cwd=REPO,
+            env=tool_env(),
+            check=True,
+            capture_output=True,
+        )
     files = audit.content_digests(tmp_path, ["a", "b"])
     assert set(files) == {"a/", "b/"} and files["a/"] == files["b/"]
     assert audit.saved_model_digest(tmp_path / "c") != files["a/"]
@@ -83,10 +99,6 @@ def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_pa
 
 
 def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
-    import subprocess
-
-    import pytest
-
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "README").write_text("x")
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
@@ -97,15 +109,6 @@ def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
 
 # ---- end to end: real DVC revisions, every failure mode ------------------------------------------
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from tests.test_dvc_pipeline import commit, dvc, run  # noqa: E402
 
 # Stages that only copy prepared files into the paths the audit reads: the audit sees real dvc.lock
 # entries, DVC cache objects and revisions, without training anything.
@@ -117,9 +120,17 @@ def write_revision(project, manifest_rows, labels, lineage_override=None):
     src.mkdir(exist_ok=True)
     manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest_rows).encode()
     model = b"model weights " + manifest[:16]
-    lineage = {"manifest_sha256": hashlib.sha256(manifest).hexdigest(), "model_sha256": hashlib.sha256(model).hexdigest()}
+    lineage = {
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "model_sha256": hashlib.sha256(model).hexdigest(),
+    }
     lineage.update(lineage_override or {})
-    blobs = {"download": manifest, "convert": json.dumps(labels).encode(), "finetune": model, "evaluate": json.dumps(lineage).encode()}
+    blobs = {
+        "download": manifest,
+        "convert": json.dumps(labels).encode(),
+        "finetune": model,
+        "evaluate": json.dumps(lineage).encode(),
+    }
     for stage, blob in blobs.items():
         (src / stage).write_bytes(blob)
 
@@ -130,9 +141,15 @@ def audited_project(tmp_path):
     project.mkdir()
     run(["git", "init", "-q"], project)
     dvc("init", "-q", cwd=project)
-    stages = {stage: {"cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs(os.path.dirname('{path}'), exist_ok=True); "
-                             f"shutil.copy('src/{stage}', '{path}')\"",
-                      "deps": [f"src/{stage}"], "outs": [path]} for stage, path in LAYOUT.items()}
+    stages = {
+        stage: {
+            "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs(os.path.dirname('{path}'), exist_ok=True); "
+            f"shutil.copy('src/{stage}', '{path}')\"",
+            "deps": [f"src/{stage}"],
+            "outs": [path],
+        }
+        for stage, path in LAYOUT.items()
+    }
     (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))  # JSON is YAML
     (project / ".gitignore").write_text("/data/\n")
 
@@ -146,11 +163,16 @@ def audited_project(tmp_path):
 
 
 def manifest_rows(*items):
-    return [{"id": p[:20], "sha256": f"file-{p}", "pixels_sha256": p, "split": split, "label": label} for p, split, label in items]
+    return [
+        {"id": p[:20], "sha256": f"file-{p}", "pixels_sha256": p, "split": split, "label": label}
+        for p, split, label in items
+    ]
 
 
 def audit_of(project, rev, against=None):
-    args = ["--rev", rev, "--repo", str(project), "--out", str(project / "audit")] + (["--against", against] if against else [])
+    args = ["--rev", rev, "--repo", str(project), "--out", str(project / "audit")] + (
+        ["--against", against] if against else []
+    )
     code = audit.main(args)
     return code, json.loads((project / "audit" / "audit.json").read_text())["problems"]
 
@@ -161,28 +183,45 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     good = revision("good", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
     assert audit_of(project, good) == (0, [])
 
-    two_splits = revision("a re-encoded copy in test", manifest_rows(
-        ("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("a" * 64, "test", "cat")), ["cat", "dog"])
+    two_splits = revision(
+        "a re-encoded copy in test",
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("a" * 64, "test", "cat")),
+        ["cat", "dog"],
+    )
     code, problems = audit_of(project, two_splits)
     assert code == 1 and problems == [f"image {'a' * 12} is in two splits"]
 
-    stale = revision("serving model from another manifest", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")),
-                     ["cat", "dog"], lineage_override={"manifest_sha256": "0" * 64})
+    stale = revision(
+        "serving model from another manifest",
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")),
+        ["cat", "dog"],
+        lineage_override={"manifest_sha256": "0" * 64},
+    )
     code, problems = audit_of(project, stale)
     assert code == 1 and problems == ["the serving model's lineage names another manifest than the revision's"]
 
-    moved = revision("b moved to train, labels reordered", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "train", "dog")),
-                     ["dog", "cat"])
+    moved = revision(
+        "b moved to train, labels reordered",
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "train", "dog")),
+        ["dog", "cat"],
+    )
     code, problems = audit_of(project, moved, against=good)
-    assert code == 1 and problems == [f"image {'b' * 12} moved from test to train",
-                                      "label map changed: 'cat': index 0 -> 1", "label map changed: 'dog': index 1 -> 0"]
+    assert code == 1 and problems == [
+        f"image {'b' * 12} moved from test to train",
+        "label map changed: 'cat': index 0 -> 1",
+        "label map changed: 'dog': index 1 -> 0",
+    ]
 
 
 @pytest.mark.integration
 def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project):
     project, revision = audited_project
     old = revision("old", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
-    new = revision("new", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("c" * 64, "val", "dog")), ["cat", "dog"])
+    new = revision(
+        "new",
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("c" * 64, "val", "dog")),
+        ["cat", "dog"],
+    )
     assert audit_of(project, new, against=old)[0] == 0
     shutil.rmtree(project / ".dvc" / "cache")  # the old revision's data was never pushed and is gone
     dvc("commit", "-f", "-q", cwd=project)  # the workspace (the new revision) is back in the cache

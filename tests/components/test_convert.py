@@ -3,7 +3,8 @@ import json
 import pytest
 import yaml
 
-from components import convert, download as dl
+from components import convert
+from components import download as dl
 from components.params import ParamsError
 from tests.conftest import make_class_folder
 
@@ -60,17 +61,26 @@ def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
 def test_rerun_gives_byte_identical_records(download_dir, tmp_path):
     config = convert.Config(convert.ConvertParams())
     convert.run(config, download_dir, tmp_path / "a")
-    convert.run(config, download_dir, tmp_path / "b", beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+    convert.run(
+        config,
+        download_dir,
+        tmp_path / "b",
+        beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
+    )
     names = sorted(p.name for p in (tmp_path / "a" / convert.RECORDS).iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b" / convert.RECORDS).iterdir())
     for name in names:
-        assert (tmp_path / "a" / convert.RECORDS / name).read_bytes() == (tmp_path / "b" / convert.RECORDS / name).read_bytes()
+        assert (tmp_path / "a" / convert.RECORDS / name).read_bytes() == (
+            tmp_path / "b" / convert.RECORDS / name
+        ).read_bytes()
     assert (tmp_path / "a" / convert.LABELS).read_bytes() == (tmp_path / "b" / convert.LABELS).read_bytes()
 
 
 def test_beam_arguments_pass_through_unchanged(download_dir, tmp_path):
     with pytest.raises(Exception, match="NoSuchRunner"):
-        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", beam_args=["--runner=NoSuchRunner"])
+        convert.run(
+            convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", beam_args=["--runner=NoSuchRunner"]
+        )
     assert not (tmp_path / "out").exists()
 
 

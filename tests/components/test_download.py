@@ -183,19 +183,29 @@ def test_duplicates_are_kept_once_and_reported():
     )
     assert sorted(r["source"] for r in rows) == ["cats/1.jpg", "dogs/1.jpg"]
     assert rejected == [
-        {"source": "cats/2.jpg", "label": "cats", "reason": "duplicate of cats/1.jpg", "sha256": dl.content_hash(a),
-         "pixels_sha256": dl.content_hash(a)}
+        {
+            "source": "cats/2.jpg",
+            "label": "cats",
+            "reason": "duplicate of cats/1.jpg",
+            "sha256": dl.content_hash(a),
+            "pixels_sha256": dl.content_hash(a),
+        }
     ]
 
 
 def test_the_same_pixels_in_two_files_are_one_image_with_one_split():
     rows, rejected = dl.resolve(
-        [candidate("cats/a.png", "cats", b"png bytes", "test", pixels=b"p"), candidate("cats/a.bmp", "cats", b"bmp bytes", "train", pixels=b"p")],
+        [
+            candidate("cats/a.png", "cats", b"png bytes", "test", pixels=b"p"),
+            candidate("cats/a.bmp", "cats", b"bmp bytes", "train", pixels=b"p"),
+        ],
         1,
         FRACTIONS,
     )
     assert [(r["source"], r["split"], r["id"]) for r in rows] == [("cats/a.bmp", "train", dl.content_hash(b"p")[:20])]
-    assert [(r["source"], r["reason"]) for r in rejected] == [("cats/a.png", "duplicate of cats/a.bmp (same pixels, another file)")]
+    assert [(r["source"], r["reason"]) for r in rejected] == [
+        ("cats/a.png", "duplicate of cats/a.bmp (same pixels, another file)")
+    ]
 
 
 def test_a_re_encoded_copy_is_caught_by_the_stage(tmp_path):
@@ -206,13 +216,17 @@ def test_a_re_encoded_copy_is_caught_by_the_stage(tmp_path):
     (root / "dogs" / "same.webp").write_bytes(encode(pixels, "WEBP", lossless=True))
     summary = dl.run(folder_config(root), tmp_path / "out")
     quarantine = {r["source"]: r["reason"] for r in dl.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
-    assert quarantine == {f"{folder}/same.{ext}": "duplicate content under different labels (cats, dogs)"
-                          for folder, ext in (("cats", "png"), ("cats", "bmp"), ("dogs", "webp"))}
+    assert quarantine == {
+        f"{folder}/same.{ext}": "duplicate content under different labels (cats, dogs)"
+        for folder, ext in (("cats", "png"), ("cats", "bmp"), ("dogs", "webp"))
+    }
     assert summary["kept"] == 12 and summary["reconciled"]
 
 
 def test_duplicates_under_two_labels_are_all_quarantined():
-    rows, rejected = dl.resolve([candidate("cats/x.jpg", "cats", b"x"), candidate("dogs/x.jpg", "dogs", b"x")], 1, FRACTIONS)
+    rows, rejected = dl.resolve(
+        [candidate("cats/x.jpg", "cats", b"x"), candidate("dogs/x.jpg", "dogs", b"x")], 1, FRACTIONS
+    )
     assert rows == []
     assert {r["source"] for r in rejected} == {"cats/x.jpg", "dogs/x.jpg"}
     assert all("different labels (cats, dogs)" in r["reason"] for r in rejected)
@@ -258,9 +272,15 @@ def test_run_writes_declared_outputs_and_reconciles(tiny_folder, tmp_path):
 
 def test_adding_images_never_moves_existing_ones(tmp_path):
     root = make_class_folder(tmp_path / "src", per_class=10)
-    first = {r["sha256"]: r["split"] for r in (dl.run(folder_config(root), tmp_path / "a") and dl.read_jsonl(tmp_path / "a" / dl.MANIFEST))}
+    first = {
+        r["sha256"]: r["split"]
+        for r in (dl.run(folder_config(root), tmp_path / "a") and dl.read_jsonl(tmp_path / "a" / dl.MANIFEST))
+    }
     make_class_folder(root, per_class=15, start=10)
-    second = {r["sha256"]: r["split"] for r in (dl.run(folder_config(root), tmp_path / "b") and dl.read_jsonl(tmp_path / "b" / dl.MANIFEST))}
+    second = {
+        r["sha256"]: r["split"]
+        for r in (dl.run(folder_config(root), tmp_path / "b") and dl.read_jsonl(tmp_path / "b" / dl.MANIFEST))
+    }
     assert len(second) == 50
     assert {h: second[h] for h in first} == first
 
@@ -334,7 +354,8 @@ def test_a_single_class_is_a_clear_error_and_writes_nothing(tmp_path):
 def test_class_without_training_image_is_a_clear_error(tmp_path):
     root = make_class_folder(tmp_path / "src", per_class=4)
     config = dl.Config(
-        dl.CommonParams(), dl.DatasetParams(source="folder", dir=str(root)),
+        dl.CommonParams(),
+        dl.DatasetParams(source="folder", dir=str(root)),
         dl.DownloadParams(fractions=dl.Fractions(train=1e-9, val=0.5, test=0.5 - 1e-9)),
     )
     with pytest.raises(ValueError, match=r"classes with no training image: \['cats', 'dogs'\]"):

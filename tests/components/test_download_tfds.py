@@ -18,7 +18,11 @@ TRAIN_SIZE = 23_262  # cats_vs_dogs' real train split size, for absolute slicing
 def sliced_mock(self, split, decoders=None, read_config=None, **kwargs):
     """Replaces `_as_dataset`: distinct images per index, sliced by tfds's ReadInstruction."""
     instruction = tfds.core.ReadInstruction.from_spec(split) if isinstance(split, str) else split
-    indices = [i for part in instruction.to_absolute({"train": SimpleNamespace(num_examples=TRAIN_SIZE)}) for i in range(part.from_ or 0, TRAIN_SIZE if part.to is None else part.to)]
+    indices = [
+        i
+        for part in instruction.to_absolute({"train": SimpleNamespace(num_examples=TRAIN_SIZE)})
+        for i in range(part.from_ or 0, TRAIN_SIZE if part.to is None else part.to)
+    ]
     add_id = bool(read_config and read_config.add_tfds_id)
 
     def examples():
@@ -45,7 +49,9 @@ def sliced_mock(self, split, decoders=None, read_config=None, **kwargs):
 def tfds_config(data_dir, splits, fractions=None) -> dl.Config:
     return dl.Config(
         common=dl.CommonParams(seed=5),
-        dataset=dl.DatasetParams(source="tfds", dir=str(data_dir), tfds=dl.TfdsParams(name="cats_vs_dogs", splits=splits)),
+        dataset=dl.DatasetParams(
+            source="tfds", dir=str(data_dir), tfds=dl.TfdsParams(name="cats_vs_dogs", splits=splits)
+        ),
         download=dl.DownloadParams(fractions=fractions or dl.Fractions(train=0.5, val=0.25, test=0.25)),
     )
 
@@ -66,7 +72,10 @@ def test_tfds_single_slice_is_hash_split(tmp_path):
         summary = dl.run(tfds_config(tmp_path / "tfds", "train[:40]"), tmp_path / "out")
     manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
     assert summary["kept"] == 40
-    assert all(r["split"] == dl.hash_split(r["pixels_sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25)) for r in manifest)
+    assert all(
+        r["split"] == dl.hash_split(r["pixels_sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25))
+        for r in manifest
+    )
 
 
 def test_tfds_stock_mock_data_duplicates_are_reported(tmp_path):
@@ -84,7 +93,13 @@ def test_tfds_stock_mock_data_duplicates_are_reported(tmp_path):
 def test_tfds_rejected_slice_names_the_key(tmp_path):
     with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
         with pytest.raises(ParamsError, match=r"dataset\.tfds\.splits: tfds rejected"):
-            list(dl.read_tfds(tfds_config(tmp_path, {"train": "train[:4]", "val": "validation[oops", "test": "train[4:6]"}).dataset))
+            list(
+                dl.read_tfds(
+                    tfds_config(
+                        tmp_path, {"train": "train[:4]", "val": "validation[oops", "test": "train[4:6]"}
+                    ).dataset
+                )
+            )
 
 
 def test_tfds_unknown_name_and_keys(tmp_path):

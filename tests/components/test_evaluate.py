@@ -15,7 +15,6 @@ from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from tests.conftest import encode, image_array  # noqa: E402
 
-
 # ---- metrics against values computed by hand ---------------------------------------------------
 
 
@@ -26,7 +25,12 @@ def test_binary_metrics_by_hand():
     # predicted: 0, 0, 0, 1 -> one dog missed
     assert m["confusion_matrix"] == [[2, 0], [1, 1]]
     assert m["accuracy"] == 0.75
-    assert m["per_class"]["cat"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert m["per_class"]["cat"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert m["per_class"]["dog"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
     # positives score 0.35 and 0.8, negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right
@@ -50,14 +54,16 @@ def test_curves_by_hand_with_tied_scores():
 
 def test_three_class_metrics_by_hand():
     labels = np.array([0, 1, 2, 2, 1, 0])
-    probs = np.array([
-        [0.7, 0.2, 0.1],  # 0 -> 0
-        [0.1, 0.8, 0.1],  # 1 -> 1
-        [0.2, 0.5, 0.3],  # 2 -> 1
-        [0.1, 0.1, 0.8],  # 2 -> 2
-        [0.6, 0.3, 0.1],  # 1 -> 0
-        [0.5, 0.4, 0.1],  # 0 -> 0
-    ])
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # 0 -> 0
+            [0.1, 0.8, 0.1],  # 1 -> 1
+            [0.2, 0.5, 0.3],  # 2 -> 1
+            [0.1, 0.1, 0.8],  # 2 -> 2
+            [0.6, 0.3, 0.1],  # 1 -> 0
+            [0.5, 0.4, 0.1],  # 0 -> 0
+        ]
+    )
     m = evaluate.classification_metrics(labels, probs, ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [0, 1, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -77,7 +83,10 @@ def test_misclassified_and_gradcam_picks():
     labels = np.array([0, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]])
     wrong = evaluate.misclassified("finetune", ids, labels, probs, ["cat", "dog"], {"b": "dogs/b.jpg"})
-    assert [(r["id"], r["actual"], r["predicted"], r["file"]) for r in wrong] == [("b", "dog", "cat", "dogs/b.jpg"), ("d", "cat", "dog", None)]
+    assert [(r["id"], r["actual"], r["predicted"], r["file"]) for r in wrong] == [
+        ("b", "dog", "cat", "dogs/b.jpg"),
+        ("d", "cat", "dog", None),
+    ]
     assert evaluate.pick_gradcam(ids, labels, probs, correct=1, wrong=1) == [("a", True), ("b", False)]
 
 
@@ -90,18 +99,32 @@ def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
     base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
     extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted_tiny, root / "extract")
     train_head.run(
-        train_head.Config(CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=5, learning_rate=0.01)),
-        root / "extract", converted_tiny / "labels.json", root / "train_head", root / "live_head",
+        train_head.Config(
+            CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=5, learning_rate=0.01)
+        ),
+        root / "extract",
+        converted_tiny / "labels.json",
+        root / "train_head",
+        root / "live_head",
     )
     finetune.run(
         finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4)),
-        converted_tiny, root / "train_head" / "head.keras", root / "finetune", root / "live_finetune",
+        converted_tiny,
+        root / "train_head" / "head.keras",
+        root / "finetune",
+        root / "live_finetune",
     )
     manifest = converted_tiny.parent / "download" / "manifest.jsonl"
     config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=3))
     result = evaluate.run(
-        config, converted_tiny, root / "extract", root / "train_head" / "head.keras", root / "finetune" / "model.keras",
-        manifest, root / "out", root / "report",
+        config,
+        converted_tiny,
+        root / "extract",
+        root / "train_head" / "head.keras",
+        root / "finetune" / "model.keras",
+        manifest,
+        root / "out",
+        root / "report",
     )
     return root, result
 
@@ -157,7 +180,11 @@ def serve_in_plain_tensorflow(saved_model, files, tmp_path):
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     proc = subprocess.run(
         [sys.executable, "-I", "-c", PLAIN_TF, str(saved_model), *map(str, files)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -203,7 +230,9 @@ def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
     for name, blob in {"good": good, **cases}.items():
         paths[name] = tmp_path / name
         paths[name].write_bytes(blob)
-    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path)
+    result = serve_in_plain_tensorflow(
+        root / "out" / evaluate.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path
+    )
     assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2]" in result["error"]
     result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["truncated"]], tmp_path)
     assert "error" in result and "jpeg" in result["error"].lower()
@@ -218,24 +247,51 @@ def three_class_tapped(tiny_base_weights, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("three")
     converted = make_converted(root / "data", per_class=6, classes=("birds", "cats", "dogs"))
-    base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="none",
-                          layer="block_13_expand_relu")
+    base = ConvBaseParams(
+        name="mobilenet_v2",
+        weights=str(tiny_base_weights),
+        input_size=(32, 32),
+        pooling="none",
+        layer="block_13_expand_relu",
+    )
     features = extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted, root / "extract")
     train_head.run(
-        train_head.Config(CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=3, learning_rate=0.01)),
-        root / "extract", converted / "labels.json", root / "train_head", root / "live_head",
+        train_head.Config(
+            CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=3, learning_rate=0.01)
+        ),
+        root / "extract",
+        converted / "labels.json",
+        root / "train_head",
+        root / "live_head",
     )
     with pytest.raises(Exception, match=r"tapped at conv_base\.layer='block_13_expand_relu'"):
-        finetune.run(finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(epochs=1, batch_size=4)),
-                     converted, root / "train_head" / "head.keras", root / "unused", root / "unused_live")
+        finetune.run(
+            finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(epochs=1, batch_size=4)),
+            converted,
+            root / "train_head" / "head.keras",
+            root / "unused",
+            root / "unused_live",
+        )
     tuned = finetune.run(
-        finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_from="block_12_expand", epochs=1, batch_size=4)),
-        converted, root / "train_head" / "head.keras", root / "finetune", root / "live_finetune",
+        finetune.Config(
+            CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_from="block_12_expand", epochs=1, batch_size=4)
+        ),
+        converted,
+        root / "train_head" / "head.keras",
+        root / "finetune",
+        root / "live_finetune",
     )
     config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=4))
-    result = evaluate.run(config, converted, root / "extract", root / "train_head" / "head.keras",
-                          root / "finetune" / "model.keras", converted.parent / "download" / "manifest.jsonl",
-                          root / "out", root / "report")
+    result = evaluate.run(
+        config,
+        converted,
+        root / "extract",
+        root / "train_head" / "head.keras",
+        root / "finetune" / "model.keras",
+        converted.parent / "download" / "manifest.jsonl",
+        root / "out",
+        root / "report",
+    )
     return root, converted, features, tuned, result
 
 

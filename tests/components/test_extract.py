@@ -15,7 +15,7 @@ from components.params import ParamsError  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
 from pipelines import records  # noqa: E402
-from tests.conftest import make_converted  # noqa: E402
+from tests.conftest import make_converted, tree_bytes  # noqa: E402
 
 BASE = conv_base.ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
 
@@ -44,7 +44,10 @@ def test_extract_stage_counts_shapes_and_order(convert_dir, tmp_path):
     for name in extract.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()
     for shard in sorted((convert_dir / "records").glob("*.tfrecord")):
-        source_ids = [tf.io.parse_single_example(r, fk.record_feature_spec())[fk.ID].numpy() for r in tf.data.TFRecordDataset(str(shard))]
+        source_ids = [
+            tf.io.parse_single_example(r, fk.record_feature_spec())[fk.ID].numpy()
+            for r in tf.data.TFRecordDataset(str(shard))
+        ]
         rows = read_features([tmp_path / "out" / "features" / shard.name], 1280)
         assert [r[fk.ID].numpy() for r in rows] == source_ids  # same order, one output shard per input shard
         assert all(np.isfinite(r[fk.FEATURES].numpy()).all() for r in rows)
@@ -87,27 +90,33 @@ def test_bad_base_params_stop_before_any_work(convert_dir, tmp_path):
 
 def test_undecodable_image_is_a_clear_error(tmp_path):
     shard = tmp_path / "train-00000-of-00001.tfrecord"
-    example = tf.train.Example(features=tf.train.Features(feature={
-        fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not an image"])),
-        fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-        fk.LABEL_NAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"cats"])),
-        fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"abc"])),
-    }))
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not an image"])),
+                fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+                fk.LABEL_NAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"cats"])),
+                fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"abc"])),
+            }
+        )
+    )
     with tf.io.TFRecordWriter(str(shard)) as writer:
         writer.write(example.SerializeToString())
     factory = functools.partial(conv_base.build_extractor, BASE)
     with pytest.raises(Exception, match="could not be decoded after 0 new records"):
         with TestPipeline() as pipeline:
-            graph.extract(pipeline, [("train", str(shard), str(tmp_path / "out.tfrecord"))], factory, (32, 32), 2,
-                          feature_shape=[1280])
+            graph.extract(
+                pipeline,
+                [("train", str(shard), str(tmp_path / "out.tfrecord"))],
+                factory,
+                (32, 32),
+                2,
+                feature_shape=[1280],
+            )
     assert not (tmp_path / "out.tfrecord").exists()
 
 
 # --- the content-keyed feature cache -------------------------------------------------------------
-
-
-def output_bytes(out_dir):
-    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
 
 
 def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp_path, monkeypatch):
@@ -120,7 +129,7 @@ def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp
     assert json.loads((tmp_path / "m1.json").read_text())["computed"] == 12
     warm = extract.run(config, convert_dir, tmp_path / "again", cache_root=cache)
     assert (warm["computed"], warm["from_cache"]) == (0, 12)
-    assert output_bytes(tmp_path / "again") == output_bytes(tmp_path / "first")
+    assert tree_bytes(tmp_path / "again") == tree_bytes(tmp_path / "first")
 
     # Four images arrive: only they go through the base; the result equals a cold run's, byte for byte.
     convert_dir = make_converted(tmp_path / "data", per_class=2, start=100)
@@ -128,10 +137,10 @@ def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp
     assert (incremental["images"], incremental["computed"], incremental["from_cache"]) == (16, 4, 12)
     scratch = extract.run(config, convert_dir, tmp_path / "cold", cache_root=str(tmp_path / "empty_cache"))
     assert scratch["computed"] == 16
-    assert output_bytes(tmp_path / "incremental") == output_bytes(tmp_path / "cold")
+    assert tree_bytes(tmp_path / "incremental") == tree_bytes(tmp_path / "cold")
     monkeypatch.setattr(graph, "IN_FLIGHT", 1)  # one batch at a time gives the bits of two at once
     no_cache = extract.run(config, convert_dir, tmp_path / "uncached")  # a private cache per worker
-    assert no_cache["computed"] == 16 and output_bytes(tmp_path / "uncached") == output_bytes(tmp_path / "cold")
+    assert no_cache["computed"] == 16 and tree_bytes(tmp_path / "uncached") == tree_bytes(tmp_path / "cold")
 
     # Another input size is another namespace: nothing is reused (the namespace test covers the rest).
     other = extract.Config(BASE.model_copy(update={"input_size": (40, 40)}), config.extract)
@@ -160,7 +169,7 @@ def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading
     conv_base._BUILT.clear()
     again = extract.run(config, converted_tiny, tmp_path / "again", cache_root=str(cache))
     assert again["computed"] == 2
-    assert output_bytes(tmp_path / "again") == output_bytes(tmp_path / "first")
+    assert tree_bytes(tmp_path / "again") == tree_bytes(tmp_path / "first")
     conv_base._BUILT.clear()
     warm = extract.run(config, converted_tiny, tmp_path / "warm", cache_root=str(cache))
     assert warm["computed"] == 0 and not conv_base._BUILT  # all from the cache: the base was never built
@@ -170,11 +179,19 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
     from pipelines import feature_cache
 
     def ns(**change):
-        return feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change)), 4))
+        return feature_cache.namespace_of(
+            feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change)), 4)
+        )
 
     assert ns() == ns()
     assert feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE), 8)) != ns()
-    variants = [ns(input_size=(40, 40)), ns(pooling="max"), ns(layer="block_16_project"), ns(name="vgg16"), ns(weights="imagenet")]
+    variants = [
+        ns(input_size=(40, 40)),
+        ns(pooling="max"),
+        ns(layer="block_16_project"),
+        ns(name="vgg16"),
+        ns(weights="imagenet"),
+    ]
     assert len({ns(), *variants}) == 6
     saved_a, saved_b = tmp_path / "a.keras", tmp_path / "b.keras"
     saved_a.write_bytes(b"one base")
@@ -198,8 +215,10 @@ def test_code_fingerprint_follows_the_source_file(tmp_path, monkeypatch):
     (tmp_path / "decode_probe.py").write_text("SCALE = 2\n")
     after = feature_cache.code_fingerprint(("decode_probe",))
     assert before["decode_probe"] != after["decode_probe"]
-    assert feature_cache.code_fingerprint()["pipelines.image"] == __import__("hashlib").sha256(
-        open(__import__("pipelines.image").image.__file__, "rb").read()).hexdigest()
+    assert (
+        feature_cache.code_fingerprint()["pipelines.image"]
+        == __import__("hashlib").sha256(open(__import__("pipelines.image").image.__file__, "rb").read()).hexdigest()
+    )
 
 
 def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny, trained_base):
@@ -216,7 +235,9 @@ def test_features_do_not_depend_on_the_batch_an_image_shares(converted_tiny, tra
         assert np.array_equal(predict(pixels[:k]), together[:k]), k
     final = noted[-1]
     assert 1 in final["fills"] + final["rejected"] and final["fills"][-1] == n
-    again, _ = graph.batch_predictor(model, (32, 32), n, plan=final, on_change=lambda p: pytest.fail("re-probed a noted fill"))
+    again, _ = graph.batch_predictor(
+        model, (32, 32), n, plan=final, on_change=lambda p: pytest.fail("re-probed a noted fill")
+    )
     assert all(np.array_equal(again(pixels[:k]), together[:k]) for k in range(1, n + 1))
 
 
@@ -232,7 +253,9 @@ def test_a_batch_shape_that_changes_the_bits_is_rejected():
     expected = images.reshape(4, -1)[:, :2]
     for k in range(1, 5):
         np.testing.assert_array_equal(predict(images[:k]), expected[:k])
-    assert plan["fills"] == [1, 4] and plan["rejected"] == [2]  # 2 images + 1 tail slot is the odd shape: they run in a 4 + 1
+    assert plan["fills"] == [1, 4] and plan["rejected"] == [
+        2
+    ]  # 2 images + 1 tail slot is the odd shape: they run in a 4 + 1
 
 
 def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
@@ -249,7 +272,9 @@ def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
 
 def test_a_record_lost_inside_the_beam_job_fails_the_stage(converted_tiny, tmp_path, monkeypatch):
     real_scan = graph._scan
-    monkeypatch.setattr(graph, "_scan", lambda source: real_scan(source)[1:])  # a graph bug: one record per shard dropped
+    monkeypatch.setattr(
+        graph, "_scan", lambda source: real_scan(source)[1:]
+    )  # a graph bug: one record per shard dropped
     with pytest.raises(RuntimeError, match=r"feature records \{.*\} do not match the TFRecords"):
         extract.run(extract.Config(BASE, extract.ExtractParams(batch_size=4)), converted_tiny, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from components.params import ParamsError, parse_section  # noqa: E402
 from pipelines import classifier  # noqa: E402
+from tests.conftest import tree_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -36,13 +37,27 @@ def changed(a, b):
 
 
 @pytest.mark.parametrize("train_batch_norm", [False, True])
-def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(converted_tiny, base_params, head_path, tmp_path, train_batch_norm):
+def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
+    converted_tiny, base_params, head_path, tmp_path, train_batch_norm
+):
     params = finetune.FinetuneParams(
-        unfreeze_from="block_16_expand", train_batch_norm=train_batch_norm, optimizer="sgd",
-        learning_rate=0.05, epochs=2, batch_size=4, patience=5, keep_better_start=False,
+        unfreeze_from="block_16_expand",
+        train_batch_norm=train_batch_norm,
+        optimizer="sgd",
+        learning_rate=0.05,
+        epochs=2,
+        batch_size=4,
+        patience=5,
+        keep_better_start=False,
     )
     before = finetune.build_classifier(base_params, head_path)
-    record = finetune.run(finetune.Config(CommonParams(seed=1), base_params, params), converted_tiny, head_path, tmp_path / "out", tmp_path / "live")
+    record = finetune.run(
+        finetune.Config(CommonParams(seed=1), base_params, params),
+        converted_tiny,
+        head_path,
+        tmp_path / "out",
+        tmp_path / "live",
+    )
     for name in finetune.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()
     assert record["unfrozen_layers"][0] == "block_16_expand"
@@ -58,16 +73,22 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(converte
             assert not changed(old[layer.name][2:], new[layer.name][2:]), f"{layer.name}: moving statistics changed"
             assert gamma_beta_moved == (train_batch_norm and index >= start), layer.name
         elif index < start:
-            assert not changed(old[layer.name], new[layer.name]), f"{layer.name} is below the unfreeze point but changed"
+            assert not changed(old[layer.name], new[layer.name]), (
+                f"{layer.name} is below the unfreeze point but changed"
+            )
         else:
             assert changed(old[layer.name], new[layer.name]), f"{layer.name} is unfrozen but did not change"
-    assert changed([w.numpy() for w in before.get_layer("head").weights], [w.numpy() for w in after.get_layer("head").weights])
+    assert changed(
+        [w.numpy() for w in before.get_layer("head").weights], [w.numpy() for w in after.get_layer("head").weights]
+    )
     live = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert live["val_loss"] == pytest.approx(record["val_loss"])
     # The saved model takes raw pixels: its predictions on the val records are probabilities.
     from pipelines import records
 
-    pixels, _ = next(iter(records.image_dataset(records.split_files(converted_tiny / "records", "val"), (32, 32), 8, binary=True)))
+    pixels, _ = next(
+        iter(records.image_dataset(records.split_files(converted_tiny / "records", "val"), (32, 32), 8, binary=True))
+    )
     out = after.predict_on_batch(pixels)
     assert out.shape == (len(pixels), 1) and ((out >= 0) & (out <= 1)).all()
 
@@ -76,8 +97,12 @@ def test_unfreeze_top_counts_layers_from_the_end(base_params, head_path):
     model = finetune.build_classifier(base_params, head_path)
     trainable = finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_top=3))
     base = classifier.find_base(model)
-    assert [l.name for l in base.layers if l.trainable] == [l.name for l in base.layers[-3:] if not isinstance(l, keras.layers.BatchNormalization)]
-    assert trainable == ["Conv_1"]  # block_16_project_BN, Conv_1, Conv_1_bn, out_relu: only Conv_1 has weights and is not BN
+    assert [layer.name for layer in base.layers if layer.trainable] == [
+        layer.name for layer in base.layers[-3:] if not isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert trainable == [
+        "Conv_1"
+    ]  # block_16_project_BN, Conv_1, Conv_1_bn, out_relu: only Conv_1 has weights and is not BN
     # The registry's default unfreeze point is the top block.
     model = finetune.build_classifier(base_params, head_path)
     assert finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams())[0] == "block_16_expand"
@@ -85,7 +110,9 @@ def test_unfreeze_top_counts_layers_from_the_end(base_params, head_path):
 
 def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
     model = finetune.build_classifier(base_params, head_path)
-    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"):
+    with pytest.raises(
+        ParamsError, match=r"finetune\.unfreeze_from: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"
+    ):
         finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_from="block_16_expnd"))
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_top: the base has \d+ layers, got 100000"):
         finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_top=100000))
@@ -131,9 +158,17 @@ def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_par
 
 def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
     # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.
-    params = finetune.FinetuneParams(unfreeze_top=10, optimizer="sgd", learning_rate=1.0, epochs=2, batch_size=4, patience=5)
+    params = finetune.FinetuneParams(
+        unfreeze_top=10, optimizer="sgd", learning_rate=1.0, epochs=2, batch_size=4, patience=5
+    )
     before = finetune.build_classifier(base_params, head_path)
-    record = finetune.run(finetune.Config(CommonParams(seed=1), base_params, params), converted_tiny, head_path, tmp_path / "out", tmp_path / "live")
+    record = finetune.run(
+        finetune.Config(CommonParams(seed=1), base_params, params),
+        converted_tiny,
+        head_path,
+        tmp_path / "out",
+        tmp_path / "live",
+    )
     assert min(record["history"]["val_loss"]) > record["val_before"]["loss"]
     assert record["best_epoch"] == 0 and record["val_loss"] == pytest.approx(record["val_before"]["loss"], rel=1e-5)
     after = keras.saving.load_model(tmp_path / "out" / finetune.MODEL)
@@ -150,15 +185,22 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
 
     extract.run(extract.Config(base_params, extract.ExtractParams(batch_size=8)), converted_tiny, features)
     for run in ("a", "b"):
-        train_head.run(train_head.Config(CommonParams(seed=7), head_params), features, converted_tiny / "labels.json",
-                       tmp_path / run / "head", tmp_path / run / "live_head")
-        finetune.run(finetune.Config(CommonParams(seed=7), base_params, tune_params), converted_tiny,
-                     tmp_path / run / "head" / train_head.HEAD, tmp_path / run / "finetune", tmp_path / run / "live_finetune")
+        train_head.run(
+            train_head.Config(CommonParams(seed=7), head_params),
+            features,
+            converted_tiny / "labels.json",
+            tmp_path / run / "head",
+            tmp_path / run / "live_head",
+        )
+        finetune.run(
+            finetune.Config(CommonParams(seed=7), base_params, tune_params),
+            converted_tiny,
+            tmp_path / run / "head" / train_head.HEAD,
+            tmp_path / run / "finetune",
+            tmp_path / run / "live_finetune",
+        )
 
-    def files(root):
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert "finetune/model.keras" in a and "live_finetune/plots/metrics/val_loss.tsv" in a
     assert {name for name in a if a[name] != b.get(name)} == set()
     first = keras.saving.load_model(tmp_path / "a" / "finetune" / finetune.MODEL)

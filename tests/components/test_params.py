@@ -56,7 +56,9 @@ def test_unknown_key_is_named_with_allowed_keys():
 
 
 def test_nested_unknown_key_names_full_path():
-    with pytest.raises(ParamsError, match=r"dataset\.tfds\.nam: unknown key; allowed keys: image_key, label_key, name, splits"):
+    with pytest.raises(
+        ParamsError, match=r"dataset\.tfds\.nam: unknown key; allowed keys: image_key, label_key, name, splits"
+    ):
         parse_section(download.DatasetParams, "dataset", {"dir": "x", "tfds": {"nam": "mnist"}})
 
 
@@ -135,7 +137,9 @@ def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path)
 
     raw = repo_params()
     del raw["finetune"]["deterministic"], raw["finetune"]["augment"]["zoom"]
-    with pytest.raises(ParamsError, match=r"finetune\.deterministic, finetune\.augment\.zoom: missing; a stage takes every"):
+    with pytest.raises(
+        ParamsError, match=r"finetune\.deterministic, finetune\.augment\.zoom: missing; a stage takes every"
+    ):
         finetune.load_config(write_params(tmp_path, raw))
 
 
@@ -144,9 +148,17 @@ def test_code_defaults_agree_with_params_yaml():
     from components import conv_base, evaluate, extract, finetune, retrain, train_head
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    models = {"common": download.CommonParams, "download": download.DownloadParams, "convert": convert.ConvertParams,
-              "conv_base": conv_base.ConvBaseParams, "extract": extract.ExtractParams, "train_head": train_head.TrainHeadParams,
-              "finetune": finetune.FinetuneParams, "evaluate": evaluate.EvaluateParams, "retrain": retrain.RetrainParams}
+    models = {
+        "common": download.CommonParams,
+        "download": download.DownloadParams,
+        "convert": convert.ConvertParams,
+        "conv_base": conv_base.ConvBaseParams,
+        "extract": extract.ExtractParams,
+        "train_head": train_head.TrainHeadParams,
+        "finetune": finetune.FinetuneParams,
+        "evaluate": evaluate.EvaluateParams,
+        "retrain": retrain.RetrainParams,
+    }
 
     def drift(model, values, prefix):
         found = []
@@ -158,12 +170,22 @@ def test_code_defaults_agree_with_params_yaml():
             default = field.get_default(call_default_factory=True)
             expected = values[name]
             if hasattr(default, "model_dump"):
-                found += drift(type(default), expected, f"{prefix}{name}.") if isinstance(expected, dict) else [f"{prefix}{name}"]
-                found += [f"{prefix}{name}"] if default.model_dump() != type(default).model_validate(expected).model_dump() else []
+                found += (
+                    drift(type(default), expected, f"{prefix}{name}.")
+                    if isinstance(expected, dict)
+                    else [f"{prefix}{name}"]
+                )
+                found += (
+                    [f"{prefix}{name}"]
+                    if default.model_dump() != type(default).model_validate(expected).model_dump()
+                    else []
+                )
             elif (list(default) if isinstance(default, tuple) else default) != expected:
                 found.append(f"{prefix}{name}: code {default!r}, params.yaml {expected!r}")
         return found
 
-    problems = [p for section, model in models.items() if section in raw for p in drift(model, raw[section], f"{section}.")]
+    problems = [
+        p for section, model in models.items() if section in raw for p in drift(model, raw[section], f"{section}.")
+    ]
     assert not problems, problems
     assert set(models) <= set(raw)  # every stage's section is in params.yaml

@@ -65,7 +65,9 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
 
 def test_printing_the_arguments_changes_nothing(project, tmp_path):
     (tmp_path / "photos").mkdir()
-    (project / "p.yaml").write_text(yaml.safe_dump({"inputs": {"sources/photos": "../photos"}, "train_head": {"epochs": 2}}))
+    (project / "p.yaml").write_text(
+        yaml.safe_dump({"inputs": {"sources/photos": "../photos"}, "train_head": {"epochs": 2}})
+    )
     before = run(["git", "status", "--porcelain", "--ignored"], project).stdout
     assert preset.main([str(project / "p.yaml"), "--params", str(project / "params.yaml")]) == 0
     assert run(["git", "status", "--porcelain", "--ignored"], project).stdout == before
@@ -79,8 +81,17 @@ def test_a_missing_input_is_a_clear_error(project):
 
 
 def test_printed_arguments_survive_a_shell():
-    overrides = {"conv_base": {"input_size": [224, 224], "path": "models/a base.keras"}, "finetune": {"learning_rate": 1e-05}}
+    overrides = {
+        "conv_base": {"input_size": [224, 224], "path": "models/a base.keras"},
+        "finetune": {"learning_rate": 1e-05},
+    }
     printed = " ".join(shlex.quote(a) for a in preset.set_args(overrides))
-    assert shlex.split(printed) == ["-S", "conv_base.input_size=[224,224]", "-S", 'conv_base.path="models/a base.keras"',
-                                    "-S", "finetune.learning_rate=1e-05"]
+    assert shlex.split(printed) == [
+        "-S",
+        "conv_base.input_size=[224,224]",
+        "-S",
+        'conv_base.path="models/a base.keras"',
+        "-S",
+        "finetune.learning_rate=1e-05",
+    ]
     assert json.loads(shlex.split(printed)[3].split("=", 1)[1]) == "models/a base.keras"

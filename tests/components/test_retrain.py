@@ -8,7 +8,7 @@ import pytest
 
 from components.params import ParamsError, parse_section
 from components.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
-from tests.conftest import repo_params
+from tests.conftest import repo_params, tree_bytes
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 
 PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
@@ -46,8 +46,14 @@ def test_promotion_gate(candidate, candidate_wrong, promoted_wrong, expected, wh
 
 def test_paired_counts_and_p_value():
     c = paired(right(10, [0, 1, 2]), right(10, [2, 3]))
-    assert c == {"images": 10, "candidate_accuracy": 0.7, "promoted_accuracy": 0.8, "only_promoted_right": 2,
-                 "only_candidate_right": 1, "p_worse": pytest.approx(4 / 8)}
+    assert c == {
+        "images": 10,
+        "candidate_accuracy": 0.7,
+        "promoted_accuracy": 0.8,
+        "only_promoted_right": 2,
+        "only_candidate_right": 1,
+        "p_worse": pytest.approx(4 / 8),
+    }
     with pytest.raises(ValueError, match="paired scores"):
         paired(right(10, []), right(9, []))
 
@@ -75,7 +81,7 @@ def test_metric_lookup_and_params():
 # label names), evaluate writes a real TensorFlow SavedModel with the serving signature (its predictions
 # come from a table) and evaluation/metrics.json with its honest val accuracy. The real DVC, git, GTO
 # and `dvc artifacts get` steps of a retrain run; nothing is trained.
-PIPELINE = r'''
+PIPELINE = r"""
 import json, os, sys
 import tensorflow as tf
 day = json.load(open("src/day.json"))
@@ -103,7 +109,7 @@ else:
     json.dump({"finetune": {"val": {"accuracy": sum(right) / len(right)}, "test": {"accuracy": 0.5}}},
               open("evaluation/metrics.json", "w"))
     sys.exit(day.get("fail", 0))
-'''
+"""
 
 
 def write_day(project, images, wrong=(), fail=0):
@@ -113,12 +119,20 @@ def write_day(project, images, wrong=(), fail=0):
     records = [[f"img{i}", label(i)] for i in images]
     predictions = {f"img{i}": label(i + 1) if i in set(wrong) else label(i) for i in range(300)}
     (project / "src").mkdir(exist_ok=True)
-    (project / "src" / "day.json").write_text(json.dumps({"records": records, "predictions": predictions, "fail": fail}))
+    (project / "src" / "day.json").write_text(
+        json.dumps({"records": records, "predictions": predictions, "fail": fail})
+    )
 
 
 def retrain_cli(project, *args):
-    proc = subprocess.run([sys.executable, "-m", "components.retrain", *args], cwd=project, env=tool_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "components.retrain", *args],
+        cwd=project,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = proc.stdout.strip().splitlines()
     return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr
 
@@ -133,14 +147,31 @@ def scheduled(tmp_path):
     dvc("remote", "add", "-d", "storage", str(storage), cwd=project)
     (project / "src").mkdir()
     (project / "src" / "pipeline.py").write_text(PIPELINE)
-    stage = lambda name, outs, **more: {"cmd": f"{sys.executable} src/pipeline.py {name}",  # noqa: E731
-                                        "deps": ["src/day.json", "src/pipeline.py"], "outs": outs, **more}
-    (project / "dvc.yaml").write_text(json.dumps({
-        "stages": {"convert": stage("convert", ["data/convert"]),
-                   "evaluate": stage("evaluate", ["data/evaluate"], metrics=[{"evaluation/metrics.json": {"cache": False}}])},
-        "artifacts": {"classifier": {"path": "data/evaluate/serving", "type": "model"}},
-    }))
-    (project / "params.yaml").write_text(json.dumps({"retrain": repo_params({"retrain": {"threshold": 0.75, "alpha": 0.05}})["retrain"]}))
+
+    def stage(name, outs, **more):
+        return {
+            "cmd": f"{sys.executable} src/pipeline.py {name}",
+            "deps": ["src/day.json", "src/pipeline.py"],
+            "outs": outs,
+            **more,
+        }
+
+    (project / "dvc.yaml").write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "convert": stage("convert", ["data/convert"]),
+                    "evaluate": stage(
+                        "evaluate", ["data/evaluate"], metrics=[{"evaluation/metrics.json": {"cache": False}}]
+                    ),
+                },
+                "artifacts": {"classifier": {"path": "data/evaluate/serving", "type": "model"}},
+            }
+        )
+    )
+    (project / "params.yaml").write_text(
+        json.dumps({"retrain": repo_params({"retrain": {"threshold": 0.75, "alpha": 0.05}})["retrain"]})
+    )
     write_day(project, range(20), wrong=[0, 1])
     commit(project, "pipeline")
     run(["git", "push", "-q", "-u", "origin", "main"], project)
@@ -163,9 +194,14 @@ def test_the_gate_compares_both_models_on_the_same_images(scheduled):
     code, second, _ = retrain_cli(project)
     assert second["candidate"] == 0.86 >= first["candidate"] - 0.005  # what a recorded-figure gate would accept
     assert (code, second["decision"]) == (3, "rejected"), second
-    assert second["paired"] == {"images": 100, "candidate_accuracy": 0.86, "promoted_accuracy": 0.96,
-                                "only_promoted_right": 12, "only_candidate_right": 2,
-                                "p_worse": pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14)}
+    assert second["paired"] == {
+        "images": 100,
+        "candidate_accuracy": 0.86,
+        "promoted_accuracy": 0.96,
+        "only_promoted_right": 12,
+        "only_candidate_right": 2,
+        "p_worse": pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14),
+    }
     assert "significantly worse on the same 100 val images" in second["reason"]
     message = run(["git", "log", "-1", "--format=%s"], project).stdout
     assert message.startswith("retrain: rejected: ") and "McNemar p=0.00647" in message and "promoted 0.9600" in message
@@ -208,9 +244,11 @@ def test_retrain_pushes_a_promotion_that_another_machine_pulls(scheduled, tmp_pa
     deployed.parent.mkdir()
     run(["bash", str(fetch), str(server), str(deployed)], deployed.parent)
     promoted = project / "data" / "evaluate" / "serving"
-    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}  # noqa: E731
-    assert files(deployed) == files(promoted) and files(deployed)
-    assert "examples/deploy/fetch_prod.sh . serving" in (REPO / "examples" / "deploy" / "github-actions-deploy.yml").read_text()
+    assert tree_bytes(deployed) == tree_bytes(promoted) and tree_bytes(deployed)
+    assert (
+        "examples/deploy/fetch_prod.sh . serving"
+        in (REPO / "examples" / "deploy" / "github-actions-deploy.yml").read_text()
+    )
 
 
 @pytest.mark.integration

@@ -2,8 +2,13 @@ from components import sweep
 
 
 def row(variant, head_val, finetune_val, head_test, finetune_test):
-    return {"variant": variant, "head_val_accuracy": head_val, "finetune_val_accuracy": finetune_val,
-            "head_test_accuracy": head_test, "finetune_test_accuracy": finetune_test}
+    return {
+        "variant": variant,
+        "head_val_accuracy": head_val,
+        "finetune_val_accuracy": finetune_val,
+        "head_test_accuracy": head_test,
+        "finetune_test_accuracy": finetune_test,
+    }
 
 
 def test_variants_are_ranked_on_validation_never_on_test():
@@ -17,13 +22,42 @@ def test_variants_are_ranked_on_validation_never_on_test():
 
 
 def test_leaderboard_rows_read_both_splits_of_the_evaluation():
-    evaluation = {"head": {"val": {"accuracy": 0.8, "roc_auc": 0.85, "images": 10}, "test": {"accuracy": 0.7, "images": 12}},
-                  "finetune": {"val": {"accuracy": 0.9, "images": 10}, "test": {"accuracy": 0.6, "roc_auc": 0.65, "images": 12}}}
-    exp = {"rev": "abc", "params": {"conv_base": {"name": "vgg16", "weights": "imagenet", "input_size": [150, 150],
-                                                  "pooling": "avg", "layer": None}},
-           "metrics": {sweep.EVALUATION_METRICS: evaluation, sweep.EXTRACT_METRICS: {"feature_size": 512, "images_per_s": 9.5}}}
+    evaluation = {
+        "head": {"val": {"accuracy": 0.8, "roc_auc": 0.85, "images": 10}, "test": {"accuracy": 0.7, "images": 12}},
+        "finetune": {"val": {"accuracy": 0.9, "images": 10}, "test": {"accuracy": 0.6, "roc_auc": 0.65, "images": 12}},
+    }
+    exp = {
+        "rev": "abc",
+        "params": {
+            "conv_base": {
+                "name": "vgg16",
+                "weights": "imagenet",
+                "input_size": [150, 150],
+                "pooling": "avg",
+                "layer": None,
+            }
+        },
+        "metrics": {
+            sweep.EVALUATION_METRICS: evaluation,
+            sweep.EXTRACT_METRICS: {"feature_size": 512, "images_per_s": 9.5},
+        },
+    }
     got = sweep.leaderboard_row("v", exp)
-    assert (got["head_val_accuracy"], got["finetune_val_accuracy"], got["head_test_accuracy"], got["finetune_test_accuracy"]) == (0.8, 0.9, 0.7, 0.6)
-    assert (got["head_val_roc_auc"], got["finetune_test_roc_auc"], got["val_images"], got["test_images"]) == (0.85, 0.65, 10, 12)
+    assert (
+        got["head_val_accuracy"],
+        got["finetune_val_accuracy"],
+        got["head_test_accuracy"],
+        got["finetune_test_accuracy"],
+    ) == (0.8, 0.9, 0.7, 0.6)
+    assert (got["head_val_roc_auc"], got["finetune_test_roc_auc"], got["val_images"], got["test_images"]) == (
+        0.85,
+        0.65,
+        10,
+        12,
+    )
     table = sweep.markdown([got], "s")
-    assert "Ranked on the validation split" in table and "| 1 | v | vgg16 (imagenet) | 150x150 | avg | 512 | 9.5 | 80.00% | 90.00% | 70.00% | 60.00% | 0.6500 |" in table
+    assert (
+        "Ranked on the validation split" in table
+        and "| 1 | v | vgg16 (imagenet) | 150x150 | avg | 512 | 9.5 | 80.00% | 90.00% | 70.00% | 60.00% | 0.6500 |"
+        in table
+    )

@@ -37,7 +37,9 @@ def toy_extract(tmp_path, num_classes=2, labels_override=None):
 def test_head_learns_a_separable_problem(tmp_path, num_classes):
     extract_dir, labels = toy_extract(tmp_path, num_classes)
     params = train_head.TrainHeadParams(hidden_units=8, dropout=0.0, epochs=40, learning_rate=0.01, patience=10)
-    record = train_head.run(train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live")
+    record = train_head.run(
+        train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
+    )
     assert record["val_accuracy"] > 0.9  # chance is 1/num_classes
     for name in train_head.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()
@@ -54,7 +56,10 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
     from pipelines import features as fk
 
     spec = fk.features_feature_spec(SIZE)
-    rows = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(sorted(str(p) for p in (extract_dir / "features").glob("val-*")))]
+    rows = [
+        tf.io.parse_single_example(r, spec)
+        for r in tf.data.TFRecordDataset(sorted(str(p) for p in (extract_dir / "features").glob("val-*")))
+    ]
     outputs = head.predict_on_batch(np.stack([r[fk.FEATURES].numpy() for r in rows]))
     predicted = (outputs[:, 0] > 0.5).astype(int) if num_classes == 2 else outputs.argmax(axis=1)
     assert record["val_accuracy"] == pytest.approx(np.mean(predicted == np.array([r[fk.LABEL].numpy() for r in rows])))
@@ -63,14 +68,25 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
 def test_same_seed_same_head(tmp_path):
     extract_dir, labels = toy_extract(tmp_path)
     params = train_head.TrainHeadParams(hidden_units=4, epochs=3)
-    runs = [train_head.run(train_head.Config(CommonParams(seed=5), params), extract_dir, labels, tmp_path / f"o{i}", tmp_path / f"l{i}") for i in range(2)]
+    runs = [
+        train_head.run(
+            train_head.Config(CommonParams(seed=5), params), extract_dir, labels, tmp_path / f"o{i}", tmp_path / f"l{i}"
+        )
+        for i in range(2)
+    ]
     assert runs[0]["history"] == runs[1]["history"]
 
 
 def test_label_outside_vocabulary_is_a_clear_error(tmp_path):
     extract_dir, labels = toy_extract(tmp_path, labels_override=np.array([0, 1, 2, 1] * 10))
     with pytest.raises(ValueError, match=r"labels \[2\] are outside the vocabulary of 2 classes"):
-        train_head.run(train_head.Config(CommonParams(), train_head.TrainHeadParams(epochs=1)), extract_dir, labels, tmp_path / "out", tmp_path / "live")
+        train_head.run(
+            train_head.Config(CommonParams(), train_head.TrainHeadParams(epochs=1)),
+            extract_dir,
+            labels,
+            tmp_path / "out",
+            tmp_path / "live",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -84,8 +100,10 @@ def test_why_the_epoch_logger_is_ours_and_not_dvclives(tmp_path):
     from dvclive.utils import standardize_metric_name
 
     assert standardize_metric_name("val_loss", "dvclive.keras") == "eval/loss"  # our plots are val_loss.tsv
-    probe = ("import keras; from dvclive.keras import DVCLiveCallback; "
-             "print(issubclass(DVCLiveCallback, keras.callbacks.Callback))")
+    probe = (
+        "import keras; from dvclive.keras import DVCLiveCallback; "
+        "print(issubclass(DVCLiveCallback, keras.callbacks.Callback))"
+    )
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"  # not a Keras 3 callback in a process that imported tf.Transform

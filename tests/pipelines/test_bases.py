@@ -17,7 +17,9 @@ def test_every_registry_base_builds_and_applies_its_own_preprocessing(name):
     assert features.shape == (2, base.output_shape[-1])
     # Each family's preprocessing written out here, not looked up in the registry under test.
     caffe = pixels[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
-    expected_input = {"vgg16": caffe, "vgg19": caffe, "resnet50": caffe, "efficientnet_b0": pixels}.get(name, pixels / 127.5 - 1)
+    expected_input = {"vgg16": caffe, "vgg19": caffe, "resnet50": caffe, "efficientnet_b0": pixels}.get(
+        name, pixels / 127.5 - 1
+    )
     np.testing.assert_allclose(keras.ops.convert_to_numpy(preprocessing(pixels)), expected_input, rtol=1e-5, atol=1e-4)
     direct = keras.ops.convert_to_numpy(keras.layers.GlobalAveragePooling2D()(base(expected_input, training=False)))
     # An untrained base's features can be ~1e-12: tolerances scale with them, and the two images must differ.
@@ -36,7 +38,9 @@ def test_intermediate_layer_tap_and_pooling_none():
 
 
 def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
-    with pytest.raises(bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean vgg19, vgg16\?\); known: efficientnet_b0"):
+    with pytest.raises(
+        bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean vgg19, vgg16\?\); known: efficientnet_b0"
+    ):
         bases.load_conv_base("vgg61", None, "none", SIZE)
     with pytest.raises(bases.BaseError, match=r"input_size: inception_v3 needs each side >= 75"):
         bases.load_conv_base("inception_v3", None, "none", (64, 64))
@@ -45,7 +49,9 @@ def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
     with pytest.raises(bases.BaseError, match=r"path: .* does not exist"):
         bases.load_conv_base(None, str(tmp_path / "base.keras"), "none", SIZE)
     base, _ = bases.load_conv_base("mobilenet_v2", None, "none", (64, 64))
-    with pytest.raises(bases.BaseError, match=r"layer: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"):
+    with pytest.raises(
+        bases.BaseError, match=r"layer: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"
+    ):
         bases.tap(base, "block_16_expnd")
 
 

@@ -93,7 +93,9 @@ def test_convert_graph_on_test_pipeline(tiny_download, tmp_path):
     by_id = {row["id"]: row for row in manifest}
     for split in graph.SPLITS:
         files = sorted((tmp_path / "records").glob(f"{split}-*.tfrecord"))
-        assert [f.name for f in files] == [f"{split}-{i:05d}-of-{shards[split]:05d}.tfrecord" for i in range(shards[split])]
+        assert [f.name for f in files] == [
+            f"{split}-{i:05d}-of-{shards[split]:05d}.tfrecord" for i in range(shards[split])
+        ]
         seen = []
         for index, path in enumerate(files):
             records = read_records([path])

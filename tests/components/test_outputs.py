@@ -1,0 +1,56 @@
+"""Stage outputs whose bytes depend on their content alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from components import outputs  # noqa: E402
+from tests.test_dvc_pipeline import REPO, tool_env  # noqa: E402
+
+# A SavedModel like tf.Transform's: a vocabulary table behind a traced function. With `warm`, the process
+# first traces other functions, as Beam's workers may before tf.Transform exports its graph.
+EXPORT = """
+import sys
+import tensorflow as tf
+for i in range(int(sys.argv[2])):
+    tf.function(lambda x: x + i).get_concrete_function(tf.TensorSpec([], tf.float32))
+
+class Lookup(tf.Module):
+    def __init__(self):
+        vocabulary = tf.constant(sys.argv[3])  # a vocabulary file named by a tensor, as tf.Transform does
+        init = tf.lookup.TextFileInitializer(vocabulary, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                             tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+        self.table = tf.lookup.StaticHashTable(init, -1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="names")])
+    def serve(self, names):
+        return {"label": self.table.lookup(names)}
+
+module = Lookup()
+tf.saved_model.save(module, sys.argv[1], signatures={"serving_default": module.serve})
+"""
+
+
+def test_a_graph_traced_after_other_functions_gets_the_same_bytes(tmp_path):
+    (tmp_path / "vocabulary.txt").write_text("cats\ndogs\n")
+    for name, warm in (("a", 0), ("b", 7)):
+        subprocess.run(
+            [sys.executable, "-c", EXPORT, str(tmp_path / name), str(warm), str(tmp_path / "vocabulary.txt")],
+            cwd=REPO,
+            env=tool_env(),
+            check=True,
+            capture_output=True,
+        )
+    raw = [(tmp_path / name / "saved_model.pb").read_bytes() for name in ("a", "b")]
+    assert raw[0] != raw[1]  # the function numbers differ
+    for name in ("a", "b"):
+        outputs.stabilise_saved_model(tmp_path / name)
+    for file in ("saved_model.pb", "fingerprint.pb"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    served = tf.saved_model.load(str(tmp_path / "a")).signatures["serving_default"]
+    assert served(names=tf.constant([b"dogs", b"cats", b"fox"]))["label"].numpy().tolist() == [1, 0, -1]
