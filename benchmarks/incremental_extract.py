@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 PROJECT_FILES = (
     "components",
     "pipelines",
+    "tools",
     "presets",
     "dvc.yaml",
     "params.yaml",
@@ -72,7 +73,7 @@ def dvc(*args: str, cwd: Path) -> float:
 
 
 def make_project(work: Path, images: Path, base: Path) -> Path:
-    from components import preset
+    from tools import preset
 
     project = work / "project"
     project.mkdir(parents=True)

@@ -149,8 +149,6 @@ class Config:
 
 def load_config(params_path: str | Path) -> Config:
     data = read_params(params_path)
-    if "dataset" not in data:
-        raise ParamsError(f"{params_path}: section 'dataset' is missing")
     return Config(
         common=section(data, CommonParams, "common", params_path),
         dataset=section(data, DatasetParams, "dataset", params_path),
@@ -202,14 +200,15 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
     `pipelines.image.decode_image` is checked against."""
     mode = img.mode
-    if mode == "RGB":
+    keyed = "transparency" in img.info and mode in ("L", "RGB")  # a PNG colour key (tRNS) makes one colour transparent
+    if mode == "RGB" and not keyed:
         return img, "RGB"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr8 = np.clip(np.floor(arr * (256.0 / (peak + 1))), 0, 255).astype(np.uint8)  # the high byte, as libpng gives
         return Image.fromarray(arr8, mode="L").convert("RGB"), f"{mode} grayscale to 8-bit RGB"
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+    if mode in ("RGBA", "LA", "PA") or keyed or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
@@ -231,8 +230,6 @@ def make_decoder() -> Decoder:
     """encoded bytes -> (normalised uint8 pixels, EXIF orientation) through `pipelines.image`,
     the decode extraction, training and the serving model run."""
     import tensorflow as tf
-
-    from pipelines import image
 
     traced = tf.function(image.decode_with_orientation, input_signature=[tf.TensorSpec([], tf.string)])
 
@@ -262,7 +259,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
     """
     if not data:
         return Rejected("empty file (0 bytes)")
-    fmt = image.sniff_format(data) or "image"
+    sniffed = image.sniff_format(data)  # what the serving model will take it for
+    fmt = sniffed or "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -283,7 +281,7 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         return Rejected(f"undecodable {fmt}: {exc}")
     if min(width, height) < min_side:
         return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
-    if fmt not in image.FORMATS:
+    if sniffed is None:
         return Rejected(
             f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
             "convert the file to one of them"
@@ -311,14 +309,14 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})"
         )
     gap = np.abs(pixels.astype(np.int16) - expected)
-    if fmt != "JPEG" and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
+    if sniffed != "JPEG" and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
         hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""
         return Rejected(
             f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
             f"largest pixel difference {int(gap.max())}, mean {gap.mean():.2f}; re-save it as PNG or JPEG"
         )
     identity = pixels_hash(pixels)
-    if fmt == "JPEG" and img.mode == "RGB" and not actions:
+    if sniffed == "JPEG" and img.mode == "RGB" and not actions:
         return Normalised(data, "jpg", width, height, fmt, "as-is", identity)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

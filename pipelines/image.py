@@ -13,8 +13,8 @@ It is made of TensorFlow ops only (the SavedModel needs no Python to run it):
 - EXIF orientation (JPEG APP1, PNG ``eXIf``, WebP ``EXIF`` chunks), values 2 to 8
   applied as Pillow's ``ImageOps.exif_transpose`` does;
 - transparency composited onto white: an alpha channel (RGBA, gray + alpha,
-  WebP alpha) and a palette PNG's ``tRNS`` table, which TensorFlow's PNG
-  decoder ignores, so it is read here;
+  WebP alpha) and a PNG's ``tRNS`` chunk (a palette's alphas, a gray or RGB
+  colour key), which libpng turns into alpha when four channels are asked for;
 - grayscale, palette and CMYK to RGB, 16-bit samples to 8 bits (TensorFlow's
   decoders), the first frame of an animation.
 
@@ -58,17 +58,19 @@ def format_index(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def _byte_buffer(image_bytes: tf.Tensor) -> tf.Tensor:
-    """The bytes as int64, with zeros after the end so reads past it give 0."""
-    raw = tf.cast(tf.io.decode_raw(image_bytes, tf.uint8), tf.int64)
-    return tf.concat([raw, tf.zeros([8], tf.int64)], axis=0)
+    """The encoded bytes with 8 zero bytes after the end, so a read of up to 8 bytes past it gives 0.
+    Reads take `tf.strings.substr` slices of it: the file is never copied into a tensor of bytes."""
+    return image_bytes + b"\0" * 8
 
 
 def _uint(buf: tf.Tensor, pos, n: int, little=False) -> tf.Tensor:
     """The unsigned n-byte integer at `pos` (big-endian unless `little`); 0 past the end."""
+    length = tf.strings.length(buf)
+    start = tf.cast(tf.clip_by_value(tf.cast(pos, tf.int64), 0, tf.cast(length - 8, tf.int64)), tf.int32)
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(buf, start, n), tf.uint8), tf.int64)
     steps = tf.range(n, dtype=tf.int64)
-    index = tf.clip_by_value(tf.cast(pos, tf.int64) + steps, 0, tf.size(buf, out_type=tf.int64) - 1)
     shifts = tf.where(tf.cast(little, tf.bool), 8 * steps, 8 * (n - 1 - steps))
-    return tf.reduce_sum(tf.bitwise.left_shift(tf.gather(buf, index), shifts))
+    return tf.reduce_sum(tf.bitwise.left_shift(raw, shifts))
 
 
 def _jpeg_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -93,31 +95,22 @@ def _jpeg_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     return tf.where(found >= 0, found, -1)
 
 
-def _png_chunks(buf: tf.Tensor, size: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Offsets and lengths of the PNG chunks this decode reads (-1 where absent) and the colour type."""
-    wanted = {"eXIf": 0x65584966, "PLTE": 0x504C5445, "tRNS": 0x74524E53}
+def _png_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Offset of the data of the PNG ``eXIf`` chunk, or -1."""
 
-    def more(pos, *_):
-        return pos + 8 <= size
+    def more(pos, found):
+        return tf.equal(found, -1) & (pos + 8 <= size)
 
-    def step(pos, *found):
+    def step(pos, found):
         length, kind = _uint(buf, pos, 4), _uint(buf, pos + 4, 4)
-        found = list(found)
-        for k, code in enumerate(wanted.values()):
-            hit = tf.equal(kind, code) & tf.equal(found[2 * k], -1)
-            found[2 * k] = tf.where(hit, pos + 8, found[2 * k])
-            found[2 * k + 1] = tf.where(hit, length, found[2 * k + 1])
-        pos = tf.where(tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # IEND ends the walk
-        return (pos, *found)
+        found = tf.where(tf.equal(kind, 0x65584966), pos + 8, found)  # "eXIf"
+        pos = tf.where(tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # "IEND" ends the walk
+        return pos, found
 
-    start = tf.constant(-1, tf.int64)
-    _, *found = tf.while_loop(
-        more, step, (tf.constant(8, tf.int64), *([start] * 2 * len(wanted))), maximum_iterations=1 << 20
+    _, found = tf.while_loop(
+        more, step, (tf.constant(8, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 20
     )
-    out = {name: found[2 * k] for k, name in enumerate(wanted)}
-    out.update({f"{name}_length": found[2 * k + 1] for k, name in enumerate(wanted)})
-    out["colour_type"] = _uint(buf, 25, 1)
-    return out
+    return found
 
 
 def _webp_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -182,32 +175,10 @@ def composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast((tf.cast(rgb, tf.int32) * a + 255 * (255 - a) + 127) // 255, tf.uint8)
 
 
-def _palette_alpha(buf: tf.Tensor, rgb: tf.Tensor, chunks: dict[str, tf.Tensor]) -> tf.Tensor:
-    """The alpha of each pixel of a palette PNG from its tRNS table (a colour listed twice: the lower alpha)."""
-    entries = chunks["PLTE_length"] // 3
-    palette = tf.reshape(tf.gather(buf, chunks["PLTE"] + tf.range(entries * 3)), [-1, 3])
-    keys = palette[:, 0] * 65536 + palette[:, 1] * 256 + palette[:, 2]
-    listed = tf.minimum(chunks["tRNS_length"], entries)
-    alphas = tf.concat(
-        [tf.gather(buf, chunks["tRNS"] + tf.range(listed)), tf.fill([entries - listed], tf.constant(255, tf.int64))], 0
-    )
-    unique, slot = tf.unique(keys)
-    lowest = tf.math.unsorted_segment_min(alphas, slot, tf.size(unique))
-    order = tf.argsort(unique)
-    unique, lowest = tf.gather(unique, order), tf.gather(lowest, order)
-    pixels = tf.cast(rgb, tf.int64)
-    pixel_keys = pixels[..., 0] * 65536 + pixels[..., 1] * 256 + pixels[..., 2]
-    at = tf.searchsorted(unique, tf.reshape(pixel_keys, [-1]))
-    at = tf.minimum(at, tf.cast(tf.size(unique) - 1, at.dtype))
-    return tf.reshape(tf.gather(lowest, at), tf.shape(pixel_keys))
-
-
-def _decode_png(image_bytes: tf.Tensor, buf: tf.Tensor, chunks: dict[str, tf.Tensor]) -> tf.Tensor:
+def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
+    # Four channels: libpng turns a tRNS chunk (a palette's alphas, a gray or RGB colour key) into alpha.
     rgba = tf.io.decode_png(image_bytes, channels=4)
-    rgb, alpha = rgba[..., :3], tf.cast(rgba[..., 3], tf.int64)
-    palette_transparency = tf.equal(chunks["colour_type"], 3) & (chunks["tRNS"] >= 0) & (chunks["PLTE"] >= 0)
-    alpha = tf.cond(palette_transparency, lambda: _palette_alpha(buf, rgb, chunks), lambda: alpha)
-    return composite_on_white(rgb, alpha)
+    return composite_on_white(rgba[..., :3], rgba[..., 3])
 
 
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -230,32 +201,18 @@ def decode_with_orientation(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tenso
     fmt = format_index(image_bytes)
     buf = _byte_buffer(image_bytes)
     size = tf.cast(tf.strings.length(image_bytes), tf.int64)
-    chunks = tf.cond(
-        tf.equal(fmt, _PNG),
-        lambda: _png_chunks(buf, size),
-        lambda: {
-            **{k: tf.constant(-1, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
-            **{f"{k}_length": tf.constant(0, tf.int64) for k in ("eXIf", "PLTE", "tRNS")},
-            "colour_type": tf.constant(0, tf.int64),
-        },
-    )
+    none = lambda: tf.constant(-1, tf.int64)  # noqa: E731
     exif = tf.switch_case(
         fmt,
-        [
-            lambda: _jpeg_exif(buf, size),
-            lambda: chunks["eXIf"],
-            lambda: tf.constant(-1, tf.int64),
-            lambda: tf.constant(-1, tf.int64),
-            lambda: _webp_exif(buf, size),
-        ],
-        default=lambda: tf.constant(-1, tf.int64),
+        [lambda: _jpeg_exif(buf, size), lambda: _png_exif(buf, size), none, none, lambda: _webp_exif(buf, size)],
+        default=none,
     )
     orientation = tf.cond(exif >= 0, lambda: _tiff_orientation(buf, exif), lambda: tf.constant(1, tf.int32))
     image = tf.switch_case(
         fmt,
         [
             lambda: tf.io.decode_jpeg(image_bytes, channels=3),
-            lambda: _decode_png(image_bytes, buf, chunks),
+            lambda: _decode_png(image_bytes),
             lambda: tf.io.decode_gif(image_bytes)[0],
             lambda: tf.io.decode_bmp(image_bytes, channels=3),
             lambda: _decode_webp(image_bytes),

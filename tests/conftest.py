@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.tiny_dataset import image_array, make_class_folder  # noqa: F401 (re-exported for tests)
+from tools.tiny_dataset import image_array, make_class_folder  # noqa: F401 (re-exported for tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,8 +24,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def repo_params(overrides: dict | None = None) -> dict:
     """The repository's params.yaml with `overrides` merged in: a complete params file, as stages need."""
-    from components import preset
     from components.params import read_params
+    from tools import preset
 
     return preset.merge(read_params(REPO / "params.yaml"), overrides or {})
 

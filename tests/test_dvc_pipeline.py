@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
     "components",
     "pipelines",
+    "tools",
     "presets",
     "sweeps",
     "dvc.yaml",
@@ -72,8 +73,8 @@ def make_project(tmp_path: Path) -> Path:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    run([sys.executable, "-m", "components.tiny_dataset", "--out", "tiny_data", "--per-class", "8"], project)
-    run([sys.executable, "-m", "components.preset", "presets/tiny.yaml", "--write"], project)
+    run([sys.executable, "-m", "tools.tiny_dataset", "--out", "tiny_data", "--per-class", "8"], project)
+    run([sys.executable, "-m", "tools.preset", "presets/tiny.yaml", "--write"], project)
     run(["git", "init", "-q"], project)  # .dvc/ (config, .gitignore) came with the project files
     commit(project, "tiny preset")  # dvclive needs a commit (it fails on an empty git repo)
     return project
@@ -170,7 +171,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert stages_run(again) == set()
     # Bit-reproducible training: the audit re-trains this commit's models from its recorded inputs in
     # a scratch worktree, and every output (models, metrics, plots, serving model) has the recorded hash.
-    run([sys.executable, "-m", "components.audit", "--rev", "HEAD", "--rebuild", "--out", "audit_rebuild"], project)
+    run([sys.executable, "-m", "tools.audit", "--rev", "HEAD", "--rebuild", "--out", "audit_rebuild"], project)
     rebuilt = json.loads((project / "audit_rebuild" / "audit.json").read_text())
     assert rebuilt["problems"] == [], rebuilt["problems"]
     assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == ["train_head", "finetune", "evaluate"]
@@ -199,7 +200,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     # clean-up) while extract works: no partial output is left for DVC or the next stage to accept,
     # and the next retrain redoes only what did not finish.
     set_params(project, "retrain", threshold=0.0)
-    killed = kill_during(project, [sys.executable, "-m", "components.retrain"], "extract", "extract: base ready")
+    killed = kill_during(project, [sys.executable, "-m", "tools.retrain"], "extract", "extract: base ready")
     assert "extract: base ready" in killed and "extract: 22 images" not in killed  # killed inside the Beam job
     assert stages_run(killed) == {"download", "convert", "extract"}
     extract_out = project / "data" / "extract"
@@ -258,7 +259,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
         [
             sys.executable,
             "-m",
-            "components.audit",
+            "tools.audit",
             "--rev",
             "HEAD",
             "--against",
@@ -281,7 +282,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     with (project / "data" / "train_head" / "history.json").open("a") as handle:
         handle.write(" ")
     failed = subprocess.run(
-        [sys.executable, "-m", "components.audit", "--rev", "HEAD", "--workspace", "--out", "audit_bad"],
+        [sys.executable, "-m", "tools.audit", "--rev", "HEAD", "--workspace", "--out", "audit_bad"],
         cwd=project,
         capture_output=True,
         text=True,
@@ -298,7 +299,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert (auditor / "data" / "finetune" / "model.keras").read_bytes() == first_model
     assert (auditor / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes() == first_serving
     assert len(dl.read_jsonl(auditor / "data" / "download" / dl.MANIFEST)) == 16  # the first data
-    run([sys.executable, "-m", "components.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
+    run([sys.executable, "-m", "tools.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
     first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())
     assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev
 
@@ -307,7 +308,7 @@ def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
     project = make_project(tmp_path)
     params_before = (project / "params.yaml").read_text()
     # Two variants (two bases) as DVC experiments, then the leaderboard.
-    swept = run([sys.executable, "-m", "components.sweep", "sweeps/tiny.yaml", "--out", "board"], project)
+    swept = run([sys.executable, "-m", "tools.sweep", "sweeps/tiny.yaml", "--out", "board"], project)
     board = json.loads((project / "board" / "leaderboard.json").read_text())
     rows = {row["variant"]: row for row in board["rows"]}
     assert set(rows) == {"mobilenet", "effnet"}
@@ -333,7 +334,7 @@ def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
     assert exp_params["finetune"]["learning_rate"] == 2e-05
     assert experiments["tiny-effnet"]["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"] == 0.0001
     # A second sweep runs nothing again and gives the same table.
-    again = run([sys.executable, "-m", "components.sweep", "sweeps/tiny.yaml", "--out", "board2"], project)
+    again = run([sys.executable, "-m", "tools.sweep", "sweeps/tiny.yaml", "--out", "board2"], project)
     assert "Running stage" not in again.stdout + again.stderr
     assert json.loads((project / "board2" / "leaderboard.json").read_text()) == board
 
@@ -361,7 +362,7 @@ def set_params(project: Path, section: str, **values) -> None:
 
 def retrain(project: Path) -> tuple[int, dict, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "components.retrain"],
+        [sys.executable, "-m", "tools.retrain"],
         cwd=project,
         env=tool_env(),
         capture_output=True,
@@ -382,7 +383,7 @@ def test_queued_experiments_run_on_dvc_tracked_inputs(tmp_path):
     dvc("repro", cwd=project)  # the baseline; the queued runs restore its unchanged stages from DVC's run cache
     commit(project, "baseline")
     # One queued through the preset command (arguments as a list, no shell), one with dvc's own -S.
-    run([sys.executable, "-m", "components.preset", "presets/tiny.yaml", "--run", "--queue", "-n", "q-preset"], project)
+    run([sys.executable, "-m", "tools.preset", "presets/tiny.yaml", "--run", "--queue", "-n", "q-preset"], project)
     dvc("exp", "run", "--queue", "-n", "q-hidden4", "-S", "train_head.hidden_units=4", cwd=project)
     dvc("queue", "start", "-j", "1", cwd=project)
     deadline = time.monotonic() + 900

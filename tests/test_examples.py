@@ -20,7 +20,7 @@ def crontab_command() -> str:
 def test_crontab_prints_only_when_retrain_does_not_promote(tmp_path, code, mailed):
     project = tmp_path / "srv"
     (project / ".venv" / "bin").mkdir(parents=True)
-    fake = project / ".venv" / "bin" / "python"  # stands in for `python -m components.retrain --pull --push`
+    fake = project / ".venv" / "bin" / "python"  # stands in for `python -m tools.retrain --pull --push`
     fake.write_text(f"#!/bin/sh\necho 'retrain says hello'\nexit {code}\n")
     fake.chmod(0o755)
     command = crontab_command().replace("/srv/transfer-pipeline", str(project))

@@ -92,6 +92,16 @@ def test_a_format_the_serving_model_cannot_read_is_quarantined():
     assert result.reason.startswith("unsupported format TIFF: the serving model reads JPEG, PNG, GIF, BMP, WEBP")
 
 
+def test_a_phone_jpeg_with_a_second_picture_is_kept():
+    """Pillow names a JPEG with an MPF segment (phones' multi-picture and Ultra HDR files) MPO; it is a JPEG."""
+    frames = [Image.fromarray(image_array(s, size=(24, 32))) for s in (8, 9)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:])
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, dl.Normalised), result
+    assert result.format == "MPO" and "first of 2 frames" in result.action
+
+
 def test_gif_transparency_the_shared_decoder_cannot_read_is_quarantined():
     indices = np.tile(np.arange(4, dtype=np.uint8), (20, 5))  # every fourth pixel transparent
     img = Image.fromarray(indices, mode="P")
@@ -104,6 +114,30 @@ def test_gif_transparency_the_shared_decoder_cannot_read_is_quarantined():
     buffer = io.BytesIO()
     img.save(buffer, format="GIF")  # the same GIF without transparency is kept
     assert isinstance(dl.normalise_image(buffer.getvalue(), **LIMITS), dl.Normalised)
+
+
+@pytest.mark.parametrize("mode, key", [("L", 7), ("RGB", (7, 8, 9))], ids=["gray", "rgb"])
+def test_a_png_colour_key_is_transparent_and_composited_on_white(mode, key):
+    pixels = np.full((20, 20, 3), (7, 8, 9), np.uint8) if mode == "RGB" else np.full((20, 20), 7, np.uint8)
+    pixels[:, 10:] = 200  # the right half is not the key colour
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format="PNG", transparency=key)
+    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, dl.Normalised), result
+    out = np.asarray(decoded(result.data))
+    assert (out[:, :10] == 255).all() and (out[:, 10:] == 200).all()
+    assert "onto white" in result.action
+
+
+def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
+    indices = np.zeros((20, 20), np.uint8)
+    indices[:, 10:] = 1
+    img = Image.fromarray(indices, mode="P")
+    img.putpalette([0, 0, 0, 0, 0, 0])  # black twice: entry 0 transparent, entry 1 opaque (as quantisers write)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", transparency=bytes([0, 255]))
+    out = np.asarray(decoded(dl.normalise_image(buffer.getvalue(), **LIMITS).data))
+    assert (out[:, :10] == 255).all() and (out[:, 10:] == 0).all()
 
 
 def test_rgba_is_composited_on_white():

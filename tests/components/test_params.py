@@ -26,8 +26,8 @@ def test_repo_params_file_is_valid_for_every_stage(tmp_path):
 
     for stage in (extract, train_head, finetune, evaluate):
         stage.load_config(REPO / "params.yaml")
-    from components import preset as presets
     from components.params import load_yaml, read_params
+    from tools import preset as presets
 
     for preset in sorted((REPO / "presets").glob("*.yaml")):  # validated only: nothing is imported here
         overrides = load_yaml(preset.read_text(encoding="utf-8"))
@@ -145,7 +145,8 @@ def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path)
 
 def test_code_defaults_agree_with_params_yaml():
     """Where a params model has a default, it is params.yaml's value: the two cannot drift apart."""
-    from components import conv_base, evaluate, extract, finetune, retrain, train_head
+    from components import conv_base, evaluate, extract, finetune, train_head
+    from tools import retrain
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     models = {

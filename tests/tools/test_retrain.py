@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from components.params import ParamsError, parse_section
-from components.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
 from tests.conftest import repo_params, tree_bytes
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
+from tools.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
 
 PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
 
@@ -126,7 +126,7 @@ def write_day(project, images, wrong=(), fail=0):
 
 def retrain_cli(project, *args):
     proc = subprocess.run(
-        [sys.executable, "-m", "components.retrain", *args],
+        [sys.executable, "-m", "tools.retrain", *args],
         cwd=project,
         env=tool_env(),
         capture_output=True,

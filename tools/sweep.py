@@ -1,7 +1,7 @@
 """sweep: run the pipeline once per variant (a base, a size, a tap) as DVC experiments and write a leaderboard.
 
-    python -m components.sweep sweeps/real_lite0.yaml --out leaderboard
-    python -m components.sweep sweeps/real_lite0.yaml --out leaderboard --collect   # table only
+    python -m tools.sweep sweeps/real_lite0.yaml --out leaderboard
+    python -m tools.sweep sweeps/real_lite0.yaml --out leaderboard --collect   # table only
 
 A sweep file names variants; each is a preset-style set of overrides
 (``conv_base: {name: vgg16, input_size: [150, 150]}``). Every variant is
@@ -36,9 +36,9 @@ from typing import Any, Mapping, Sequence
 
 import pydantic
 
-from components import preset
 from components.cli import configure_logging, sh
 from components.params import ParamsError, load_yaml, read_params
+from tools import preset
 
 log = logging.getLogger(__name__)
 

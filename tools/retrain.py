@@ -1,6 +1,6 @@
 """retrain: the scheduler's command. Reproduce, compare with the promoted model, promote only if it passes.
 
-Run (cron, CI): ``python -m components.retrain [--pull] [--push]``
+Run (cron, CI): ``python -m tools.retrain [--pull] [--push]``
 
 1. ``--pull``: ``git pull --ff-only`` and ``dvc pull`` (what another machine produced).
 2. ``dvc repro``: new images in the source folder re-run the pipeline from

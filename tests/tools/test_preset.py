@@ -8,9 +8,9 @@ import shlex
 import pytest
 import yaml
 
-from components import preset
 from components.params import ParamsError
 from tests.test_dvc_pipeline import REPO, commit, dvc, run
+from tools import preset
 
 pytestmark = pytest.mark.integration
 

@@ -1,9 +1,9 @@
 """Apply a preset (a YAML file of params overrides): run it as an experiment, or write it into params.yaml.
 
-    python -m components.preset presets/real_lite0.yaml --run            # dvc exp run -S ... (no shell)
-    python -m components.preset presets/real_lite0.yaml --run --queue    # dvc exp run --queue -S ...
-    python -m components.preset presets/tiny.yaml --write                # edit params.yaml in place
-    python -m components.preset presets/tiny.yaml                        # print the -S arguments
+    python -m tools.preset presets/real_lite0.yaml --run            # dvc exp run -S ... (no shell)
+    python -m tools.preset presets/real_lite0.yaml --run --queue    # dvc exp run --queue -S ...
+    python -m tools.preset presets/tiny.yaml --write                # edit params.yaml in place
+    python -m tools.preset presets/tiny.yaml                        # print the -S arguments
 
 The merged params are validated with every stage's own config first, so a
 preset with an unknown key or a bad value fails here, naming the key.

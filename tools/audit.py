@@ -1,6 +1,6 @@
 """audit: the lineage of a revision's model (Markdown and JSON), checks, and a diff of two revisions.
 
-Run: ``python -m components.audit --rev HEAD [--against REV] --out audit``
+Run: ``python -m tools.audit --rev HEAD [--against REV] --out audit``
 
 For a git revision it reports the data source and its version (the download
 stage's dependency hash in ``dvc.lock``), the manifest's hash and counts per

@@ -1,4 +1,4 @@
-from components import sweep
+from tools import sweep
 
 
 def row(variant, head_val, finetune_val, head_test, finetune_test):

@@ -1,6 +1,6 @@
 """Generate a tiny class-folder dataset (coloured noise, one colour per class) for the tiny preset.
 
-Run: ``python -m components.tiny_dataset --out tiny_data [--per-class 12] [--classes cats dogs]``
+Run: ``python -m tools.tiny_dataset --out tiny_data [--per-class 12] [--classes cats dogs]``
 
 Not a DVC stage: it makes the source folder that ``presets/tiny.yaml`` points
 ``dataset.dir`` at, so the whole pipeline runs on a CPU in a minute or two.

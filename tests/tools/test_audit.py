@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from components import audit
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
+from tools import audit
 
 
 def rows(*items):
