@@ -45,6 +45,17 @@ def sh(*cmd: str, cwd) -> str:
     return result.stdout
 
 
+def dvc(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m dvc ARGS` with this interpreter, its virtualenv first on PATH (so the stages' `python`
+    is this one); with `check`, a failure is a RuntimeError with the end of its output."""
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        tail = (result.stderr or result.stdout)[-2000:]
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({result.returncode}) in {cwd}: {tail}")
+    return result
+
+
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     try:
         code = main() or 0

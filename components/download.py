@@ -678,13 +678,18 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
                 action=result.action,
                 pixels_sha256=result.pixels_sha256,
             )
-            (images / f"{cand.id}.{cand.ext}").write_bytes(result.data)
+            # Staged under its own name: two files with the same pixels (a JPEG with other metadata)
+            # share an id, and the one resolve() keeps must be the one stored.
+            (images / f".{len(candidates)}.{cand.ext}").write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = resolve(candidates, config.common.seed, dl.fractions)
-        kept_files = {row["file"] for row in manifest}
-        for cand in candidates:
-            if f"{IMAGES}/{cand.id}.{cand.ext}" not in kept_files:
-                (images / f"{cand.id}.{cand.ext}").unlink(missing_ok=True)
+        kept = {row["source"] for row in manifest}
+        for n, cand in enumerate(candidates):
+            staged = images / f".{n}.{cand.ext}"
+            if cand.source in kept:
+                staged.rename(images / f"{cand.id}.{cand.ext}")
+            else:
+                staged.unlink()
         quarantine = sorted(quarantine + duplicates, key=lambda r: r["source"])
         summary = summarise(found_labels, manifest, quarantine, declared)
         summary["source"] = {"type": ds.source, "dir": ds.dir}

@@ -33,15 +33,13 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from components import lineage, manifest
-from components.cli import configure_logging, sh
+from components.cli import configure_logging, dvc, sh
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +53,31 @@ METRICS = ("evaluation/metrics.json", "dvclive/train_head/metrics.json", "dvcliv
 # ---- checks and diffs: pure functions ----------------------------------------------------------
 
 
-def identity(row: dict) -> str:
-    """An image's identity: the hash of its normalised pixels (the same photo in two file formats is one
-    image); manifests written before download recorded it fall back to the file's hash."""
-    return row.get("pixels_sha256") or row["sha256"]
+def identity_key(*manifests: list[dict]) -> str:
+    """The field that identifies an image across these manifests: the hash of its normalised pixels
+    (the same photo in two file formats is one image) when every row has it, else the file's hash, as
+    manifests written before download recorded pixel hashes have (never a mix of the two)."""
+    return "pixels_sha256" if all("pixels_sha256" in row for rows in manifests for row in rows) else "sha256"
 
 
 def split_conflicts(rows: list[dict]) -> list[str]:
     """Images (by normalised pixels) listed in more than one split."""
+    key = identity_key(rows)
     splits: dict[str, set[str]] = {}
     for row in rows:
-        splits.setdefault(identity(row), set()).add(row["split"])
+        splits.setdefault(row[key], set()).add(row["split"])
     return sorted(sha for sha, found in splits.items() if len(found) > 1)
 
 
 def moved_splits(old: list[dict], new: list[dict]) -> list[dict]:
     """Images both manifests hold whose split changed (a leak between train and test across retrains)."""
-    before = {identity(row): row["split"] for row in old}
+    key = identity_key(old, new)
+    before = {row[key]: row["split"] for row in old}
     return sorted(
         (
-            {"sha256": identity(row), "from": before[identity(row)], "to": row["split"]}
+            {"sha256": row[key], "from": before[row[key]], "to": row["split"]}
             for row in new
-            if identity(row) in before and before[identity(row)] != row["split"]
+            if row[key] in before and before[row[key]] != row["split"]
         ),
         key=lambda r: r["sha256"],
     )
@@ -124,11 +125,12 @@ REBUILT = ("train_head", "finetune", "evaluate")  # the training stages and what
 
 
 def rebuild_mismatches(recorded: dict[str, str], rebuilt: dict[str, str]) -> list[str]:
-    """Every output (path -> content digest) whose digest after a rebuild differs from the recorded one."""
+    """Every output (path -> content digest) whose digest after a rebuild differs from the recorded one,
+    including files only one side has."""
     return [
-        f"rebuild: {path} is {rebuilt.get(path)} after re-training, {digest} as recorded"
-        for path, digest in sorted(recorded.items())
-        if rebuilt.get(path) != digest
+        f"rebuild: {path} is {rebuilt.get(path)} after re-training, {recorded.get(path)} as recorded"
+        for path in sorted(set(recorded) | set(rebuilt))
+        if rebuilt.get(path) != recorded.get(path)
     ]
 
 
@@ -142,7 +144,9 @@ def saved_model_digest(folder: Path) -> str:
     and the two ``_traced_save``/``_traced_restore`` functions. This digest
     covers every other function (the serving computation; nodes sorted by
     name), the signatures, and every variable's name and value (sorted), so it
-    is equal for equal models and differs when any weight, op or signature does.
+    is equal for equal models and differs when any op, signature or weight value
+    does. Variables are keyed by name, not by their place in the graph: a swap
+    of two same-named, same-shaped variables would go unseen.
     """
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
@@ -167,17 +171,22 @@ def saved_model_digest(folder: Path) -> str:
 
 
 def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
-    """path -> digest of every file under the given outputs; a SavedModel folder counts as one entry
-    (`saved_model_digest`), any other file by its bytes."""
+    """path -> digest of every file under the given outputs (a missing one is an error). A SavedModel's
+    graph, variables and fingerprint count as one entry (`saved_model_digest`); every other file, its
+    assets and assets.extra (the lineage record) included, by its bytes."""
     found = {}
     for path in paths:
         top = root / path
+        if not top.exists():
+            raise RuntimeError(f"audit --rebuild: the output {path} is not in {root}")
         files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
         models = {p.parent for p in files if p.name == "saved_model.pb"}
         for model in sorted(models):
             found[model.relative_to(root).as_posix() + "/"] = saved_model_digest(model)
         for file in files:
-            if not any(model in file.parents for model in models):
+            model = next((m for m in models if m in file.parents), None)
+            in_graph = model is not None and file.relative_to(model).parts[0] not in ("assets", "assets.extra")
+            if not in_graph:
                 found[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
     return found
 
@@ -288,37 +297,26 @@ def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> tuple[d
     """
     import yaml
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    dvc = [sys.executable, "-m", "dvc"]
-    cache = subprocess.run(
-        [*dvc, "cache", "dir"], cwd=repo, env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    cache = dvc("cache", "dir", cwd=repo).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="audit-rebuild-") as scratch:
         tree = Path(scratch) / "tree"
         git(repo, "worktree", "add", "--detach", str(tree), commit)
         try:
-
-            def run(*args: str) -> None:
-                result = subprocess.run([*dvc, *args], cwd=tree, env=env, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(
-                        f"audit --rebuild: dvc {' '.join(args)} failed at {commit[:12]}: "
-                        f"{(result.stderr or result.stdout)[-2000:]}"
-                    )
-
-            run("config", "--local", "cache.dir", str(Path(repo, cache).resolve()))
-            restored = subprocess.run([*dvc, "checkout"], cwd=tree, env=env, capture_output=True, text=True)
-            if restored.returncode != 0:  # something is not in the local cache: the remote may have it
-                run("pull")
+            dvc("config", "--local", "cache.dir", str(Path(repo, cache).resolve()), cwd=tree)
+            if (
+                dvc("checkout", cwd=tree, check=False).returncode != 0
+            ):  # not all in the local cache: a remote may have it
+                dvc("pull", cwd=tree)
             lock = yaml.safe_load((tree / "dvc.lock").read_text(encoding="utf-8"))
             outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
             recorded = content_digests(tree, outs)
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
-                run("repro", "--force", "--single-item", stage)
+                dvc("repro", "--force", "--single-item", stage, cwd=tree)
             return recorded, content_digests(tree, outs)
-        finally:
-            git(repo, "worktree", "remove", "--force", str(tree))
+        finally:  # never raises over the error that got here
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
+            subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
 
 
 def workspace_changes(repo: Path) -> dict:
@@ -421,7 +419,8 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
         problems += [
             f"label map changed: {p}" for p in label_order_changes(other["labels"] or [], record["labels"] or [])
         ]
-        old_ids, new_ids = {identity(r) for r in other_rows}, {identity(r) for r in rows}
+        key = identity_key(other_rows, rows)
+        old_ids, new_ids = {r[key] for r in other_rows}, {r[key] for r in rows}
         report["diff"] = {
             "against": other["revision"],
             "images": {

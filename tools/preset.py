@@ -13,8 +13,9 @@ conv base from outside the repository (``../shared/...``). With ``--write`` or
 ``--run``, each one missing is brought in as a DVC-tracked import (`dvc
 import-url`: a ``.dvc`` file to commit, the bytes in DVC's cache and remote),
 and one whose ``.dvc`` file is committed but whose data is absent (a fresh
-clone) is pulled, or fetched from its source again; a queued experiment's
-temporary copy has it. The params point at the repo path, never outside the
+clone) is pulled, or fetched from its source again. A queued experiment is
+built from git's committed state: once the ``.dvc`` files are committed, its
+temporary copy has the inputs (``--queue`` refuses to run before that). The params point at the repo path, never outside the
 repository. Printing the arguments changes nothing.
 """
 
@@ -31,6 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from components.cli import dvc
 from components.params import ParamsError, load_yaml, read_params
 
 
@@ -87,22 +89,19 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
     or else from its source again (`dvc update`).
     """
 
-    def dvc(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
-
     made = []
     for target, source in inputs.items():
         target_path = repo / target
         dvc_file = target_path.with_name(target_path.name + ".dvc").relative_to(repo).as_posix()
         if (repo / dvc_file).exists():
-            if not target_path.exists() and dvc("pull", dvc_file).returncode != 0:
-                result = dvc("update", dvc_file)
+            if not target_path.exists() and dvc("pull", dvc_file, cwd=repo, check=False).returncode != 0:
+                result = dvc("update", dvc_file, cwd=repo, check=False)
                 if result.returncode != 0:
                     raise RuntimeError(f"dvc update {dvc_file} failed: {(result.stderr or result.stdout)[-2000:]}")
             continue
         source_path = str((repo / source).resolve()) if "://" not in source else source
         target_path.parent.mkdir(parents=True, exist_ok=True)
-        result = dvc("import-url", source_path, target)
+        result = dvc("import-url", source_path, target, cwd=repo, check=False)
         if result.returncode != 0:
             raise RuntimeError(
                 f"dvc import-url {source_path} {target} failed: {(result.stderr or result.stdout)[-2000:]}"
@@ -150,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)
+        if made and args.queue:  # a queued experiment is built from git's committed state, which lacks them
+            raise ParamsError(
+                f"imported {', '.join(made)}: commit them first (git add {' '.join(made)} && git commit), then queue"
+            )
         if made:
             print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} && git commit)", file=sys.stderr)
     if args.write:

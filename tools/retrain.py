@@ -41,7 +41,8 @@ from typing import Literal, Sequence
 import numpy as np
 import pydantic
 
-from components.cli import configure_logging, sh
+from components.cli import configure_logging, dvc, sh
+from components.manifest import MANIFEST
 from components.params import Section, log_resolved, read_params, section
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,20 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
     if comparison is None:
         return True, f"{name} {candidate:.4f} reaches the threshold {params.threshold:.4f}; nothing was promoted before"
     c = comparison
+    left_out = (
+        f" ({c['left_out_trained_on']} left out: the promoted model trained on them)"
+        if c.get("left_out_trained_on")
+        else ""
+    )
+    if not c["images"]:
+        return (
+            True,
+            f"{name} {candidate:.4f} reaches the threshold; no {GATE_SPLIT} image to compare the models on{left_out}",
+        )
     same = (
         f"on the same {c['images']} {GATE_SPLIT} images: candidate {c['candidate_accuracy']:.4f}, promoted "
         f"{c['promoted_accuracy']:.4f}; only the promoted right on {c['only_promoted_right']}, only the candidate "
-        f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}"
+        f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}{left_out}"
     )
     if c["only_promoted_right"] > c["only_candidate_right"] and c["p_worse"] < params.alpha:
         return (
@@ -135,59 +146,77 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
     return version.version, version.commit_hexsha
 
 
-def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path]:
-    """(the artifact's path, convert's records folder), as dvc.yaml declares them."""
+def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
+    """(the artifact's path, convert's records folder, download's manifest), as dvc.yaml declares them."""
     import yaml
 
     spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
     if artifact not in (spec.get("artifacts") or {}):
         raise RuntimeError(f"retrain.artifact: dvc.yaml has no artifact {artifact!r}")
-    convert = spec["stages"]["convert"]["outs"][0]
-    return repo / spec["artifacts"][artifact]["path"], repo / (
-        convert if isinstance(convert, str) else next(iter(convert))
-    ) / "records"
+
+    def out(stage: str) -> str:
+        first = spec["stages"][stage]["outs"][0]
+        return first if isinstance(first, str) else next(iter(first))
+
+    return (
+        repo / spec["artifacts"][artifact]["path"],
+        repo / out("convert") / "records",
+        f"{out('download')}/{MANIFEST}",
+    )
 
 
-def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> np.ndarray:
-    """Per record, in order: does the serving model's `predicted` class name equal the record's label name?"""
+def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+    """The records' ids and, per record in order, whether the serving model's `predicted` class name is its label."""
     import tensorflow as tf
 
     from pipelines import features as fk
     from pipelines import serving
 
     serve = tf.saved_model.load(str(serving_dir)).signatures[serving.SIGNATURE]
-    spec = {key: fk.record_feature_spec()[key] for key in (fk.IMAGE, fk.LABEL_NAME)}
-    right = []
+    spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.IMAGE, fk.LABEL_NAME)}
+    ids, right = [], []
     for batch in tf.data.TFRecordDataset(record_files).batch(batch_size).map(lambda r: tf.io.parse_example(r, spec)):
         predicted = serve(images=batch[fk.IMAGE])["predicted"]
-        right.append((predicted.numpy() == batch[fk.LABEL_NAME].numpy()))
-    return np.concatenate(right) if right else np.zeros(0, bool)
+        ids += [i.decode() for i in batch[fk.ID].numpy()]
+        right.append(predicted.numpy() == batch[fk.LABEL_NAME].numpy())
+    return ids, (np.concatenate(right) if right else np.zeros(0, bool))
 
 
-def compare_with_promoted(repo: Path, params: RetrainParams) -> dict:
+def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
+    """Ids of the images in the train split of the revision that made the promoted model (fails closed)."""
+    import dvc.api
+
+    try:
+        blob = dvc.api.read(manifest_path, repo=str(repo), rev=commit, mode="rb")
+    except Exception as exc:  # noqa: BLE001 - in neither the cache nor a remote, or not tracked there
+        raise RuntimeError(
+            f"cannot read {manifest_path} at the promoted commit {commit[:12]} ({exc}): the gate must know which "
+            "images the promoted model trained on; fetch it (git checkout that commit && dvc pull)"
+        ) from None
+    rows = [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+    return {row["id"] for row in rows if row["split"] == "train"}
+
+
+def compare_with_promoted(repo: Path, params: RetrainParams, promoted_commit: str) -> dict:
     """Restore the promoted model from DVC's registry (`dvc artifacts get`) and score it and the candidate's
-    serving model on the same current records of the gate's split."""
-    artifact, records_dir = pipeline_paths(repo, params.artifact)
+    serving model on the same current records of the gate's split.
+
+    Records the promoted model trained on are left out (splits change when the seed or fractions do, or
+    when ids changed with the pixel hash): on them it would look better than it is.
+    """
+    artifact, records_dir, manifest_path = pipeline_paths(repo, params.artifact)
     files = sorted(str(p) for p in records_dir.glob(f"{GATE_SPLIT}-*.tfrecord"))
     if not files:
         raise RuntimeError(f"no {GATE_SPLIT} records in {records_dir}: the gate compares models on them")
+    seen = trained_on(repo, promoted_commit, manifest_path)
     with tempfile.TemporaryDirectory(prefix="retrain-promoted-") as scratch:
         promoted = Path(scratch) / "promoted"
-        sh(
-            sys.executable,
-            "-m",
-            "dvc",
-            "artifacts",
-            "get",
-            ".",
-            params.artifact,
-            "--stage",
-            params.stage,
-            "-o",
-            str(promoted),
-            cwd=repo,
-        )
-        return paired(served_right(artifact, files), served_right(promoted, files))
+        dvc_args = ["artifacts", "get", ".", params.artifact, "--stage", params.stage, "-o", str(promoted)]
+        dvc(*dvc_args, cwd=repo)
+        ids, candidate_right = served_right(artifact, files)
+        _, promoted_right = served_right(promoted, files)
+    unseen = np.array([i not in seen for i in ids], bool)
+    return {**paired(candidate_right[unseen], promoted_right[unseen]), "left_out_trained_on": int((~unseen).sum())}
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
@@ -203,8 +232,8 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
     metrics = json.loads((repo / METRICS).read_text())
     candidate = metric_of(metrics, params)
-    previous, _ = promoted_version(repo, params)
-    comparison = compare_with_promoted(repo, params) if previous is not None else None
+    previous, previous_commit = promoted_version(repo, params)
+    comparison = compare_with_promoted(repo, params, previous_commit) if previous is not None else None
     promote, reason = decide(candidate, comparison, params)
 
     sh("git", "add", "--", *[p for p in COMMITTED if (repo / p).exists()], cwd=repo)
@@ -222,7 +251,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     if promote and version != previous:
         api.assign(str(repo), params.artifact, params.stage, version=version, message=reason)
     if push:
-        sh(python, "-m", "dvc", "push", cwd=repo)
+        dvc("push", cwd=repo)
         sh("git", "push", "--follow-tags", cwd=repo)
         sh("git", "push", "--tags", cwd=repo)
     record = {

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import pydantic
 
+from components import cli
 from components.cli import configure_logging, sh
 from components.params import ParamsError, load_yaml, read_params
 from tools import preset
@@ -192,7 +193,7 @@ def markdown(rows: list[dict], sweep_name: str) -> str:
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=repo)
+    return cli.dvc(*args, cwd=repo).stdout
 
 
 def restore_baseline(repo: Path) -> None:

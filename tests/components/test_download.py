@@ -227,6 +227,25 @@ def test_duplicates_are_kept_once_and_reported():
     ]
 
 
+def test_of_two_files_with_the_same_pixels_the_kept_one_is_stored(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    img = Image.fromarray(image_array(70, size=(24, 32)))
+    exif = img.getexif()
+    versions = {}
+    for name, software in (("a_first.jpg", "camera"), ("z_second.jpg", "an editor")):
+        exif[0x0131] = software  # the same pixels, other metadata: other bytes
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+        versions[name] = buffer.getvalue()
+        (root / "cats" / name).write_bytes(versions[name])
+    dl.run(folder_config(root), tmp_path / "out")
+    row = next(r for r in dl.read_jsonl(tmp_path / "out" / dl.MANIFEST) if r["source"].startswith("cats/a_"))
+    assert (
+        row["source"] == "cats/a_first.jpg" and (tmp_path / "out" / row["file"]).read_bytes() == versions["a_first.jpg"]
+    )
+    assert not list((tmp_path / "out" / dl.IMAGES).glob(".*"))  # no staged file left
+
+
 def test_the_same_pixels_in_two_files_are_one_image_with_one_split():
     rows, rejected = dl.resolve(
         [

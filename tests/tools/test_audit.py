@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,12 @@ def rows(*items):
 def test_an_image_in_two_splits_is_found():
     assert audit.split_conflicts(rows(("a", "train", "cat"), ("b", "test", "dog"), ("a", "test", "cat"))) == ["a"]
     assert audit.split_conflicts(rows(("a", "train", "cat"), ("b", "test", "dog"))) == []
+
+
+def test_a_manifest_without_pixel_hashes_is_compared_on_file_hashes():
+    old = rows(("a", "train", "cat"), ("b", "test", "dog"))  # written before download recorded pixel hashes
+    new = [dict(r, pixels_sha256=f"pixels-{r['sha256']}") for r in rows(("a", "train", "cat"), ("b", "train", "dog"))]
+    assert audit.moved_splits(old, new) == [{"sha256": "b", "from": "test", "to": "train"}]
 
 
 def test_an_image_that_moved_split_between_revisions_is_found():
@@ -62,6 +69,11 @@ def test_a_rebuilt_output_with_another_digest_is_named():
         "rebuild: data/finetune/model.keras is zzz after re-training, aaa as recorded",
         "rebuild: evaluation/metrics.json is None after re-training, ccc as recorded",
     ]
+    assert audit.rebuild_mismatches({}, {"new.json": "x"}) == [
+        "rebuild: new.json is x after re-training, None as recorded"
+    ]
+    with pytest.raises(RuntimeError, match="the output nowhere is not in"):
+        audit.content_digests(Path("/tmp"), ["nowhere"])
 
 
 EXPORT = """
@@ -93,6 +105,11 @@ def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_pa
     files = audit.content_digests(tmp_path, ["a", "b"])
     assert set(files) == {"a/", "b/"} and files["a/"] == files["b/"]
     assert audit.saved_model_digest(tmp_path / "c") != files["a/"]
+    for name, record in (("a", b"{1}"), ("b", b"{2}")):  # the lineage record beside the graph counts by its bytes
+        (tmp_path / name / "assets.extra").mkdir()
+        (tmp_path / name / "assets.extra" / "lineage.json").write_bytes(record)
+    files = audit.content_digests(tmp_path, ["a", "b"])
+    assert files["a/"] == files["b/"] and files["a/assets.extra/lineage.json"] != files["b/assets.extra/lineage.json"]
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("x")
     assert audit.content_digests(tmp_path, ["d"]) == {"d/notes.txt": hashlib.sha256(b"x").hexdigest()}

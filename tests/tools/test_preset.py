@@ -95,3 +95,12 @@ def test_printed_arguments_survive_a_shell():
         "finetune.learning_rate=1e-05",
     ]
     assert json.loads(shlex.split(printed)[3].split("=", 1)[1]) == "models/a base.keras"
+
+
+def test_queueing_before_the_imports_are_committed_is_refused(project, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    (project / "q.yaml").write_text(yaml.safe_dump({"inputs": {"sources/photos": "../photos"}}))
+    with pytest.raises(ParamsError, match=r"imported sources/photos\.dvc: commit them first"):
+        preset.main([str(project / "q.yaml"), "--params", str(project / "params.yaml"), "--run", "--queue"])
+    assert (project / "sources" / "photos.dvc").exists()  # imported, waiting for its commit

@@ -85,12 +85,17 @@ PIPELINE = r"""
 import json, os, sys
 import tensorflow as tf
 day = json.load(open("src/day.json"))
-if sys.argv[1] == "convert":
+if sys.argv[1] == "download":
+    os.makedirs("data/download", exist_ok=True)
+    rows = [{"id": i, "split": "val"} for i, _ in day["records"]] + [{"id": i, "split": "train"} for i in day["train"]]
+    open("data/download/manifest.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+elif sys.argv[1] == "convert":
     os.makedirs("data/convert/records", exist_ok=True)
     with tf.io.TFRecordWriter("data/convert/records/val-00000-of-00001.tfrecord") as writer:
         for image, label in day["records"]:
             b = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
-            writer.write(tf.train.Example(features=tf.train.Features(feature={"image": b(image), "label_name": b(label)})).SerializeToString())
+            feature = {"id": b(image), "image": b(image), "label_name": b(label)}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
 else:
     keys, values = zip(*sorted(day["predictions"].items()))
 
@@ -112,15 +117,15 @@ else:
 """
 
 
-def write_day(project, images, wrong=(), fail=0):
-    """The day's val records (`images`, indices; labels alternate) and the model built today, which
-    predicts every image there is and gets those in `wrong` wrong."""
+def write_day(project, images, wrong=(), fail=0, train=()):
+    """The day's val records (`images`, indices; labels alternate), the images of its train split, and the
+    model built today, which predicts every image there is and gets those in `wrong` wrong."""
     label = lambda i: ("cat", "dog")[i % 2]  # noqa: E731
     records = [[f"img{i}", label(i)] for i in images]
     predictions = {f"img{i}": label(i + 1) if i in set(wrong) else label(i) for i in range(300)}
     (project / "src").mkdir(exist_ok=True)
     (project / "src" / "day.json").write_text(
-        json.dumps({"records": records, "predictions": predictions, "fail": fail})
+        json.dumps({"records": records, "predictions": predictions, "fail": fail, "train": [f"img{i}" for i in train]})
     )
 
 
@@ -160,6 +165,7 @@ def scheduled(tmp_path):
         json.dumps(
             {
                 "stages": {
+                    "download": stage("download", ["data/download"]),
                     "convert": stage("convert", ["data/convert"]),
                     "evaluate": stage(
                         "evaluate", ["data/evaluate"], metrics=[{"evaluation/metrics.json": {"cache": False}}]
@@ -182,8 +188,8 @@ def scheduled(tmp_path):
 def test_the_gate_compares_both_models_on_the_same_images(scheduled):
     _, _, project = scheduled
     # Day 1: 20 images; v0.0.1 gets 16 right (recorded val accuracy 0.80). It is also wrong on
-    # images 200-249, which are not in today's split.
-    write_day(project, range(20), wrong=[0, 1, 2, 3, *range(200, 250)])
+    # images 200-249, which are not in today's split, and it trained on 290-299.
+    write_day(project, range(20), wrong=[0, 1, 2, 3, *range(200, 250)], train=range(290, 300))
     code, first, _ = retrain_cli(project)
     assert (code, first["decision"], first["candidate"]) == (0, "promoted", 0.8), first
 
@@ -201,18 +207,22 @@ def test_the_gate_compares_both_models_on_the_same_images(scheduled):
         "only_promoted_right": 12,
         "only_candidate_right": 2,
         "p_worse": pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14),
+        "left_out_trained_on": 0,
     }
     assert "significantly worse on the same 100 val images" in second["reason"]
     message = run(["git", "log", "-1", "--format=%s"], project).stdout
     assert message.startswith("retrain: rejected: ") and "McNemar p=0.00647" in message and "promoted 0.9600" in message
 
     # The reverse, day 3: 100 harder images (200-299). The candidate gets 78 right, below the 0.80 recorded
-    # for v0.0.1, which a recorded-figure gate would reject; on these images v0.0.1 gets only 50 right,
-    # and it is right on none the candidate gets wrong: promoted.
+    # for v0.0.1, which a recorded-figure gate would reject. The 10 images v0.0.1 trained on (290-299) are
+    # left out; on the other 90 it gets 40 right, and none the candidate gets wrong: promoted.
     write_day(project, range(200, 300), wrong=range(200, 222))
     code, third, _ = retrain_cli(project)
     assert third["candidate"] == 0.78 < first["candidate"] - 0.005
-    assert third["paired"]["promoted_accuracy"] == 0.5 and third["paired"]["only_promoted_right"] == 0
+    c = third["paired"]
+    assert (c["images"], c["left_out_trained_on"], c["only_promoted_right"]) == (90, 10, 0)
+    assert c["promoted_accuracy"] == pytest.approx(40 / 90) and c["candidate_accuracy"] == pytest.approx(68 / 90)
+    assert "10 left out: the promoted model trained on them" in third["reason"]
     assert (code, third["decision"], third["stage"]) == (0, "promoted", "prod"), third
 
 
