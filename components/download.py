@@ -72,6 +72,7 @@ SUMMARY = "summary.json"
 IMAGES = "images"
 DECLARED_OUTPUTS = (MANIFEST, QUARANTINE, SUMMARY, IMAGES, "params.json")
 NO_CLASS = "(no class)"
+PROGRESS_SECONDS = 10.0  # a progress line at most this often while files are read
 
 
 # --------------------------------------------------------------------------- config
@@ -654,11 +655,20 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         images = tmp / IMAGES
         images.mkdir()
         declared, found_labels, candidates, quarantine = set(), [], [], []
+        reported = time.monotonic()
         for item in found_iter:
             if item.class_folder:  # possibly empty
                 declared.add(item.label)
                 continue
             found_labels.append(item.label)
+            if time.monotonic() - reported >= PROGRESS_SECONDS:
+                reported = time.monotonic()
+                log.info(
+                    "download: %d files read, %d decodable (%.0f files/s)",
+                    len(found_labels),
+                    len(candidates),
+                    len(found_labels) / (reported - started),
+                )
             if item.problem:
                 quarantine.append({"source": item.source, "label": item.label, "reason": item.problem})
                 continue

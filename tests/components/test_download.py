@@ -459,3 +459,13 @@ def test_main_on_a_tiny_folder(tiny_folder, tmp_path):
     summary = json.loads((tmp_path / "out" / dl.SUMMARY).read_text())
     assert summary["kept"] == 24 and summary["reconciled"]
     assert len(dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)) == 24
+
+
+def test_a_long_download_reports_progress(tiny_folder, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(dl, "PROGRESS_SECONDS", 0.0)  # a line after every file
+    with caplog.at_level(logging.INFO, logger=dl.__name__):
+        dl.run(folder_config(tiny_folder), tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if "files read" in r.getMessage()]
+    assert len(lines) == 24 and lines[-1].startswith("download: 24 files read, 23 decodable (")
