@@ -93,39 +93,45 @@ def test_misclassified_and_gradcam_picks():
 # ---- the stage on tiny data, and its serving model ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
-    extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted_tiny, root / "extract")
+def run_stages(root, converted, base, head_epochs: int, tune, serving_check: int):
+    """extract, train_head, finetune and evaluate on `converted`, into `root`; extract's, finetune's and
+    evaluate's records."""
+    features = extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted, root / "extract")
+    head_params = train_head.TrainHeadParams(hidden_units=0, epochs=head_epochs, learning_rate=0.01)
     train_head.run(
-        train_head.Config(
-            CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=5, learning_rate=0.01)
-        ),
+        train_head.Config(CommonParams(seed=1), head_params),
         root / "extract",
-        converted_tiny / "labels.json",
+        converted / "labels.json",
         root / "train_head",
         root / "live_head",
     )
-    finetune.run(
-        finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4)),
-        converted_tiny,
+    tuned = finetune.run(
+        finetune.Config(CommonParams(seed=1), base, tune),
+        converted,
         root / "train_head" / "head.keras",
         root / "finetune",
         root / "live_finetune",
     )
-    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
-    config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=3))
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=serving_check)
     result = evaluate.run(
-        config,
-        converted_tiny,
+        evaluate.Config(params),
+        converted,
         root / "extract",
         root / "train_head" / "head.keras",
         root / "finetune" / "model.keras",
-        manifest,
+        converted.parent / "download" / "manifest.jsonl",
         root / "out",
         root / "report",
     )
+    return features, tuned, result
+
+
+@pytest.fixture(scope="module")
+def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
+    tune = finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4)
+    _, _, result = run_stages(root, converted_tiny, base, head_epochs=5, tune=tune, serving_check=3)
     return root, result
 
 
@@ -254,16 +260,9 @@ def three_class_tapped(tiny_base_weights, tmp_path_factory):
         pooling="none",
         layer="block_13_expand_relu",
     )
-    features = extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted, root / "extract")
-    train_head.run(
-        train_head.Config(
-            CommonParams(seed=1), train_head.TrainHeadParams(hidden_units=0, epochs=3, learning_rate=0.01)
-        ),
-        root / "extract",
-        converted / "labels.json",
-        root / "train_head",
-        root / "live_head",
-    )
+    tune = finetune.FinetuneParams(unfreeze_from="block_12_expand", epochs=1, batch_size=4)
+    features, tuned, result = run_stages(root, converted, base, head_epochs=3, tune=tune, serving_check=4)
+    # Without an unfreeze point, a tapped base is a clear error (the registry's default may lie above the tap).
     with pytest.raises(Exception, match=r"tapped at conv_base\.layer='block_13_expand_relu'"):
         finetune.run(
             finetune.Config(CommonParams(seed=1), base, finetune.FinetuneParams(epochs=1, batch_size=4)),
@@ -272,26 +271,6 @@ def three_class_tapped(tiny_base_weights, tmp_path_factory):
             root / "unused",
             root / "unused_live",
         )
-    tuned = finetune.run(
-        finetune.Config(
-            CommonParams(seed=1), base, finetune.FinetuneParams(unfreeze_from="block_12_expand", epochs=1, batch_size=4)
-        ),
-        converted,
-        root / "train_head" / "head.keras",
-        root / "finetune",
-        root / "live_finetune",
-    )
-    config = evaluate.Config(evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=4))
-    result = evaluate.run(
-        config,
-        converted,
-        root / "extract",
-        root / "train_head" / "head.keras",
-        root / "finetune" / "model.keras",
-        converted.parent / "download" / "manifest.jsonl",
-        root / "out",
-        root / "report",
-    )
     return root, converted, features, tuned, result
 
 
