@@ -293,7 +293,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         img.seek(0)
         actions.append(f"first of {img.n_frames} frames")
     orientation = img.getexif().get(0x0112, 1)
-    if orientation in range(2, 9):
+    applied = orientation if orientation in range(2, 9) else 1  # Pillow ignores other values, and so does the decode
+    if applied != 1:
         img = ImageOps.exif_transpose(img)
         actions.append(f"EXIF orientation {orientation} applied")
     reference, how = _to_rgb(img)
@@ -303,14 +304,13 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         pixels, decoded_orientation = decode(data)
     except Exception as exc:  # noqa: BLE001 - TensorFlow's decoders raise InvalidArgumentError and others
         return Rejected(f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}")
-    expected = np.asarray(reference, dtype=np.uint8)
-    if decoded_orientation != (orientation if orientation in range(2, 9) else 1) or pixels.shape != expected.shape:
+    if decoded_orientation != applied or pixels.shape[:2] != (reference.height, reference.width):
         return Rejected(
             f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
             f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})"
         )
-    gap = np.abs(pixels.astype(np.int16) - expected)
-    if sniffed != "JPEG" and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
+    gap = None if sniffed == "JPEG" else np.abs(pixels.astype(np.int16) - np.asarray(reference, dtype=np.uint8))
+    if gap is not None and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
         hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""
         return Rejected(
             f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
