@@ -34,7 +34,7 @@ def plain_loop(download_dir: Path, out_dir: Path, shards: dict[str, int]) -> int
     """The baseline: one process, no Beam, the same records in the same files."""
     import tensorflow as tf
 
-    from components.download import SPLITS, read_jsonl
+    from components.manifest import SPLITS, read_jsonl
     from pipelines import convert as graph
     from pipelines import features as fk
 

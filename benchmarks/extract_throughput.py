@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     import yaml
 
     from components import conv_base, extract, train_head
-    from components.download import CommonParams
+    from components.params import CommonParams
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     shutil.rmtree(work, ignore_errors=True)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     record = extract.run(config, convert_dir, work / "extract")
     stage_s = time.perf_counter() - started
     n = sum(record["records"].values())
-    model = conv_base.cached_extractor(base)
+    model = conv_base.build_extractor(base)
     bare_s, bare_n = bare_predict(model, convert_dir, size)
     seed_s, seed_n = seed_loop(model, args.folder, size)
 

@@ -36,7 +36,7 @@ BATCH = 32
 
 def class_folder_view(download_dir: Path, split: str, target: Path) -> int:
     """target/<label>/<file> symlinks to the download stage's images of one split."""
-    from components.download import read_jsonl
+    from components.manifest import read_jsonl
 
     count = 0
     for row in read_jsonl(download_dir / "manifest.jsonl"):

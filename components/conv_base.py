@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import pydantic
 
 from components.cli import EnvironmentProblem
 from components.params import ParamsError, Section
+from pipelines import bases
 
 
 class BaseWeightsOffline(EnvironmentProblem):
@@ -56,27 +56,8 @@ class ConvBaseParams(Section):
         return self
 
 
-_BUILT: dict[str, object] = {}
-
-
-def cached_extractor(params: ConvBaseParams):
-    """`build_extractor`, once per process: the stage's up-front check and an
-    in-process Beam worker share one model (each remote worker builds its own)."""
-    key = params.model_dump_json()
-    for file in (params.path, params.weights):
-        if file and os.path.isfile(file):  # a replaced file is a different base
-            stat = os.stat(file)
-            key += f"|{file}:{stat.st_size}:{stat.st_mtime_ns}"
-    if key not in _BUILT:
-        _BUILT.clear()  # one base at a time
-        _BUILT[key] = build_extractor(params)
-    return _BUILT[key]
-
-
 def build_extractor(params: ConvBaseParams):
     """The frozen feature extractor (raw RGB in, features out); errors name the param."""
-    from pipelines import bases
-
     try:
         base, preprocessing = bases.load_conv_base(
             params.name, params.path, params.weights, params.input_size, offline_error=BaseWeightsOffline
@@ -91,8 +72,6 @@ def build_extractor(params: ConvBaseParams):
 
 def fingerprint(params: ConvBaseParams) -> dict:
     """What identifies the base's weights: the registry entry and weights, or the saved file's hash."""
-    from pipelines import bases
-
     record = params.model_dump(mode="json")
     if params.path:
         record["file_sha256"] = bases.file_sha256(params.path)

@@ -106,9 +106,10 @@ def run(
     # the base here: a bad layer, size or missing weights stops the stage before Beam starts.
     feature_shape = feature_cache.stored_feature_shape(cache_root, namespace) if cache_root else None
     if feature_shape is None:
-        probe = conv_base.cached_extractor(config.conv_base)
+        probe = conv_base.build_extractor(config.conv_base)
         feature_shape = [int(d) for d in probe.output_shape[1:]]
-    factory = functools.partial(conv_base.cached_extractor, config.conv_base)
+        del probe  # each worker builds its own in setup (~1 s for Lite0): nothing is shared with this process
+    factory = functools.partial(conv_base.build_extractor, config.conv_base)
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()

@@ -10,6 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.jsonl"  # in the download stage's folder: one row per kept image
+IMAGES = "images"  # ... beside the image files, which rows name as images/<id>.<ext>
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:

@@ -124,10 +124,6 @@ def load_conv_base(
         if not Path(weights).is_file():
             raise BaseError(f"weights: {weights} is neither 'imagenet', 'none' nor an existing weights file")
         weights_arg = weights
-    if weights_arg is None:
-        # A fixed random init: extract and finetune (separate processes) build the
-        # same untrained base, and re-runs give the same features.
-        keras.utils.set_random_seed(UNTRAINED_SEED)
     try:
         # A named input: keras.applications would name it input_layer_<n>, numbered per process, so
         # the saved model's bytes would depend on what was built before in the process.
@@ -148,7 +144,51 @@ def load_conv_base(
                 f"base with path=<file.keras>. ({exc})"
             ) from None
         raise
+    if weights_arg is None:
+        # A fixed random init: extract and finetune (separate processes) build the
+        # same untrained base, and re-runs give the same features.
+        seeded_initialisation(model, UNTRAINED_SEED)
     return model, BasePreprocessing(name, name="preprocess")
+
+
+# A layer's weight -> the attributes that may hold its initializer (Dense/Conv: kernel_initializer;
+# DepthwiseConv2D keeps its kernel as `kernel` but initialises it with depthwise_initializer).
+_INITIALIZERS = {
+    "kernel": ("kernel_initializer", "depthwise_initializer"),
+    "depthwise_kernel": ("depthwise_initializer",),
+    "pointwise_kernel": ("pointwise_initializer",),
+    "bias": ("bias_initializer",),
+    "embeddings": ("embeddings_initializer",),
+}
+
+
+def _layers(model: keras.layers.Layer):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _layers(layer)
+
+
+def seeded_initialisation(model: keras.Model, seed: int) -> None:
+    """Re-draw every randomly initialised weight from its own initializer with a seed derived from
+    `seed` and the weight's path: the same weights in every process, whatever the global random state,
+    which is neither read nor reset."""
+    for layer in _layers(model):
+        for weight in layer.weights:
+            if weight.path.rsplit("/", 1)[0] != layer.path:  # a nested layer's weight: drawn at that layer
+                continue
+            name = weight.path.rsplit("/", 1)[-1]
+            for attr in _INITIALIZERS.get(name, ()):
+                initializer = getattr(layer, attr, None)
+                if initializer is not None:
+                    break
+            else:
+                continue
+            config = initializer.get_config()
+            if "seed" not in config:  # a constant (zeros, ones): nothing random to fix
+                continue
+            digest = hashlib.sha256(f"{seed}:{weight.path}".encode()).digest()
+            fixed = type(initializer).from_config({**config, "seed": int.from_bytes(digest[:4], "big") >> 1})
+            weight.assign(fixed(weight.shape, weight.dtype))
 
 
 def tap(base: keras.Model, layer: str | None) -> keras.Model:

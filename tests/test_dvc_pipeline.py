@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import download as dl
+from components import manifest as mf
 from tests.conftest import make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     project = make_project(tmp_path)
     first = dvc("repro", cwd=project)
     assert stages_run(first) == ALL_STAGES
-    manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
+    manifest = mf.read_jsonl(project / "data" / "download" / mf.MANIFEST)
     summary = json.loads((project / "data" / "convert" / "summary.json").read_text())
     assert sum(summary["records"].values()) == len(manifest) == 16
     features = json.loads((project / "data" / "extract" / "features.json").read_text())
@@ -225,7 +225,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     dvc("repro", "--force", "--single-item", "extract", cwd=project)
     assert json.loads((project / "metrics" / "extract.json").read_text())["computed"] == 22
     assert out_hashes(project)["extract"] == recovered
-    new_manifest = dl.read_jsonl(project / "data" / "download" / dl.MANIFEST)
+    new_manifest = mf.read_jsonl(project / "data" / "download" / mf.MANIFEST)
     assert len(new_manifest) == 22
     new_split = {row["sha256"]: row["split"] for row in new_manifest}
     assert all(new_split[row["sha256"]] == row["split"] for row in manifest)  # existing images keep their split
@@ -298,7 +298,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     dvc("pull", cwd=auditor)
     assert (auditor / "data" / "finetune" / "model.keras").read_bytes() == first_model
     assert (auditor / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes() == first_serving
-    assert len(dl.read_jsonl(auditor / "data" / "download" / dl.MANIFEST)) == 16  # the first data
+    assert len(mf.read_jsonl(auditor / "data" / "download" / mf.MANIFEST)) == 16  # the first data
     run([sys.executable, "-m", "tools.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
     first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())
     assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev

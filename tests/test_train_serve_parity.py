@@ -21,6 +21,7 @@ keras = pytest.importorskip("keras")
 
 from components import convert  # noqa: E402
 from components import download as dl  # noqa: E402
+from components import manifest as mf  # noqa: E402
 from pipelines import image, records, serving  # noqa: E402
 from tests.conftest import image_array, make_class_folder  # noqa: E402
 
@@ -118,9 +119,9 @@ def both_paths(tmp_path_factory):
         root / "download",
         root / "convert",
     )
-    manifest = {row["source"]: row for row in dl.read_jsonl(root / "download" / dl.MANIFEST)}
+    manifest = {row["source"]: row for row in mf.read_jsonl(root / "download" / mf.MANIFEST)}
     trained = {}
-    for split in dl.SPLITS:
+    for split in mf.SPLITS:
         for serialized in tf.data.TFRecordDataset(records.split_files(root / "convert" / "records", split)):
             record_id, _, pixels = records.parse_image_record(serialized, SIZE)
             trained[record_id.numpy().decode()] = pixels.numpy()

@@ -5,6 +5,7 @@ import yaml
 
 from components import convert
 from components import download as dl
+from components import manifest as mf
 from components.params import ParamsError
 from tests.conftest import make_class_folder
 
@@ -35,7 +36,7 @@ def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
     assert convert.main(["--params", str(params), "--download", str(download_dir), "--out", str(out)]) == 0
     for name in convert.DECLARED_OUTPUTS:
         assert (out / name).exists(), name
-    manifest = dl.read_jsonl(download_dir / dl.MANIFEST)
+    manifest = mf.read_jsonl(download_dir / mf.MANIFEST)
     summary = json.loads((out / convert.SUMMARY).read_text())
     # Counted here from the manifest and from the records themselves, not through the stage's own counters.
     from collections import Counter
@@ -85,15 +86,15 @@ def test_beam_arguments_pass_through_unchanged(download_dir, tmp_path):
 
 
 def test_class_missing_from_train_is_refused_before_beam(download_dir, tmp_path):
-    rows = dl.read_jsonl(download_dir / dl.MANIFEST)
+    rows = mf.read_jsonl(download_dir / mf.MANIFEST)
     rows = [r for r in rows if not (r["label"] == "dogs" and r["split"] == "train")]
-    (download_dir / dl.MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (download_dir / mf.MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"classes \{.*'dogs'.*\} appear outside train but not in train"):
         convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
 
 
 def test_empty_manifest_and_bad_params(download_dir, tmp_path):
-    (download_dir / dl.MANIFEST).write_text("")
+    (download_dir / mf.MANIFEST).write_text("")
     with pytest.raises(ValueError, match="manifest is empty"):
         convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
     with pytest.raises(ParamsError, match=r"convert\.shards\.val: .*greater than or equal to 1"):
@@ -103,7 +104,7 @@ def test_empty_manifest_and_bad_params(download_dir, tmp_path):
 def test_a_record_lost_inside_the_beam_job_fails_the_stage(download_dir, tmp_path, monkeypatch):
     from pipelines import convert as graph
 
-    manifest = dl.read_jsonl(download_dir / dl.MANIFEST)
+    manifest = mf.read_jsonl(download_dir / mf.MANIFEST)
     lost = manifest[0]["id"].encode()
     real_process = graph.ReadAndEncode.process
 

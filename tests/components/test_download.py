@@ -10,9 +10,12 @@ import pytest
 from PIL import Image
 
 from components import download as dl
+from components import manifest as mf
+from pipelines import normalise
+from pipelines import split as splitting
 from tests.conftest import encode, image_array, make_class_folder, repo_params
 
-DECODE = dl.make_decoder()
+DECODE = normalise.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
 FRACTIONS = dl.Fractions(train=0.5, val=0.25, test=0.25)
 
@@ -28,8 +31,8 @@ def decoded(data: bytes) -> Image.Image:
 
 def test_rgb_jpeg_is_kept_byte_for_byte():
     data = encode(image_array(1))
-    result = dl.normalise_image(data, **LIMITS)
-    assert isinstance(result, dl.Normalised)
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised)
     assert result.data == data and result.ext == "jpg" and result.action == "as-is"
     assert (result.width, result.height) == (32, 24)
 
@@ -45,8 +48,8 @@ def test_rgb_jpeg_is_kept_byte_for_byte():
     ids=["zero-bytes", "text-as-jpg", "truncated-jpeg", "1x1"],
 )
 def test_bad_files_are_rejected_with_reason(make, reason):
-    result = dl.normalise_image(make(), **LIMITS)
-    assert isinstance(result, dl.Rejected)
+    result = normalise.normalise_image(make(), **LIMITS)
+    assert isinstance(result, normalise.Rejected)
     assert reason in result.reason
 
 
@@ -55,11 +58,13 @@ def test_decompression_bomb_is_rejected_without_decoding():
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
     started = time.monotonic()
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
-    assert isinstance(result, dl.Rejected) and "too large" in result.reason
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Rejected) and "too large" in result.reason
     assert time.monotonic() - started < 2
-    small_limit = dl.normalise_image(encode(image_array(4, size=(40, 40))), min_side=16, max_pixels=1000, decode=DECODE)
-    assert isinstance(small_limit, dl.Rejected) and "download.max_pixels=1000" in small_limit.reason
+    small_limit = normalise.normalise_image(
+        encode(image_array(4, size=(40, 40))), min_side=16, max_pixels=1000, decode=DECODE
+    )
+    assert isinstance(small_limit, normalise.Rejected) and "download.max_pixels=1000" in small_limit.reason
 
 
 @pytest.mark.parametrize(
@@ -77,8 +82,8 @@ def test_decompression_bomb_is_rejected_without_decoding():
 )
 def test_decodable_formats_are_normalised_to_rgb_png(fmt, mode, kwargs):
     source = image_array(5, size=(20, 30))
-    result = dl.normalise_image(encode(source, fmt, mode, **kwargs), **LIMITS)
-    assert isinstance(result, dl.Normalised), result
+    result = normalise.normalise_image(encode(source, fmt, mode, **kwargs), **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
     assert result.ext == "png" and result.format == fmt
     out = decoded(result.data)
     assert out.mode == "RGB" and out.size == (30, 20)
@@ -87,8 +92,8 @@ def test_decodable_formats_are_normalised_to_rgb_png(fmt, mode, kwargs):
 
 
 def test_a_format_the_serving_model_cannot_read_is_quarantined():
-    result = dl.normalise_image(encode(image_array(5, size=(20, 30)), "TIFF"), **LIMITS)
-    assert isinstance(result, dl.Rejected)
+    result = normalise.normalise_image(encode(image_array(5, size=(20, 30)), "TIFF"), **LIMITS)
+    assert isinstance(result, normalise.Rejected)
     assert result.reason.startswith("unsupported format TIFF: the serving model reads JPEG, PNG, GIF, BMP, WEBP")
 
 
@@ -97,8 +102,8 @@ def test_a_phone_jpeg_with_a_second_picture_is_kept():
     frames = [Image.fromarray(image_array(s, size=(24, 32))) for s in (8, 9)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:])
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
-    assert isinstance(result, dl.Normalised), result
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
     assert result.format == "MPO" and "first of 2 frames" in result.action
 
 
@@ -108,12 +113,12 @@ def test_gif_transparency_the_shared_decoder_cannot_read_is_quarantined():
     img.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30, 30, 30, 200])
     buffer = io.BytesIO()
     img.save(buffer, format="GIF", transparency=0)
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
-    assert isinstance(result, dl.Rejected)
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Rejected)
     assert "decoded differently by the shared decoder" in result.reason and "GIF transparency" in result.reason
     buffer = io.BytesIO()
     img.save(buffer, format="GIF")  # the same GIF without transparency is kept
-    assert isinstance(dl.normalise_image(buffer.getvalue(), **LIMITS), dl.Normalised)
+    assert isinstance(normalise.normalise_image(buffer.getvalue(), **LIMITS), normalise.Normalised)
 
 
 @pytest.mark.parametrize("mode, key", [("L", 7), ("RGB", (7, 8, 9))], ids=["gray", "rgb"])
@@ -122,8 +127,8 @@ def test_a_png_colour_key_is_transparent_and_composited_on_white(mode, key):
     pixels[:, 10:] = 200  # the right half is not the key colour
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode=mode).save(buffer, format="PNG", transparency=key)
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
-    assert isinstance(result, dl.Normalised), result
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
     out = np.asarray(decoded(result.data))
     assert (out[:, :10] == 255).all() and (out[:, 10:] == 200).all()
     assert "onto white" in result.action
@@ -136,7 +141,7 @@ def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
     img.putpalette([0, 0, 0, 0, 0, 0])  # black twice: entry 0 transparent, entry 1 opaque (as quantisers write)
     buffer = io.BytesIO()
     img.save(buffer, format="PNG", transparency=bytes([0, 255]))
-    out = np.asarray(decoded(dl.normalise_image(buffer.getvalue(), **LIMITS).data))
+    out = np.asarray(decoded(normalise.normalise_image(buffer.getvalue(), **LIMITS).data))
     assert (out[:, :10] == 255).all() and (out[:, 10:] == 0).all()
 
 
@@ -144,7 +149,7 @@ def test_rgba_is_composited_on_white():
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 0] = 255  # red, fully transparent on the left half
     rgba[:, 10:, 3] = 255
-    result = dl.normalise_image(encode(rgba, "PNG"), **LIMITS)
+    result = normalise.normalise_image(encode(rgba, "PNG"), **LIMITS)
     pixels = np.asarray(decoded(result.data))
     assert tuple(pixels[0, 0]) == (255, 255, 255)
     assert tuple(pixels[0, 15]) == (255, 0, 0)
@@ -155,7 +160,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped():
     ramp = (np.linspace(0, 65535, 20 * 20).reshape(20, 20)).astype(np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(ramp).save(buffer, format="PNG")
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
     pixels = np.asarray(decoded(result.data))
     assert pixels.dtype == np.uint8 and pixels.shape == (20, 20, 3)
     assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255
@@ -169,7 +174,7 @@ def test_exif_rotation_is_applied():
     exif[0x0112] = 6  # rotate 90° clockwise on display
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", exif=exif.tobytes())
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
     assert (result.width, result.height) == (20, 40)
     assert "EXIF orientation 6" in result.action
     assert decoded(result.data).size == (20, 40)
@@ -179,7 +184,7 @@ def test_animated_gif_keeps_first_frame():
     frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
-    result = dl.normalise_image(buffer.getvalue(), **LIMITS)
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
     assert "first of 2 frames" in result.action
 
 
@@ -187,8 +192,8 @@ def test_animated_gif_keeps_first_frame():
 
 
 def test_hash_split_is_deterministic_and_follows_fractions():
-    hashes = [dl.content_hash(str(i).encode()) for i in range(4000)]
-    splits = [dl.hash_split(h, 7, FRACTIONS) for h in hashes]
+    hashes = [normalise.content_hash(str(i).encode()) for i in range(4000)]
+    splits = [splitting.hash_split(h, 7, FRACTIONS) for h in hashes]
 
     def by_hand(h):  # the documented rule, written out: a uniform number from sha256(seed:hash), cut at the fractions
         import hashlib
@@ -197,20 +202,22 @@ def test_hash_split_is_deterministic_and_follows_fractions():
         return "train" if u < 0.5 else "val" if u < 0.75 else "test"
 
     assert splits == [by_hand(h) for h in hashes]
-    share = {s: splits.count(s) / len(splits) for s in dl.SPLITS}
+    share = {s: splits.count(s) / len(splits) for s in mf.SPLITS}
     assert abs(share["train"] - 0.5) < 0.03 and abs(share["val"] - 0.25) < 0.03
-    other_seed = [dl.hash_split(h, 8, FRACTIONS) for h in hashes]
+    other_seed = [splitting.hash_split(h, 8, FRACTIONS) for h in hashes]
     assert other_seed != splits
 
 
 def candidate(source, label, data, given=None, pixels=None):
-    pixels_sha256 = dl.content_hash(pixels if pixels is not None else data)
-    return dl.Candidate(source, label, dl.content_hash(data), given, "jpg", 20, 20, "JPEG", "as-is", pixels_sha256)
+    pixels_sha256 = normalise.content_hash(pixels if pixels is not None else data)
+    return splitting.Candidate(
+        source, label, normalise.content_hash(data), given, "jpg", 20, 20, "JPEG", "as-is", pixels_sha256
+    )
 
 
 def test_duplicates_are_kept_once_and_reported():
     a, b = b"image-a", b"image-b"
-    rows, rejected = dl.resolve(
+    rows, rejected = splitting.resolve(
         [candidate("cats/2.jpg", "cats", a), candidate("cats/1.jpg", "cats", a), candidate("dogs/1.jpg", "dogs", b)],
         1,
         FRACTIONS,
@@ -221,8 +228,8 @@ def test_duplicates_are_kept_once_and_reported():
             "source": "cats/2.jpg",
             "label": "cats",
             "reason": "duplicate of cats/1.jpg",
-            "sha256": dl.content_hash(a),
-            "pixels_sha256": dl.content_hash(a),
+            "sha256": normalise.content_hash(a),
+            "pixels_sha256": normalise.content_hash(a),
         }
     ]
 
@@ -239,15 +246,15 @@ def test_of_two_files_with_the_same_pixels_the_kept_one_is_stored(tmp_path):
         versions[name] = buffer.getvalue()
         (root / "cats" / name).write_bytes(versions[name])
     dl.run(folder_config(root), tmp_path / "out")
-    row = next(r for r in dl.read_jsonl(tmp_path / "out" / dl.MANIFEST) if r["source"].startswith("cats/a_"))
+    row = next(r for r in mf.read_jsonl(tmp_path / "out" / mf.MANIFEST) if r["source"].startswith("cats/a_"))
     assert (
         row["source"] == "cats/a_first.jpg" and (tmp_path / "out" / row["file"]).read_bytes() == versions["a_first.jpg"]
     )
-    assert not list((tmp_path / "out" / dl.IMAGES).glob(".*"))  # no staged file left
+    assert not list((tmp_path / "out" / mf.IMAGES).glob(".*"))  # no staged file left
 
 
 def test_the_same_pixels_in_two_files_are_one_image_with_one_split():
-    rows, rejected = dl.resolve(
+    rows, rejected = splitting.resolve(
         [
             candidate("cats/a.png", "cats", b"png bytes", "test", pixels=b"p"),
             candidate("cats/a.bmp", "cats", b"bmp bytes", "train", pixels=b"p"),
@@ -255,7 +262,9 @@ def test_the_same_pixels_in_two_files_are_one_image_with_one_split():
         1,
         FRACTIONS,
     )
-    assert [(r["source"], r["split"], r["id"]) for r in rows] == [("cats/a.bmp", "train", dl.content_hash(b"p")[:20])]
+    assert [(r["source"], r["split"], r["id"]) for r in rows] == [
+        ("cats/a.bmp", "train", normalise.content_hash(b"p")[:20])
+    ]
     assert [(r["source"], r["reason"]) for r in rejected] == [
         ("cats/a.png", "duplicate of cats/a.bmp (same pixels, another file)")
     ]
@@ -268,7 +277,7 @@ def test_a_re_encoded_copy_is_caught_by_the_stage(tmp_path):
     (root / "cats" / "same.bmp").write_bytes(encode(pixels, "BMP"))
     (root / "dogs" / "same.webp").write_bytes(encode(pixels, "WEBP", lossless=True))
     summary = dl.run(folder_config(root), tmp_path / "out")
-    quarantine = {r["source"]: r["reason"] for r in dl.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
+    quarantine = {r["source"]: r["reason"] for r in mf.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
     assert quarantine == {
         f"{folder}/same.{ext}": "duplicate content under different labels (cats, dogs)"
         for folder, ext in (("cats", "png"), ("cats", "bmp"), ("dogs", "webp"))
@@ -277,7 +286,7 @@ def test_a_re_encoded_copy_is_caught_by_the_stage(tmp_path):
 
 
 def test_duplicates_under_two_labels_are_all_quarantined():
-    rows, rejected = dl.resolve(
+    rows, rejected = splitting.resolve(
         [candidate("cats/x.jpg", "cats", b"x"), candidate("dogs/x.jpg", "dogs", b"x")], 1, FRACTIONS
     )
     assert rows == []
@@ -286,7 +295,7 @@ def test_duplicates_under_two_labels_are_all_quarantined():
 
 
 def test_duplicate_across_given_splits_stays_in_the_earliest():
-    rows, rejected = dl.resolve(
+    rows, rejected = splitting.resolve(
         [candidate("test/cats/x.jpg", "cats", b"x", "test"), candidate("train/cats/x.jpg", "cats", b"x", "train")],
         1,
         FRACTIONS,
@@ -311,13 +320,13 @@ def test_run_writes_declared_outputs_and_reconciles(tiny_folder, tmp_path):
     summary = dl.run(folder_config(tiny_folder), out)
     for name in dl.DECLARED_OUTPUTS:
         assert (out / name).exists()
-    manifest = dl.read_jsonl(out / dl.MANIFEST)
+    manifest = mf.read_jsonl(out / mf.MANIFEST)
     assert len(manifest) == 24 == summary["kept"] == summary["found"]
     assert {row["label"] for row in manifest} == {"cats", "dogs"}
     for row in manifest:
         assert (out / row["file"]).read_bytes() == (tiny_folder / row["source"]).read_bytes()
-        assert row["id"] == row["pixels_sha256"][:20] and row["split"] in dl.SPLITS
-        assert row["sha256"] == dl.content_hash((tiny_folder / row["source"]).read_bytes())
+        assert row["id"] == row["pixels_sha256"][:20] and row["split"] in mf.SPLITS
+        assert row["sha256"] == normalise.content_hash((tiny_folder / row["source"]).read_bytes())
     assert sum(s["total"] for s in summary["splits"].values()) == 24
     assert json.loads((out / "params.json").read_text())["common"]["seed"] == 3
     assert not list(tmp_path.glob(".out.tmp-*"))
@@ -327,12 +336,12 @@ def test_adding_images_never_moves_existing_ones(tmp_path):
     root = make_class_folder(tmp_path / "src", per_class=10)
     first = {
         r["sha256"]: r["split"]
-        for r in (dl.run(folder_config(root), tmp_path / "a") and dl.read_jsonl(tmp_path / "a" / dl.MANIFEST))
+        for r in (dl.run(folder_config(root), tmp_path / "a") and mf.read_jsonl(tmp_path / "a" / mf.MANIFEST))
     }
     make_class_folder(root, per_class=15, start=10)
     second = {
         r["sha256"]: r["split"]
-        for r in (dl.run(folder_config(root), tmp_path / "b") and dl.read_jsonl(tmp_path / "b" / dl.MANIFEST))
+        for r in (dl.run(folder_config(root), tmp_path / "b") and mf.read_jsonl(tmp_path / "b" / mf.MANIFEST))
     }
     assert len(second) == 50
     assert {h: second[h] for h in first} == first
@@ -365,7 +374,7 @@ def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
     os.symlink(root / "dogs" / "dogs_1.jpg", root / "dogs" / "link_in.jpg")
     out = tmp_path / "out"
     summary = dl.run(folder_config(root), out)
-    quarantine = {Path(r["source"]).name: r["reason"] for r in dl.read_jsonl(out / dl.QUARANTINE)}
+    quarantine = {Path(r["source"]).name: r["reason"] for r in mf.read_jsonl(out / dl.QUARANTINE)}
     assert quarantine["zero.jpg"].startswith("empty file")
     assert quarantine["text.jpg"].startswith("not an image")
     assert quarantine["trunc.jpg"].startswith("undecodable JPEG")
@@ -374,13 +383,13 @@ def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
     assert quarantine["README.txt"] == "not inside a class folder"
     assert "outside the source folder (not followed)" in quarantine["link_out.jpg"]
     assert quarantine["link_in.jpg"] == "duplicate of dogs/dogs_1.jpg"  # followed, same content
-    kept = {Path(r["source"]).name: r for r in dl.read_jsonl(out / dl.MANIFEST)}
+    kept = {Path(r["source"]).name: r for r in mf.read_jsonl(out / mf.MANIFEST)}
     assert kept["png_named.jpg"]["format"] == "PNG" and kept["png_named.jpg"]["file"].endswith(".png")
     assert summary["reconciled"] is True
     assert summary["found"] == summary["kept"] + summary["quarantined"] == 17 + 8
     assert summary["per_class"]["cats"] == {"found": 13, "kept": 8, "quarantined": 5}
     assert summary["per_class"]["dogs"] == {"found": 11, "kept": 9, "quarantined": 2}
-    assert summary["per_class"][dl.NO_CLASS] == {"found": 1, "kept": 0, "quarantined": 1}
+    assert summary["per_class"][splitting.NO_CLASS] == {"found": 1, "kept": 0, "quarantined": 1}
     assert summary["duplicates"] == {"files_quarantined": 2, "distinct_images": 2}
     assert summary["quarantine_reasons"]["duplicate"] == 2
 
@@ -392,7 +401,7 @@ def test_class_names_with_spaces_and_non_ascii_are_nfc(tmp_path):
     summary = dl.run(folder_config(root), tmp_path / "out")
     assert summary["classes"] == sorted(["chats siamois é", "Hunde ü"])
     assert summary["empty_classes"] == ["empty class"]
-    labels = {r["label"] for r in dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)}
+    labels = {r["label"] for r in mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)}
     assert labels == {"chats siamois é", "Hunde ü"}
 
 
@@ -424,8 +433,8 @@ def make_split_folders(root: Path, names=("train", "validation", "test")) -> Pat
 def test_existing_split_folders_are_used(tmp_path):
     root = make_split_folders(tmp_path / "src")
     dl.run(folder_config(root), tmp_path / "out")
-    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
-    by_split = {s: sorted(r["source"] for r in manifest if r["split"] == s) for s in dl.SPLITS}
+    manifest = mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)
+    by_split = {s: sorted(r["source"] for r in manifest if r["split"] == s) for s in mf.SPLITS}
     assert len(by_split["val"]) == 6 and all(src.startswith("validation/") for src in by_split["val"])
     assert all(src.startswith("train/") for src in by_split["train"])
 
@@ -435,8 +444,8 @@ def test_existing_split_folders_can_be_pooled(tmp_path):
     config = folder_config(root)
     config = dl.Config(config.common, config.dataset.model_copy(update={"existing_splits": "ignore"}), config.download)
     dl.run(config, tmp_path / "out")
-    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
-    assert all(r["split"] == dl.hash_split(r["pixels_sha256"], 3, FRACTIONS) for r in manifest)
+    manifest = mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)
+    assert all(r["split"] == splitting.hash_split(r["pixels_sha256"], 3, FRACTIONS) for r in manifest)
 
 
 def test_incomplete_split_folders_are_a_clear_error(tmp_path):
@@ -458,7 +467,7 @@ def test_main_on_a_tiny_folder(tiny_folder, tmp_path):
     assert dl.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / dl.SUMMARY).read_text())
     assert summary["kept"] == 24 and summary["reconciled"]
-    assert len(dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)) == 24
+    assert len(mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)) == 24
 
 
 def test_a_long_download_reports_progress(tiny_folder, tmp_path, monkeypatch, caplog):

@@ -9,7 +9,10 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from components import download as dl  # noqa: E402
+from components import manifest as mf  # noqa: E402
 from components.params import ParamsError  # noqa: E402
+from pipelines import sources  # noqa: E402
+from pipelines import split as splitting  # noqa: E402
 from tests.conftest import encode, image_array  # noqa: E402
 
 TRAIN_SIZE = 23_262  # cats_vs_dogs' real train split size, for absolute slicing
@@ -59,9 +62,9 @@ def tfds_config(data_dir, splits, fractions=None) -> dl.Config:
 def test_tfds_mock_data_with_the_seeds_slices(tmp_path):
     with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
         summary = dl.run(tfds_config(tmp_path / "tfds", dl.TfdsParams().splits), tmp_path / "out")
-    assert {s: summary["splits"][s]["total"] for s in dl.SPLITS} == {"train": 2000, "val": 1000, "test": 1000}
+    assert {s: summary["splits"][s]["total"] for s in mf.SPLITS} == {"train": 2000, "val": 1000, "test": 1000}
     assert summary["classes"] == ["cat", "dog"]  # names from tfds's ClassLabel
-    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
+    manifest = mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)
     val_sources = sorted(int(r["source"].rsplit("__", 1)[1]) for r in manifest if r["split"] == "val")
     assert val_sources == list(range(2000, 3000))
     assert manifest[0]["source"].startswith("tfds:cats_vs_dogs-train.tfrecord")
@@ -70,10 +73,10 @@ def test_tfds_mock_data_with_the_seeds_slices(tmp_path):
 def test_tfds_single_slice_is_hash_split(tmp_path):
     with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
         summary = dl.run(tfds_config(tmp_path / "tfds", "train[:40]"), tmp_path / "out")
-    manifest = dl.read_jsonl(tmp_path / "out" / dl.MANIFEST)
+    manifest = mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)
     assert summary["kept"] == 40
     assert all(
-        r["split"] == dl.hash_split(r["pixels_sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25))
+        r["split"] == splitting.hash_split(r["pixels_sha256"], 5, dl.Fractions(train=0.5, val=0.25, test=0.25))
         for r in manifest
     )
 
@@ -94,10 +97,11 @@ def test_tfds_rejected_slice_names_the_key(tmp_path):
     with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
         with pytest.raises(ParamsError, match=r"dataset\.tfds\.splits: tfds rejected"):
             list(
-                dl.read_tfds(
+                sources.read_tfds(
+                    str(tmp_path),
                     tfds_config(
                         tmp_path, {"train": "train[:4]", "val": "validation[oops", "test": "train[4:6]"}
-                    ).dataset
+                    ).dataset.tfds,
                 )
             )
 
@@ -105,17 +109,17 @@ def test_tfds_rejected_slice_names_the_key(tmp_path):
 def test_tfds_unknown_name_and_keys(tmp_path):
     params = dl.DatasetParams(source="tfds", dir=str(tmp_path), tfds=dl.TfdsParams(name="no_such_dataset_xyz"))
     with pytest.raises(ParamsError, match=r"dataset\.tfds\.name: 'no_such_dataset_xyz' is not a registered"):
-        list(dl.read_tfds(params))
+        list(sources.read_tfds(params.dir, params.tfds))
     params = dl.DatasetParams(source="tfds", dir=str(tmp_path), tfds=dl.TfdsParams(label_key="species"))
     with pytest.raises(ParamsError, match=r"dataset\.tfds\.label_key: 'species' is not a feature"):
-        list(dl.read_tfds(params))
+        list(sources.read_tfds(params.dir, params.tfds))
 
 
 def test_uncached_tfds_offline_fails_fast_with_instructions(tmp_path):
     params = dl.DatasetParams(source="tfds", dir=str(tmp_path / "empty"))
     started = time.monotonic()
-    with pytest.raises(dl.OfflineError) as err:
-        list(dl.read_tfds(params, network_probe=lambda: False))
+    with pytest.raises(sources.OfflineError) as err:
+        list(sources.read_tfds(params.dir, params.tfds, network_probe=lambda: False))
     assert time.monotonic() - started < 20
     message = str(err.value)
     assert "not prepared" in message and "dataset.source=folder" in message and "data_dir" in message
@@ -133,7 +137,7 @@ def test_network_probe_is_bounded(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", never_answers)
     started = time.monotonic()
-    assert dl.network_reachable(timeout=1.0) is False
+    assert sources.network_reachable(timeout=1.0) is False
     assert time.monotonic() - started < 3
     hang.set()
 
@@ -143,5 +147,5 @@ def test_network_probe_sees_a_listening_port():
 
     with socket.create_server(("127.0.0.1", 0)) as server:  # loopback only
         port = server.getsockname()[1]
-        assert dl.network_reachable("127.0.0.1", port, timeout=2.0) is True
-    assert dl.network_reachable("127.0.0.1", port, timeout=2.0) is False  # closed now
+        assert sources.network_reachable("127.0.0.1", port, timeout=2.0) is True
+    assert sources.network_reachable("127.0.0.1", port, timeout=2.0) is False  # closed now

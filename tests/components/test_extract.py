@@ -156,7 +156,9 @@ def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp
     assert extract.run(config, convert_dir, tmp_path / "edited", cache_root=cache)["computed"] == 16
 
 
-def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading_the_base(tmp_path, converted_tiny):
+def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading_the_base(
+    tmp_path, converted_tiny, monkeypatch
+):
     from pipelines import feature_cache
 
     config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
@@ -166,13 +168,17 @@ def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading
     assert len(entries) == first["images"] == first["computed"]
     entries[0].write_bytes(entries[0].read_bytes()[:-4])  # a truncated write
     entries[1].unlink()
-    conv_base._BUILT.clear()
     again = extract.run(config, converted_tiny, tmp_path / "again", cache_root=str(cache))
     assert again["computed"] == 2
     assert tree_bytes(tmp_path / "again") == tree_bytes(tmp_path / "first")
-    conv_base._BUILT.clear()
+    monkeypatch.setattr(conv_base, "build_extractor", _no_base)  # all from the cache: the base is never built
     warm = extract.run(config, converted_tiny, tmp_path / "warm", cache_root=str(cache))
-    assert warm["computed"] == 0 and not conv_base._BUILT  # all from the cache: the base was never built
+    assert warm["computed"] == 0
+    assert tree_bytes(tmp_path / "warm") == tree_bytes(tmp_path / "first")
+
+
+def _no_base(params):
+    raise AssertionError("the base was built although every feature was in the cache")
 
 
 def test_namespace_covers_what_decides_the_features(tmp_path):

@@ -98,3 +98,26 @@ def test_untrained_base_is_the_same_in_every_build():
     second, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
     for a, b in zip(first.weights, second.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_an_untrained_base_does_not_reset_the_global_random_state():
+    import random
+
+    def build_after(seed):
+        keras.utils.set_random_seed(seed)
+        model, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
+        return model, (random.random(), np.random.rand())
+
+    first, draws_7 = build_after(7)
+    second, draws_8 = build_after(8)
+    assert draws_7 != draws_8  # the caller's random streams go on from its seed: nothing was reseeded
+    kernels = [w for w in first.weights if w.path.endswith("kernel")]
+    assert len(kernels) > 30
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # every kernel was re-drawn: none equals what a plain build under either global seed gives
+    keras.utils.set_random_seed(7)
+    plain = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    by_path = {w.path.split("/", 1)[-1]: w.numpy() for w in plain.weights}
+    for w in kernels:
+        assert not np.array_equal(w.numpy(), by_path[w.path.split("/", 1)[-1]]), w.path

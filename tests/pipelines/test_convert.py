@@ -14,8 +14,10 @@ from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
 from components import download as dl  # noqa: E402
+from components import manifest as mf  # noqa: E402
 from pipelines import convert as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
+from pipelines import normalise  # noqa: E402
 from tests.conftest import make_class_folder  # noqa: E402
 
 
@@ -48,7 +50,7 @@ def test_to_example_refuses_a_label_outside_the_vocabulary():
 
 
 def test_shard_of_is_stable_and_spreads():
-    ids = [dl.content_hash(str(i).encode())[:20] for i in range(400)]
+    ids = [normalise.content_hash(str(i).encode())[:20] for i in range(400)]
     shards = collections.Counter(graph.shard_of(i, 4) for i in ids)
     assert set(shards) == {0, 1, 2, 3} and min(shards.values()) > 60
     assert graph.shard_of(ids[0].encode(), 4) == graph.shard_of(ids[0], 4)
@@ -72,13 +74,13 @@ def read_records(files):
 
 
 def test_convert_graph_on_test_pipeline(tiny_download, tmp_path):
-    manifest = dl.read_jsonl(tiny_download / dl.MANIFEST)
+    manifest = mf.read_jsonl(tiny_download / mf.MANIFEST)
     per_split = collections.Counter(row["split"] for row in manifest)
     shards = {"train": 3, "val": 2, "test": 5}  # more test shards than test images: some stay empty
     with TestPipeline() as pipeline:
         counts = graph.convert(
             pipeline,
-            manifest_path=str(tiny_download / dl.MANIFEST),
+            manifest_path=str(tiny_download / mf.MANIFEST),
             images_root=str(tiny_download),
             records_dir=str(tmp_path / "records"),
             transform_dir=str(tmp_path / "transform"),
@@ -112,13 +114,13 @@ def test_convert_graph_on_test_pipeline(tiny_download, tmp_path):
 
 
 def test_missing_image_file_is_a_clear_error(tiny_download, tmp_path):
-    row = dl.read_jsonl(tiny_download / dl.MANIFEST)[0]
+    row = mf.read_jsonl(tiny_download / mf.MANIFEST)[0]
     (tiny_download / row["file"]).unlink()
     with pytest.raises(Exception, match=f"manifest row {row['id']}: cannot read"):
         with TestPipeline() as pipeline:
             graph.convert(
                 pipeline,
-                str(tiny_download / dl.MANIFEST),
+                str(tiny_download / mf.MANIFEST),
                 str(tiny_download),
                 str(tmp_path / "records"),
                 str(tmp_path / "transform"),
@@ -128,5 +130,5 @@ def test_missing_image_file_is_a_clear_error(tiny_download, tmp_path):
 
 
 def test_manifest_rows_are_json(tiny_download):
-    for line in (tiny_download / dl.MANIFEST).read_text().splitlines():
+    for line in (tiny_download / mf.MANIFEST).read_text().splitlines():
         assert set(json.loads(line)) >= {"id", "file", "source", "sha256", "label", "split"}

@@ -1,0 +1,169 @@
+"""Image normalisation for the download stage: Pillow's checks, and the pixels of the shared decode.
+
+A file is checked by Pillow (size limits before decoding, a full decode, the side
+limit) and its pixels are those of `pipelines.image.decode_image`, the decode the
+serving model runs on a client's file, cross-checked against Pillow's reading.
+An image's identity is the hash of those pixels (`pixels_hash`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines import image
+
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # Pillow's decompression-bomb limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalised:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    format: str
+    action: str
+    pixels_sha256: str  # `pixels_hash` of the normalised pixels: the image's identity
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
+    """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
+    `pipelines.image.decode_image` is checked against."""
+    mode = img.mode
+    keyed = "transparency" in img.info and mode in ("L", "RGB")  # a PNG colour key (tRNS) makes one colour transparent
+    if mode == "RGB" and not keyed:
+        return img, "RGB"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(np.floor(arr * (256.0 / (peak + 1))), 0, 255).astype(np.uint8)  # the high byte, as libpng gives
+        return Image.fromarray(arr8, mode="L").convert("RGB"), f"{mode} grayscale to 8-bit RGB"
+    if mode in ("RGBA", "LA", "PA") or keyed or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
+    return img.convert("RGB"), f"{mode} to RGB"
+
+
+# Beyond orientation and size, pixels are compared for the formats whose decoding involves choices
+# (transparency, palettes, bit depth): PNG, GIF, BMP, WebP. JPEG decoders may differ by their IDCT
+# and upsampling (3 of the 2,000 shared photos: mean 2, largest 20 levels between TensorFlow's
+# libjpeg-turbo and Pillow's), which is no different reading of the file, so JPEG's pixels are
+# TensorFlow's. Within the tolerance a lossy WebP decoder's rounding passes; a wrong transparency,
+# palette or bit depth (tens to 255 levels) does not.
+MAX_PIXEL_GAP, MAX_MEAN_GAP = 24, 2.0
+
+Decoder = Callable[[bytes], tuple[np.ndarray, int]]
+
+
+def make_decoder() -> Decoder:
+    """encoded bytes -> (normalised uint8 pixels, EXIF orientation) through `pipelines.image`,
+    the decode extraction, training and the serving model run."""
+    traced = tf.function(image.decode_with_orientation, input_signature=[tf.TensorSpec([], tf.string)])
+
+    def decode(data: bytes) -> tuple[np.ndarray, int]:
+        pixels, orientation = traced(tf.constant(data))
+        return pixels.numpy(), int(orientation)
+
+    return decode
+
+
+def pixels_hash(pixels: np.ndarray) -> str:
+    """The identity of an image: the SHA-256 of its normalised pixels and their shape, whatever the file format."""
+    digest = hashlib.sha256(f"{pixels.shape[0]}x{pixels.shape[1]}:".encode())
+    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
+    """Check a file, and return the pixels training and serving will see, as RGB bytes.
+
+    Pillow checks it first (size limits before decoding, a full decode, the
+    side limit). The pixels are those of `decode` (the shared decode, see
+    `make_decoder`), which must agree with Pillow's reading: the same EXIF
+    orientation and size, and for formats other than JPEG the same pixels
+    within a decoder's rounding (`MAX_PIXEL_GAP`). An RGB JPEG that needs no
+    orientation is kept byte-for-byte; anything else is re-encoded as PNG.
+    """
+    if not data:
+        return Rejected("empty file (0 bytes)")
+    sniffed = image.sniff_format(data)  # what the serving model will take it for
+    fmt = sniffed or "image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return Rejected(
+                    f"too large: {width}x{height} = {width * height} pixels > "
+                    f"download.max_pixels={max_pixels} (decompression-bomb limit)"
+                )
+            fmt = img.format or fmt
+            img.load()
+    except Image.DecompressionBombError as exc:
+        return Rejected(f"too large (decompression bomb): {exc}")
+    except UnidentifiedImageError:
+        return Rejected("not an image (unrecognised format)")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return Rejected(f"undecodable {fmt}: {exc}")
+    if min(width, height) < min_side:
+        return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
+    if sniffed is None:
+        return Rejected(
+            f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
+            "convert the file to one of them"
+        )
+
+    actions = []
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+        actions.append(f"first of {img.n_frames} frames")
+    orientation = img.getexif().get(0x0112, 1)
+    applied = orientation if orientation in range(2, 9) else 1  # Pillow ignores other values, and so does the decode
+    if applied != 1:
+        img = ImageOps.exif_transpose(img)
+        actions.append(f"EXIF orientation {orientation} applied")
+    reference, how = _to_rgb(img)
+    if how != "RGB":
+        actions.append(how)
+    try:
+        pixels, decoded_orientation = decode(data)
+    except Exception as exc:  # noqa: BLE001 - TensorFlow's decoders raise InvalidArgumentError and others
+        return Rejected(f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}")
+    if decoded_orientation != applied or pixels.shape[:2] != (reference.height, reference.width):
+        return Rejected(
+            f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
+            f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})"
+        )
+    gap = None if sniffed == "JPEG" else np.abs(pixels.astype(np.int16) - np.asarray(reference, dtype=np.uint8))
+    if gap is not None and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
+        hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""
+        return Rejected(
+            f"{fmt} decoded differently by the shared decoder (the serving model's) than by Pillow{hint}: "
+            f"largest pixel difference {int(gap.max())}, mean {gap.mean():.2f}; re-save it as PNG or JPEG"
+        )
+    identity = pixels_hash(pixels)
+    if sniffed == "JPEG" and img.mode == "RGB" and not actions:
+        return Normalised(data, "jpg", width, height, fmt, "as-is", identity)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    actions.append(f"{fmt} re-encoded as PNG")
+    return Normalised(buffer.getvalue(), "png", pixels.shape[1], pixels.shape[0], fmt, "; ".join(actions), identity)

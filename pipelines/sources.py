@@ -1,0 +1,212 @@
+"""Where images come from: a folder of class sub-folders, or a tensorflow-datasets dataset.
+
+Both yield `Found` items (a file's bytes, its label and any split its place gives it);
+nothing here decodes an image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import unicodedata
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Protocol
+
+from components.cli import EnvironmentProblem
+from components.manifest import SPLITS
+from components.params import ParamsError
+
+log = logging.getLogger(__name__)
+
+
+class TfdsSource(Protocol):
+    """The `dataset.tfds` params."""
+
+    name: str
+    splits: Mapping[str, str] | str
+    image_key: str
+    label_key: str
+
+
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """One file (or tfds example) found at the source, before inspection."""
+
+    source: str
+    label: str | None
+    given_split: str | None = None
+    data: bytes | None = None
+    problem: str | None = None  # rejected before reading (hidden, symlink, ...)
+    class_folder: bool = False  # a class folder itself (declares the class, even if empty)
+
+
+def normalise_label(name: str) -> str:
+    """Class names are NFC-normalised so the same folder name from macOS (NFD) matches."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | None]]:
+    """[(class-folder parent, given split)]: the root itself, or its split folders."""
+    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not _is_hidden(p.name)]
+    split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDER_NAMES]
+    if not split_dirs:
+        return [(root, None)]
+    others = [p.name for p in subdirs if p not in split_dirs]
+    if others:
+        raise ValueError(
+            f"{root} mixes split folders ({[p.name for p in split_dirs]}) with other folders "
+            f"({others}); use either class folders or train/val/test folders of class folders"
+        )
+    if existing_splits == "ignore":
+        return [(p, None) for p in split_dirs]
+    given = {SPLIT_FOLDER_NAMES[p.name.lower()]: p for p in split_dirs}
+    missing = [s for s in SPLITS if s not in given]
+    if missing or len(given) != len(split_dirs):
+        raise ValueError(
+            f"{root} has split folders {[p.name for p in split_dirs]} but needs exactly one each "
+            f"of train, val (or validation), test (missing: {missing}); set "
+            "dataset.existing_splits: ignore to pool them and hash-split instead"
+        )
+    return [(given[s], s) for s in SPLITS]
+
+
+def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Found]:
+    """Every file under the class folders, read; odd entries come back with a `problem`.
+
+    Symlinks are followed only when they stay inside `root`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.dir {root} is not a directory")
+    real_root = root.resolve()
+    for parent, given_split in _detect_layout(root, existing_splits):
+        for entry in sorted(parent.iterdir()):
+            rel = entry.relative_to(root).as_posix()
+            if entry.is_dir() and not entry.is_symlink():
+                if _is_hidden(entry.name):
+                    yield from _scan_class(entry, root, real_root, None, given_split, "in a hidden folder")
+                    continue
+                label = normalise_label(entry.name)
+                yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
+                yield from _scan_class(entry, root, real_root, label, given_split, None)
+            else:
+                yield from _read_entry(entry, root, real_root, None, given_split, "not inside a class folder")
+
+
+def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        here = Path(dirpath)
+        for name in list(dirnames):
+            if (here / name).is_symlink():
+                dirnames.remove(name)
+                yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+        for name in sorted(filenames):
+            yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+
+
+def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
+    rel = path.relative_to(root).as_posix()
+    if problem is None and _is_hidden(path.name):
+        problem = "hidden file"
+    if problem is None and path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(real_root):
+            problem = f"symlink to {target} outside the source folder (not followed)"
+        elif target.is_dir():
+            problem = "symlink to a folder (not followed)"
+    if problem is None and not path.is_file():
+        problem = "not a regular file"
+    if problem:
+        yield Found(source=rel, label=label, given_split=given_split, problem=problem)
+        return
+    yield Found(source=rel, label=label, given_split=given_split, data=path.read_bytes())
+
+
+class OfflineError(EnvironmentProblem):
+    """A dataset or weights file must be fetched but the network is unreachable."""
+
+
+def network_reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+    """A bounded probe: True only if a TCP connection opens within `timeout` seconds."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+def read_tfds(data_dir: str, cfg: TfdsSource, network_probe: Callable[[], bool] = network_reachable) -> Iterator[Found]:
+    """Examples of a tfds dataset as encoded image bytes, with their label names.
+
+    Checks the local `data_dir` first (``download=False``), so an offline machine
+    without the data fails within seconds instead of retrying for minutes.
+    """
+    import tensorflow_datasets as tfds  # deferred: its import takes seconds and only this path needs it
+
+    named = cfg.splits if isinstance(cfg.splits, dict) else {"all": cfg.splits}
+    kwargs = dict(
+        data_dir=data_dir,
+        decoders={cfg.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=True),
+        with_info=True,
+    )
+    try:
+        builder = tfds.builder(cfg.name, data_dir=data_dir)
+    except Exception as exc:  # tfds raises its own DatasetNotFoundError
+        raise ParamsError(f"dataset.tfds.name: {cfg.name!r} is not a registered tfds dataset ({exc})") from None
+    _check_keys(builder.info, cfg)
+    try:
+        datasets, info = tfds.load(cfg.name, split=named, download=False, **kwargs)
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as exc:
+        if not network_probe():
+            raise OfflineError(
+                f"tfds dataset {cfg.name!r} is not prepared in dataset.dir={data_dir!r} and the "
+                "network is unreachable. To run offline, either point dataset.dir at a tfds data_dir "
+                f"that already holds {cfg.name} (copy ~/tensorflow_datasets from a machine that ran "
+                "`tfds build` or `tfds.load`), or use a local folder of class sub-folders: "
+                "dataset.source=folder dataset.dir=<folder>."
+            ) from exc
+        log.info("downloading and preparing %s into %s", cfg.name, data_dir)
+        datasets, info = tfds.load(cfg.name, split=named, download=True, **kwargs)
+    except ValueError as exc:
+        raise ParamsError(f"dataset.tfds.splits: tfds rejected {cfg.splits!r}: {exc}") from None
+    label_feature = info.features[cfg.label_key]
+    for split_name, ds in datasets.items():
+        given = split_name if split_name in SPLITS else None
+        for i, example in enumerate(tfds.as_numpy(ds)):
+            raw_id = example.get("tfds_id", b"")
+            tfds_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            source = f"tfds:{tfds_id}" if tfds_id else f"tfds:{cfg.name}:{named[split_name]}#{i}"
+            label = normalise_label(label_feature.int2str(int(example[cfg.label_key])))
+            yield Found(source=source, label=label, given_split=given, data=bytes(example[cfg.image_key]))
+
+
+def _check_keys(info, cfg: TfdsSource) -> None:
+    keys = set(info.features.keys())
+    for param, key in (("image_key", cfg.image_key), ("label_key", cfg.label_key)):
+        if key not in keys:
+            raise ParamsError(f"dataset.tfds.{param}: {key!r} is not a feature of {cfg.name}; features: {sorted(keys)}")
+    if not hasattr(info.features[cfg.label_key], "int2str"):
+        raise ParamsError(f"dataset.tfds.label_key: {cfg.label_key!r} of {cfg.name} is not a ClassLabel")
+
+
+# --------------------------------------------------------------------------- run

@@ -1,0 +1,174 @@
+"""Duplicates and the split: which images are kept, and in which split, from their pixels' hash alone."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Iterable, Mapping, Protocol, Sequence
+
+from components.manifest import IMAGES, SPLITS
+
+NO_CLASS = "(no class)"  # the label of files found outside any class folder
+
+
+class Fractions(Protocol):
+    """The share of each split (the `download.fractions` params)."""
+
+    train: float
+    val: float
+    test: float
+
+
+def hash_split(sha256: str, seed: int, fractions: Fractions) -> str:
+    """The split of an image from its content hash alone: stable as images are added."""
+    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < fractions.train:
+        return "train"
+    if u < fractions.train + fractions.val:
+        return "val"
+    return "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A decodable image awaiting duplicate resolution and split assignment."""
+
+    source: str
+    label: str
+    sha256: str  # of the file as found
+    given_split: str | None
+    ext: str
+    width: int
+    height: int
+    format: str
+    action: str
+    pixels_sha256: str  # of its normalised pixels: copies in other formats share it
+
+    @property
+    def id(self) -> str:
+        return self.pixels_sha256[:20]
+
+
+def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) -> tuple[list[dict], list[dict]]:
+    """Dedupe by normalised pixels, assign splits. Returns (manifest rows, duplicate quarantine rows).
+
+    Images with identical pixels (the same file, or the same pixels saved in
+    another format) are kept once: the copy in the earliest given split
+    (train, val, test), then the first source path. Copies under different
+    labels are all quarantined, since their label is unknown. The split is a
+    function of the pixels, so a re-encoded copy can never land in another split.
+    """
+    rank = {name: i for i, name in enumerate(SPLITS)}
+    groups: dict[str, list[Candidate]] = collections.defaultdict(list)
+    for cand in candidates:
+        groups[cand.pixels_sha256].append(cand)
+    manifest, rejected = [], []
+    for sha, group in sorted(groups.items()):
+        group = sorted(group, key=lambda c: (rank.get(c.given_split or "train", 0), c.source))
+        labels = sorted({c.label for c in group})
+        if len(labels) > 1:
+            for cand in group:
+                rejected.append(
+                    {
+                        "source": cand.source,
+                        "label": cand.label,
+                        "reason": f"duplicate content under different labels ({', '.join(labels)})",
+                        "sha256": cand.sha256,
+                        "pixels_sha256": sha,
+                    }
+                )
+            continue
+        kept = group[0]
+        for dup in group[1:]:
+            rejected.append(
+                {
+                    "source": dup.source,
+                    "label": dup.label,
+                    "reason": f"duplicate of {kept.source}"
+                    + ("" if dup.sha256 == kept.sha256 else " (same pixels, another file)"),
+                    "sha256": dup.sha256,
+                    "pixels_sha256": sha,
+                }
+            )
+        split = kept.given_split or hash_split(sha, seed, fractions)
+        manifest.append(
+            {
+                "id": kept.id,
+                "file": f"{IMAGES}/{kept.id}.{kept.ext}",
+                "source": kept.source,
+                "sha256": kept.sha256,
+                "pixels_sha256": sha,
+                "label": kept.label,
+                "split": split,
+                "width": kept.width,
+                "height": kept.height,
+                "format": kept.format,
+                "normalised": kept.action,
+            }
+        )
+    manifest.sort(key=lambda row: (SPLITS.index(row["split"]), row["label"], row["id"]))
+    return manifest, rejected
+
+
+def summarise(
+    found_labels: Sequence[str | None],
+    manifest: Sequence[Mapping],
+    quarantine: Sequence[Mapping],
+    declared_classes: Iterable[str],
+) -> dict:
+    """Counts per class and split; `reconciled` says found = kept + quarantined per class."""
+    found = collections.Counter(label or NO_CLASS for label in found_labels)
+    kept = collections.Counter(row["label"] for row in manifest)
+    rejected = collections.Counter(row["label"] or NO_CLASS for row in quarantine)
+    classes = sorted(set(declared_classes) | set(found) - {NO_CLASS})
+    per_class = {
+        name: {"found": found[name], "kept": kept[name], "quarantined": rejected[name]}
+        for name in sorted(set(classes) | set(found))
+    }
+    splits = {
+        split: dict(sorted(collections.Counter(r["label"] for r in manifest if r["split"] == split).items()))
+        for split in SPLITS
+    }
+    reasons = collections.Counter(_reason_kind(row["reason"]) for row in quarantine)
+    duplicates = [row for row in quarantine if "duplicate" in row["reason"]]
+    return {
+        "found": sum(found.values()),
+        "kept": len(manifest),
+        "quarantined": len(quarantine),
+        "reconciled": all(c["found"] == c["kept"] + c["quarantined"] for c in per_class.values()),
+        "classes": sorted(name for name in classes if kept[name] > 0),
+        "empty_classes": sorted(name for name in classes if kept[name] == 0),
+        "per_class": per_class,
+        "splits": {s: {"total": sum(c.values()), "per_class": c} for s, c in splits.items()},
+        "duplicates": {
+            "files_quarantined": len(duplicates),
+            "distinct_images": len({row["pixels_sha256"] for row in duplicates}),
+        },
+        "quarantine_reasons": dict(sorted(reasons.items())),
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" (")[0] if not reason.startswith("duplicate of") else "duplicate"
+
+
+def check_usable(summary: Mapping) -> None:
+    """Refuse datasets the later stages cannot train on, with a message that says why."""
+    classes = summary["classes"]
+    if len(classes) < 2:
+        raise ValueError(
+            f"need at least 2 classes with usable images, found {len(classes)}: {classes}; "
+            f"per class: {summary['per_class']}"
+        )
+    train = summary["splits"]["train"]["per_class"]
+    missing = [name for name in classes if train.get(name, 0) == 0]
+    if missing:
+        raise ValueError(
+            f"classes with no training image: {missing}; add images or raise "
+            "download.fractions.train (the label vocabulary is learned from train only)"
+        )
+
+
+# --------------------------------------------------------------------------- sources (I/O)
