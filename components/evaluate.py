@@ -1,15 +1,11 @@
-"""evaluate stage: test-split metrics and plots of the head-only and the fine-tuned model, Grad-CAM, and the serving model.
+"""evaluate stage: val and test metrics and plots of the head-only and the fine-tuned model, and Grad-CAM.
 
 Inputs
     the convert stage's folder (test ``records/``, ``labels.json``), the extract
     stage's folder (test features), train_head's ``head.keras``, finetune's
     ``model.keras``, download's ``manifest.jsonl`` (source file names); params.yaml
     section ``evaluate``. The test split was never trained or tuned on.
-Outputs
-    ``<out>/serving/``             the serving SavedModel (encoded image bytes in,
-                                   probabilities and class names out; `pipelines.serving`),
-                                   with its lineage in ``assets.extra/lineage.json``
-    ``<out>/params.json``          the resolved params
+Outputs (the serving model is the export stage's)
     ``<report>/metrics.json``      per model and split (``val``, ``test``): accuracy,
                                    loss, per-class precision / recall / F1, macro
                                    F1, ROC-AUC (DVC metrics); the sweep and the
@@ -20,10 +16,11 @@ Outputs
                                    images of the fine-tuned model (DVC image plots)
     ``<report>/misclassified.json`` every wrong test prediction of each model, with
                                    its probabilities and source file
+    ``<report>/params.json``       the resolved params
 
 Run: ``python -m components.evaluate --convert data/convert --extract data/extract
 --head data/train_head/head.keras --model data/finetune/model.keras
---manifest data/download/manifest.jsonl --out data/evaluate --report evaluation``
+--manifest data/download/manifest.jsonl --report evaluation``
 """
 
 from __future__ import annotations
@@ -35,20 +32,22 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import keras
 import numpy as np
 import pydantic
+import tensorflow as tf
+from PIL import Image
 
-from components import lineage, outputs
-from components.cli import configure_logging
-from components.manifest import read_jsonl, split_counts
+import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
+from components import outputs
+from components.cli import configure_logging, run_main
+from components.manifest import read_jsonl
 from components.params import Section, log_resolved, read_params, section, write_resolved
+from pipelines import classifier, records, serving
 
 log = logging.getLogger(__name__)
 
-SERVING = "serving"
-LINEAGE = "lineage.json"  # in serving/assets.extra/: what the model was made from
-DECLARED_OUTPUTS = (SERVING, "params.json")
-REPORT_OUTPUTS = ("metrics.json", "misclassified.json", "plots", "gradcam")
+REPORT_OUTPUTS = ("metrics.json", "misclassified.json", "plots", "gradcam", "params.json")
 MODELS = ("head", "finetune")
 
 
@@ -56,7 +55,6 @@ class EvaluateParams(Section):
     batch_size: int = pydantic.Field(32, ge=1)
     gradcam_correct: int = pydantic.Field(3, ge=0)  # Grad-CAM overlays of correctly classified test images
     gradcam_wrong: int = pydantic.Field(3, ge=0)  # ... and of misclassified ones (the most confident first)
-    serving_check: int = pydantic.Field(16, ge=1)  # test images fed to the exported SavedModel and compared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +73,8 @@ def load_config(params_path: str | Path) -> Config:
 
 
 def as_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Model outputs -> [n, classes] (a sigmoid's [n, 1] becomes [1 - p, p])."""
-    outputs = np.asarray(outputs, dtype=np.float64)
-    return np.concatenate([1.0 - outputs, outputs], axis=1) if outputs.shape[1] == 1 else outputs
+    """Model outputs -> [n, classes] float64 (a sigmoid's [n, 1] becomes [1 - p, p]), as the serving model gives them."""
+    return np.asarray(serving.probabilities_of(np.asarray(outputs, dtype=np.float64)), dtype=np.float64)
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
@@ -231,8 +228,6 @@ def colour_map(values: np.ndarray) -> np.ndarray:
 
 def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a heat map (any resolution, 0..1) over float 0..255 pixels; uint8 RGB out."""
-    import tensorflow as tf
-
     h, w = pixels.shape[:2]
     heat = tf.image.resize(heat[..., None].astype(np.float32), (h, w), method="bilinear").numpy()[..., 0]
     blended = (1 - alpha) * pixels + alpha * colour_map(heat).astype(np.float64)
@@ -244,78 +239,22 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
 
 def predict_features(head, files: list[str], feature_size: int, batch_size: int):
     """(ids, labels, probabilities) of the head on feature records."""
-    import tensorflow as tf
-
-    from pipelines import features as fk
-
-    spec = fk.features_feature_spec(feature_size)
-    ds = tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)).batch(batch_size)
     ids, labels, probs = [], [], []
-    for batch in ds:
-        ids += [i.decode() for i in batch[fk.ID].numpy()]
-        labels.append(batch[fk.LABEL].numpy())
-        probs.append(as_probabilities(head(batch[fk.FEATURES], training=False).numpy()))
+    for batch_ids, label, features in records.feature_records(files, feature_size).batch(batch_size):
+        ids += [i.decode() for i in batch_ids.numpy()]
+        labels.append(label.numpy())
+        probs.append(as_probabilities(head(features, training=False).numpy()))
     return ids, np.concatenate(labels), np.concatenate(probs)
 
 
 def predict_images(model, files: list[str], size, batch_size: int):
     """(ids, labels, probabilities) of the classifier on image records, through the shared decode."""
-    from pipelines import records
-
     ids, labels, probs = [], [], []
     for pixels, label, batch_ids in records.image_dataset(files, size, batch_size, binary=False, with_ids=True):
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(label.numpy())
         probs.append(as_probabilities(model(pixels, training=False).numpy()))
     return ids, np.concatenate(labels), np.concatenate(probs)
-
-
-def images_by_id(files: list[str], wanted: set[str], size) -> dict[str, tuple[bytes, np.ndarray]]:
-    import tensorflow as tf
-
-    from pipelines import features as fk
-    from pipelines import image
-
-    spec = {k: fk.record_feature_spec()[k] for k in (fk.ID, fk.IMAGE)}
-    found = {}
-    for serialized in tf.data.TFRecordDataset(files):
-        ex = tf.io.parse_single_example(serialized, spec)
-        record_id = ex[fk.ID].numpy().decode()
-        if record_id in wanted:
-            found[record_id] = (ex[fk.IMAGE].numpy(), image.decode_and_resize(ex[fk.IMAGE], size).numpy())
-    return found
-
-
-def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str]) -> float:
-    """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's."""
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
-    result = loaded.signatures["serving_default"](images=tf.constant([blob for blob, _ in samples]))
-    expected = as_probabilities(model(np.stack([pixels for _, pixels in samples]), training=False).numpy())
-    gap = float(np.max(np.abs(result["probabilities"].numpy() - expected)))
-    if gap > 1e-4 or [c.decode() for c in result["classes"].numpy()[0]] != names:
-        raise RuntimeError(f"the serving model disagrees with the Keras model (max probability gap {gap:.2e})")
-    return gap
-
-
-def lineage_record(
-    manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict
-) -> dict:
-    """The lineage the serving model carries: its data, base, models, labels, test metrics and libraries."""
-    from pipelines.bases import file_sha256
-
-    return {
-        "manifest_sha256": file_sha256(manifest_path),
-        "images": split_counts(rows),
-        "labels": names,
-        "conv_base": features["conv_base"],
-        "model_sha256": file_sha256(model_path),
-        "head_sha256": file_sha256(head_path),
-        "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
-        "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
-        "libraries": lineage.library_versions(),
-    }
 
 
 def write_json(path: Path, payload) -> None:
@@ -330,15 +269,8 @@ def run(
     head_path: str | Path,
     model_path: str | Path,
     manifest_path: str | Path,
-    out_dir: str | Path,
     report_dir: str | Path,
 ) -> dict:
-    import keras
-    from PIL import Image
-
-    import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
-    from pipelines import classifier, records, serving
-
     params = config.evaluate
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
     names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
@@ -372,7 +304,7 @@ def run(
     if predictions is None:
         raise RuntimeError("the test split has no images: nothing to evaluate")
     metrics, wrong = {}, []
-    with outputs.staged_dir(out_dir) as tmp, outputs.staged_dir(report_dir) as report:
+    with outputs.staged_dir(report_dir) as report:
         for name, (ids, labels, probs) in predictions.items():
             # Models are chosen and gated on "val" (sweep, retrain); "test" only reports.
             metrics[name] = {
@@ -390,9 +322,7 @@ def run(
         ids, labels, probs = predictions["finetune"]
         chosen = pick_gradcam(ids, labels, probs, params.gradcam_correct, params.gradcam_wrong)
         index = {record_id: k for k, record_id in enumerate(ids)}
-        wanted = {i for i, _ in chosen}
-        serving_ids = sorted(ids)[: params.serving_check]
-        images = images_by_id(image_files, wanted | set(serving_ids), size)
+        images = records.encoded_by_id(image_files, {i for i, _ in chosen}, size)
         (report / "gradcam").mkdir()
         if chosen and len(classifier.find_base(model).output.shape) == 4:
             maps, _ = classifier.grad_cam(model, np.stack([images[i][1] for i, _ in chosen]))
@@ -401,14 +331,7 @@ def run(
                 actual, guess = names[labels[k]], names[int(probs[k].argmax())]
                 stem = f"{'correct' if correct else 'wrong'}_{actual}_as_{guess}_{probs[k].max():.2f}_{record_id}"
                 Image.fromarray(overlay(images[record_id][1], heat)).save(report / "gradcam" / f"{stem}.png")
-
-        serving.export(model, names, size, tmp / SERVING)
-        outputs.stabilise_saved_model(tmp / SERVING)
-        lineage = lineage_record(manifest_path, manifest, model_path, head_path, features, names, metrics)
-        write_json(tmp / SERVING / "assets.extra" / LINEAGE, lineage)
-        gap = check_serving(tmp / SERVING, model, [images[i] for i in serving_ids], names)
-        write_resolved(tmp, config.sections())
-        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+        write_resolved(report, config.sections())
         outputs.require_outputs(report, REPORT_OUTPUTS)
     for name in MODELS:
         for split in ("val", "test"):
@@ -424,8 +347,7 @@ def run(
                     m["roc_auc"],
                     m["images"],
                 )
-    log.info("evaluate: serving model agrees with the Keras model (max probability gap %.1e)", gap)
-    return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen), "serving_gap": gap}
+    return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -436,7 +358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head", required=True, help="train_head's head.keras")
     parser.add_argument("--model", required=True, help="finetune's model.keras")
     parser.add_argument("--manifest", required=True, help="download's manifest.jsonl")
-    parser.add_argument("--out", required=True, help="output folder for the serving model (declared in dvc.yaml)")
     parser.add_argument(
         "--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)"
     )
@@ -444,11 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     log_resolved("evaluate", config.sections())
-    run(config, args.convert, args.extract, args.head, args.model, args.manifest, args.out, args.report)
+    run(config, args.convert, args.extract, args.head, args.model, args.manifest, args.report)
     return 0
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

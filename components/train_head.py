@@ -28,11 +28,15 @@ import shutil
 from pathlib import Path
 from typing import Literal, Sequence
 
+import keras
 import pydantic
+import tensorflow as tf
+from dvclive import Live
 
 from components import outputs, training
-from components.cli import configure_logging
+from components.cli import configure_logging, run_main
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
+from pipelines import records
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,6 @@ def load_config(params_path: str | Path) -> Config:
 
 def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
     """Flat features -> class probabilities: sigmoid for two classes, softmax for more."""
-    import keras
-
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, the label vocabulary has {num_classes}")
     inputs = keras.Input((feature_size,), name="features")
@@ -89,18 +91,10 @@ def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
 
 def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
     """(features, label) batches; labels float for the sigmoid head."""
-    import tensorflow as tf
-
-    from pipelines import features as fk
-
-    spec = fk.features_feature_spec(feature_size)
-
-    def parse(serialized):
-        ex = tf.io.parse_single_example(serialized, spec)
-        label = ex[fk.LABEL]
-        return ex[fk.FEATURES], (tf.cast(label, tf.float32) if num_classes == 2 else label)
-
-    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    ds = records.feature_records(files, feature_size).map(
+        lambda _, label, features: (features, tf.cast(label, tf.float32) if num_classes == 2 else label)
+    )
+    ds = ds.cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -108,14 +102,7 @@ def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch
 
 def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
     """Every label must index the vocabulary: a clear error instead of a NaN loss."""
-    import tensorflow as tf
-
-    from pipelines import features as fk
-
-    spec = {fk.LABEL: fk.features_feature_spec(feature_size)[fk.LABEL]}
-    labels = [
-        int(v) for v in tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)[fk.LABEL])
-    ]
+    labels = [int(label) for _, label, _ in records.feature_records(files, feature_size)]
     bad = sorted({v for v in labels if not 0 <= v < num_classes})
     if bad:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
@@ -124,11 +111,6 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
 def run(
     config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path
 ) -> dict:
-    import keras
-    from dvclive import Live
-
-    from pipelines import records
-
     extract_dir = Path(extract_dir)
     meta = json.loads((extract_dir / "features.json").read_text())
     labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
@@ -184,6 +166,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

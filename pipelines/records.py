@@ -10,6 +10,7 @@ prefetching so the next batches are ready while the model trains.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -28,6 +29,32 @@ def parse_image_record(serialized: tf.Tensor, size: tuple[int, int]) -> tuple[tf
     """One convert record -> (id, label, float32 pixels at `size`) through the shared decode."""
     ex = tf.io.parse_single_example(serialized, image_record_spec())
     return ex[fk.ID], ex[fk.LABEL], image.decode_and_resize(ex[fk.IMAGE], size)
+
+
+def parse_feature_record(serialized: tf.Tensor, feature_size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One extract feature record -> (id, label, float32 features [feature_size])."""
+    ex = tf.io.parse_single_example(serialized, fk.features_feature_spec(feature_size))
+    return ex[fk.ID], ex[fk.LABEL], ex[fk.FEATURES]
+
+
+def feature_records(files: list[str], feature_size: int) -> tf.data.Dataset:
+    """(id, label, features) of extract's feature records, in the files' order."""
+    return tf.data.TFRecordDataset(files).map(
+        lambda serialized: parse_feature_record(serialized, feature_size),
+        num_parallel_calls=os.cpu_count() or 1,
+        deterministic=True,
+    )
+
+
+def encoded_by_id(files: list[str], wanted: set[str], size: tuple[int, int]) -> dict[str, tuple[bytes, np.ndarray]]:
+    """The encoded bytes and decoded pixels (at `size`) of the image records with these ids."""
+    found = {}
+    for serialized in tf.data.TFRecordDataset(files):
+        ex = tf.io.parse_single_example(serialized, image_record_spec())
+        record_id = ex[fk.ID].numpy().decode()
+        if record_id in wanted:
+            found[record_id] = (ex[fk.IMAGE].numpy(), image.decode_and_resize(ex[fk.IMAGE], size).numpy())
+    return found
 
 
 def fixed_parallelism() -> tf.data.Options:
@@ -89,8 +116,6 @@ def image_dataset(
 
 def split_files(folder, split: str) -> list[str]:
     """The sorted shard files of one split (``<split>-NNNNN-of-MMMMM.tfrecord``) in a folder; an error if none."""
-    from pathlib import Path
-
     files = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tfrecord"))
     if not files:
         raise ValueError(f"no {split} files in {folder}")

@@ -136,7 +136,7 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-ALL_STAGES = {"download", "convert", "extract", "train_head", "finetune", "evaluate"}
+ALL_STAGES = {"download", "convert", "extract", "train_head", "finetune", "evaluate", "export"}
 
 
 def test_dvc_repro_on_the_tiny_preset(tmp_path):
@@ -150,7 +150,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert features["records"] == summary["records"] and features["feature_shape"] == [1280]
     assert (project / "data" / "train_head" / "head.keras").exists()
     assert (project / "data" / "finetune" / "model.keras").exists()
-    assert (project / "data" / "evaluate" / "serving" / "saved_model.pb").exists()
+    assert (project / "data" / "export" / "serving" / "saved_model.pb").exists()
     metrics = json.loads((project / "evaluation" / "metrics.json").read_text())
     assert metrics["head"]["test"]["images"] == metrics["finetune"]["test"]["images"] == summary["records"]["test"]
     assert metrics["head"]["val"]["images"] == metrics["finetune"]["val"]["images"] == summary["records"]["val"]
@@ -164,7 +164,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     first_rev = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     dvc("push", cwd=project)
     first_model = (project / "data" / "finetune" / "model.keras").read_bytes()
-    first_serving = (project / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes()
+    first_serving = (project / "data" / "export" / "serving" / "saved_model.pb").read_bytes()
     assert set(lock["stages"]) == ALL_STAGES
 
     again = dvc("repro", cwd=project)
@@ -174,7 +174,12 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     run([sys.executable, "-m", "tools.audit", "--rev", "HEAD", "--rebuild", "--out", "audit_rebuild"], project)
     rebuilt = json.loads((project / "audit_rebuild" / "audit.json").read_text())
     assert rebuilt["problems"] == [], rebuilt["problems"]
-    assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == ["train_head", "finetune", "evaluate"]
+    assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == [
+        "train_head",
+        "finetune",
+        "evaluate",
+        "export",
+    ]
     assert (
         rebuilt["rebuild"]["outputs"] >= 10
     )  # models, histories, dvclive metrics and plots, evaluation, the serving model
@@ -184,7 +189,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     original = records_py.read_text()
     records_py.write_text(original + "\n# an edit\n")
     dirty = json.loads(dvc("status", "--json", cwd=project))
-    assert set(dirty) == {"extract", "train_head", "finetune", "evaluate"}, dirty
+    assert set(dirty) == {"extract", "train_head", "finetune", "evaluate", "export"}, dirty
     records_py.write_text(original)
     assert json.loads(dvc("status", "--json", cwd=project)) == {}
 
@@ -234,7 +239,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     set_params(project, "train_head", hidden_units=4)
     set_params(project, "retrain", threshold=1.0)
     code, second, output = retrain(project)
-    assert stages_run(output) == {"train_head", "finetune", "evaluate"}
+    assert stages_run(output) == {"train_head", "finetune", "evaluate", "export"}
     assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
     assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
     assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"
@@ -297,7 +302,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert not (auditor / ".dvc" / "cache").exists()
     dvc("pull", cwd=auditor)
     assert (auditor / "data" / "finetune" / "model.keras").read_bytes() == first_model
-    assert (auditor / "data" / "evaluate" / "serving" / "saved_model.pb").read_bytes() == first_serving
+    assert (auditor / "data" / "export" / "serving" / "saved_model.pb").read_bytes() == first_serving
     assert len(mf.read_jsonl(auditor / "data" / "download" / mf.MANIFEST)) == 16  # the first data
     run([sys.executable, "-m", "tools.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
     first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())

@@ -12,7 +12,7 @@ through the DVC API from the cache or the remote, so any committed revision
 can be audited without checking it out.
 
 With ``--rebuild`` it re-trains the revision's models (train_head, finetune,
-evaluate) from its recorded inputs in a scratch git worktree and fails unless
+evaluate, export: those of them the revision has) from its recorded inputs in a scratch git worktree and fails unless
 every output comes back identical: byte for byte, except the serving
 SavedModel, which is compared by what it computes (`saved_model_digest`: its
 writer orders variables by memory address). Training is bit-reproducible on
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "data/download/manifest.jsonl"
 LABELS = "data/convert/labels.json"
-LINEAGE = "data/evaluate/serving/assets.extra/lineage.json"
+LINEAGE = "data/export/serving/assets.extra/lineage.json"
 MODEL = "data/finetune/model.keras"
 METRICS = ("evaluation/metrics.json", "dvclive/train_head/metrics.json", "dvclive/finetune/metrics.json")
 
@@ -121,7 +121,12 @@ def stage_params(lock: dict) -> dict[str, dict]:
     return {stage: entry.get("params", {}).get("params.yaml", {}) for stage, entry in lock.get("stages", {}).items()}
 
 
-REBUILT = ("train_head", "finetune", "evaluate")  # the training stages and what scores and exports their models
+REBUILT = (
+    "train_head",
+    "finetune",
+    "evaluate",
+    "export",
+)  # the training stages and what scores and exports their models
 
 
 def rebuild_mismatches(recorded: dict[str, str], rebuilt: dict[str, str]) -> list[str]:
@@ -286,14 +291,17 @@ def collect(repo: Path, rev: str) -> dict:
     }
 
 
-def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> tuple[dict[str, str], dict[str, str]]:
+def rebuild(
+    repo: Path, commit: str, stages: Sequence[str] = REBUILT
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """Re-run `stages` of a revision from its recorded inputs, in a scratch git worktree.
 
     The worktree shares this repository's DVC cache: the revision's outputs are
     checked out from the cache (or pulled from the default remote) and their
     content digests noted, then each stage runs again with `dvc repro --force
-    --single-item`. Returns (recorded, rebuilt) digests of every output of
-    `stages`; training is bit-reproducible, so they must be equal.
+    --single-item`. Returns the stages re-run (those of `stages` the revision has) and the
+    (recorded, rebuilt) digests of every output of them; training is bit-reproducible, so
+    they must be equal.
     """
     import yaml
 
@@ -308,12 +316,13 @@ def rebuild(repo: Path, commit: str, stages: Sequence[str] = REBUILT) -> tuple[d
             ):  # not all in the local cache: a remote may have it
                 dvc("pull", cwd=tree)
             lock = yaml.safe_load((tree / "dvc.lock").read_text(encoding="utf-8"))
+            stages = [stage for stage in stages if stage in lock.get("stages", {})]  # older revisions had fewer
             outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
             recorded = content_digests(tree, outs)
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
                 dvc("repro", "--force", "--single-item", stage, cwd=tree)
-            return recorded, content_digests(tree, outs)
+            return stages, recorded, content_digests(tree, outs)
         finally:  # never raises over the error that got here
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
             subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
@@ -401,9 +410,9 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if rebuilt:
-        recorded, again = rebuild(repo, record["revision"])
+        stages, recorded, again = rebuild(repo, record["revision"])
         mismatches = rebuild_mismatches(recorded, again)
-        report["rebuild"] = {"stages": list(REBUILT), "outputs": len(recorded), "identical": not mismatches}
+        report["rebuild"] = {"stages": stages, "outputs": len(recorded), "identical": not mismatches}
         problems += mismatches
     if workspace:
         changes = workspace_changes(repo)

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from components import convert, download, evaluate, export, extract, finetune, train_head
 from components.cli import dvc
 from components.params import ParamsError, load_yaml, read_params
 
@@ -112,12 +113,10 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
 
 def validate(params: Mapping, where: Path) -> None:
     """Every stage's config must load from the merged params."""
-    from components import convert, download, evaluate, extract, finetune, train_head
-
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
     tmp.write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
     try:
-        for stage in (download, convert, extract, train_head, finetune, evaluate):
+        for stage in (download, convert, extract, train_head, finetune, evaluate, export):
             stage.load_config(tmp)
     finally:
         tmp.unlink(missing_ok=True)

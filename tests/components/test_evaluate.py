@@ -10,7 +10,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from components import evaluate, extract, finetune, train_head  # noqa: E402
+from components import evaluate, export, extract, finetune, train_head  # noqa: E402
 from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from tests.conftest import encode, image_array  # noqa: E402
@@ -94,8 +94,8 @@ def test_misclassified_and_gradcam_picks():
 
 
 def run_stages(root, converted, base, head_epochs: int, tune, serving_check: int):
-    """extract, train_head, finetune and evaluate on `converted`, into `root`; extract's, finetune's and
-    evaluate's records."""
+    """extract, train_head, finetune, evaluate and export on `converted`, into `root`; extract's, finetune's,
+    evaluate's and export's records."""
     features = extract.run(extract.Config(base, extract.ExtractParams(batch_size=8)), converted, root / "extract")
     head_params = train_head.TrainHeadParams(hidden_units=0, epochs=head_epochs, learning_rate=0.01)
     train_head.run(
@@ -112,18 +112,21 @@ def run_stages(root, converted, base, head_epochs: int, tune, serving_check: int
         root / "finetune",
         root / "live_finetune",
     )
-    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, serving_check=serving_check)
-    result = evaluate.run(
-        evaluate.Config(params),
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2)
+    manifest = converted.parent / "download" / "manifest.jsonl"
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    result = evaluate.run(evaluate.Config(params), converted, root / "extract", *models, manifest, root / "report")
+    exported = export.run(
+        export.Config(export.ExportParams(serving_check=serving_check)),
+        models[1],
+        models[0],
         converted,
-        root / "extract",
-        root / "train_head" / "head.keras",
-        root / "finetune" / "model.keras",
-        converted.parent / "download" / "manifest.jsonl",
+        root / "extract" / "features.json",
+        manifest,
+        root / "report" / "metrics.json",
         root / "out",
-        root / "report",
     )
-    return features, tuned, result
+    return features, tuned, {**result, **exported}
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +143,12 @@ def test_evaluate_stage_outputs(evaluated, converted_tiny):
     report = root / "report"
     for name in evaluate.REPORT_OUTPUTS:
         assert (report / name).exists()
-    for name in evaluate.DECLARED_OUTPUTS:
+    for name in export.DECLARED_OUTPUTS:
         assert (root / "out" / name).exists()
+    assert result["checked"] == 3 and result["serving_gap"] <= 1e-4
+    lineage = json.loads((root / "out" / export.SERVING / "assets.extra" / export.LINEAGE).read_text())
+    metrics_now = json.loads((report / "metrics.json").read_text())
+    assert lineage["test_accuracy"] == {m: metrics_now[m]["test"]["accuracy"] for m in evaluate.MODELS}
     test_count = json.loads((converted_tiny / "summary.json").read_text())["records"]["test"]
     metrics = json.loads((report / "metrics.json").read_text())
     wrong = json.loads((report / "misclassified.json").read_text())
@@ -205,7 +212,7 @@ def served_and_keras(root, blobs: list[bytes], tmp_path):
     for i, blob in enumerate(blobs):
         files.append(tmp_path / f"img{i}")
         files[-1].write_bytes(blob)
-    served = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, files, tmp_path)
+    served = serve_in_plain_tensorflow(root / "out" / export.SERVING, files, tmp_path)
     import pipelines.bases  # noqa: F401 - the custom layers of the saved Keras model
     from pipelines import image
 
@@ -237,10 +244,10 @@ def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
         paths[name] = tmp_path / name
         paths[name].write_bytes(blob)
     result = serve_in_plain_tensorflow(
-        root / "out" / evaluate.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path
+        root / "out" / export.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path
     )
     assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2]" in result["error"]
-    result = serve_in_plain_tensorflow(root / "out" / evaluate.SERVING, [paths["good"], paths["truncated"]], tmp_path)
+    result = serve_in_plain_tensorflow(root / "out" / export.SERVING, [paths["good"], paths["truncated"]], tmp_path)
     assert "error" in result and "jpeg" in result["error"].lower()
 
 

@@ -22,9 +22,9 @@ def test_repo_params_file_is_valid_for_every_stage(tmp_path):
     assert cfg.dataset.source == raw["dataset"]["source"]
     assert cfg.download.fractions.model_dump() == raw["download"]["fractions"]
     assert convert.load_config(REPO / "params.yaml").convert.shards.model_dump() == raw["convert"]["shards"]
-    from components import evaluate, extract, finetune, train_head
+    from components import evaluate, export, extract, finetune, train_head
 
-    for stage in (extract, train_head, finetune, evaluate):
+    for stage in (extract, train_head, finetune, evaluate, export):
         stage.load_config(REPO / "params.yaml")
     from components.params import load_yaml, read_params
     from tools import preset as presets
@@ -121,13 +121,19 @@ def test_main_refuses_bad_params_before_any_work(tmp_path):
 
 
 def test_a_missing_section_stops_the_stage_instead_of_using_defaults(tmp_path):
-    from components import evaluate, extract, finetune, train_head
+    from components import evaluate, export, extract, finetune, train_head
 
     path = tmp_path / "params.yaml"
     path.write_text("common: {seed: 1}\ntrain-head: {epochs: 3}\n", encoding="utf-8")  # misspelt
     with pytest.raises(ParamsError, match=r"section 'train_head' is missing \(did you mean 'train-head'\?\)"):
         train_head.load_config(path)
-    for stage, name in ((extract, "conv_base"), (finetune, "conv_base"), (evaluate, "evaluate"), (download, "dataset")):
+    for stage, name in (
+        (extract, "conv_base"),
+        (finetune, "conv_base"),
+        (evaluate, "evaluate"),
+        (export, "export"),
+        (download, "dataset"),
+    ):
         with pytest.raises(ParamsError, match=f"section '{name}' is missing"):
             stage.load_config(path)
 
@@ -145,7 +151,7 @@ def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path)
 
 def test_code_defaults_agree_with_params_yaml():
     """Where a params model has a default, it is params.yaml's value: the two cannot drift apart."""
-    from components import conv_base, evaluate, extract, finetune, train_head
+    from components import conv_base, evaluate, export, extract, finetune, train_head
     from tools import retrain
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -158,6 +164,7 @@ def test_code_defaults_agree_with_params_yaml():
         "train_head": train_head.TrainHeadParams,
         "finetune": finetune.FinetuneParams,
         "evaluate": evaluate.EvaluateParams,
+        "export": export.ExportParams,
         "retrain": retrain.RetrainParams,
     }
 

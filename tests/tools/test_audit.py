@@ -61,7 +61,7 @@ def test_serving_lineage_must_name_the_revisions_manifest_and_model():
 
 
 def test_a_rebuilt_output_with_another_digest_is_named():
-    recorded = {"data/finetune/model.keras": "aaa", "evaluation/metrics.json": "ccc", "data/evaluate/serving/": "sss"}
+    recorded = {"data/finetune/model.keras": "aaa", "evaluation/metrics.json": "ccc", "data/export/serving/": "sss"}
     assert audit.rebuild_mismatches(recorded, dict(recorded)) == []
     rebuilt = {**recorded, "data/finetune/model.keras": "zzz"}
     del rebuilt["evaluation/metrics.json"]
@@ -129,7 +129,7 @@ def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
 
 # Stages that only copy prepared files into the paths the audit reads: the audit sees real dvc.lock
 # entries, DVC cache objects and revisions, without training anything.
-LAYOUT = {"download": audit.MANIFEST, "convert": audit.LABELS, "finetune": audit.MODEL, "evaluate": audit.LINEAGE}
+LAYOUT = {"download": audit.MANIFEST, "convert": audit.LABELS, "finetune": audit.MODEL, "export": audit.LINEAGE}
 
 
 def write_revision(project, manifest_rows, labels, lineage_override=None):
@@ -146,7 +146,7 @@ def write_revision(project, manifest_rows, labels, lineage_override=None):
         "download": manifest,
         "convert": json.dumps(labels).encode(),
         "finetune": model,
-        "evaluate": json.dumps(lineage).encode(),
+        "export": json.dumps(lineage).encode(),
     }
     for stage, blob in blobs.items():
         (src / stage).write_bytes(blob)

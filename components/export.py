@@ -1,0 +1,150 @@
+"""export stage: the serving SavedModel the model registry promotes, with its lineage.
+
+Inputs
+    finetune's ``model.keras``, train_head's ``head.keras`` (its hash, for the
+    lineage), the convert stage's folder (``labels.json``, test ``records/`` for the
+    check), the extract stage's ``features.json`` (the conv base's identity),
+    download's ``manifest.jsonl`` and evaluate's ``metrics.json`` (both recorded in
+    the lineage); params.yaml section ``export``.
+Outputs
+    ``<out>/serving/``     the serving SavedModel (encoded image bytes in, probabilities
+                           and class names out; `pipelines.serving`), with its lineage in
+                           ``assets.extra/lineage.json``; the ``classifier`` artifact
+    ``<out>/params.json``  the resolved params
+
+Before the stage finishes, ``serving_check`` test images go through the written
+SavedModel as encoded bytes; its probabilities must match the Keras model's.
+
+Run: ``python -m components.export --model data/finetune/model.keras
+--head data/train_head/head.keras --convert data/convert --features data/extract/features.json
+--manifest data/download/manifest.jsonl --metrics evaluation/metrics.json --out data/export``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import pydantic
+import tensorflow as tf
+
+import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
+from components import lineage, outputs
+from components.cli import configure_logging, run_main
+from components.manifest import read_jsonl, split_counts
+from components.params import Section, log_resolved, read_params, section, write_resolved
+from pipelines import records, serving
+from pipelines.bases import file_sha256
+
+log = logging.getLogger(__name__)
+
+SERVING = "serving"
+LINEAGE = "lineage.json"  # in serving/assets.extra/: what the model was made from
+DECLARED_OUTPUTS = (SERVING, "params.json")
+
+
+class ExportParams(Section):
+    serving_check: int = pydantic.Field(16, ge=1)  # test images fed to the exported SavedModel and compared
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    export: ExportParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"export": self.export}
+
+
+def load_config(params_path: str | Path) -> Config:
+    return Config(export=section(read_params(params_path), ExportParams, "export", params_path))
+
+
+def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str]) -> float:
+    """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's."""
+    loaded = tf.saved_model.load(str(path))
+    result = loaded.signatures[serving.SIGNATURE](images=tf.constant([blob for blob, _ in samples]))
+    expected = serving.probabilities_of(model(np.stack([pixels for _, pixels in samples]), training=False))
+    gap = float(np.max(np.abs(result["probabilities"].numpy() - expected.numpy())))
+    if gap > 1e-4 or [c.decode() for c in result["classes"].numpy()[0]] != names:
+        raise RuntimeError(f"the serving model disagrees with the Keras model (max probability gap {gap:.2e})")
+    return gap
+
+
+def lineage_record(
+    manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict
+) -> dict:
+    """The lineage the serving model carries: its data, base, models, labels, metrics and libraries."""
+    return {
+        "manifest_sha256": file_sha256(manifest_path),
+        "images": split_counts(rows),
+        "labels": names,
+        "conv_base": features["conv_base"],
+        "model_sha256": file_sha256(model_path),
+        "head_sha256": file_sha256(head_path),
+        "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
+        "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
+        "libraries": lineage.library_versions(),
+    }
+
+
+def run(
+    config: Config,
+    model_path: str | Path,
+    head_path: str | Path,
+    convert_dir: str | Path,
+    features_path: str | Path,
+    manifest_path: str | Path,
+    metrics_path: str | Path,
+    out_dir: str | Path,
+) -> dict:
+    convert_dir = Path(convert_dir)
+    names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
+    features = json.loads(Path(features_path).read_text(encoding="utf-8"))
+    metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
+    manifest = read_jsonl(manifest_path)
+    model = keras.saving.load_model(model_path, compile=False)
+    size = tuple(int(s) for s in model.input_shape[1:3])
+    test_files = records.split_files(convert_dir / "records", "test")
+    test_ids = sorted(row["id"] for row in manifest if row["split"] == "test")
+    samples = records.encoded_by_id(test_files, set(test_ids[: config.export.serving_check]), size)
+    with outputs.staged_dir(out_dir) as tmp:
+        serving.export(model, names, size, tmp / SERVING)
+        outputs.stabilise_saved_model(tmp / SERVING)
+        record = lineage_record(manifest_path, manifest, model_path, head_path, features, names, metrics)
+        (tmp / SERVING / "assets.extra").mkdir(parents=True, exist_ok=True)
+        (tmp / SERVING / "assets.extra" / LINEAGE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        gap = check_serving(tmp / SERVING, model, [samples[i] for i in sorted(samples)], names)
+        write_resolved(tmp, config.sections())
+        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    log.info(
+        "export: the serving model agrees with the Keras model on %d test images (max gap %.1e)", len(samples), gap
+    )
+    return {"serving_gap": gap, "checked": len(samples), "lineage": record}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (section export)")
+    parser.add_argument("--model", required=True, help="finetune's model.keras")
+    parser.add_argument("--head", required=True, help="train_head's head.keras (hashed into the lineage)")
+    parser.add_argument("--convert", required=True, help="the convert stage's output folder")
+    parser.add_argument("--features", required=True, help="the extract stage's features.json")
+    parser.add_argument("--manifest", required=True, help="download's manifest.jsonl")
+    parser.add_argument("--metrics", required=True, help="evaluate's metrics.json")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    config = load_config(args.params)
+    log_resolved("export", config.sections())
+    run(config, args.model, args.head, args.convert, args.features, args.manifest, args.metrics, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
