@@ -30,12 +30,17 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import apache_beam as beam
 import pydantic
+import tensorflow as tf
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from components import outputs
-from components.cli import configure_logging
+from components.cli import configure_logging, run_main
 from components.manifest import MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
+from pipelines import convert as graph
+from pipelines import features as fk
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +98,11 @@ def check_manifest(manifest: Sequence[Mapping]) -> None:
 
 
 def _temp_location(options) -> str | None:
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
-
     return options.view_as(GoogleCloudOptions).temp_location
 
 
 def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
     """Read every TFRecord back and count records per split and class."""
-    import tensorflow as tf
-
-    from pipelines import features as fk
-
     spec = {fk.LABEL_NAME: tf.io.FixedLenFeature([], tf.string)}
     counts: dict[str, collections.Counter] = {}
     for split in SPLITS:
@@ -119,12 +118,6 @@ def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
 
 def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = ()) -> dict:
     """Run the Beam pipeline into a staging folder; verify counts; move into place."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines import convert as graph
-    from pipelines import features as fk
-
     started = time.monotonic()
     download_dir = Path(download_dir)
     manifest = read_jsonl(download_dir / MANIFEST)
@@ -192,6 +185,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

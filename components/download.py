@@ -41,7 +41,7 @@ from typing import Callable, Literal, Sequence
 import pydantic
 
 from components import outputs
-from components.cli import configure_logging
+from components.cli import configure_logging, run_main
 from components.manifest import IMAGES, MANIFEST, SPLITS, write_jsonl
 from components.params import (
     CommonParams,
@@ -240,6 +240,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

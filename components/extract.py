@@ -36,12 +36,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import apache_beam as beam
 import pydantic
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import conv_base, outputs
-from components.cli import configure_logging
+from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
+from pipelines import extract as graph
+from pipelines import feature_cache
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +94,6 @@ def run(
     cache_root: str | None = None,
     metrics_path: str | Path | None = None,
 ) -> dict:
-    import apache_beam as beam
-    from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines import extract as graph
-    from pipelines import feature_cache
-
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
@@ -188,6 +186,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

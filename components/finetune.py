@@ -37,12 +37,15 @@ import time
 from pathlib import Path
 from typing import Literal, Sequence
 
+import keras
 import pydantic
+from dvclive import Live
 
 from components import outputs, training
-from components.cli import configure_logging
+from components.cli import configure_logging, run_main
 from components.conv_base import ConvBaseParams, build_extractor
 from components.params import CommonParams, ParamsError, Section, log_resolved, read_params, section, write_resolved
+from pipelines import bases, classifier, records
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +113,6 @@ def build_augmentation(params: AugmentParams, seed: int):
     after the decode cache, so each epoch draws new variants; None when every
     strength is zero.
     """
-    import keras
-
     layers = []
     if params.flip != "none":
         mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
@@ -138,10 +139,6 @@ def build_augmentation(params: AugmentParams, seed: int):
 
 def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
     """The conv base (fresh from its params, as extract built it) plus the trained head."""
-    import keras
-
-    from pipelines import classifier
-
     head = keras.saving.load_model(head_path, compile=False)
     extractor = build_extractor(conv_base)
     return classifier.assemble(extractor, head)
@@ -149,8 +146,6 @@ def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
 
 def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetuneParams) -> list[str]:
     """Unfreeze the top of the base (errors name the param); returns the trainable layers of the base."""
-    from pipelines import bases, classifier
-
     base = classifier.find_base(model)
     default = bases.REGISTRY[conv_base.name].top_block if conv_base.name and not conv_base.layer else None
     if not conv_base.name:
@@ -170,11 +165,6 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
 def run(
     config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path
 ) -> dict:
-    import keras
-    from dvclive import Live
-
-    from pipelines import records
-
     convert_dir = Path(convert_dir)
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
@@ -268,6 +258,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

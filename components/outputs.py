@@ -7,11 +7,18 @@ half-written output that DVC (or the next stage) would accept.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from google.protobuf import text_format
+from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
 
 
 @contextlib.contextmanager
@@ -56,12 +63,6 @@ def stabilise_saved_model(saved_model_dir: str | Path) -> None:
     - fingerprint.pb holds a fresh random uuid on every save; it is recomputed
       from the rewritten graph and its uuid derived from the checksum.
     """
-    import re
-
-    from google.protobuf import text_format
-    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
-    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
-
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
     model = saved_model_pb2.SavedModel()
@@ -109,9 +110,6 @@ def save_keras(model, path: str | Path) -> None:
     are fixed here (the ids renumbered in order of appearance, which keeps what
     is shared with what), so a re-trained identical model has the same DVC hash.
     """
-    import json
-    import zipfile
-
     path = Path(path)
     raw = path.with_name(f".{path.name}.raw-{uuid.uuid4().hex[:8]}.keras")
     model.save(raw)

@@ -11,6 +11,9 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 
 from __future__ import annotations
 
+import keras
+import tensorflow as tf
+
 
 def make_deterministic(seed: int, ops: bool = True) -> None:
     """Seed Python, NumPy, TensorFlow and Keras, and (with `ops`) make TensorFlow's ops deterministic.
@@ -18,9 +21,6 @@ def make_deterministic(seed: int, ops: bool = True) -> None:
     Op determinism is a process-wide TensorFlow setting (there is no scoped form);
     each stage runs in its own process.
     """
-    import keras
-    import tensorflow as tf
-
     keras.utils.set_random_seed(seed)
     if ops:
         tf.config.experimental.enable_op_determinism()
@@ -28,8 +28,6 @@ def make_deterministic(seed: int, ops: bool = True) -> None:
 
 def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
     """Compile a classifier (a head, or base + head): sigmoid cross-entropy for two classes, else sparse softmax."""
-    import keras
-
     optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
     # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
@@ -47,7 +45,6 @@ def live_callback(live):
     TF_USE_LEGACY_KERAS=1), and it renames the metrics (``val_loss`` -> ``eval/loss``), which would
     move every plot and metric DVC tracks (tests/components/test_train_head.py shows both).
     """
-    import keras
 
     class LiveLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

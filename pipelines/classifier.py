@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines.bases import InferenceMode
+
 
 class UnfreezeError(ValueError):
     """An unfreeze point the base does not have; the message names the param."""
@@ -35,8 +37,6 @@ def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
 
 
 def _base_wrapper(model: keras.Model):
-    from pipelines.bases import InferenceMode
-
     wrapped = [layer for layer in model.layers if isinstance(layer, InferenceMode)]
     if len(wrapped) != 1:
         raise ValueError(f"expected one conv base inside {model.name}, found {len(wrapped)}")

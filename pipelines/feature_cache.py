@@ -36,7 +36,9 @@ import os
 import platform
 import uuid
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 # The modules whose code decides an image's pixels (decode, resize, record parsing) and the
 # model that runs on them (the registry, tapping, pooling). The batch-independence probe in
@@ -62,9 +64,6 @@ def code_fingerprint(modules: tuple[str, ...] = FEATURE_CODE) -> dict[str, str]:
 
 def namespace_record(base_fingerprint: dict, batch_size: int) -> dict:
     """What, besides the image, decides its features."""
-    import keras
-    import tensorflow as tf
-
     base = dict(base_fingerprint)
     if base.get("file_sha256"):
         base.pop("path", None)  # the same saved base copied elsewhere is the same base
@@ -117,8 +116,6 @@ class _GFiles:
     """The same calls through `tf.io.gfile`, for bucket paths."""
 
     def __init__(self):
-        import tensorflow as tf
-
         self._gfile = tf.io.gfile
         self.makedirs = self._gfile.makedirs
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 IMAGE = "image"  # encoded image bytes (JPEG, or PNG for normalised non-JPEG sources)
 LABEL = "label"  # int64 index into the label vocabulary
 LABEL_NAME = "label_name"  # the class name
@@ -19,8 +21,6 @@ RECORD_KEYS = (IMAGE, LABEL, LABEL_NAME, ID)  # what each TFRecord holds
 
 def record_feature_spec():
     """The `tf.io.parse_example` spec of the convert stage's TFRecords."""
-    import tensorflow as tf
-
     return {
         IMAGE: tf.io.FixedLenFeature([], tf.string),
         LABEL: tf.io.FixedLenFeature([], tf.int64),
@@ -30,15 +30,11 @@ def record_feature_spec():
 
 
 def raw_feature_spec():
-    import tensorflow as tf
-
     return {key: tf.io.FixedLenFeature([], tf.string) for key in RAW_KEYS}
 
 
 def features_feature_spec(size: int):
     """The `tf.io.parse_example` spec of the extract stage's feature records."""
-    import tensorflow as tf
-
     return {
         ID: tf.io.FixedLenFeature([], tf.string),
         LABEL: tf.io.FixedLenFeature([], tf.int64),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from pipelines import image
@@ -49,8 +50,6 @@ def probabilities_of(outputs: tf.Tensor) -> tf.Tensor:
 
 def export(model, class_names: list[str], input_size: tuple[int, int], path: str | Path) -> None:
     """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in)."""
-    import keras
-
     names = tf.constant(list(class_names))
     size = tuple(int(s) for s in input_size)
     expected = 2 if model.output_shape[-1] == 1 else model.output_shape[-1]

@@ -15,6 +15,8 @@ import unicodedata
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Protocol
 
+import tensorflow_datasets as tfds
+
 from components.cli import EnvironmentProblem
 from components.manifest import SPLITS
 from components.params import ParamsError
@@ -160,8 +162,6 @@ def read_tfds(data_dir: str, cfg: TfdsSource, network_probe: Callable[[], bool] 
     Checks the local `data_dir` first (``download=False``), so an offline machine
     without the data fails within seconds instead of retrying for minutes.
     """
-    import tensorflow_datasets as tfds  # deferred: its import takes seconds and only this path needs it
-
     named = cfg.splits if isinstance(cfg.splits, dict) else {"all": cfg.splits}
     kwargs = dict(
         data_dir=data_dir,
