@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 RESOLVED_PARAMS_FILE = "params.json"
 
 
+def did_you_mean(word: str, choices, n: int = 3, cutoff: float = 0.6) -> str:
+    """' (did you mean a, b?)' with the closest of `choices` to a mistyped `word`, or ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=cutoff)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
 class ParamsError(ValueError):
     """A params.yaml section is missing, mistyped or impossible."""
 
@@ -141,9 +147,7 @@ def section(data: Mapping[str, Any], model: type[SectionT], name: str, params_pa
     values (tests/components/test_params.py).
     """
     if name not in data:
-        close = difflib.get_close_matches(name, [str(k) for k in data], n=1, cutoff=0.7)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ParamsError(f"{params_path}: section {name!r} is missing{hint}")
+        raise ParamsError(f"{params_path}: section {name!r} is missing{did_you_mean(name, data, n=1, cutoff=0.7)}")
     parsed = parse_section(model, name, data[name])
     missing = missing_keys(model, data[name] or {}, name)
     if missing:

@@ -10,12 +10,13 @@ rescaling inside) is a base too.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 from pathlib import Path
 from typing import Callable
 
 import keras
+
+from components.params import did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +110,9 @@ def load_conv_base(
         model = keras.saving.load_model(path, compile=False)
         return model, None
     if name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), REGISTRY, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise BaseError(f"name: unknown base {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}")
+        raise BaseError(
+            f"name: unknown base {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(sorted(REGISTRY))}"
+        )
     spec = REGISTRY[name]
     if min(input_size) < spec.min_size:
         raise BaseError(f"input_size: {name} needs each side >= {spec.min_size}, got {list(input_size)}")
@@ -197,9 +198,7 @@ def tap(base: keras.Model, layer: str | None) -> keras.Model:
         return base
     names = [each.name for each in base.layers]
     if layer not in names:
-        close = difflib.get_close_matches(layer, names, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise BaseError(f"layer: {base.name} has no layer {layer!r}{hint}")
+        raise BaseError(f"layer: {base.name} has no layer {layer!r}{did_you_mean(layer, names)}")
     return keras.Model(base.inputs, base.get_layer(layer).output, name=f"{base.name}_to_{layer}")
 
 

@@ -7,12 +7,11 @@ named layers, so `split_at_base` can run it in two halves.
 
 from __future__ import annotations
 
-import difflib
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from components.params import did_you_mean
 from pipelines.bases import InferenceMode
 
 
@@ -66,9 +65,7 @@ def unfreeze_index(
     if name is None:
         raise UnfreezeError(f"unfreeze_from: {no_default}; set unfreeze_from to a layer name or unfreeze_top")
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnfreezeError(f"unfreeze_from: {base.name} has no layer {name!r}{hint}")
+        raise UnfreezeError(f"unfreeze_from: {base.name} has no layer {name!r}{did_you_mean(name, names)}")
     return names.index(name)
 
 

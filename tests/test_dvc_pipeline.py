@@ -86,10 +86,12 @@ def commit(project: Path, message: str) -> None:
 
 
 def out_hashes_from(lock: dict) -> dict[str, str]:
-    """Each stage's data output (data/<stage>) hash."""
+    """Each stage's data output (data/<stage>) hash (evaluate writes only its report, under evaluation/)."""
     return {
-        stage: next(o["md5"] for o in entry["outs"] if o["path"] == f"data/{stage}")
+        stage: out["md5"]
         for stage, entry in lock["stages"].items()
+        for out in entry["outs"]
+        if out["path"] == f"data/{stage}"
     }
 
 
@@ -156,6 +158,17 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert metrics["head"]["val"]["images"] == metrics["finetune"]["val"]["images"] == summary["records"]["val"]
     assert list((project / "evaluation" / "gradcam").glob("*.png"))
     assert (project / "dvclive" / "finetune" / "metrics.json").exists()
+    # The comparing charts: both models on one ROC and one precision-recall chart, train against val per stage.
+    shown = json.loads(dvc("plots", "show", "--json", cwd=project))
+    overlays = {
+        "roc": ("roc_head.json", "roc_finetune.json"),
+        "precision_recall": ("precision_recall_head.json", "precision_recall_finetune.json"),
+        "train_head_loss": ("train_head/plots/metrics/loss.tsv", "train_head/plots/metrics/val_loss.tsv"),
+        "finetune_accuracy": ("finetune/plots/metrics/accuracy.tsv", "finetune/plots/metrics/val_accuracy.tsv"),
+    }
+    for plot, files in overlays.items():
+        text = json.dumps(shown[plot])
+        assert all(name in text for name in files), (plot, text[:500])
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     # Version it: a local directory remote, commit, push.
     storage = tmp_path / "storage"

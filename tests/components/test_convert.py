@@ -30,6 +30,7 @@ def write_params(tmp_path, shards):
     return path
 
 
+@pytest.mark.slow
 def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
     out = tmp_path / "convert"
     params = write_params(tmp_path, {"train": 2, "val": 1, "test": 1})
@@ -59,6 +60,7 @@ def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
     assert not list(tmp_path.glob(".convert.*"))
 
 
+@pytest.mark.slow
 def test_rerun_gives_byte_identical_records(download_dir, tmp_path):
     config = convert.Config(convert.ConvertParams())
     convert.run(config, download_dir, tmp_path / "a")

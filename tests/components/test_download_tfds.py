@@ -59,6 +59,7 @@ def tfds_config(data_dir, splits, fractions=None) -> dl.Config:
     )
 
 
+@pytest.mark.slow
 def test_tfds_mock_data_with_the_seeds_slices(tmp_path):
     with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
         summary = dl.run(tfds_config(tmp_path / "tfds", dl.TfdsParams().splits), tmp_path / "out")

@@ -138,6 +138,7 @@ def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_evaluate_stage_outputs(evaluated, converted_tiny):
     root, result = evaluated
     report = root / "report"
@@ -221,6 +222,7 @@ def served_and_keras(root, blobs: list[bytes], tmp_path):
     return served, evaluate.as_probabilities(model.predict_on_batch(pixels))
 
 
+@pytest.mark.slow
 def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
     root, _ = evaluated
     blobs = [
@@ -235,6 +237,7 @@ def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
     assert result["predicted"] == [labels[i] for i in expected.argmax(axis=1)]
 
 
+@pytest.mark.slow
 def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
     root, _ = evaluated
     good = encode(image_array(1, (200, 60, 40)), "JPEG")
@@ -281,6 +284,7 @@ def three_class_tapped(tiny_base_weights, tmp_path_factory):
     return root, converted, features, tuned, result
 
 
+@pytest.mark.slow
 def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped, tmp_path):
     root, converted, features, tuned, result = three_class_tapped
     assert features["feature_shape"] == [2, 2, 576]  # block_13_expand_relu at 32x32, not pooled

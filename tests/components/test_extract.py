@@ -36,6 +36,7 @@ def read_features(files, size):
     return [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset([str(f) for f in files])]
 
 
+@pytest.mark.slow
 def test_extract_stage_counts_shapes_and_order(convert_dir, tmp_path):
     config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
     record = extract.run(config, convert_dir, tmp_path / "out")
@@ -53,6 +54,7 @@ def test_extract_stage_counts_shapes_and_order(convert_dir, tmp_path):
         assert all(np.isfinite(r[fk.FEATURES].numpy()).all() for r in rows)
 
 
+@pytest.mark.slow
 def test_beam_graph_with_test_pipeline_matches_a_direct_predict(convert_dir, trained_base, tmp_path):
     shard = sorted((convert_dir / "records").glob("val-*.tfrecord"))[0]
     target = tmp_path / shard.name
@@ -119,6 +121,7 @@ def test_undecodable_image_is_a_clear_error(tmp_path):
 # --- the content-keyed feature cache -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp_path, monkeypatch):
     config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
     cache = str(tmp_path / "cache")
@@ -156,6 +159,7 @@ def test_new_images_are_the_only_ones_extracted_and_outputs_equal_a_cold_run(tmp
     assert extract.run(config, convert_dir, tmp_path / "edited", cache_root=cache)["computed"] == 16
 
 
+@pytest.mark.slow
 def test_a_broken_cache_entry_is_recomputed_and_a_cached_namespace_skips_loading_the_base(
     tmp_path, converted_tiny, monkeypatch
 ):
@@ -276,6 +280,7 @@ def test_a_base_whose_features_depend_on_the_batch_runs_one_image_at_a_time():
     np.testing.assert_array_equal(predict(images), 2 * images.reshape(3, -1)[:, :2])
 
 
+@pytest.mark.slow
 def test_a_record_lost_inside_the_beam_job_fails_the_stage(converted_tiny, tmp_path, monkeypatch):
     real_scan = graph._scan
     monkeypatch.setattr(

@@ -36,6 +36,7 @@ def changed(a, b):
     return any(not np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_batch_norm", [False, True])
 def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
     converted_tiny, base_params, head_path, tmp_path, train_batch_norm
@@ -111,7 +112,7 @@ def test_unfreeze_top_counts_layers_from_the_end(base_params, head_path):
 def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
     model = finetune.build_classifier(base_params, head_path)
     with pytest.raises(
-        ParamsError, match=r"finetune\.unfreeze_from: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"
+        ParamsError, match=r"finetune\.unfreeze_from: .* has no layer 'block_16_expnd' \(did you mean 'block_16_expand'"
     ):
         finetune.prepare_for_finetuning(model, base_params, finetune.FinetuneParams(unfreeze_from="block_16_expnd"))
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_top: the base has \d+ layers, got 100000"):
@@ -156,6 +157,7 @@ def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_par
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
     # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.
     params = finetune.FinetuneParams(
@@ -176,6 +178,7 @@ def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params, tmp_path):
     """Bit-reproducible training: same inputs and params, same bytes (model, history, dvclive metrics and plots)."""
     head_params = train_head.TrainHeadParams(hidden_units=8, dropout=0.3, epochs=3)

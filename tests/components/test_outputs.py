@@ -36,6 +36,7 @@ tf.saved_model.save(module, sys.argv[1], signatures={"serving_default": module.s
 """
 
 
+@pytest.mark.slow
 def test_a_graph_traced_after_other_functions_gets_the_same_bytes(tmp_path):
     (tmp_path / "vocabulary.txt").write_text("cats\ndogs\n")
     for name, warm in (("a", 0), ("b", 7)):

@@ -8,6 +8,7 @@ from pipelines import bases  # noqa: E402
 SIZE = (80, 80)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(bases.REGISTRY))
 def test_every_registry_base_builds_and_applies_its_own_preprocessing(name):
     base, preprocessing = bases.load_conv_base(name, None, "none", SIZE)
@@ -39,7 +40,7 @@ def test_intermediate_layer_tap_and_pooling_none():
 
 def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
     with pytest.raises(
-        bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean vgg19, vgg16\?\); known: efficientnet_b0"
+        bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean 'vgg19', 'vgg16'\?\); known: efficientnet_b0"
     ):
         bases.load_conv_base("vgg61", None, "none", SIZE)
     with pytest.raises(bases.BaseError, match=r"input_size: inception_v3 needs each side >= 75"):
@@ -50,7 +51,7 @@ def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
         bases.load_conv_base(None, str(tmp_path / "base.keras"), "none", SIZE)
     base, _ = bases.load_conv_base("mobilenet_v2", None, "none", (64, 64))
     with pytest.raises(
-        bases.BaseError, match=r"layer: .* has no layer 'block_16_expnd' \(did you mean block_16_expand"
+        bases.BaseError, match=r"layer: .* has no layer 'block_16_expnd' \(did you mean 'block_16_expand'"
     ):
         bases.tap(base, "block_16_expnd")
 

@@ -93,6 +93,7 @@ serving.export(model, ["cats", "dogs"], (8, 8), sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_path):
     for name, variant in (("a", "same"), ("b", "same"), ("c", "nudged")):  # each in its own process, as stages run
         subprocess.run(

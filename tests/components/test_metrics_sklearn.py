@@ -1,0 +1,78 @@
+"""Every metric and curve evaluate writes, cross-checked against scikit-learn on random predictions.
+
+evaluate computes them with NumPy (no scikit-learn at run time); these tests fail when one of
+them stops agreeing with the reference implementation, ties and multi-class included.
+"""
+
+import numpy as np
+import pytest
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+from components import evaluate  # noqa: E402
+
+
+def random_predictions(seed: int, n: int, classes: int, ties: bool):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    labels[:classes] = np.arange(classes)  # every class present
+    logits = rng.normal(size=(n, classes)) + 1.5 * np.eye(classes)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    if ties:
+        probs = np.round(probs, 1) + 0.01  # many tied scores (none near 0: evaluate clips at 1e-7 as Keras does)
+        probs /= probs.sum(axis=1, keepdims=True)
+    return labels, probs
+
+
+CASES = [(seed, classes, ties) for seed, classes, ties in ((0, 2, False), (1, 2, True), (2, 3, False), (3, 5, True))]
+
+
+@pytest.mark.parametrize("seed,classes,ties", CASES)
+def test_metrics_agree_with_scikit_learn(seed, classes, ties):
+    labels, probs = random_predictions(seed, 200, classes, ties)
+    names = [f"c{i}" for i in range(classes)]
+    m = evaluate.classification_metrics(labels, probs, names)
+    predicted = probs.argmax(axis=1)
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(labels, predicted))
+    assert m["confusion_matrix"] == sklearn_metrics.confusion_matrix(labels, predicted, labels=range(classes)).tolist()
+    precision, recall, f1, support = sklearn_metrics.precision_recall_fscore_support(
+        labels, predicted, labels=range(classes), zero_division=0
+    )
+    for i, name in enumerate(names):
+        assert m["per_class"][name] == {
+            "precision": pytest.approx(precision[i]),
+            "recall": pytest.approx(recall[i]),
+            "f1": pytest.approx(f1[i]),
+            "support": int(support[i]),
+        }
+    assert m["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(labels, predicted, average="macro"))
+    assert m["loss"] == pytest.approx(sklearn_metrics.log_loss(labels, probs, labels=range(classes)), rel=1e-6)
+    expected_auc = (
+        sklearn_metrics.roc_auc_score(labels, probs[:, 1])
+        if classes == 2
+        else sklearn_metrics.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    )
+    assert m["roc_auc"] == pytest.approx(expected_auc)
+
+
+@pytest.mark.parametrize("seed,classes,ties", CASES)
+def test_curves_agree_with_scikit_learn(seed, classes, ties):
+    labels, probs = random_predictions(seed, 200, classes, ties)
+    # two classes: the positive class's score; more: micro-averaged one-vs-rest, as evaluate plots them
+    if classes == 2:
+        positive, scores = labels == 1, probs[:, 1]
+    else:
+        positive, scores = (np.eye(classes)[labels] == 1).ravel(), probs.ravel()
+    fpr, tpr, _ = evaluate.roc_curve(positive, scores)
+    ref_fpr, ref_tpr, _ = sklearn_metrics.roc_curve(positive, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert evaluate.auc(fpr, tpr) == pytest.approx(sklearn_metrics.auc(ref_fpr, ref_tpr))
+    precision, recall, _ = evaluate.precision_recall_curve(positive, scores)
+    ref_precision, ref_recall, _ = sklearn_metrics.precision_recall_curve(positive, scores, drop_intermediate=False)
+    # scikit-learn appends the (recall 0, precision 1) end point and orders by decreasing threshold
+    np.testing.assert_allclose(precision, ref_precision[:-1][::-1])
+    np.testing.assert_allclose(recall, ref_recall[:-1][::-1])
+    roc_rows, pr_rows = evaluate.curve_rows(labels, probs)
+    np.testing.assert_allclose([r["fpr"] for r in roc_rows], ref_fpr)
+    np.testing.assert_allclose([r["precision"] for r in pr_rows], ref_precision[:-1][::-1])
