@@ -19,7 +19,9 @@ manifest always gives byte-identical files, whatever the runner's ordering.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from typing import Iterable, Mapping
 
 import apache_beam as beam
@@ -30,9 +32,12 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
+from components.manifest import SPLITS
 from pipelines import features as fk
 
-SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 10.0  # each worker logs the images it has read at most this often
 
 
 def raw_metadata() -> dataset_metadata.DatasetMetadata:
@@ -115,8 +120,13 @@ def raw_instance(row: Mapping) -> dict:
 class ReadAndEncode(beam.DoFn):
     """A transformed instance -> (id, serialised tf.Example with the image bytes read from disk)."""
 
-    def __init__(self, images_root: str):
+    def __init__(self, images_root: str, split: str):
         self._root = images_root
+        self._split = split
+
+    def setup(self):
+        self._read, self._started = 0, time.monotonic()
+        self._reported = self._started
 
     def process(self, instance: Mapping) -> Iterable[tuple[bytes, bytes]]:
         record_id = _as_bytes(instance[fk.ID])
@@ -126,6 +136,16 @@ class ReadAndEncode(beam.DoFn):
                 data = handle.read()
         except Exception as exc:  # the manifest promised this file
             raise FileNotFoundError(f"manifest row {record_id.decode()}: cannot read {path}: {exc}") from exc
+        self._read += 1
+        now = time.monotonic()
+        if now - self._reported >= PROGRESS_SECONDS:
+            self._reported = now
+            log.info(
+                "convert: %d %s images read by this worker (%.0f images/s)",
+                self._read,
+                self._split,
+                self._read / max(now - self._started, 1e-9),
+            )
         yield record_id, to_example({**instance, fk.IMAGE: data})
 
 
@@ -231,7 +251,7 @@ def convert(
     for split, part in zip(SPLITS, parts):
         counts.append(
             part
-            | f"ReadAndEncode{split.title()}" >> beam.ParDo(ReadAndEncode(images_root))
+            | f"ReadAndEncode{split.title()}" >> beam.ParDo(ReadAndEncode(images_root, split))
             | f"Write{split.title()}" >> WriteShards(os.path.join(records_dir, split), shards[split], split)
         )
     return tuple(counts) | "AllShardCounts" >> beam.Flatten()

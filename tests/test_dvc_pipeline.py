@@ -163,11 +163,11 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     overlays = {
         "roc": ("roc_head.json", "roc_finetune.json"),
         "precision_recall": ("precision_recall_head.json", "precision_recall_finetune.json"),
-        "train_head_loss": ("train_head/plots/metrics/loss.tsv", "train_head/plots/metrics/val_loss.tsv"),
-        "finetune_accuracy": ("finetune/plots/metrics/accuracy.tsv", "finetune/plots/metrics/val_accuracy.tsv"),
+        "train_head_loss": ("loss.tsv::loss", "val_loss.tsv::val_loss"),
+        "finetune_accuracy": ("accuracy.tsv::accuracy", "val_accuracy.tsv::val_accuracy"),
     }
     for plot, files in overlays.items():
-        text = json.dumps(shown[plot])
+        text = json.dumps(shown["data"][plot])
         assert all(name in text for name in files), (plot, text[:500])
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     # Version it: a local directory remote, commit, push.

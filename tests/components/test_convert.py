@@ -122,3 +122,17 @@ def test_a_record_lost_inside_the_beam_job_fails_the_stage(download_dir, tmp_pat
     assert f"manifest has {expected}" in str(err.value)
     assert f"'{label}': {expected[split][label] - 1}" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_conversion_reports_progress(download_dir, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from pipelines import convert as graph
+
+    monkeypatch.setattr(graph, "PROGRESS_SECONDS", 0.0)  # a line after every image
+    params = write_params(tmp_path, {"train": 1, "val": 1, "test": 1})
+    with caplog.at_level(logging.INFO, logger=graph.__name__):
+        summary = convert.run(convert.load_config(params), download_dir, tmp_path / "convert")
+    lines = [r.getMessage() for r in caplog.records if "images read by this worker" in r.getMessage()]
+    assert len(lines) == sum(summary["records"].values()) == 20
+    assert any(line.startswith("convert: 12 train images read by this worker (") for line in lines)
