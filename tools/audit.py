@@ -38,8 +38,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import dvc.api
+import tensorflow as tf
+import yaml
+from dvc.repo import Repo
+from tensorflow.core.protobuf import saved_model_pb2
+
 from components import lineage, manifest
-from components.cli import configure_logging, dvc, sh
+from components.cli import configure_logging, dvc, run_main, sh
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +159,6 @@ def saved_model_digest(folder: Path) -> str:
     does. Variables are keyed by name, not by their place in the graph: a swap
     of two same-named, same-shaped variables would go unseen.
     """
-    import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
-
     digest = hashlib.sha256()
     model = saved_model_pb2.SavedModel()
     model.ParseFromString((folder / "saved_model.pb").read_bytes())
@@ -228,8 +231,6 @@ def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | 
     A file that cannot be read is noted in `unreadable` (the audit then fails):
     an audit never passes on data it did not see.
     """
-    import dvc.api
-
     try:
         return dvc.api.read(path, repo=str(repo), rev=rev, mode="rb")
     except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or in neither the cache nor a remote
@@ -248,8 +249,6 @@ def read_rows(blob: bytes | None) -> list[dict] | None:
 
 def collect(repo: Path, rev: str) -> dict:
     """Everything the report says about one revision."""
-    import yaml
-
     commit = git(repo, "rev-parse", rev).strip()
     lock_text = git_file(repo, commit, "dvc.lock")
     if lock_text is None:
@@ -303,8 +302,6 @@ def rebuild(
     (recorded, rebuilt) digests of every output of them; training is bit-reproducible, so
     they must be equal.
     """
-    import yaml
-
     cache = dvc("cache", "dir", cwd=repo).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="audit-rebuild-") as scratch:
         tree = Path(scratch) / "tree"
@@ -330,8 +327,6 @@ def rebuild(
 
 def workspace_changes(repo: Path) -> dict:
     """Stages whose workspace outputs or dependencies differ from dvc.lock (`dvc status`)."""
-    from dvc.repo import Repo
-
     with Repo(str(repo)) as dvc_repo:
         return dvc_repo.status()
 
@@ -469,6 +464,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

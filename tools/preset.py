@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import yaml
 
 from components import convert, download, evaluate, export, extract, finetune, train_head
-from components.cli import dvc
+from components.cli import dvc, run_main
 from components.params import ParamsError, load_yaml, read_params
 
 
@@ -174,6 +174,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

@@ -38,12 +38,19 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
+import dvc.api
 import numpy as np
 import pydantic
+import tensorflow as tf
+import yaml
+from gto import api
+from gto.exceptions import ArtifactNotFound
 
-from components.cli import configure_logging, dvc, sh
+from components.cli import configure_logging, dvc, run_main, sh
 from components.manifest import MANIFEST
 from components.params import Section, log_resolved, read_params, section
+from pipelines import features as fk
+from pipelines import serving
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +140,6 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
 
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:
     """(version, commit) of the model in the stage, or (None, None)."""
-    from gto import api
-    from gto.exceptions import ArtifactNotFound
-
     try:
         found = api.find_versions_in_stage(str(repo), params.artifact, params.stage)
     except ArtifactNotFound:  # no version registered yet
@@ -148,8 +152,6 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
 
 def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
     """(the artifact's path, convert's records folder, download's manifest), as dvc.yaml declares them."""
-    import yaml
-
     spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
     if artifact not in (spec.get("artifacts") or {}):
         raise RuntimeError(f"retrain.artifact: dvc.yaml has no artifact {artifact!r}")
@@ -167,11 +169,6 @@ def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
 
 def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> tuple[list[str], np.ndarray]:
     """The records' ids and, per record in order, whether the serving model's `predicted` class name is its label."""
-    import tensorflow as tf
-
-    from pipelines import features as fk
-    from pipelines import serving
-
     serve = tf.saved_model.load(str(serving_dir)).signatures[serving.SIGNATURE]
     spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.IMAGE, fk.LABEL_NAME)}
     ids, right = [], []
@@ -184,8 +181,6 @@ def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 3
 
 def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
     """Ids of the images in the train split of the revision that made the promoted model (fails closed)."""
-    import dvc.api
-
     try:
         blob = dvc.api.read(manifest_path, repo=str(repo), rev=commit, mode="rb")
     except Exception as exc:  # noqa: BLE001 - in neither the cache nor a remote, or not tracked there
@@ -220,9 +215,6 @@ def compare_with_promoted(repo: Path, params: RetrainParams, promoted_commit: st
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
-    from gto import api
-    from gto.exceptions import ArtifactNotFound
-
     python = sys.executable
     if pull:
         sh("git", "pull", "--ff-only", cwd=repo)
@@ -289,6 +281,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import pydantic
 
 from components import cli
-from components.cli import configure_logging, sh
+from components.cli import configure_logging, run_main, sh
 from components.params import ParamsError, load_yaml, read_params
 from tools import preset
 
@@ -261,6 +261,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
-
     run_main(main)
