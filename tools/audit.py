@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import dvc.api
+import dvc.api as dvc_api
 import tensorflow as tf
 import yaml
 from dvc.repo import Repo
@@ -232,7 +232,7 @@ def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | 
     an audit never passes on data it did not see.
     """
     try:
-        return dvc.api.read(path, repo=str(repo), rev=rev, mode="rb")
+        return dvc_api.read(path, repo=str(repo), rev=rev, mode="rb")
     except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or in neither the cache nor a remote
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         unreadable.append(

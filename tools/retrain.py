@@ -38,13 +38,11 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
-import dvc.api
+import dvc.api as dvc_api
 import numpy as np
 import pydantic
 import tensorflow as tf
 import yaml
-from gto import api
-from gto.exceptions import ArtifactNotFound
 
 from components.cli import configure_logging, dvc, run_main, sh
 from components.manifest import MANIFEST
@@ -53,6 +51,22 @@ from pipelines import features as fk
 from pipelines import serving
 
 log = logging.getLogger(__name__)
+
+
+# gto is imported where it is used, not at the top: at module level its import made pytest's
+# collection of this module crash (INTERNALERROR, no test run) whenever tests/tools/test_audit.py was
+# collected first (found 2026-12-01, cause inside gto's import not pinned down); only these paths need it.
+def gto_api():
+    from gto import api
+
+    return api
+
+
+def gto_not_found() -> type[Exception]:
+    from gto.exceptions import ArtifactNotFound
+
+    return ArtifactNotFound
+
 
 PROMOTED, REJECTED, FAILED = 0, 3, 1
 METRICS = "evaluation/metrics.json"
@@ -141,8 +155,8 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:
     """(version, commit) of the model in the stage, or (None, None)."""
     try:
-        found = api.find_versions_in_stage(str(repo), params.artifact, params.stage)
-    except ArtifactNotFound:  # no version registered yet
+        found = gto_api().find_versions_in_stage(str(repo), params.artifact, params.stage)
+    except gto_not_found():  # no version registered yet
         return None, None
     if not found:
         return None, None
@@ -182,7 +196,7 @@ def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 3
 def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
     """Ids of the images in the train split of the revision that made the promoted model (fails closed)."""
     try:
-        blob = dvc.api.read(manifest_path, repo=str(repo), rev=commit, mode="rb")
+        blob = dvc_api.read(manifest_path, repo=str(repo), rev=commit, mode="rb")
     except Exception as exc:  # noqa: BLE001 - in neither the cache nor a remote, or not tracked there
         raise RuntimeError(
             f"cannot read {manifest_path} at the promoted commit {commit[:12]} ({exc}): the gate must know which "
@@ -233,15 +247,15 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         sh("git", "commit", "-q", "-m", f"retrain: {'promoted' if promote else 'rejected'}: {reason}", cwd=repo)
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
     try:
-        registered = api.find_latest_version(str(repo), params.artifact)
-    except ArtifactNotFound:
+        registered = gto_api().find_latest_version(str(repo), params.artifact)
+    except gto_not_found():
         registered = None
     if registered is not None and registered.commit_hexsha == head:
         version = registered.version  # nothing changed since the last registration
     else:
-        version = api.register(str(repo), params.artifact, head, message=reason).version
+        version = gto_api().register(str(repo), params.artifact, head, message=reason).version
     if promote and version != previous:
-        api.assign(str(repo), params.artifact, params.stage, version=version, message=reason)
+        gto_api().assign(str(repo), params.artifact, params.stage, version=version, message=reason)
     if push:
         dvc("push", cwd=repo)
         sh("git", "push", "--follow-tags", cwd=repo)
