@@ -1,6 +1,6 @@
 """Convert-stage throughput against a plain single-process loop, and the on-disk form of images.
 
-    python benchmarks/convert_throughput.py ../shared/data/cats_vs_dogs_2000 [--work DIR] [beam args]
+    python -m benchmarks.convert_throughput ../shared/data/cats_vs_dogs_2000 [--work DIR] [beam args]
 
 1. Runs the download stage on the folder (not part of the comparison).
 2. Times the convert stage (Beam + tf.Transform, DirectRunner unless beam args
@@ -20,12 +20,9 @@ import collections
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZE = (160, 160)
 

@@ -1,6 +1,6 @@
 """Benchmark: what TensorFlow's deterministic ops cost a fine-tuning epoch and a head epoch.
 
-    python benchmarks/determinism_cost.py ../shared/data/cats_vs_dogs_2000 \
+    python -m benchmarks.determinism_cost ../shared/data/cats_vs_dogs_2000 \
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--rounds 2]
 
 Op determinism is a process-wide TensorFlow setting, so each measurement runs
@@ -26,14 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 BATCH = 32
 
 
 def child(work: Path, base_path: Path, size: int, unfreeze_from: str, deterministic: bool, epochs: int) -> dict:
-    from finetune_epoch import preset_model
-
+    from benchmarks.finetune_epoch import preset_model
     from components import finetune, train_head, training
     from pipelines import records
 
@@ -74,7 +71,7 @@ def child(work: Path, base_path: Path, size: int, unfreeze_from: str, determinis
 
 
 def main(argv=None) -> int:
-    from finetune_epoch import add_common_args
+    from benchmarks.finetune_epoch import add_common_args
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -89,8 +86,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
 
-    from extract_throughput import prepare
-
+    from benchmarks.extract_throughput import prepare
     from components import conv_base, extract, train_head
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_determinism_"))
@@ -109,7 +105,8 @@ def main(argv=None) -> int:
         for mode in runs:
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.determinism_cost",
                 str(args.folder),
                 str(args.base),
                 "--child",

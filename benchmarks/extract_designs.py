@@ -1,6 +1,6 @@
 """Three Beam designs for the extract stage, timed on the same TFRecords in one script.
 
-    python benchmarks/extract_designs.py ../shared/data/cats_vs_dogs_2000 \
+    python -m benchmarks.extract_designs ../shared/data/cats_vs_dogs_2000 \
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--size 160] [--work DIR]
 
   shard-dofn     the extract stage as built: one work item per shard, tf.data decode
@@ -21,12 +21,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BATCH = 32
 
 
@@ -134,9 +132,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     logging.basicConfig(level=logging.WARNING)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from extract_throughput import prepare
-
+    from benchmarks.extract_throughput import prepare
     from components import conv_base, extract
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_designs_"))

@@ -1,6 +1,6 @@
 """Extraction throughput, peak memory and head accuracy on real data, in one script.
 
-    python benchmarks/extract_throughput.py ../shared/data/cats_vs_dogs_2000 \
+    python -m benchmarks.extract_throughput ../shared/data/cats_vs_dogs_2000 \
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--size 160] [--work DIR]
 
 Prepares download + convert of the folder (not timed), then times, on the same images:
@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BATCH = 32
 
 

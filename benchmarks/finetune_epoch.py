@@ -1,6 +1,6 @@
 """Benchmark: one fine-tuning epoch, the finetune stage's input pipeline against the seed's loop.
 
-    python benchmarks/finetune_epoch.py ../shared/data/cats_vs_dogs_2000 \
+    python -m benchmarks.finetune_epoch ../shared/data/cats_vs_dogs_2000 \
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--unfreeze-from block11_expand_conv]
 
 One model (the base plus a logistic head, top of the base unfrozen, compiled
@@ -24,13 +24,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 BATCH = 32
 
 
@@ -109,8 +106,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from extract_throughput import prepare
-
+    from benchmarks.extract_throughput import prepare
     from components import finetune, train_head
     from pipelines import records
 

@@ -1,6 +1,6 @@
 """Benchmark: `dvc repro` after new images arrive, with the feature cache, against a cold extraction.
 
-    python benchmarks/incremental_extract.py ../shared/data/cats_vs_dogs_2000 \
+    python -m benchmarks.incremental_extract ../shared/data/cats_vs_dogs_2000 \
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--new 100] [--work DIR]
 
 In one script, on a temporary git + DVC copy of the project on the real-data
@@ -32,7 +32,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PROJECT_FILES = (
     "components",
     "pipelines",

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import keras
 import numpy as np
@@ -43,7 +43,7 @@ from components import outputs
 from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl
 from components.params import Section, log_resolved, read_params, section, write_resolved
-from pipelines import classifier, records, serving
+from pipelines import classifier, records, runtimes, serving
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class EvaluateParams(Section):
     batch_size: int = pydantic.Field(32, ge=1)
     gradcam_correct: int = pydantic.Field(3, ge=0)  # Grad-CAM overlays of correctly classified test images
     gradcam_wrong: int = pydantic.Field(3, ge=0)  # ... and of misclassified ones (the most confident first)
+    runtime: Literal["tensorflow", "openvino"] = "tensorflow"  # what scores both models (Grad-CAM: TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,22 +239,23 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
 
 
 def predict_features(head, files: list[str], feature_size: int, batch_size: int):
-    """(ids, labels, probabilities) of the head on feature records."""
+    """(ids, labels, probabilities) of the head (`runtimes.predictor`) on feature records."""
     ids, labels, probs = [], [], []
     for batch_ids, label, features in records.feature_records(files, feature_size).batch(batch_size):
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(label.numpy())
-        probs.append(as_probabilities(head(features, training=False).numpy()))
+        probs.append(as_probabilities(head(features.numpy())))
     return ids, np.concatenate(labels), np.concatenate(probs)
 
 
 def predict_images(model, files: list[str], size, batch_size: int):
-    """(ids, labels, probabilities) of the classifier on image records, through the shared decode."""
+    """(ids, labels, probabilities) of the classifier (`runtimes.predictor`) on image records, through the
+    shared decode."""
     ids, labels, probs = [], [], []
     for pixels, label, batch_ids in records.image_dataset(files, size, batch_size, binary=False, with_ids=True):
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(label.numpy())
-        probs.append(as_probabilities(model(pixels, training=False).numpy()))
+        probs.append(as_probabilities(model(pixels.numpy())))
     return ids, np.concatenate(labels), np.concatenate(probs)
 
 
@@ -270,6 +272,7 @@ def run(
     model_path: str | Path,
     manifest_path: str | Path,
     report_dir: str | Path,
+    cache_dir: str | None = None,
 ) -> dict:
     params = config.evaluate
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
@@ -281,6 +284,9 @@ def run(
     head = keras.saving.load_model(head_path, compile=False)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
+    runtimes.check_installed(params.runtime)
+    score_head = runtimes.predictor(head, params.runtime, cache_dir)
+    score_model = runtimes.predictor(model, params.runtime, cache_dir)  # Grad-CAM uses the Keras model
     image_files = records.split_files(convert_dir / "records", "test")
     counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 
@@ -290,10 +296,10 @@ def run(
             return None
         found = {
             "head": predict_features(
-                head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size
+                score_head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size
             ),
             "finetune": predict_images(
-                model, records.split_files(convert_dir / "records", split), size, params.batch_size
+                score_model, records.split_files(convert_dir / "records", split), size, params.batch_size
             ),
         }
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
@@ -361,11 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)"
     )
+    parser.add_argument(
+        "--cache", default=None, help="a folder for models converted for the runtime (openvino), reused across runs"
+    )
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)
     log_resolved("evaluate", config.sections())
-    run(config, args.convert, args.extract, args.head, args.model, args.manifest, args.report)
+    run(config, args.convert, args.extract, args.head, args.model, args.manifest, args.report, args.cache)
     return 0
 
 

@@ -85,6 +85,7 @@ def lineage_record(
         "images": split_counts(rows),
         "labels": names,
         "conv_base": features["conv_base"],
+        "extract_runtime": features.get("runtime", "tensorflow"),  # what computed the features the head learned
         "model_sha256": file_sha256(model_path),
         "head_sha256": file_sha256(head_path),
         "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},

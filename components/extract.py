@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import apache_beam as beam
 import pydantic
@@ -46,7 +46,7 @@ from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
 from pipelines import extract as graph
-from pipelines import feature_cache
+from pipelines import feature_cache, runtimes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ DECLARED_OUTPUTS = (FEATURES_DIR, FEATURES_JSON, "params.json")
 
 class ExtractParams(Section):
     batch_size: int = pydantic.Field(32, ge=1, le=4096)
+    runtime: Literal["tensorflow", "openvino"] = "tensorflow"  # what runs the frozen base (pipelines/runtimes.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,13 @@ def shard_jobs(records_dir: Path, out_dir: Path) -> list[tuple[str, str, str]]:
     return jobs
 
 
+def base_on_runtime(params: conv_base.ConvBaseParams, runtime: str, cache_dir: str | None):
+    """The frozen feature extractor, as a Keras model or compiled by OpenVINO (converted once per base
+    into `cache_dir`): what each Beam worker builds."""
+    extractor = conv_base.build_extractor(params)
+    return extractor if runtime == "tensorflow" else runtimes.OpenVINOModel(extractor, cache_dir)
+
+
 def run(
     config: Config,
     convert_dir: str | Path,
@@ -97,7 +105,8 @@ def run(
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
-    namespace = feature_cache.namespace_record(fingerprint, config.extract.batch_size)
+    runtime = config.extract.runtime
+    namespace = feature_cache.namespace_record(fingerprint, config.extract.batch_size, runtime)
     if cache_root and "://" not in cache_root:
         cache_root = str(Path(cache_root).resolve())
     # A namespace in the cache was built from exactly these params; otherwise build
@@ -106,8 +115,10 @@ def run(
     if feature_shape is None:
         probe = conv_base.build_extractor(config.conv_base)
         feature_shape = [int(d) for d in probe.output_shape[1:]]
-        del probe  # each worker builds its own in setup (~1 s for Lite0): nothing is shared with this process
-    factory = functools.partial(conv_base.build_extractor, config.conv_base)
+        del probe  # each worker builds its own on its first cache miss (~1 s for Lite0): nothing is shared
+    if runtime != "tensorflow":
+        runtimes.check_installed(runtime)  # before any work
+    factory = functools.partial(base_on_runtime, config.conv_base, runtime, runtimes.local_cache(cache_root))
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()
@@ -142,6 +153,7 @@ def run(
             "feature_size": math.prod(feature_shape),
             "records": written,
             "conv_base": fingerprint,
+            "runtime": runtime,
         }  # no timings or cache counts in the output: the same records and base give byte-identical outputs
         (tmp / FEATURES_JSON).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())

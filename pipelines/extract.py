@@ -39,7 +39,7 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
-from pipelines import feature_cache, records
+from pipelines import feature_cache, records, runtimes
 from pipelines import features as fk
 
 log = logging.getLogger(__name__)
@@ -80,17 +80,24 @@ Predict = Callable[[np.ndarray], np.ndarray]
 def padded_runner(model, size: tuple[int, int]) -> Callable[[np.ndarray, int], np.ndarray]:
     """(pixels [n], slots >= n) -> features [n], run as a [slots, h, w, 3] batch with blanks after the images.
 
-    One trace serves every `slots` (a dynamic batch dimension; the kernels are chosen per shape at run time).
+    `model` is a Keras model (one trace serves every `slots`: a dynamic batch dimension, the kernels chosen
+    per shape at run time) or a `runtimes.OpenVINOModel`.
     """
-    step = tf.function(
-        lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)]
-    )
+    if isinstance(model, runtimes.OpenVINOModel):
+        predict = model.predict
+    else:
+        step = tf.function(
+            lambda pixels: model(pixels, training=False), input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)]
+        )
+
+        def predict(padded: np.ndarray) -> np.ndarray:
+            return step(tf.constant(padded)).numpy()
 
     def run(pixels: np.ndarray, slots: int) -> np.ndarray:
         n = len(pixels)
         padded = np.zeros((slots, *size, 3), np.float32)
         padded[:n] = pixels
-        return step(tf.constant(padded)).numpy()[:n]
+        return predict(padded)[:n]
 
     return run
 

@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import uuid
+from importlib import metadata
 
 import keras
 import numpy as np
@@ -62,18 +63,28 @@ def code_fingerprint(modules: tuple[str, ...] = FEATURE_CODE) -> dict[str, str]:
     return fingerprint
 
 
-def namespace_record(base_fingerprint: dict, batch_size: int) -> dict:
-    """What, besides the image, decides its features."""
+def namespace_record(base_fingerprint: dict, batch_size: int, runtime: str = "tensorflow") -> dict:
+    """What, besides the image, decides its features (the runtime too: OpenVINO's differ in the last bits)."""
     base = dict(base_fingerprint)
     if base.get("file_sha256"):
         base.pop("path", None)  # the same saved base copied elsewhere is the same base
     return {
         "conv_base": base,
         "batch_size": int(batch_size),
+        **({} if runtime == "tensorflow" else runtime_record(runtime)),  # TensorFlow's entries keep their namespace
         "code": code_fingerprint(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "machine": platform.machine(),
+    }
+
+
+def runtime_record(runtime: str) -> dict:
+    """The runtime, its version and the code that converts and compiles for it."""
+    return {
+        "runtime": runtime,
+        runtime: metadata.version(runtime),
+        "runtime_code": code_fingerprint(("pipelines.runtimes",))["pipelines.runtimes"],
     }
 
 

@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 from components import evaluate, export, extract, finetune, train_head  # noqa: E402
 from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
-from tests.conftest import encode, image_array  # noqa: E402
+from tests.conftest import encode, image_array, tree_bytes  # noqa: E402
 
 # ---- metrics against values computed by hand ---------------------------------------------------
 
@@ -169,6 +169,44 @@ def test_evaluate_stage_outputs(evaluated, converted_tiny):
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (32, 32)
+
+
+@pytest.mark.slow
+def test_evaluate_on_openvino_scores_as_tensorflow_does(evaluated, converted_tiny, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from pipelines import runtimes
+
+    root, _ = evaluated
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, runtime="openvino")
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    cache = tmp_path / "openvino"
+    args = (converted_tiny, root / "extract", *models, manifest)
+    evaluate.run(evaluate.Config(params), *args, tmp_path / "report", str(cache))
+    assert len(list(cache.glob("*.xml"))) == 2  # the head and the fine-tuned model, converted once
+    monkeypatch.setattr(runtimes, "_convert", lambda model, xml: pytest.fail("converted a cached model again"))
+    evaluate.run(evaluate.Config(params), *args, tmp_path / "again", str(cache))
+    for name in ("metrics.json", "misclassified.json", "plots"):
+        assert tree_or_bytes(tmp_path / "again" / name) == tree_or_bytes(tmp_path / "report" / name)  # re-runs
+    on_tf = json.loads((root / "report" / "metrics.json").read_text())
+    on_ov = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for model in evaluate.MODELS:
+        for split in ("val", "test"):
+            a, b = on_tf[model][split], on_ov[model][split]
+            assert abs(a["accuracy"] - b["accuracy"]) * a["images"] <= 1  # within one image
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    on_tf_wrong = json.loads((root / "report" / "misclassified.json").read_text())
+    on_ov_wrong = {
+        (r["model"], r["id"]): r for r in json.loads((tmp_path / "report" / "misclassified.json").read_text())
+    }
+    for row in on_tf_wrong:
+        if (row["model"], row["id"]) in on_ov_wrong:
+            other = on_ov_wrong[(row["model"], row["id"])]["probabilities"]
+            assert all(abs(p - other[c]) <= 1e-4 for c, p in row["probabilities"].items())
+
+
+def tree_or_bytes(path):
+    return tree_bytes(path) if path.is_dir() else path.read_bytes()
 
 
 PLAIN_TF = r"""

@@ -1,0 +1,129 @@
+"""The inference runtimes: OpenVINO against TensorFlow on a base with real-valued features, its conversion
+cache, and a clear error when the package is missing."""
+
+import json
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("openvino")
+
+from components import conv_base, extract  # noqa: E402
+from pipelines import feature_cache, runtimes  # noqa: E402
+from pipelines import features as fk  # noqa: E402
+from tests.conftest import make_converted, tree_bytes  # noqa: E402
+
+BASE = conv_base.ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base_weights):
+    """The test base with fixed, non-degenerate weights (features of order 1, not 1e-12)."""
+    return conv_base.build_extractor(BASE.model_copy(update={"weights": str(tiny_base_weights)}))
+
+
+def pixels(n: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def compiled(base, tmp_path_factory):
+    """(the base compiled by OpenVINO, its conversion cache): converted once for this module (~10 s)."""
+    cache = tmp_path_factory.mktemp("openvino")
+    return runtimes.OpenVINOModel(base, cache), cache
+
+
+@pytest.mark.slow
+def test_openvino_computes_what_tensorflow_computes_to_the_last_bits(base, compiled):
+    model, cache = compiled
+    images = pixels(12)
+    expected = runtimes.predictor(base, "tensorflow")(images)
+    got = model.predict(images)
+    scale = float(np.abs(expected).max())
+    assert scale > 0.5  # real-valued features: the bound below means something
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert float(np.abs(got - expected).max()) <= 1e-4 * scale  # f32: the last bits (bf16 would be ~1e-1)
+    # An image's outputs do not depend on the batch it shares, nor on the split over streams.
+    assert np.array_equal(model.predict(images[::-1])[::-1], got)
+    assert np.array_equal(model.predict(images[:5]), got[:5])
+    assert np.array_equal(model.predict_split(images), got)
+    assert np.array_equal(runtimes.predictor(base, "openvino", cache)(images[:1]), got[:1])
+
+
+@pytest.mark.slow
+def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch):
+    _, cache = compiled
+    converted = sorted(p.suffix for p in cache.iterdir())
+    assert converted == [".bin", ".xml"]  # no temporary names left behind
+
+    def refuse(model, xml):
+        raise AssertionError("converted again although the cache held this model")
+
+    monkeypatch.setattr(runtimes, "_convert", refuse)
+    runtimes.OpenVINOModel(base, cache)  # the same model: compiled from the cache
+    other = keras.models.clone_model(base)
+    other.set_weights([w * 1.01 for w in base.get_weights()])  # the same architecture, other weights
+    assert runtimes.model_digest(other) != runtimes.model_digest(base)
+    assert runtimes.model_digest(keras.models.clone_model(base)) != runtimes.model_digest(base)  # re-initialised
+    with pytest.raises(AssertionError, match="converted again"):
+        runtimes.OpenVINOModel(other, cache)
+
+
+def test_a_missing_openvino_is_a_clear_error_before_any_work(tmp_path, monkeypatch, converted_tiny):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(runtimes.RuntimeMissing, match=r"pip install .*openvino.*or set the runtime to tensorflow"):
+        runtimes.check_installed("openvino")
+    config = extract.Config(BASE, extract.ExtractParams(batch_size=4, runtime="openvino"))
+    with pytest.raises(runtimes.RuntimeMissing):
+        extract.run(config, converted_tiny, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unknown runtime 'onnx'"):
+        runtimes.check_installed("onnx")
+
+
+def test_the_runtime_is_part_of_the_feature_cache_namespace():
+    fingerprint = conv_base.fingerprint(BASE)
+    on_tf = feature_cache.namespace_record(fingerprint, 4)
+    on_ov = feature_cache.namespace_record(fingerprint, 4, "openvino")
+    assert "runtime" not in on_tf  # TensorFlow's namespaces are what they were before the runtime choice
+    assert on_ov["runtime"] == "openvino" and on_ov["openvino"] and len(on_ov["runtime_code"]) == 64
+    assert feature_cache.namespace_of(on_tf) != feature_cache.namespace_of(on_ov)
+
+
+@pytest.mark.slow
+def test_extract_on_openvino_is_byte_identical_across_runs_and_close_to_tensorflow(tmp_path, tiny_base_weights):
+    base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
+    on_ov = extract.Config(base, extract.ExtractParams(batch_size=4, runtime="openvino"))
+    cache = str(tmp_path / "cache")
+    converted = make_converted(tmp_path / "data", per_class=5)
+    cold = extract.run(on_ov, converted, tmp_path / "ov", cache_root=cache)
+    assert cold["computed"] == cold["images"] == 10
+    assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 1  # converted once, for every worker
+    warm = extract.run(on_ov, converted, tmp_path / "ov_again", cache_root=cache)
+    assert warm["computed"] == 0 and tree_bytes(tmp_path / "ov_again") == tree_bytes(tmp_path / "ov")
+    assert json.loads((tmp_path / "ov" / extract.FEATURES_JSON).read_text())["runtime"] == "openvino"
+
+    # Incremental: two new images go through the base; the outputs equal a cold run's (no cache: each
+    # worker converts the base itself).
+    converted = make_converted(tmp_path / "data", per_class=1, start=100)
+    grown = extract.run(on_ov, converted, tmp_path / "ov_grown", cache_root=cache)
+    assert (grown["computed"], grown["from_cache"]) == (2, 10)
+    assert extract.run(on_ov, converted, tmp_path / "ov_cold")["computed"] == 12
+    assert tree_bytes(tmp_path / "ov_grown") == tree_bytes(tmp_path / "ov_cold")
+
+    # TensorFlow's features are another namespace in the same cache, and differ only in the last bits.
+    on_tf = extract.Config(base, extract.ExtractParams(batch_size=4))
+    assert extract.run(on_tf, converted, tmp_path / "tf", cache_root=cache)["computed"] == 12
+    from tests.components.test_extract import read_features
+
+    size = 1280  # mobilenet_v2, average-pooled
+    for shard in sorted((tmp_path / "tf" / extract.FEATURES_DIR).glob("*.tfrecord")):
+        tf_rows = read_features([shard], size)
+        ov_rows = read_features([tmp_path / "ov_grown" / extract.FEATURES_DIR / shard.name], size)
+        assert [r[fk.ID].numpy() for r in tf_rows] == [r[fk.ID].numpy() for r in ov_rows]
+        a = np.stack([r[fk.FEATURES].numpy() for r in tf_rows])
+        b = np.stack([r[fk.FEATURES].numpy() for r in ov_rows])
+        assert np.abs(a).max() > 0.5 and float(np.abs(a - b).max()) <= 1e-4 * np.abs(a).max()
