@@ -4,14 +4,19 @@
         ../shared/models/efficientnet_lite0_imagenet_notop.keras [--size 160] [--work DIR]
 
 Prepares download + convert of the folder (not timed), then times, on the same images:
-  stage  the extract stage (Beam, DirectRunner; decode, resize, batches of 32, the
-         frozen base), wall time of `extract.run` including model load and Beam start;
-  (a)    a bare `predict_on_batch` loop over the same images already decoded and
-         resized in memory (pure inference, batches of 32);
-  (b)    the seed's loop: tf_keras `ImageDataGenerator().flow_from_directory(...)`
+  bare   the baseline: a `predict_on_batch` loop over the same images already decoded
+         and resized in memory (pure inference, batches of 32), and the same loop on
+         OpenVINO (each batch split over its inference streams);
+  stage  the extract stage with each runtime (Beam, DirectRunner; decode, resize,
+         batches of 32, the frozen base), wall time of a cold `extract.run` (empty
+         feature cache) including model load, OpenVINO's conversion and Beam start;
+         each trains the head (train_head stage, logistic head) on its own features
+         and reports its val and test accuracy;
+  seed   the seed's loop: tf_keras `ImageDataGenerator().flow_from_directory(...)`
          over the same folder with `model.predict(batch)` per batch.
-Then the extract stage's peak RSS in a fresh process at 500 and at 2,000 images,
-and trains the head (train_head stage, logistic head) to report its test accuracy.
+Then the extract stage's peak RSS in a fresh process at 500 and at 2,000 images, and
+evaluate with each runtime (after a short TensorFlow fine-tune), cold (the models
+converted in the run) and warm, with both models' accuracies.
 """
 
 from __future__ import annotations
@@ -105,12 +110,96 @@ def peak_rss_mb(convert_dir: Path, out: Path, params: Path) -> float:
     return int(kb) / 1024
 
 
+def time_stage(extract, config, convert_dir: Path, out: Path, cache: Path) -> tuple[float, dict]:
+    """Wall time of a cold extract stage (empty feature cache; OpenVINO converts the base once into it)."""
+    shutil.rmtree(cache, ignore_errors=True)
+    started = time.perf_counter()
+    record = extract.run(config, convert_dir, out, cache_root=str(cache))
+    return time.perf_counter() - started, record
+
+
+def bare_openvino(model, convert_dir: Path, size) -> tuple[float, int]:
+    """The bare loop on OpenVINO: each batch of 32 split over the inference streams."""
+    import numpy as np
+
+    from pipelines import records, runtimes
+
+    paths = sorted((convert_dir / "records").glob("*.tfrecord"))
+    images = np.concatenate(
+        [p.numpy() for path in paths for p, _ in records.image_dataset([str(path)], size, BATCH, binary=False)]
+    )
+    compiled = runtimes.OpenVINOModel(model)
+    compiled.predict_split(images[:BATCH])
+    started = time.perf_counter()
+    for i in range(0, len(images), BATCH):
+        compiled.predict_split(images[i : i + BATCH])
+    return time.perf_counter() - started, len(images)
+
+
+def evaluate_per_runtime(work: Path, convert_dir: Path, base, epochs: int) -> dict:
+    """Fine-tune (TensorFlow, the preset's recipe for `epochs` epochs), then time evaluate with each runtime:
+    cold (the models converted in the run, as after a new training) and warm (conversions cached)."""
+    from components import evaluate, finetune
+    from components.params import CommonParams
+
+    tune = finetune.FinetuneParams(
+        unfreeze_from="block11_expand_conv", optimizer="adam", learning_rate=5e-5, epochs=epochs, batch_size=32
+    )
+    finetune.run(
+        finetune.Config(CommonParams(), base, tune),
+        convert_dir,
+        work / "head" / "head.keras",
+        work / "finetune",
+        work / "live_finetune",
+    )
+    manifest = work / "download" / "manifest.jsonl"
+    results = {}
+    for runtime in ("tensorflow", "openvino"):
+        config = evaluate.Config(evaluate.EvaluateParams(runtime=runtime))
+        cache = work / f"evaluate_cache_{runtime}"
+        shutil.rmtree(cache, ignore_errors=True)
+        times = []
+        for attempt in ("cold", "warm"):
+            started = time.perf_counter()
+            evaluate.run(
+                config,
+                convert_dir,
+                work / "extract_tensorflow",
+                work / "head" / "head.keras",
+                work / "finetune" / "model.keras",
+                manifest,
+                work / f"report_{runtime}_{attempt}",
+                str(cache),
+            )
+            times.append(time.perf_counter() - started)
+        metrics = json.loads((work / f"report_{runtime}_cold" / "metrics.json").read_text())
+        results[runtime] = {
+            "cold_s": round(times[0], 2),
+            "warm_s": round(times[1], 2),
+            "accuracy": {m: {s: metrics[m][s]["accuracy"] for s in ("val", "test")} for m in metrics},
+            "test_images": metrics["finetune"]["test"]["images"],
+        }
+    tf_, ov = results["tensorflow"], results["openvino"]
+    results["speedup_cold"] = round(tf_["cold_s"] / ov["cold_s"], 3)
+    results["speedup_warm"] = round(tf_["warm_s"] / ov["warm_s"], 3)
+    results["test_images_apart"] = {
+        m: round(abs(tf_["accuracy"][m]["test"] - ov["accuracy"][m]["test"]) * tf_["test_images"], 2)
+        for m in tf_["accuracy"]
+    }
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("base", type=Path, help="a saved .keras conv base (raw RGB 0..255 in)")
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--no-seed-loop", action="store_true", help="skip the seed's ImageDataGenerator loop")
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=1, help="epochs of the model evaluate scores (0: skip evaluate)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -127,63 +216,99 @@ def main(argv=None) -> int:
     size = (args.size, args.size)
     convert_dir = prepare(args.folder, work)
     base = conv_base.ConvBaseParams(name=None, path=str(args.base.resolve()), input_size=size, pooling="avg")
-    config = extract.Config(base, extract.ExtractParams(batch_size=BATCH))
-
-    started = time.perf_counter()
-    record = extract.run(config, convert_dir, work / "extract")
-    stage_s = time.perf_counter() - started
-    n = sum(record["records"].values())
     model = conv_base.build_extractor(base)
-    bare_s, bare_n = bare_predict(model, convert_dir, size)
-    seed_s, seed_n = seed_loop(model, args.folder, size)
-
-    params = work / "params.yaml"
-    params.write_text(
-        yaml.safe_dump({"conv_base": json.loads(base.model_dump_json()), "extract": {"batch_size": BATCH}})
-    )
-    convert_500 = prepare(args.folder, work, limit=500)
-    rss = {
-        500: peak_rss_mb(convert_500, work / "rss500", params),
-        n: peak_rss_mb(convert_dir, work / "rss_all", params),
-    }
+    bare_s, bare_n = bare_predict(model, convert_dir, size)  # the baseline every ratio is against
+    report: dict = {"images": bare_n, "size": list(size), "bare_predict_images_per_s": round(bare_n / bare_s, 1)}
+    ov_s, ov_n = bare_openvino(model, convert_dir, size)
+    report["bare_openvino_images_per_s"] = round(ov_n / ov_s, 1)
+    report["bare_openvino_over_bare"] = round(bare_s / ov_s, 3)
 
     head_params = train_head.TrainHeadParams(hidden_units=0, dropout=0.2, epochs=60, patience=8)  # the preset's head
-    history = train_head.run(
-        train_head.Config(CommonParams(), head_params),
-        work / "extract",
-        convert_dir / "labels.json",
-        work / "head",
-        work / "live",
-    )
-    test_accuracy = head_test_accuracy(work / "head" / "head.keras", work / "extract")
-
-    stage_ips, bare_ips, seed_ips = n / stage_s, bare_n / bare_s, seed_n / seed_s
-    print(
-        json.dumps(
-            {
-                "images": n,
-                "size": list(size),
-                "stage_s": round(stage_s, 2),
-                "stage_images_per_s": round(stage_ips, 1),
-                # of which: checking params and loading the base before Beam starts, then the Beam job itself
-                "stage_setup_s": round(stage_s - record["seconds"], 2),
-                "stage_beam_s": record["seconds"],
-                "bare_predict_s": round(bare_s, 2),
-                "bare_predict_images_per_s": round(bare_ips, 1),
-                "seed_loop_s": round(seed_s, 2),
-                "seed_loop_images_per_s": round(seed_ips, 1),
-                "stage_over_bare": round(stage_ips / bare_ips, 3),
-                "stage_over_seed_loop": round(stage_ips / seed_ips, 3),
-                "peak_rss_mb": {str(k): round(v, 1) for k, v in rss.items()},
-                "head_val_accuracy": round(history["val_accuracy"], 4),
-                "head_test_accuracy": round(test_accuracy, 4),
-            },
-            indent=2,
+    for runtime in ("tensorflow", "openvino"):
+        config = extract.Config(base, extract.ExtractParams(batch_size=BATCH, runtime=runtime))
+        stage_s, record = time_stage(extract, config, convert_dir, work / f"extract_{runtime}", work / "cache")
+        if runtime == "openvino":
+            report["stage_openvino_over_stage_tensorflow"] = round(report["stage_tensorflow"]["seconds"] / stage_s, 3)
+        n = sum(record["records"].values())
+        history = train_head.run(
+            train_head.Config(CommonParams(), head_params),
+            work / f"extract_{runtime}",
+            convert_dir / "labels.json",
+            work / ("head" if runtime == "tensorflow" else f"head_{runtime}"),
+            work / f"live_{runtime}",
         )
+        head_path = work / ("head" if runtime == "tensorflow" else f"head_{runtime}") / "head.keras"
+        report[f"stage_{runtime}"] = {
+            "seconds": round(stage_s, 2),
+            "images_per_s": round(n / stage_s, 1),
+            "over_bare": round((n / stage_s) / (bare_n / bare_s), 3),
+            # of which: checking params and loading the base before Beam starts, then the Beam job itself
+            "setup_s": round(stage_s - record["seconds"], 2),
+            "beam_s": record["seconds"],
+            "head_val_accuracy": round(history["val_accuracy"], 4),
+            "head_test_accuracy": round(head_test_accuracy(head_path, work / f"extract_{runtime}"), 4),
+        }
+    # The nightly case: the base was converted by an earlier run (cached by its content), the features are new.
+    for entry in (work / "cache").iterdir():
+        if entry.name != "openvino":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    config = extract.Config(base, extract.ExtractParams(batch_size=BATCH, runtime="openvino"))
+    started = time.perf_counter()
+    record = extract.run(config, convert_dir, work / "extract_openvino_converted", cache_root=str(work / "cache"))
+    stage_s = time.perf_counter() - started
+    report["stage_openvino_base_converted_before"] = {
+        "seconds": round(stage_s, 2),
+        "images_per_s": round(bare_n / stage_s, 1),
+        "over_bare": round(bare_s / stage_s, 3),
+        "over_stage_tensorflow": round(report["stage_tensorflow"]["seconds"] / stage_s, 3),
+    }
+    report["features_max_abs_difference"] = max_feature_difference(
+        work / "extract_tensorflow", work / "extract_openvino"
     )
+
+    if not args.no_seed_loop:
+        seed_s, seed_n = seed_loop(model, args.folder, size)
+        report["seed_loop_images_per_s"] = round(seed_n / seed_s, 1)
+        report["stage_tensorflow_over_seed_loop"] = round(
+            report["stage_tensorflow"]["images_per_s"] / report["seed_loop_images_per_s"], 3
+        )
+    if not args.no_rss:
+        params = work / "params.yaml"
+        params.write_text(
+            yaml.safe_dump({"conv_base": json.loads(base.model_dump_json()), "extract": {"batch_size": BATCH}})
+        )
+        convert_500 = prepare(args.folder, work, limit=500)
+        report["peak_rss_mb"] = {
+            "500": round(peak_rss_mb(convert_500, work / "rss500", params), 1),
+            str(bare_n): round(peak_rss_mb(convert_dir, work / "rss_all", params), 1),
+        }
+    if args.finetune_epochs:
+        report["evaluate"] = evaluate_per_runtime(work, convert_dir, base, args.finetune_epochs)
+    print(json.dumps(report, indent=2))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def max_feature_difference(a_dir: Path, b_dir: Path) -> dict:
+    """The largest |a - b| between two extract outputs' features, and the largest |a|."""
+    import numpy as np
+
+    from pipelines import records
+
+    size = json.loads((a_dir / "features.json").read_text())["feature_size"]
+    diff = scale = 0.0
+    for shard in sorted((a_dir / "features").glob("*.tfrecord")):
+        a = {i: f for i, _, f in records.feature_records([str(shard)], size).as_numpy_iterator()}
+        b = {
+            i: f
+            for i, _, f in records.feature_records([str(b_dir / "features" / shard.name)], size).as_numpy_iterator()
+        }
+        assert a.keys() == b.keys()
+        for key in a:
+            diff = max(diff, float(np.abs(a[key] - b[key]).max()))
+            scale = max(scale, float(np.abs(a[key]).max()))
+    return {"max_abs_difference": diff, "max_abs_feature": scale}
 
 
 def head_test_accuracy(head_path: Path, extract_dir: Path) -> float:

@@ -3,7 +3,7 @@
 extract (the conv base) and evaluate (the head and the fine-tuned model) run pure
 inference; OpenVINO runs the same network 1.9x faster than Keras's
 `predict_on_batch` here (two inference streams, f32). The OpenVINO model is
-converted from the Keras model itself (its TF SavedModel export, then
+converted from the Keras model itself (its traced inference function, through
 `openvino.convert_model`): there is no second source of weights. Converted models
 are cached as IR files keyed by `model_digest` (the model's config and weights),
 so a run converts a base once.
@@ -69,16 +69,19 @@ def model_digest(model: keras.Model) -> str:
 
 
 def _convert(model: keras.Model, xml: Path) -> None:
-    """Keras model -> OpenVINO IR at `xml` (+ .bin), written under temporary names and renamed."""
+    """Keras model -> OpenVINO IR at `xml` (+ .bin), written under temporary names and renamed.
+
+    OpenVINO converts the model's traced inference function (`training=False`) in memory: 3.3 s for Lite0
+    here, against 9 s through a SavedModel on disk, with the same bits.
+    """
     ov = _openvino()
-    with tempfile.TemporaryDirectory(prefix="openvino-export-") as scratch:
-        saved = Path(scratch) / "saved_model"
-        model.export(str(saved), format="tf_saved_model", verbose=False)
-        converted = ov.convert_model(str(saved))
-        tmp = xml.with_name(f".{xml.stem}.{uuid.uuid4().hex[:8]}.xml")
-        ov.save_model(converted, str(tmp), compress_to_fp16=False)
-        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # the weights first: an .xml means both exist
-        tmp.replace(xml)
+    (spec,) = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
+    traced = tf.function(lambda inputs: model(inputs, training=False)).get_concrete_function(spec)
+    converted = ov.convert_model(traced)
+    tmp = xml.with_name(f".{xml.stem}.{uuid.uuid4().hex[:8]}.xml")
+    ov.save_model(converted, str(tmp), compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # the weights first: an .xml means both exist
+    tmp.replace(xml)
 
 
 class OpenVINOModel:

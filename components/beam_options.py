@@ -1,0 +1,96 @@
+"""The `beam` params section: the runner the Beam stages (convert, extract) run on, and its options.
+
+    beam:
+      runner: DirectRunner          # or PortableRunner, FlinkRunner, SparkRunner, DataflowRunner, DaskRunner
+      options: {direct_running_mode: multi_processing, direct_num_workers: 2}
+
+Each option becomes ``--name=value`` for Beam's ``PipelineOptions`` (``true``:
+``--name``; ``false``: left out), after ``--runner``. Then come, in this order,
+the shell words of the environment variable ``TRANSFER_BEAM_ARGS`` (a
+per-machine override that no versioned file holds) and the stage's own
+command-line Beam arguments; Beam takes the last of a repeated flag.
+
+The runner does not change what a stage computes: convert and extract write
+byte-identical outputs on every runner the tests run them on. So `beam` is no
+stage's DVC param (dvc.yaml lists none), its values never enter a stage's
+``params.json``, and changing it re-runs nothing; ``dvc repro -f -s extract``
+runs a stage again on the new runner. Unlike the hyper-parameter sections, a
+missing `beam` section means the DirectRunner.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Literal, Sequence
+
+import pydantic
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from components.params import ParamsError, Section, did_you_mean, read_params, section
+
+ENV = "TRANSFER_BEAM_ARGS"
+Runner = Literal["DirectRunner", "PortableRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "DaskRunner"]
+# What each stage cannot run on, and why: checked before any work.
+UNSUPPORTED = {
+    "convert": {
+        "DaskRunner": "tf.Transform's analysers (the label vocabulary) need transforms Beam's DaskRunner lacks",
+    },
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RunnerUnsupported(ValueError):
+    """The stage cannot run on the chosen runner."""
+
+
+class BeamParams(Section):
+    runner: Runner = "DirectRunner"
+    options: dict[str, str | int | float | bool] = {}
+
+    @pydantic.field_validator("options")
+    @classmethod
+    def _names(cls, options: dict) -> dict:
+        for name in options:
+            if not _NAME.match(name):
+                raise ValueError(f"option {name!r}: a Beam option's name as in --name=value, without the dashes")
+        return options
+
+
+def load(params_path: str | Path) -> BeamParams:
+    data = read_params(params_path)
+    return section(data, BeamParams, "beam", params_path) if "beam" in data else BeamParams()
+
+
+def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
+    """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments."""
+    args = [f"--runner={params.runner}"]
+    for name, value in sorted(params.options.items()):
+        if value is True:
+            args.append(f"--{name}")
+        elif value is not False:
+            args.append(f"--{name}={value}")
+    return args + shlex.split((environ if environ is not None else os.environ).get(ENV, "")) + list(extra)
+
+
+def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) -> PipelineOptions:
+    """PipelineOptions for `stage`; an unknown option or a runner the stage cannot use is an error before any work."""
+    args = beam_args(params, extra)
+    options = PipelineOptions(args)
+    known = set(options.get_all_options(drop_default=False))
+    for arg in args:
+        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("--") and name not in known:
+            raise ParamsError(
+                f"beam: unknown Beam option --{name}{did_you_mean(name, known, n=3, cutoff=0.7)}; "
+                "options are Beam's PipelineOptions flags without the dashes"
+            )
+    runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
+    runner = runner.rsplit(".", 1)[-1]
+    why = UNSUPPORTED.get(stage, {}).get(runner)
+    if why:
+        works = [r for r in Runner.__args__ if r not in UNSUPPORTED.get(stage, {})]
+        raise RunnerUnsupported(f"{stage} cannot run on {runner}: {why}; the runners it runs on: {', '.join(works)}")
+    return options
