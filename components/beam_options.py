@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import pydantic
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from components.params import ParamsError, Section, did_you_mean, read_params, section
 
@@ -36,9 +36,13 @@ Runner = Literal["DirectRunner", "PortableRunner", "FlinkRunner", "SparkRunner",
 # What each stage cannot run on, and why: checked before any work.
 UNSUPPORTED = {
     "convert": {
-        "DaskRunner": "tf.Transform's analysers (the label vocabulary) need transforms Beam's DaskRunner lacks",
+        # Tried (Beam 2.77, dask 2026.8): building the Dask graph of tf.Transform's analysis fails inside Beam
+        # (dask/transform_evaluator.py: a window assignment gets no input bag).
+        "DaskRunner": "Beam's DaskRunner cannot translate tf.Transform's analysis (the label vocabulary)",
     },
 }
+# Runners Beam does not know by their short name.
+QUALIFIED = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -59,6 +63,20 @@ class BeamParams(Section):
         return options
 
 
+DIRECT = BeamParams()  # the default: the DirectRunner in this process
+
+
+def _dask_runner():
+    # Imported on use: dask and distributed are an extra (pip install -c constraints.txt -e ".[dask]").
+    try:
+        from apache_beam.runners.dask import dask_runner
+    except ImportError:
+        raise RunnerUnsupported(
+            "beam.runner DaskRunner needs dask and distributed: pip install -c constraints.txt -e '.[dask]'"
+        ) from None
+    return dask_runner
+
+
 def load(params_path: str | Path) -> BeamParams:
     data = read_params(params_path)
     return section(data, BeamParams, "beam", params_path) if "beam" in data else BeamParams()
@@ -66,7 +84,7 @@ def load(params_path: str | Path) -> BeamParams:
 
 def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
     """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments."""
-    args = [f"--runner={params.runner}"]
+    args = [f"--runner={QUALIFIED.get(params.runner, params.runner)}"]
     for name, value in sorted(params.options.items()):
         if value is True:
             args.append(f"--{name}")
@@ -78,17 +96,22 @@ def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | Non
 def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) -> PipelineOptions:
     """PipelineOptions for `stage`; an unknown option or a runner the stage cannot use is an error before any work."""
     args = beam_args(params, extra)
-    options = PipelineOptions(args)
-    known = set(options.get_all_options(drop_default=False))
-    for arg in args:
-        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
-        if arg.startswith("--") and name not in known:
+    runner = str(PipelineOptions(args).view_as(StandardOptions).runner or "DirectRunner").rsplit(".", 1)[-1]
+    if runner == "DaskRunner":
+        _dask_runner()  # registers the Dask options
+    parser = _BeamArgumentParser(allow_abbrev=False)  # as PipelineOptions parses: every registered option class
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(args)
+    flags = [f.lstrip("-") for f in parser._option_string_actions if f.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
             raise ParamsError(
-                f"beam: unknown Beam option --{name}{did_you_mean(name, known, n=3, cutoff=0.7)}; "
+                f"beam: unknown Beam option --{name}{did_you_mean(name, flags, n=3, cutoff=0.7)}; "
                 "options are Beam's PipelineOptions flags without the dashes"
             )
-    runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
-    runner = runner.rsplit(".", 1)[-1]
+    options = PipelineOptions(args)
     why = UNSUPPORTED.get(stage, {}).get(runner)
     if why:
         works = [r for r in Runner.__args__ if r not in UNSUPPORTED.get(stage, {})]

@@ -14,8 +14,10 @@ Outputs (one folder, written atomically)
     ``params.json``  the resolved params
 
 Run: ``python -m components.convert --download data/download --out data/convert [beam args]``
-Beam arguments (``--runner``, ``--direct_num_workers``, ...) pass through
-unchanged to ``PipelineOptions``; the DirectRunner is the default.
+The runner and its options come from params.yaml's ``beam`` section, then
+``TRANSFER_BEAM_ARGS``, then Beam arguments on the command line
+(``components/beam_options.py``); the DirectRunner is the default. The outputs
+are the same bytes on every runner.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import Mapping, Sequence
 import apache_beam as beam
 import pydantic
 import tensorflow as tf
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-from components import outputs
+from components import beam_options, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
@@ -116,14 +118,20 @@ def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args: Sequence[str] = ()) -> dict:
+def run(
+    config: Config,
+    download_dir: str | Path,
+    out_dir: str | Path,
+    beam_args: Sequence[str] = (),
+    runner: beam_options.BeamParams = beam_options.DIRECT,
+) -> dict:
     """Run the Beam pipeline into a staging folder; verify counts; move into place."""
     started = time.monotonic()
+    options = beam_options.pipeline_options("convert", runner, beam_args)  # a runner it cannot use: before any work
     download_dir = Path(download_dir)
     manifest = read_jsonl(download_dir / MANIFEST)
     check_manifest(manifest)
     expected = expected_counts(manifest)
-    options = PipelineOptions(list(beam_args))
     shards = config.convert.shards.model_dump()
     # A fixed scratch path (not inside the randomly named staging folder): the
     # vocabulary's path is recorded in the transform graph, which then stays
@@ -144,7 +152,7 @@ def run(config: Config, download_dir: str | Path, out_dir: str | Path, beam_args
                 temp_dir=temp_dir,
             )
         shutil.rmtree(local_temp, ignore_errors=True)
-        outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn")
+        outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", scratch=temp_dir)
         written = count_records(tmp / RECORDS)
         if written != expected:
             raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")
@@ -180,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     log_resolved("convert", config.sections())
-    run(config, args.download, args.out, beam_args)
+    run(config, args.download, args.out, beam_args, beam_options.load(args.params))
     return 0
 
 

@@ -20,8 +20,12 @@ Also written
 
 Run: ``python -m components.extract --convert data/convert --out data/extract
 [--cache .cache/extract] [--metrics metrics/extract.json] [beam args]``
-Beam arguments pass through unchanged to ``PipelineOptions``; on a distributed
-runner give ``--cache`` a bucket path the workers share.
+The runner and its options come from params.yaml's ``beam`` section, then
+``TRANSFER_BEAM_ARGS``, then Beam arguments on the command line
+(``components/beam_options.py``); on a distributed runner give ``--cache`` a
+bucket path the workers share. Record counts come from the outputs, so a runner
+without Beam metrics (Dask) runs the stage too; the metrics file's
+``computed`` is then null.
 """
 
 from __future__ import annotations
@@ -38,15 +42,15 @@ from typing import Literal, Sequence
 
 import apache_beam as beam
 import pydantic
+import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from components import conv_base, outputs
+from components import beam_options, conv_base, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
 from pipelines import extract as graph
-from pipelines import feature_cache, runtimes
+from pipelines import feature_cache, records, runtimes
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,9 @@ def run(
     *,
     cache_root: str | None = None,
     metrics_path: str | Path | None = None,
+    runner: beam_options.BeamParams = beam_options.DIRECT,
 ) -> dict:
+    options = beam_options.pipeline_options("extract", runner, beam_args)
     convert_dir = Path(convert_dir)
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
@@ -123,7 +129,7 @@ def run(
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()
         jobs = shard_jobs(convert_dir / "records", tmp / FEATURES_DIR)
-        pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+        pipeline = beam.Pipeline(options=options)
         graph.extract(
             pipeline,
             jobs,
@@ -137,13 +143,11 @@ def run(
         result = pipeline.run()
         result.wait_until_finish()
 
-        def counter(name: str) -> int:
-            return int(
-                sum(c.committed or 0 for c in result.metrics().query(MetricsFilter().with_name(name))["counters"])
-            )
-
-        computed = counter(graph.COMPUTED)
-        written = {split: counter(graph.WRITTEN + split) for split in SPLITS}
+        computed = images_computed(result)
+        written = {
+            split: sum(1 for _ in tf.data.TFRecordDataset(records.split_files(tmp / FEATURES_DIR, split)))
+            for split in SPLITS
+        }  # from the outputs: every runner has them
         if written != expected:
             raise RuntimeError(f"feature records {written} do not match the TFRecords {expected}")
         elapsed = time.monotonic() - started
@@ -161,7 +165,7 @@ def run(
     run_metrics = {
         "images": total,
         "computed": computed,
-        "from_cache": total - computed,
+        "from_cache": None if computed is None else total - computed,
         "seconds": round(elapsed, 2),
         "images_per_s": round(total / elapsed, 2),
         "feature_size": record["feature_size"],
@@ -170,16 +174,25 @@ def run(
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(run_metrics, indent=2) + "\n", encoding="utf-8")
     log.info(
-        "extract: %d images %s in %.1fs (%.1f images/s; %d computed, %d from the cache), features %s",
+        "extract: %d images %s in %.1fs (%.1f images/s; %s computed, %s from the cache), features %s",
         total,
         written,
         elapsed,
         total / elapsed,
         computed,
-        total - computed,
+        run_metrics["from_cache"],
         feature_shape,
     )
     return {**record, **run_metrics}
+
+
+def images_computed(result) -> int | None:
+    """Images that went through the base (the rest came from the cache); None on a runner without metrics."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_name(graph.COMPUTED))["counters"]
+    except NotImplementedError:  # Beam's DaskRunner
+        return None
+    return int(sum(c.committed or 0 for c in counters))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     log_resolved("extract", config.sections())
-    run(config, args.convert, args.out, beam_args, cache_root=args.cache, metrics_path=args.metrics)
+    run(
+        config,
+        args.convert,
+        args.out,
+        beam_args,
+        cache_root=args.cache,
+        metrics_path=args.metrics,
+        runner=beam_options.load(args.params),
+    )
     return 0
 
 

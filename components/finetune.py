@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -73,7 +74,9 @@ class FinetuneParams(Section):
     epochs: int = pydantic.Field(20, ge=1)
     batch_size: int = pydantic.Field(32, ge=1)
     patience: int = pydantic.Field(4, ge=1)
-    cache: bool = True  # keep the decoded (pre-augmentation) images in memory between epochs
+    cache: bool = (
+        True  # keep the decoded (pre-augmentation) images between epochs: on disk with --cache, else in memory
+    )
     keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
     # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for 14-19% more time an
     # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
@@ -163,8 +166,35 @@ def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetunePar
 
 
 def run(
-    config: Config, convert_dir: str | Path, head_path: str | Path, out_dir: str | Path, live_dir: str | Path
+    config: Config,
+    convert_dir: str | Path,
+    head_path: str | Path,
+    out_dir: str | Path,
+    live_dir: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> dict:
+    """Fine-tune; with `cache_dir` the decoded images are cached in files there for this run (deleted after),
+    else in memory (float32 pixels: 307 KB an image at 160)."""
+    if config.finetune.cache and cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="finetune-", dir=cache_dir))
+        try:
+            return _run(
+                config, convert_dir, head_path, out_dir, live_dir, {s: str(scratch / s) for s in ("train", "val")}
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _run(
+        config,
+        convert_dir,
+        head_path,
+        out_dir,
+        live_dir,
+        {"train": config.finetune.cache, "val": config.finetune.cache},
+    )
+
+
+def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict) -> dict:
     convert_dir = Path(convert_dir)
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
@@ -192,9 +222,9 @@ def run(
         binary=binary,
         shuffle_seed=config.common.seed,
         augment=build_augmentation(params.augment, config.common.seed),
-        cache=params.cache,
+        cache=cache["train"],
     )
-    val = records.image_dataset(files["val"], size, params.batch_size, binary=binary, cache=params.cache)
+    val = records.image_dataset(files["val"], size, params.batch_size, binary=binary, cache=cache["val"])
     live_dir = Path(live_dir)
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
@@ -249,11 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head", required=True, help="the train_head stage's head.keras")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
+    parser.add_argument(
+        "--cache", default=None, help="a folder for this run's decoded-image cache files (else they stay in memory)"
+    )
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)
     log_resolved("finetune", config.sections())
-    run(config, args.convert, args.head, args.out, args.live)
+    run(config, args.convert, args.head, args.out, args.live, args.cache)
     return 0
 
 

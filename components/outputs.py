@@ -51,9 +51,17 @@ def require_outputs(root: str | Path, relative: Iterable[str]) -> None:
         raise RuntimeError(f"stage did not produce its declared outputs under {root}: {missing}")
 
 
-def stabilise_saved_model(saved_model_dir: str | Path) -> None:
+SCRATCH = "analysis_scratch"  # what a graph's scratch path becomes
+
+
+def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = None) -> None:
     """Make a SavedModel's bytes a function of its content: canonical function names, a derived uuid.
 
+    - `scratch`: a folder the graph names by its path (tf.Transform names the label
+      vocabulary's lookup table after the analysis' scratch file): replaced by a
+      fixed name, so the graph does not depend on where the job ran (another
+      checkout, an auditor's worktree, a runner's temp location). Only the table's
+      resource name holds it; the vocabulary itself is read from `assets/`.
     - TensorFlow names traced functions ``__inference_<name>_<n>`` with a
       process-wide counter, so the numbers depend on what else the process
       traced first (with tf.Transform's Beam workers, on thread timing: two
@@ -71,11 +79,13 @@ def stabilise_saved_model(saved_model_dir: str | Path) -> None:
     names = {f.signature.name for graph in model.meta_graphs for f in graph.graph_def.library.function}
     order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
     mapping = {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
-    text = text_format.MessageToString(model)
+    text = original = text_format.MessageToString(model)
+    if scratch:
+        text = text.replace(str(scratch).rstrip("/"), SCRATCH)
     # Arguments traced without a name get the counter's value as theirs: renumbered the same way.
     user_named = re.compile(r'(key: "_user_specified_name"\s*value \{\s*s: ")(\d+)(")')
     numbers = sorted({int(m.group(2)) for m in user_named.finditer(text)})
-    if mapping or numbers:
+    if mapping or numbers or text != original:
         if mapping:
             token = re.compile(
                 r"(?<![\w])(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")(?![\w])"

@@ -45,7 +45,6 @@ from pipelines import features as fk
 log = logging.getLogger(__name__)
 
 COMPUTED = "images_computed"  # Beam counter: images that went through the base (not from the cache)
-WRITTEN = "records_written_"  # Beam counter per split (WRITTEN + split): feature records in finished shards
 
 
 def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
@@ -281,7 +280,6 @@ class ExtractShard(beam.DoFn):
                     )
                 writer.write(feature_example(record_id, label, values))
         tf.io.gfile.rename(partial, target, overwrite=True)
-        beam.metrics.Metrics.counter("extract", WRITTEN + split).inc(len(rows))
         elapsed = time.monotonic() - started
         log.info(
             "extract: %s %d images (%d computed, %d from the cache) in %.1fs",

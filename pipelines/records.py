@@ -73,7 +73,7 @@ def image_dataset(
     binary: bool,
     shuffle_seed: int | None = None,
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
-    cache: bool = False,
+    cache: bool | str = False,
     with_ids: bool = False,
     only: list[int] | None = None,
 ) -> tf.data.Dataset:
@@ -105,7 +105,7 @@ def image_dataset(
         )
     ds = ds.map(parse, num_parallel_calls=workers, deterministic=True)
     if cache:
-        ds = ds.cache()
+        ds = ds.cache() if cache is True else ds.cache(cache)  # a path: on disk, memory flat in the dataset size
     if shuffle_seed is not None:
         ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)

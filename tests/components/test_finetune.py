@@ -180,7 +180,8 @@ def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_
 
 @pytest.mark.slow
 def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params, tmp_path):
-    """Bit-reproducible training: same inputs and params, same bytes (model, history, dvclive metrics and plots)."""
+    """Bit-reproducible training: same inputs and params, same bytes (model, history, dvclive metrics and plots),
+    whether the decoded images are cached in memory (a) or on disk (b, flat memory; the files go afterwards)."""
     head_params = train_head.TrainHeadParams(hidden_units=8, dropout=0.3, epochs=3)
     tune_params = finetune.FinetuneParams(unfreeze_top=12, epochs=2, batch_size=4, keep_better_start=False)
     features = tmp_path / "extract"
@@ -201,8 +202,10 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
             tmp_path / run / "head" / train_head.HEAD,
             tmp_path / run / "finetune",
             tmp_path / run / "live_finetune",
+            cache_dir=None if run == "a" else tmp_path / "disk_cache",
         )
 
+    assert list((tmp_path / "disk_cache").iterdir()) == []  # the run's cache files are removed
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert "finetune/model.keras" in a and "live_finetune/plots/metrics/val_loss.tsv" in a
     assert {name for name in a if a[name] != b.get(name)} == set()

@@ -1,0 +1,140 @@
+"""convert and extract on Beam runners other than the in-process DirectRunner: the same bytes.
+
+- the DirectRunner with SDK workers in other processes (``direct_running_mode: multi_processing``);
+- Beam's ``DaskRunner`` on a ``dask.distributed.LocalCluster`` of two worker processes (extract; convert
+  stops with a clear error: tf.Transform's analysis does not translate to Dask);
+- the portable path Flink and Spark use: ``PortableRunner`` with an embedded job service and an
+  ``EXTERNAL`` pool of SDK worker processes (``apache_beam.runners.worker.worker_pool_main``), which
+  import the project as the installed package, as a cluster's workers would.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from components import beam_options, convert, extract
+from components.conv_base import ConvBaseParams
+from components.params import ParamsError
+from tests.conftest import make_converted, tree_bytes
+
+BASE = ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_pool():
+    """A pool of SDK worker processes, as a Flink or Spark cluster runs beside its task managers."""
+    port = free_port()
+    # The pool starts each worker as `python -m ...` from PATH: this environment's python first.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("localhost", port)) == 0:
+                break
+        time.sleep(0.2)
+    yield f"localhost:{port}"
+    pool.terminate()
+    pool.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A dask.distributed cluster of two worker processes."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+RUNNERS = ("multi_processing", "portable", "dask")
+
+
+def runner_params(name: str, request) -> beam_options.BeamParams:
+    if name == "portable":
+        pool = request.getfixturevalue("worker_pool")
+        return beam_options.BeamParams(
+            runner="PortableRunner",
+            options={"job_endpoint": "embed", "environment_type": "EXTERNAL", "environment_config": pool},
+        )
+    if name == "dask":
+        address = request.getfixturevalue("dask_cluster")
+        return beam_options.BeamParams(runner="DaskRunner", options={"dask_client_address": address})
+    return beam_options.BeamParams(options={"direct_running_mode": "multi_processing", "direct_num_workers": 2})
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("name", RUNNERS)
+def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_path, tiny_base_weights):
+    reference = make_converted(tmp_path / "direct", per_class=4)  # download + convert on the DirectRunner
+    runner = runner_params(name, request)
+    config = convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1)))  # as make_converted
+    if name == "dask":  # tf.Transform does not run on Dask: a clear error before any work
+        with pytest.raises(beam_options.RunnerUnsupported, match="convert cannot run on DaskRunner"):
+            convert.run(config, reference.parent / "download", tmp_path / "convert", runner=runner)
+        assert not (tmp_path / "convert").exists()
+    else:
+        convert.run(config, reference.parent / "download", tmp_path / "convert", runner=runner)
+        assert tree_bytes(tmp_path / "convert") == tree_bytes(reference)
+
+    base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
+    on_direct = extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e1")
+    elsewhere = extract.run(
+        extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e2", runner=runner
+    )
+    assert on_direct["records"] == elsewhere["records"] and sum(on_direct["records"].values()) == 8
+    assert tree_bytes(tmp_path / "e2") == tree_bytes(tmp_path / "e1")
+    # Counts come from the outputs; Beam's DaskRunner has no metrics, so how many were computed is unknown.
+    assert elsewhere["computed"] == (None if name == "dask" else 8)
+
+
+def test_the_beam_section_becomes_pipeline_options_in_order(monkeypatch):
+    params = beam_options.BeamParams(
+        runner="PortableRunner", options={"job_endpoint": "embed", "save_main_session": True, "streaming": False}
+    )
+    monkeypatch.setenv(beam_options.ENV, "--job_endpoint=localhost:8099 --environment_type=LOOPBACK")
+    args = beam_options.beam_args(params, ["--environment_type=DOCKER"])
+    assert args == [
+        "--runner=PortableRunner",
+        "--job_endpoint=embed",
+        "--save_main_session",
+        "--job_endpoint=localhost:8099",
+        "--environment_type=LOOPBACK",
+        "--environment_type=DOCKER",
+    ]
+    options = beam_options.pipeline_options("extract", params, ["--environment_type=DOCKER"]).get_all_options()
+    assert options["job_endpoint"] == "localhost:8099" and options["environment_type"] == "DOCKER"  # last wins
+
+
+def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv(beam_options.ENV, raising=False)
+    with pytest.raises(ParamsError, match="unknown Beam option --direct_num_wokers.*did you mean 'direct_num_workers'"):
+        beam_options.pipeline_options("extract", beam_options.BeamParams(options={"direct_num_wokers": 2}))
+    with pytest.raises(ValueError, match="without the dashes"):
+        beam_options.BeamParams(options={"--runner": "x"})
+    params = tmp_path / "params.yaml"
+    params.write_text("beam:\n  runner: SparkRuner\n  options: {}\n")
+    with pytest.raises(ParamsError, match="beam.runner"):
+        beam_options.load(params)
+    params.write_text("convert: {}\n")
+    assert beam_options.load(params) == beam_options.DIRECT  # no section: the DirectRunner
+    dask = beam_options.BeamParams(runner="DaskRunner")
+    with pytest.raises(beam_options.RunnerUnsupported, match="convert cannot run on DaskRunner.*DirectRunner"):
+        convert.run(convert.Config(convert.ConvertParams()), tmp_path / "nowhere", tmp_path / "out", runner=dask)
+    assert not (tmp_path / "out").exists()
