@@ -199,10 +199,12 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
+    # Before the build: loading the head (and a base) creates its dropout layers' seed generators, which
+    # draw their seeds from the global random state when they are made; seeded after the build, they
+    # differed from process to process and so did every fine-tuned model (an untrained base's own init
+    # is seeded per weight, pipelines/bases.seeded_initialisation, whatever the global state).
+    training.make_deterministic(config.common.seed, ops=params.deterministic)
     model = build_classifier(config.conv_base, head_path)
-    training.make_deterministic(
-        config.common.seed, ops=params.deterministic
-    )  # after the build: an untrained base seeds its own init
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
