@@ -275,7 +275,12 @@ def main(argv=None) -> int:
     if not args.no_rss:
         params = work / "params.yaml"
         params.write_text(
-            yaml.safe_dump({"conv_base": json.loads(base.model_dump_json()), "extract": {"batch_size": BATCH}})
+            yaml.safe_dump(
+                {
+                    "conv_base": json.loads(base.model_dump_json()),
+                    "extract": extract.ExtractParams(batch_size=BATCH).model_dump(),
+                }
+            )
         )
         convert_500 = prepare(args.folder, work, limit=500)
         report["peak_rss_mb"] = {

@@ -8,7 +8,8 @@ Each option becomes ``--name=value`` for Beam's ``PipelineOptions`` (``true``:
 ``--name``; ``false``: left out), after ``--runner``. Then come, in this order,
 the shell words of the environment variable ``TRANSFER_BEAM_ARGS`` (a
 per-machine override that no versioned file holds) and the stage's own
-command-line Beam arguments; Beam takes the last of a repeated flag.
+command-line Beam arguments. Beam takes the last of a repeated single-valued
+flag; list flags (``experiments``, ``environment_options``) add up.
 
 The runner does not change what a stage computes: convert and extract write
 byte-identical outputs on every runner the tests run them on. So `beam` is no
@@ -20,6 +21,7 @@ missing `beam` section means the DirectRunner.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -31,6 +33,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from components.params import ParamsError, Section, did_you_mean, read_params, section
 
+log = logging.getLogger(__name__)
+
 ENV = "TRANSFER_BEAM_ARGS"
 Runner = Literal["DirectRunner", "PortableRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "DaskRunner"]
 # What each stage cannot run on, and why: checked before any work.
@@ -41,6 +45,8 @@ UNSUPPORTED = {
         "DaskRunner": "Beam's DaskRunner cannot translate tf.Transform's analysis (the label vocabulary)",
     },
 }
+# Runners whose unknown options are errors (the others pass unknown options on to their service).
+STRICT = ("DirectRunner", "DaskRunner")
 # Runners Beam does not know by their short name.
 QUALIFIED = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -84,22 +90,38 @@ def load(params_path: str | Path) -> BeamParams:
 
 def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
     """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments."""
-    args = [f"--runner={QUALIFIED.get(params.runner, params.runner)}"]
+    args = [f"--runner={params.runner}"]
     for name, value in sorted(params.options.items()):
         if value is True:
             args.append(f"--{name}")
         elif value is not False:
             args.append(f"--{name}={value}")
-    return args + shlex.split((environ if environ is not None else os.environ).get(ENV, "")) + list(extra)
+    args += shlex.split((environ if environ is not None else os.environ).get(ENV, "")) + list(extra)
+    return [_qualified(arg) for arg in args]
+
+
+def _qualified(arg: str) -> str:
+    """--runner=DaskRunner -> the class's full name, which is how Beam finds it (from any source)."""
+    name, _, value = arg.partition("=")
+    return f"--runner={QUALIFIED[value]}" if name == "--runner" and value in QUALIFIED else arg
+
+
+class _StrictParser(_BeamArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit
+        raise ParamsError(f"beam: {message}")
 
 
 def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) -> PipelineOptions:
-    """PipelineOptions for `stage`; an unknown option or a runner the stage cannot use is an error before any work."""
+    """PipelineOptions for `stage`; a bad option or a runner the stage cannot use is an error before any work.
+
+    Unknown options are errors on the runners that run here (Direct, Dask); the others pass them on (Java
+    options of a Flink or Spark job server, Dataflow's service options), so there they are only logged.
+    """
     args = beam_args(params, extra)
     runner = str(PipelineOptions(args).view_as(StandardOptions).runner or "DirectRunner").rsplit(".", 1)[-1]
     if runner == "DaskRunner":
         _dask_runner()  # registers the Dask options
-    parser = _BeamArgumentParser(allow_abbrev=False)  # as PipelineOptions parses: every registered option class
+    parser = _StrictParser(allow_abbrev=False)  # as PipelineOptions parses: every registered option class
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(args)
@@ -107,10 +129,13 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     for arg in unknown:
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0]
-            raise ParamsError(
+            message = (
                 f"beam: unknown Beam option --{name}{did_you_mean(name, flags, n=3, cutoff=0.7)}; "
                 "options are Beam's PipelineOptions flags without the dashes"
             )
+            if runner in STRICT:
+                raise ParamsError(message)
+            log.warning("%s (passed on to %s)", message, runner)
     options = PipelineOptions(args)
     why = UNSUPPORTED.get(stage, {}).get(runner)
     if why:

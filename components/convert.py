@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -128,7 +129,7 @@ def run(
     """Run the Beam pipeline into a staging folder; verify counts; move into place."""
     started = time.monotonic()
     options = beam_options.pipeline_options("convert", runner, beam_args)  # a runner it cannot use: before any work
-    download_dir = Path(download_dir)
+    download_dir = Path(download_dir).resolve()  # absolute: workers elsewhere resolve relative paths their own way
     manifest = read_jsonl(download_dir / MANIFEST)
     check_manifest(manifest)
     expected = expected_counts(manifest)
@@ -136,7 +137,7 @@ def run(
     # A fixed scratch path (not inside the randomly named staging folder): the
     # vocabulary's path is recorded in the transform graph, which then stays
     # byte-identical from run to run.
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp"
     shutil.rmtree(local_temp, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp:
@@ -152,11 +153,12 @@ def run(
                 temp_dir=temp_dir,
             )
         shutil.rmtree(local_temp, ignore_errors=True)
-        outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", scratch=temp_dir)
+        vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
+        vocabulary = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
+        outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", temp_dir, f"label_vocabulary_{vocabulary}")
         written = count_records(tmp / RECORDS)
         if written != expected:
             raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")
-        vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
         labels = vocab_file.read_text(encoding="utf-8").splitlines()
         (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False) + "\n", encoding="utf-8")
         elapsed = time.monotonic() - started

@@ -285,6 +285,8 @@ def run(
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
     runtimes.check_installed(params.runtime)
+    if cache_dir and "://" in str(cache_dir):
+        cache_dir = None  # converted models are local files: a bucket path gets a per-run folder instead
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
     score_model = runtimes.predictor(model, params.runtime, cache_dir)  # Grad-CAM uses the Keras model
     image_files = records.split_files(convert_dir / "records", "test")

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import apache_beam as beam
+import numpy as np
 import pydantic
 import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
@@ -50,7 +51,7 @@ from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
 from pipelines import extract as graph
-from pipelines import feature_cache, records, runtimes
+from pipelines import feature_cache, runtimes
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def run(
     runner: beam_options.BeamParams = beam_options.DIRECT,
 ) -> dict:
     options = beam_options.pipeline_options("extract", runner, beam_args)
-    convert_dir = Path(convert_dir)
+    runtimes.check_installed(config.extract.runtime)  # before any work (and before the namespace names its version)
+    convert_dir, out_dir = Path(convert_dir).resolve(), Path(out_dir).resolve()  # workers elsewhere: absolute paths
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
     runtime = config.extract.runtime
@@ -122,8 +124,6 @@ def run(
         probe = conv_base.build_extractor(config.conv_base)
         feature_shape = [int(d) for d in probe.output_shape[1:]]
         del probe  # each worker builds its own on its first cache miss (~1 s for Lite0): nothing is shared
-    if runtime != "tensorflow":
-        runtimes.check_installed(runtime)  # before any work
     factory = functools.partial(base_on_runtime, config.conv_base, runtime, runtimes.local_cache(cache_root))
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
@@ -144,10 +144,7 @@ def run(
         result.wait_until_finish()
 
         computed = images_computed(result)
-        written = {
-            split: sum(1 for _ in tf.data.TFRecordDataset(records.split_files(tmp / FEATURES_DIR, split)))
-            for split in SPLITS
-        }  # from the outputs: every runner has them
+        written = {split: count_records(tmp / FEATURES_DIR, split) for split in SPLITS}  # every runner has outputs
         if written != expected:
             raise RuntimeError(f"feature records {written} do not match the TFRecords {expected}")
         elapsed = time.monotonic() - started
@@ -184,6 +181,12 @@ def run(
         feature_shape,
     )
     return {**record, **run_metrics}
+
+
+def count_records(folder: Path, split: str) -> int:
+    """Records in a split's feature shards (0 without shards)."""
+    files = sorted(str(p) for p in folder.glob(f"{split}-*.tfrecord"))
+    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1)) if files else 0
 
 
 def images_computed(result) -> int | None:

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -177,7 +178,8 @@ def run(
     else in memory (float32 pixels: 307 KB an image at 160)."""
     if config.finetune.cache and cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="finetune-", dir=cache_dir))
+        remove_stale_caches(Path(cache_dir))
+        scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
         try:
             return _run(
                 config, convert_dir, head_path, out_dir, live_dir, {s: str(scratch / s) for s in ("train", "val")}
@@ -192,6 +194,27 @@ def run(
         live_dir,
         {"train": config.finetune.cache, "val": config.finetune.cache},
     )
+
+
+def remove_stale_caches(cache_dir: Path) -> list[str]:
+    """Remove the cache folders of runs whose process is gone (killed before its own clean-up)."""
+    removed = []
+    for folder in sorted(cache_dir.glob("finetune-*-*")):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict) -> dict:

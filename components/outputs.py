@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from typing import Iterable, Iterator
 from google.protobuf import text_format
 from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -54,14 +57,16 @@ def require_outputs(root: str | Path, relative: Iterable[str]) -> None:
 SCRATCH = "analysis_scratch"  # what a graph's scratch path becomes
 
 
-def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = None) -> None:
+def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = None, scratch_name: str = SCRATCH) -> None:
     """Make a SavedModel's bytes a function of its content: canonical function names, a derived uuid.
 
     - `scratch`: a folder the graph names by its path (tf.Transform names the label
-      vocabulary's lookup table after the analysis' scratch file): replaced by a
-      fixed name, so the graph does not depend on where the job ran (another
-      checkout, an auditor's worktree, a runner's temp location). Only the table's
-      resource name holds it; the vocabulary itself is read from `assets/`.
+      vocabulary's lookup table after the analysis' scratch file): every
+      ``<scratch>/`` in the graph's strings becomes ``<scratch_name>/``, so the graph
+      does not depend on where the job ran (another checkout, an auditor's
+      worktree, a runner's temp location). Only the table's resource name holds
+      it (the vocabulary itself is read from `assets/`); give `scratch_name` from
+      the content (the vocabulary's hash) so two graphs' tables keep distinct names.
     - TensorFlow names traced functions ``__inference_<name>_<n>`` with a
       process-wide counter, so the numbers depend on what else the process
       traced first (with tf.Transform's Beam workers, on thread timing: two
@@ -80,8 +85,11 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
     order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
     mapping = {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
     text = original = text_format.MessageToString(model)
+    scratch = str(scratch or "").rstrip("/")
     if scratch:
-        text = text.replace(str(scratch).rstrip("/"), SCRATCH)
+        if len(scratch) < 8 or '"' in scratch or "\\" in scratch:
+            raise ValueError(f"scratch path {scratch!r}: too short or not a plain path to replace safely")
+        text = text.replace(scratch + "/", scratch_name + "/")
     # Arguments traced without a name get the counter's value as theirs: renumbered the same way.
     user_named = re.compile(r'(key: "_user_specified_name"\s*value \{\s*s: ")(\d+)(")')
     numbers = sorted({int(m.group(2)) for m in user_named.finditer(text)})
@@ -99,6 +107,8 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
             del graph.graph_def.library.function[:]
             graph.graph_def.library.function.extend(functions)
         model_path.write_bytes(model.SerializeToString(deterministic=True))
+    if scratch and (scratch + "/").encode() in model_path.read_bytes():
+        log.warning("%s still names the scratch folder %s: its bytes depend on where it ran", model_path, scratch)
     fingerprint_path = folder / "fingerprint.pb"
     if fingerprint_path.exists():
         fingerprint = fingerprint_pb2.FingerprintDef()

@@ -9,6 +9,7 @@
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,16 +43,20 @@ def worker_pool():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
+        start_new_session=True,  # its own process group: the teardown stops the workers it started too
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("localhost", port)) == 0:
-                break
+    while not listening(port):
+        assert time.monotonic() < deadline and pool.poll() is None, "the SDK worker pool did not start"
         time.sleep(0.2)
     yield f"localhost:{port}"
-    pool.terminate()
+    os.killpg(pool.pid, signal.SIGTERM)
     pool.wait(timeout=30)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("localhost", port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +133,17 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
         beam_options.pipeline_options("extract", beam_options.BeamParams(options={"direct_num_wokers": 2}))
     with pytest.raises(ValueError, match="without the dashes"):
         beam_options.BeamParams(options={"--runner": "x"})
+    with pytest.raises(ParamsError, match="beam: argument --direct_running_mode: invalid choice"):
+        beam_options.pipeline_options(
+            "extract", beam_options.BeamParams(options={"direct_running_mode": "multiprocessing"})
+        )
+    # A runner that passes unknown options on to its service (a Flink job server's Java options) only logs them.
+    flink = beam_options.BeamParams(runner="FlinkRunner", options={"some_java_option": "x"})
+    assert beam_options.pipeline_options("extract", flink).get_all_options()["runner"] == "FlinkRunner"
+    # The short Dask name works from any source (Beam only knows the class's full name).
+    monkeypatch.setenv(beam_options.ENV, "--runner=DaskRunner")
+    assert beam_options.beam_args(beam_options.DIRECT)[-1] == "--runner=" + beam_options.QUALIFIED["DaskRunner"]
+    monkeypatch.delenv(beam_options.ENV)
     params = tmp_path / "params.yaml"
     params.write_text("beam:\n  runner: SparkRuner\n  options: {}\n")
     with pytest.raises(ParamsError, match="beam.runner"):

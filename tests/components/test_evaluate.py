@@ -183,8 +183,8 @@ def test_evaluate_on_openvino_scores_as_tensorflow_does(evaluated, converted_tin
     cache = tmp_path / "openvino"
     args = (converted_tiny, root / "extract", *models, manifest)
     evaluate.run(evaluate.Config(params), *args, tmp_path / "report", str(cache))
-    assert len(list(cache.glob("*.xml"))) == 2  # the head and the fine-tuned model, converted once
-    monkeypatch.setattr(runtimes, "_convert", lambda model, xml: pytest.fail("converted a cached model again"))
+    assert len(list(cache.glob("*/model.xml"))) == 2  # the head and the fine-tuned model, converted once
+    monkeypatch.setattr(runtimes, "_convert", lambda model, folder: pytest.fail("converted a cached model again"))
     evaluate.run(evaluate.Config(params), *args, tmp_path / "again", str(cache))
     for name in ("metrics.json", "misclassified.json", "plots"):
         assert tree_or_bytes(tmp_path / "again" / name) == tree_or_bytes(tmp_path / "report" / name)  # re-runs

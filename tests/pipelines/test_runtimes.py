@@ -3,6 +3,7 @@ cache, and a clear error when the package is missing."""
 
 import json
 import sys
+from importlib import metadata
 
 import keras
 import numpy as np
@@ -56,10 +57,18 @@ def test_openvino_computes_what_tensorflow_computes_to_the_last_bits(base, compi
 @pytest.mark.slow
 def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch):
     _, cache = compiled
-    converted = sorted(p.suffix for p in cache.iterdir())
-    assert converted == [".bin", ".xml"]  # no temporary names left behind
+    (folder,) = cache.iterdir()  # no private conversion folders left behind
+    assert folder.name == runtimes.conversion_key(base) and sorted(p.name for p in folder.iterdir()) == [
+        "model.bin",
+        "model.xml",
+    ]
 
-    def refuse(model, xml):
+    # A worker that converted at the same time as another renames second: its copy is dropped, the first kept.
+    before = (folder / "model.bin").stat().st_mtime_ns
+    runtimes._convert(base, folder)
+    assert [p.name for p in cache.iterdir()] == [folder.name] and (folder / "model.bin").stat().st_mtime_ns == before
+
+    def refuse(model, folder):
         raise AssertionError("converted again although the cache held this model")
 
     monkeypatch.setattr(runtimes, "_convert", refuse)
@@ -74,6 +83,11 @@ def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch)
 
 def test_a_missing_openvino_is_a_clear_error_before_any_work(tmp_path, monkeypatch, converted_tiny):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(feature_cache.metadata, "version", not_installed)  # and no package metadata either
     with pytest.raises(runtimes.RuntimeMissing, match=r"pip install .*openvino.*or set the runtime to tensorflow"):
         runtimes.check_installed("openvino")
     config = extract.Config(BASE, extract.ExtractParams(batch_size=4, runtime="openvino"))
@@ -101,7 +115,7 @@ def test_extract_on_openvino_is_byte_identical_across_runs_and_close_to_tensorfl
     converted = make_converted(tmp_path / "data", per_class=5)
     cold = extract.run(on_ov, converted, tmp_path / "ov", cache_root=cache)
     assert cold["computed"] == cold["images"] == 10
-    assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 1  # converted once, for every worker
+    assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 1  # converted once, for every worker
     warm = extract.run(on_ov, converted, tmp_path / "ov_again", cache_root=cache)
     assert warm["computed"] == 0 and tree_bytes(tmp_path / "ov_again") == tree_bytes(tmp_path / "ov")
     assert json.loads((tmp_path / "ov" / extract.FEATURES_JSON).read_text())["runtime"] == "openvino"
