@@ -134,9 +134,8 @@ def run(
     check_manifest(manifest)
     expected = expected_counts(manifest)
     shards = config.convert.shards.model_dump()
-    # A fixed scratch path (not inside the randomly named staging folder): the
-    # vocabulary's path is recorded in the transform graph, which then stays
-    # byte-identical from run to run.
+    # The analysis' scratch folder; tf.Transform writes its path into the transform graph, where
+    # stabilise_saved_model replaces it (below), so the graph does not depend on where this ran.
     out_dir = Path(out_dir).resolve()
     local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp"
     shutil.rmtree(local_temp, ignore_errors=True)

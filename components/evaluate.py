@@ -284,9 +284,7 @@ def run(
     head = keras.saving.load_model(head_path, compile=False)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
-    runtimes.check_installed(params.runtime)
-    if cache_dir and "://" in str(cache_dir):
-        cache_dir = None  # converted models are local files: a bucket path gets a per-run folder instead
+    cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
     score_model = runtimes.predictor(model, params.runtime, cache_dir)  # Grad-CAM uses the Keras model
     image_files = records.split_files(convert_dir / "records", "test")
@@ -370,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--report", required=True, help="metrics, plots, Grad-CAM and misclassified list (declared in dvc.yaml)"
     )
     parser.add_argument(
-        "--cache", default=None, help="a folder for models converted for the runtime (openvino), reused across runs"
+        "--cache", default=None, help="a cache root: models converted for the runtime go in its openvino/ folder"
     )
     args = parser.parse_args(argv)
     configure_logging()

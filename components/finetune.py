@@ -29,6 +29,7 @@ not beat it on val keeps it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import keras
 import pydantic
@@ -75,9 +76,8 @@ class FinetuneParams(Section):
     epochs: int = pydantic.Field(20, ge=1)
     batch_size: int = pydantic.Field(32, ge=1)
     patience: int = pydantic.Field(4, ge=1)
-    cache: bool = (
-        True  # keep the decoded (pre-augmentation) images between epochs: on disk with --cache, else in memory
-    )
+    # Keep the decoded (pre-augmentation) images between epochs: on disk with --cache, else in memory.
+    cache: bool = True
     keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
     # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for 14-19% more time an
     # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
@@ -176,24 +176,23 @@ def run(
 ) -> dict:
     """Fine-tune; with `cache_dir` the decoded images are cached in files there for this run (deleted after),
     else in memory (float32 pixels: 307 KB an image at 160)."""
-    if config.finetune.cache and cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        remove_stale_caches(Path(cache_dir))
-        scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
-        try:
-            return _run(
-                config, convert_dir, head_path, out_dir, live_dir, {s: str(scratch / s) for s in ("train", "val")}
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return _run(
-        config,
-        convert_dir,
-        head_path,
-        out_dir,
-        live_dir,
-        {"train": config.finetune.cache, "val": config.finetune.cache},
-    )
+    with decoded_image_cache(config.finetune.cache, cache_dir) as cache:
+        return _run(config, convert_dir, head_path, out_dir, live_dir, cache)
+
+
+@contextlib.contextmanager
+def decoded_image_cache(enabled: bool, cache_dir: str | Path | None) -> Iterator[dict[str, bool | str]]:
+    """`records.image_dataset`'s `cache` per split: off, in memory, or files in a per-run folder of `cache_dir`."""
+    if not enabled or cache_dir is None:
+        yield {"train": enabled, "val": enabled}
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_caches(Path(cache_dir))
+    scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
+    try:
+        yield {split: str(scratch / split) for split in ("train", "val")}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def remove_stale_caches(cache_dir: Path) -> list[str]:

@@ -180,12 +180,12 @@ def test_evaluate_on_openvino_scores_as_tensorflow_does(evaluated, converted_tin
     params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2, runtime="openvino")
     manifest = converted_tiny.parent / "download" / "manifest.jsonl"
     models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
-    cache = tmp_path / "openvino"
+    cache = tmp_path / "cache" / "openvino"  # under the --cache root
     args = (converted_tiny, root / "extract", *models, manifest)
-    evaluate.run(evaluate.Config(params), *args, tmp_path / "report", str(cache))
+    evaluate.run(evaluate.Config(params), *args, tmp_path / "report", str(cache.parent))
     assert len(list(cache.glob("*/model.xml"))) == 2  # the head and the fine-tuned model, converted once
     monkeypatch.setattr(runtimes, "_convert", lambda model, folder: pytest.fail("converted a cached model again"))
-    evaluate.run(evaluate.Config(params), *args, tmp_path / "again", str(cache))
+    evaluate.run(evaluate.Config(params), *args, tmp_path / "again", str(cache.parent))
     for name in ("metrics.json", "misclassified.json", "plots"):
         assert tree_or_bytes(tmp_path / "again" / name) == tree_or_bytes(tmp_path / "report" / name)  # re-runs
     on_tf = json.loads((root / "report" / "metrics.json").read_text())
