@@ -1,9 +1,9 @@
 """Inference runtimes for a frozen Keras model: TensorFlow, or OpenVINO on the CPU.
 
 extract (the conv base) and evaluate (the head and the fine-tuned model) run pure
-inference; OpenVINO ran the same network 2.44x as fast as Keras's
+inference; OpenVINO ran the same network 1.85-2.44x as fast as Keras's
 `predict_on_batch` here (two inference streams, f32; the extract stage, which also
-decodes, 1.09-1.21x: README, *Inference runtime*). The OpenVINO model is
+decodes, 0.91-1.21x: README, *Inference runtime*). The OpenVINO model is
 converted from the Keras model itself (its traced inference function, through
 `openvino.convert_model`): there is no second source of weights. Converted models
 are cached as IR folders keyed by `conversion_key` (the model's config and weights,
