@@ -55,7 +55,10 @@ class EvaluateParams(Section):
     batch_size: int = pydantic.Field(32, ge=1)
     gradcam_correct: int = pydantic.Field(3, ge=0)  # Grad-CAM overlays of correctly classified test images
     gradcam_wrong: int = pydantic.Field(3, ge=0)  # ... and of misclassified ones (the most confident first)
+    gradcam_per_class: int = pydantic.Field(1, ge=0)  # ... and of the most confident right ones of each class
     runtime: Literal["tensorflow", "openvino"] = "tensorflow"  # what scores both models (Grad-CAM: TensorFlow)
+    most_confused: int = pydantic.Field(5, ge=0)  # the (actual, predicted) class pairs listed, most errors first
+    bootstrap: int = pydantic.Field(1000, ge=0)  # resamples of the test images for macro F1's interval (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,19 +151,77 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
     return float(np.mean(areas))
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str]) -> dict:
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): sound near 0 and 1 and for small n."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def macro_f1_of(matrix: np.ndarray) -> float:
+    """Macro F1 from a confusion matrix (a class never predicted nor present scores 0, as per_class_scores)."""
+    tp = np.diag(matrix).astype(np.float64)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    denominator = predicted + actual
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1.mean())
+
+
+def bootstrap_interval(
+    labels: np.ndarray, predicted: np.ndarray, num_classes: int, resamples: int, seed: int = 0
+) -> tuple[float, float] | None:
+    """A 95% percentile-bootstrap interval of macro F1 over the images (a fixed generator: the same bytes)."""
+    if resamples == 0 or len(labels) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    scores = np.empty(resamples)
+    for r in range(resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        scores[r] = macro_f1_of(confusion_matrix(labels[pick], predicted[pick], num_classes))
+    low, high = np.percentile(scores, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def most_confused(matrix: np.ndarray, names: Sequence[str], top: int) -> list[dict]:
+    """The (actual, predicted) pairs with errors, most first (ties by class order)."""
+    pairs = [
+        (int(matrix[a, p]), a, p) for a in range(len(names)) for p in range(len(names)) if a != p and matrix[a, p]
+    ]
+    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    support = matrix.sum(axis=1)
+    return [
+        {"actual": names[a], "predicted": names[p], "count": n, "of_actual": float(n / support[a])}
+        for n, a, p in pairs[:top]
+    ]
+
+
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, names: Sequence[str], *, confused: int = 5, resamples: int = 1000
+) -> dict:
+    """Accuracy with its 95% Wilson interval, loss, macro F1 with a 95% bootstrap interval, ROC-AUC, per-class
+    precision / recall / F1, the confusion matrix and the most confused class pairs."""
     labels = np.asarray(labels, dtype=np.int64)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion_matrix(labels, predicted, len(names))
     per_class = per_class_scores(matrix, names)
+    accuracy_low, accuracy_high = wilson_interval(int(np.sum(predicted == labels)), len(labels))
+    f1_interval = bootstrap_interval(labels, predicted, len(names), resamples)
     metrics = {
         "images": int(len(labels)),
         "accuracy": float(np.mean(predicted == labels)),
+        "accuracy_low": accuracy_low,  # 95% interval (Wilson)
+        "accuracy_high": accuracy_high,
         "loss": log_loss(labels, probabilities),
         "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
+        "macro_f1_low": None if f1_interval is None else f1_interval[0],  # 95% interval (bootstrap)
+        "macro_f1_high": None if f1_interval is None else f1_interval[1],
         "roc_auc": roc_auc(labels, probabilities),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
+        "most_confused": most_confused(matrix, names, confused),
     }
     return metrics
 
@@ -209,13 +270,19 @@ def misclassified(model: str, ids, labels, probabilities, names, files: dict[str
     return sorted(rows, key=lambda r: -max(r["probabilities"].values()))
 
 
-def pick_gradcam(ids, labels, probabilities, correct: int, wrong: int) -> list[tuple[str, bool]]:
-    """The first `correct` right predictions (id order) and the `wrong` most confident wrong ones."""
+def pick_gradcam(ids, labels, probabilities, correct: int, wrong: int, per_class: int = 0) -> list[tuple[str, bool]]:
+    """The first `correct` right predictions (id order), the `wrong` most confident wrong ones, and the
+    `per_class` most confident right ones of each class not already picked (class order)."""
     predicted = probabilities.argmax(axis=1)
     right = sorted(i for i, (label, p) in zip(ids, zip(labels, predicted)) if label == p)[:correct]
     bad = [(i, probabilities[k].max()) for k, (i, label, p) in enumerate(zip(ids, labels, predicted)) if label != p]
     bad = [i for i, _ in sorted(bad, key=lambda t: (-t[1], t[0]))][:wrong]
-    return [(i, True) for i in right] + [(i, False) for i in bad]
+    chosen = [(i, True) for i in right] + [(i, False) for i in bad]
+    taken = set(right)
+    for c in range(probabilities.shape[1]):
+        best = [(-probabilities[k, c], i) for k, i in enumerate(ids) if labels[k] == c == predicted[k] and i not in taken]
+        chosen += [(i, True) for _, i in sorted(best)[:per_class]]
+    return chosen
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
@@ -310,12 +377,13 @@ def run(
     if predictions is None:
         raise RuntimeError("the test split has no images: nothing to evaluate")
     metrics, wrong = {}, []
+    options = {"confused": params.most_confused, "resamples": params.bootstrap}
     with outputs.staged_dir(report_dir) as report:
         for name, (ids, labels, probs) in predictions.items():
             # Models are chosen and gated on "val" (sweep, retrain); "test" only reports.
             metrics[name] = {
-                "val": None if validation is None else classification_metrics(*validation[name][1:], names),
-                "test": classification_metrics(labels, probs, names),
+                "val": None if validation is None else classification_metrics(*validation[name][1:], names, **options),
+                "test": classification_metrics(labels, probs, names, **options),
             }
             roc, pr = curve_rows(labels, probs)
             write_json(report / "plots" / f"roc_{name}.json", roc)
@@ -326,7 +394,9 @@ def run(
         write_json(report / "misclassified.json", wrong)
 
         ids, labels, probs = predictions["finetune"]
-        chosen = pick_gradcam(ids, labels, probs, params.gradcam_correct, params.gradcam_wrong)
+        chosen = pick_gradcam(
+            ids, labels, probs, params.gradcam_correct, params.gradcam_wrong, params.gradcam_per_class
+        )
         index = {record_id: k for k, record_id in enumerate(ids)}
         images = records.encoded_by_id(image_files, {i for i, _ in chosen}, size)
         (report / "gradcam").mkdir()
@@ -344,15 +414,19 @@ def run(
             m = metrics[name][split]
             if m is not None:
                 log.info(
-                    "evaluate: %s %s accuracy %.4f, loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
+                    "evaluate: %s %s accuracy %.4f (95%%: %.4f-%.4f), loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
                     name,
                     split,
                     m["accuracy"],
+                    m["accuracy_low"],
+                    m["accuracy_high"],
                     m["loss"],
                     m["macro_f1"],
                     m["roc_auc"],
                     m["images"],
                 )
+                for pair in m["most_confused"][:3]:
+                    log.info("evaluate:   %s as %s: %d", pair["actual"], pair["predicted"], pair["count"])
     return {"metrics": metrics, "misclassified": len(wrong), "gradcam": len(chosen)}
 
 

@@ -88,6 +88,54 @@ def test_misclassified_and_gradcam_picks():
         ("d", "cat", "dog", None),
     ]
     assert evaluate.pick_gradcam(ids, labels, probs, correct=1, wrong=1) == [("a", True), ("b", False)]
+    # one of each class's most confident right predictions, skipping those already picked
+    many = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55], [0.95, 0.05], [0.2, 0.8]])
+    more = ids + ["e", "f"]
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    assert evaluate.pick_gradcam(more, labels, many, correct=1, wrong=0, per_class=1) == [
+        ("a", True),
+        ("e", True),
+        ("f", True),
+    ]
+    assert evaluate.pick_gradcam(more, labels, many, correct=0, wrong=0, per_class=2) == [
+        ("e", True),
+        ("a", True),
+        ("f", True),
+        ("c", True),
+    ]
+
+
+def test_most_confused_pairs_and_intervals_by_hand():
+    # 3 classes: 2 of "b" read as "c", 1 "a" as "b", 1 "c" as "b"
+    matrix = np.array([[5, 1, 0], [0, 3, 2], [0, 1, 4]])
+    pairs = evaluate.most_confused(matrix, ["a", "b", "c"], top=2)
+    assert pairs == [
+        {"actual": "b", "predicted": "c", "count": 2, "of_actual": 0.4},
+        {"actual": "a", "predicted": "b", "count": 1, "of_actual": pytest.approx(1 / 6)},
+    ]
+    assert evaluate.most_confused(np.eye(3, dtype=int), ["a", "b", "c"], top=5) == []
+    # Wilson, 95%: 8 of 10 -> (0.4902, 0.9433) (Wilson 1927; Newcombe 1998, table I style)
+    low, high = evaluate.wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert evaluate.wilson_interval(10, 10)[1] == pytest.approx(1.0) and evaluate.wilson_interval(0, 10)[0] == 0.0
+    assert evaluate.macro_f1_of(matrix) == pytest.approx(
+        np.mean([2 * 5 / (5 + 6), 2 * 3 / (5 + 5), 2 * 4 / (6 + 5)])
+    )
+
+
+def test_bootstrap_interval_is_fixed_and_covers_the_estimate():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 300)
+    predicted = np.where(rng.random(300) < 0.8, labels, rng.integers(0, 4, 300))
+    first = evaluate.bootstrap_interval(labels, predicted, 4, 500)
+    assert first == evaluate.bootstrap_interval(labels, predicted, 4, 500)  # the same bytes every run
+    estimate = evaluate.macro_f1_of(evaluate.confusion_matrix(labels, predicted, 4))
+    assert first[0] < estimate < first[1] and 0.03 < first[1] - first[0] < 0.2
+    assert evaluate.bootstrap_interval(labels, predicted, 4, 0) is None
+    # the interval narrows as the images grow: about 1/sqrt(n)
+    big = np.tile(labels, 4), np.tile(predicted, 4)
+    wide, narrow = first[1] - first[0], np.subtract(*evaluate.bootstrap_interval(*big, 4, 500)[::-1])
+    assert 0.35 < narrow / wide < 0.65
 
 
 # ---- the stage on tiny data, and its serving model ---------------------------------------------

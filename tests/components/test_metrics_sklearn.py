@@ -9,6 +9,8 @@ import pytest
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
+scipy_stats = pytest.importorskip("scipy.stats")
+
 from components import evaluate  # noqa: E402
 
 
@@ -53,6 +55,9 @@ def test_metrics_agree_with_scikit_learn(seed, classes, ties):
         else sklearn_metrics.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
     )
     assert m["roc_auc"] == pytest.approx(expected_auc)
+    interval = scipy_stats.binomtest(int(np.sum(predicted == labels)), len(labels)).proportion_ci(method="wilson")
+    assert (m["accuracy_low"], m["accuracy_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+    assert m["macro_f1_low"] < m["macro_f1"] < m["macro_f1_high"]
 
 
 @pytest.mark.parametrize("seed,classes,ties", CASES)
