@@ -187,9 +187,7 @@ def bootstrap_interval(
 
 def most_confused(matrix: np.ndarray, names: Sequence[str], top: int) -> list[dict]:
     """The (actual, predicted) pairs with errors, most first (ties by class order)."""
-    pairs = [
-        (int(matrix[a, p]), a, p) for a in range(len(names)) for p in range(len(names)) if a != p and matrix[a, p]
-    ]
+    pairs = [(int(matrix[a, p]), a, p) for a in range(len(names)) for p in range(len(names)) if a != p and matrix[a, p]]
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
     support = matrix.sum(axis=1)
     return [
@@ -280,7 +278,9 @@ def pick_gradcam(ids, labels, probabilities, correct: int, wrong: int, per_class
     chosen = [(i, True) for i in right] + [(i, False) for i in bad]
     taken = set(right)
     for c in range(probabilities.shape[1]):
-        best = [(-probabilities[k, c], i) for k, i in enumerate(ids) if labels[k] == c == predicted[k] and i not in taken]
+        best = [
+            (-probabilities[k, c], i) for k, i in enumerate(ids) if labels[k] == c == predicted[k] and i not in taken
+        ]
         chosen += [(i, True) for _, i in sorted(best)[:per_class]]
     return chosen
 

@@ -78,7 +78,10 @@ class FinetuneParams(Section):
     patience: int = pydantic.Field(4, ge=1)
     # Keep the decoded (pre-augmentation) images between epochs: on disk with --cache, else in memory.
     cache: bool = True
-    keep_better_start: bool = True  # no epoch beats the starting point on val loss: keep the starting weights
+    # What picks the best epoch (early stopping, restored weights, keep_better_start): val loss, or val
+    # accuracy (ties: the lower val loss) where a small val set's loss follows confidence more than errors.
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    keep_better_start: bool = True  # no epoch beats the starting point on the monitor: keep the starting weights
     # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for 14-19% more time an
     # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
     deterministic: bool = True
@@ -139,6 +142,32 @@ def build_augmentation(params: AugmentParams, seed: int):
         return pipeline(pixels, training=True)
 
     return augment
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch on val: the lowest loss, or the highest accuracy and then the lowest loss.
+
+    ``start``: (val loss, val accuracy) before training, epoch 0, which an epoch must match or beat to be
+    kept; None: the best trained epoch whatever the start. Among trained epochs the earlier wins a tie.
+    """
+
+    def __init__(self, monitor: str, start: tuple[float, float] | None):
+        super().__init__()
+        self.monitor = monitor
+        self.best = None if start is None else self.key(*start)
+        self.epoch = 0
+        self.weights = None
+
+    def key(self, loss: float, accuracy: float) -> tuple[float, ...]:
+        return (loss,) if self.monitor == "val_loss" else (-accuracy, loss)
+
+    def on_train_begin(self, logs=None):
+        self.weights = self.model.get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        key = self.key(float(logs["val_loss"]), float(logs["val_accuracy"]))
+        if self.best is None or key < self.best or (self.epoch == 0 and key == self.best):
+            self.best, self.epoch, self.weights = key, epoch + 1, self.model.get_weights()
 
 
 def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
@@ -253,20 +282,28 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     shutil.rmtree(live_dir, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         before_loss, before_accuracy = model.evaluate(val, verbose=0)
-        start_weights = model.get_weights()
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+        best = BestEpoch(params.monitor, (before_loss, before_accuracy) if params.keep_better_start else None)
+        stop = keras.callbacks.EarlyStopping(monitor=params.monitor, mode="auto", patience=params.patience)
         started = time.monotonic()
         history = model.fit(
-            train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2
+            train,
+            validation_data=val,
+            epochs=params.epochs,
+            callbacks=[best, stop, training.live_callback(live)],
+            verbose=2,
         )
         elapsed = time.monotonic() - started
-        best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)) + 1
-        if params.keep_better_start and history.history["val_loss"][best_epoch - 1] > before_loss:
+        best_epoch = best.epoch
+        model.set_weights(best.weights)
+        if best_epoch == 0:
             # No epoch beat the converged head on val: keep the starting point (epoch 0)
             # rather than a worse model; early stopping alone only compares epochs >= 1.
-            model.set_weights(start_weights)
-            best_epoch = 0
-            log.warning("finetune: no epoch improved val loss %.4f; keeping the starting weights", before_loss)
+            log.warning(
+                "finetune: no epoch improved %s (start: loss %.4f, accuracy %.4f); keeping the starting weights",
+                params.monitor,
+                before_loss,
+                before_accuracy,
+            )
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch}
         outputs.save_keras(model, tmp / MODEL)

@@ -118,9 +118,7 @@ def test_most_confused_pairs_and_intervals_by_hand():
     low, high = evaluate.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
     assert evaluate.wilson_interval(10, 10)[1] == pytest.approx(1.0) and evaluate.wilson_interval(0, 10)[0] == 0.0
-    assert evaluate.macro_f1_of(matrix) == pytest.approx(
-        np.mean([2 * 5 / (5 + 6), 2 * 3 / (5 + 5), 2 * 4 / (6 + 5)])
-    )
+    assert evaluate.macro_f1_of(matrix) == pytest.approx(np.mean([2 * 5 / (5 + 6), 2 * 3 / (5 + 5), 2 * 4 / (6 + 5)]))
 
 
 def test_bootstrap_interval_is_fixed_and_covers_the_estimate():

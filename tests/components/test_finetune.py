@@ -157,6 +157,41 @@ def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_par
     assert not (tmp_path / "out").exists()
 
 
+def run_best_epoch(monitor, start, epochs):
+    """BestEpoch over (val loss, val accuracy) per epoch; each epoch's weights are [epoch number]."""
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    model.set_weights([np.zeros((1, 1), "float32")])
+    best = finetune.BestEpoch(monitor, start)
+    best.set_model(model)
+    best.on_train_begin()
+    for epoch, (loss, accuracy) in enumerate(epochs):
+        model.set_weights([np.full((1, 1), epoch + 1, "float32")])
+        best.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": accuracy})
+    return best.epoch, float(best.weights[0][0, 0])
+
+
+@pytest.mark.parametrize(
+    "monitor, start, expected",
+    [
+        ("val_loss", (0.30, 0.88), 0),  # no epoch's loss is below 0.30: the start
+        ("val_loss", None, 4),  # the lowest trained loss
+        ("val_accuracy", (0.30, 0.88), 2),  # 0.91 twice: the lower loss of the two
+        ("val_accuracy", (0.30, 0.95), 0),  # nothing beats the start's accuracy
+        ("val_accuracy", (0.37, 0.91), 2),  # ties the start's accuracy with a lower loss (0.36 < 0.37)
+    ],
+)
+def test_the_best_epoch_follows_the_monitor(monitor, start, expected):
+    epochs = [(0.40, 0.90), (0.36, 0.91), (0.38, 0.91), (0.32, 0.89)]
+    epoch, weights = run_best_epoch(monitor, start, epochs)
+    assert (epoch, weights) == (expected, float(expected))
+
+
+def test_a_tie_with_the_start_goes_to_the_trained_epoch_and_earlier_epochs_win_ties():
+    assert run_best_epoch("val_loss", (0.3, 0.9), [(0.3, 0.8), (0.3, 0.95)]) == (1, 1.0)
+    assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.2, 0.9), (0.2, 0.9)]) == (1, 1.0)
+    assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.4, 0.9)]) == (0, 0.0)  # same accuracy, worse loss
+
+
 @pytest.mark.slow
 def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
     # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.
