@@ -414,7 +414,7 @@ def run(
             m = metrics[name][split]
             if m is not None:
                 log.info(
-                    "evaluate: %s %s accuracy %.4f (95%%: %.4f-%.4f), loss %.4f, macro F1 %.4f, ROC-AUC %s (%d images)",
+                    "evaluate: %s %s accuracy %.4f (95%%: %.4f-%.4f), loss %.4f, macro F1 %.4f%s, ROC-AUC %s (%d images)",
                     name,
                     split,
                     m["accuracy"],
@@ -422,7 +422,8 @@ def run(
                     m["accuracy_high"],
                     m["loss"],
                     m["macro_f1"],
-                    m["roc_auc"],
+                    f" ({m['macro_f1_low']:.4f}-{m['macro_f1_high']:.4f})" if m.get("macro_f1_low") is not None else "",
+                    "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
                     m["images"],
                 )
                 for pair in m["most_confused"][:3]:
