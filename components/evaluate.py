@@ -250,6 +250,11 @@ def confusion_rows(labels: np.ndarray, probabilities: np.ndarray, names: Sequenc
     return [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels, probabilities.argmax(axis=1))]
 
 
+def per_class_rows(metrics: dict) -> list[dict]:
+    """One row a class (precision, recall, F1, support) from classification_metrics: a DVC bar plot."""
+    return [{"class": name, **values} for name, values in metrics["per_class"].items()]
+
+
 def misclassified(model: str, ids, labels, probabilities, names, files: dict[str, str]) -> list[dict]:
     rows = []
     for record_id, label, probs in zip(ids, labels, probabilities):
@@ -389,6 +394,7 @@ def run(
             write_json(report / "plots" / f"roc_{name}.json", roc)
             write_json(report / "plots" / f"precision_recall_{name}.json", pr)
             write_json(report / "plots" / f"confusion_{name}.json", confusion_rows(labels, probs, names))
+            write_json(report / "plots" / f"per_class_{name}.json", per_class_rows(metrics[name]["test"]))
             wrong += misclassified(name, ids, labels, probs, names, files)
         write_json(report / "metrics.json", metrics)
         write_json(report / "misclassified.json", wrong)

@@ -81,6 +81,8 @@ class FinetuneParams(Section):
     # What picks the best epoch (early stopping, restored weights, keep_better_start): val loss, or val
     # accuracy (ties: the lower val loss) where a small val set's loss follows confidence more than errors.
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    # balanced: each class's loss weighted n / (k * n_c) over the training split (convert's summary.json)
+    class_weight: Literal["none", "balanced"] = "none"
     keep_better_start: bool = True  # no epoch beats the starting point on the monitor: keep the starting weights
     # TensorFlow's deterministic ops: bit-reproducible models (`audit --rebuild`) for 14-19% more time an
     # epoch on the real-data preset (benchmarks/determinism_cost.py); false trades that for speed.
@@ -250,6 +252,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     labels = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
+    summary = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))
+    weights = training.class_weights([summary["per_class"]["train"].get(n, 0) for n in labels], params.class_weight)
     # Before the build: loading the head (and a base) creates its dropout layers' seed generators, which
     # draw their seeds from the global random state when they are made; seeded after the build, they
     # differed from process to process and so did every fine-tuned model (an untrained base's own init
@@ -289,6 +293,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             train,
             validation_data=val,
             epochs=params.epochs,
+            class_weight=weights,
             callbacks=[best, stop, training.live_callback(live)],
             verbose=2,
         )
@@ -315,6 +320,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             "val_accuracy": float(val_accuracy),
             "unfrozen_layers": unfrozen,
             "labels": labels,
+            "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
             "input_size": list(size),
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

@@ -53,6 +53,8 @@ class TrainHeadParams(Section):
     epochs: int = pydantic.Field(30, ge=1)
     batch_size: int = pydantic.Field(32, ge=1)
     patience: int = pydantic.Field(5, ge=1)
+    # balanced: each class's loss weighted n / (k * n_c) over the training split, for unbalanced classes
+    class_weight: Literal["none", "balanced"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +102,18 @@ def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def check_labels(files: list[str], feature_size: int, num_classes: int) -> None:
-    """Every label must index the vocabulary: a clear error instead of a NaN loss."""
-    labels = [int(label) for _, label, _ in records.feature_records(files, feature_size)]
-    bad = sorted({v for v in labels if not 0 <= v < num_classes})
+def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[int]:
+    """Every label must index the vocabulary (a clear error instead of a NaN loss); the count of each class."""
+    counts = [0] * num_classes
+    bad = set()
+    for _, label, _ in records.feature_records(files, feature_size):
+        if 0 <= int(label) < num_classes:
+            counts[int(label)] += 1
+        else:
+            bad.add(int(label))
     if bad:
-        raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
+        raise ValueError(f"labels {sorted(bad)} are outside the vocabulary of {num_classes} classes (labels.json)")
+    return counts
 
 
 def run(
@@ -116,8 +124,8 @@ def run(
     labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
     size, num_classes, params = int(meta["feature_size"]), len(labels), config.train_head
     files = {split: records.split_files(extract_dir / "features", split) for split in ("train", "val")}
-    for names in files.values():
-        check_labels(names, size, num_classes)
+    counts = {split: check_labels(names, size, num_classes) for split, names in files.items()}
+    weights = training.class_weights(counts["train"], params.class_weight)
     training.make_deterministic(config.common.seed)
     train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)
     val = feature_dataset(files["val"], size, num_classes, params.batch_size, None)
@@ -128,7 +136,12 @@ def run(
     with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         history = head.fit(
-            train, validation_data=val, epochs=params.epochs, callbacks=[stop, training.live_callback(live)], verbose=2
+            train,
+            validation_data=val,
+            epochs=params.epochs,
+            class_weight=weights,
+            callbacks=[stop, training.live_callback(live)],
+            verbose=2,
         )
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
         best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
@@ -140,6 +153,7 @@ def run(
             "val_loss": float(val_loss),
             "val_accuracy": float(val_accuracy),
             "labels": labels,
+            "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
             "feature_size": size,
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

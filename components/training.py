@@ -37,6 +37,21 @@ def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) 
     )
 
 
+def class_weights(counts, mode: str) -> dict[int, float] | None:
+    """Per-class loss weights from the training split's class counts: ``balanced`` gives class c the weight
+    n / (k * n_c) (scikit-learn's), so every class weighs the same in the loss; ``none``: None (unweighted)."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"unknown class weighting {mode!r}: none | balanced")
+    counts = [int(c) for c in counts]
+    empty = [i for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise ValueError(f"classes {empty} have no training images: balanced class weights need every class")
+    total, k = sum(counts), len(counts)
+    return {i: total / (k * c) for i, c in enumerate(counts)}
+
+
 def live_callback(live):
     """A Keras 3 callback that logs every epoch's metrics to dvclive under Keras's own names.
 

@@ -362,11 +362,11 @@ def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=project))
     flat = json.dumps(metrics)
     assert "val_accuracy" in flat and "dvclive/train_head/metrics.json" in flat and "metrics/extract.json" in flat
-    assert "evaluation/metrics.json" in flat and "macro_f1" in flat and "dvclive/finetune/metrics.json" in flat
+    assert "evaluation/metrics.json" in flat and "macro_f1_low" in flat and "dvclive/finetune/metrics.json" in flat
     dvc("plots", "show", "-o", "plots_html", cwd=project)
     html = (project / "plots_html" / "index.html").read_text()
     assert "val_loss" in html
-    for plot in ("confusion_finetune", "roc_head", "precision_recall_finetune", "gradcam"):
+    for plot in ("confusion_finetune", "roc_head", "precision_recall_finetune", "per_class_finetune", "gradcam"):
         assert plot in html, plot
     dvc("plots", "diff", "HEAD", "-o", "plots_diff", cwd=project)
     assert "confusion_head" in (project / "plots_diff" / "index.html").read_text()

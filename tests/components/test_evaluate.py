@@ -381,6 +381,9 @@ def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped
         m = metrics[model]["test"]
         assert np.array(m["confusion_matrix"]).shape == (3, 3) and np.sum(m["confusion_matrix"]) == test_count
         assert set(m["per_class"]) == set(names)
+        bars = json.loads((root / "report" / "plots" / f"per_class_{model}.json").read_text())
+        assert [row["class"] for row in bars] == names and sum(row["support"] for row in bars) == test_count
+        assert [row["f1"] for row in bars] == [m["per_class"][name]["f1"] for name in names]
     assert len(list((root / "report" / "gradcam").glob("*.png"))) == result["gradcam"] >= 1
     # The serving model answers with the three classes, as the Keras model does on the training pixels.
     blobs = [encode(image_array(s, color, (24, 32)), "JPEG") for s, color in ((1, (40, 180, 60)), (2, (200, 60, 40)))]

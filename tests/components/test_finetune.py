@@ -193,6 +193,25 @@ def test_a_tie_with_the_start_goes_to_the_trained_epoch_and_earlier_epochs_win_t
 
 
 @pytest.mark.slow
+def test_balanced_class_weights_come_from_the_training_split(converted_tiny, base_params, head_path, tmp_path):
+    from components import training
+
+    summary = json.loads((converted_tiny / "summary.json").read_text())
+    labels = json.loads((converted_tiny / "labels.json").read_text())
+    params = finetune.FinetuneParams(unfreeze_top=4, epochs=1, batch_size=4, class_weight="balanced")
+    record = finetune.run(
+        finetune.Config(CommonParams(seed=1), base_params, params),
+        converted_tiny,
+        head_path,
+        tmp_path / "o",
+        tmp_path / "l",
+    )
+    counts = [summary["per_class"]["train"][name] for name in labels]
+    expected = training.class_weights(counts, "balanced")
+    assert record["class_weight"] == {name: pytest.approx(expected[i]) for i, name in enumerate(labels)}
+
+
+@pytest.mark.slow
 def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
     # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.
     params = finetune.FinetuneParams(

@@ -107,3 +107,48 @@ def test_why_the_epoch_logger_is_ours_and_not_dvclives(tmp_path):
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"  # not a Keras 3 callback in a process that imported tf.Transform
+
+
+def test_balanced_class_weights_by_hand():
+    from components import training
+
+    assert training.class_weights([100, 50, 50], "none") is None
+    assert training.class_weights([100, 50, 50], "balanced") == pytest.approx({0: 2 / 3, 1: 4 / 3, 2: 4 / 3})
+    with pytest.raises(ValueError, match=r"classes \[1\] have no training images"):
+        training.class_weights([10, 0, 5], "balanced")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_balanced_class_weights_move_predictions_to_the_rare_classes(tmp_path, num_classes):
+    """Overlapping classes, 90% of the training images in class 0: unweighted, the head mostly answers class 0;
+    balanced, it answers the rare classes more often (the binary sigmoid head and the softmax one)."""
+    rng = np.random.default_rng(5)
+    centers = rng.normal(0, 0.6, (num_classes, SIZE))
+    train_labels = np.array([0] * 108 + [1 + i % (num_classes - 1) for i in range(12)])
+    write_features(tmp_path / "extract" / "features", "train", 120, rng, centers, train_labels)
+    write_features(tmp_path / "extract" / "features", "val", 60, rng, centers, np.arange(60) % num_classes)
+    (tmp_path / "extract" / "features.json").write_text(json.dumps({"feature_size": SIZE, "feature_shape": [SIZE]}))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([f"class{i}" for i in range(num_classes)]))
+    import keras
+
+    from components import training
+
+    rare = {}
+    for mode in ("none", "balanced"):
+        params = train_head.TrainHeadParams(hidden_units=0, dropout=0.0, epochs=30, patience=30, class_weight=mode)
+        out = tmp_path / mode
+        record = train_head.run(
+            train_head.Config(CommonParams(seed=3), params), tmp_path / "extract", labels, out, tmp_path / "live"
+        )
+        expected = training.class_weights(np.bincount(train_labels, minlength=num_classes), mode)
+        assert record["class_weight"] == (None if expected is None else {f"class{i}": w for i, w in expected.items()})
+        head = keras.saving.load_model(out / "head.keras")
+        val = train_head.feature_dataset(
+            [str(p) for p in sorted((tmp_path / "extract" / "features").glob("val-*"))], SIZE, num_classes, 60, None
+        )
+        probs = head.predict(val, verbose=0)
+        predicted = (probs[:, 0] > 0.5).astype(int) if num_classes == 2 else probs.argmax(axis=1)
+        rare[mode] = int(np.sum(predicted != 0))
+    assert rare["balanced"] > rare["none"] + 5, rare

