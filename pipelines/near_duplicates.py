@@ -1,0 +1,78 @@
+"""Near-duplicate images across splits from their cached feature vectors (issue 15's first piece).
+
+A resized, re-encoded or slightly cropped copy of a photo has other bytes, so download's content hash
+misses it, but its conv-base features stay close: cosine similarity of the pooled features finds it.
+Only pairs across splits matter (a copy in train and test inflates test accuracy), so the search is
+train x val, train x test and val x test, exact, in blocks of rows: memory is one block times the
+other split, never n x n. Pure NumPy; ``benchmarks/near_duplicates.py`` times it at 100,000 vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (float32); an all-zero row stays zero, similar to nothing."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected [n, dim] feature vectors, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def cross_split_pairs(
+    features: Mapping[str, np.ndarray],
+    ids: Mapping[str, Sequence[str]],
+    threshold: float,
+    block: int = 2048,
+) -> list[dict]:
+    """Every pair of images in two different splits whose features' cosine similarity is >= `threshold`.
+
+    ``features[split]``: [n, dim] vectors; ``ids[split]``: the n image ids in the same order. Returns
+    {"similarity", "a_split", "a_id", "b_split", "b_id"} rows, a's split before b's in train, val, test
+    order, most similar first (ties by split and id), so the list is the same whatever the block size.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} must be in (0, 1]")
+    if block < 1:
+        raise ValueError("block must be at least 1")
+    present = [s for s in SPLITS if s in features]
+    unknown = sorted(set(features) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown splits {unknown}; expected some of {SPLITS}")
+    units, dims = {}, set()
+    for split in present:
+        units[split] = unit_rows(features[split])
+        dims.add(units[split].shape[1])
+        if len(ids[split]) != len(units[split]):
+            raise ValueError(f"{split}: {len(ids[split])} ids for {len(units[split])} feature vectors")
+    if len(dims) > 1:
+        raise ValueError(f"the splits' features have different sizes {sorted(dims)}")
+    # float32 products find the candidates (their rounding depends on the block, so with a margin); each
+    # candidate's similarity is then summed again in float64 on its own, so the list does not depend on the block.
+    rows, margin = [], np.float32(threshold - 1e-4)
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            other = units[b].T
+            for start in range(0, len(units[a]), block):
+                hit_a, hit_b = np.nonzero(units[a][start : start + block] @ other >= margin)
+                exact = np.sum(units[a][start + hit_a].astype(np.float64) * units[b][hit_b].astype(np.float64), axis=1)
+                for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
+                    if similarity >= threshold:
+                        rows.append(
+                            {
+                                "similarity": round(min(similarity, 1.0), 6),
+                                "a_split": a,
+                                "a_id": ids[a][start + r],
+                                "b_split": b,
+                                "b_id": ids[b][c],
+                            }
+                        )
+    order = {s: k for k, s in enumerate(SPLITS)}
+    rows.sort(key=lambda p: (-p["similarity"], order[p["a_split"]], p["a_id"], order[p["b_split"]], p["b_id"]))
+    return rows
