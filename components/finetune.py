@@ -301,8 +301,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         best_epoch = best.epoch
         model.set_weights(best.weights)
         if best_epoch == 0:
-            # No epoch beat the converged head on val: keep the starting point (epoch 0)
-            # rather than a worse model; early stopping alone only compares epochs >= 1.
+            # No epoch beat the converged head on val: BestEpoch kept the starting point (epoch 0)
+            # rather than a worse model.
             log.warning(
                 "finetune: no epoch improved %s (start: loss %.4f, accuracy %.4f); keeping the starting weights",
                 params.monitor,

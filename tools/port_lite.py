@@ -37,16 +37,8 @@ COEFFICIENTS = {
     "lite1": (1.0, 1.1, 240),
     "lite2": (1.1, 1.2, 260),
 }
-# (repeats, kernel, stride, expand ratio, in, out) per stage: efficientnet_lite_builder.py
-STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
+# (repeats, stride) per stage: efficientnet_lite_builder.py (channels and kernels come from the weights)
+STAGES = ((1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1))
 MAGIC = 0x1950A86A20F9469CFC6C
 DTYPES = {
     "FloatStorage": np.float32,
@@ -62,11 +54,6 @@ class PortError(ValueError):
 
 
 # ---- PyTorch's legacy serialisation, read with NumPy ------------------------------------------
-
-
-class _Storage:
-    def __init__(self, dtype):
-        self.dtype = dtype
 
 
 class _Tensor:
@@ -126,17 +113,11 @@ def read_legacy_pth(stream: BinaryIO) -> dict[str, np.ndarray]:
 # ---- the Keras model ----------------------------------------------------------------------------
 
 
-def round_filters(filters: int, width: float) -> int:
-    scaled = filters * width
-    rounded = max(8, int(scaled + 4) // 8 * 8)
-    return int(rounded + 8 if rounded < 0.9 * scaled else rounded)
-
-
 def block_strides(variant: str) -> list[int]:
     """Each block's depthwise stride (stem and last stage not scaled in depth: fix_head_stem)."""
     _, depth, _ = COEFFICIENTS[variant]
     strides = []
-    for index, (repeats, _kernel, stride, *_rest) in enumerate(STAGES):
+    for index, (repeats, stride) in enumerate(STAGES):
         count = repeats if index in (0, len(STAGES) - 1) else int(math.ceil(depth * repeats))
         strides += [stride] + [1] * (count - 1)
     return strides

@@ -6,7 +6,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from components import finetune, train_head  # noqa: E402
+from components import finetune, train_head, training  # noqa: E402
 from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from components.params import ParamsError, parse_section  # noqa: E402
@@ -50,6 +50,7 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
         batch_size=4,
         patience=5,
         keep_better_start=False,
+        class_weight="balanced" if train_batch_norm else "none",  # the same run checks the class weights
     )
     before = finetune.build_classifier(base_params, head_path)
     record = finetune.run(
@@ -62,6 +63,14 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
     for name in finetune.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()
     assert record["unfrozen_layers"][0] == "block_16_expand"
+    # Balanced class weights come from the training split's counts (convert's summary.json).
+    summary = json.loads((converted_tiny / "summary.json").read_text())
+    labels = json.loads((converted_tiny / "labels.json").read_text())
+    expected = training.class_weights([summary["per_class"]["train"][name] for name in labels], params.class_weight)
+    if expected is None:
+        assert record["class_weight"] is None
+    else:
+        assert record["class_weight"] == {name: pytest.approx(expected[i]) for i, name in enumerate(labels)}
     after = keras.saving.load_model(tmp_path / "out" / finetune.MODEL)
     old, new = layer_weights(before), layer_weights(after)
     names = [layer.name for layer in classifier.find_base(after).layers]
@@ -190,25 +199,6 @@ def test_a_tie_with_the_start_goes_to_the_trained_epoch_and_earlier_epochs_win_t
     assert run_best_epoch("val_loss", (0.3, 0.9), [(0.3, 0.8), (0.3, 0.95)]) == (1, 1.0)
     assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.2, 0.9), (0.2, 0.9)]) == (1, 1.0)
     assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.4, 0.9)]) == (0, 0.0)  # same accuracy, worse loss
-
-
-@pytest.mark.slow
-def test_balanced_class_weights_come_from_the_training_split(converted_tiny, base_params, head_path, tmp_path):
-    from components import training
-
-    summary = json.loads((converted_tiny / "summary.json").read_text())
-    labels = json.loads((converted_tiny / "labels.json").read_text())
-    params = finetune.FinetuneParams(unfreeze_top=4, epochs=1, batch_size=4, class_weight="balanced")
-    record = finetune.run(
-        finetune.Config(CommonParams(seed=1), base_params, params),
-        converted_tiny,
-        head_path,
-        tmp_path / "o",
-        tmp_path / "l",
-    )
-    counts = [summary["per_class"]["train"][name] for name in labels]
-    expected = training.class_weights(counts, "balanced")
-    assert record["class_weight"] == {name: pytest.approx(expected[i]) for i, name in enumerate(labels)}
 
 
 @pytest.mark.slow
