@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -122,6 +123,21 @@ class DownloadParams(Section):
     fractions: Fractions = Fractions(train=0.5, val=0.25, test=0.25)  # the seed's 2:1:1
     min_side: int = pydantic.Field(16, ge=1)
     max_pixels: int = pydantic.Field(normalise.DEFAULT_MAX_PIXELS, ge=1)
+    # manifest ids quarantined as "excluded by download.exclude" (suspected label errors from
+    # evaluation/label_issues.json, one copy of a near-duplicate in evaluation/near_duplicates.json):
+    # explicit and versioned; the audit lists them, and an id no image has is reported in summary.json
+    exclude: list[str] = []
+
+    @pydantic.field_validator("exclude")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.fullmatch(r"[0-9a-f]{20}", v)]
+        if bad:
+            raise ValueError(f"ids are the manifest's 20 lowercase hex digits; not ids: {bad[:5]}")
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"ids listed twice: {repeated[:5]}")
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +214,7 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
             (images / f".{len(candidates)}.{cand.ext}").write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
+        manifest, excluded, not_found = split.exclude(manifest, dl.exclude)
         kept = {row["source"] for row in manifest}
         for n, cand in enumerate(candidates):
             staged = images / f".{n}.{cand.ext}"
@@ -205,8 +222,11 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
                 staged.rename(images / f"{cand.id}.{cand.ext}")
             else:
                 staged.unlink()
-        quarantine = sorted(quarantine + duplicates, key=lambda r: r["source"])
+        quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
+        summary["excluded"] = {"listed": len(dl.exclude), "quarantined": len(excluded), "not_found": not_found}
+        if not_found:
+            log.warning("download: %d ids in download.exclude match no image: %s", len(not_found), not_found[:5])
         summary["source"] = {"type": ds.source, "dir": ds.dir}
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()

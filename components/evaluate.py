@@ -43,6 +43,7 @@ from components import outputs
 from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl
 from components.params import Section, log_resolved, read_params, section, write_resolved
+from components.stats import wilson_interval
 from pipelines import classifier, records, runtimes, serving
 
 log = logging.getLogger(__name__)
@@ -149,16 +150,6 @@ def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
         fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
         areas.append(auc(fpr, tpr))
     return float(np.mean(areas))
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (95% by default): sound near 0 and 1 and for small n."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def macro_f1_of(matrix: np.ndarray) -> float:

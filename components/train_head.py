@@ -26,16 +26,16 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import keras
-import pydantic
 import tensorflow as tf
 from dvclive import Live
 
 from components import outputs, training
 from components.cli import configure_logging, run_main
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
+from components.training import TrainHeadParams, build_head
 from pipelines import records
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,6 @@ log = logging.getLogger(__name__)
 HEAD = "head.keras"
 HISTORY = "history.json"
 DECLARED_OUTPUTS = (HEAD, HISTORY, "params.json")
-
-
-class TrainHeadParams(Section):
-    hidden_units: int = pydantic.Field(256, ge=0)  # 0: no hidden layer (logistic/softmax regression)
-    dropout: float = pydantic.Field(0.5, ge=0.0, lt=1.0)
-    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
-    learning_rate: float = pydantic.Field(1e-3, gt=0.0, le=1.0)
-    epochs: int = pydantic.Field(30, ge=1)
-    batch_size: int = pydantic.Field(32, ge=1)
-    patience: int = pydantic.Field(5, ge=1)
-    # balanced: each class's loss weighted n / (k * n_c) over the training split, for unbalanced classes
-    class_weight: Literal["none", "balanced"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +60,6 @@ def load_config(params_path: str | Path) -> Config:
         common=section(data, CommonParams, "common", params_path),
         train_head=section(data, TrainHeadParams, "train_head", params_path),
     )
-
-
-def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
-    """Flat features -> class probabilities: sigmoid for two classes, softmax for more."""
-    if num_classes < 2:
-        raise ValueError(f"need at least 2 classes, the label vocabulary has {num_classes}")
-    inputs = keras.Input((feature_size,), name="features")
-    x = inputs
-    if params.hidden_units:
-        x = keras.layers.Dense(params.hidden_units, activation="relu", name="hidden")(x)
-    if params.dropout:
-        x = keras.layers.Dropout(params.dropout, name="dropout")(x)
-    if num_classes == 2:
-        outputs_ = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
-    else:
-        outputs_ = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs_, name="head")
 
 
 def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):

@@ -1,5 +1,5 @@
-"""What the two training stages (train_head, finetune) share: a seeded, deterministic TensorFlow,
-compiling a classifier, and logging epochs to dvclive.
+"""What the training stages (train_head, finetune, quality) share: a seeded, deterministic TensorFlow,
+compiling a classifier, the head on the cached features, and logging epochs to dvclive.
 
 Training is bit-reproducible: the same inputs and params give the same weights,
 byte for byte (`outputs.save_keras` keeps the saved file's bytes a function of
@@ -11,8 +11,13 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 
 from __future__ import annotations
 
+from typing import Literal
+
 import keras
+import pydantic
 import tensorflow as tf
+
+from components.params import Section
 
 
 def make_deterministic(seed: int, ops: bool = True) -> None:
@@ -68,3 +73,32 @@ def live_callback(live):
             live.next_step()
 
     return LiveLogger()
+
+
+class TrainHeadParams(Section):
+    hidden_units: int = pydantic.Field(256, ge=0)  # 0: no hidden layer (logistic/softmax regression)
+    dropout: float = pydantic.Field(0.5, ge=0.0, lt=1.0)
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    learning_rate: float = pydantic.Field(1e-3, gt=0.0, le=1.0)
+    epochs: int = pydantic.Field(30, ge=1)
+    batch_size: int = pydantic.Field(32, ge=1)
+    patience: int = pydantic.Field(5, ge=1)
+    # balanced: each class's loss weighted n / (k * n_c) over the training split, for unbalanced classes
+    class_weight: Literal["none", "balanced"] = "none"
+
+
+def build_head(feature_size: int, num_classes: int, params: TrainHeadParams):
+    """Flat features -> class probabilities: sigmoid for two classes, softmax for more."""
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, the label vocabulary has {num_classes}")
+    inputs = keras.Input((feature_size,), name="features")
+    x = inputs
+    if params.hidden_units:
+        x = keras.layers.Dense(params.hidden_units, activation="relu", name="hidden")(x)
+    if params.dropout:
+        x = keras.layers.Dropout(params.dropout, name="dropout")(x)
+    if num_classes == 2:
+        outputs_ = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    else:
+        outputs_ = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs_, name="head")

@@ -112,6 +112,31 @@ def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) ->
     return manifest, rejected
 
 
+EXCLUDED = "excluded by download.exclude"
+
+
+def exclude(manifest: Sequence[Mapping], ids: Iterable[str]) -> tuple[list[dict], list[dict], list[str]]:
+    """Drop the manifest rows whose id is listed (an explicit, versioned list: suspected label errors, or
+    one copy of a near-duplicate pair). Returns (kept rows, quarantine rows of the dropped, listed ids
+    that no row has), so found = kept + quarantined still holds and a stale id is reported, not ignored."""
+    wanted = set(ids)
+    kept, dropped = [], []
+    for row in manifest:
+        if row["id"] in wanted:
+            dropped.append(
+                {
+                    "source": row["source"],
+                    "label": row["label"],
+                    "reason": f"{EXCLUDED} (id {row['id']}, was in {row['split']})",
+                    "sha256": row["sha256"],
+                    "pixels_sha256": row["pixels_sha256"],
+                }
+            )
+        else:
+            kept.append(dict(row))
+    return kept, dropped, sorted(wanted - {row["id"] for row in manifest})
+
+
 def summarise(
     found_labels: Sequence[str | None],
     manifest: Sequence[Mapping],

@@ -138,7 +138,7 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-ALL_STAGES = {"download", "convert", "extract", "train_head", "finetune", "evaluate", "export"}
+ALL_STAGES = {"download", "convert", "extract", "train_head", "quality", "finetune", "evaluate", "export"}
 
 
 def test_dvc_repro_on_the_tiny_preset(tmp_path):
@@ -189,6 +189,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     assert rebuilt["problems"] == [], rebuilt["problems"]
     assert rebuilt["rebuild"]["identical"] and rebuilt["rebuild"]["stages"] == [
         "train_head",
+        "quality",
         "finetune",
         "evaluate",
         "export",
@@ -202,7 +203,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     original = records_py.read_text()
     records_py.write_text(original + "\n# an edit\n")
     dirty = json.loads(dvc("status", "--json", cwd=project))
-    assert set(dirty) == {"extract", "train_head", "finetune", "evaluate", "export"}, dirty
+    assert set(dirty) == {"extract", "train_head", "quality", "finetune", "evaluate", "export"}, dirty
     records_py.write_text(original)
     assert json.loads(dvc("status", "--json", cwd=project)) == {}
 
@@ -252,7 +253,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     set_params(project, "train_head", hidden_units=4)
     set_params(project, "retrain", threshold=1.0)
     code, second, output = retrain(project)
-    assert stages_run(output) == {"train_head", "finetune", "evaluate", "export"}
+    assert stages_run(output) == {"train_head", "quality", "finetune", "evaluate", "export"}
     assert (code, second["decision"], second["stage"]) == (3, "rejected", None), second
     assert second["candidate"] < 1.0 and "below the threshold" in second["reason"]
     assert second["version"] == "v0.0.2" and second["promoted_before"]["version"] == "v0.0.1"

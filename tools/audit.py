@@ -2,7 +2,8 @@
 
 Run: ``python -m tools.audit --rev HEAD [--against REV] --out audit``
 
-For a git revision it reports the data source and its version (the download
+For a git revision it reports the data quality (near-duplicates, suspected label errors, the ids
+``download.exclude`` drops), the data source and its version (the download
 stage's dependency hash in ``dvc.lock``), the manifest's hash and counts per
 class and split, the label vocabulary, every stage's params, the code
 revision, each stage's output hashes from ``dvc.lock``, the metrics, the pinned
@@ -21,7 +22,8 @@ the same machine type.
 Checks (a failed check exits 1): every DVC-tracked file the audit reads is
 readable (from the cache or a remote: an audit that cannot see the data fails,
 naming the file and how to fetch it); no image (by its normalised pixels) in
-two splits; the serving model's
+two splits; no near-duplicate pair across splits (the quality stage's list, by
+feature cosine: resized or re-encoded copies the pixel hash misses); the serving model's
 lineage matches the revision's manifest and model; with ``--workspace``, the
 workspace's outputs match ``dvc.lock``; with ``--against``, no image that both
 revisions hold moved split and the label vocabulary kept its order.
@@ -53,7 +55,14 @@ MANIFEST = "data/download/manifest.jsonl"
 LABELS = "data/convert/labels.json"
 LINEAGE = "data/export/serving/assets.extra/lineage.json"
 MODEL = "data/finetune/model.keras"
-METRICS = ("evaluation/metrics.json", "dvclive/train_head/metrics.json", "dvclive/finetune/metrics.json")
+METRICS = (
+    "evaluation/metrics.json",
+    "dvclive/train_head/metrics.json",
+    "dvclive/finetune/metrics.json",
+    "quality/metrics.json",
+)
+NEAR_DUPLICATES = "quality/near_duplicates.json"  # the quality stage's (git-tracked: cache: false)
+LABEL_ISSUES = "quality/label_issues.json"
 
 
 # ---- checks and diffs: pure functions ----------------------------------------------------------
@@ -116,6 +125,15 @@ def diff_flat(old: dict, new: dict) -> dict[str, list]:
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def near_duplicate_problems(pairs: list[dict]) -> list[str]:
+    """A near-duplicate pair across splits fails the audit as an exact copy does: the test score is inflated."""
+    return [
+        f"near-duplicate across splits: {p['a_split']} {p['a_source']} and {p['b_split']} {p['b_source']} "
+        f"(feature cosine {p['similarity']:.4f}; ids {p['a_id']}, {p['b_id']}: list one in download.exclude)"
+        for p in pairs
+    ]
+
+
 def stage_outputs(lock: dict) -> dict[str, dict[str, str]]:
     return {
         stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])}
@@ -129,6 +147,7 @@ def stage_params(lock: dict) -> dict[str, dict]:
 
 REBUILT = (
     "train_head",
+    "quality",
     "finetune",
     "evaluate",
     "export",
@@ -266,6 +285,14 @@ def collect(repo: Path, rev: str) -> dict:
         if text is not None:
             metrics[path] = json.loads(text)
     constraints = git_file(repo, commit, "constraints.txt") or ""
+    quality = {"checked": "quality" in lock["stages"]}
+    if quality["checked"]:
+        for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
+            text = git_file(repo, commit, path)
+            if text is None:
+                unreadable.append(f"{path} is missing at {commit[:12]}, whose dvc.lock has the quality stage")
+            quality[key] = [] if text is None else json.loads(text)
+    quality["excluded"] = stage_params(lock).get("download", {}).get("download", {}).get("exclude", [])
     return {
         "revision": commit,
         "subject": git(repo, "log", "-1", "--format=%s", commit).strip(),
@@ -285,6 +312,7 @@ def collect(repo: Path, rev: str) -> dict:
         ),
         "serving_lineage": json.loads(lineage_blob) if lineage_blob else None,
         "model_sha256": hashlib.sha256(model_blob).hexdigest() if model_blob else None,
+        "quality": quality,
         "unreadable": unreadable,
         "_rows": rows,
     }
@@ -356,6 +384,18 @@ def to_markdown(report: dict) -> str:
     ]
     for split, counts in r["images"].items():
         lines.append(f"| {split} | " + " | ".join(str(counts.get(label, 0)) for label in r["labels"] or []) + " |")
+    q = r["quality"]
+    lines += ["", "## Data quality (quality stage)", ""]
+    if not q["checked"]:
+        lines.append("- not checked: this revision has no quality stage")
+    else:
+        lines.append(f"- near-duplicate pairs across splits: {len(q['near_duplicates'])}")
+        lines.append(f"- suspected label errors (train + val): {len(q['label_issues'])}")
+        lines += [
+            f"  - {i['split']} `{i['source']}` given {i['given']}, looks {i['suggested']} ({i['score']:.3f}), id `{i['id']}`"
+            for i in q["label_issues"][:10]
+        ]
+    lines.append(f"- excluded by download.exclude: {len(q['excluded'])}" + "".join(f" `{i}`" for i in q["excluded"]))
     lines += ["", "## Stages", "", "| stage | output | md5 |", "|---|---|---|"]
     for stage, outs in r["outputs"].items():
         lines += [f"| {stage} | `{path}` | `{md5}` |" for path, md5 in outs.items()]
@@ -403,6 +443,7 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     problems = list(record["unreadable"])
     problems += [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
+    problems += near_duplicate_problems(record["quality"].get("near_duplicates", []))
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if rebuilt:
         stages, recorded, again = rebuild(repo, record["revision"])

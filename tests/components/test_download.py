@@ -11,6 +11,7 @@ from PIL import Image
 
 from components import download as dl
 from components import manifest as mf
+from components.params import parse_section
 from pipelines import normalise
 from pipelines import split as splitting
 from tests.conftest import encode, image_array, make_class_folder, repo_params
@@ -478,3 +479,28 @@ def test_a_long_download_reports_progress(tiny_folder, tmp_path, monkeypatch, ca
         dl.run(folder_config(tiny_folder), tmp_path / "out")
     lines = [r.getMessage() for r in caplog.records if "files read" in r.getMessage()]
     assert len(lines) == 24 and lines[-1].startswith("download: 24 files read, 23 decodable (")
+
+
+def test_listed_ids_are_excluded_reported_and_reconciled(tiny_folder, tmp_path):
+    dl.run(folder_config(tiny_folder), tmp_path / "a")
+    first = mf.read_jsonl(tmp_path / "a" / mf.MANIFEST)
+    dropped = [first[0]["id"], first[-1]["id"]]
+    stale = "0" * 20  # an id no image has: reported, never silently ignored
+    summary = dl.run(folder_config(tiny_folder, exclude=[*dropped, stale]), tmp_path / "b")
+    manifest = mf.read_jsonl(tmp_path / "b" / mf.MANIFEST)
+    assert {row["id"] for row in manifest} == {row["id"] for row in first} - set(dropped)
+    assert not any((tmp_path / "b" / "images").glob(f"{dropped[0]}.*"))
+    quarantined = [r for r in mf.read_jsonl(tmp_path / "b" / "quarantine.jsonl") if "download.exclude" in r["reason"]]
+    assert sorted(r["source"] for r in quarantined) == sorted([first[0]["source"], first[-1]["source"]])
+    assert summary["found"] == summary["kept"] + summary["quarantined"] and summary["reconciled"]
+    assert summary["excluded"] == {"listed": 3, "quarantined": 2, "not_found": [stale]}
+    assert summary["quarantine_reasons"] == {"excluded by download.exclude": 2}
+    # every other image keeps its split
+    before = {row["id"]: row["split"] for row in first}
+    assert all(before[row["id"]] == row["split"] for row in manifest)
+
+
+@pytest.mark.parametrize("ids", [["ABCDEF0123456789abcd"], ["abc"], ["0" * 20, "0" * 20]])
+def test_exclude_takes_only_distinct_manifest_ids(ids):
+    with pytest.raises(ValueError, match="download.exclude"):
+        parse_section(dl.DownloadParams, "download", {"exclude": ids})

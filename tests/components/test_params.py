@@ -22,9 +22,9 @@ def test_repo_params_file_is_valid_for_every_stage(tmp_path):
     assert cfg.dataset.source == raw["dataset"]["source"]
     assert cfg.download.fractions.model_dump() == raw["download"]["fractions"]
     assert convert.load_config(REPO / "params.yaml").convert.shards.model_dump() == raw["convert"]["shards"]
-    from components import evaluate, export, extract, finetune, train_head
+    from components import evaluate, export, extract, finetune, quality, train_head
 
-    for stage in (extract, train_head, finetune, evaluate, export):
+    for stage in (extract, train_head, quality, finetune, evaluate, export):
         stage.load_config(REPO / "params.yaml")
     from components.params import load_yaml, read_params
     from tools import preset as presets
@@ -151,7 +151,7 @@ def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path)
 
 def test_code_defaults_agree_with_params_yaml():
     """Where a params model has a default, it is params.yaml's value: the two cannot drift apart."""
-    from components import conv_base, evaluate, export, extract, finetune, train_head
+    from components import conv_base, evaluate, export, extract, finetune, quality, train_head
     from tools import retrain
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -163,6 +163,7 @@ def test_code_defaults_agree_with_params_yaml():
         "extract": extract.ExtractParams,
         "train_head": train_head.TrainHeadParams,
         "finetune": finetune.FinetuneParams,
+        "quality": quality.QualityParams,
         "evaluate": evaluate.EvaluateParams,
         "export": export.ExportParams,
         "retrain": retrain.RetrainParams,

@@ -131,9 +131,10 @@ def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
 # Stages that only copy prepared files into the paths the audit reads: the audit sees real dvc.lock
 # entries, DVC cache objects and revisions, without training anything.
 LAYOUT = {"download": audit.MANIFEST, "convert": audit.LABELS, "finetune": audit.MODEL, "export": audit.LINEAGE}
+QUALITY = {"near_duplicates": audit.NEAR_DUPLICATES, "label_issues": audit.LABEL_ISSUES}
 
 
-def write_revision(project, manifest_rows, labels, lineage_override=None):
+def write_revision(project, manifest_rows, labels, lineage_override=None, near_duplicates=()):
     src = project / "src"
     src.mkdir(exist_ok=True)
     manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest_rows).encode()
@@ -151,6 +152,21 @@ def write_revision(project, manifest_rows, labels, lineage_override=None):
     }
     for stage, blob in blobs.items():
         (src / stage).write_bytes(blob)
+    (src / "near_duplicates").write_text(json.dumps(list(near_duplicates)))
+    (src / "label_issues").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "c" * 20,
+                    "split": "train",
+                    "source": "cat/3.jpg",
+                    "given": "cat",
+                    "suggested": "dog",
+                    "score": 0.01,
+                }
+            ]
+        )
+    )
 
 
 @pytest.fixture
@@ -167,6 +183,12 @@ def audited_project(tmp_path):
             "outs": [path],
         }
         for stage, path in LAYOUT.items()
+    }
+    copies = "; ".join(f"shutil.copy('src/{name}', '{path}')" for name, path in QUALITY.items())
+    stages["quality"] = {  # git-tracked outputs (cache: false), as the real stage's
+        "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs('quality', exist_ok=True); {copies}\"",
+        "deps": [f"src/{name}" for name in QUALITY],
+        "outs": [{path: {"cache": False}} for path in QUALITY.values()],
     }
     (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))  # JSON is YAML
     (project / ".gitignore").write_text("/data/\n")
@@ -208,6 +230,29 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     )
     code, problems = audit_of(project, two_splits)
     assert code == 1 and problems == [f"image {'a' * 12} is in two splits"]
+
+    pair = {
+        "similarity": 0.991,
+        "a_split": "train",
+        "a_id": "a" * 20,
+        "a_source": "cat/1.jpg",
+        "b_split": "test",
+        "b_id": "d" * 20,
+        "b_source": "cat/1_small.png",
+    }
+    near_copy = revision(
+        "a resized copy in test (other pixels: only the features see it)",
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("d" * 64, "test", "cat")),
+        ["cat", "dog"],
+        near_duplicates=[pair],
+    )
+    code, problems = audit_of(project, near_copy)
+    assert code == 1 and problems == [
+        "near-duplicate across splits: train cat/1.jpg and test cat/1_small.png "
+        f"(feature cosine 0.9910; ids {'a' * 20}, {'d' * 20}: list one in download.exclude)"
+    ]
+    report = (project / "audit" / "audit.md").read_text()
+    assert "near-duplicate pairs across splits: 1" in report and "suspected label errors (train + val): 1" in report
 
     stale = revision(
         "serving model from another manifest",

@@ -1,0 +1,361 @@
+"""quality stage: suspected label errors, near-duplicates across splits and the head's cross-validated
+accuracy, all from the cached features (no image is run through the base again).
+
+Inputs
+    the extract stage's folder (``features/``, ``features.json``), the convert stage's
+    ``labels.json``, the download stage's folder (``manifest.jsonl``: each id's source file;
+    ``images/``: the contact sheet), train_head's ``history.json`` (its best epoch: the k-fold
+    heads train that many epochs); params.yaml sections ``common``, ``train_head`` (the head's
+    recipe) and ``quality``.
+Outputs (one folder, ``--report``, written atomically; its own, since evaluate replaces ``evaluation/``)
+    ``label_issues.json``  suspected label errors of train and val, most suspect first: id, split,
+                           file, source, given and suggested label, label quality score
+                           (cleanlab's self-confidence: the out-of-fold probability of the given label)
+    ``near_duplicates.json`` image pairs in two different splits whose features' cosine similarity is
+                           at least ``quality.near_duplicate_threshold``, with both source files (the
+                           audit fails on any, as on an exact copy)
+    ``metrics.json``       the head's k-fold cross-validated accuracy over train + val with its 95%
+                           Wilson interval and the per-fold accuracies; the counts of both lists
+    ``label_suspects.png`` a contact sheet (PNG) of the top suspects: a DVC image plot
+
+Run: ``python -m components.quality --extract data/extract --labels data/convert/labels.json
+--download data/download --history data/train_head/history.json --report quality``
+
+Out-of-fold probabilities: train + val are cut into ``quality.folds`` stratified folds (seeded);
+for each, the train_head recipe (same layers, optimizer, learning rate, class weighting) trains
+on the other folds for train_head's best epoch count and predicts the held-out fold. Every image
+is then scored by a head that never saw it: those probabilities feed confident learning
+(cleanlab's ``find_label_issues``, Northcutt et al. 2021) and the cross-validated accuracy. The
+test split is only searched for near-duplicates: it is never trained on, here or anywhere.
+
+Memory: the features of all splits (feature size x 4 bytes an image: 5 KB at 1,280) and the
+out-of-fold probabilities; nothing of the images but the contact sheet's tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydantic
+from PIL import Image, ImageDraw
+
+from components import outputs, training
+from components.cli import configure_logging, run_main
+from components.manifest import read_jsonl
+from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
+from components.stats import wilson_interval
+from components.training import TrainHeadParams
+from pipelines import near_duplicates, records
+
+log = logging.getLogger(__name__)
+
+TRAINED_SPLITS = ("train", "val")  # the splits the k-fold heads and the label-error search cover
+TILE = 128  # contact sheet: a thumbnail's side in pixels
+CAPTION = 30  # ... and the caption's height under it
+COLUMNS = 4
+LABEL_ISSUES = "label_issues.json"
+NEAR_DUPLICATES = "near_duplicates.json"
+METRICS = "metrics.json"
+SHEET = "label_suspects.png"
+DECLARED_OUTPUTS = (LABEL_ISSUES, NEAR_DUPLICATES, METRICS, SHEET, "params.json")
+
+
+class QualityParams(Section):
+    folds: int = pydantic.Field(5, ge=2, le=20)  # k of the stratified k-fold out-of-fold heads
+    # cosine similarity of two images' features at or above which they are near-duplicates
+    near_duplicate_threshold: float = pydantic.Field(0.9, gt=0.0, le=1.0)
+    sheet: int = pydantic.Field(16, ge=0, le=100)  # suspects shown on the contact sheet
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    common: CommonParams
+    train_head: TrainHeadParams
+    quality: QualityParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"common": self.common, "train_head": self.train_head, "quality": self.quality}
+
+
+def load_config(params_path: str | Path) -> Config:
+    data = read_params(params_path)
+    return Config(
+        common=section(data, CommonParams, "common", params_path),
+        train_head=section(data, TrainHeadParams, "train_head", params_path),
+        quality=section(data, QualityParams, "quality", params_path),
+    )
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold (0..folds-1): stratified by label, shuffled with the seed. Every class needs at
+    least `folds` images (else some fold could not hold one of it): a clear error otherwise."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
+    if small:
+        raise ValueError(
+            f"classes {small} have fewer than quality.folds={folds} images in train + val "
+            f"({[int(counts[c]) for c in small]}): lower quality.folds or add images"
+        )
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        fold_of[held_out] = k
+    return fold_of
+
+
+def as_probabilities(outputs_: np.ndarray) -> np.ndarray:
+    """[n, k] class probabilities from a head's output ([n, 1] sigmoid for two classes)."""
+    outputs_ = np.asarray(outputs_, dtype=np.float64)
+    if outputs_.shape[1] == 1:
+        return np.concatenate([1.0 - outputs_, outputs_], axis=1)
+    return outputs_
+
+
+def out_of_fold_probabilities(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    head: TrainHeadParams,
+    epochs: int,
+    fold_of: np.ndarray,
+    seed: int,
+) -> np.ndarray:
+    """Each image's class probabilities from the head trained on the other folds (train_head's recipe,
+    `epochs` epochs, seeded per fold so a fold's head does not depend on the folds before it)."""
+    import keras
+
+    probabilities = np.zeros((len(labels), num_classes))
+    targets = labels.astype(np.float32) if num_classes == 2 else labels
+    for k in range(int(fold_of.max()) + 1):
+        held_out = fold_of == k
+        keras.utils.set_random_seed(seed + k)
+        model = training.build_head(features.shape[1], num_classes, head)
+        training.compile_head(model, num_classes, head.optimizer, head.learning_rate)
+        counts = np.bincount(labels[~held_out], minlength=num_classes)
+        model.fit(
+            features[~held_out],
+            targets[~held_out],
+            batch_size=head.batch_size,
+            epochs=epochs,
+            shuffle=True,
+            class_weight=training.class_weights(counts, head.class_weight),
+            verbose=0,
+        )
+        probabilities[held_out] = as_probabilities(model.predict(features[held_out], batch_size=256, verbose=0))
+        keras.backend.clear_session()
+    return probabilities
+
+
+def cross_validated_accuracy(labels: np.ndarray, probabilities: np.ndarray, fold_of: np.ndarray) -> dict:
+    """Out-of-fold accuracy over every image with its 95% Wilson interval, and each fold's accuracy."""
+    right = probabilities.argmax(axis=1) == labels
+    low, high = wilson_interval(int(right.sum()), len(labels))
+    return {
+        "accuracy": float(right.mean()),
+        "accuracy_low": low,
+        "accuracy_high": high,
+        "images": int(len(labels)),
+        "folds": int(fold_of.max()) + 1,
+        "fold_accuracy": [float(right[fold_of == k].mean()) for k in range(int(fold_of.max()) + 1)],
+    }
+
+
+def label_issue_rows(
+    ids: Sequence[str],
+    splits: Sequence[str],
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    names: Sequence[str],
+    manifest: dict[str, dict],
+) -> list[dict]:
+    """Confident learning's suspected label errors (cleanlab), most suspect first (lowest out-of-fold
+    probability of the given label; ties by id)."""
+    from cleanlab.filter import find_label_issues
+
+    if len(set(labels.tolist())) < 2:
+        return []
+    found = find_label_issues(labels, probabilities, n_jobs=1)
+    rows = []
+    for i in np.flatnonzero(found).tolist():
+        row = manifest.get(ids[i], {})
+        rows.append(
+            {
+                "id": ids[i],
+                "split": splits[i],
+                "file": row.get("file"),
+                "source": row.get("source"),
+                "given": names[int(labels[i])],
+                "suggested": names[int(probabilities[i].argmax())],
+                "score": round(float(probabilities[i, labels[i]]), 6),  # self-confidence: P(given label)
+                "suggested_probability": round(float(probabilities[i].max()), 6),
+            }
+        )
+    rows.sort(key=lambda r: (r["score"], r["id"]))
+    return rows
+
+
+def contact_sheet(rows: Sequence[dict], images: Path, count: int) -> Image.Image:
+    """The first `count` suspects as captioned thumbnails (given -> suggested, score), or one tile that
+    says there are none."""
+    shown = list(rows[:count])
+    columns = max(1, min(COLUMNS, len(shown)))
+    lines = max(1, -(-len(shown) // columns))
+    sheet = Image.new("RGB", (columns * TILE, lines * (TILE + CAPTION)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not shown:
+        draw.text((8, TILE // 2), "no suspected\nlabel errors", fill="black")
+        return sheet
+    for n, row in enumerate(shown):
+        x, y = (n % columns) * TILE, (n // columns) * (TILE + CAPTION)
+        with Image.open(images / Path(row["file"]).name) as img:
+            thumb = img.convert("RGB")
+            thumb.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
+        sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
+        draw.text((x + 2, y + TILE + 1), f"{row['given']} -> {row['suggested']}", fill="black")
+        draw.text((x + 2, y + TILE + 14), f"{row['score']:.3f} {row['id'][:8]}", fill="black")
+    return sheet
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def read_split(extract_dir: Path, split: str, feature_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ids, labels, vectors = [], [], []
+    for batch_ids, batch_labels, batch in records.feature_records(
+        records.split_files(extract_dir / "features", split), feature_size
+    ).batch(1024):
+        ids += [i.decode() for i in batch_ids.numpy()]
+        labels.append(batch_labels.numpy())
+        vectors.append(batch.numpy())
+    if not ids:
+        return [], np.zeros(0, np.int64), np.zeros((0, feature_size), np.float32)
+    return ids, np.concatenate(labels).astype(np.int64), np.concatenate(vectors)
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def run(
+    config: Config,
+    extract_dir: str | Path,
+    labels_path: str | Path,
+    download_dir: str | Path,
+    history_path: str | Path,
+    report_dir: str | Path,
+) -> dict:
+    extract_dir, download_dir = Path(extract_dir), Path(download_dir)
+    names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
+    feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
+    epochs = int(json.loads(Path(history_path).read_text(encoding="utf-8"))["best_epoch"])
+    manifest = {row["id"]: row for row in read_jsonl(download_dir / "manifest.jsonl")}
+    data = {split: read_split(extract_dir, split, feature_size) for split in ("train", "val", "test")}
+    unknown = sorted({i for ids, _, _ in data.values() for i in ids} - set(manifest))
+    if unknown:
+        raise RuntimeError(
+            f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
+        )
+    params = config.quality
+
+    present = {split: d for split, d in data.items() if d[0]}
+    pairs = near_duplicates.cross_split_pairs(
+        {s: d[2] for s, d in present.items()}, {s: d[0] for s, d in present.items()}, params.near_duplicate_threshold
+    )
+    for pair in pairs:
+        for side in ("a", "b"):
+            row = manifest[pair[f"{side}_id"]]
+            pair[f"{side}_file"], pair[f"{side}_source"], pair[f"{side}_label"] = (
+                row["file"],
+                row["source"],
+                row["label"],
+            )
+
+    ids = [i for s in TRAINED_SPLITS for i in data[s][0]]
+    splits = [s for s in TRAINED_SPLITS for _ in data[s][0]]
+    labels = np.concatenate([data[s][1] for s in TRAINED_SPLITS])
+    features = np.concatenate([data[s][2] for s in TRAINED_SPLITS])
+    bad = sorted({int(v) for v in labels if not 0 <= v < len(names)})
+    if bad:
+        raise ValueError(f"labels {bad} are outside the vocabulary of {len(names)} classes (labels.json)")
+    training.make_deterministic(config.common.seed)
+    fold_of = stratified_folds(labels, params.folds, config.common.seed)
+    probabilities = out_of_fold_probabilities(
+        features, labels, len(names), config.train_head, epochs, fold_of, config.common.seed
+    )
+    cv = cross_validated_accuracy(labels, probabilities, fold_of)
+    issues = label_issue_rows(ids, splits, labels, probabilities, names, manifest)
+    metrics = {
+        "head_cv": cv,
+        "label_issues": {"count": len(issues), "of": len(ids), "fraction": len(issues) / max(1, len(ids))},
+        "near_duplicates": {"pairs": len(pairs), "threshold": params.near_duplicate_threshold},
+    }
+    with outputs.staged_dir(report_dir) as report:
+        write_json(report / LABEL_ISSUES, issues)
+        write_json(report / NEAR_DUPLICATES, pairs)
+        write_json(report / METRICS, metrics)
+        contact_sheet(issues, download_dir / "images", params.sheet).save(report / SHEET, format="PNG")
+        write_resolved(report, config.sections())
+        outputs.require_outputs(report, DECLARED_OUTPUTS)
+    log.info(
+        "quality: head %d-fold cross-validated accuracy %.4f (95%%: %.4f-%.4f) over %d train + val images",
+        cv["folds"],
+        cv["accuracy"],
+        cv["accuracy_low"],
+        cv["accuracy_high"],
+        cv["images"],
+    )
+    log.info("quality: %d suspected label errors (%s)", len(issues), Path(report_dir) / LABEL_ISSUES)
+    for row in issues[:5]:
+        log.info(
+            "quality:   %s %s given %s, looks %s (%.3f)",
+            row["split"],
+            row["source"],
+            row["given"],
+            row["suggested"],
+            row["score"],
+        )
+    log.info(
+        "quality: %d near-duplicate pairs across splits at cosine >= %g", len(pairs), params.near_duplicate_threshold
+    )
+    for pair in pairs[:5]:
+        log.info(
+            "quality:   %s %s ~ %s %s (%.4f)",
+            pair["a_split"],
+            pair["a_source"],
+            pair["b_split"],
+            pair["b_source"],
+            pair["similarity"],
+        )
+    return {"metrics": metrics, "label_issues": issues, "near_duplicates": pairs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (sections common, train_head, quality)")
+    parser.add_argument("--extract", required=True, help="the extract stage's output folder")
+    parser.add_argument("--labels", required=True, help="the convert stage's labels.json")
+    parser.add_argument("--download", required=True, help="the download stage's folder (manifest and images)")
+    parser.add_argument("--history", required=True, help="train_head's history.json (the k-fold heads' epochs)")
+    parser.add_argument("--report", required=True, help="output folder (its files declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    config = load_config(args.params)
+    log_resolved("quality", config.sections())
+    run(config, args.extract, args.labels, args.download, args.history, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

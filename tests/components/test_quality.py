@@ -1,0 +1,225 @@
+"""The quality stage on generated feature records: planted label errors are found, a planted cross-split copy
+is found, the cross-validated accuracy is that of the out-of-fold predictions, and the outputs are the same
+bytes on a re-run."""
+
+import json
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from components import quality  # noqa: E402
+from components.params import CommonParams  # noqa: E402
+from components.training import TrainHeadParams  # noqa: E402
+from pipelines import extract as graph  # noqa: E402
+
+SIZE = 16
+FLIPPED = ("train3", "train17", "val5")  # features of one class, filed under another
+
+
+def toy_run_inputs(tmp_path, num_classes=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 4.0, (num_classes, SIZE))
+    extract = tmp_path / "extract"
+    (extract / "features").mkdir(parents=True)
+    images = tmp_path / "download" / "images"
+    images.mkdir(parents=True)
+    manifest, vectors = [], {}
+    for split, n in (("train", 90), ("val", 45), ("test", 45)):
+        with tf.io.TFRecordWriter(str(extract / "features" / f"{split}-00000-of-00001.tfrecord")) as writer:
+            for i in range(n):
+                record_id, true = f"{split}{i}", i % num_classes
+                label = (true + 1) % num_classes if record_id in FLIPPED else true
+                values = centers[true] + rng.normal(0, 1.0, SIZE)
+                if record_id == "test7":  # a near copy of train10 (a resized, re-encoded photo's features)
+                    values = vectors["train10"] * 1.01 + rng.normal(0, 0.01, SIZE)
+                vectors[record_id] = values
+                writer.write(graph.feature_example(record_id.encode(), int(label), values))
+                Image.new("RGB", (20, 12), (i * 5 % 255, 100, 50)).save(images / f"{record_id}.png")
+                manifest.append(
+                    {
+                        "id": record_id,
+                        "file": f"images/{record_id}.png",
+                        "source": f"c{label}/{record_id}.png",
+                        "label": f"c{label}",
+                        "split": split,
+                    }
+                )
+    (extract / "features.json").write_text(json.dumps({"feature_size": SIZE}))
+    (tmp_path / "download" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([f"c{i}" for i in range(num_classes)]))
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"best_epoch": 25}))
+    return extract, labels, tmp_path / "download", history
+
+
+def config(**quality_params):
+    head = TrainHeadParams(hidden_units=0, dropout=0.0, learning_rate=0.05, batch_size=16)
+    return quality.Config(CommonParams(seed=7), head, quality.QualityParams(**quality_params))
+
+
+def test_planted_label_errors_and_copies_are_found_and_the_outputs_repeat(tmp_path):
+    inputs = toy_run_inputs(tmp_path)
+    result = quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report")
+    issues = result["label_issues"]
+    assert {row["id"] for row in issues} >= set(FLIPPED)
+    assert [row["id"] for row in issues[:3]] and set(row["id"] for row in issues[:3]) == set(FLIPPED)
+    for row in issues:
+        assert row["given"] != row["suggested"] and row["file"] == f"images/{row['id']}.png"
+        assert 0.0 <= row["score"] < 0.5
+    assert [(p["a_id"], p["b_id"]) for p in result["near_duplicates"]] == [("train10", "test7")]
+    pair = result["near_duplicates"][0]
+    assert pair["a_split"] == "train" and pair["b_split"] == "test" and pair["b_source"] == "c1/test7.png"
+    cv = json.loads((tmp_path / "report" / "metrics.json").read_text())["head_cv"]
+    assert cv["images"] == 135 and cv["folds"] == 3 and len(cv["fold_accuracy"]) == 3
+    # The three flipped labels can't be predicted; nearly all the rest of the (slightly overlapping) clusters can.
+    assert 0.93 <= cv["accuracy"] <= 132 / 135
+    assert cv["accuracy_low"] < cv["accuracy"] < cv["accuracy_high"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "report" / quality.SHEET) as sheet:
+        assert sheet.size[0] == quality.COLUMNS * quality.TILE  # four tiles on a line
+    first = {name: (tmp_path / "report" / name).read_bytes() for name in quality.DECLARED_OUTPUTS}
+    quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report")
+    assert {name: (tmp_path / "report" / name).read_bytes() for name in quality.DECLARED_OUTPUTS} == first
+
+
+def test_a_lower_threshold_finds_more_pairs_all_across_splits(tmp_path):
+    extract, labels, download, history = toy_run_inputs(tmp_path)
+    loose = quality.run(
+        config(folds=3, near_duplicate_threshold=0.9), extract, labels, download, history, tmp_path / "r"
+    )
+    assert len(loose["near_duplicates"]) > 1
+    assert all(p["similarity"] >= 0.9 and p["a_split"] != p["b_split"] for p in loose["near_duplicates"])
+
+
+def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_image():
+    # Random labels on random features: a head that saw its image would fit it (far above chance);
+    # out of fold it cannot beat chance by much.
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(0, 1, (120, 64)).astype(np.float32), rng.integers(0, 2, 120)
+    head = TrainHeadParams(hidden_units=32, dropout=0.0, learning_rate=0.01)
+    fold_of = quality.stratified_folds(labels, 4, seed=0)
+    probabilities = quality.out_of_fold_probabilities(features, labels, 2, head, 40, fold_of, seed=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0)
+    assert quality.cross_validated_accuracy(labels, probabilities, fold_of)["accuracy"] < 0.7
+
+
+def test_folds_are_stratified_seeded_and_need_enough_images_per_class():
+    labels = np.array([0] * 30 + [1] * 15)
+    fold_of = quality.stratified_folds(labels, 5, seed=3)
+    assert np.array_equal(fold_of, quality.stratified_folds(labels, 5, seed=3))
+    assert not np.array_equal(fold_of, quality.stratified_folds(labels, 5, seed=4))
+    for k in range(5):
+        assert (np.sum((fold_of == k) & (labels == 0)), np.sum((fold_of == k) & (labels == 1))) == (6, 3)
+    with pytest.raises(ValueError, match="fewer than quality.folds=5"):
+        quality.stratified_folds(np.array([0] * 30 + [1] * 4), 5, seed=0)
+
+
+def test_sheet_without_suspects_says_so(tmp_path):
+    sheet = quality.contact_sheet([], tmp_path, 16)
+    assert sheet.size == (quality.TILE, quality.TILE + quality.CAPTION)
+    assert np.asarray(sheet).min() < 128  # the text is drawn
+
+
+def smooth_picture(seed: int, size=(72, 96)):
+    """A photo-like picture: a random 4x5 grid of colours, smoothly upsampled (structure a conv base sees)."""
+    from PIL import Image
+
+    grid = np.random.default_rng(seed).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    return Image.fromarray(grid).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+
+
+def jpeg_bytes(picture, quality=90):
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def smoothing_base(path):
+    """A small saved conv base with fixed weights that, like a pretrained one and unlike a random MobileNet,
+    looks at structure rather than pixel noise: 4x4 average pooling, then two seeded convolutions; the
+    features keep their positions (pooling: none)."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    pixels = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(pixels)
+    x = keras.layers.AveragePooling2D(4)(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", padding="same")(x)
+    keras.Model(pixels, x).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_resized_re_encoded_and_cropped_copies_across_splits_are_found(tmp_path):
+    """Copies the download stage's pixel hash cannot catch (other pixels), through the real download, convert
+    and extract stages and a (seeded) base: the quality stage lists each with its original, and only them."""
+    from PIL import Image
+
+    from components import conv_base, convert, extract
+    from components import download as dl
+    from components.manifest import read_jsonl
+
+    src = tmp_path / "src"
+    originals = {}
+    for split, count, offset in (("train", 8, 0), ("val", 3, 100), ("test", 3, 200)):
+        for c, name in enumerate(("cats", "dogs")):
+            folder = src / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                picture = smooth_picture(1000 * c + offset + i)
+                (folder / f"{name}_{offset + i}.jpg").write_bytes(jpeg_bytes(picture))
+                originals[f"{split}/{name}/{name}_{offset + i}.jpg"] = picture
+    copies = {  # test copy -> its train original
+        "test/cats/half_size.jpg": ("train/cats/cats_0.jpg", lambda p: p.resize((48, 36), Image.Resampling.LANCZOS)),
+        "test/dogs/jpeg_q40.png": (
+            "train/dogs/dogs_1.jpg",
+            lambda p: Image.open(__import__("io").BytesIO(jpeg_bytes(p, 40))),
+        ),
+        "val/cats/crop_90.jpg": ("train/cats/cats_2.jpg", lambda p: p.crop((4, 3, 92, 69))),
+    }
+    for name, (original, change) in copies.items():
+        copy = change(originals[original])
+        copy.save(src / name, format="PNG" if name.endswith(".png") else "JPEG", quality=85)
+    download, converted, extracted = tmp_path / "download", tmp_path / "convert", tmp_path / "extract"
+    dl.run(
+        dl.Config(dl.CommonParams(seed=1), dl.DatasetParams(source="folder", dir=str(src)), dl.DownloadParams()),
+        download,
+    )
+    manifest = read_jsonl(download / "manifest.jsonl")
+    assert len(manifest) == 2 * (8 + 3 + 3) + 3  # the pixel hash kept every copy
+    convert.run(
+        convert.Config(convert.ConvertParams(shards=convert.Shards(train=1, val=1, test=1))), download, converted
+    )
+    base = conv_base.ConvBaseParams(
+        name=None, path=str(smoothing_base(tmp_path / "base.keras")), input_size=(48, 48), pooling="none"
+    )
+    extract.run(
+        extract.Config(base, extract.ExtractParams(batch_size=8)), converted, extracted, cache_root=str(tmp_path / "c")
+    )
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps({"best_epoch": 5}))
+    result = quality.run(
+        config(folds=2, near_duplicate_threshold=0.9),
+        extracted,
+        converted / "labels.json",
+        download,
+        history,
+        tmp_path / "report",
+    )
+    source_of = {row["id"]: row["source"] for row in manifest}
+    open("/tmp/pairs.json", "w").write(
+        json.dumps([(p["similarity"], source_of[p["a_id"]], source_of[p["b_id"]]) for p in result["near_duplicates"]])
+    )
+    found = {tuple(sorted((source_of[p["a_id"]], source_of[p["b_id"]]))) for p in result["near_duplicates"]}
+    assert found == {tuple(sorted((copy, original))) for copy, (original, _) in copies.items()}, [
+        (p["similarity"], source_of[p["a_id"]], source_of[p["b_id"]]) for p in result["near_duplicates"]
+    ]
