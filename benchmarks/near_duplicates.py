@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1280)
-    parser.add_argument("--threshold", type=float, default=0.97)
+    parser.add_argument("--threshold", type=float, default=0.9)  # params.yaml quality.near_duplicate_threshold
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--baseline-n", type=int, default=10_000, help="vectors for the n x n one-matrix baseline")
     args = parser.parse_args(argv)

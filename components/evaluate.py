@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -42,7 +43,7 @@ import pipelines.bases  # noqa: F401 - registers the preprocessing layer the sav
 from components import outputs
 from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl
-from components.params import Section, log_resolved, read_params, section, write_resolved
+from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
 from pipelines import classifier, records, runtimes, serving
 
@@ -65,13 +66,18 @@ class EvaluateParams(Section):
 @dataclasses.dataclass(frozen=True)
 class Config:
     evaluate: EvaluateParams
+    tta: TtaParams = TtaParams()  # the fine-tuned model's test-time augmentation (export serves the same)
 
     def sections(self) -> dict[str, Section]:
-        return {"evaluate": self.evaluate}
+        return {"evaluate": self.evaluate, "tta": self.tta}
 
 
 def load_config(params_path: str | Path) -> Config:
-    return Config(evaluate=section(read_params(params_path), EvaluateParams, "evaluate", params_path))
+    data = read_params(params_path)
+    return Config(
+        evaluate=section(data, EvaluateParams, "evaluate", params_path),
+        tta=section(data, TtaParams, "tta", params_path),
+    )
 
 
 # ---- metrics: pure functions of labels and probabilities -------------------------------------
@@ -349,7 +355,8 @@ def run(
     size = tuple(int(s) for s in model.input_shape[1:3])
     cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
-    score_model = runtimes.predictor(model, params.runtime, cache_dir)  # Grad-CAM uses the Keras model
+    # Grad-CAM uses the Keras model; scoring applies tta.flip as the serving model does
+    score_model = serving.with_flip(runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip)
     image_files = records.split_files(convert_dir / "records", "test")
     counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 
@@ -360,11 +367,19 @@ def run(
         found = {
             "head": predict_features(
                 score_head, records.split_files(extract_dir / "features", split), feature_size, params.batch_size
-            ),
-            "finetune": predict_images(
-                score_model, records.split_files(convert_dir / "records", split), size, params.batch_size
-            ),
+            )
         }
+        started = time.perf_counter()
+        found["finetune"] = predict_images(
+            score_model, records.split_files(convert_dir / "records", split), size, params.batch_size
+        )
+        log.info(  # the log only: no timing goes into an output
+            "evaluate: fine-tuned model scored %d %s images in %.1f s (tta.flip: %s)",
+            len(found["finetune"][0]),
+            split,
+            time.perf_counter() - started,
+            config.tta.flip,
+        )
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
             raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")
         return found

@@ -38,7 +38,7 @@ import pipelines.bases  # noqa: F401 - registers the preprocessing layer the sav
 from components import lineage, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl, split_counts
-from components.params import Section, log_resolved, read_params, section, write_resolved
+from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from pipelines import records, serving
 from pipelines.bases import file_sha256
 
@@ -56,20 +56,28 @@ class ExportParams(Section):
 @dataclasses.dataclass(frozen=True)
 class Config:
     export: ExportParams
+    tta: TtaParams = TtaParams()
 
     def sections(self) -> dict[str, Section]:
-        return {"export": self.export}
+        return {"export": self.export, "tta": self.tta}
 
 
 def load_config(params_path: str | Path) -> Config:
-    return Config(export=section(read_params(params_path), ExportParams, "export", params_path))
+    data = read_params(params_path)
+    return Config(
+        export=section(data, ExportParams, "export", params_path), tta=section(data, TtaParams, "tta", params_path)
+    )
 
 
-def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str]) -> float:
-    """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's."""
+def check_serving(
+    path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str], flip: str = "none"
+) -> float:
+    """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's
+    (with the same test-time augmentation)."""
     loaded = tf.saved_model.load(str(path))
     result = loaded.signatures[serving.SIGNATURE](images=tf.constant([blob for blob, _ in samples]))
-    expected = serving.probabilities_of(model(np.stack([pixels for _, pixels in samples]), training=False))
+    score = serving.with_flip(lambda x: model(x, training=False), flip)
+    expected = serving.probabilities_of(score(np.stack([pixels for _, pixels in samples])))
     gap = float(np.max(np.abs(result["probabilities"].numpy() - expected.numpy())))
     if gap > 1e-4 or [c.decode() for c in result["classes"].numpy()[0]] != names:
         raise RuntimeError(f"the serving model disagrees with the Keras model (max probability gap {gap:.2e})")
@@ -77,7 +85,14 @@ def check_serving(path: Path, model, samples: list[tuple[bytes, np.ndarray]], na
 
 
 def lineage_record(
-    manifest_path, rows: list[dict], model_path, head_path, features: dict, names: list[str], metrics: dict
+    manifest_path,
+    rows: list[dict],
+    model_path,
+    head_path,
+    features: dict,
+    names: list[str],
+    metrics: dict,
+    tta_flip: str = "none",
 ) -> dict:
     """The lineage the serving model carries: its data, base, models, labels, metrics and libraries."""
     return {
@@ -88,6 +103,7 @@ def lineage_record(
         "extract_runtime": features.get("runtime", "tensorflow"),  # what computed the features the head learned
         "model_sha256": file_sha256(model_path),
         "head_sha256": file_sha256(head_path),
+        "tta_flip": tta_flip,  # test-time augmentation inside the serving function (tta.flip)
         "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
         "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
         "libraries": lineage.library_versions(),
@@ -115,12 +131,14 @@ def run(
     test_ids = sorted(row["id"] for row in manifest if row["split"] == "test")
     samples = records.encoded_by_id(test_files, set(test_ids[: config.export.serving_check]), size)
     with outputs.staged_dir(out_dir) as tmp:
-        serving.export(model, names, size, tmp / SERVING)
+        serving.export(model, names, size, tmp / SERVING, config.tta.flip)
         outputs.stabilise_saved_model(tmp / SERVING)
-        record = lineage_record(manifest_path, manifest, model_path, head_path, features, names, metrics)
+        record = lineage_record(
+            manifest_path, manifest, model_path, head_path, features, names, metrics, config.tta.flip
+        )
         (tmp / SERVING / "assets.extra").mkdir(parents=True, exist_ok=True)
         (tmp / SERVING / "assets.extra" / LINEAGE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        gap = check_serving(tmp / SERVING, model, [samples[i] for i in sorted(samples)], names)
+        gap = check_serving(tmp / SERVING, model, [samples[i] for i in sorted(samples)], names, config.tta.flip)
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
     log.info(

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 import pydantic
 import yaml
@@ -47,6 +47,14 @@ class CommonParams(Section):
     """The `common` section, read by every stage that draws random numbers."""
 
     seed: int = 1337
+
+
+class TtaParams(Section):
+    """The `tta` section: test-time augmentation of the fine-tuned model, read by evaluate (which scores it)
+    and export (which serves it), so the served model is the one evaluated."""
+
+    # none | horizontal: average the probabilities of the image and of its mirror image
+    flip: Literal["none", "horizontal"] = "none"
 
 
 def _describe_error(prefix: str, error: Mapping[str, Any], model: type[Section]) -> str:

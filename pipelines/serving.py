@@ -6,7 +6,8 @@ label vocabulary's order) and ``predicted`` string [n]. It decodes, normalises
 (EXIF orientation, transparency onto white, the first frame) and resizes with
 `pipelines.image.decode_and_resize`, the function download, extraction and
 training used, so a client's file gives the pixels training saw for the same
-file. Loading it needs plain TensorFlow only.
+file. Loading it needs plain TensorFlow only. With ``tta.flip: horizontal`` it averages each
+image's probabilities with its mirror image's, as evaluate scored it.
 
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
 string, text, another format) fails with an error naming the batch indices; an
@@ -48,8 +49,24 @@ def probabilities_of(outputs: tf.Tensor) -> tf.Tensor:
     return outputs
 
 
-def export(model, class_names: list[str], input_size: tuple[int, int], path: str | Path) -> None:
-    """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in)."""
+def mirrored(pixels):
+    """[n, h, w, c] images flipped left to right (NumPy or TensorFlow)."""
+    return pixels[:, :, ::-1, :]
+
+
+def with_flip(score, flip: str):
+    """`score` (pixels -> model outputs) with test-time augmentation: ``horizontal`` averages the outputs of
+    each image and its mirror (a sigmoid's p averages as its probabilities do); ``none`` is `score` itself."""
+    if flip == "none":
+        return score
+    if flip != "horizontal":
+        raise ValueError(f"unknown test-time flip {flip!r}: none | horizontal")
+    return lambda pixels: (score(pixels) + score(mirrored(pixels))) / 2
+
+
+def export(model, class_names: list[str], input_size: tuple[int, int], path: str | Path, flip: str = "none") -> None:
+    """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in), with the test-time
+    augmentation `flip` (`with_flip`) that evaluate scored it with."""
     names = tf.constant(list(class_names))
     size = tuple(int(s) for s in input_size)
     expected = 2 if model.output_shape[-1] == 1 else model.output_shape[-1]
@@ -63,7 +80,7 @@ def export(model, class_names: list[str], input_size: tuple[int, int], path: str
                 images,
                 fn_output_signature=tf.TensorSpec([size[0], size[1], 3], tf.float32),
             )
-        probabilities = probabilities_of(model(pixels, training=False))
+        probabilities = probabilities_of(with_flip(lambda x: model(x, training=False), flip)(pixels))
         n = tf.shape(probabilities)[0]
         return {
             "probabilities": probabilities,

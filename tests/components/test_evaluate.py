@@ -391,3 +391,60 @@ def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped
     assert np.array(served["probabilities"]).shape == (2, 3)
     np.testing.assert_allclose(np.array(served["probabilities"]), expected, atol=1e-5)
     assert served["classes"] == [names] * 2 and served["predicted"] == [names[i] for i in expected.argmax(axis=1)]
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    from pipelines import serving
+
+    weights = np.arange(2 * 3 * 1, dtype=np.float32).reshape(1, 2, 3, 1)  # a score that sees left from right
+    score = lambda x: np.sum(x * weights, axis=(1, 2, 3))[:, None]  # noqa: E731
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 2, 3, 1)).astype(np.float32)
+    assert serving.with_flip(score, "none") is score
+    flipped = serving.with_flip(score, "horizontal")(pixels)
+    assert np.allclose(flipped, (score(pixels) + score(pixels[:, :, ::-1, :])) / 2)
+    assert not np.allclose(flipped, score(pixels))
+    with pytest.raises(ValueError, match="none | horizontal"):
+        serving.with_flip(score, "vertical")
+
+
+@pytest.mark.slow
+def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(evaluated, converted_tiny, tmp_path):
+    """tta.flip: horizontal in evaluate and export: the served probabilities of an encoded image are the mean of
+    the Keras model's on its decoded pixels and on those pixels mirrored."""
+    import keras
+    import tensorflow as tf
+
+    from components.params import TtaParams
+    from pipelines import image, serving
+
+    root, _ = evaluated
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=0, gradcam_wrong=0, gradcam_per_class=0)
+    tta = TtaParams(flip="horizontal")
+    evaluate.run(evaluate.Config(params, tta), converted_tiny, root / "extract", *models, manifest, tmp_path / "r")
+    plain = json.loads((root / "report" / "metrics.json").read_text())
+    mirrored = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert mirrored["head"] == plain["head"]  # the head scores cached features: no TTA
+    assert mirrored["finetune"]["test"]["loss"] != plain["finetune"]["test"]["loss"]
+    exported = export.run(
+        export.Config(export.ExportParams(serving_check=3), tta),
+        models[1],
+        models[0],
+        converted_tiny,
+        root / "extract" / "features.json",
+        manifest,
+        tmp_path / "r" / "metrics.json",
+        tmp_path / "out",
+    )
+    assert exported["lineage"]["tta_flip"] == "horizontal" and exported["serving_gap"] <= 1e-4
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:3]
+    blobs = [(converted_tiny.parent / "download" / row["file"]).read_bytes() for row in rows]
+    pixels = np.stack([image.decode_and_resize(tf.constant(blob), (32, 32)).numpy() for blob in blobs])
+    model = keras.saving.load_model(models[1], compile=False)
+    one = serving.probabilities_of(model(pixels, training=False)).numpy()
+    other = serving.probabilities_of(model(pixels[:, :, ::-1, :].copy(), training=False)).numpy()
+    serve_tta = tf.saved_model.load(str(tmp_path / "out" / export.SERVING)).signatures[serving.SIGNATURE]
+    got = serve_tta(images=tf.constant(blobs))["probabilities"].numpy()
+    assert np.allclose(got, (one + other) / 2, atol=1e-5)
+    assert not np.allclose(got, one, rtol=1e-3, atol=0)  # the mirror changed the (saturated) probabilities

@@ -165,6 +165,7 @@ def test_code_defaults_agree_with_params_yaml():
         "finetune": finetune.FinetuneParams,
         "quality": quality.QualityParams,
         "evaluate": evaluate.EvaluateParams,
+        "tta": evaluate.TtaParams,
         "export": export.ExportParams,
         "retrain": retrain.RetrainParams,
     }
