@@ -127,17 +127,33 @@ class DownloadParams(Section):
     # evaluation/label_issues.json, one copy of a near-duplicate in evaluation/near_duplicates.json):
     # explicit and versioned; the audit lists them, and an id no image has is reported in summary.json
     exclude: list[str] = []
+    # groups of manifest ids (near-duplicate pairs from quality/near_duplicates.json) each put in one split:
+    # that of its member with the smallest pixel hash (the hash split only: no train/val/test folders)
+    keep_together: list[list[str]] = []
 
     @pydantic.field_validator("exclude")
     @classmethod
     def _ids(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not re.fullmatch(r"[0-9a-f]{20}", v)]
-        if bad:
-            raise ValueError(f"ids are the manifest's 20 lowercase hex digits; not ids: {bad[:5]}")
+        _check_ids(value)
         repeated = sorted({v for v in value if value.count(v) > 1})
         if repeated:
             raise ValueError(f"ids listed twice: {repeated[:5]}")
         return value
+
+    @pydantic.field_validator("keep_together")
+    @classmethod
+    def _groups(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            _check_ids(group)
+            if len(set(group)) < 2:
+                raise ValueError(f"a group needs at least two distinct ids, got {group}")
+        return value
+
+
+def _check_ids(value: list[str]) -> None:
+    bad = [v for v in value if not re.fullmatch(r"[0-9a-f]{20}", v)]
+    if bad:
+        raise ValueError(f"ids are the manifest's 20 lowercase hex digits; not ids: {bad[:5]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +231,12 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
         manifest, excluded, not_found = split.exclude(manifest, dl.exclude)
+        if dl.keep_together and any(c.given_split for c in candidates):
+            raise ValueError(
+                "download.keep_together moves images between splits, but this dataset gives its own train/val/test "
+                "folders: move the files there, or set dataset.existing_splits: ignore to hash-split"
+            )
+        manifest, together = split.keep_together(manifest, dl.keep_together)
         kept = {row["source"] for row in manifest}
         for n, cand in enumerate(candidates):
             staged = images / f".{n}.{cand.ext}"
@@ -225,6 +247,9 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
         summary["excluded"] = {"listed": len(dl.exclude), "quarantined": len(excluded), "not_found": not_found}
+        summary["kept_together"] = together
+        if together["not_found"]:
+            log.warning("download: %d ids in download.keep_together match no image", len(together["not_found"]))
         if not_found:
             log.warning("download: %d ids in download.exclude match no image: %s", len(not_found), not_found[:5])
         summary["source"] = {"type": ds.source, "dir": ds.dir}

@@ -137,6 +137,46 @@ def exclude(manifest: Sequence[Mapping], ids: Iterable[str]) -> tuple[list[dict]
     return kept, dropped, sorted(wanted - {row["id"] for row in manifest})
 
 
+def keep_together(manifest: Sequence[Mapping], groups: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:
+    """Put each listed group of ids (near-duplicates, from quality/near_duplicates.json) in one split.
+
+    Groups that share an id are one group. A group's split is that of its member with the smallest pixel
+    hash: a function of the group and the data, so a re-run (an auditor's rebuild) gives the same split,
+    and images outside the lists keep theirs. Returns (rows sorted as `resolve` sorts them, a report:
+    groups applied, the ids moved with their old and new split, listed ids no image has)."""
+    rows = [dict(row) for row in manifest]
+    index = {row["id"]: n for n, row in enumerate(rows)}
+    parent: dict[str, str] = {}
+
+    def root(i: str) -> str:
+        while parent.setdefault(i, i) != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    listed = [i for group in groups for i in group]
+    for group in groups:
+        present = [i for i in group if i in index]
+        for other in present[1:]:
+            parent[root(other)] = root(present[0])
+    members: dict[str, list[str]] = collections.defaultdict(list)
+    for i in sorted({i for i in listed if i in index}):
+        members[root(i)].append(i)
+    moved, applied = [], 0
+    for group in sorted(members.values()):
+        if len(group) < 2:
+            continue
+        applied += 1
+        target = rows[index[min(group, key=lambda i: rows[index[i]]["pixels_sha256"])]]["split"]
+        for i in group:
+            if rows[index[i]]["split"] != target:
+                moved.append({"id": i, "from": rows[index[i]]["split"], "to": target})
+                rows[index[i]]["split"] = target
+    rows.sort(key=lambda row: (SPLITS.index(row["split"]), row["label"], row["id"]))
+    report = {"groups": applied, "moved": moved, "not_found": sorted({i for i in listed if i not in index})}
+    return rows, report
+
+
 def summarise(
     found_labels: Sequence[str | None],
     manifest: Sequence[Mapping],

@@ -292,7 +292,9 @@ def collect(repo: Path, rev: str) -> dict:
             if text is None:
                 unreadable.append(f"{path} is missing at {commit[:12]}, whose dvc.lock has the quality stage")
             quality[key] = [] if text is None else json.loads(text)
-    quality["excluded"] = stage_params(lock).get("download", {}).get("download", {}).get("exclude", [])
+    download_params = stage_params(lock).get("download", {}).get("download", {})
+    quality["excluded"] = download_params.get("exclude", [])
+    quality["kept_together"] = download_params.get("keep_together", [])
     return {
         "revision": commit,
         "subject": git(repo, "log", "-1", "--format=%s", commit).strip(),
@@ -396,6 +398,10 @@ def to_markdown(report: dict) -> str:
             for i in q["label_issues"][:10]
         ]
     lines.append(f"- excluded by download.exclude: {len(q['excluded'])}" + "".join(f" `{i}`" for i in q["excluded"]))
+    lines.append(
+        f"- groups kept in one split by download.keep_together: {len(q['kept_together'])}"
+        + "".join(f" `{' '.join(g)}`" for g in q["kept_together"])
+    )
     lines += ["", "## Stages", "", "| stage | output | md5 |", "|---|---|---|"]
     for stage, outs in r["outputs"].items():
         lines += [f"| {stage} | `{path}` | `{md5}` |" for path, md5 in outs.items()]

@@ -504,3 +504,44 @@ def test_listed_ids_are_excluded_reported_and_reconciled(tiny_folder, tmp_path):
 def test_exclude_takes_only_distinct_manifest_ids(ids):
     with pytest.raises(ValueError, match="download.exclude"):
         parse_section(dl.DownloadParams, "download", {"exclude": ids})
+
+
+def test_keep_together_puts_each_group_in_the_split_of_its_smallest_pixel_hash():
+    rows = [
+        {"id": i * 20, "pixels_sha256": sha, "split": split, "label": "a"}
+        for i, sha, split in (("a", "9", "train"), ("b", "1", "test"), ("c", "5", "val"), ("d", "3", "train"))
+    ]
+    # a~b and b~c share b: one group {a, b, c}, whose smallest hash is b's: all three go to test; d stays
+    kept, report = splitting.keep_together(rows, [["a" * 20, "b" * 20], ["c" * 20, "b" * 20], ["e" * 20, "d" * 20]])
+    assert {r["id"][0]: r["split"] for r in kept} == {"a": "test", "b": "test", "c": "test", "d": "train"}
+    assert [r["id"][0] for r in kept] == ["d", "a", "b", "c"]  # sorted by split, label, id as resolve sorts
+    assert report == {
+        "groups": 1,
+        "moved": [{"id": "a" * 20, "from": "train", "to": "test"}, {"id": "c" * 20, "from": "val", "to": "test"}],
+        "not_found": ["e" * 20],
+    }
+    assert splitting.keep_together(rows, [])[0] == sorted(rows, key=lambda r: (mf.SPLITS.index(r["split"]), r["id"]))
+
+
+def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(tiny_folder, tmp_path):
+    dl.run(folder_config(tiny_folder), tmp_path / "a")
+    first = mf.read_jsonl(tmp_path / "a" / mf.MANIFEST)
+    train = next(r for r in first if r["split"] == "train")
+    test = next(r for r in first if r["split"] == "test")
+    summary = dl.run(folder_config(tiny_folder, keep_together=[[train["id"], test["id"]]]), tmp_path / "b")
+    after = {r["id"]: r["split"] for r in mf.read_jsonl(tmp_path / "b" / mf.MANIFEST)}
+    target = min((train, test), key=lambda r: r["pixels_sha256"])["split"]
+    assert after[train["id"]] == after[test["id"]] == target
+    assert all(after[r["id"]] == r["split"] for r in first if r["id"] not in (train["id"], test["id"]))
+    assert summary["kept_together"]["groups"] == 1 and len(summary["kept_together"]["moved"]) == 1
+    given = tmp_path / "given"
+    make_class_folder(given / "train", per_class=3)
+    make_class_folder(given / "test", per_class=2, start=50)
+    config = dl.Config(
+        common=dl.CommonParams(seed=3),
+        dataset=dl.DatasetParams(source="folder", dir=str(given)),
+        download=dl.DownloadParams(keep_together=[["0" * 20, "1" * 20]]),
+    )
+    with pytest.raises(ValueError, match="existing_splits: ignore"):
+        dl.run(config, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -253,6 +253,7 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     ]
     report = (project / "audit" / "audit.md").read_text()
     assert "near-duplicate pairs across splits: 1" in report and "suspected label errors (train + val): 1" in report
+    assert "excluded by download.exclude: 0" in report and "download.keep_together: 0" in report
 
     stale = revision(
         "serving model from another manifest",

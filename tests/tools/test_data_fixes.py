@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import yaml
+
+from components.params import ParamsError
+from tests.test_dvc_pipeline import REPO
+from tools import data_fixes
+
+PAIRS = [
+    {"a_id": "a" * 20, "a_split": "train", "b_id": "b" * 20, "b_split": "test", "similarity": 0.99},
+    {"a_id": "c" * 20, "a_split": "val", "b_id": "d" * 20, "b_split": "test", "similarity": 0.95},
+]
+ISSUES = [{"id": "e" * 20, "score": 0.01}, {"id": "f" * 20, "score": 0.02}, {"id": "0" * 20, "score": 0.2}]
+
+
+def test_fixes_from_the_quality_lists():
+    assert data_fixes.fixes(PAIRS, ISSUES, keep_together=True) == {
+        "exclude": [],
+        "keep_together": [["a" * 20, "b" * 20], ["c" * 20, "d" * 20]],
+    }
+    assert data_fixes.fixes(PAIRS, ISSUES, exclude_copies=True, exclude_suspects=2)["exclude"] == [
+        "b" * 20,
+        "d" * 20,
+        "e" * 20,
+        "f" * 20,
+    ]
+
+
+def test_lists_are_extended_never_shrunk_nor_repeated():
+    current = {"min_side": 16, "exclude": ["f" * 20], "keep_together": [["b" * 20, "a" * 20]]}
+    found = data_fixes.fixes(PAIRS, ISSUES, keep_together=True, exclude_suspects=2)
+    merged = data_fixes.merged_download(current, found)
+    assert merged["exclude"] == ["f" * 20, "e" * 20]
+    assert merged["keep_together"] == [["b" * 20, "a" * 20], ["c" * 20, "d" * 20]]
+    assert merged["min_side"] == 16 and current["exclude"] == ["f" * 20]  # the input is not changed
+
+
+def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    report = tmp_path / "quality"
+    report.mkdir()
+    (report / "near_duplicates.json").write_text(json.dumps(PAIRS))
+    (report / "label_issues.json").write_text(json.dumps(ISSUES))
+    args = ["--report", str(report), "--params", str(params), "--exclude-copies"]
+    assert data_fixes.main(args) == 0
+    assert "-S 'download.exclude=" in capsys.readouterr().out
+    assert params.read_text() == (REPO / "params.yaml").read_text()
+    assert data_fixes.main([*args, "--write"]) == 0
+    assert yaml.safe_load(params.read_text())["download"]["exclude"] == ["b" * 20, "d" * 20]
+    (report / "near_duplicates.json").write_text(json.dumps([{**PAIRS[0], "b_id": "not an id"}]))
+    with pytest.raises(ParamsError, match="download.exclude"):
+        data_fixes.main([*args, "--write"])

@@ -1,0 +1,107 @@
+"""Turn the quality stage's findings into explicit, versioned params: ``download.exclude`` and
+``download.keep_together``. Nothing is dropped or moved until you run this and commit params.yaml.
+
+    python -m tools.data_fixes --keep-together              # each near-duplicate pair in one split
+    python -m tools.data_fixes --exclude-copies             # drop the val/test side of each pair
+    python -m tools.data_fixes --exclude-suspects 5         # drop the 5 most suspect labels (look first:
+                                                            # quality/label_suspects.png)
+    ... --write                                             # merge into params.yaml (else print -S args)
+
+The lists in params.yaml are extended (never shrunk) and deduplicated, and the result is validated with
+every stage's config, as a preset is. Then ``dvc repro`` (or ``dvc exp run`` with the printed ``-S``
+arguments) re-runs from download; ``summary.json`` and the audit report what the lists did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from components.cli import configure_logging, run_main
+from components.params import read_params
+from tools import preset
+
+NEAR_DUPLICATES = "near_duplicates.json"
+LABEL_ISSUES = "label_issues.json"
+
+
+def fixes(
+    near_duplicates: list[dict],
+    label_issues: list[dict],
+    *,
+    keep_together: bool = False,
+    exclude_copies: bool = False,
+    exclude_suspects: int = 0,
+) -> dict[str, list]:
+    """The ids to exclude and the groups to keep together, from the quality stage's two lists."""
+    exclude, groups = [], []
+    if keep_together:
+        groups = [sorted((pair["a_id"], pair["b_id"])) for pair in near_duplicates]
+    if exclude_copies:  # b is in the later split (train < val < test): keep the training copy
+        exclude += [pair["b_id"] for pair in near_duplicates]
+    exclude += [row["id"] for row in label_issues[:exclude_suspects]]
+    return {"exclude": exclude, "keep_together": groups}
+
+
+def merged_download(current: dict, found: dict[str, list]) -> dict:
+    """params.yaml's download section with the found ids and groups appended (existing ones first, no repeats)."""
+    section = dict(current)
+    exclude = list(section.get("exclude") or [])
+    exclude += [i for i in dict.fromkeys(found["exclude"]) if i not in exclude]
+    groups = [list(g) for g in section.get("keep_together") or []]
+    known = {tuple(sorted(g)) for g in groups}
+    for group in found["keep_together"]:
+        if tuple(sorted(group)) not in known:
+            known.add(tuple(sorted(group)))
+            groups.append(list(group))
+    if exclude:
+        section["exclude"] = exclude
+    if groups:
+        section["keep_together"] = groups
+    return section
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", type=Path, default=Path("quality"), help="the quality stage's folder")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--keep-together", action="store_true", help="each near-duplicate pair in one split")
+    parser.add_argument("--exclude-copies", action="store_true", help="exclude the later split's image of each pair")
+    parser.add_argument("--exclude-suspects", type=int, default=0, metavar="N", help="exclude the N most suspect")
+    parser.add_argument("--write", action="store_true", help="merge into --params instead of printing -S args")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if args.keep_together and args.exclude_copies:
+        parser.error("--keep-together and --exclude-copies are two answers to the same pairs: choose one")
+    near = json.loads((args.report / NEAR_DUPLICATES).read_text(encoding="utf-8"))
+    issues = json.loads((args.report / LABEL_ISSUES).read_text(encoding="utf-8"))
+    found = fixes(
+        near,
+        issues,
+        keep_together=args.keep_together,
+        exclude_copies=args.exclude_copies,
+        exclude_suspects=args.exclude_suspects,
+    )
+    params = read_params(args.params)
+    download = merged_download(params.get("download") or {}, found)
+    merged = {**params, "download": download}
+    preset.validate(merged, args.params)
+    if args.write:
+        args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        print(
+            f"{args.params}: download.exclude {len(download.get('exclude', []))} ids, "
+            f"download.keep_together {len(download.get('keep_together', []))} groups"
+        )
+    else:
+        changed = {k: download[k] for k in ("exclude", "keep_together") if k in download}
+        print(" ".join(shlex.quote(arg) for arg in preset.set_args({"download": changed})))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
