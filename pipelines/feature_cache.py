@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import uuid
 from importlib import metadata
 
@@ -210,3 +211,39 @@ def stored_feature_shape(root: str, record: dict) -> list[int] | None:
     """The feature shape recorded for this namespace, or None if it was never built."""
     meta = _read_json(f"{namespace_folder(root, record)}/meta.json")
     return None if meta is None else [int(d) for d in meta["feature_shape"]]
+
+
+def collect_garbage(root: str, keep_namespace: str, keep_keys: set[str], dry_run: bool = False) -> dict:
+    """Delete what the current outputs do not use: every other namespace under `root`, and the entries of
+    `keep_namespace` whose key is not in `keep_keys` (its notes stay). A local folder only; run it when no
+    extract is running. Returns the namespaces and entries removed and kept, and the bytes freed."""
+    if "://" in root:
+        raise ValueError(f"{root}: garbage collection runs on a local cache folder (use the bucket's lifecycle rules)")
+    report = {"namespaces_removed": [], "entries_removed": 0, "entries_kept": 0, "bytes_freed": 0}
+    if not os.path.isdir(root):
+        return report
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(folder, "meta.json")):
+            continue  # not a namespace (the converted models of another runtime, a user's file): untouched
+        if name != keep_namespace:
+            report["namespaces_removed"].append(name)
+            for dirpath, _, files in os.walk(folder):
+                report["bytes_freed"] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+            if not dry_run:
+                shutil.rmtree(folder)
+            continue
+        for prefix in sorted(os.listdir(folder)):
+            sub = os.path.join(folder, prefix)
+            if not os.path.isdir(sub):
+                continue  # meta.json and the other notes
+            for entry in sorted(os.listdir(sub)):
+                if entry.endswith(SUFFIX) and entry[: -len(SUFFIX)] in keep_keys:
+                    report["entries_kept"] += 1
+                    continue
+                path = os.path.join(sub, entry)  # an unused entry, or a write a killed run left behind
+                report["entries_removed"] += 1
+                report["bytes_freed"] += os.path.getsize(path)
+                if not dry_run:
+                    os.unlink(path)
+    return report

@@ -59,10 +59,7 @@ def merged_download(current: dict, found: dict[str, list]) -> dict:
         if tuple(sorted(group)) not in known:
             known.add(tuple(sorted(group)))
             groups.append(list(group))
-    if exclude:
-        section["exclude"] = exclude
-    if groups:
-        section["keep_together"] = groups
+    section["exclude"], section["keep_together"] = exclude, groups  # both keys, so older params files validate
     return section
 
 

@@ -34,6 +34,11 @@ def test_lists_are_extended_never_shrunk_nor_repeated():
     assert merged["exclude"] == ["f" * 20, "e" * 20]
     assert merged["keep_together"] == [["b" * 20, "a" * 20], ["c" * 20, "d" * 20]]
     assert merged["min_side"] == 16 and current["exclude"] == ["f" * 20]  # the input is not changed
+    assert data_fixes.merged_download({"min_side": 16}, data_fixes.fixes([], [])) == {
+        "min_side": 16,
+        "exclude": [],
+        "keep_together": [],
+    }  # an older params file gets both keys, so it validates
 
 
 def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, capsys):

@@ -1,0 +1,59 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from components import extract
+from pipelines import feature_cache
+from tests.conftest import make_converted, repo_params
+from tools import cache_gc
+
+
+def test_only_other_namespaces_and_unused_entries_go(tmp_path):
+    root = tmp_path / "cache"
+    keep = feature_cache.FeatureCache(str(root), {"base": "current"}, [3])
+    other = feature_cache.FeatureCache(str(root), {"base": "older"}, [3])
+    for key in ("a" * 64, "b" * 64, "c" * 64):
+        keep.put(key, np.ones(3))
+        other.put(key, np.ones(3))
+    keep.put_note("batch_plan", {"tail": 1})
+    (root / "openvino").mkdir()  # converted models of another runtime: not a namespace, untouched
+    leftover = root / keep.folder.split("/")[-1] / "aa" / f"{'a' * 64}.f32.tmp-123"
+    leftover.write_bytes(b"half")  # a write a killed run left behind
+    name = feature_cache.namespace_of({"base": "current"})
+    dry = feature_cache.collect_garbage(str(root), name, {"a" * 64, "c" * 64}, dry_run=True)
+    assert dry["entries_removed"] == 2 and dry["namespaces_removed"] == [feature_cache.namespace_of({"base": "older"})]
+    assert keep.has("b" * 64) and other.has("a" * 64)  # a dry run deletes nothing
+    report = feature_cache.collect_garbage(str(root), name, {"a" * 64, "c" * 64})
+    assert report == {**dry, "entries_kept": 2}
+    assert report["bytes_freed"] > 4 * 12  # three entries of the other namespace, one here, and the leftover
+    assert keep.has("a" * 64) and keep.has("c" * 64) and not keep.has("b" * 64) and not leftover.exists()
+    assert keep.get_note("batch_plan") == {"tail": 1} and keep.get_note("meta") is not None
+    assert not (root / feature_cache.namespace_of({"base": "older"})).exists() and (root / "openvino").is_dir()
+    with pytest.raises(ValueError, match="local cache folder"):
+        feature_cache.collect_garbage("gs://bucket/cache", name, set())
+
+
+@pytest.mark.slow
+def test_after_gc_the_next_extract_computes_nothing_and_removed_images_are_gone(tmp_path, monkeypatch):
+    """The tool's namespace is the one extract writes, and its keys are the records' images."""
+    base = {"name": "mobilenet_v2", "path": None, "weights": "none", "input_size": [32, 32], "pooling": "avg"}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(repo_params({"conv_base": base, "extract": {"batch_size": 4}})))
+    config = extract.load_config(params)
+    cache = str(tmp_path / "cache")
+    old = make_converted(tmp_path / "old", per_class=5)  # images that later leave the dataset
+    extract.run(config, old, tmp_path / "e0", cache_root=cache)
+    current = make_converted(tmp_path / "new", per_class=4, start=50)
+    extract.run(config, current, tmp_path / "e1", cache_root=cache)
+    other = extract.Config(config.conv_base.model_copy(update={"input_size": (40, 40)}), config.extract)
+    extract.run(other, current, tmp_path / "e2", cache_root=cache)  # another namespace
+    monkeypatch.chdir(tmp_path)
+    assert cache_gc.main(["--params", str(params), "--convert", str(current), "--cache", cache]) == 0
+    namespaces = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").exists()]
+    assert len(namespaces) == 1
+    entries = list(namespaces[0].glob("*/*.f32"))
+    assert len(entries) == 8  # the current images only
+    again = extract.run(config, current, tmp_path / "e3", cache_root=cache, metrics_path=tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["computed"] == 0 and again["from_cache"] == 8
