@@ -1,12 +1,14 @@
 """Beam + tf.Transform graph code of the convert stage.
 
 manifest rows -> tf.Transform (label vocabulary analysed on the train rows only,
-then one TransformDataset over every split) -> image bytes read -> tf.Example ->
+then one TransformDataset over every split) -> grouped by shard (ids, labels and file
+names only) -> each shard's images read as it is written -> tf.Example ->
 deterministic TFRecord shards per split.
 
 tf.Transform sees only the manifest fields (label name, id, file, split); the
-image bytes are read after the transform, so they never pass through
-tf.Transform's batching. One analysis and one transform (rather than one
+image bytes are read when a shard is written, after the grouping, so they never pass
+through tf.Transform's batching nor a GroupByKey (which the DirectRunner holds in
+memory): memory does not grow with the images' bytes. One analysis and one transform (rather than one
 transform per split) halves the pipeline's fixed cost, which dominates at
 thousands of images.
 
@@ -117,20 +119,37 @@ def raw_instance(row: Mapping) -> dict:
     }
 
 
-class ReadAndEncode(beam.DoFn):
-    """A transformed instance -> (id, serialised tf.Example with the image bytes read from disk)."""
+class KeyById(beam.DoFn):
+    """A transformed instance -> (id, the instance without pixels): what is grouped into shards. The image
+    bytes are read only when its shard is written, so the grouping holds a few hundred bytes an image
+    (the DirectRunner materialises a GroupByKey in memory), not the images."""
 
-    def __init__(self, images_root: str, split: str):
-        self._root = images_root
-        self._split = split
+    def process(self, instance: Mapping) -> Iterable[tuple[bytes, dict]]:
+        record_id = _as_bytes(instance[fk.ID])
+        yield (
+            record_id,
+            {
+                fk.ID: record_id,
+                fk.LABEL: int(np.asarray(instance[fk.LABEL]).reshape(())),
+                fk.LABEL_NAME: _as_bytes(instance[fk.LABEL_NAME]),
+                fk.FILE: _as_bytes(instance[fk.FILE]),
+            },
+        )
+
+
+class WriteShard(beam.DoFn):
+    """(shard index, its keyed instances) -> one TFRecord file, records sorted by id, each image's bytes read
+    from disk as it is written; emits (split, records written)."""
+
+    def __init__(self, images_root: str, prefix: str, num_shards: int, split: str):
+        self._root, self._prefix, self._num_shards, self._split = images_root, prefix, num_shards, split
 
     def setup(self):
         self._read, self._started = 0, time.monotonic()
         self._reported = self._started
 
-    def process(self, instance: Mapping) -> Iterable[tuple[bytes, bytes]]:
-        record_id = _as_bytes(instance[fk.ID])
-        path = FileSystems.join(self._root, _as_bytes(instance[fk.FILE]).decode("utf-8"))
+    def read(self, record_id: bytes, file: bytes) -> bytes:
+        path = FileSystems.join(self._root, file.decode("utf-8"))
         try:
             with FileSystems.open(path, compression_type="uncompressed") as handle:
                 data = handle.read()
@@ -146,7 +165,16 @@ class ReadAndEncode(beam.DoFn):
                 self._split,
                 self._read / max(now - self._started, 1e-9),
             )
-        yield record_id, to_example({**instance, fk.IMAGE: data})
+        return data
+
+    def process(self, shard: tuple[int, Iterable]) -> Iterable[tuple[str, int]]:
+        index, items = shard
+        records = sorted((item for item in items if item is not None), key=lambda kv: kv[0])
+        tf.io.gfile.makedirs(os.path.dirname(self._prefix))
+        with tf.io.TFRecordWriter(shard_path(self._prefix, index, self._num_shards)) as writer:
+            for record_id, instance in records:
+                writer.write(to_example({**instance, fk.IMAGE: self.read(record_id, instance[fk.FILE])}))
+        yield self._split, len(records)
 
 
 def to_example(instance: Mapping) -> bytes:
@@ -183,37 +211,28 @@ def shard_path(prefix: str, index: int, num_shards: int) -> str:
 
 
 class WriteShards(beam.PTransform):
-    """(id, serialised example) pairs -> `num_shards` TFRecord files, each sorted by id.
+    """(id, keyed instance) pairs -> `num_shards` TFRecord files, each sorted by id (`WriteShard`).
 
     Every shard file is written, empty or not, so readers can rely on the count.
     Emits (split, records written) per shard.
     """
 
-    def __init__(self, prefix: str, num_shards: int, split: str):
+    def __init__(self, images_root: str, prefix: str, num_shards: int, split: str):
         super().__init__()
+        self._root = images_root
         self._prefix = prefix
         self._num_shards = num_shards
         self._split = split
 
     def expand(self, pcoll):
-        n, prefix, split = self._num_shards, self._prefix, self._split
-
-        def write(shard: tuple[int, Iterable]) -> tuple[str, int]:
-            index, items = shard
-            records = sorted(item for item in items if item is not None)
-            tf.io.gfile.makedirs(os.path.dirname(prefix))
-            with tf.io.TFRecordWriter(shard_path(prefix, index, n)) as writer:
-                for _, serialized in records:
-                    writer.write(serialized)
-            return split, len(records)
-
+        n = self._num_shards
         markers = pcoll.pipeline | "ShardIndices" >> beam.Create([(i, None) for i in range(n)])
         keyed = pcoll | "KeyByShard" >> beam.Map(lambda kv: (shard_of(kv[0], n), kv))
         return (
             (keyed, markers)
             | "WithEmptyShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
-            | "Write" >> beam.Map(write)
+            | "Write" >> beam.ParDo(WriteShard(self._root, self._prefix, n, self._split))
         )
 
 
@@ -251,7 +270,8 @@ def convert(
     for split, part in zip(SPLITS, parts):
         counts.append(
             part
-            | f"ReadAndEncode{split.title()}" >> beam.ParDo(ReadAndEncode(images_root, split))
-            | f"Write{split.title()}" >> WriteShards(os.path.join(records_dir, split), shards[split], split)
+            | f"KeyById{split.title()}" >> beam.ParDo(KeyById())
+            | f"Write{split.title()}"
+            >> WriteShards(images_root, os.path.join(records_dir, split), shards[split], split)
         )
     return tuple(counts) | "AllShardCounts" >> beam.Flatten()

@@ -169,6 +169,12 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     for plot, files in overlays.items():
         text = json.dumps(shown["data"][plot])
         assert all(name in text for name in files), (plot, text[:500])
+    assert "quality/label_suspects.png" in json.dumps(shown)  # the contact sheet is an image plot
+    # The quality stage's cross-validated accuracy is a DVC metric beside evaluate's (dvc exp show lists both).
+    quality_metrics = json.loads((project / "quality" / "metrics.json").read_text())
+    assert quality_metrics["head_cv"]["images"] == summary["records"]["train"] + summary["records"]["val"]
+    assert quality_metrics["near_duplicates"]["pairs"] == 0  # distinct generated images (the tiny threshold)
+    assert '"head_cv"' in dvc("metrics", "show", "--json", cwd=project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     # Version it: a local directory remote, commit, push.
     storage = tmp_path / "storage"

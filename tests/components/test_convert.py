@@ -104,12 +104,12 @@ def test_a_record_lost_inside_the_beam_job_fails_the_stage(download_dir, tmp_pat
 
     manifest = mf.read_jsonl(download_dir / mf.MANIFEST)
     lost = manifest[0]["id"].encode()
-    real_process = graph.ReadAndEncode.process
+    real_process = graph.KeyById.process
 
     def drops_one(self, instance):  # a graph bug that silently drops a record
         return [] if graph._as_bytes(instance["id"]) == lost else real_process(self, instance)
 
-    monkeypatch.setattr(graph.ReadAndEncode, "process", drops_one)
+    monkeypatch.setattr(graph.KeyById, "process", drops_one)
     config = convert.Config(convert.ConvertParams(shards=convert.Shards(train=1, val=1, test=1)))
     with pytest.raises(RuntimeError, match="records do not match the manifest") as err:
         convert.run(config, download_dir, tmp_path / "out")
