@@ -71,7 +71,9 @@ def dvc(*args: str, cwd: Path) -> float:
     return sh([sys.executable, "-m", "dvc", *args], cwd)
 
 
-def make_project(work: Path, images: Path, base: Path) -> Path:
+def make_project(work: Path, images: Path | None, base: Path, changes: dict | None = None) -> Path:
+    """A git copy of the project on the real-data preset with `base` in ``models/``, the `images` folder
+    copied to ``images/`` (None: the caller fills it), and `changes` merged into the params."""
     from tools import preset
 
     project = work / "project"
@@ -83,14 +85,15 @@ def make_project(work: Path, images: Path, base: Path) -> Path:
         elif src.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    shutil.copytree(images, project / "images")
+    if images is not None:
+        shutil.copytree(images, project / "images")
     (project / "models").mkdir(exist_ok=True)
     shutil.copy2(base, project / "models" / base.name)
     overrides = yaml.safe_load((REPO / "presets" / "real_lite0.yaml").read_text())
     overrides.pop("inputs", None)  # the images and the base are copied in below
     overrides["dataset"]["dir"] = "images"
     overrides["conv_base"]["path"] = f"models/{base.name}"
-    params = preset.merge(yaml.safe_load((project / "params.yaml").read_text()), overrides)
+    params = preset.merge(preset.merge(yaml.safe_load((project / "params.yaml").read_text()), overrides), changes or {})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with (project / ".gitignore").open("a") as handle:
         handle.write("/images/\n/models/*.keras\n")

@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from benchmarks.incremental_extract import PROJECT_FILES, REPO, env, sh
+from benchmarks import incremental_extract
+from benchmarks.incremental_extract import env
 
 STAGES = ("download", "convert", "extract", "train_head", "quality", "finetune", "evaluate", "export")
 MEASURE = """
@@ -69,36 +68,13 @@ def generate(photos: list[tuple[Path, str]], start: int, stop: int, folder: Path
 
 
 def make_project(work: Path, base: Path, size: int) -> Path:
-    import shutil
-
-    from tools import preset
-
-    project = work / "project"
-    project.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, project / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    (project / "models").mkdir(exist_ok=True)
-    shutil.copy2(base, project / "models" / base.name)
-    overrides = yaml.safe_load((REPO / "presets" / "real_lite0.yaml").read_text())
-    overrides.pop("inputs", None)
-    overrides["dataset"]["dir"] = "images"
-    overrides["conv_base"]["path"] = f"models/{base.name}"
-    overrides["conv_base"]["input_size"] = [size, size]
-    overrides["finetune"]["epochs"] = 1
-    overrides["quality"] = {"near_duplicate_threshold": 0.999}
-    params = preset.merge(yaml.safe_load((project / "params.yaml").read_text()), overrides)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with (project / ".gitignore").open("a") as handle:
-        handle.write("/images/\n/models/*.keras\n")
-    sh(["git", "init", "-q"], project)
-    sh(["git", "add", "-A"], project)
-    sh(["git", "commit", "-qm", "scale preset"], project)
-    return project
+    """The real-data preset at `size`, one fine-tuning epoch, the images generated into it afterwards."""
+    changes = {
+        "conv_base": {"input_size": [size, size]},
+        "finetune": {"epochs": 1},
+        "quality": {"near_duplicate_threshold": 0.999},
+    }
+    return incremental_extract.make_project(work, None, base, changes)
 
 
 def run_stage(project: Path, stage: str) -> dict:

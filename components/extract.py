@@ -98,6 +98,13 @@ def base_on_runtime(params: conv_base.ConvBaseParams, runtime: str, cache_dir: s
     return extractor if runtime == "tensorflow" else runtimes.OpenVINOModel(extractor, cache_dir)
 
 
+def cache_namespace(config: Config, fingerprint: dict | None = None) -> dict:
+    """The feature cache's namespace record of these params (`feature_cache.namespace_record`): what the stage
+    reads and writes under, and what `tools.cache_gc` keeps."""
+    fingerprint = conv_base.fingerprint(config.conv_base) if fingerprint is None else fingerprint
+    return feature_cache.namespace_record(fingerprint, config.extract.batch_size, config.extract.runtime)
+
+
 def run(
     config: Config,
     convert_dir: str | Path,
@@ -114,7 +121,7 @@ def run(
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
     fingerprint = conv_base.fingerprint(config.conv_base)
     runtime = config.extract.runtime
-    namespace = feature_cache.namespace_record(fingerprint, config.extract.batch_size, runtime)
+    namespace = cache_namespace(config, fingerprint)
     if cache_root and "://" not in cache_root:
         cache_root = str(Path(cache_root).resolve())
     # A namespace in the cache was built from exactly these params; otherwise build

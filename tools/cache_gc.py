@@ -14,13 +14,12 @@ of the images in the current convert records; it deletes every other namespace a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
-from components import conv_base, extract
+from components import extract
 from components.cli import configure_logging, run_main
 from pipelines import feature_cache, records
 
@@ -31,23 +30,18 @@ def used_keys(convert_dir: Path) -> set[str]:
     """The cache keys (SHA-256 of the encoded bytes) of every image in the convert stage's records."""
     import tensorflow as tf
 
+    def parse(serialized):
+        return tf.io.parse_single_example(serialized, records.image_record_spec())["image"]
+
     keys = set()
-    for split in ("train", "val", "test"):
-        files = records.split_files(convert_dir / "records", split)
-        if not files:
-            continue
-        parse = lambda r: tf.io.parse_single_example(r, records.image_record_spec())["image"]  # noqa: E731
-        for blob in tf.data.TFRecordDataset(files).map(parse):
-            keys.add(hashlib.sha256(blob.numpy()).hexdigest())
+    for split in ("train", "val", "test"):  # split_files: an error if a split has no shard file
+        for blob in tf.data.TFRecordDataset(records.split_files(convert_dir / "records", split)).map(parse):
+            keys.add(feature_cache.image_key(blob.numpy()))
     return keys
 
 
 def current_namespace(params_path: Path) -> str:
-    config = extract.load_config(params_path)
-    record = feature_cache.namespace_record(
-        conv_base.fingerprint(config.conv_base), config.extract.batch_size, config.extract.runtime
-    )
-    return feature_cache.namespace_of(record)
+    return feature_cache.namespace_of(extract.cache_namespace(extract.load_config(params_path)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
         print(
-            f"{args.params}: download.exclude {len(download.get('exclude', []))} ids, "
-            f"download.keep_together {len(download.get('keep_together', []))} groups"
+            f"{args.params}: download.exclude {len(download['exclude'])} ids, "
+            f"download.keep_together {len(download['keep_together'])} groups"
         )
     else:
-        changed = {k: download[k] for k in ("exclude", "keep_together") if k in download}
+        changed = {k: download[k] for k in ("exclude", "keep_together")}
         print(" ".join(shlex.quote(arg) for arg in preset.set_args({"download": changed})))
     return 0
 
