@@ -3,6 +3,7 @@ per stage: wall time, images/s and peak RSS; then +1% new images and the increme
 
     python -m benchmarks.scale ../shared/data/cats_vs_dogs_2000 \\
         ../shared/models/efficientnet_lite0_imagenet_notop.keras --sizes 2500 25000 [--size 160] [--work DIR]
+        [--stages K]   # the first K stages only (3: download, convert, extract)
 
 For each N, N distinct images are generated from the real photos, deterministically: image i is photo
 i mod P (P photos, sorted) under variant i div P: a crop (90-100% of each side, its offset from the
@@ -85,9 +86,9 @@ def run_stage(project: Path, stage: str) -> dict:
     return result
 
 
-def run_all(project: Path, images: int, label: str) -> dict[str, dict]:
+def run_all(project: Path, images: int, label: str, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
     rows = {}
-    for stage in STAGES:
+    for stage in stages:
         r = run_stage(project, stage)
         rows[stage] = {
             "seconds": r["seconds"],
@@ -109,7 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 25000])
     parser.add_argument("--size", type=int, default=160, help="the base's input size")
     parser.add_argument("--work", type=Path)
+    parser.add_argument(
+        "--stages", type=int, default=len(STAGES), help=f"run the first K stages only ({', '.join(STAGES)})"
+    )
     args = parser.parse_args(argv)
+    if not 3 <= args.stages <= len(STAGES):
+        parser.error(f"--stages takes 3 to {len(STAGES)}: download, convert and extract at least")
+    stages = STAGES[: args.stages]
     photos = [
         (path, folder.name)
         for folder in sorted(p for p in args.photos.iterdir() if p.is_dir())
@@ -122,10 +129,10 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         generate(photos, 0, n, project / "images")
         print(f"N = {n}: generated in {time.perf_counter() - started:.1f} s under {project / 'images'}", flush=True)
-        cold = run_all(project, n, f"{n} cold")
+        cold = run_all(project, n, f"{n} cold", stages)
         extra = max(1, n // 100)
         generate(photos, n, n + extra, project / "images")
-        warm = run_all(project, n + extra, f"+{extra} new")
+        warm = run_all(project, n + extra, f"+{extra} new", stages)
         data = ("download", "convert", "extract")
         fraction = sum(warm[s]["seconds"] for s in data) / sum(cold[s]["seconds"] for s in data)
         print(f"  +1% images: download + convert + extract took {fraction:.2f}x their cold time", flush=True)
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
     if len(args.sizes) >= 2:
         small, large = min(args.sizes), max(args.sizes)
         print(f"ratios at {large} against {small}: peak RSS, seconds per image")
-        for stage in STAGES:
+        for stage in stages:
             a, b = results[small]["cold"][stage], results[large]["cold"][stage]
             print(
                 f"  {stage:10s} RSS {b['peak_rss_mb'] / a['peak_rss_mb']:5.2f}x   "

@@ -15,7 +15,11 @@ Outputs (one folder, written atomically)
                              found = kept + quarantined, per class
     ``params.json``          the resolved params
 
-Run: ``python -m components.download --params params.yaml --out data/download``
+Run: ``python -m components.download --params params.yaml --out data/download [--cache .cache/download]``
+
+With ``--cache``, each file's checks and decode are stored by the file's SHA-256
+(`pipelines.download_cache`), so a re-run after files were added decodes only the
+new ones; the outputs are the same bytes with or without it.
 
 An image's pixels are those of `pipelines.image.decode_image`, the decode the
 serving model runs on a client's file, so training and serving cannot disagree
@@ -37,7 +41,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import pydantic
 
@@ -52,7 +56,7 @@ from components.params import (
     section,
     write_resolved,
 )
-from pipelines import normalise, sources, split
+from pipelines import download_cache, normalise, sources, split
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +182,39 @@ def load_config(params_path: str | Path) -> Config:
 # --------------------------------------------------------------------------- run
 
 
-def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] = sources.network_reachable) -> dict:
-    """Read the source, write images, manifest, quarantine and summary into `out_dir`."""
+def source_items(
+    dataset: DatasetParams, network_probe: Callable[[], bool] = sources.network_reachable
+) -> Iterator[sources.Found]:
+    """The files (or tfds examples) at the source, as the stage reads them."""
+    if dataset.source == "folder":
+        return sources.scan_folder(dataset.dir, dataset.existing_splits)
+    return sources.read_tfds(dataset.dir, dataset.tfds, network_probe)
+
+
+def cache_namespace(config: Config) -> dict:
+    """The result cache's namespace record of these params: what the stage reads and writes under, and what
+    `tools.cache_gc` keeps."""
+    return download_cache.namespace_record(config.download.min_side, config.download.max_pixels)
+
+
+def run(
+    config: Config,
+    out_dir: str | Path,
+    network_probe: Callable[[], bool] = sources.network_reachable,
+    *,
+    cache_root: str | Path | None = None,
+) -> dict:
+    """Read the source, write images, manifest, quarantine and summary into `out_dir`.
+
+    With `cache_root`, each file's result is looked up by its SHA-256 first (`pipelines.download_cache`),
+    so only new files are decoded; the outputs are the same bytes as without it.
+    """
     started = time.monotonic()
     ds = config.dataset
-    if ds.source == "folder":
-        found_iter = sources.scan_folder(ds.dir, ds.existing_splits)
-    else:
-        found_iter = sources.read_tfds(ds.dir, ds.tfds, network_probe)
+    found_iter = source_items(ds, network_probe)
     dl = config.download
     decode = normalise.make_decoder()
+    cache = None if cache_root is None else download_cache.DownloadCache(cache_root, cache_namespace(config))
     with outputs.staged_dir(out_dir) as tmp:
         images = tmp / IMAGES
         images.mkdir()
@@ -209,14 +236,21 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
             if item.problem:
                 quarantine.append({"source": item.source, "label": item.label, "reason": item.problem})
                 continue
-            result = normalise.normalise_image(item.data, min_side=dl.min_side, max_pixels=dl.max_pixels, decode=decode)
+            sha256 = normalise.content_hash(item.data)
+            result = cache.get(sha256, item.data) if cache else None
+            if result is None:
+                result = normalise.normalise_image(
+                    item.data, min_side=dl.min_side, max_pixels=dl.max_pixels, decode=decode
+                )
+                if cache:
+                    cache.put(sha256, item.data, result)
             if isinstance(result, normalise.Rejected):
                 quarantine.append({"source": item.source, "label": item.label, "reason": result.reason})
                 continue
             cand = split.Candidate(
                 source=item.source,
                 label=item.label,
-                sha256=normalise.content_hash(item.data),
+                sha256=sha256,
                 given_split=item.given_split,
                 ext=result.ext,
                 width=result.width,
@@ -261,6 +295,8 @@ def run(config: Config, out_dir: str | Path, network_probe: Callable[[], bool] =
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    if cache:
+        log.info("download: %d files from the cache, %d checked and decoded", cache.hits, cache.misses)
     log.info(
         "download: found %d, kept %d, quarantined %d (%s) in %.1fs",
         summary["found"],
@@ -276,11 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (sections common, dataset, download)")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--cache", help="the per-file result cache (pipelines/download_cache.py); none: decode all")
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)
     log_resolved("download", config.sections())
-    run(config, args.out)
+    run(config, args.out, cache_root=args.cache)
     return 0
 
 

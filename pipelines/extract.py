@@ -2,11 +2,12 @@
 
 One work item per input shard. The worker hashes each record's image bytes and
 looks it up in the content-keyed feature cache (`pipelines.feature_cache`);
-only the misses go through a parallel, prefetching tf.data pipeline (the shared
-decode/resize) and the base, in fixed-size batches, and into the cache. Then the
-output shard is written in the input's order from the cache. Memory holds a few
-batches and one id/key per record whatever the dataset size; the model is built
-once per worker, and only when a shard has a miss.
+only the misses are decoded (the shared decode/resize, one traced function per
+worker run by a pool of threads a few batches ahead; no input pipeline to build
+per shard) and go through the base, in fixed-size batches, and into the cache.
+Then the output shard is written in the input's order from the cache. Memory
+holds a few batches and one id/key per record whatever the dataset size; the
+decoder is built once per worker, and the model too, only when a shard has a miss.
 
 **Why a fixed batch shape:** on a CPU an image's features can differ in the last
 bits with the batch it shares: oneDNN computes the last few positions of a batch
@@ -29,11 +30,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -73,6 +75,7 @@ TAILS = (1, 2, 4, 8, 16)
 # Batches the base runs at once: on 2 cores two concurrent batches gave 5-10% more images/s than one
 # (each batch's ops leave cores idle); the features are the same bits either way (tested).
 IN_FLIGHT = 2
+DECODE_AHEAD = 2  # batches decoded ahead of the one the base takes next
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -200,6 +203,8 @@ class ExtractShard(beam.DoFn):
         self._predict = None
         self._cache = None
         self._scratch = None
+        self._decode = None
+        self._decoders = None
         self._computed = beam.metrics.Metrics.counter("extract", COMPUTED)
 
     def setup(self):
@@ -208,8 +213,12 @@ class ExtractShard(beam.DoFn):
             self._scratch = tempfile.mkdtemp(prefix="extract-cache-")
             root = self._scratch
         self._cache = feature_cache.FeatureCache(root, self._namespace, self._feature_shape)
+        self._decode = records.record_decoder(self._size)
+        self._decoders = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
 
     def teardown(self):
+        if self._decoders:
+            self._decoders.shutdown(cancel_futures=True)
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
@@ -238,9 +247,25 @@ class ExtractShard(beam.DoFn):
             )
         return self._predict
 
+    def _decoded_batches(self, source: str, missing: list[int]) -> Iterator[np.ndarray]:
+        """The pixels of the records at `missing` (sorted indices into the shard), in batches of `batch_size`,
+        decoded by the worker's threads `DECODE_AHEAD` batches ahead."""
+        wanted, batch, ahead = set(missing), [], collections.deque()
+        for index, serialized in enumerate(tf.data.TFRecordDataset([source]).as_numpy_iterator()):
+            if index in wanted:
+                batch.append(self._decoders.submit(self._decode, serialized))
+                if len(batch) == self._batch_size:
+                    ahead.append(batch)
+                    batch = []
+                    if len(ahead) > DECODE_AHEAD:
+                        yield np.stack([future.result() for future in ahead.popleft()])
+        if batch:
+            ahead.append(batch)
+        while ahead:
+            yield np.stack([future.result() for future in ahead.popleft()])
+
     def _compute(self, source: str, rows: list[tuple[bytes, int, str]], missing: list[int]) -> None:
         """Run the base over the records at `missing` (indices into the shard) and store their features."""
-        pixels = records.image_dataset([source], self._size, self._batch_size, binary=False, only=missing)
         keys = iter([rows[i][2] for i in missing])
         predict, running, done = self._model(), collections.deque(), 0
 
@@ -250,8 +275,8 @@ class ExtractShard(beam.DoFn):
 
         try:
             with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="extract") as pool:
-                for batch, _ in pixels:
-                    running.append(pool.submit(predict, batch.numpy()))
+                for batch in self._decoded_batches(source, missing):
+                    running.append(pool.submit(predict, batch))
                     done += len(batch)
                     if len(running) == IN_FLIGHT:
                         store(running.popleft())

@@ -213,10 +213,13 @@ def stored_feature_shape(root: str, record: dict) -> list[int] | None:
     return None if meta is None else [int(d) for d in meta["feature_shape"]]
 
 
-def collect_garbage(root: str, keep_namespace: str, keep_keys: set[str], dry_run: bool = False) -> dict:
+def collect_garbage(
+    root: str, keep_namespace: str, keep_keys: set[str], dry_run: bool = False, suffixes: tuple[str, ...] = (SUFFIX,)
+) -> dict:
     """Delete what the current outputs do not use: every other namespace under `root`, and the entries of
-    `keep_namespace` whose key is not in `keep_keys` (its notes stay). A local folder only; run it when no
-    extract is running. Returns the namespaces and entries removed and kept, and the bytes freed."""
+    `keep_namespace` whose key is not in `keep_keys` (its notes stay). An entry is a file `<key><suffix>` in a
+    sub-folder (the download cache's have two suffixes, `pipelines.download_cache`). A local folder only; run
+    it when no stage uses the cache. Returns the namespaces and entries removed and kept, and the bytes freed."""
     if "://" in root:
         raise ValueError(f"{root}: garbage collection runs on a local cache folder (use the bucket's lifecycle rules)")
     report = {"namespaces_removed": [], "entries_removed": 0, "entries_kept": 0, "bytes_freed": 0}
@@ -238,7 +241,7 @@ def collect_garbage(root: str, keep_namespace: str, keep_keys: set[str], dry_run
             if not os.path.isdir(sub):
                 continue  # meta.json and the other notes
             for entry in sorted(os.listdir(sub)):
-                if entry.endswith(SUFFIX) and entry[: -len(SUFFIX)] in keep_keys:
+                if any(entry.endswith(x) and entry[: -len(x)] in keep_keys for x in suffixes):
                     report["entries_kept"] += 1
                     continue
                 path = os.path.join(sub, entry)  # an unused entry, or a write a killed run left behind

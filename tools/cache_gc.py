@@ -1,14 +1,19 @@
-"""Garbage-collect the extract stage's feature cache: keep only the entries the current outputs use.
+"""Garbage-collect the stages' caches (extract's features, download's per-file results): keep only what is in use.
 
-    python -m tools.cache_gc                     # params.yaml, data/convert, .cache/extract
+    python -m tools.cache_gc                     # params.yaml, data/convert, .cache/extract, .cache/download
     python -m tools.cache_gc --dry-run           # say what would go
 
 The cache (`pipelines/feature_cache.py`) grows with every base, input size, batch size, runtime and edit of
 the decode it has seen, and keeps images that have left the dataset. This keeps the namespace of the
 current params (`conv_base`, `extract`; computed as the extract stage computes it) and, in it, the entries
 of the images in the current convert records; it deletes every other namespace and entry. The next
-`dvc repro` therefore extracts nothing it would not have extracted anyway. Run it when no extract runs
-(a nightly retrain: after `tools.retrain`).
+`dvc repro` therefore extracts nothing it would not have extracted anyway.
+
+The download stage's cache (`pipelines/download_cache.py`) likewise keeps the namespace of the current
+`download` limits and, in it, the results of the files now at the source (`dataset`; read and hashed as
+the stage reads them), so the next download decodes nothing it would not have decoded anyway.
+
+Run it when no stage runs (a nightly retrain: after `tools.retrain`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from components import extract
+from components import download, extract
 from components.cli import configure_logging, run_main
-from pipelines import feature_cache, records
+from pipelines import download_cache, feature_cache, normalise, records
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +49,52 @@ def current_namespace(params_path: Path) -> str:
     return feature_cache.namespace_of(extract.cache_namespace(extract.load_config(params_path)))
 
 
+def source_keys(config: download.Config) -> set[str]:
+    """The download cache's keys (SHA-256 of the file) of every file now at the source."""
+    return {
+        normalise.content_hash(item.data) for item in download.source_items(config.dataset) if item.data is not None
+    }
+
+
+def collect_download_cache(params_path: Path, cache: str, dry_run: bool) -> dict:
+    config = download.load_config(params_path)
+    namespace = feature_cache.namespace_of(download.cache_namespace(config))
+    keys = source_keys(config) if Path(cache).is_dir() else set()  # no cache: the source need not be readable
+    report = feature_cache.collect_garbage(cache, namespace, keys, dry_run, suffixes=download_cache.SUFFIXES)
+    return {"namespace_kept": namespace, "files_at_source": len(keys), **report}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--convert", type=Path, default=Path("data/convert"), help="the convert stage's output")
     parser.add_argument("--cache", default=".cache/extract", help="the feature cache (extract's --cache)")
+    parser.add_argument(
+        "--download-cache", default=".cache/download", help="the download stage's cache (download's --cache)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
     namespace = current_namespace(args.params)
     keys = used_keys(args.convert)
     report = feature_cache.collect_garbage(args.cache, namespace, keys, dry_run=args.dry_run)
-    report = {"namespace_kept": namespace, "images_in_use": len(keys), "dry_run": args.dry_run, **report}
-    print(json.dumps(report, indent=2))
-    log.info(
-        "cache_gc: %s %d namespaces and %d entries (%.1f MB); kept %d entries of namespace %s",
-        "would remove" if args.dry_run else "removed",
-        len(report["namespaces_removed"]),
-        report["entries_removed"],
-        report["bytes_freed"] / 1e6,
-        report["entries_kept"],
-        namespace,
-    )
+    reports = {
+        "dry_run": args.dry_run,
+        "extract": {"namespace_kept": namespace, "images_in_use": len(keys), **report},
+        "download": collect_download_cache(args.params, args.download_cache, args.dry_run),
+    }
+    print(json.dumps(reports, indent=2))
+    for cache, report in (("extract", reports["extract"]), ("download", reports["download"])):
+        log.info(
+            "cache_gc: %s cache: %s %d namespaces and %d entries (%.1f MB); kept %d entries of namespace %s",
+            cache,
+            "would remove" if args.dry_run else "removed",
+            len(report["namespaces_removed"]),
+            report["entries_removed"],
+            report["bytes_freed"] / 1e6,
+            report["entries_kept"],
+            report["namespace_kept"],
+        )
     return 0
 
 

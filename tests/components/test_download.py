@@ -545,3 +545,83 @@ def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(
     with pytest.raises(ValueError, match="existing_splits: ignore"):
         dl.run(config, tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- the per-file result cache
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def counting_normalise(monkeypatch) -> list[int]:
+    """Counts the files `normalise_image` checks and decodes."""
+    calls = []
+    real = normalise.normalise_image
+
+    def counted(data, **kwargs):
+        calls.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(normalise, "normalise_image", counted)
+    return calls
+
+
+def test_the_cache_decodes_only_new_files_and_changes_no_byte(tmp_path, monkeypatch):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    (root / "cats" / "odd.png").write_bytes(encode(image_array(99, size=(20, 20)), "PNG"))
+    (root / "cats" / "rgba.png").write_bytes(encode(image_array(98, size=(24, 20)), "PNG", mode="RGBA"))
+    (root / "dogs" / "text.jpg").write_text("not an image")  # a rejection is cached too
+    cache = tmp_path / "cache"
+    calls = counting_normalise(monkeypatch)
+    dl.run(folder_config(root), tmp_path / "warm1", cache_root=cache)
+    assert len(calls) == 15
+    calls.clear()
+    dl.run(folder_config(root), tmp_path / "warm2", cache_root=cache)
+    assert calls == []  # nothing decoded: every result came from the cache
+    make_class_folder(root, per_class=2, start=6)  # 4 new files
+    dl.run(folder_config(root), tmp_path / "warm3", cache_root=cache)
+    assert len(calls) == 4
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert tree_bytes(tmp_path / "warm3") == tree_bytes(tmp_path / "cold")
+    assert tree_bytes(tmp_path / "warm1") == tree_bytes(tmp_path / "warm2")
+    quarantine = {Path(r["source"]).name: r["reason"] for r in mf.read_jsonl(tmp_path / "warm2" / dl.QUARANTINE)}
+    assert quarantine["text.jpg"].startswith("not an image")
+    stored = [r for r in mf.read_jsonl(tmp_path / "warm2" / mf.MANIFEST) if r["format"] == "PNG"]
+    assert len(stored) == 2 and all(r["file"].endswith(".png") for r in stored)
+
+
+def test_a_damaged_cache_entry_is_a_miss_not_a_wrong_image(tmp_path, monkeypatch):
+    root = make_class_folder(tmp_path / "src", per_class=4)
+    (root / "cats" / "rgba.png").write_bytes(encode(image_array(97, size=(20, 20)), "PNG", mode="RGBA"))
+    cache = tmp_path / "cache"
+    dl.run(folder_config(root), tmp_path / "a", cache_root=cache)
+    (png,) = cache.rglob("*.png")  # the re-encoded image's stored bytes
+    png.write_bytes(png.read_bytes()[:-10])
+    (json_entry, *_) = sorted(p for p in cache.rglob("*.json") if p.name != "meta.json" and p.stem != png.stem)
+    json_entry.write_text("{not json")
+    calls = counting_normalise(monkeypatch)
+    dl.run(folder_config(root), tmp_path / "b", cache_root=cache)
+    assert len(calls) == 2  # the two damaged entries, decoded again
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+
+
+def test_the_limits_the_code_and_the_decoders_name_the_cache_namespace(monkeypatch):
+    from pipelines import download_cache, feature_cache
+
+    base = feature_cache.namespace_of(download_cache.namespace_record(16, 1000))
+    assert feature_cache.namespace_of(download_cache.namespace_record(17, 1000)) != base
+    assert feature_cache.namespace_of(download_cache.namespace_record(16, 1001)) != base
+    edited = {**feature_cache.code_fingerprint(download_cache.CODE), "pipelines.image": "0" * 64}
+    monkeypatch.setattr(download_cache, "code_fingerprint", lambda modules: edited)
+    assert feature_cache.namespace_of(download_cache.namespace_record(16, 1000)) != base
+
+
+def test_a_cached_rejection_follows_the_limits(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=4)  # 32x24
+    make_class_folder(root, per_class=4, start=4, size=(40, 40))
+    cache = tmp_path / "cache"
+    assert dl.run(folder_config(root), tmp_path / "a", cache_root=cache)["quarantined"] == 0
+    dl.run(folder_config(root, min_side=30), tmp_path / "b", cache_root=cache)
+    reasons = [r["reason"] for r in mf.read_jsonl(tmp_path / "b" / dl.QUARANTINE)]
+    assert len(reasons) == 8 and all(r.startswith("too small: 32x24") for r in reasons)

@@ -57,3 +57,29 @@ def test_after_gc_the_next_extract_computes_nothing_and_removed_images_are_gone(
     assert len(entries) == 8  # the current images only
     again = extract.run(config, current, tmp_path / "e3", cache_root=cache, metrics_path=tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text())["computed"] == 0 and again["from_cache"] == 8
+
+
+def test_the_download_cache_keeps_the_files_at_the_source_under_the_current_limits(tmp_path, monkeypatch):
+    from components import download
+    from pipelines import normalise
+    from tests.conftest import make_class_folder
+
+    source = make_class_folder(tmp_path / "src", per_class=6)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(repo_params({"dataset": {"source": "folder", "dir": str(source)}})))
+    config = download.load_config(params)
+    cache = tmp_path / "cache"
+    download.run(config, tmp_path / "d0", cache_root=cache)
+    stricter = download.Config(config.common, config.dataset, config.download.model_copy(update={"min_side": 20}))
+    download.run(stricter, tmp_path / "d1", cache_root=cache)  # another namespace
+    (source / "cats" / "cats_0.jpg").unlink()  # a file that left the source
+    dry = cache_gc.collect_download_cache(params, str(cache), dry_run=True)
+    assert dry["files_at_source"] == 11 and dry["entries_removed"] == 1 and len(dry["namespaces_removed"]) == 1
+    report = cache_gc.collect_download_cache(params, str(cache), dry_run=False)
+    assert report == {**dry, "entries_kept": 11}
+    assert len(list(cache.glob("*/*/*.json"))) == 11
+    calls = []
+    real = normalise.normalise_image
+    monkeypatch.setattr(normalise, "normalise_image", lambda data, **kw: calls.append(1) or real(data, **kw))
+    download.run(config, tmp_path / "d2", cache_root=cache)
+    assert calls == []  # everything the next run reads is still there
