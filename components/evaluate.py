@@ -26,9 +26,11 @@ Run: ``python -m components.evaluate --convert data/convert --extract data/extra
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -317,14 +319,15 @@ def predict_features(head, files: list[str], feature_size: int, batch_size: int)
     return ids, np.concatenate(labels), np.concatenate(probs)
 
 
-def predict_images(model, files: list[str], size, batch_size: int):
+def predict_images(model, files: list[str], decode: records.RecordDecoder, batch_size: int):
     """(ids, labels, probabilities) of the classifier (`runtimes.predictor`) on image records, through the
-    shared decode."""
+    shared decode (`decode`: `records.record_decoder`), decoded by threads while the model runs."""
     ids, labels, probs = [], [], []
-    for pixels, label, batch_ids in records.image_dataset(files, size, batch_size, binary=False, with_ids=True):
-        ids += [i.decode() for i in batch_ids.numpy()]
-        labels.append(label.numpy())
-        probs.append(as_probabilities(model(pixels.numpy())))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode") as pool:
+        for batch_ids, label, pixels in records.decoded_batches(files, decode, batch_size, pool):
+            ids += [i.decode() for i in batch_ids]
+            labels.append(label)
+            probs.append(as_probabilities(model(pixels)))
     return ids, np.concatenate(labels), np.concatenate(probs)
 
 
@@ -353,6 +356,7 @@ def run(
     head = keras.saving.load_model(head_path, compile=False)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
+    decode = records.record_decoder(size)
     cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
     # Grad-CAM uses the Keras model; scoring applies tta.flip as the serving model does
@@ -371,7 +375,7 @@ def run(
         }
         started = time.perf_counter()
         found["finetune"] = predict_images(
-            score_model, records.split_files(convert_dir / "records", split), size, params.batch_size
+            score_model, records.split_files(convert_dir / "records", split), decode, params.batch_size
         )
         log.info(  # the log only: no timing goes into an output
             "evaluate: fine-tuned model scored %d %s images in %.1f s (tta.flip: %s)",
@@ -410,7 +414,7 @@ def run(
             ids, labels, probs, params.gradcam_correct, params.gradcam_wrong, params.gradcam_per_class
         )
         index = {record_id: k for k, record_id in enumerate(ids)}
-        images = records.encoded_by_id(image_files, {i for i, _ in chosen}, size)
+        images = records.encoded_by_id(image_files, {i for i, _ in chosen}, decode)
         (report / "gradcam").mkdir()
         if chosen and len(classifier.find_base(model).output.shape) == 4:
             maps, _ = classifier.grad_cam(model, np.stack([images[i][1] for i, _ in chosen]))

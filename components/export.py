@@ -129,7 +129,9 @@ def run(
     size = tuple(int(s) for s in model.input_shape[1:3])
     test_files = records.split_files(convert_dir / "records", "test")
     test_ids = sorted(row["id"] for row in manifest if row["split"] == "test")
-    samples = records.encoded_by_id(test_files, set(test_ids[: config.export.serving_check]), size)
+    samples = records.encoded_by_id(
+        test_files, set(test_ids[: config.export.serving_check]), records.record_decoder(size)
+    )
     with outputs.staged_dir(out_dir) as tmp:
         serving.export(model, names, size, tmp / SERVING, config.tta.flip)
         outputs.stabilise_saved_model(tmp / SERVING)

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import apache_beam as beam
 import numpy as np
@@ -247,23 +247,6 @@ class ExtractShard(beam.DoFn):
             )
         return self._predict
 
-    def _decoded_batches(self, source: str, missing: list[int]) -> Iterator[np.ndarray]:
-        """The pixels of the records at `missing` (sorted indices into the shard), in batches of `batch_size`,
-        decoded by the worker's threads `DECODE_AHEAD` batches ahead."""
-        wanted, batch, ahead = set(missing), [], collections.deque()
-        for index, serialized in enumerate(tf.data.TFRecordDataset([source]).as_numpy_iterator()):
-            if index in wanted:
-                batch.append(self._decoders.submit(self._decode, serialized))
-                if len(batch) == self._batch_size:
-                    ahead.append(batch)
-                    batch = []
-                    if len(ahead) > DECODE_AHEAD:
-                        yield np.stack([future.result() for future in ahead.popleft()])
-        if batch:
-            ahead.append(batch)
-        while ahead:
-            yield np.stack([future.result() for future in ahead.popleft()])
-
     def _compute(self, source: str, rows: list[tuple[bytes, int, str]], missing: list[int]) -> None:
         """Run the base over the records at `missing` (indices into the shard) and store their features."""
         keys = iter([rows[i][2] for i in missing])
@@ -275,7 +258,9 @@ class ExtractShard(beam.DoFn):
 
         try:
             with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="extract") as pool:
-                for batch in self._decoded_batches(source, missing):
+                for _, _, batch in records.decoded_batches(
+                    [source], self._decode, self._batch_size, self._decoders, only=missing, ahead=DECODE_AHEAD
+                ):
                     running.append(pool.submit(predict, batch))
                     done += len(batch)
                     if len(running) == IN_FLIGHT:

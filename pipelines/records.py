@@ -1,17 +1,21 @@
 """Reading the convert stage's image TFRecords: one parse/decode for extraction,
 fine-tuning and evaluation (serving uses the same `pipelines.image` decode).
 
-`image_dataset` is the training/evaluation input pipeline: parallel parse and
-decode, an optional in-memory cache of the decoded pixels, shuffling, batching,
-augmentation of whole batches after the cache (so it differs every epoch), and
-prefetching so the next batches are ready while the model trains.
+`image_dataset` is the training input pipeline: parallel parse and decode, an
+optional cache of the decoded pixels, shuffling, batching, augmentation of whole
+batches after the cache (so it differs every epoch), and prefetching so the next
+batches are ready while the model trains. Inference (extract, evaluate, export)
+reads with `decoded_batches`: the same parse and decode, traced once a run
+(`record_decoder`), run by a pool of threads; no pipeline to build per file.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -31,19 +35,63 @@ def parse_image_record(serialized: tf.Tensor, size: tuple[int, int]) -> tuple[tf
     return ex[fk.ID], ex[fk.LABEL], image.decode_and_resize(ex[fk.IMAGE], size)
 
 
-def record_decoder(size: tuple[int, int]) -> Callable[[bytes], np.ndarray]:
-    """serialized convert record -> its float32 pixels at `size` (`parse_image_record`), one record per call.
+RecordDecoder = Callable[[bytes], tuple[bytes, int, np.ndarray]]
 
-    The function is traced once, here: a caller that decodes a few records at a time (extract, shard by
-    shard) pays no pipeline to build and trace per call, where a `tf.data` pipeline per shard cost ~0.8 s
-    to build and ~0.3 s to start here whatever its size. Its pixels are `image_dataset`'s, bit for bit
-    (tests/pipelines/test_records.py). TensorFlow releases the GIL while it decodes, so threads run calls
-    in parallel.
+
+def record_decoder(size: tuple[int, int]) -> RecordDecoder:
+    """serialized convert record -> (id, label, float32 pixels at `size`) (`parse_image_record`), one a call.
+
+    The function is traced once, here: a reader that decodes a few records at a time (extract shard by
+    shard, evaluate split by split) builds no pipeline per call, where a `tf.data` pipeline cost ~0.8 s to
+    build (tracing the decode) and ~0.3 s to start here, whatever its size. Its pixels are `image_dataset`'s,
+    bit for bit (tests/pipelines/test_records.py). TensorFlow releases the GIL while it decodes, so threads
+    run calls in parallel (`decoded_batches`).
     """
-    traced = tf.function(
-        lambda serialized: parse_image_record(serialized, size)[2], input_signature=[tf.TensorSpec([], tf.string)]
-    )
-    return lambda serialized: traced(tf.constant(serialized)).numpy()
+    traced = tf.function(lambda serialized: parse_image_record(serialized, size), input_signature=[_SERIALIZED])
+
+    def decode(serialized: bytes) -> tuple[bytes, int, np.ndarray]:
+        record_id, label, pixels = traced(tf.constant(serialized))
+        return record_id.numpy(), int(label), pixels.numpy()
+
+    return decode
+
+
+_SERIALIZED = tf.TensorSpec([], tf.string)
+
+
+def decoded_batches(
+    files: list[str],
+    decode: RecordDecoder,
+    batch_size: int,
+    pool: concurrent.futures.Executor,
+    *,
+    only: list[int] | None = None,
+    ahead: int = 2,
+) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
+    """(ids, int64 labels, pixels) batches of the records of `files` in order, or of those at the positions
+    `only` (counted over the files), each record decoded by `decode` on `pool`'s threads, `ahead` batches
+    ahead of the consumer: memory holds `ahead` + 1 batches whatever the files' size."""
+    wanted = None if only is None else set(only)
+    batch: list = []
+    pending: collections.deque = collections.deque()
+
+    def collect(futures: list) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        rows = [future.result() for future in futures]
+        return [r[0] for r in rows], np.array([r[1] for r in rows], np.int64), np.stack([r[2] for r in rows])
+
+    for index, serialized in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
+        if wanted is not None and index not in wanted:
+            continue
+        batch.append(pool.submit(decode, serialized))
+        if len(batch) == batch_size:
+            pending.append(batch)
+            batch = []
+            if len(pending) > ahead:
+                yield collect(pending.popleft())
+    if batch:
+        pending.append(batch)
+    while pending:
+        yield collect(pending.popleft())
 
 
 def parse_feature_record(serialized: tf.Tensor, feature_size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -61,14 +109,14 @@ def feature_records(files: list[str], feature_size: int) -> tf.data.Dataset:
     )
 
 
-def encoded_by_id(files: list[str], wanted: set[str], size: tuple[int, int]) -> dict[str, tuple[bytes, np.ndarray]]:
-    """The encoded bytes and decoded pixels (at `size`) of the image records with these ids."""
+def encoded_by_id(files: list[str], wanted: set[str], decode: RecordDecoder) -> dict[str, tuple[bytes, np.ndarray]]:
+    """The encoded bytes and decoded pixels (`decode`'s) of the image records with these ids."""
     found = {}
-    for serialized in tf.data.TFRecordDataset(files):
+    for serialized in tf.data.TFRecordDataset(files).as_numpy_iterator():
         ex = tf.io.parse_single_example(serialized, image_record_spec())
         record_id = ex[fk.ID].numpy().decode()
         if record_id in wanted:
-            found[record_id] = (ex[fk.IMAGE].numpy(), image.decode_and_resize(ex[fk.IMAGE], size).numpy())
+            found[record_id] = (ex[fk.IMAGE].numpy(), decode(serialized)[2])
     return found
 
 
@@ -87,6 +135,7 @@ def image_dataset(
     *,
     binary: bool,
     shuffle_seed: int | None = None,
+    shuffle_buffer: int = 4096,
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
     cache: bool | str = False,
     with_ids: bool = False,
@@ -122,7 +171,7 @@ def image_dataset(
     if cache:
         ds = ds.cache() if cache is True else ds.cache(cache)  # a path: on disk, memory flat in the dataset size
     if shuffle_seed is not None:
-        ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = ds.map(lambda pixels, *rest: (augment(pixels), *rest), num_parallel_calls=workers, deterministic=True)
