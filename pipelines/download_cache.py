@@ -7,13 +7,14 @@ It looks each file up here first; reading and hashing the file is all an unchang
 Layout: ``<root>/<namespace>/<key[:2]>/<key>.json``, and ``<key>.png`` beside it for a re-encoded image.
 
 - **namespace**: the SHA-256 of everything that decides a file's result apart from its bytes: the
-  ``download`` limits (``min_side``, ``max_pixels``), the source of the code that checks and decodes
-  (`CODE`: an edit there is another namespace), and the TensorFlow, Pillow and NumPy versions and the CPU
-  architecture (the decoders' bits).
+  ``download`` limits (``min_side``, ``max_pixels``), the source of the code that checks, decodes and
+  stores (`CODE`: an edit there is another namespace), and the TensorFlow, Pillow (and its codec
+  libraries') and NumPy versions and the CPU architecture (the decoders' and encoder's bits).
 - **key**: the SHA-256 of the file's bytes (the manifest's ``sha256``).
 - **value**: `normalise.normalise_image`'s result: a rejection's reason, or the image's fields; an image
   kept as-is stores no bytes (they are the file's), a re-encoded one stores its PNG with its SHA-256 in
-  the JSON. An entry that cannot be read, or whose PNG does not match, is a miss.
+  the JSON. An entry that cannot be read, or whose PNG does not match, is a miss. A rejection that is not
+  the file's (the decoder failing for another reason than its bytes) is not stored.
 
 Writes go to a unique temporary name and are renamed into place (the PNG before the JSON that names it),
 so a run killed mid-write leaves only whole entries. Nothing here is a DVC output: deleting the folder makes
@@ -33,11 +34,13 @@ from pathlib import Path
 import numpy as np
 import PIL
 import tensorflow as tf
+from PIL import features
 
 from pipelines import normalise
-from pipelines.feature_cache import code_fingerprint, namespace_of
+from pipelines.fingerprint import code_fingerprint, namespace_of
 
-CODE = ("pipelines.normalise", "pipelines.image")
+# The code that checks, decodes and re-encodes a file, and this store's own reading and writing of results.
+CODE = ("pipelines.normalise", "pipelines.image", "pipelines.download_cache")
 SUFFIXES = (".json", ".png")  # an entry's files: the result, and a re-encoded image's bytes
 
 
@@ -49,6 +52,8 @@ def namespace_record(min_side: int, max_pixels: int) -> dict:
         "code": code_fingerprint(CODE),
         "tensorflow": tf.__version__,
         "pillow": PIL.__version__,
+        # the codec libraries Pillow was built with: a rebuilt Pillow can read or write other bytes
+        "pillow_codecs": {name: features.version(name) for name in ("jpg", "zlib", "webp", "libtiff")},
         "numpy": np.__version__,
         "machine": platform.machine(),
     }
@@ -79,6 +84,8 @@ class DownloadCache:
         return result
 
     def put(self, key: str, data: bytes, result: normalise.Normalised | normalise.Rejected) -> None:
+        if isinstance(result, normalise.Rejected) and not result.lasting:
+            return  # a failure a re-run may not repeat (out of memory in the decoder): decode it again next time
         (self.folder / key[:2]).mkdir(exist_ok=True)
         if isinstance(result, normalise.Rejected):
             entry = {"rejected": result.reason}

@@ -30,7 +30,6 @@ and a cold run writes the same bytes (the extract tests check this).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -41,6 +40,8 @@ from importlib import metadata
 import keras
 import numpy as np
 import tensorflow as tf
+
+from pipelines import fingerprint
 
 # The modules whose code decides an image's pixels (decode, resize, record parsing) and the
 # model that runs on them (the registry, tapping, pooling). The batch-independence probe in
@@ -55,13 +56,8 @@ def image_key(image_bytes: bytes) -> str:
 
 
 def code_fingerprint(modules: tuple[str, ...] = FEATURE_CODE) -> dict[str, str]:
-    """module -> SHA-256 of its source file."""
-    fingerprint = {}
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        with open(spec.origin, "rb") as handle:
-            fingerprint[name] = hashlib.sha256(handle.read()).hexdigest()
-    return fingerprint
+    """module -> SHA-256 of its source file (the feature code by default)."""
+    return fingerprint.code_fingerprint(modules)
 
 
 def namespace_record(base_fingerprint: dict, batch_size: int, runtime: str = "tensorflow") -> dict:
@@ -89,8 +85,7 @@ def runtime_record(runtime: str) -> dict:
     }
 
 
-def namespace_of(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+namespace_of = fingerprint.namespace_of
 
 
 def namespace_folder(root: str, record: dict) -> str:

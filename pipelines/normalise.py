@@ -37,6 +37,7 @@ class Normalised:
 @dataclasses.dataclass(frozen=True)
 class Rejected:
     reason: str
+    lasting: bool = True  # False: a failure of the run, not of the file (the download cache does not keep it)
 
 
 def content_hash(data: bytes) -> str:
@@ -147,7 +148,10 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
     try:
         pixels, decoded_orientation = decode(data)
     except Exception as exc:  # noqa: BLE001 - TensorFlow's decoders raise InvalidArgumentError and others
-        return Rejected(f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}")
+        return Rejected(
+            f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}",
+            lasting=isinstance(exc, tf.errors.InvalidArgumentError),  # the file's bytes; others may be the run's
+        )
     if decoded_orientation != applied or pixels.shape[:2] != (reference.height, reference.width):
         return Rejected(
             f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "

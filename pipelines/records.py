@@ -41,22 +41,25 @@ RecordDecoder = Callable[[bytes], tuple[bytes, int, np.ndarray]]
 def record_decoder(size: tuple[int, int]) -> RecordDecoder:
     """serialized convert record -> (id, label, float32 pixels at `size`) (`parse_image_record`), one a call.
 
-    The function is traced once, here: a reader that decodes a few records at a time (extract shard by
+    The function is traced here, once: a reader that decodes a few records at a time (extract shard by
     shard, evaluate split by split) builds no pipeline per call, where a `tf.data` pipeline cost ~0.8 s to
-    build (tracing the decode) and ~0.3 s to start here, whatever its size. Its pixels are `image_dataset`'s,
-    bit for bit (tests/pipelines/test_records.py). TensorFlow releases the GIL while it decodes, so threads
-    run calls in parallel (`decoded_batches`).
+    build (tracing the decode) and ~0.3 s to start here, whatever its size. It runs on the CPU, as a
+    `tf.data` map does, so its pixels are `image_dataset`'s bit for bit on any machine
+    (tests/pipelines/test_records.py). TensorFlow releases the GIL while it decodes, so threads run calls
+    in parallel (`decoded_batches`).
     """
-    traced = tf.function(lambda serialized: parse_image_record(serialized, size), input_signature=[_SERIALIZED])
+
+    def parse(serialized):
+        with tf.device("/CPU:0"):
+            return parse_image_record(serialized, size)
+
+    traced = tf.function(parse).get_concrete_function(tf.TensorSpec([], tf.string))
 
     def decode(serialized: bytes) -> tuple[bytes, int, np.ndarray]:
         record_id, label, pixels = traced(tf.constant(serialized))
         return record_id.numpy(), int(label), pixels.numpy()
 
     return decode
-
-
-_SERIALIZED = tf.TensorSpec([], tf.string)
 
 
 def decoded_batches(
@@ -70,8 +73,10 @@ def decoded_batches(
 ) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
     """(ids, int64 labels, pixels) batches of the records of `files` in order, or of those at the positions
     `only` (counted over the files), each record decoded by `decode` on `pool`'s threads, `ahead` batches
-    ahead of the consumer: memory holds `ahead` + 1 batches whatever the files' size."""
+    ahead of the consumer: besides the batches the consumer holds, `ahead` decoded or decoding batches and
+    the one being filled, whatever the files' size. A consumer that stops early cancels what is queued."""
     wanted = None if only is None else set(only)
+    last = None if only is None else max(only, default=-1)
     batch: list = []
     pending: collections.deque = collections.deque()
 
@@ -79,19 +84,27 @@ def decoded_batches(
         rows = [future.result() for future in futures]
         return [r[0] for r in rows], np.array([r[1] for r in rows], np.int64), np.stack([r[2] for r in rows])
 
-    for index, serialized in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
-        if wanted is not None and index not in wanted:
-            continue
-        batch.append(pool.submit(decode, serialized))
-        if len(batch) == batch_size:
+    try:
+        for index, serialized in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
+            if wanted is not None:
+                if index > last:
+                    break
+                if index not in wanted:
+                    continue
+            batch.append(pool.submit(decode, serialized))
+            if len(batch) == batch_size:
+                pending.append(batch)
+                batch = []
+                if len(pending) > ahead:
+                    yield collect(pending.popleft())
+        if batch:
             pending.append(batch)
             batch = []
-            if len(pending) > ahead:
-                yield collect(pending.popleft())
-    if batch:
-        pending.append(batch)
-    while pending:
-        yield collect(pending.popleft())
+        while pending:
+            yield collect(pending.popleft())
+    finally:
+        for future in [f for queued in pending for f in queued] + batch:
+            future.cancel()
 
 
 def parse_feature_record(serialized: tf.Tensor, feature_size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

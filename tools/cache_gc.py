@@ -75,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
+    # the download cache first: it reads the source, which may fail, and then nothing is deleted at all
+    download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
     namespace = current_namespace(args.params)
     keys = used_keys(args.convert)
     report = feature_cache.collect_garbage(args.cache, namespace, keys, dry_run=args.dry_run)
     reports = {
         "dry_run": args.dry_run,
         "extract": {"namespace_kept": namespace, "images_in_use": len(keys), **report},
-        "download": collect_download_cache(args.params, args.download_cache, args.dry_run),
+        "download": download_report,
     }
     print(json.dumps(reports, indent=2))
     for cache, report in (("extract", reports["extract"]), ("download", reports["download"])):

@@ -607,14 +607,53 @@ def test_a_damaged_cache_entry_is_a_miss_not_a_wrong_image(tmp_path, monkeypatch
 
 
 def test_the_limits_the_code_and_the_decoders_name_the_cache_namespace(monkeypatch):
-    from pipelines import download_cache, feature_cache
+    import ast
+    import importlib.util
 
-    base = feature_cache.namespace_of(download_cache.namespace_record(16, 1000))
-    assert feature_cache.namespace_of(download_cache.namespace_record(17, 1000)) != base
-    assert feature_cache.namespace_of(download_cache.namespace_record(16, 1001)) != base
-    edited = {**feature_cache.code_fingerprint(download_cache.CODE), "pipelines.image": "0" * 64}
-    monkeypatch.setattr(download_cache, "code_fingerprint", lambda modules: edited)
-    assert feature_cache.namespace_of(download_cache.namespace_record(16, 1000)) != base
+    from pipelines import download_cache, fingerprint
+
+    def project_imports(module: str) -> set[str]:
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {
+            f"{n.module}.{a.name}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module
+            for a in n.names
+        }
+        return {m for m in names if m.startswith("pipelines.") and importlib.util.find_spec(m)}
+
+    # every project module that decides a result is in the code fingerprint
+    deciding = {"pipelines.normalise", "pipelines.download_cache"} | project_imports("pipelines.normalise")
+    deciding -= {"pipelines.fingerprint"}  # names the namespace, decides no result
+    assert deciding <= set(download_cache.CODE)
+    base = fingerprint.namespace_of(download_cache.namespace_record(16, 1000))
+    assert fingerprint.namespace_of(download_cache.namespace_record(17, 1000)) != base
+    assert fingerprint.namespace_of(download_cache.namespace_record(16, 1001)) != base
+    real = fingerprint.code_fingerprint(download_cache.CODE)
+    for module in download_cache.CODE:
+        edited = {**real, module: "0" * 64}
+        monkeypatch.setattr(download_cache, "code_fingerprint", lambda modules, edited=edited: edited)
+        assert fingerprint.namespace_of(download_cache.namespace_record(16, 1000)) != base, module
+
+
+def test_a_failure_that_is_not_the_files_is_not_cached(tmp_path, monkeypatch):
+    from pipelines import download_cache
+
+    cache = download_cache.DownloadCache(tmp_path, download_cache.namespace_record(16, 1000))
+    data = encode(image_array(5))
+
+    def out_of_memory(_):
+        raise MemoryError("the decoder ran out of memory")
+
+    failed = normalise.normalise_image(data, min_side=16, max_pixels=10**7, decode=out_of_memory)
+    assert isinstance(failed, normalise.Rejected) and not failed.lasting
+    cache.put("a" * 64, data, failed)
+    assert cache.get("a" * 64, data) is None  # decoded again next run
+    other = encode(image_array(6))
+    broken = normalise.Rejected("undecodable JPEG by the shared decoder: Invalid JPEG data")  # the file's
+    cache.put("b" * 64, other, broken)
+    assert cache.get("b" * 64, other) == broken
 
 
 def test_a_cached_rejection_follows_the_limits(tmp_path):
