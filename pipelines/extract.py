@@ -75,7 +75,6 @@ TAILS = (1, 2, 4, 8, 16)
 # Batches the base runs at once: on 2 cores two concurrent batches gave 5-10% more images/s than one
 # (each batch's ops leave cores idle); the features are the same bits either way (tested).
 IN_FLIGHT = 2
-DECODE_AHEAD = 2  # batches decoded ahead of the one the base takes next
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -259,7 +258,7 @@ class ExtractShard(beam.DoFn):
         try:
             with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="extract") as pool:
                 for _, _, batch in records.decoded_batches(
-                    [source], self._decode, self._batch_size, self._decoders, only=missing, ahead=DECODE_AHEAD
+                    [source], self._decode, self._batch_size, self._decoders, only=missing
                 ):
                     running.append(pool.submit(predict, batch))
                     done += len(batch)

@@ -152,15 +152,12 @@ def image_dataset(
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
     cache: bool | str = False,
     with_ids: bool = False,
-    only: list[int] | None = None,
 ) -> tf.data.Dataset:
     """(pixels, label) batches (or (pixels, label, id) with `with_ids`) of TFRecord files.
 
     Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
     Without `shuffle_seed` the order is the files' order, so predictions line up
-    with ids. `augment` maps a float32 pixel batch to an augmented one. `only`
-    keeps just the records at these positions (counted over the files in order),
-    before anything is decoded.
+    with ids. `augment` maps a float32 pixel batch to an augmented one.
     """
     workers = os.cpu_count() or 1
 
@@ -169,18 +166,7 @@ def image_dataset(
         label = tf.cast(label, tf.float32) if binary else label
         return (pixels, label, record_id) if with_ids else (pixels, label)
 
-    ds = tf.data.TFRecordDataset(files)
-    if only is not None:
-        mask = np.zeros(max(only, default=-1) + 1, dtype=bool)
-        mask[list(only)] = True
-        keep = tf.constant(mask)
-        ds = (
-            ds.take(len(mask))
-            .enumerate()
-            .filter(lambda index, _: tf.gather(keep, index))
-            .map(lambda _, serialized: serialized)
-        )
-    ds = ds.map(parse, num_parallel_calls=workers, deterministic=True)
+    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=workers, deterministic=True)
     if cache:
         ds = ds.cache() if cache is True else ds.cache(cache)  # a path: on disk, memory flat in the dataset size
     if shuffle_seed is not None:

@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "download": download_report,
     }
     print(json.dumps(reports, indent=2))
-    for cache, report in (("extract", reports["extract"]), ("download", reports["download"])):
+    for cache in ("extract", "download"):
+        report = reports[cache]
         log.info(
             "cache_gc: %s cache: %s %d namespaces and %d entries (%.1f MB); kept %d entries of namespace %s",
             cache,
