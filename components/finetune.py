@@ -76,11 +76,10 @@ class FinetuneParams(Section):
     epochs: int = pydantic.Field(20, ge=1)
     batch_size: int = pydantic.Field(32, ge=1)
     patience: int = pydantic.Field(4, ge=1)
-    # Keep the decoded (pre-augmentation) images between epochs: on disk with --cache, else in memory.
+    # Decode the images once and keep the (pre-augmentation) pixels between epochs: in files with --cache
+    # (memory flat in the dataset size), else in memory (H x W x 3 x 4 bytes an image). Each epoch is a new
+    # seeded permutation of the whole training split whatever the cache (pipelines/records.image_dataset).
     cache: bool = True
-    # Decoded training images held to shuffle from: the stage's RAM bound, shuffle_buffer x H x W x 3 x 4
-    # bytes (4096 at 160x160: 1.26 GB, at 224x224: 2.47 GB), whatever the dataset's size; fewer shuffle less widely.
-    shuffle_buffer: int = pydantic.Field(4096, ge=1)
     # What picks the best epoch (early stopping, restored weights, keep_better_start): val loss, or val
     # accuracy (ties: the lower val loss) where a small val set's loss follows confidence more than errors.
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
@@ -281,7 +280,6 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         params.batch_size,
         binary=binary,
         shuffle_seed=config.common.seed,
-        shuffle_buffer=params.shuffle_buffer,
         augment=build_augmentation(params.augment, config.common.seed),
         cache=cache["train"],
     )

@@ -28,8 +28,10 @@ is then scored by a head that never saw it: those probabilities feed confident l
 (cleanlab's ``find_label_issues``, Northcutt et al. 2021) and the cross-validated accuracy. The
 test split is only searched for near-duplicates: it is never trained on, here or anywhere.
 
-Memory: the features of all splits (feature size x 4 bytes an image: 5 KB at 1,280) and the
-out-of-fold probabilities; nothing of the images but the contact sheet's tiles.
+Memory: flat in the number of images. The features are copied into files in a temporary folder (feature
+size x 4 bytes an image: 5 KB at 1,280) and read back a block (near-duplicates) or a batch (the k-fold
+heads) at a time; what stays in memory per image is its id, label, split, fold and out-of-fold
+probabilities (tens of bytes), and nothing of the images but the contact sheet's tiles.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -123,36 +126,62 @@ def as_probabilities(outputs_: np.ndarray) -> np.ndarray:
 
 
 def out_of_fold_probabilities(
-    features: np.ndarray,
+    features: near_duplicates.Rows,
     labels: np.ndarray,
     num_classes: int,
     head: TrainHeadParams,
     epochs: int,
     fold_of: np.ndarray,
     seed: int,
+    predict_block: int = 4096,
 ) -> np.ndarray:
     """Each image's class probabilities from the head trained on the other folds (train_head's recipe,
-    `epochs` epochs, seeded per fold so a fold's head does not depend on the folds before it)."""
+    `epochs` epochs, seeded per fold so a fold's head does not depend on the folds before it).
+
+    `features` are read a batch of rows at a time (an array, or rows on disk: `records.FeatureSpool`):
+    every epoch is a seeded permutation of the other folds' rows, read batch by batch, and the held-out
+    fold is predicted `predict_block` rows at a time, so memory holds a few batches, not the features."""
     import keras
+    import tensorflow as tf
 
     probabilities = np.zeros((len(labels), num_classes))
-    targets = labels.astype(np.float32) if num_classes == 2 else labels
+    targets = labels.astype(np.float32) if num_classes == 2 else labels.astype(np.int64)
+    dim = int(features.shape[1])
     for k in range(int(fold_of.max()) + 1):
-        held_out = fold_of == k
+        trained = np.flatnonzero(fold_of != k)
+        held_out = np.flatnonzero(fold_of == k)
         keras.utils.set_random_seed(seed + k)
-        model = training.build_head(features.shape[1], num_classes, head)
+        model = training.build_head(dim, num_classes, head)
         training.compile_head(model, num_classes, head.optimizer, head.learning_rate)
-        counts = np.bincount(labels[~held_out], minlength=num_classes)
+
+        def batch_of(positions, rows=trained):
+            chosen = rows[positions]
+            return features[chosen], targets[chosen]
+
+        def read(positions):
+            x, y = tf.numpy_function(batch_of, [positions], (tf.float32, tf.as_dtype(targets.dtype)), stateful=False)
+            x.set_shape([None, dim])
+            y.set_shape([None])
+            return x, y
+
+        data = (
+            tf.data.Dataset.range(len(trained))
+            .shuffle(max(1, len(trained)), seed=seed + k, reshuffle_each_iteration=True)
+            .batch(head.batch_size)
+            .map(read, num_parallel_calls=2, deterministic=True)
+            .prefetch(2)
+        )
+        counts = np.bincount(labels[trained], minlength=num_classes)
         model.fit(
-            features[~held_out],
-            targets[~held_out],
-            batch_size=head.batch_size,
+            data,
             epochs=epochs,
-            shuffle=True,
+            shuffle=False,  # the data shuffles itself, seeded
             class_weight=training.class_weights(counts, head.class_weight),
             verbose=0,
         )
-        probabilities[held_out] = as_probabilities(model.predict(features[held_out], batch_size=256, verbose=0))
+        for start in range(0, len(held_out), predict_block):
+            rows = held_out[start : start + predict_block]
+            probabilities[rows] = as_probabilities(model.predict_on_batch(features[rows]))
         keras.backend.clear_session()
     return probabilities
 
@@ -230,17 +259,78 @@ def contact_sheet(rows: Sequence[dict], images: Path, count: int) -> Image.Image
 # --------------------------------------------------------------------------- I/O
 
 
-def read_split(extract_dir: Path, split: str, feature_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    ids, labels, vectors = [], [], []
+def spool_split(
+    extract_dir: Path, split: str, feature_size: int, spool: Path
+) -> tuple[list[str], np.ndarray, records.FeatureSpool]:
+    """One split's ids and labels (in memory: small), and its features copied into a file (`spool`), read
+    back a batch at a time by the steps after: memory does not grow with the number of images."""
+    ids, labels = [], []
+    rows = records.FeatureSpool(spool, feature_size)
     for batch_ids, batch_labels, batch in records.feature_records(
         records.split_files(extract_dir / "features", split), feature_size
     ).batch(1024):
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(batch_labels.numpy())
-        vectors.append(batch.numpy())
-    if not ids:
-        return [], np.zeros(0, np.int64), np.zeros((0, feature_size), np.float32)
-    return ids, np.concatenate(labels).astype(np.int64), np.concatenate(vectors)
+        rows.append(batch.numpy())
+    return ids, (np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)), rows
+
+
+class ConcatenatedRows:
+    """Several splits' rows as one [n, dim] array read in slices or lists of rows (`near_duplicates.Rows`)."""
+
+    def __init__(self, parts: Sequence[near_duplicates.Rows]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]), int(self.parts[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        numbers = np.arange(*index.indices(self.shape[0])) if isinstance(index, slice) else np.asarray(index, np.int64)
+        out = np.empty((len(numbers), self.shape[1]), np.float32)
+        part_of = np.searchsorted(self.starts, numbers, side="right") - 1
+        for part in np.unique(part_of).tolist():
+            here = part_of == part
+            out[here] = self.parts[part][numbers[here] - self.starts[part]]
+        return out
+
+
+def assess(config: Config, data: dict, manifest: dict[str, dict], num_classes: int, epochs: int):
+    """The near-duplicate pairs across splits and the out-of-fold probabilities of train + val, from each
+    split's (ids, labels, feature rows)."""
+    unknown = sorted({i for ids, _, _ in data.values() for i in ids} - set(manifest))
+    if unknown:
+        raise RuntimeError(
+            f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
+        )
+    params = config.quality
+    present = {split: d for split, d in data.items() if d[0]}
+    pairs = near_duplicates.cross_split_pairs(
+        {s: d[2] for s, d in present.items()}, {s: d[0] for s, d in present.items()}, params.near_duplicate_threshold
+    )
+    for pair in pairs:
+        for side in ("a", "b"):
+            row = manifest[pair[f"{side}_id"]]
+            pair[f"{side}_file"], pair[f"{side}_source"], pair[f"{side}_label"] = (
+                row["file"],
+                row["source"],
+                row["label"],
+            )
+
+    ids = [i for s in TRAINED_SPLITS for i in data[s][0]]
+    splits = [s for s in TRAINED_SPLITS for _ in data[s][0]]
+    labels = np.concatenate([data[s][1] for s in TRAINED_SPLITS])
+    features = ConcatenatedRows([data[s][2] for s in TRAINED_SPLITS])
+    bad = sorted({int(v) for v in labels if not 0 <= v < num_classes})
+    if bad:
+        raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
+    training.make_deterministic(config.common.seed)
+    fold_of = stratified_folds(labels, params.folds, config.common.seed)
+    probabilities = out_of_fold_probabilities(
+        features, labels, num_classes, config.train_head, epochs, fold_of, config.common.seed
+    )
+    return pairs, ids, splits, labels, probabilities, fold_of
 
 
 def write_json(path: Path, payload) -> None:
@@ -260,40 +350,14 @@ def run(
     names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
     feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
     epochs = int(json.loads(Path(history_path).read_text(encoding="utf-8"))["best_epoch"])
-    manifest = {row["id"]: row for row in read_jsonl(download_dir / "manifest.jsonl")}
-    data = {split: read_split(extract_dir, split, feature_size) for split in ("train", "val", "test")}
-    unknown = sorted({i for ids, _, _ in data.values() for i in ids} - set(manifest))
-    if unknown:
-        raise RuntimeError(
-            f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
-        )
     params = config.quality
-
-    present = {split: d for split, d in data.items() if d[0]}
-    pairs = near_duplicates.cross_split_pairs(
-        {s: d[2] for s, d in present.items()}, {s: d[0] for s, d in present.items()}, params.near_duplicate_threshold
-    )
-    for pair in pairs:
-        for side in ("a", "b"):
-            row = manifest[pair[f"{side}_id"]]
-            pair[f"{side}_file"], pair[f"{side}_source"], pair[f"{side}_label"] = (
-                row["file"],
-                row["source"],
-                row["label"],
-            )
-
-    ids = [i for s in TRAINED_SPLITS for i in data[s][0]]
-    splits = [s for s in TRAINED_SPLITS for _ in data[s][0]]
-    labels = np.concatenate([data[s][1] for s in TRAINED_SPLITS])
-    features = np.concatenate([data[s][2] for s in TRAINED_SPLITS])
-    bad = sorted({int(v) for v in labels if not 0 <= v < len(names)})
-    if bad:
-        raise ValueError(f"labels {bad} are outside the vocabulary of {len(names)} classes (labels.json)")
-    training.make_deterministic(config.common.seed)
-    fold_of = stratified_folds(labels, params.folds, config.common.seed)
-    probabilities = out_of_fold_probabilities(
-        features, labels, len(names), config.train_head, epochs, fold_of, config.common.seed
-    )
+    manifest = {row["id"]: row for row in read_jsonl(download_dir / "manifest.jsonl")}
+    with tempfile.TemporaryDirectory(prefix="quality-features-") as spools:
+        data = {
+            split: spool_split(extract_dir, split, feature_size, Path(spools) / split)
+            for split in ("train", "val", "test")
+        }
+        pairs, ids, splits, labels, probabilities, fold_of = assess(config, data, manifest, len(names), epochs)
     cv = cross_validated_accuracy(labels, probabilities, fold_of)
     issues = label_issue_rows(ids, splits, labels, probabilities, names, manifest)
     metrics = {

@@ -36,6 +36,7 @@ from components import outputs, training
 from components.cli import configure_logging, run_main
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
 from components.training import TrainHeadParams, build_head
+from pipelines import features as fk
 from pipelines import records
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,17 @@ def load_config(params_path: str | Path) -> Config:
 
 
 def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
-    """(features, label) batches; labels float for the sigmoid head."""
-    ds = records.feature_records(files, feature_size).map(
-        lambda _, label, features: (features, tf.cast(label, tf.float32) if num_classes == 2 else label)
-    )
-    ds = ds.cache()
-    if shuffle_seed is not None:
-        ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """(features, label) batches; labels float for the sigmoid head. Each epoch reads the records from the
+    files again (a new seeded permutation of all of them with `shuffle_seed`): memory does not grow with the
+    number of images."""
+
+    def parse(serialized):
+        ex = tf.io.parse_example(serialized, fk.features_feature_spec(feature_size))
+        label = ex[fk.LABEL]
+        return ex[fk.FEATURES], tf.cast(label, tf.float32) if num_classes == 2 else label
+
+    ds = records.serialized_batches(files, batch_size, shuffle_seed)
+    return ds.map(parse, num_parallel_calls=2, deterministic=True).prefetch(2)
 
 
 def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[int]:

@@ -3,17 +3,28 @@
 A resized, re-encoded or slightly cropped copy of a photo has other bytes, so download's content hash
 misses it, but its conv-base features stay close: cosine similarity of the pooled features finds it.
 Only pairs across splits matter (a copy in train and test inflates test accuracy), so the search is
-train x val, train x test and val x test, exact, in blocks of rows: memory is one block times the
-other split, never n x n. Pure NumPy; ``benchmarks/near_duplicates.py`` times it at 100,000 vectors.
+train x val, train x test and val x test, exact, a block of one split against a block of the other:
+memory is two blocks and their product, whatever the number of images, and the features may stay on disk
+(any [n, dim] rows that slice, e.g. `pipelines.records.FeatureSpool`). Pure NumPy; ``benchmarks/near_duplicates.py`` times it at 100,000 vectors.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+
+
+class Rows(Protocol):
+    """[n, dim] feature vectors read a slice at a time: a NumPy array, or rows on disk."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -26,53 +37,59 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def cross_split_pairs(
-    features: Mapping[str, np.ndarray],
+    features: Mapping[str, Rows],
     ids: Mapping[str, Sequence[str]],
     threshold: float,
     block: int = 2048,
+    other_block: int = 8192,
 ) -> list[dict]:
     """Every pair of images in two different splits whose features' cosine similarity is >= `threshold`.
 
-    ``features[split]``: [n, dim] vectors; ``ids[split]``: the n image ids in the same order. Returns
+    ``features[split]``: [n, dim] vectors (`Rows`); ``ids[split]``: the n image ids in the same order. Returns
     {"similarity", "a_split", "a_id", "b_split", "b_id"} rows, a's split before b's in train, val, test
-    order, most similar first (ties by split and id), so the list is the same whatever the block size.
+    order, most similar first (ties by split and id), so the list is the same whatever the block sizes.
+    Memory: `block` rows of a split, `other_block` rows of the other and their products.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
-    if block < 1:
-        raise ValueError("block must be at least 1")
+    if block < 1 or other_block < 1:
+        raise ValueError("block and other_block must be at least 1")
     present = [s for s in SPLITS if s in features]
     unknown = sorted(set(features) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown splits {unknown}; expected some of {SPLITS}")
-    units, dims = {}, set()
+    dims = set()
     for split in present:
-        units[split] = unit_rows(features[split])
-        dims.add(units[split].shape[1])
-        if len(ids[split]) != len(units[split]):
-            raise ValueError(f"{split}: {len(ids[split])} ids for {len(units[split])} feature vectors")
+        shape = tuple(features[split].shape)
+        if len(shape) != 2:
+            raise ValueError(f"expected [n, dim] feature vectors, got shape {shape}")
+        dims.add(shape[1])
+        if len(ids[split]) != shape[0]:
+            raise ValueError(f"{split}: {len(ids[split])} ids for {shape[0]} feature vectors")
     if len(dims) > 1:
         raise ValueError(f"the splits' features have different sizes {sorted(dims)}")
-    # float32 products find the candidates (their rounding depends on the block, so with a margin); each
-    # candidate's similarity is then summed again in float64 on its own, so the list does not depend on the block.
+    # float32 products find the candidates (their rounding depends on the blocks, so with a margin); each
+    # candidate's similarity is then summed again in float64 on its own, so the list does not depend on them.
     rows, margin = [], np.float32(threshold - 1e-4)
     for i, a in enumerate(present):
         for b in present[i + 1 :]:
-            other = units[b].T
-            for start in range(0, len(units[a]), block):
-                hit_a, hit_b = np.nonzero(units[a][start : start + block] @ other >= margin)
-                exact = np.sum(units[a][start + hit_a].astype(np.float64) * units[b][hit_b].astype(np.float64), axis=1)
-                for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
-                    if similarity >= threshold:
-                        rows.append(
-                            {
-                                "similarity": round(min(similarity, 1.0), 6),
-                                "a_split": a,
-                                "a_id": ids[a][start + r],
-                                "b_split": b,
-                                "b_id": ids[b][c],
-                            }
-                        )
+            for start in range(0, len(features[a]), block):
+                units_a = unit_rows(features[a][start : start + block])
+                for other in range(0, len(features[b]), other_block):
+                    units_b = unit_rows(features[b][other : other + other_block])
+                    hit_a, hit_b = np.nonzero(units_a @ units_b.T >= margin)
+                    exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
+                    for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
+                        if similarity >= threshold:
+                            rows.append(
+                                {
+                                    "similarity": round(min(similarity, 1.0), 6),
+                                    "a_split": a,
+                                    "a_id": ids[a][start + r],
+                                    "b_split": b,
+                                    "b_id": ids[b][other + c],
+                                }
+                            )
     order = {s: k for k, s in enumerate(SPLITS)}
     rows.sort(key=lambda p: (-p["similarity"], order[p["a_split"]], p["a_id"], order[p["b_split"]], p["b_id"]))
     return rows

@@ -1,8 +1,11 @@
 """Reading the convert stage's image TFRecords: one parse/decode for extraction,
 fine-tuning and evaluation (serving uses the same `pipelines.image` decode).
 
-`image_dataset` is the training input pipeline: parallel parse and decode, an
-optional cache of the decoded pixels, shuffling, batching, augmentation of whole
+`image_dataset` is the training input pipeline. It reads records by number
+(`RecordReader`: an index of where each record lies), so that shuffling is a
+seeded permutation of all the records each epoch, with no buffer of images in
+memory; optionally it decodes every record once, first, into a cache of decoded
+pixels (`PixelStore`: a file, or memory); then batching, augmentation of whole
 batches after the cache (so it differs every epoch), and prefetching so the next
 batches are ready while the model trains. Inference (extract, evaluate, export)
 reads with `decoded_batches`: the same parse and decode, traced once a run
@@ -11,12 +14,15 @@ reads with `decoded_batches`: the same parse and decode, traced once a run
 
 from __future__ import annotations
 
+import array
 import collections
 import concurrent.futures
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 
@@ -122,6 +128,54 @@ def feature_records(files: list[str], feature_size: int) -> tf.data.Dataset:
     )
 
 
+class FeatureSpool:
+    """[n, dim] float32 feature rows in a file, appended in batches and read a slice or a list of rows at a
+    time (`pread`), so a reader holds only what it asked for, whatever n (`pipelines.near_duplicates.Rows`)."""
+
+    def __init__(self, path: str | Path, dim: int):
+        self.path, self.dim, self._rows = Path(path), int(dim), 0
+        self._row_bytes = 4 * self.dim
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._rows, self.dim)
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"expected [n, {self.dim}] rows, got {rows.shape}")
+        data = rows.tobytes()
+        written = os.pwrite(self._fd, data, self._rows * self._row_bytes)
+        if written != len(data):
+            raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes")
+        self._rows += len(rows)
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._rows)
+            if step != 1:
+                raise ValueError("FeatureSpool slices take no step")
+            count = max(0, stop - start)
+            data = os.pread(self._fd, count * self._row_bytes, start * self._row_bytes)
+            return np.frombuffer(data, np.float32).reshape(count, self.dim).copy()
+        numbers = np.asarray(index, np.int64)
+        out = np.empty((len(numbers), self.dim), np.float32)
+        for k, n in enumerate(numbers.tolist()):
+            if not 0 <= n < self._rows:
+                raise IndexError(f"row {n} of {self._rows}")
+            out[k] = np.frombuffer(os.pread(self._fd, self._row_bytes, n * self._row_bytes), np.float32)
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def encoded_by_id(files: list[str], wanted: set[str], decode: RecordDecoder) -> dict[str, tuple[bytes, np.ndarray]]:
     """The encoded bytes and decoded pixels (`decode`'s) of the image records with these ids."""
     found = {}
@@ -141,6 +195,138 @@ def fixed_parallelism() -> tf.data.Options:
     return options
 
 
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C, rotated right by 15 bits, plus a constant."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class RecordReader:
+    """Random access to the records of TFRecord files by number (counted over the files in order).
+
+    Opening reads every file once to index the records (file, offset, length: 16 bytes a record) and checks
+    each record's framing and both checksums, as TensorFlow's reader does, so a damaged file is an error
+    here, naming the file and byte, and never parsed. Reads (`read`) are one `pread` each, safe from threads.
+    """
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        file_of, offsets, lengths = array.array("i"), array.array("q"), array.array("q")
+        for number, path in enumerate(self.files):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                position = 0
+                while position < size:
+                    header = f.read(12)
+                    if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc(header[:8]):
+                        raise ValueError(f"{path}: a damaged TFRecord header at byte {position}")
+                    (length,) = struct.unpack("<Q", header[:8])
+                    data = f.read(length)
+                    footer = f.read(4)
+                    if len(data) < length or len(footer) < 4 or struct.unpack("<I", footer)[0] != _masked_crc(data):
+                        raise ValueError(f"{path}: a damaged or truncated TFRecord at byte {position}")
+                    file_of.append(number)
+                    offsets.append(position + 12)
+                    lengths.append(length)
+                    position += 12 + length + 4
+        self._file_of = np.frombuffer(file_of, np.int32)
+        self._offsets = np.frombuffer(offsets, np.int64)
+        self._lengths = np.frombuffer(lengths, np.int64)
+        self._fds = [os.open(path, os.O_RDONLY) for path in self.files]
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def read(self, number: int) -> bytes:
+        return os.pread(self._fds[self._file_of[number]], int(self._lengths[number]), int(self._offsets[number]))
+
+    def read_op(self, number: tf.Tensor) -> tf.Tensor:
+        """`read` as a TensorFlow op: the serialized record (a scalar string) of a record number tensor."""
+        serialized = tf.numpy_function(lambda n: self.read(int(n)), [number], tf.string, stateful=False)
+        serialized.set_shape([])
+        return serialized
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+
+
+def record_numbers(count: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """0..count-1 in order, or (with `shuffle_seed`) a new seeded permutation of them every epoch: a full
+    shuffle whose only state is the permutation (8 bytes a record)."""
+    ds = tf.data.Dataset.range(count)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(max(count, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def serialized_batches(files: list[str], batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Batches (string vectors) of the serialized records of TFRecord files, in the files' order or, with
+    `shuffle_seed`, in a new seeded permutation every epoch (`record_numbers`), read from the files a batch
+    at a time (`RecordReader`): memory does not grow with the number of records beyond the permutation."""
+    reader = RecordReader(files)
+
+    def read(numbers):
+        serialized = tf.numpy_function(
+            lambda ns: np.array([reader.read(int(n)) for n in ns], dtype=object), [numbers], tf.string, stateful=False
+        )
+        serialized.set_shape([None])
+        return serialized
+
+    numbers = record_numbers(len(reader), shuffle_seed).batch(batch_size)
+    return numbers.map(read, num_parallel_calls=2, deterministic=True)
+
+
+class PixelStore:
+    """Decoded float32 pixels of records, record i in slot i: in a file (memory flat in the number of images)
+    or in memory (H x W x 3 x 4 bytes an image), with each record's label and id (in memory: small).
+
+    Filled once (`fill`) with `record_decoder`'s pixels of all the records, in order, by a pool of threads;
+    read a slot at a time (`read`, one `pread` for a file), safe from threads.
+    """
+
+    def __init__(self, files: list[str], size: tuple[int, int], path: str | Path | None = None):
+        self.shape = (size[0], size[1], 3)
+        self._slot = int(np.prod(self.shape)) * 4
+        self.path = None if path is None else Path(path)
+        labels, ids, chunks = array.array("q"), [], []
+        workers = os.cpu_count() or 1
+        out = None if self.path is None else open(self.path, "wb")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                for batch_ids, batch_labels, pixels in decoded_batches(files, record_decoder(size), 64, pool):
+                    ids += batch_ids
+                    labels.extend(batch_labels.tolist())
+                    if out is None:
+                        chunks.append(pixels)
+                    else:
+                        out.write(np.ascontiguousarray(pixels, np.float32).tobytes())
+        finally:
+            if out is not None:
+                out.close()
+        self.labels = np.frombuffer(labels, np.int64)
+        self.ids = ids
+        if out is None:
+            self._pixels = np.concatenate(chunks) if chunks else np.zeros((0, *self.shape), np.float32)
+            self._fd = None
+        else:
+            self._pixels = None
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, number: int) -> np.ndarray:
+        if self._fd is None:
+            return self._pixels[number]
+        data = os.pread(self._fd, self._slot, number * self._slot)
+        return np.frombuffer(data, np.float32).reshape(self.shape)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 def image_dataset(
     files: list[str],
     size: tuple[int, int],
@@ -148,29 +334,51 @@ def image_dataset(
     *,
     binary: bool,
     shuffle_seed: int | None = None,
-    shuffle_buffer: int = 4096,
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
-    cache: bool | str = False,
+    cache: bool | str | Path = False,
     with_ids: bool = False,
 ) -> tf.data.Dataset:
     """(pixels, label) batches (or (pixels, label, id) with `with_ids`) of TFRecord files.
 
-    Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
-    Without `shuffle_seed` the order is the files' order, so predictions line up
-    with ids. `augment` maps a float32 pixel batch to an augmented one.
+    Records are read by number. Without `shuffle_seed` the order is the files' order, so predictions line
+    up with ids; with it, every epoch is a new seeded permutation of all the records (a full shuffle, whose
+    only state is the permutation: 8 bytes an image, no buffer of images). `cache`: False decodes every
+    record every epoch; True decodes them all once, first, and keeps the pixels in memory; a path keeps them
+    in that file (memory flat in the dataset size). The elements and their order are the same whatever the
+    cache, so the model is too. Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
+    `augment` maps a float32 pixel batch to an augmented one (after the cache: new variants every epoch).
     """
     workers = os.cpu_count() or 1
+    if cache is False:
+        reader = RecordReader(files)
+        count = len(reader)
 
-    def parse(serialized):
-        record_id, label, pixels = parse_image_record(serialized, size)
+        def element(number):
+            return parse_image_record(reader.read_op(number), size)
+
+    else:
+        store = PixelStore(files, size, None if cache is True else cache)
+        count = len(store)
+
+        def fetch(n):
+            n = int(n)
+            return store.read(n), store.labels[n], store.ids[n]
+
+        def element(number):
+            pixels, label, record_id = tf.numpy_function(
+                fetch, [number], (tf.float32, tf.int64, tf.string), stateful=False
+            )
+            pixels.set_shape(store.shape)
+            label.set_shape([])
+            record_id.set_shape([])
+            return record_id, label, pixels
+
+    def finish(record_id, label, pixels):
         label = tf.cast(label, tf.float32) if binary else label
         return (pixels, label, record_id) if with_ids else (pixels, label)
 
-    ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=workers, deterministic=True)
-    if cache:
-        ds = ds.cache() if cache is True else ds.cache(cache)  # a path: on disk, memory flat in the dataset size
-    if shuffle_seed is not None:
-        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = record_numbers(count, shuffle_seed)
+    ds = ds.map(lambda number: finish(*element(number)), num_parallel_calls=workers, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = ds.map(lambda pixels, *rest: (augment(pixels), *rest), num_parallel_calls=workers, deterministic=True)

@@ -109,6 +109,29 @@ def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_image():
     assert quality.cross_validated_accuracy(labels, probabilities, fold_of)["accuracy"] < 0.7
 
 
+def test_features_read_from_disk_a_batch_at_a_time_give_the_same_probabilities(tmp_path):
+    """The stage keeps the features in files (`records.FeatureSpool`, two splits joined by
+    `ConcatenatedRows`) and reads batches of rows: the same out-of-fold probabilities as from an array."""
+    from pipelines.records import FeatureSpool
+
+    rng = np.random.default_rng(2)
+    features, labels = rng.normal(0, 1, (60, 8)).astype(np.float32), rng.integers(0, 3, 60)
+    features[np.arange(60), labels] += 3.0  # learnable
+    parts = [FeatureSpool(tmp_path / "a", 8), FeatureSpool(tmp_path / "b", 8)]
+    parts[0].append(features[:35])
+    parts[1].append(features[35:])
+    joined = quality.ConcatenatedRows(parts)
+    assert joined.shape == (60, 8)
+    np.testing.assert_array_equal(joined[30:40], features[30:40])
+    np.testing.assert_array_equal(joined[np.array([59, 0, 34, 35])], features[[59, 0, 34, 35]])
+    head = TrainHeadParams(hidden_units=0, dropout=0.0, learning_rate=0.05, batch_size=8)
+    fold_of = quality.stratified_folds(labels, 3, seed=0)
+    on_disk = quality.out_of_fold_probabilities(joined, labels, 3, head, 5, fold_of, seed=4, predict_block=7)
+    in_memory = quality.out_of_fold_probabilities(features, labels, 3, head, 5, fold_of, seed=4, predict_block=7)
+    np.testing.assert_array_equal(on_disk, in_memory)
+    assert quality.cross_validated_accuracy(labels, on_disk, fold_of)["accuracy"] > 0.8
+
+
 def test_folds_are_stratified_seeded_and_need_enough_images_per_class():
     labels = np.array([0] * 30 + [1] * 15)
     fold_of = quality.stratified_folds(labels, 5, seed=3)

@@ -43,12 +43,28 @@ def test_planted_copies_across_splits_are_found_and_nothing_else():
 
 
 @pytest.mark.parametrize("threshold", [0.6, 0.8, 0.95])
-@pytest.mark.parametrize("block", [1, 7, 4096])
-def test_the_blocked_search_equals_brute_force_whatever_the_block(threshold, block):
+@pytest.mark.parametrize("block,other_block", [(1, 1), (7, 5), (4096, 8192)])
+def test_the_blocked_search_equals_brute_force_whatever_the_block(threshold, block, other_block):
     feats, ids = planted(seed=1, dim=8)  # low dimension: many pairs near each threshold
-    pairs = nd.cross_split_pairs(feats, ids, threshold, block=block)
+    pairs = nd.cross_split_pairs(feats, ids, threshold, block=block, other_block=other_block)
     assert {(p["a_split"], p["a_id"], p["b_split"], p["b_id"]) for p in pairs} == brute_force(feats, ids, threshold)
-    assert pairs == nd.cross_split_pairs(feats, ids, threshold, block=3)  # the same list, in the same order
+    assert pairs == nd.cross_split_pairs(feats, ids, threshold, block=3, other_block=4)  # the same list and order
+
+
+def test_features_on_disk_give_the_same_pairs(tmp_path):
+    from pipelines.records import FeatureSpool
+
+    feats, ids = planted(seed=1, dim=8)
+    spooled = {}
+    for split, rows in feats.items():
+        spool = spooled[split] = FeatureSpool(tmp_path / split, 8)
+        for start in range(0, len(rows), 6):  # appended in pieces, as the stage reads them
+            spool.append(rows[start : start + 6])
+        np.testing.assert_array_equal(spool[2:9], np.asarray(rows[2:9], np.float32))
+        np.testing.assert_array_equal(spool[np.array([5, 0, 3])], np.asarray(rows, np.float32)[[5, 0, 3]])
+    assert len(spooled["train"]) == len(feats["train"]) and spooled["train"].shape == (len(feats["train"]), 8)
+    pairs = nd.cross_split_pairs(spooled, ids, 0.8, block=4, other_block=5)
+    assert pairs == nd.cross_split_pairs(feats, ids, 0.8) and pairs
 
 
 def test_bad_inputs_are_clear_errors():

@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipelines import records
@@ -35,15 +38,61 @@ def test_decoded_batches_are_the_records_in_order_or_the_chosen_ones(converted_t
         np.testing.assert_array_equal(only[2], pixels[chosen])
 
 
-def test_the_shuffle_buffer_bounds_how_far_an_image_moves(converted_tiny):
+def epoch_ids(ds) -> list[bytes]:
+    return [i for _, _, ids in ds for i in ids.numpy()]
+
+
+def test_every_epoch_is_a_new_seeded_permutation_of_all_the_records(converted_tiny):
     files = records.split_files(converted_tiny / "records", "train")
+    files_order = epoch_ids(records.image_dataset(files, (8, 8), 3, binary=False, with_ids=True))
+    ds = records.image_dataset(files, (8, 8), 3, binary=False, shuffle_seed=5, with_ids=True)
+    first, second = epoch_ids(ds), epoch_ids(ds)
+    assert len(files_order) > 5 and len(set(files_order)) == len(files_order)
+    assert sorted(first) == sorted(second) == sorted(files_order)  # every record once an epoch
+    assert len({tuple(first), tuple(second), tuple(files_order)}) == 3  # reshuffled every epoch
+    again = records.image_dataset(files, (8, 8), 3, binary=False, shuffle_seed=5, with_ids=True)
+    assert (epoch_ids(again), epoch_ids(again)) == (first, second)  # the seed decides the order
+    other = records.image_dataset(files, (8, 8), 3, binary=False, shuffle_seed=6, with_ids=True)
+    assert epoch_ids(other) != first
 
-    def order(buffer: int) -> list[bytes]:
-        ds = records.image_dataset(
-            files, (8, 8), 100, binary=False, shuffle_seed=5, shuffle_buffer=buffer, with_ids=True
-        )
-        return list(next(iter(ds))[2].numpy())
 
-    files_order = list(next(iter(records.image_dataset(files, (8, 8), 100, binary=False, with_ids=True)))[2].numpy())
-    assert order(1) == files_order  # a buffer of one cannot shuffle
-    assert sorted(order(4096)) == sorted(files_order) and order(4096) != files_order
+def test_the_cache_changes_neither_the_elements_nor_their_order(converted_tiny, tmp_path):
+    files = records.split_files(converted_tiny / "records", "train")
+    size = (20, 12)
+
+    def epochs(cache) -> list:
+        ds = records.image_dataset(files, size, 4, binary=True, shuffle_seed=3, cache=cache, with_ids=True)
+        return [[t.numpy() for t in batch] for _ in range(2) for batch in ds]
+
+    expected = epochs(False)
+    for cache in (True, str(tmp_path / "pixels")):
+        got = epochs(cache)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    assert expected[0][0].dtype == np.float32 and expected[0][1].dtype == np.float32  # binary: float labels
+    count = len(epoch_ids(records.image_dataset(files, size, 4, binary=False, with_ids=True)))
+    assert (tmp_path / "pixels").stat().st_size == count * 20 * 12 * 3 * 4  # the pixels are in the file
+
+
+def test_the_record_reader_gives_tensorflows_records_and_refuses_damaged_files(converted_tiny, tmp_path):
+    files = records.split_files(converted_tiny / "records", "train")
+    reader = records.RecordReader(files)
+    expected = list(tf.data.TFRecordDataset(files).as_numpy_iterator())
+    assert [reader.read(n) for n in range(len(reader))] == expected and len(expected) > 5
+    in_order = [list(batch) for batch in records.serialized_batches(files, 4).as_numpy_iterator()]
+    assert [len(b) for b in in_order][:-1] == [4] * (len(in_order) - 1) and sum(in_order, []) == expected
+    shuffled = records.serialized_batches(files, 4, shuffle_seed=1)
+    first, second = (sum((list(b) for b in shuffled.as_numpy_iterator()), []) for _ in range(2))
+    assert sorted(first) == sorted(second) == sorted(expected) and len({tuple(first), tuple(second)}) == 2
+    data = bytearray(Path(files[0]).read_bytes())
+    damaged = tmp_path / "flipped.tfrecord"
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="flipped.tfrecord: a damaged"):
+        records.RecordReader([str(damaged)])
+    short = tmp_path / "short.tfrecord"
+    short.write_bytes(Path(files[0]).read_bytes()[:-3])
+    with pytest.raises(ValueError, match="short.tfrecord: a damaged or truncated TFRecord"):
+        records.RecordReader([str(short)])
