@@ -156,7 +156,7 @@ def out_of_fold_probabilities(
 
         def batch_of(positions, rows=trained):
             chosen = rows[positions]
-            return features[chosen], targets[chosen]
+            return np.asarray(features[chosen], np.float32), targets[chosen]
 
         def read(positions):
             x, y = tf.numpy_function(batch_of, [positions], (tf.float32, tf.as_dtype(targets.dtype)), stateful=False)
@@ -165,8 +165,7 @@ def out_of_fold_probabilities(
             return x, y
 
         data = (
-            tf.data.Dataset.range(len(trained))
-            .shuffle(max(1, len(trained)), seed=seed + k, reshuffle_each_iteration=True)
+            records.record_numbers(len(trained), seed + k)
             .batch(head.batch_size)
             .map(read, num_parallel_calls=2, deterministic=True)
             .prefetch(2)

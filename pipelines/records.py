@@ -204,7 +204,7 @@ def _masked_crc(data: bytes) -> int:
 class RecordReader:
     """Random access to the records of TFRecord files by number (counted over the files in order).
 
-    Opening reads every file once to index the records (file, offset, length: 16 bytes a record) and checks
+    Opening reads every file once to index the records (file, offset, length: 20 bytes a record) and checks
     each record's framing and both checksums, as TensorFlow's reader does, so a damaged file is an error
     here, naming the file and byte, and never parsed. Reads (`read`) are one `pread` each, safe from threads.
     """
@@ -253,7 +253,8 @@ class RecordReader:
 
 def record_numbers(count: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """0..count-1 in order, or (with `shuffle_seed`) a new seeded permutation of them every epoch: a full
-    shuffle whose only state is the permutation (8 bytes a record)."""
+    shuffle whose state is tf.data's shuffle buffer of all the numbers (a scalar tensor each: tens of bytes a
+    record, no data of the records)."""
     ds = tf.data.Dataset.range(count)
     if shuffle_seed is not None:
         ds = ds.shuffle(max(count, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -263,7 +264,7 @@ def record_numbers(count: int, shuffle_seed: int | None = None) -> tf.data.Datas
 def serialized_batches(files: list[str], batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Batches (string vectors) of the serialized records of TFRecord files, in the files' order or, with
     `shuffle_seed`, in a new seeded permutation every epoch (`record_numbers`), read from the files a batch
-    at a time (`RecordReader`): memory does not grow with the number of records beyond the permutation."""
+    at a time (`RecordReader`): memory grows with the number of records only by the shuffle's numbers."""
     reader = RecordReader(files)
 
     def read(numbers):
@@ -281,7 +282,7 @@ class PixelStore:
     """Decoded float32 pixels of records, record i in slot i: in a file (memory flat in the number of images)
     or in memory (H x W x 3 x 4 bytes an image), with each record's label and id (in memory: small).
 
-    Filled once (`fill`) with `record_decoder`'s pixels of all the records, in order, by a pool of threads;
+    Filled once, when made, with `record_decoder`'s pixels of all the records, in order, by a pool of threads;
     read a slot at a time (`read`, one `pread` for a file), safe from threads.
     """
 
@@ -342,7 +343,7 @@ def image_dataset(
 
     Records are read by number. Without `shuffle_seed` the order is the files' order, so predictions line
     up with ids; with it, every epoch is a new seeded permutation of all the records (a full shuffle, whose
-    only state is the permutation: 8 bytes an image, no buffer of images). `cache`: False decodes every
+    state is a shuffle buffer of record numbers, `record_numbers`, no buffer of images). `cache`: False decodes every
     record every epoch; True decodes them all once, first, and keeps the pixels in memory; a path keeps them
     in that file (memory flat in the dataset size). The elements and their order are the same whatever the
     cache, so the model is too. Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
