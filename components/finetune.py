@@ -274,19 +274,26 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         unfrozen[-1] if unfrozen else "-",
     )
     binary = num_classes == 2
-    train = records.image_dataset(
-        files["train"],
-        size,
-        params.batch_size,
-        binary=binary,
-        shuffle_seed=config.common.seed,
-        augment=build_augmentation(params.augment, config.common.seed),
-        cache=cache["train"],
-    )
-    val = records.image_dataset(files["val"], size, params.batch_size, binary=binary, cache=cache["val"])
     live_dir = Path(live_dir)
     shutil.rmtree(live_dir, ignore_errors=True)
-    with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+    with (
+        contextlib.ExitStack() as opened,  # the datasets' files and decoded pixels, freed when training is done
+        outputs.staged_dir(out_dir) as tmp,
+        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live,
+    ):
+        train = records.image_dataset(
+            files["train"],
+            size,
+            params.batch_size,
+            binary=binary,
+            shuffle_seed=config.common.seed,
+            augment=build_augmentation(params.augment, config.common.seed),
+            cache=cache["train"],
+            resources=opened,
+        )
+        val = records.image_dataset(
+            files["val"], size, params.batch_size, binary=binary, cache=cache["val"], resources=opened
+        )
         before_loss, before_accuracy = model.evaluate(val, verbose=0)
         best = BestEpoch(params.monitor, (before_loss, before_accuracy) if params.keep_better_start else None)
         stop = keras.callbacks.EarlyStopping(monitor=params.monitor, mode="auto", patience=params.patience)

@@ -37,6 +37,7 @@ probabilities (tens of bytes), and nothing of the images but the contact sheet's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -351,11 +352,13 @@ def run(
     epochs = int(json.loads(Path(history_path).read_text(encoding="utf-8"))["best_epoch"])
     params = config.quality
     manifest = {row["id"]: row for row in read_jsonl(download_dir / "manifest.jsonl")}
-    with tempfile.TemporaryDirectory(prefix="quality-features-") as spools:
-        data = {
-            split: spool_split(extract_dir, split, feature_size, Path(spools) / split)
-            for split in ("train", "val", "test")
-        }
+    # The spools close before their folder goes (the inner context exits first), so their disk space is
+    # freed now: the k-fold heads' datasets keep the spool objects alive as long as the process.
+    with tempfile.TemporaryDirectory(prefix="quality-features-") as spools, contextlib.ExitStack() as opened:
+        data = {}
+        for split in ("train", "val", "test"):
+            data[split] = spool_split(extract_dir, split, feature_size, Path(spools) / split)
+            opened.callback(data[split][2].close)
         pairs, ids, splits, labels, probabilities, fold_of = assess(config, data, manifest, len(names), epochs)
     cv = cross_validated_accuracy(labels, probabilities, fold_of)
     issues = label_issue_rows(ids, splits, labels, probabilities, names, manifest)

@@ -21,6 +21,7 @@ restore, a fixed seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -63,17 +64,24 @@ def load_config(params_path: str | Path) -> Config:
     )
 
 
-def feature_dataset(files: list[str], feature_size: int, num_classes: int, batch_size: int, shuffle_seed: int | None):
+def feature_dataset(
+    files: list[str],
+    feature_size: int,
+    num_classes: int,
+    batch_size: int,
+    shuffle_seed: int | None,
+    resources: contextlib.ExitStack | None = None,
+):
     """(features, label) batches; labels float for the sigmoid head. Each epoch reads the records from the
     files again (a new seeded permutation of all of them with `shuffle_seed`): memory does not grow with the
-    number of images."""
+    number of images. `resources` closes the files when it exits (`records.serialized_batches`)."""
 
     def parse(serialized):
         ex = tf.io.parse_example(serialized, fk.features_feature_spec(feature_size))
         label = ex[fk.LABEL]
         return ex[fk.FEATURES], tf.cast(label, tf.float32) if num_classes == 2 else label
 
-    ds = records.serialized_batches(files, batch_size, shuffle_seed)
+    ds = records.serialized_batches(files, batch_size, shuffle_seed, resources=resources)
     return ds.map(parse, num_parallel_calls=2, deterministic=True).prefetch(2)
 
 
@@ -102,13 +110,17 @@ def run(
     counts = {split: check_labels(names, size, num_classes) for split, names in files.items()}
     weights = training.class_weights(counts["train"], params.class_weight)
     training.make_deterministic(config.common.seed)
-    train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed)
-    val = feature_dataset(files["val"], size, num_classes, params.batch_size, None)
     head = build_head(size, num_classes, params)
     training.compile_head(head, num_classes, params.optimizer, params.learning_rate)
     live_dir = Path(live_dir)
     shutil.rmtree(live_dir, ignore_errors=True)
-    with outputs.staged_dir(out_dir) as tmp, Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+    with (
+        contextlib.ExitStack() as opened,  # the datasets' files, closed when training is done
+        outputs.staged_dir(out_dir) as tmp,
+        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live,
+    ):
+        train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed, opened)
+        val = feature_dataset(files["val"], size, num_classes, params.batch_size, None, opened)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         history = head.fit(
             train,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import collections
 import concurrent.futures
+import contextlib
 import os
 import struct
 from pathlib import Path
@@ -149,7 +150,7 @@ class FeatureSpool:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] rows, got {rows.shape}")
         data = rows.tobytes()
-        written = os.pwrite(self._fd, data, self._rows * self._row_bytes)
+        written = os.pwrite(self._open_fd(), data, self._rows * self._row_bytes)
         if written != len(data):
             raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes")
         self._rows += len(rows)
@@ -160,20 +161,36 @@ class FeatureSpool:
             if step != 1:
                 raise ValueError("FeatureSpool slices take no step")
             count = max(0, stop - start)
-            data = os.pread(self._fd, count * self._row_bytes, start * self._row_bytes)
+            data = os.pread(self._open_fd(), count * self._row_bytes, start * self._row_bytes)
             return np.frombuffer(data, np.float32).reshape(count, self.dim).copy()
         numbers = np.asarray(index, np.int64)
         out = np.empty((len(numbers), self.dim), np.float32)
+        fd = self._open_fd()
         for k, n in enumerate(numbers.tolist()):
             if not 0 <= n < self._rows:
                 raise IndexError(f"row {n} of {self._rows}")
-            out[k] = np.frombuffer(os.pread(self._fd, self._row_bytes, n * self._row_bytes), np.float32)
+            out[k] = np.frombuffer(os.pread(fd, self._row_bytes, n * self._row_bytes), np.float32)
         return out
 
-    def __del__(self):
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the feature spool is closed")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file (idempotent): a deleted spool's disk space is freed now, not at process exit."""
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __enter__(self) -> "FeatureSpool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def encoded_by_id(files: list[str], wanted: set[str], decode: RecordDecoder) -> dict[str, tuple[bytes, np.ndarray]]:
@@ -238,7 +255,11 @@ class RecordReader:
         return len(self._offsets)
 
     def read(self, number: int) -> bytes:
-        return os.pread(self._fds[self._file_of[number]], int(self._lengths[number]), int(self._offsets[number]))
+        fds = self._fds
+        if fds is None:
+            # Never pread a closed descriptor's number: the OS may have given it to another file since.
+            raise ValueError(f"a closed RecordReader (of {len(self.files)} files) was read")
+        return os.pread(fds[self._file_of[number]], int(self._lengths[number]), int(self._offsets[number]))
 
     def read_op(self, number: tf.Tensor) -> tf.Tensor:
         """`read` as a TensorFlow op: the serialized record (a scalar string) of a record number tensor."""
@@ -246,9 +267,29 @@ class RecordReader:
         serialized.set_shape([])
         return serialized
 
-    def __del__(self):
-        for fd in getattr(self, "_fds", []):
+    def close(self) -> None:
+        """Close the files (idempotent). A dataset reading through `read_op` keeps this reader alive as long as
+        the process (TensorFlow holds a `numpy_function`'s Python function on the eager default graph), so
+        `__del__` alone would never free its descriptors: pass `resources` to the dataset builders."""
+        fds, self._fds = getattr(self, "_fds", None), None
+        for fd in fds or []:
             os.close(fd)
+
+    def __enter__(self) -> "RecordReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def _owned(resource, resources: contextlib.ExitStack | None):
+    """`resource`, to be closed when `resources` exits (if given)."""
+    if resources is not None:
+        resources.callback(resource.close)
+    return resource
 
 
 def record_numbers(count: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
@@ -261,11 +302,19 @@ def record_numbers(count: int, shuffle_seed: int | None = None) -> tf.data.Datas
     return ds
 
 
-def serialized_batches(files: list[str], batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+def serialized_batches(
+    files: list[str],
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    *,
+    resources: contextlib.ExitStack | None = None,
+) -> tf.data.Dataset:
     """Batches (string vectors) of the serialized records of TFRecord files, in the files' order or, with
     `shuffle_seed`, in a new seeded permutation every epoch (`record_numbers`), read from the files a batch
-    at a time (`RecordReader`): memory grows with the number of records only by the shuffle's numbers."""
-    reader = RecordReader(files)
+    at a time (`RecordReader`): memory grows with the number of records only by the shuffle's numbers.
+    `resources`: closes the reader's files when it exits (the dataset cannot be iterated after that);
+    without it they stay open until the process exits (`RecordReader.close`)."""
+    reader = _owned(RecordReader(files), resources)
 
     def read(numbers):
         serialized = tf.numpy_function(
@@ -318,14 +367,29 @@ class PixelStore:
         return len(self.labels)
 
     def read(self, number: int) -> np.ndarray:
-        if self._fd is None:
-            return self._pixels[number]
-        data = os.pread(self._fd, self._slot, number * self._slot)
+        fd, pixels = self._fd, self._pixels
+        if fd is None:
+            if pixels is None:
+                raise ValueError("the PixelStore is closed")
+            return pixels[number]
+        data = os.pread(fd, self._slot, number * self._slot)
         return np.frombuffer(data, np.float32).reshape(self.shape)
 
+    def close(self) -> None:
+        """Free the pixels (idempotent): the in-memory array, or the file's descriptor (and with it a deleted
+        cache file's disk space). See `RecordReader.close` for why `__del__` is not enough."""
+        fd, self._fd, self._pixels = getattr(self, "_fd", None), None, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "PixelStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        self.close()
 
 
 def image_dataset(
@@ -338,6 +402,7 @@ def image_dataset(
     augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
     cache: bool | str | Path = False,
     with_ids: bool = False,
+    resources: contextlib.ExitStack | None = None,
 ) -> tf.data.Dataset:
     """(pixels, label) batches (or (pixels, label, id) with `with_ids`) of TFRecord files.
 
@@ -348,17 +413,19 @@ def image_dataset(
     in that file (memory flat in the dataset size). The elements and their order are the same whatever the
     cache, so the model is too. Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
     `augment` maps a float32 pixel batch to an augmented one (after the cache: new variants every epoch).
+    `resources`: frees the reader's files or the cache's pixels when it exits (the dataset cannot be
+    iterated after that); without it they are held until the process exits (`RecordReader.close`).
     """
     workers = os.cpu_count() or 1
     if cache is False:
-        reader = RecordReader(files)
+        reader = _owned(RecordReader(files), resources)
         count = len(reader)
 
         def element(number):
             return parse_image_record(reader.read_op(number), size)
 
     else:
-        store = PixelStore(files, size, None if cache is True else cache)
+        store = _owned(PixelStore(files, size, None if cache is True else cache), resources)
         count = len(store)
 
         def fetch(n):

@@ -22,6 +22,21 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
+def open_files_under(*roots: Path | str) -> list[str]:
+    """The files under `roots` that this process holds open (Linux's /proc/self/fd), deleted ones included
+    (the kernel names them "PATH (deleted)"): what a stage must have closed when it returns."""
+    prefixes = [str(Path(root).resolve()) for root in roots]
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # the descriptor listing the folder itself, gone by now
+        if any(target.startswith(prefix) for prefix in prefixes):
+            held.append(target)
+    return held
+
+
 def repo_params(overrides: dict | None = None) -> dict:
     """The repository's params.yaml with `overrides` merged in: a complete params file, as stages need."""
     from components.params import read_params

@@ -254,6 +254,9 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
         )
 
     assert list((tmp_path / "disk_cache").iterdir()) == []  # the run's cache files are removed
+    from tests.conftest import open_files_under
+
+    assert open_files_under(tmp_path) == []  # and closed, so their disk space is freed now (no "(deleted)")
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert "finetune/model.keras" in a and "live_finetune/plots/metrics/val_loss.tsv" in a
     assert {name for name in a if a[name] != b.get(name)} == set()

@@ -84,6 +84,12 @@ def test_planted_label_errors_and_copies_are_found_and_the_outputs_repeat(tmp_pa
     with Image.open(tmp_path / "report" / quality.SHEET) as sheet:
         assert sheet.size[0] == quality.COLUMNS * quality.TILE  # four tiles on a line
     first = {name: (tmp_path / "report" / name).read_bytes() for name in quality.DECLARED_OUTPUTS}
+    import tempfile
+
+    from tests.conftest import open_files_under
+
+    held = open_files_under(tmp_path, tempfile.gettempdir())
+    assert [path for path in held if "quality-features-" in path or str(tmp_path) in path] == []  # spools closed
     quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report")
     assert {name: (tmp_path / "report" / name).read_bytes() for name in quality.DECLARED_OUTPUTS} == first
 

@@ -41,6 +41,9 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
         train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
     )
     assert record["val_accuracy"] > 0.9  # chance is 1/num_classes
+    from tests.conftest import open_files_under
+
+    assert open_files_under(extract_dir) == []  # the feature files closed when training is done
     for name in train_head.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())

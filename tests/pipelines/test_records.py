@@ -96,3 +96,38 @@ def test_the_record_reader_gives_tensorflows_records_and_refuses_damaged_files(c
     short.write_bytes(Path(files[0]).read_bytes()[:-3])
     with pytest.raises(ValueError, match="short.tfrecord: a damaged or truncated TFRecord"):
         records.RecordReader([str(short)])
+
+
+def test_resources_close_the_files_and_free_the_pixels_when_they_exit(converted_tiny, tmp_path):
+    import contextlib
+    import gc
+
+    from tests.conftest import open_files_under
+
+    records_dir = converted_tiny / "records"
+    files = records.split_files(records_dir, "train")
+    # Why the datasets take `resources`: a reader captured by tf.numpy_function outlives its dataset
+    # (TensorFlow keeps the Python function on the eager default graph), so its files stay open.
+    for _ in records.serialized_batches(files, 4):
+        pass
+    gc.collect()
+    assert open_files_under(records_dir)  # held although nothing refers to the dataset any more
+    held = len(open_files_under(records_dir, tmp_path))
+
+    with contextlib.ExitStack() as opened:
+        datasets = [
+            records.image_dataset(files, (8, 8), 4, binary=False, resources=opened),
+            records.image_dataset(files, (8, 8), 4, binary=False, cache=True, resources=opened),
+            records.image_dataset(files, (8, 8), 4, binary=False, cache=tmp_path / "pixels", resources=opened),
+            records.serialized_batches(files, 4, shuffle_seed=2, resources=opened),
+        ]
+        for ds in datasets:
+            for _ in ds:
+                pass
+        assert len(open_files_under(records_dir, tmp_path)) > held
+        (tmp_path / "pixels").unlink()  # as finetune removes its cache folder: the open file keeps its disk
+        assert any(path.endswith("(deleted)") for path in open_files_under(tmp_path))
+    assert len(open_files_under(records_dir, tmp_path)) == held  # every one of them closed, the cache's disk freed
+    for ds in datasets:
+        with pytest.raises(tf.errors.OpError, match="closed"):
+            next(iter(ds))  # a clear error, never a read of whatever file took a closed descriptor's number
