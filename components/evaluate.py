@@ -359,8 +359,11 @@ def run(
     decode = records.record_decoder(size)
     cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
-    # Grad-CAM uses the Keras model; scoring applies tta.flip as the serving model does
-    score_model = serving.with_flip(runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip)
+    # Grad-CAM uses the Keras model; scoring applies the tta section as the serving model does
+    serving.check_tta(size, config.tta.quarter_turns)
+    score_model = serving.with_tta(
+        runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip, config.tta.quarter_turns
+    )
     image_files = records.split_files(convert_dir / "records", "test")
     counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 
@@ -378,11 +381,12 @@ def run(
             score_model, records.split_files(convert_dir / "records", split), decode, params.batch_size
         )
         log.info(  # the log only: no timing goes into an output
-            "evaluate: fine-tuned model scored %d %s images in %.1f s (tta.flip: %s)",
+            "evaluate: fine-tuned model scored %d %s images in %.1f s (tta.flip: %s, quarter_turns: %s)",
             len(found["finetune"][0]),
             split,
             time.perf_counter() - started,
             config.tta.flip,
+            config.tta.quarter_turns,
         )
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
             raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")

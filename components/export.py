@@ -70,13 +70,18 @@ def load_config(params_path: str | Path) -> Config:
 
 
 def check_serving(
-    path: Path, model, samples: list[tuple[bytes, np.ndarray]], names: list[str], flip: str = "none"
+    path: Path,
+    model,
+    samples: list[tuple[bytes, np.ndarray]],
+    names: list[str],
+    flip: str = "none",
+    quarter_turns: bool = False,
 ) -> float:
     """Feed encoded test images to the exported SavedModel; its probabilities must match the Keras model's
     (with the same test-time augmentation)."""
     loaded = tf.saved_model.load(str(path))
     result = loaded.signatures[serving.SIGNATURE](images=tf.constant([blob for blob, _ in samples]))
-    score = serving.with_flip(lambda x: model(x, training=False), flip)
+    score = serving.with_tta(lambda x: model(x, training=False), flip, quarter_turns)
     expected = serving.probabilities_of(score(np.stack([pixels for _, pixels in samples])))
     gap = float(np.max(np.abs(result["probabilities"].numpy() - expected.numpy())))
     if gap > 1e-4 or [c.decode() for c in result["classes"].numpy()[0]] != names:
@@ -93,6 +98,7 @@ def lineage_record(
     names: list[str],
     metrics: dict,
     tta_flip: str = "none",
+    tta_quarter_turns: bool = False,
 ) -> dict:
     """The lineage the serving model carries: its data, base, models, labels, metrics and libraries."""
     return {
@@ -104,6 +110,7 @@ def lineage_record(
         "model_sha256": file_sha256(model_path),
         "head_sha256": file_sha256(head_path),
         "tta_flip": tta_flip,  # test-time augmentation inside the serving function (tta.flip)
+        "tta_quarter_turns": tta_quarter_turns,  # and tta.quarter_turns
         "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
         "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
         "libraries": lineage.library_versions(),
@@ -133,14 +140,17 @@ def run(
         test_files, set(test_ids[: config.export.serving_check]), records.record_decoder(size)
     )
     with outputs.staged_dir(out_dir) as tmp:
-        serving.export(model, names, size, tmp / SERVING, config.tta.flip)
+        tta = config.tta
+        serving.export(model, names, size, tmp / SERVING, tta.flip, tta.quarter_turns)
         outputs.stabilise_saved_model(tmp / SERVING)
         record = lineage_record(
-            manifest_path, manifest, model_path, head_path, features, names, metrics, config.tta.flip
+            manifest_path, manifest, model_path, head_path, features, names, metrics, tta.flip, tta.quarter_turns
         )
         (tmp / SERVING / "assets.extra").mkdir(parents=True, exist_ok=True)
         (tmp / SERVING / "assets.extra" / LINEAGE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        gap = check_serving(tmp / SERVING, model, [samples[i] for i in sorted(samples)], names, config.tta.flip)
+        gap = check_serving(
+            tmp / SERVING, model, [samples[i] for i in sorted(samples)], names, tta.flip, tta.quarter_turns
+        )
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
     log.info(

@@ -53,8 +53,12 @@ class TtaParams(Section):
     """The `tta` section: test-time augmentation of the fine-tuned model, read by evaluate (which scores it)
     and export (which serves it), so the served model is the one evaluated."""
 
-    # none | horizontal: average the probabilities of the image and of its mirror image
-    flip: Literal["none", "horizontal"] = "none"
+    # none | horizontal | vertical | both: average the probabilities of the image and of its mirror images
+    # (both: left-right, top-bottom and the two together, a half turn)
+    flip: Literal["none", "horizontal", "vertical", "both"] = "none"
+    # also average over each of those views turned a quarter (square inputs; with flip: both, all 8
+    # symmetries of a square): for images without an up, as flowers seen from above
+    quarter_turns: bool = False
 
 
 def _describe_error(prefix: str, error: Mapping[str, Any], model: type[Section]) -> str:

@@ -6,8 +6,9 @@ label vocabulary's order) and ``predicted`` string [n]. It decodes, normalises
 (EXIF orientation, transparency onto white, the first frame) and resizes with
 `pipelines.image.decode_and_resize`, the function download, extraction and
 training used, so a client's file gives the pixels training saw for the same
-file. Loading it needs plain TensorFlow only. With ``tta.flip: horizontal`` it averages each
-image's probabilities with its mirror image's, as evaluate scored it.
+file. Loading it needs plain TensorFlow only. With test-time augmentation (``tta.flip``,
+``tta.quarter_turns``) it averages each image's probabilities over its mirror images and quarter
+turns, as evaluate scored it.
 
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
 string, text, another format) fails with an error naming the batch indices; an
@@ -19,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipelines import image
@@ -54,19 +56,76 @@ def mirrored(pixels):
     return pixels[:, :, ::-1, :]
 
 
-def with_flip(score, flip: str):
-    """`score` (pixels -> model outputs) with test-time augmentation: ``horizontal`` averages the outputs of
-    each image and its mirror (a sigmoid's p averages as its probabilities do); ``none`` is `score` itself."""
-    if flip == "none":
+def upside_down(pixels):
+    """[n, h, w, c] images flipped top to bottom (NumPy or TensorFlow)."""
+    return pixels[:, ::-1, :, :]
+
+
+def quarter_turned(pixels):
+    """[n, h, w, c] images turned a quarter counter-clockwise (NumPy or TensorFlow; square images)."""
+    if isinstance(pixels, np.ndarray):
+        return np.ascontiguousarray(np.transpose(pixels, (0, 2, 1, 3))[:, ::-1, :, :])
+    return tf.transpose(pixels, [0, 2, 1, 3])[:, ::-1, :, :]
+
+
+FLIPS = ("none", "horizontal", "vertical", "both")
+
+
+def tta_views(flip: str = "none", quarter_turns: bool = False) -> list:
+    """The test-time views of an image batch (functions of pixels), the image itself first: ``flip`` adds its
+    mirror images (``both``: left-right, top-bottom and both, the half turn), ``quarter_turns`` each of those
+    turned a quarter (with ``both``: all 8 symmetries of a square)."""
+    flips = {
+        "none": [],
+        "horizontal": [mirrored],
+        "vertical": [upside_down],
+        "both": [mirrored, upside_down, lambda p: upside_down(mirrored(p))],
+    }
+    if flip not in flips:
+        raise ValueError(f"unknown test-time flip {flip!r}: {' | '.join(FLIPS)}")
+    views = [lambda p: p, *flips[flip]]
+    if quarter_turns:
+        views += [lambda p, view=view: quarter_turned(view(p)) for view in views]
+    return views
+
+
+def check_tta(input_size: tuple[int, int], quarter_turns: bool) -> None:
+    """Quarter turns keep the input shape only for square inputs: a clear error before any work."""
+    if quarter_turns and int(input_size[0]) != int(input_size[1]):
+        raise ValueError(
+            f"tta.quarter_turns needs a square input, and the model's is {tuple(input_size)}: "
+            "set tta.quarter_turns: false or a square conv_base.input_size"
+        )
+
+
+def with_tta(score, flip: str = "none", quarter_turns: bool = False):
+    """`score` (pixels -> model outputs) with test-time augmentation: the mean of the outputs on every view
+    of `tta_views` (a sigmoid's p averages as its probabilities do), summed in the views' order; with one
+    view (``none``, no turns) it is `score` itself."""
+    views = tta_views(flip, quarter_turns)
+    if len(views) == 1:
         return score
-    if flip != "horizontal":
-        raise ValueError(f"unknown test-time flip {flip!r}: none | horizontal")
-    return lambda pixels: (score(pixels) + score(mirrored(pixels))) / 2
+
+    def averaged(pixels):
+        total = score(views[0](pixels))
+        for view in views[1:]:
+            total = total + score(view(pixels))
+        return total / len(views)
+
+    return averaged
 
 
-def export(model, class_names: list[str], input_size: tuple[int, int], path: str | Path, flip: str = "none") -> None:
+def export(
+    model,
+    class_names: list[str],
+    input_size: tuple[int, int],
+    path: str | Path,
+    flip: str = "none",
+    quarter_turns: bool = False,
+) -> None:
     """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in), with the test-time
-    augmentation `flip` (`with_flip`) that evaluate scored it with."""
+    augmentation (`with_tta`: `flip`, `quarter_turns`) that evaluate scored it with."""
+    check_tta(input_size, quarter_turns)
     names = tf.constant(list(class_names))
     size = tuple(int(s) for s in input_size)
     expected = 2 if model.output_shape[-1] == 1 else model.output_shape[-1]
@@ -80,7 +139,8 @@ def export(model, class_names: list[str], input_size: tuple[int, int], path: str
                 images,
                 fn_output_signature=tf.TensorSpec([size[0], size[1], 3], tf.float32),
             )
-        probabilities = probabilities_of(with_flip(lambda x: model(x, training=False), flip)(pixels))
+        score = with_tta(lambda x: model(x, training=False), flip, quarter_turns)
+        probabilities = probabilities_of(score(pixels))
         n = tf.shape(probabilities)[0]
         return {
             "probabilities": probabilities,

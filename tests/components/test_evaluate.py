@@ -399,18 +399,57 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     weights = np.arange(2 * 3 * 1, dtype=np.float32).reshape(1, 2, 3, 1)  # a score that sees left from right
     score = lambda x: np.sum(x * weights, axis=(1, 2, 3))[:, None]  # noqa: E731
     pixels = np.random.default_rng(0).uniform(0, 255, (4, 2, 3, 1)).astype(np.float32)
-    assert serving.with_flip(score, "none") is score
-    flipped = serving.with_flip(score, "horizontal")(pixels)
+    assert serving.with_tta(score, "none") is score
+    flipped = serving.with_tta(score, "horizontal")(pixels)
     assert np.allclose(flipped, (score(pixels) + score(pixels[:, :, ::-1, :])) / 2)
     assert not np.allclose(flipped, score(pixels))
-    with pytest.raises(ValueError, match="none | horizontal"):
-        serving.with_flip(score, "vertical")
+    with pytest.raises(ValueError, match="none | horizontal | vertical | both"):
+        serving.with_tta(score, "diagonal")
+
+
+def test_tta_views_are_the_symmetries_of_a_square_each_once():
+    """flip: both with quarter_turns: the 8 symmetries of a square (NumPy and TensorFlow alike), so a score
+    that sees orientation gets the mean over all of them; fewer views are the subsets the params name."""
+    import tensorflow as tf
+
+    from pipelines import serving
+
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 3, 3, 1)).astype(np.float32)
+    symmetries = [np.rot90(pixels, k, axes=(1, 2)) for k in range(4)]
+    symmetries += [np.rot90(pixels[:, :, ::-1, :], k, axes=(1, 2)) for k in range(4)]
+
+    def key(batch):
+        return np.asarray(batch).tobytes()
+
+    expected = {
+        ("none", False): 1,
+        ("horizontal", False): 2,
+        ("vertical", False): 2,
+        ("both", False): 4,
+        ("none", True): 2,
+        ("horizontal", True): 4,
+        ("both", True): 8,
+    }
+    for (flip, turns), count in expected.items():
+        views = serving.tta_views(flip, turns)
+        seen = [key(view(pixels)) for view in views]
+        assert len(set(seen)) == len(views) == count and seen[0] == key(pixels)
+        assert set(seen) <= {key(s) for s in symmetries}
+        assert [key(view(tf.constant(pixels)).numpy()) for view in views] == seen  # the serving model's views
+    assert {key(view(pixels)) for view in serving.tta_views("both", True)} == {key(s) for s in symmetries}
+    weights = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
+    score = lambda x: np.sum(x * weights, axis=(1, 2, 3))[:, None]  # noqa: E731
+    got = serving.with_tta(score, "both", True)(pixels)
+    assert np.allclose(got, np.mean([score(s) for s in symmetries], axis=0))
+    serving.check_tta((3, 3), True)
+    with pytest.raises(ValueError, match="tta.quarter_turns needs a square input"):
+        serving.check_tta((3, 4), True)
 
 
 @pytest.mark.slow
 def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(evaluated, converted_tiny, tmp_path):
-    """tta.flip: horizontal in evaluate and export: the served probabilities of an encoded image are the mean of
-    the Keras model's on its decoded pixels and on those pixels mirrored."""
+    """tta (flip: both, quarter_turns) in evaluate and export: the served probabilities of an encoded image are
+    the mean of the Keras model's on its decoded pixels under the 8 symmetries of a square."""
     import keras
     import tensorflow as tf
 
@@ -421,7 +460,7 @@ def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(eval
     manifest = converted_tiny.parent / "download" / "manifest.jsonl"
     models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
     params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=0, gradcam_wrong=0, gradcam_per_class=0)
-    tta = TtaParams(flip="horizontal")
+    tta = TtaParams(flip="both", quarter_turns=True)
     evaluate.run(evaluate.Config(params, tta), converted_tiny, root / "extract", *models, manifest, tmp_path / "r")
     plain = json.loads((root / "report" / "metrics.json").read_text())
     mirrored = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -437,14 +476,16 @@ def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(eval
         tmp_path / "r" / "metrics.json",
         tmp_path / "out",
     )
-    assert exported["lineage"]["tta_flip"] == "horizontal" and exported["serving_gap"] <= 1e-4
+    lineage = exported["lineage"]
+    assert lineage["tta_flip"] == "both" and lineage["tta_quarter_turns"] is True and exported["serving_gap"] <= 1e-4
     rows = [json.loads(line) for line in manifest.read_text().splitlines()][:3]
     blobs = [(converted_tiny.parent / "download" / row["file"]).read_bytes() for row in rows]
     pixels = np.stack([image.decode_and_resize(tf.constant(blob), (32, 32)).numpy() for blob in blobs])
     model = keras.saving.load_model(models[1], compile=False)
     one = serving.probabilities_of(model(pixels, training=False)).numpy()
-    other = serving.probabilities_of(model(pixels[:, :, ::-1, :].copy(), training=False)).numpy()
+    views = [np.rot90(p, k, axes=(1, 2)) for p in (pixels, pixels[:, :, ::-1, :]) for k in range(4)]
+    each = [serving.probabilities_of(model(view.copy(), training=False)).numpy() for view in views]
     serve_tta = tf.saved_model.load(str(tmp_path / "out" / export.SERVING)).signatures[serving.SIGNATURE]
     got = serve_tta(images=tf.constant(blobs))["probabilities"].numpy()
-    assert np.allclose(got, (one + other) / 2, atol=1e-5)
-    assert not np.allclose(got, one, rtol=1e-3, atol=0)  # the mirror changed the (saturated) probabilities
+    assert np.allclose(got, np.mean(each, axis=0), atol=1e-5)
+    assert not np.allclose(got, one, rtol=1e-3, atol=0)  # the views changed the (saturated) probabilities
