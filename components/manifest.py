@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MANIFEST = "manifest.jsonl"  # in the download stage's folder: one row per kept image
@@ -22,6 +22,29 @@ def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """The rows of a JSON-lines file, read a line at a time."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def rows_of(path: str | Path, ids: Collection[str]) -> dict[str, dict]:
+    """The manifest rows with these ids, read a line at a time: memory holds the rows asked for, never the
+    whole manifest (about 1 KB an image)."""
+    wanted = set(ids)
+    return {row["id"]: row for row in iter_jsonl(path) if row["id"] in wanted}
+
+
+def ids_missing(path: str | Path, ids: Iterable[str]) -> list[str]:
+    """The ids (sorted) that no row of the manifest has, read a line at a time."""
+    remaining = set(ids)
+    for row in iter_jsonl(path):
+        remaining.discard(row["id"])
+    return sorted(remaining)
 
 
 def expected_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:

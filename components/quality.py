@@ -39,11 +39,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import pydantic
@@ -51,11 +52,15 @@ from PIL import Image, ImageDraw
 
 from components import outputs, training
 from components.cli import configure_logging, run_main
-from components.manifest import read_jsonl
+from components.manifest import MANIFEST, ids_missing
+from components.manifest import rows_of as manifest_rows_of
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
 from components.training import TrainHeadParams
 from pipelines import near_duplicates, records
+
+# ids -> the manifest rows of those ids (`components.manifest.rows_of`, bound to a manifest file)
+RowsOf = Callable[[Collection[str]], Mapping[str, dict]]
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +211,18 @@ def label_issue_rows(
     labels: np.ndarray,
     probabilities: np.ndarray,
     names: Sequence[str],
-    manifest: dict[str, dict],
+    rows_of: RowsOf,
 ) -> list[dict]:
     """Confident learning's suspected label errors (cleanlab), most suspect first (lowest out-of-fold
-    probability of the given label; ties by id)."""
+    probability of the given label; ties by id), with their manifest rows' file and source (`rows_of`)."""
     from cleanlab.filter import find_label_issues
 
     if len(set(labels.tolist())) < 2:
         return []
-    found = find_label_issues(labels, probabilities, n_jobs=1)
+    found = np.flatnonzero(find_label_issues(labels, probabilities, n_jobs=1)).tolist()
+    manifest = rows_of({ids[i] for i in found})
     rows = []
-    for i in np.flatnonzero(found).tolist():
+    for i in found:
         row = manifest.get(ids[i], {})
         rows.append(
             {
@@ -296,19 +302,15 @@ class ConcatenatedRows:
         return out
 
 
-def assess(config: Config, data: dict, manifest: dict[str, dict], num_classes: int, epochs: int):
-    """The near-duplicate pairs across splits and the out-of-fold probabilities of train + val, from each
-    split's (ids, labels, feature rows)."""
-    unknown = sorted({i for ids, _, _ in data.values() for i in ids} - set(manifest))
-    if unknown:
-        raise RuntimeError(
-            f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
-        )
+def assess(config: Config, data: dict, rows_of: RowsOf, num_classes: int, epochs: int):
+    """The near-duplicate pairs across splits (with their manifest rows' file, source and label: `rows_of`)
+    and the out-of-fold probabilities of train + val, from each split's (ids, labels, feature rows)."""
     params = config.quality
     present = {split: d for split, d in data.items() if d[0]}
     pairs = near_duplicates.cross_split_pairs(
         {s: d[2] for s, d in present.items()}, {s: d[0] for s, d in present.items()}, params.near_duplicate_threshold
     )
+    manifest = rows_of({pair[f"{side}_id"] for pair in pairs for side in ("a", "b")})
     for pair in pairs:
         for side in ("a", "b"):
             row = manifest[pair[f"{side}_id"]]
@@ -351,7 +353,8 @@ def run(
     feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
     epochs = int(json.loads(Path(history_path).read_text(encoding="utf-8"))["best_epoch"])
     params = config.quality
-    manifest = {row["id"]: row for row in read_jsonl(download_dir / "manifest.jsonl")}
+    manifest_path = download_dir / MANIFEST  # read a line at a time, for the rows wanted: never held whole
+    rows_of = functools.partial(manifest_rows_of, manifest_path)
     # The spools close before their folder goes (the inner context exits first), so their disk space is
     # freed now: the k-fold heads' datasets keep the spool objects alive as long as the process.
     with tempfile.TemporaryDirectory(prefix="quality-features-") as spools, contextlib.ExitStack() as opened:
@@ -359,9 +362,14 @@ def run(
         for split in ("train", "val", "test"):
             data[split] = spool_split(extract_dir, split, feature_size, Path(spools) / split)
             opened.callback(data[split][2].close)
-        pairs, ids, splits, labels, probabilities, fold_of = assess(config, data, manifest, len(names), epochs)
+        unknown = ids_missing(manifest_path, (i for ids, _, _ in data.values() for i in ids))
+        if unknown:
+            raise RuntimeError(
+                f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
+            )
+        pairs, ids, splits, labels, probabilities, fold_of = assess(config, data, rows_of, len(names), epochs)
     cv = cross_validated_accuracy(labels, probabilities, fold_of)
-    issues = label_issue_rows(ids, splits, labels, probabilities, names, manifest)
+    issues = label_issue_rows(ids, splits, labels, probabilities, names, rows_of)
     metrics = {
         "head_cv": cv,
         "label_issues": {"count": len(issues), "of": len(ids), "fraction": len(issues) / max(1, len(ids))},

@@ -252,3 +252,19 @@ def test_resized_re_encoded_and_cropped_copies_across_splits_are_found(tmp_path)
     assert found == {tuple(sorted((copy, original))) for copy, (original, _) in copies.items()}, [
         (p["similarity"], source_of[p["a_id"]], source_of[p["b_id"]]) for p in result["near_duplicates"]
     ]
+
+
+def test_the_manifest_is_read_for_the_rows_wanted_and_every_feature_id_must_be_in_it(tmp_path):
+    from pathlib import Path
+
+    from components import manifest as mf
+
+    inputs = toy_run_inputs(tmp_path)
+    path = Path(inputs[2]) / mf.MANIFEST
+    assert set(mf.rows_of(path, {"train3", "test7", "nowhere"})) == {"train3", "test7"}
+    assert mf.rows_of(path, {"val2"})["val2"]["source"] == "c2/val2.png"
+    assert mf.ids_missing(path, ["train3", "nowhere", "also"]) == ["also", "nowhere"]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line for line in lines if '"val4"' not in line) + "\n")
+    with pytest.raises(RuntimeError, match="1 feature records have ids the manifest lacks .*val4.*re-run extract"):
+        quality.run(config(folds=3), *inputs, tmp_path / "report")
