@@ -356,11 +356,11 @@ def run(
     head = keras.saving.load_model(head_path, compile=False)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
+    serving.check_tta(size, config.tta.quarter_turns)  # before any work
     decode = records.record_decoder(size)
     cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
     score_head = runtimes.predictor(head, params.runtime, cache_dir)
     # Grad-CAM uses the Keras model; scoring applies the tta section as the serving model does
-    serving.check_tta(size, config.tta.quarter_turns)
     score_model = serving.with_tta(
         runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip, config.tta.quarter_turns
     )

@@ -134,6 +134,7 @@ def run(
     manifest = read_jsonl(manifest_path)
     model = keras.saving.load_model(model_path, compile=False)
     size = tuple(int(s) for s in model.input_shape[1:3])
+    serving.check_tta(size, config.tta.quarter_turns)  # before any work
     test_files = records.split_files(convert_dir / "records", "test")
     test_ids = sorted(row["id"] for row in manifest if row["split"] == "test")
     samples = records.encoded_by_id(

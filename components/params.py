@@ -56,8 +56,9 @@ class TtaParams(Section):
     # none | horizontal | vertical | both: average the probabilities of the image and of its mirror images
     # (both: left-right, top-bottom and the two together, a half turn)
     flip: Literal["none", "horizontal", "vertical", "both"] = "none"
-    # also average over each of those views turned a quarter (square inputs; with flip: both, all 8
-    # symmetries of a square): for images without an up, as flowers seen from above
+    # also average over each of those views turned a quarter (square inputs): with flip: both, all 8
+    # symmetries of a square (every quarter turn, mirrored or not), for images without an up; with none,
+    # the image and its quarter turn only
     quarter_turns: bool = False
 
 

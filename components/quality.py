@@ -266,15 +266,13 @@ def contact_sheet(rows: Sequence[dict], images: Path, count: int) -> Image.Image
 
 
 def spool_split(
-    extract_dir: Path, split: str, feature_size: int, spool: Path
+    files: list[str], feature_size: int, rows: records.FeatureSpool
 ) -> tuple[list[str], np.ndarray, records.FeatureSpool]:
-    """One split's ids and labels (in memory: small), and its features copied into a file (`spool`), read
-    back a batch at a time by the steps after: memory does not grow with the number of images."""
+    """One split's ids and labels (in memory: small), and its features copied from its feature files into
+    `rows` (a file), read back a batch at a time by the steps after: memory does not grow with the number
+    of images."""
     ids, labels = [], []
-    rows = records.FeatureSpool(spool, feature_size)
-    for batch_ids, batch_labels, batch in records.feature_records(
-        records.split_files(extract_dir / "features", split), feature_size
-    ).batch(1024):
+    for batch_ids, batch_labels, batch in records.feature_records(files, feature_size).batch(1024):
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(batch_labels.numpy())
         rows.append(batch.numpy())
@@ -355,13 +353,14 @@ def run(
     params = config.quality
     manifest_path = download_dir / MANIFEST  # read a line at a time, for the rows wanted: never held whole
     rows_of = functools.partial(manifest_rows_of, manifest_path)
-    # The spools close before their folder goes (the inner context exits first), so their disk space is
-    # freed now: the k-fold heads' datasets keep the spool objects alive as long as the process.
+    # The spools close before their folder goes (the inner context exits first), errors included, so their
+    # disk space is freed at once, not whenever the objects are collected.
     with tempfile.TemporaryDirectory(prefix="quality-features-") as spools, contextlib.ExitStack() as opened:
         data = {}
         for split in ("train", "val", "test"):
-            data[split] = spool_split(extract_dir, split, feature_size, Path(spools) / split)
-            opened.callback(data[split][2].close)
+            files = records.split_files(extract_dir / "features", split)
+            rows = opened.enter_context(records.FeatureSpool(Path(spools) / split, feature_size))
+            data[split] = spool_split(files, feature_size, rows)
         unknown = ids_missing(manifest_path, (i for ids, _, _ in data.values() for i in ids))
         if unknown:
             raise RuntimeError(

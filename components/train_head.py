@@ -70,6 +70,7 @@ def feature_dataset(
     num_classes: int,
     batch_size: int,
     shuffle_seed: int | None,
+    *,
     resources: contextlib.ExitStack | None = None,
 ):
     """(features, label) batches; labels float for the sigmoid head. Each epoch reads the records from the
@@ -119,8 +120,9 @@ def run(
         outputs.staged_dir(out_dir) as tmp,
         Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live,
     ):
-        train = feature_dataset(files["train"], size, num_classes, params.batch_size, config.common.seed, opened)
-        val = feature_dataset(files["val"], size, num_classes, params.batch_size, None, opened)
+        seed = config.common.seed
+        train = feature_dataset(files["train"], size, num_classes, params.batch_size, seed, resources=opened)
+        val = feature_dataset(files["val"], size, num_classes, params.batch_size, None, resources=opened)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         history = head.fit(
             train,

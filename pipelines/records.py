@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -129,6 +130,40 @@ def feature_records(files: list[str], feature_size: int) -> tf.data.Dataset:
     )
 
 
+class _Closing:
+    """Reads in flight and a close that waits for them: a file's descriptor is closed only when no thread is
+    between taking it and its `pread`, so a read never lands on a number the OS has given to another file,
+    and a read after the close is a clear error."""
+
+    def __init__(self, what: str):
+        self.what, self.closed, self._active = what, False, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._changed:
+            if self.closed:
+                raise ValueError(f"{self.what} is closed")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._active -= 1
+                if not self._active:
+                    self._changed.notify_all()
+
+    def close(self, release: Callable[[], None]) -> None:
+        """Refuse new reads, wait for those in flight, then `release` (once, however often called)."""
+        with self._changed:
+            if self.closed:
+                return
+            self.closed = True
+            while self._active:
+                self._changed.wait()
+        release()
+
+
 class FeatureSpool:
     """[n, dim] float32 feature rows in a file, appended in batches and read a slice or a list of rows at a
     time (`pread`), so a reader holds only what it asked for, whatever n (`pipelines.near_duplicates.Rows`)."""
@@ -137,6 +172,7 @@ class FeatureSpool:
         self.path, self.dim, self._rows = Path(path), int(dim), 0
         self._row_bytes = 4 * self.dim
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._closing = _Closing(f"the feature spool {self.path}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -150,7 +186,8 @@ class FeatureSpool:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"expected [n, {self.dim}] rows, got {rows.shape}")
         data = rows.tobytes()
-        written = os.pwrite(self._open_fd(), data, self._rows * self._row_bytes)
+        with self._closing.reading():
+            written = os.pwrite(self._fd, data, self._rows * self._row_bytes)
         if written != len(data):
             raise OSError(f"{self.path}: wrote {written} of {len(data)} bytes")
         self._rows += len(rows)
@@ -161,27 +198,22 @@ class FeatureSpool:
             if step != 1:
                 raise ValueError("FeatureSpool slices take no step")
             count = max(0, stop - start)
-            data = os.pread(self._open_fd(), count * self._row_bytes, start * self._row_bytes)
+            with self._closing.reading():
+                data = os.pread(self._fd, count * self._row_bytes, start * self._row_bytes)
             return np.frombuffer(data, np.float32).reshape(count, self.dim).copy()
         numbers = np.asarray(index, np.int64)
         out = np.empty((len(numbers), self.dim), np.float32)
-        fd = self._open_fd()
-        for k, n in enumerate(numbers.tolist()):
-            if not 0 <= n < self._rows:
-                raise IndexError(f"row {n} of {self._rows}")
-            out[k] = np.frombuffer(os.pread(fd, self._row_bytes, n * self._row_bytes), np.float32)
+        with self._closing.reading():
+            for k, n in enumerate(numbers.tolist()):
+                if not 0 <= n < self._rows:
+                    raise IndexError(f"row {n} of {self._rows}")
+                out[k] = np.frombuffer(os.pread(self._fd, self._row_bytes, n * self._row_bytes), np.float32)
         return out
 
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path}: the feature spool is closed")
-        return self._fd
-
     def close(self) -> None:
-        """Close the file (idempotent): a deleted spool's disk space is freed now, not at process exit."""
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the file once no read is in flight (idempotent): a deleted spool's disk space is freed now."""
+        if getattr(self, "_closing", None) is not None:
+            self._closing.close(lambda: os.close(self._fd))
 
     def __enter__(self) -> "FeatureSpool":
         return self
@@ -250,16 +282,14 @@ class RecordReader:
         self._offsets = np.frombuffer(offsets, np.int64)
         self._lengths = np.frombuffer(lengths, np.int64)
         self._fds = [os.open(path, os.O_RDONLY) for path in self.files]
+        self._closing = _Closing(f"the RecordReader of {len(self.files)} files")
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def read(self, number: int) -> bytes:
-        fds = self._fds
-        if fds is None:
-            # Never pread a closed descriptor's number: the OS may have given it to another file since.
-            raise ValueError(f"a closed RecordReader (of {len(self.files)} files) was read")
-        return os.pread(fds[self._file_of[number]], int(self._lengths[number]), int(self._offsets[number]))
+        with self._closing.reading():
+            return os.pread(self._fds[self._file_of[number]], int(self._lengths[number]), int(self._offsets[number]))
 
     def read_op(self, number: tf.Tensor) -> tf.Tensor:
         """`read` as a TensorFlow op: the serialized record (a scalar string) of a record number tensor."""
@@ -270,10 +300,10 @@ class RecordReader:
     def close(self) -> None:
         """Close the files (idempotent). A dataset reading through `read_op` keeps this reader alive as long as
         the process (TensorFlow holds a `numpy_function`'s Python function on the eager default graph), so
-        `__del__` alone would never free its descriptors: pass `resources` to the dataset builders."""
-        fds, self._fds = getattr(self, "_fds", None), None
-        for fd in fds or []:
-            os.close(fd)
+        `__del__` alone would never free its descriptors: pass `resources` to the dataset builders. Waits for
+        reads in flight (a dataset's prefetch threads); later reads are a clear error."""
+        if getattr(self, "_closing", None) is not None:
+            self._closing.close(lambda: [os.close(fd) for fd in self._fds])
 
     def __enter__(self) -> "RecordReader":
         return self
@@ -362,23 +392,27 @@ class PixelStore:
         else:
             self._pixels = None
             self._fd = os.open(self.path, os.O_RDONLY)
+        self._closing = _Closing("the PixelStore")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, number: int) -> np.ndarray:
-        fd, pixels = self._fd, self._pixels
-        if fd is None:
-            if pixels is None:
-                raise ValueError("the PixelStore is closed")
-            return pixels[number]
-        data = os.pread(fd, self._slot, number * self._slot)
+        with self._closing.reading():
+            if self._fd is None:
+                return self._pixels[number]
+            data = os.pread(self._fd, self._slot, number * self._slot)
         return np.frombuffer(data, np.float32).reshape(self.shape)
 
     def close(self) -> None:
-        """Free the pixels (idempotent): the in-memory array, or the file's descriptor (and with it a deleted
-        cache file's disk space). See `RecordReader.close` for why `__del__` is not enough."""
-        fd, self._fd, self._pixels = getattr(self, "_fd", None), None, None
+        """Free the pixels once no read is in flight (idempotent): the in-memory array, or the file's
+        descriptor (and with it a deleted cache file's disk space). See `RecordReader.close` for why
+        `__del__` is not enough."""
+        if getattr(self, "_closing", None) is not None:
+            self._closing.close(self._release)
+
+    def _release(self) -> None:
+        fd, self._fd, self._pixels = self._fd, None, None
         if fd is not None:
             os.close(fd)
 

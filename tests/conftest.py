@@ -24,7 +24,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def open_files_under(*roots: Path | str) -> list[str]:
     """The files under `roots` that this process holds open (Linux's /proc/self/fd), deleted ones included
-    (the kernel names them "PATH (deleted)"): what a stage must have closed when it returns."""
+    (the kernel names them "PATH (deleted)"): what a stage must have closed when it returns. Linux only."""
     prefixes = [str(Path(root).resolve()) for root in roots]
     held = []
     for fd in Path("/proc/self/fd").iterdir():
@@ -32,7 +32,8 @@ def open_files_under(*roots: Path | str) -> list[str]:
             target = os.readlink(fd)
         except OSError:
             continue  # the descriptor listing the folder itself, gone by now
-        if any(target.startswith(prefix) for prefix in prefixes):
+        path = target.removesuffix(" (deleted)")
+        if any(path == prefix or path.startswith(prefix + os.sep) for prefix in prefixes):
             held.append(target)
     return held
 

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -403,7 +404,7 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     flipped = serving.with_tta(score, "horizontal")(pixels)
     assert np.allclose(flipped, (score(pixels) + score(pixels[:, :, ::-1, :])) / 2)
     assert not np.allclose(flipped, score(pixels))
-    with pytest.raises(ValueError, match="none | horizontal | vertical | both"):
+    with pytest.raises(ValueError, match=re.escape("'diagonal': none | horizontal | vertical | both")):
         serving.with_tta(score, "diagonal")
 
 

@@ -11,7 +11,7 @@ from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from components.params import ParamsError, parse_section  # noqa: E402
 from pipelines import classifier  # noqa: E402
-from tests.conftest import tree_bytes  # noqa: E402
+from tests.conftest import open_files_under, tree_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -254,8 +254,6 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
         )
 
     assert list((tmp_path / "disk_cache").iterdir()) == []  # the run's cache files are removed
-    from tests.conftest import open_files_under
-
     assert open_files_under(tmp_path) == []  # and closed, so their disk space is freed now (no "(deleted)")
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert "finetune/model.keras" in a and "live_finetune/plots/metrics/val_loss.tsv" in a

@@ -1,3 +1,7 @@
+import contextlib
+import gc
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines import records
+from tests.conftest import open_files_under
 
 
 def test_the_per_record_decoder_gives_the_input_pipelines_pixels_bit_for_bit(converted_tiny):
@@ -99,11 +104,6 @@ def test_the_record_reader_gives_tensorflows_records_and_refuses_damaged_files(c
 
 
 def test_resources_close_the_files_and_free_the_pixels_when_they_exit(converted_tiny, tmp_path):
-    import contextlib
-    import gc
-
-    from tests.conftest import open_files_under
-
     records_dir = converted_tiny / "records"
     files = records.split_files(records_dir, "train")
     # Why the datasets take `resources`: a reader captured by tf.numpy_function outlives its dataset
@@ -131,3 +131,37 @@ def test_resources_close_the_files_and_free_the_pixels_when_they_exit(converted_
     for ds in datasets:
         with pytest.raises(tf.errors.OpError, match="closed"):
             next(iter(ds))  # a clear error, never a read of whatever file took a closed descriptor's number
+
+
+def test_a_close_waits_for_reads_in_flight_and_later_reads_are_clear_errors(tmp_path):
+    spool = records.FeatureSpool(tmp_path / "rows", 4)
+    spool.append(np.arange(8, dtype=np.float32).reshape(2, 4))
+    guard = spool._closing
+    reading, release, closed = threading.Event(), threading.Event(), threading.Event()
+    got = []
+
+    def slow_read():
+        with guard.reading():  # a dataset's prefetch thread, between taking the descriptor and its pread
+            reading.set()
+            release.wait(10)
+            got.append(np.frombuffer(os.pread(spool._fd, 16, 16), np.float32))  # still this file's bytes
+
+    reader = threading.Thread(target=slow_read)
+    reader.start()
+    reading.wait(10)
+    closer = threading.Thread(target=lambda: (spool.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.3) and open_files_under(tmp_path)  # the close waits: the file stays open
+    release.set()
+    reader.join(10)
+    assert closed.wait(10) and open_files_under(tmp_path) == []
+    np.testing.assert_array_equal(got[0], [4, 5, 6, 7])
+    closer.join(10)
+    for read in (lambda: spool[0:1], lambda: spool[[0]], lambda: spool.append(np.zeros((1, 4)))):
+        with pytest.raises(ValueError, match="the feature spool .* is closed"):
+            read()
+    spool.close()  # idempotent
+    with records.FeatureSpool(tmp_path / "other", 4) as other:
+        other.append(np.ones((1, 4)))
+    with pytest.raises(ValueError, match="is closed"):
+        other[0:1]
