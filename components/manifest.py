@@ -19,17 +19,16 @@ def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
     """The rows of a JSON-lines file, read a line at a time."""
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
                 yield json.loads(line)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))
 
 
 def rows_of(path: str | Path, ids: Collection[str]) -> dict[str, dict]:

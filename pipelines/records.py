@@ -164,7 +164,28 @@ class _Closing:
         release()
 
 
-class FeatureSpool:
+class _Closable:
+    """`close()` (idempotent, after the reads in flight: `_Closing`), a context manager and `__del__` for a
+    class that sets `self._closing` once its resources are open and frees them in `_release`."""
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if getattr(self, "_closing", None) is not None:  # None: __init__ failed before opening anything
+            self._closing.close(self._release)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class FeatureSpool(_Closable):
     """[n, dim] float32 feature rows in a file, appended in batches and read a slice or a list of rows at a
     time (`pread`), so a reader holds only what it asked for, whatever n (`pipelines.near_duplicates.Rows`)."""
 
@@ -210,19 +231,9 @@ class FeatureSpool:
                 out[k] = np.frombuffer(os.pread(self._fd, self._row_bytes, n * self._row_bytes), np.float32)
         return out
 
-    def close(self) -> None:
-        """Close the file once no read is in flight (idempotent): a deleted spool's disk space is freed now."""
-        if getattr(self, "_closing", None) is not None:
-            self._closing.close(lambda: os.close(self._fd))
-
-    def __enter__(self) -> "FeatureSpool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _release(self) -> None:
+        """Close the file: a deleted spool's disk space is freed now."""
+        os.close(self._fd)
 
 
 def encoded_by_id(files: list[str], wanted: set[str], decode: RecordDecoder) -> dict[str, tuple[bytes, np.ndarray]]:
@@ -250,7 +261,7 @@ def _masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-class RecordReader:
+class RecordReader(_Closable):
     """Random access to the records of TFRecord files by number (counted over the files in order).
 
     Opening reads every file once to index the records (file, offset, length: 20 bytes a record) and checks
@@ -297,22 +308,12 @@ class RecordReader:
         serialized.set_shape([])
         return serialized
 
-    def close(self) -> None:
-        """Close the files (idempotent). A dataset reading through `read_op` keeps this reader alive as long as
-        the process (TensorFlow holds a `numpy_function`'s Python function on the eager default graph), so
-        `__del__` alone would never free its descriptors: pass `resources` to the dataset builders. Waits for
-        reads in flight (a dataset's prefetch threads); later reads are a clear error."""
-        if getattr(self, "_closing", None) is not None:
-            self._closing.close(lambda: [os.close(fd) for fd in self._fds])
-
-    def __enter__(self) -> "RecordReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _release(self) -> None:
+        """Close the files. A dataset reading through `read_op` keeps this reader alive as long as the process
+        (TensorFlow holds a `numpy_function`'s Python function on the eager default graph), so `__del__` alone
+        would never free its descriptors: pass `resources` to the dataset builders, which `close()` it."""
+        for fd in self._fds:
+            os.close(fd)
 
 
 def _owned(resource, resources: contextlib.ExitStack | None):
@@ -343,7 +344,7 @@ def serialized_batches(
     `shuffle_seed`, in a new seeded permutation every epoch (`record_numbers`), read from the files a batch
     at a time (`RecordReader`): memory grows with the number of records only by the shuffle's numbers.
     `resources`: closes the reader's files when it exits (the dataset cannot be iterated after that);
-    without it they stay open until the process exits (`RecordReader.close`)."""
+    without it they stay open until the process exits (`RecordReader._release`)."""
     reader = _owned(RecordReader(files), resources)
 
     def read(numbers):
@@ -357,7 +358,7 @@ def serialized_batches(
     return numbers.map(read, num_parallel_calls=2, deterministic=True)
 
 
-class PixelStore:
+class PixelStore(_Closable):
     """Decoded float32 pixels of records, record i in slot i: in a file (memory flat in the number of images)
     or in memory (H x W x 3 x 4 bytes an image), with each record's label and id (in memory: small).
 
@@ -404,26 +405,12 @@ class PixelStore:
             data = os.pread(self._fd, self._slot, number * self._slot)
         return np.frombuffer(data, np.float32).reshape(self.shape)
 
-    def close(self) -> None:
-        """Free the pixels once no read is in flight (idempotent): the in-memory array, or the file's
-        descriptor (and with it a deleted cache file's disk space). See `RecordReader.close` for why
-        `__del__` is not enough."""
-        if getattr(self, "_closing", None) is not None:
-            self._closing.close(self._release)
-
     def _release(self) -> None:
+        """Free the pixels: the in-memory array, or the file's descriptor (and with it a deleted cache file's
+        disk space). See `RecordReader._release` for why `__del__` is not enough."""
         fd, self._fd, self._pixels = self._fd, None, None
         if fd is not None:
             os.close(fd)
-
-    def __enter__(self) -> "PixelStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def image_dataset(
@@ -448,7 +435,7 @@ def image_dataset(
     cache, so the model is too. Labels are float32 for a sigmoid (two-class) model, int64 otherwise.
     `augment` maps a float32 pixel batch to an augmented one (after the cache: new variants every epoch).
     `resources`: frees the reader's files or the cache's pixels when it exits (the dataset cannot be
-    iterated after that); without it they are held until the process exits (`RecordReader.close`).
+    iterated after that); without it they are held until the process exits (`RecordReader._release`).
     """
     workers = os.cpu_count() or 1
     if cache is False:
