@@ -4,8 +4,9 @@
 - Beam's ``DaskRunner`` on a ``dask.distributed.LocalCluster`` of two worker processes (extract; convert
   stops with a clear error: tf.Transform's analysis does not translate to Dask);
 - the portable path Flink and Spark use: ``PortableRunner`` with an embedded job service and an
-  ``EXTERNAL`` pool of SDK worker processes (``apache_beam.runners.worker.worker_pool_main``), which
-  import the project as the installed package, as a cluster's workers would.
+  ``EXTERNAL`` pool of SDK worker processes (``apache_beam.runners.worker.worker_pool_main``) that boot
+  as a cluster's SDK containers do (``tools/worker_boot.py``): each installs the source package the job
+  staged with ``setup_file`` and imports the project from it alone, in a folder that is not the checkout.
 """
 
 import os
@@ -32,17 +33,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
-def worker_pool():
-    """A pool of SDK worker processes, as a Flink or Spark cluster runs beside its task managers."""
+def worker_pool(tmp_path_factory):
+    """A pool of SDK worker processes, as a Flink or Spark cluster runs beside its task managers: each
+    worker boots as Beam's SDK container does (`tools/worker_boot.py`), from a folder that is not the
+    checkout, and gets the project's code only from what the job staged."""
+    folder = tmp_path_factory.mktemp("worker_pool")
+    boot = folder / "boot"
+    boot.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tools" / "worker_boot.py"}" "$@"\n')
+    boot.chmod(0o755)
     port = free_port()
-    # The pool starts each worker as `python -m ...` from PATH: this environment's python first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     pool = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"]
+        + [f"--container_executable={boot}"],
+        cwd=folder,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env={**os.environ, "TMPDIR": str(folder), "PYTHONPATH": ""},  # workers' folders land in the pool's
         start_new_session=True,  # its own process group: the teardown stops the workers it started too
     )
     deadline = time.monotonic() + 60
@@ -75,7 +85,12 @@ def runner_params(name: str, request) -> beam_options.BeamParams:
         pool = request.getfixturevalue("worker_pool")
         return beam_options.BeamParams(
             runner="PortableRunner",
-            options={"job_endpoint": "embed", "environment_type": "EXTERNAL", "environment_config": pool},
+            options={
+                "job_endpoint": "embed",
+                "environment_type": "EXTERNAL",
+                "environment_config": pool,
+                "setup_file": str(REPO / "pyproject.toml"),  # as on a real cluster: the code travels with the job
+            },
         )
     if name == "dask":
         address = request.getfixturevalue("dask_cluster")
@@ -154,3 +169,15 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(beam_options.RunnerUnsupported, match="convert cannot run on DaskRunner.*DirectRunner"):
         convert.run(convert.Config(convert.ConvertParams()), tmp_path / "nowhere", tmp_path / "out", runner=dask)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_weights):
+    """The portable runs above prove something: a job that stages no package fails on those workers."""
+    converted = make_converted(tmp_path / "direct", per_class=2)
+    runner = runner_params("portable", request)
+    runner = runner.model_copy(update={"options": {k: v for k, v in runner.options.items() if k != "setup_file"}})
+    base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
+    with pytest.raises(Exception, match="No module named 'pipelines'"):
+        extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), converted, tmp_path / "e", runner=runner)
