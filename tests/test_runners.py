@@ -46,12 +46,13 @@ def worker_pool(tmp_path_factory):
     boot.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tools" / "worker_boot.py"}" "$@"\n')
     boot.chmod(0o755)
     port = free_port()
+    log = open(folder / "pool.log", "wb")
     pool = subprocess.Popen(
         [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"]
         + [f"--container_executable={boot}"],
         cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,  # the workers' boot and harness logs too: worker_pool*/pool.log
         env={**os.environ, "TMPDIR": str(folder), "PYTHONPATH": ""},  # workers' folders land in the pool's
         start_new_session=True,  # its own process group: the teardown stops the workers it started too
     )
@@ -62,6 +63,7 @@ def worker_pool(tmp_path_factory):
     yield f"localhost:{port}"
     os.killpg(pool.pid, signal.SIGTERM)
     pool.wait(timeout=30)
+    log.close()
 
 
 def listening(port: int) -> bool:

@@ -3,23 +3,29 @@
 
 Beam's Python SDK container starts each worker with ``/opt/apache/beam/boot``: it asks the runner's
 provision service for the job's options and staged artifacts, fetches them from the artifact service,
-``pip install``s what the job staged (``--setup_file``'s source package, ``workflow.tar.gz``) and then
-runs the SDK harness. Flink's and Spark's task managers, and Dataflow's VMs, start workers that way, so a
-job reaches them with only what it staged. This is that boot for a worker pool without containers
-(``python -m apache_beam.runners.worker.worker_pool_main --container_executable=BOOT``, where BOOT
-runs this file), so the tests run convert and extract on workers whose code comes from
-``--setup_file`` alone:
+``pip install``s what the job staged and then runs the SDK harness. Flink's and Spark's task managers, and
+Dataflow's VMs, start workers that way, so a job reaches them with only what it staged. This is that boot
+for a worker pool without containers (``python -m apache_beam.runners.worker.worker_pool_main
+--container_executable=tools/worker_boot.py``), so the tests run convert and extract on workers whose
+code comes from ``--setup_file`` alone:
 
-- the staged packages are installed, without their dependencies (the worker's environment has them, as
-  a cluster's SDK image does) and without the network, into a folder of their own, first on
-  ``sys.path``;
+- every staged file is fetched into the worker's folder (``staged/``, where the harness also finds a
+  pickled main session); installed from it, into a folder of the worker's own (``site-packages/``, first
+  on ``sys.path``), without the network, as Beam's boot does: the packages ``extra_packages.txt`` names
+  (``--extra_package``), then ``requirements.txt`` (``--requirements_file``; dependencies from the staged
+  files only), then ``--setup_file``'s source package (``workflow.tar.gz``) without its dependencies (the
+  worker's environment has them, as a cluster's SDK image does); other staged files are not installed
+  (the SDK's own tarball or wheels: the worker runs its environment's Beam);
+- an artifact in a role other than "stage to a name" stops the boot, naming the role;
 - an editable install of the project in the worker's environment (the ``pip install -e .`` of a
-  developer's checkout) is switched off, so a job that staged nothing fails on its workers instead of
-  quietly importing the launcher's checkout.
+  developer's checkout) is switched off, and this file's folder is taken off ``sys.path``, so a job that
+  staged nothing fails on its workers instead of quietly importing the launcher's checkout;
+- when fetching or installing fails, the error goes to stderr and the harness starts anyway: the job then
+  fails with the import error, where a worker that never connects would leave it waiting forever.
 
 Run as a file (``python tools/worker_boot.py --id=... --provision_endpoint=... ...``, the arguments the
-worker pool passes), never as ``-m``: that would put the working directory on the path. It imports
-nothing from the project.
+worker pool passes; it is executable), never as ``-m``: that would put the working directory on the path.
+It imports nothing from the project. Each worker's folder is removed when its harness returns.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
-STAGED_PACKAGE = "workflow.tar.gz"  # what Beam's stager names --setup_file's source package
+# What Beam's stager names the files it stages (apache_beam/runners/portability/stager.py).
+STAGED_PACKAGE = "workflow.tar.gz"  # --setup_file's source package
+REQUIREMENTS = "requirements.txt"  # --requirements_file
+EXTRA_PACKAGES = "extra_packages.txt"  # --extra_package: one staged file name a line
 STAGING_TO_URN = "beam:artifact:role:staging_to:v1"
 
 
@@ -44,8 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fetch_artifacts(args: argparse.Namespace, folder: Path) -> tuple[dict, list[Path]]:
-    """The job's pipeline options and its staged files, written under `folder`."""
+def fetch_artifacts(args: argparse.Namespace, folder: Path):
+    """The job's provision info, with its staged files written under `folder`."""
     import grpc
     from apache_beam.portability.api import (
         beam_artifact_api_pb2,
@@ -54,7 +65,6 @@ def fetch_artifacts(args: argparse.Namespace, folder: Path) -> tuple[dict, list[
         beam_provision_api_pb2_grpc,
         beam_runner_api_pb2,
     )
-    from google.protobuf import json_format
 
     metadata = [("worker_id", args.id)]
     with grpc.insecure_channel(args.provision_endpoint) as channel:
@@ -63,62 +73,88 @@ def fetch_artifacts(args: argparse.Namespace, folder: Path) -> tuple[dict, list[
             .GetProvisionInfo(beam_provision_api_pb2.GetProvisionInfoRequest(), metadata=metadata)
             .info
         )
-    options = json_format.MessageToDict(info.pipeline_options)
-    files = []
     with grpc.insecure_channel(args.artifact_endpoint) as channel:
         stub = beam_artifact_api_pb2_grpc.ArtifactRetrievalServiceStub(channel)
         for artifact in info.dependencies:
             if artifact.role_urn != STAGING_TO_URN:
-                continue
+                raise RuntimeError(
+                    f"worker_boot: a staged artifact in the role {artifact.role_urn!r}, which it cannot place"
+                )
             name = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(artifact.role_payload).staged_name
-            path = folder / Path(name).name
-            with open(path, "wb") as f:
+            with open(folder / Path(name).name, "wb") as f:
                 for chunk in stub.GetArtifact(
                     beam_artifact_api_pb2.GetArtifactRequest(artifact=artifact), metadata=metadata
                 ):
                     f.write(chunk.data)
-            files.append(path)
-    return options, files
+    return info
 
 
-def install(package: Path, target: Path) -> None:
-    """pip install a staged source package into `target`: no dependencies, no index, no build isolation."""
+def pip_install(target: Path, staged: Path, *what: str, deps: bool = False) -> None:
+    """pip install into `target` from the staged files only: no index, no build isolation."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation"]
-        + ["--disable-pip-version-check", "--target", str(target), str(package)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-build-isolation"]
+        + ["--disable-pip-version-check", "--find-links", str(staged), "--target", str(target)]
+        + ([] if deps else ["--no-deps"])
+        + list(what),
         check=True,
         stdout=sys.stderr,
     )
 
 
-def without_editable_installs() -> None:
-    """Drop setuptools' editable-install finders: the job's staged code, or nothing, is what workers import."""
+def install_staged(staged: Path, target: Path) -> None:
+    """What the job staged, in the order Beam's boot installs it."""
+    extra = staged / EXTRA_PACKAGES
+    if extra.exists():
+        names = [line.strip() for line in extra.read_text().splitlines() if line.strip()]
+        if names:
+            pip_install(target, staged, *(str(staged / name) for name in names))
+    if (staged / REQUIREMENTS).exists():
+        pip_install(target, staged, "-r", str(staged / REQUIREMENTS), deps=True)
+    if (staged / STAGED_PACKAGE).exists():
+        pip_install(target, staged, str(staged / STAGED_PACKAGE))
+
+
+def without_the_checkout() -> None:
+    """Drop setuptools' editable-install finders and this file's folder (a checkout's tools/) from the
+    import machinery: the job's staged code, or nothing, is what the worker imports."""
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != here]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    work = Path(args.semi_persistent_directory or tempfile.mkdtemp(prefix=f"beam-worker-{args.id}-"))
+    without_the_checkout()
+    own = args.semi_persistent_directory is None
+    work = Path(tempfile.mkdtemp(prefix=f"beam-worker-{args.id}-")) if own else Path(args.semi_persistent_directory)
     staged, site = work / "staged", work / "site-packages"
     staged.mkdir(parents=True, exist_ok=True)
-    options, files = fetch_artifacts(args, staged)
-    for path in files:
-        if path.name == STAGED_PACKAGE:
-            install(path, site)
-    without_editable_installs()
+    environment = {
+        "WORKER_ID": args.id,
+        "SEMI_PERSISTENT_DIRECTORY": str(work),
+        "LOGGING_API_SERVICE_DESCRIPTOR": f'url: "{args.logging_endpoint}"',
+        "CONTROL_API_SERVICE_DESCRIPTOR": f'url: "{args.control_endpoint}"',
+    }
+    try:
+        from google.protobuf import json_format
+
+        info = fetch_artifacts(args, staged)
+        environment["PIPELINE_OPTIONS"] = json.dumps(json_format.MessageToDict(info.pipeline_options))
+        environment["RUNNER_CAPABILITIES"] = " ".join(info.runner_capabilities)
+        if info.HasField("status_endpoint"):
+            environment["STATUS_API_SERVICE_DESCRIPTOR"] = f'url: "{info.status_endpoint.url}"'
+        install_staged(staged, site)
+    except Exception:  # the harness still starts: the job fails on what is missing instead of waiting
+        print(f"worker_boot: preparing worker {args.id} failed:\n{traceback.format_exc()}", file=sys.stderr)
     sys.path.insert(0, str(site))
-    os.environ.update(
-        {
-            "WORKER_ID": args.id,
-            "PIPELINE_OPTIONS": json.dumps(options),
-            "SEMI_PERSISTENT_DIRECTORY": str(work),
-            "LOGGING_API_SERVICE_DESCRIPTOR": f'url: "{args.logging_endpoint}"',
-            "CONTROL_API_SERVICE_DESCRIPTOR": f'url: "{args.control_endpoint}"',
-        }
-    )
+    os.environ.update(environment)
     from apache_beam.runners.worker import sdk_worker_main
 
-    sdk_worker_main.main([])
+    try:
+        sdk_worker_main.main([])
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -1,0 +1,65 @@
+"""tools/worker_boot.py: what a worker installs from the files a job staged, and what it can import."""
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tools import worker_boot
+
+
+def sdist(path: Path, name: str) -> Path:
+    """A minimal source package of one module `name` (returns 1), as Beam stages one."""
+    files = {
+        "pyproject.toml": (
+            '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+            f'[project]\nname = "{name}"\nversion = "0.1"\n[tool.setuptools]\npy-modules = ["{name}"]\n'
+        ),
+        f"{name}.py": "def answer():\n    return 1\n",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for relative, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-0.1/{relative}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.slow
+def test_the_staged_packages_are_installed_into_the_workers_folder(tmp_path):
+    staged, site = tmp_path / "staged", tmp_path / "site"
+    staged.mkdir()
+    sdist(staged / worker_boot.STAGED_PACKAGE, "alpha")  # --setup_file's package
+    sdist(staged / "beta-0.1.tar.gz", "beta")  # an --extra_package
+    (staged / worker_boot.EXTRA_PACKAGES).write_text("beta-0.1.tar.gz\n")
+    (staged / "pickled_main_session").write_bytes(b"not a package")  # staged, not installed
+    worker_boot.install_staged(staged, site)
+    assert (site / "alpha.py").exists() and (site / "beta.py").exists()
+    assert not any(p.name.startswith("pickled") for p in site.iterdir())
+
+
+def test_nothing_but_the_staged_files_is_installed(tmp_path):
+    """No staged package, nothing installed; a requirement the staged files cannot satisfy fails (no index)."""
+    staged, site = tmp_path / "staged", tmp_path / "site"
+    staged.mkdir()
+    worker_boot.install_staged(staged, site)
+    assert not site.exists()
+    (staged / worker_boot.REQUIREMENTS).write_text("surely-not-a-staged-package==1.0\n")
+    with pytest.raises(Exception, match="returned non-zero exit status"):
+        worker_boot.install_staged(staged, site)
+
+
+def test_the_checkout_is_taken_off_the_import_path(monkeypatch):
+    tools = str(Path(worker_boot.__file__).resolve().parent)
+
+    class __editable___demo_finder:  # what setuptools' editable install puts on sys.meta_path
+        pass
+
+    monkeypatch.setattr(sys, "path", [tools, "/elsewhere"])
+    monkeypatch.setattr(sys, "meta_path", [__editable___demo_finder(), "kept"])
+    type(sys.meta_path[0]).__module__ = "__editable___transfer_pipeline_0_1_0_finder"
+    worker_boot.without_the_checkout()
+    assert sys.path == ["/elsewhere"] and sys.meta_path == ["kept"]
