@@ -68,22 +68,22 @@ def quarter_turned(pixels):
     return tf.transpose(pixels, [0, 2, 1, 3])[:, ::-1, :, :]
 
 
-FLIPS = ("none", "horizontal", "vertical", "both")
+# tta.flip -> the mirror images it adds to the image itself (both: left-right, top-bottom and both, the half turn)
+FLIP_VIEWS = {
+    "none": (),
+    "horizontal": (mirrored,),
+    "vertical": (upside_down,),
+    "both": (mirrored, upside_down, lambda p: upside_down(mirrored(p))),
+}
 
 
 def tta_views(flip: str = "none", quarter_turns: bool = False) -> list:
     """The test-time views of an image batch (functions of pixels), the image itself first: ``flip`` adds its
-    mirror images (``both``: left-right, top-bottom and both, the half turn), ``quarter_turns`` each of those
-    turned a quarter (with ``both``: all 8 symmetries of a square)."""
-    flips = {
-        "none": [],
-        "horizontal": [mirrored],
-        "vertical": [upside_down],
-        "both": [mirrored, upside_down, lambda p: upside_down(mirrored(p))],
-    }
-    if flip not in flips:
-        raise ValueError(f"unknown test-time flip {flip!r}: {' | '.join(FLIPS)}")
-    views = [lambda p: p, *flips[flip]]
+    mirror images (`FLIP_VIEWS`), ``quarter_turns`` each of those turned a quarter (with ``both``: all 8
+    symmetries of a square)."""
+    if flip not in FLIP_VIEWS:
+        raise ValueError(f"unknown test-time flip {flip!r}: {' | '.join(FLIP_VIEWS)}")
+    views = [lambda p: p, *FLIP_VIEWS[flip]]
     if quarter_turns:
         views += [lambda p, view=view: quarter_turned(view(p)) for view in views]
     return views
