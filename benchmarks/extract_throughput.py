@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import stage_env, tracked_base
+
 BATCH = 32
 
 
@@ -122,7 +124,7 @@ def peak_rss_mb(convert_dir: Path, out: Path, params: Path) -> float:
     ]
     code = "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
     result = subprocess.run(
-        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, cwd=params.parent, env=stage_env()
     )
     kb, rc = result.stdout.split()[-2:]
     if rc != "0":
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     from components import conv_base, extract, train_head
     from components.params import CommonParams
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     size = (args.size, args.size)
@@ -302,7 +304,7 @@ def main(argv=None) -> int:
         params.write_text(
             yaml.safe_dump(
                 {
-                    "conv_base": json.loads(base.model_dump_json()),
+                    "conv_base": {**json.loads(base.model_dump_json()), "path": tracked_base(work, args.base)},
                     "extract": extract.ExtractParams(batch_size=BATCH).model_dump(),
                 }
             )

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import stage_env, tracked_base
+
 
 def run_stage(params: Path, convert_dir: Path, head: Path, out: Path, cache: Path | None) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "components.finetune", "--params", str(params), "--convert", str(convert_dir)]
@@ -33,7 +35,9 @@ def run_stage(params: Path, convert_dir: Path, head: Path, out: Path, cache: Pat
         "r.returncode and print(r.stderr[-3000:])"
     )
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, cwd=params.parent, env=stage_env()
+    )
     elapsed = time.perf_counter() - started
     kb, rc = result.stdout.split()[:2]
     if rc != "0":
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
                 "common": {"seed": 1337},
                 "conv_base": {
                     "name": None,
-                    "path": str(args.base.resolve()),
+                    "path": tracked_base(work, args.base),
                     "weights": "imagenet",
                     "input_size": [args.size, args.size],
                     "pooling": "avg",
@@ -86,8 +90,9 @@ def main(argv=None) -> int:
             }
         )
     )
-    memory_mb, memory_s = run_stage(params, args.convert, args.head, work / "memory", None)
-    disk_mb, disk_s = run_stage(params, args.convert, args.head, work / "disk", work / "cache")
+    convert_dir, head = args.convert.resolve(), args.head.resolve()  # the stage runs in `work`
+    memory_mb, memory_s = run_stage(params, convert_dir, head, work / "memory", None)
+    disk_mb, disk_s = run_stage(params, convert_dir, head, work / "disk", work / "cache")
     summary = json.loads((args.convert / "summary.json").read_text())["records"]
     same = (work / "memory" / "finetune" / "model.keras").read_bytes() == (
         work / "disk" / "finetune" / "model.keras"

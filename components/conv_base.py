@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import pydantic
@@ -68,6 +70,23 @@ def build_extractor(params: ConvBaseParams):
         raise ParamsError(f"conv_base.{exc}") from None
     except BaseWeightsOffline as exc:
         raise BaseWeightsOffline(f"conv_base.{exc}") from None
+
+
+TRACKED = "models"  # the folder dvc.yaml names as a dependency of extract and finetune
+
+
+def check_tracked(params: ConvBaseParams, tracked: str | Path = TRACKED) -> None:
+    """A saved base or weights file must lie in `tracked` (relative to the working directory, the project's
+    root under `dvc repro`): a file elsewhere is no dependency of the stages, so DVC would not re-run them
+    when it changes, nor version it for a rebuild."""
+    folder = Path(os.path.abspath(tracked))  # not resolved: a symlink in models/ is tracked by its content
+    files = {"path": params.path, "weights": None if params.weights in ("imagenet", "none") else params.weights}
+    for name, value in files.items():
+        if value and not Path(os.path.abspath(value)).is_relative_to(folder):
+            raise ParamsError(
+                f"conv_base.{name}: {value} is outside {tracked}/, which dvc.yaml declares as the stages' "
+                f"dependency: copy it there (or `dvc import` it into {tracked}/) and set conv_base.{name} to that path"
+            )
 
 
 def fingerprint(params: ConvBaseParams) -> dict:

@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = parser.parse_known_args(argv)
     configure_logging()
     config = load_config(args.params)
+    conv_base.check_tracked(config.conv_base)
     log_resolved("extract", config.sections())
     run(
         config,

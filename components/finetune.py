@@ -46,7 +46,7 @@ from dvclive import Live
 
 from components import outputs, training
 from components.cli import configure_logging, run_main
-from components.conv_base import ConvBaseParams, build_extractor
+from components.conv_base import ConvBaseParams, build_extractor, check_tracked
 from components.params import CommonParams, ParamsError, Section, log_resolved, read_params, section, write_resolved
 from pipelines import bases, classifier, records
 
@@ -361,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)
+    check_tracked(config.conv_base)
     log_resolved("finetune", config.sections())
     run(config, args.convert, args.head, args.out, args.live, args.cache)
     return 0

@@ -16,7 +16,12 @@ It is made of TensorFlow ops only (the SavedModel needs no Python to run it):
   WebP alpha) and a PNG's ``tRNS`` chunk (a palette's alphas, a gray or RGB
   colour key), which libpng turns into alpha when four channels are asked for;
 - grayscale, palette and CMYK to RGB, 16-bit samples to 8 bits (TensorFlow's
-  decoders), the first frame of an animation.
+  decoders), the first frame of an animation (GIF).
+
+An animated WebP fails, with a message, before TensorFlow's WebP decoder sees it: that decoder
+returns every frame of a lossy one and corrupts the heap on a lossless one (TF 2.21: the process
+aborts, which no caller could catch, a denial of service for the serving model). The download stage
+quarantines such files (`is_animated_webp`).
 
 GIF transparency is not composited (TensorFlow's GIF decoder has no alpha);
 the download stage quarantines such GIFs, as it does any file for which this
@@ -40,6 +45,14 @@ def sniff_format(data: bytes) -> str | None:
         if data[offset : offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
             return name
     return None
+
+
+def is_animated_webp(data: bytes) -> bool:
+    """Whether a file is a WebP whose extended header (``VP8X``) sets the animation flag."""
+    return sniff_format(data) == "WEBP" and data[12:16] == b"VP8X" and len(data) > 20 and bool(data[20] & 0x02)
+
+
+ANIMATED_WEBP = "an animated WebP: not read (save its first frame as a still image)"
 
 
 def format_index(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -182,7 +195,11 @@ def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:
-    decoded = tf.io.decode_webp(image_bytes, channels=0)[0]  # 3 channels, or 4 with alpha
+    padded = image_bytes + b"\0" * 21  # substr fails on a position past the end
+    flags = tf.io.decode_raw(tf.strings.substr(padded, 20, 1), tf.uint8)[0]
+    animated = tf.equal(tf.strings.substr(padded, 12, 4), b"VP8X") & tf.not_equal(tf.bitwise.bitwise_and(flags, 2), 0)
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(animated), [ANIMATED_WEBP])]):
+        decoded = tf.io.decode_webp(image_bytes, channels=0)[0]  # 3 channels, or 4 with alpha
     return tf.cond(
         tf.equal(tf.shape(decoded)[-1], 4),
         lambda: composite_on_white(decoded[..., :3], decoded[..., -1]),

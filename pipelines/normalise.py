@@ -133,6 +133,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             "convert the file to one of them"
         )
 
+    if image.is_animated_webp(data):
+        return Rejected(image.ANIMATED_WEBP)
     actions = []
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)

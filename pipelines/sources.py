@@ -59,7 +59,8 @@ def _is_hidden(name: str) -> bool:
 
 def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | None]]:
     """[(class-folder parent, given split)]: the root itself, or its split folders."""
-    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not _is_hidden(p.name)]
+    # a symlinked folder is never followed (it is quarantined as an entry of the root instead)
+    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and not _is_hidden(p.name)]
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDER_NAMES]
     if not split_dirs:
         return [(root, None)]
@@ -85,13 +86,25 @@ def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | N
 def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Found]:
     """Every file under the class folders, read; odd entries come back with a `problem`.
 
-    Symlinks are followed only when they stay inside `root`.
+    Symlinks to files are followed only when they stay inside `root`; symlinks to folders never are. Every
+    entry under `root` comes back, read or with a problem (a quarantine reason), so nothing is dropped unseen:
+    hidden files and folders, files outside a class folder, unreadable files and folders.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.dir {root} is not a directory")
     real_root = root.resolve()
-    for parent, given_split in _detect_layout(root, existing_splits):
+    layout = _detect_layout(root, existing_splits)
+    if layout != [(root, None)]:  # split folders: the root's other entries (files, hidden folders, symlinks)
+        parents = {parent for parent, _ in layout}
+        for entry in sorted(root.iterdir()):
+            if entry in parents:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                yield from _scan_class(entry, root, real_root, None, None, "in a hidden folder")
+            else:
+                yield from _read_entry(entry, root, real_root, None, None, _stray(entry, "a split's class folder"))
+    for parent, given_split in layout:
         for entry in sorted(parent.iterdir()):
             rel = entry.relative_to(root).as_posix()
             if entry.is_dir() and not entry.is_symlink():
@@ -102,19 +115,38 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                 yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
                 yield from _scan_class(entry, root, real_root, label, given_split, None)
             else:
-                yield from _read_entry(entry, root, real_root, None, given_split, "not inside a class folder")
+                yield from _read_entry(entry, root, real_root, None, given_split, _stray(entry, "a class folder"))
+
+
+def _stray(entry: Path, where: str) -> str:
+    """The quarantine reason of an entry of the root that is not a folder to scan."""
+    return "symlink to a folder (not followed)" if entry.is_symlink() and entry.is_dir() else f"not inside {where}"
 
 
 def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    unreadable: list[OSError] = []  # folders os.walk cannot list (it skips them unless told)
+
+    def report() -> Iterator[Found]:
+        while unreadable:
+            exc = unreadable.pop(0)
+            rel = Path(exc.filename).relative_to(root).as_posix() + "/"
+            reason = problem or f"unreadable folder: {exc.strerror or exc}"
+            yield Found(source=rel, label=label, given_split=given_split, problem=reason)
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=unreadable.append):
+        yield from report()
         dirnames.sort()
         here = Path(dirpath)
         for name in list(dirnames):
             if (here / name).is_symlink():
                 dirnames.remove(name)
                 yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+            elif problem is None and _is_hidden(name):  # thumbnails, .AppleDouble: not the class's images
+                dirnames.remove(name)
+                yield from _scan_class(here / name, root, real_root, label, given_split, "in a hidden folder")
         for name in sorted(filenames):
             yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+    yield from report()
 
 
 def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
@@ -132,7 +164,12 @@ def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, pro
     if problem:
         yield Found(source=rel, label=label, given_split=given_split, problem=problem)
         return
-    yield Found(source=rel, label=label, given_split=given_split, data=path.read_bytes())
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        yield Found(source=rel, label=label, given_split=given_split, problem=f"unreadable: {exc.strerror or exc}")
+        return
+    yield Found(source=rel, label=label, given_split=given_split, data=data)
 
 
 class OfflineError(EnvironmentProblem):

@@ -220,7 +220,11 @@ def _reason_kind(reason: str) -> str:
 
 
 def check_usable(summary: Mapping) -> None:
-    """Refuse datasets the later stages cannot train on, with a message that says why."""
+    """Refuse datasets the later stages cannot train on, with a message that says why, and counts that do not
+    add up (found = kept + quarantined per class: an image lost or counted twice is a bug, never an output)."""
+    unreconciled = {k: c for k, c in summary["per_class"].items() if c["found"] != c["kept"] + c["quarantined"]}
+    if unreconciled:
+        raise RuntimeError(f"download: found != kept + quarantined for {unreconciled}; nothing was written")
     classes = summary["classes"]
     if len(classes) < 2:
         raise ValueError(

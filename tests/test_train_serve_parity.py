@@ -93,6 +93,14 @@ def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
     )
     frames = [Image.fromarray(image_array(63 + k, (90, 200, 120), (20, 28))) for k in range(3)]
     files["animated.gif"] = (save(frames[0], "GIF", save_all=True, append_images=frames[1:]), None)
+    rgba_webp = np.dstack([image_array(65, (20, 160, 90), (20, 28)), rng.integers(0, 256, (20, 28), dtype=np.uint8)])
+    alpha_webp = rgba_webp[..., 3:].astype(np.int64)
+    files["alpha_lossless.webp"] = (  # VP8L
+        save(Image.fromarray(rgba_webp), "WEBP", lossless=True),
+        ((rgba_webp[..., :3] * alpha_webp + 255 * (255 - alpha_webp) + 127) // 255).astype(np.uint8),
+    )
+    files["alpha_lossy.webp"] = (save(Image.fromarray(rgba_webp), "WEBP", quality=90), None)  # VP8X + ALPH
+    files["lossy.webp"] = (save(Image.fromarray(image_array(64, (40, 120, 220), (20, 28))), "WEBP", quality=90), None)
     files["plain.bmp"] = (
         save(Image.fromarray(image_array(66, (30, 90, 210), (20, 28))), "BMP"),
         image_array(66, (30, 90, 210), (20, 28)),
@@ -178,3 +186,7 @@ def test_serving_model_predicts_what_keras_predicts_on_the_training_pixels(both_
     expected = model.predict_on_batch(np.stack([trained[manifest[n]["id"]] for n in names]))
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
     assert np.ptp(expected[:, 0]) > 0.05  # the probabilities tell images apart, so a wrong pixel would show
+    from tests.components.test_download import animated_webp
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="animated WebP"):  # an error, not a dead server
+        served(images=tf.constant([animated_webp(lossless=True)]))

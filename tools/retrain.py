@@ -70,7 +70,8 @@ def gto_not_found() -> type[Exception]:
 
 PROMOTED, REJECTED, FAILED = 0, 3, 1
 METRICS = "evaluation/metrics.json"
-COMMITTED = ("dvc.lock", "evaluation", "dvclive", "metrics", "params.yaml")
+# every git-tracked (cache: false) output of the pipeline: the audit checks each against dvc.lock's hash
+COMMITTED = ("dvc.lock", "evaluation", "dvclive", "metrics", "quality", "params.yaml")
 
 
 class RetrainParams(Section):
@@ -121,6 +122,8 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
     name = f"{params.model} {GATE_SPLIT} {params.metric}"
     if candidate is None:
         return False, f"the candidate has no {name}"
+    if not math.isfinite(candidate):
+        return False, f"the candidate's {name} is {candidate} (not a number: an empty split?)"
     if candidate < params.threshold:
         return False, f"{name} {candidate:.4f} is below the threshold {params.threshold:.4f}"
     if comparison is None:
@@ -131,10 +134,11 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
         if c.get("left_out_trained_on")
         else ""
     )
-    if not c["images"]:
+    if not c["images"]:  # fail closed: a gate that cannot compare the models does not promote
         return (
-            True,
-            f"{name} {candidate:.4f} reaches the threshold; no {GATE_SPLIT} image to compare the models on{left_out}",
+            False,
+            f"{name} {candidate:.4f} reaches the threshold, but no {GATE_SPLIT} image is left to compare the models "
+            f"on{left_out}; review both and promote by hand (gto assign) if the candidate is better",
         )
     same = (
         f"on the same {c['images']} {GATE_SPLIT} images: candidate {c['candidate_accuracy']:.4f}, promoted "
@@ -206,9 +210,10 @@ def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
     return {row["id"] for row in rows if row["split"] == "train"}
 
 
-def compare_with_promoted(repo: Path, params: RetrainParams, promoted_commit: str) -> dict:
-    """Restore the promoted model from DVC's registry (`dvc artifacts get`) and score it and the candidate's
-    serving model on the same current records of the gate's split.
+def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promoted_commit: str) -> dict:
+    """Restore the promoted model (GTO's `version` in the stage, registered at `promoted_commit`) from DVC's
+    registry (`dvc artifacts get --rev version`: the same version, not DVC's own reading of the stage's tags)
+    and score it and the candidate's serving model on the same current records of the gate's split.
 
     Records the promoted model trained on are left out (splits change when the seed or fractions do, or
     when ids changed with the pixel hash): on them it would look better than it is.
@@ -220,7 +225,7 @@ def compare_with_promoted(repo: Path, params: RetrainParams, promoted_commit: st
     seen = trained_on(repo, promoted_commit, manifest_path)
     with tempfile.TemporaryDirectory(prefix="retrain-promoted-") as scratch:
         promoted = Path(scratch) / "promoted"
-        dvc_args = ["artifacts", "get", ".", params.artifact, "--stage", params.stage, "-o", str(promoted)]
+        dvc_args = ["artifacts", "get", ".", params.artifact, "--rev", version, "-o", str(promoted)]
         dvc(*dvc_args, cwd=repo)
         ids, candidate_right = served_right(artifact, files)
         _, promoted_right = served_right(promoted, files)
@@ -232,14 +237,16 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     python = sys.executable
     if pull:
         sh("git", "pull", "--ff-only", cwd=repo)
-        subprocess.run([python, "-m", "dvc", "pull", "--allow-missing"], cwd=repo)  # a first run has nothing to pull
+        pulled = subprocess.run([python, "-m", "dvc", "pull", "--allow-missing"], cwd=repo)  # missing: a first run
+        if pulled.returncode != 0:
+            return FAILED, {"decision": "failed", "reason": f"dvc pull exited {pulled.returncode}"}
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo)
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
     metrics = json.loads((repo / METRICS).read_text())
     candidate = metric_of(metrics, params)
     previous, previous_commit = promoted_version(repo, params)
-    comparison = compare_with_promoted(repo, params, previous_commit) if previous is not None else None
+    comparison = compare_with_promoted(repo, params, previous, previous_commit) if previous is not None else None
     promote, reason = decide(candidate, comparison, params)
 
     sh("git", "add", "--", *[p for p in COMMITTED if (repo / p).exists()], cwd=repo)

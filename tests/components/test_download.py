@@ -12,7 +12,7 @@ from PIL import Image
 from components import download as dl
 from components import manifest as mf
 from components.params import parse_section
-from pipelines import normalise
+from pipelines import image, normalise
 from pipelines import split as splitting
 from tests.conftest import encode, image_array, make_class_folder, repo_params
 
@@ -187,6 +187,33 @@ def test_animated_gif_keeps_first_frame():
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
     result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
     assert "first of 2 frames" in result.action
+
+
+def animated_webp(lossless: bool) -> bytes:
+    frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], lossless=lossless)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_animated_webp_is_quarantined_before_the_decoder_sees_it(lossless):
+    # TensorFlow's WebP decoder corrupts the heap on a lossless animation (the process aborts): were the file to
+    # reach it, this test's process would die, and the test fail
+    data = animated_webp(lossless)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Rejected) and result.reason == image.ANIMATED_WEBP
+
+
+def test_still_webp_with_an_extended_header_is_read():
+    rgba = np.dstack([image_array(9, size=(20, 20)), np.full((20, 20), 128, np.uint8)])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, format="WEBP", quality=90)  # lossy + alpha: VP8X without the animation flag
+    data = buffer.getvalue()
+    assert data[12:16] == b"VP8X" and not image.is_animated_webp(data)
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised) and "onto white" in result.action
 
 
 # --------------------------------------------------------------------------- split and duplicates
@@ -395,6 +422,18 @@ def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
     assert summary["quarantine_reasons"]["duplicate"] == 2
 
 
+def test_counts_that_do_not_add_up_are_an_error():
+    summary = splitting.summarise(
+        ["cats", "cats", "dogs", "dogs"],
+        [{"label": "cats", "split": "train"}, {"label": "dogs", "split": "train"}],
+        [{"source": "cats/b.jpg", "label": "cats", "reason": "empty file (0 bytes)"}],  # a dog went missing
+        ["cats", "dogs"],
+    )
+    assert summary["reconciled"] is False
+    with pytest.raises(RuntimeError, match=r"found != kept \+ quarantined for \{'dogs'"):
+        splitting.check_usable(summary)
+
+
 def test_class_names_with_spaces_and_non_ascii_are_nfc(tmp_path):
     nfd = unicodedata.normalize("NFD", "chats siamois é")
     root = make_class_folder(tmp_path / "src", per_class=6, classes=(nfd, "Hunde ü"))
@@ -438,6 +477,60 @@ def test_existing_split_folders_are_used(tmp_path):
     by_split = {s: sorted(r["source"] for r in manifest if r["split"] == s) for s in mf.SPLITS}
     assert len(by_split["val"]) == 6 and all(src.startswith("validation/") for src in by_split["val"])
     assert all(src.startswith("train/") for src in by_split["train"])
+
+
+def test_nothing_under_split_folders_escapes_the_counts(tmp_path):
+    root = make_split_folders(tmp_path / "src")
+    (root / "stray.jpg").write_bytes(encode(image_array(70)))  # beside the split folders
+    make_class_folder(root / ".cache", per_class=1, start=80)  # a hidden folder at the root
+    thumbs = root / "train" / "cats" / ".thumbs"  # a NAS's or a viewer's resized copies inside a class
+    thumbs.mkdir()
+    (thumbs / "t.jpg").write_bytes(encode(image_array(71, size=(20, 20))))
+    other = make_class_folder(tmp_path / "elsewhere", per_class=1, start=90)
+    os.symlink(other, root / "extra")  # a symlinked folder at the root: never followed
+    summary = dl.run(folder_config(root), tmp_path / "out")
+    quarantine = {r["source"]: r for r in mf.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
+    assert quarantine["stray.jpg"]["reason"] == "not inside a split's class folder"
+    assert {k: r["reason"] for k, r in quarantine.items() if k.startswith(".cache/")} == {
+        ".cache/cats/cats_80.jpg": "in a hidden folder",
+        ".cache/dogs/dogs_80.jpg": "in a hidden folder",
+    }
+    assert quarantine["train/cats/.thumbs/t.jpg"] == {
+        "source": "train/cats/.thumbs/t.jpg",
+        "label": "cats",  # counted in its class: found = kept + quarantined per class
+        "reason": "in a hidden folder",
+    }
+    assert quarantine["extra"]["reason"] == "symlink to a folder (not followed)"
+    assert summary["found"] == 18 + 5 and summary["kept"] == 18 and summary["reconciled"]
+
+
+def test_unreadable_files_and_folders_are_quarantined_not_skipped(tmp_path, monkeypatch):
+    # as root permissions do not stop reads, so the operating system's refusal is simulated
+    root = make_class_folder(tmp_path / "src", per_class=4)
+    locked_file, locked_folder = root / "cats" / "cats_0.jpg", root / "dogs" / "sub"
+    locked_folder.mkdir()
+    (locked_folder / "x.jpg").write_bytes(encode(image_array(72)))
+    read_bytes, scandir = Path.read_bytes, os.scandir
+
+    def refuse_file(path):
+        if path == locked_file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    def refuse_folder(path="."):
+        if Path(path) == locked_folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_file)
+    monkeypatch.setattr(os, "scandir", refuse_folder)
+    summary = dl.run(folder_config(root), tmp_path / "out")
+    quarantine = {r["source"]: r["reason"] for r in mf.read_jsonl(tmp_path / "out" / dl.QUARANTINE)}
+    assert quarantine == {
+        "cats/cats_0.jpg": "unreadable: Permission denied",
+        "dogs/sub/": "unreadable folder: Permission denied",
+    }
+    assert summary["per_class"]["dogs"] == {"found": 5, "kept": 4, "quarantined": 1}
 
 
 def test_existing_split_folders_can_be_pooled(tmp_path):

@@ -199,3 +199,30 @@ def test_code_defaults_agree_with_params_yaml():
     ]
     assert not problems, problems
     assert set(models) <= set(raw)  # every stage's section is in params.yaml
+
+
+def test_a_saved_base_outside_models_is_refused_before_any_work(tmp_path, monkeypatch):
+    from components import extract, finetune
+    from components.conv_base import ConvBaseParams, check_tracked
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "b.keras").write_bytes(b"x")
+    (tmp_path / "elsewhere.keras").write_bytes(b"x")
+    (tmp_path / "models" / "linked.keras").symlink_to(tmp_path / "elsewhere.keras")  # tracked by its content
+    for path in ("models/b.keras", str(tmp_path / "models" / "b.keras"), "models/linked.keras"):
+        check_tracked(ConvBaseParams(name=None, path=path))
+    for params in (
+        ConvBaseParams(name=None, path="elsewhere.keras"),
+        ConvBaseParams(name=None, path="models/../elsewhere.keras"),
+        ConvBaseParams(name="mobilenet_v2", weights=str(tmp_path / "elsewhere.keras")),
+    ):
+        with pytest.raises(ParamsError, match=r"conv_base\.(path|weights): .* is outside models/"):
+            check_tracked(params)
+    check_tracked(ConvBaseParams(name="mobilenet_v2", weights="imagenet"))  # Keras' own, versioned by Keras
+    data = repo_params({"conv_base": {"name": None, "path": "elsewhere.keras"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match="outside models/"):
+        extract.main(["--params", "params.yaml", "--convert", "c", "--out", "o"])
+    with pytest.raises(ParamsError, match="outside models/"):
+        finetune.main(["--params", "params.yaml", "--convert", "c", "--head", "h", "--out", "o", "--live", "l"])

@@ -88,7 +88,7 @@ def test_imagenet_weights_offline_fail_fast_with_instructions(tmp_path, monkeypa
     started = time.monotonic()
     with pytest.raises(Offline) as err:
         bases.load_conv_base("mobilenet_v2", None, "imagenet", (96, 96), offline_error=Offline)
-    assert "not in the Keras cache" in str(err.value) and "path=<file.keras>" in str(err.value)
+    assert "not in the Keras cache" in str(err.value) and "path=models/<file.keras>" in str(err.value)
     assert time.monotonic() - started < 30
 
 

@@ -35,6 +35,14 @@ def test_undecodable_bytes_raise():
         image.decode_and_resize(tf.constant(b"not an image"), (8, 8))
 
 
+@pytest.mark.parametrize("lossless", [False, True])
+def test_an_animated_webp_fails_with_a_message_not_a_crash(lossless):
+    from tests.components.test_download import animated_webp
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="animated WebP"):
+        image.decode_image(tf.constant(animated_webp(lossless)))
+
+
 def test_shrinking_averages_the_covered_pixels_and_enlarging_interpolates():
     source = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
     shrunk = image.resize(tf.constant(source), (3, 4)).numpy()  # each output pixel covers a 3x3 block

@@ -116,6 +116,52 @@ def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_pa
     assert audit.content_digests(tmp_path, ["d"]) == {"d/notes.txt": hashlib.sha256(b"x").hexdigest()}
 
 
+LOCK = {
+    "stages": {
+        "download": {
+            "deps": [{"path": "images", "md5": "s.dir"}],
+            "outs": [{"path": "data/download", "md5": "d1.dir"}],
+        },
+        "extract": {
+            "deps": [{"path": "data/download", "md5": "d1.dir"}],
+            "outs": [{"path": "data/extract", "md5": "e.dir"}],
+        },
+        "quality": {
+            "deps": [{"path": "data/download", "md5": "d0.dir"}, {"path": "data/extract", "md5": "e.dir"}],
+            "outs": [{"path": "quality/near_duplicates.json", "md5": hashlib.md5(b"[]").hexdigest()}],
+        },
+    }
+}
+
+
+def test_a_lock_that_is_not_one_consistent_run_is_found():
+    assert audit.lock_inconsistencies(LOCK, ["download", "extract", "quality", "export"]) == [
+        "stage export is in dvc.yaml but not in dvc.lock: run `dvc repro` and commit",
+        "stage quality was run on data/download d0.dir, but download recorded d1.dir: its outputs are stale; "
+        "run `dvc repro` and commit",
+    ]
+    consistent = json.loads(json.dumps(LOCK))
+    consistent["stages"]["quality"]["deps"][0]["md5"] = "d1.dir"
+    assert audit.lock_inconsistencies(consistent, ["download", "extract", "quality"]) == []
+
+
+def test_a_git_tracked_output_committed_from_another_run_is_found():
+    committed = {"quality/near_duplicates.json": b"[]"}
+    assert audit.git_tracked_mismatches(LOCK, committed.get) == []
+    committed["quality/near_duplicates.json"] = b'[{"a_id": "stale"}]'
+    (problem,) = audit.git_tracked_mismatches(LOCK, committed.get)
+    assert problem.startswith("quality/near_duplicates.json as committed is not the file dvc.lock records for stage")
+
+
+def test_workspace_outputs_of_another_run_are_found(tmp_path):
+    (tmp_path / "dvc.lock").write_text(json.dumps(LOCK))
+    assert audit.workspace_lock_changes(tmp_path, LOCK) == []
+    other = json.loads(json.dumps(LOCK))
+    other["stages"]["extract"]["outs"][0]["md5"] = "e2.dir"  # the audited revision's extract was another run
+    (problem,) = audit.workspace_lock_changes(tmp_path, other)
+    assert problem.startswith("workspace: stage extract's outputs in dvc.lock are not the audited revision's")
+
+
 def test_a_revision_without_dvc_lock_is_a_clear_error(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "README").write_text("x")
@@ -263,6 +309,23 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     )
     code, problems = audit_of(project, stale)
     assert code == 1 and problems == ["the serving model's lineage names another manifest than the revision's"]
+
+    # a re-run finds a pair, but only dvc.lock is committed: the committed (git-tracked) list is the old one
+    write_revision(
+        project,
+        manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")),
+        ["cat", "dog"],
+        near_duplicates=[pair],
+    )
+    dvc("repro", "-q", cwd=project)
+    run(["git", "add", "dvc.lock"], project)
+    commit_only_lock = "stale report"
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", commit_only_lock], project)
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and problems[0].startswith(
+        f"{audit.NEAR_DUPLICATES} as committed is not the file dvc.lock records for stage quality"
+    ), problems
+    run(["git", "checkout", "-q", "--", "."], project)  # back to the committed files
 
     moved = revision(
         "b moved to train, labels reordered",

@@ -36,12 +36,21 @@ def right(n, wrong):
         (0.94, range(6), [], False, "significantly worse"),  # all 6 disagreements go to the promoted: p = 1/64
         (0.89, range(11), range(50), False, "below the threshold"),  # far better than the promoted, not good enough
         (None, range(5), None, False, "has no finetune val accuracy"),
+        (float("nan"), range(5), None, False, "not a number"),  # NaN < threshold is False: must not pass
+        (float("nan"), range(5), range(5), False, "not a number"),
     ],
 )
 def test_promotion_gate(candidate, candidate_wrong, promoted_wrong, expected, why):
     comparison = None if promoted_wrong is None else paired(right(100, candidate_wrong), right(100, promoted_wrong))
     promote, reason = decide(candidate, comparison, PARAMS)
     assert promote is expected and why in reason, reason
+
+
+def test_no_image_left_to_compare_on_does_not_promote():
+    # every current val image was in the promoted model's training split (the seed or fractions changed)
+    comparison = {**paired(right(0, []), right(0, [])), "left_out_trained_on": 400}
+    promote, reason = decide(0.99, comparison, PARAMS)
+    assert not promote and "no val image is left to compare" in reason and "400 left out" in reason, reason
 
 
 def test_paired_counts_and_p_value():
