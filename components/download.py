@@ -286,6 +286,11 @@ def run(
             log.warning("download: %d ids in download.keep_together match no image", len(together["not_found"]))
         if not_found:
             log.warning("download: %d ids in download.exclude match no image: %s", len(not_found), not_found[:5])
+        if summary["empty_classes"]:
+            log.warning(
+                "download: classes with no image kept, left out of the label vocabulary: %s (see quarantine.jsonl)",
+                summary["empty_classes"],
+            )
         summary["source"] = {"type": ds.source, "dir": ds.dir}
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()

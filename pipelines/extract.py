@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from typing import Callable, Iterable
 
 import apache_beam as beam
@@ -279,7 +280,7 @@ class ExtractShard(beam.DoFn):
         if missing:
             self._compute(source, rows, missing)
             self._computed.inc(len(missing))
-        partial = target + ".partial"
+        partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
         with tf.io.TFRecordWriter(partial) as writer:
             for record_id, label, key in rows:
                 values = self._cache.get(key)

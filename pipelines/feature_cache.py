@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import uuid
 from importlib import metadata
@@ -72,7 +71,7 @@ def namespace_record(base_fingerprint: dict, batch_size: int, runtime: str = "te
         "code": code_fingerprint(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "machine": platform.machine(),
+        **fingerprint.machine_record(),  # the same CPU features and cores, or other entries (a shared cache)
     }
 
 

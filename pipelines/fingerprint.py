@@ -8,6 +8,30 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import platform
+
+# CPU features that decide which kernels oneDNN (TensorFlow) and OpenVINO run, and so a float's last bits
+ISA_FLAGS = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+# ... and the settings that switch them
+ISA_ENVIRONMENT = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 def code_fingerprint(modules: tuple[str, ...]) -> dict[str, str]:
@@ -22,3 +46,30 @@ def code_fingerprint(modules: tuple[str, ...]) -> dict[str, str]:
 
 def namespace_of(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The `ISA_FLAGS` this CPU has (Linux's /proc/cpuinfo; none where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in ISA_FLAGS if flag in present]
+    return []
+
+
+def machine_record(cpuinfo: str | None = None) -> dict:
+    """What about the machine decides a model's outputs to the last bit: the architecture, its instruction-set
+    extensions, the core count (the threads a kernel splits its sums over) and the settings above. Caches shared
+    between machines (a bucket, a CI cache) keep each kind of machine's results apart by it."""
+    return {
+        "machine": platform.machine(),
+        "cpu_flags": cpu_flags(cpuinfo),
+        "cpus": os.cpu_count(),
+        "environment": {name: os.environ[name] for name in ISA_ENVIRONMENT if name in os.environ},
+    }

@@ -80,10 +80,12 @@ def cross_split_pairs(
                     hit_a, hit_b = np.nonzero(units_a @ units_b.T >= margin)
                     exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
                     for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
+                        # compared as reported, to 6 digits: float32 unit rows put an exact copy at 0.9999999
+                        similarity = round(min(similarity, 1.0), 6)
                         if similarity >= threshold:
                             rows.append(
                                 {
-                                    "similarity": round(min(similarity, 1.0), 6),
+                                    "similarity": similarity,
                                     "a_split": a,
                                     "a_id": ids[a][start + r],
                                     "b_split": b,

@@ -51,8 +51,11 @@ def current_namespace(params_path: Path) -> str:
 
 def source_keys(config: download.Config) -> set[str]:
     """The download cache's keys (SHA-256 of the file) of every file now at the source."""
+    offline = lambda: False  # noqa: E731 - a clean-up never downloads a dataset (tfds would fetch one it lacks)
     return {
-        normalise.content_hash(item.data) for item in download.source_items(config.dataset) if item.data is not None
+        normalise.content_hash(item.data)
+        for item in download.source_items(config.dataset, offline)
+        if item.data is not None
     }
 
 

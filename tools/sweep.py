@@ -77,15 +77,22 @@ def lookup(params: Mapping, dotted: str) -> Any:
     return value
 
 
-def variant_args(sweep: SweepFile, baseline: Mapping) -> dict[str, list[str]]:
-    """`-S` arguments per variant: its own overrides, and the baseline's value for keys only others override."""
+def variant_values(sweep: SweepFile, baseline: Mapping) -> dict[str, dict[str, Any]]:
+    """Per variant, {dotted key: value}: its own overrides, and the baseline's value for keys only others override."""
     keys = sorted({key for overrides in sweep.variants.values() for key, _ in preset.leaves(overrides)})
-    args = {}
+    values = {}
     for name, overrides in sweep.variants.items():
         own = dict(preset.leaves(overrides))
+        values[name] = {key: own[key] if key in own else lookup(baseline, key) for key in keys}
+    return values
+
+
+def variant_args(sweep: SweepFile, baseline: Mapping) -> dict[str, list[str]]:
+    """`-S` arguments per variant (`variant_values`)."""
+    args = {}
+    for name, values in variant_values(sweep, baseline).items():
         full: dict[str, Any] = {}
-        for key in keys:
-            value = own[key] if key in own else lookup(baseline, key)
+        for key, value in values.items():
             node = full
             *parents, leaf = key.split(".")
             for part in parents:
@@ -93,6 +100,29 @@ def variant_args(sweep: SweepFile, baseline: Mapping) -> dict[str, list[str]]:
             node[leaf] = value
         args[name] = preset.set_args(full)
     return args
+
+
+def stale_params(exp: Mapping, values: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (the experiment's value, the variant's now)} where an existing experiment ran with other params."""
+    stale = {}
+    for key, value in values.items():
+        try:
+            ran = lookup(exp["params"], key)
+        except (KeyError, TypeError):
+            ran = None
+        if ran != value:
+            stale[key] = (ran, value)
+    return stale
+
+
+def unusable(found: Mapping[str, dict], names: Sequence[str]) -> list[str]:
+    """The experiments among `names` that did not finish: queued, running or failed (DVC lists them too, a
+    failed one with metrics that may be the baseline's)."""
+    return [
+        f"{name} ({found[name]['state']}{': ' + found[name]['error'] if found[name]['error'] else ''})"
+        for name in names
+        if name in found and (found[name]["state"] not in (None, "success") or found[name]["error"])
+    ]
 
 
 def validate_variants(sweep: SweepFile, params_path: Path) -> None:
@@ -112,11 +142,15 @@ def experiments(repo: Path) -> dict[str, dict]:
         if entry.get("rev") == "workspace":
             continue
         for exp in entry.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
             for row in exp.get("revs") or []:
                 if row.get("name"):
                     data = row.get("data") or {}
+                    error = row.get("error")
                     found[row["name"]] = {
                         "rev": row.get("rev"),
+                        "state": state,
+                        "error": (error.get("msg") or error.get("type") or "error") if error else None,
                         "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
                         "metrics": {
                             path: value.get("data") or {} for path, value in (data.get("metrics") or {}).items()
@@ -153,6 +187,14 @@ def leaderboard_row(variant: str, exp: Mapping) -> dict:
 
 def scores(evaluation: Mapping, model: str, split: str) -> Mapping:
     return ((evaluation.get(model) or {}).get(split)) or {}
+
+
+def check_scored(rows: list[dict]) -> None:
+    """Refuse a leaderboard with a variant that has no val accuracy: ranked as 0, it would sit among the others
+    with numbers it does not have."""
+    unscored = [r["variant"] for r in rows if r["finetune_val_accuracy"] is None or r["head_val_accuracy"] is None]
+    if unscored:
+        raise RuntimeError(f"variants without val accuracies in {EVALUATION_METRICS}: {unscored}")
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -220,8 +262,29 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:
-        args = variant_args(sweep, read_params(params_path))
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *RESTORED], cwd=repo).returncode
+        if changed:
+            raise RuntimeError(
+                f"uncommitted changes in {', '.join(RESTORED)}: commit them first (every variant runs from the "
+                "committed baseline, and the sweep puts the committed files back when it ends)"
+            )
+        baseline = read_params(params_path)
+        args, values = variant_args(sweep, baseline), variant_values(sweep, baseline)
         done = experiments(repo)
+        not_finished = unusable(done, list(names.values()))
+        if not_finished:
+            raise RuntimeError(
+                f"experiments that did not finish: {not_finished}; remove them (`dvc exp remove NAME`, a queued "
+                "one `dvc queue remove NAME`) and run the sweep again"
+            )
+        for variant, name in names.items():
+            stale = stale_params(done[name], values[variant]) if name in done else {}
+            if stale:
+                raise RuntimeError(
+                    f"experiment {name} ran with other params than variant {variant} has now "
+                    f"({ {k: f'{old!r} -> {new!r}' for k, (old, new) in stale.items()} }): remove it "
+                    f"(`dvc exp remove {name}`) or name the variant anew"
+                )
         try:
             for variant, name in names.items():
                 if name in done:
@@ -237,7 +300,11 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     missing = [name for name in names.values() if name not in found]
     if missing:
         raise RuntimeError(f"no experiment for {missing} on this commit: run the sweep without --collect first")
+    not_finished = unusable(found, list(names.values()))
+    if not_finished:
+        raise RuntimeError(f"experiments that did not finish cannot be ranked: {not_finished}")
     rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
+    check_scored(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "leaderboard.json").write_text(
         json.dumps({"sweep": prefix, "rows": rows}, indent=2) + "\n", encoding="utf-8"

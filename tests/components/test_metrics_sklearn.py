@@ -60,6 +60,27 @@ def test_metrics_agree_with_scikit_learn(seed, classes, ties):
     assert m["macro_f1_low"] < m["macro_f1"] < m["macro_f1_high"]
 
 
+def test_macro_f1_over_a_split_without_one_class_agrees_with_scikit_learn():
+    # the vocabulary comes from train, so val or test may lack a class: it must not count as a class scored 0
+    labels, probs = random_predictions(4, 120, 4, False)
+    keep = labels != 2
+    labels, probs = labels[keep], probs[keep]
+    probs[:, 2] = 0.0  # never predicted either
+    probs /= probs.sum(axis=1, keepdims=True)
+    m = evaluate.classification_metrics(labels, probs, [f"c{i}" for i in range(4)])
+    assert m["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(labels, probs.argmax(axis=1), average="macro"))
+    assert m["per_class"]["c2"]["support"] == 0
+    y = labels % 3  # classes 0 and 1 only: a perfect model on it, class 2 absent and never predicted
+    assert evaluate.classification_metrics(y, np.eye(3)[y], ["a", "b", "c"])["macro_f1"] == 1.0
+
+
+def test_the_macro_f1_interval_of_a_rare_class_does_not_collapse():
+    # a perfect binary model, 97 to 3: resamples that drew none of the rare class used to score it 0 (F1 0.5)
+    labels = np.array([0] * 97 + [1] * 3)
+    m = evaluate.classification_metrics(labels, np.eye(2)[labels], ["common", "rare"])
+    assert m["macro_f1"] == 1.0 and m["macro_f1_low"] == 1.0 and m["macro_f1_high"] == 1.0
+
+
 @pytest.mark.parametrize("seed,classes,ties", CASES)
 def test_curves_agree_with_scikit_learn(seed, classes, ties):
     labels, probs = random_predictions(seed, 200, classes, ties)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -35,3 +37,18 @@ def test_both_backends_share_one_layout(tmp_path):
     remote = feature_cache.FeatureCache("file://" + str(tmp_path), RECORD, [4])
     local.put("ab" + "0" * 62, np.ones(4))
     np.testing.assert_array_equal(remote.get("ab" + "0" * 62), np.ones(4))
+
+
+def test_the_namespace_tells_machines_apart_where_the_last_bits_can_differ(monkeypatch):
+    from pipelines import fingerprint
+
+    cpuinfo = "processor : 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f amx_tile\n"
+    assert fingerprint.cpu_flags(cpuinfo) == ["sse4_2", "avx", "avx2", "fma", "avx512f", "amx_tile"]
+    assert fingerprint.cpu_flags("no flags here") == []
+    assert fingerprint.machine_record(cpuinfo) != fingerprint.machine_record(cpuinfo.replace(" amx_tile", ""))
+    base = {"name": "mobilenet_v2", "weights": "imagenet"}
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    default = feature_cache.namespace_record(base, 32)
+    assert default["cpu_flags"] == fingerprint.cpu_flags() and default["cpus"] == os.cpu_count()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # other kernels, other bits: other entries
+    assert feature_cache.namespace_of(feature_cache.namespace_record(base, 32)) != feature_cache.namespace_of(default)

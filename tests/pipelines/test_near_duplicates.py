@@ -77,3 +77,15 @@ def test_bad_inputs_are_clear_errors():
         nd.cross_split_pairs({"train": np.ones((2, 3)), "val": np.ones((2, 4))}, {"train": "ab", "val": "cd"}, 0.9)
     with pytest.raises(ValueError, match="unknown splits"):
         nd.cross_split_pairs({"holdout": np.ones((2, 3))}, {"holdout": "ab"}, 0.9)
+
+
+def test_exact_copies_reach_a_threshold_of_one():
+    # float32 unit rows put some exact copies at 0.9999999: at threshold 1.0 they were missed (26 of 50 found)
+    rows = np.random.default_rng(5).normal(size=(50, 64)).astype(np.float32) * 3.7
+    pairs = nd.cross_split_pairs(
+        {"train": rows, "test": rows.copy()},
+        {"train": [f"a{i}" for i in range(50)], "test": [f"b{i}" for i in range(50)]},
+        1.0,
+    )
+    assert sorted((p["a_id"], p["b_id"]) for p in pairs) == sorted((f"a{i}", f"b{i}") for i in range(50))
+    assert all(p["similarity"] == 1.0 for p in pairs)

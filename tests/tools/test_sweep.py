@@ -1,3 +1,5 @@
+import pytest
+
 from tools import sweep
 
 
@@ -61,3 +63,35 @@ def test_leaderboard_rows_read_both_splits_of_the_evaluation():
         and "| 1 | v | vgg16 (imagenet) | 150x150 | avg | 512 | 9.5 | 80.00% | 90.00% | 70.00% | 60.00% | 0.6500 |"
         in table
     )
+
+
+def test_a_variant_without_val_figures_is_refused_not_ranked_last():
+    sweep.check_scored([row("a", 0.9, 0.91, 0.9, 0.9)])
+    with pytest.raises(RuntimeError, match=r"without val accuracies .*\['no_val'\]"):
+        sweep.check_scored([row("a", 0.9, 0.91, 0.9, 0.9), row("no_val", None, None, 1.0, 1.0)])
+
+
+def test_queued_running_and_failed_experiments_are_not_taken_as_done():
+    found = {
+        "s-ok": {"state": None, "error": None},
+        "s-queue-ok": {"state": "success", "error": None},
+        "s-queued": {"state": "queued", "error": None},
+        "s-failed": {"state": "failed", "error": None},
+        "s-broken": {"state": None, "error": "metrics unreadable"},
+    }
+    assert sweep.unusable(found, list(found) + ["s-missing"]) == [
+        "s-queued (queued)",
+        "s-failed (failed)",
+        "s-broken (None: metrics unreadable)",
+    ]
+
+
+def test_an_experiment_run_with_other_params_than_its_variant_now_is_found():
+    exp = {"params": {"finetune": {"learning_rate": 2e-05, "epochs": 3}, "conv_base": {"input_size": [96, 96]}}}
+    same = {"finetune.learning_rate": 0.00002, "conv_base.input_size": [96, 96]}
+    assert sweep.stale_params(exp, same) == {}
+    edited = {"finetune.learning_rate": 0.0001, "conv_base.input_size": [96, 96], "train_head.epochs": 5}
+    assert sweep.stale_params(exp, edited) == {
+        "finetune.learning_rate": (2e-05, 0.0001),
+        "train_head.epochs": (None, 5),
+    }
