@@ -5,7 +5,8 @@
       options: {direct_running_mode: multi_processing, direct_num_workers: 2}
 
 Each option becomes ``--name=value`` for Beam's ``PipelineOptions`` (``true``:
-``--name``; ``false``: left out), after ``--runner``. Then come, in this order,
+``--name``; ``false``: ``--no_name`` where Beam has it, left out for a switch that is off by
+default, an error otherwise), after ``--runner``. Then come, in this order,
 the shell words of the environment variable ``TRANSFER_BEAM_ARGS`` (a
 per-machine override that no versioned file holds) and the stage's own
 command-line Beam arguments. Beam takes the last of a repeated single-valued
@@ -88,13 +89,40 @@ def load(params_path: str | Path) -> BeamParams:
     return section(data, BeamParams, "beam", params_path) if "beam" in data else BeamParams()
 
 
+def _option_parser() -> "_StrictParser":
+    """A parser of every registered Beam option class, as PipelineOptions parses."""
+    parser = _StrictParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def _switched_off(name: str, parser: "_StrictParser") -> list[str]:
+    """The arguments that set a switch option `name` to false: ``--no_name`` where Beam has it, nothing where the
+    switch is off unless given; an error where false cannot be said (it would be dropped without a word)."""
+    actions = parser._option_string_actions
+    if f"--no_{name}" in actions:
+        return [f"--no_{name}"]
+    action = actions.get(f"--{name}")
+    if action is not None and action.nargs == 0 and action.default is False:
+        return []
+    raise ParamsError(
+        f"beam.options.{name}: false cannot be passed to Beam "
+        + ("(no such option)" if action is None else "(it has no --no_ form and its default is not off)")
+        + "; leave the option out, or give it a value"
+    )
+
+
 def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
     """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments."""
     args = [f"--runner={params.runner}"]
+    parser = _option_parser() if any(value is False for value in params.options.values()) else None
     for name, value in sorted(params.options.items()):
         if value is True:
             args.append(f"--{name}")
-        elif value is not False:
+        elif value is False:
+            args += _switched_off(name, parser)
+        else:
             args.append(f"--{name}={value}")
     args += shlex.split((environ if environ is not None else os.environ).get(ENV, "")) + list(extra)
     return [_qualified(arg) for arg in args]
@@ -121,9 +149,7 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     runner = str(PipelineOptions(args).view_as(StandardOptions).runner or "DirectRunner").rsplit(".", 1)[-1]
     if runner == "DaskRunner":
         _dask_runner()  # registers the Dask options
-    parser = _StrictParser(allow_abbrev=False)  # as PipelineOptions parses: every registered option class
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
+    parser = _option_parser()
     _, unknown = parser.parse_known_args(args)
     flags = [f.lstrip("-") for f in parser._option_string_actions if f.startswith("--")]
     for arg in unknown:

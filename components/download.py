@@ -266,9 +266,14 @@ def run(
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
         manifest, excluded, not_found = split.exclude(manifest, dl.exclude)
         if dl.keep_together and any(c.given_split for c in candidates):
+            how = (
+                "give dataset.tfds.splits one slice, which download.fractions hash-splits"
+                if ds.source == "tfds"
+                else "move the files between its train/val/test folders, or set dataset.existing_splits: ignore "
+                "to hash-split"
+            )
             raise ValueError(
-                "download.keep_together moves images between splits, but this dataset gives its own train/val/test "
-                "folders: move the files there, or set dataset.existing_splits: ignore to hash-split"
+                f"download.keep_together moves images between splits, but this dataset gives its own: {how}"
             )
         manifest, together = split.keep_together(manifest, dl.keep_together)
         kept = {row["source"] for row in manifest}

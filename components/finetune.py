@@ -68,7 +68,7 @@ class AugmentParams(Section):
 class FinetuneParams(Section):
     # The first layer of the base to train; null: the registry's top block
     # (vgg16: block5_conv1). Or unfreeze_top: the top N layers of the base.
-    unfreeze_from: str | None = None
+    unfreeze_from: str | None = pydantic.Field(None, min_length=1)  # "" would mean the default, silently
     unfreeze_top: int | None = pydantic.Field(None, ge=1)
     train_batch_norm: bool = False  # scale/offset of unfrozen BN layers; their statistics never move
     optimizer: Literal["adam", "rmsprop", "sgd"] = "rmsprop"
@@ -153,14 +153,19 @@ class BestEpoch(keras.callbacks.Callback):
 
     ``start``: (val loss, val accuracy) before training, epoch 0, which an epoch must match or beat to be
     kept; None: the best trained epoch whatever the start. Among trained epochs the earlier wins a tie.
+    ``patience``: stop after this many epochs in a row without a better trained epoch, by the same rule
+    (Keras' EarlyStopping on val_accuracy alone would stop while lower losses at the same accuracy still
+    improve the epoch this keeps); with val_loss it stops where EarlyStopping does.
     """
 
-    def __init__(self, monitor: str, start: tuple[float, float] | None):
+    def __init__(self, monitor: str, start: tuple[float, float] | None, patience: int | None = None):
         super().__init__()
         self.monitor = monitor
         self.best = None if start is None else self.key(*start)
         self.epoch = 0
         self.weights = None
+        self.patience = patience
+        self.trained_best, self.trained_epoch = None, 0
 
     def key(self, loss: float, accuracy: float) -> tuple[float, ...]:
         return (loss,) if self.monitor == "val_loss" else (-accuracy, loss)
@@ -172,6 +177,10 @@ class BestEpoch(keras.callbacks.Callback):
         key = self.key(float(logs["val_loss"]), float(logs["val_accuracy"]))
         if self.best is None or key < self.best or (self.epoch == 0 and key == self.best):
             self.best, self.epoch, self.weights = key, epoch + 1, self.model.get_weights()
+        if self.trained_best is None or key < self.trained_best:
+            self.trained_best, self.trained_epoch = key, epoch + 1
+        if self.patience is not None and epoch + 1 - self.trained_epoch >= self.patience:
+            self.model.stop_training = True
 
 
 def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
@@ -295,15 +304,15 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             files["val"], size, params.batch_size, binary=binary, cache=cache["val"], resources=opened
         )
         before_loss, before_accuracy = model.evaluate(val, verbose=0)
-        best = BestEpoch(params.monitor, (before_loss, before_accuracy) if params.keep_better_start else None)
-        stop = keras.callbacks.EarlyStopping(monitor=params.monitor, mode="auto", patience=params.patience)
+        start = (before_loss, before_accuracy) if params.keep_better_start else None
+        best = BestEpoch(params.monitor, start, params.patience)  # also stops early, by the same rule
         started = time.monotonic()
         history = model.fit(
             train,
             validation_data=val,
             epochs=params.epochs,
             class_weight=weights,
-            callbacks=[best, stop, training.live_callback(live)],
+            callbacks=[best, training.live_callback(live)],
             verbose=2,
         )
         elapsed = time.monotonic() - started

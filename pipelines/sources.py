@@ -233,7 +233,11 @@ def read_tfds(data_dir: str, cfg: TfdsSource, network_probe: Callable[[], bool] 
             raw_id = example.get("tfds_id", b"")
             tfds_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             source = f"tfds:{tfds_id}" if tfds_id else f"tfds:{cfg.name}:{named[split_name]}#{i}"
-            label = normalise_label(label_feature.int2str(int(example[cfg.label_key])))
+            index = int(example[cfg.label_key])
+            if not 0 <= index < label_feature.num_classes:  # int2str(-1) would name the last class
+                yield Found(source=source, label=None, given_split=given, problem=f"no label (tfds label {index})")
+                continue
+            label = normalise_label(label_feature.int2str(index))
             yield Found(source=source, label=label, given_split=given, data=bytes(example[cfg.image_key]))
 
 

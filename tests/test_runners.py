@@ -144,6 +144,24 @@ def test_the_beam_section_becomes_pipeline_options_in_order(monkeypatch):
     assert options["job_endpoint"] == "localhost:8099" and options["environment_type"] == "DOCKER"  # last wins
 
 
+def test_false_options_are_said_to_beam_or_refused_never_dropped():
+    def args(**options):
+        return beam_options.beam_args(beam_options.BeamParams(runner="DirectRunner", options=options), environ={})[1:]
+
+    # off by default unless given: nothing to pass; Beam's default None (on for some runners): --no_
+    assert args(streaming=False) == []
+    assert args(save_main_session=False, pipeline_type_check=False) == [
+        "--no_pipeline_type_check",
+        "--no_save_main_session",
+    ]
+    options = beam_options.pipeline_options(
+        "extract", beam_options.BeamParams(options={"save_main_session": False})
+    ).get_all_options()
+    assert options["save_main_session"] is False  # not None: the runner's choice
+    with pytest.raises(ParamsError, match=r"beam\.options\.save_main_sesion: false .*no such option"):
+        args(save_main_sesion=False)  # misspelt: dropped, it would never reach the unknown-option check
+
+
 def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
     monkeypatch.delenv(beam_options.ENV, raising=False)
     with pytest.raises(ParamsError, match="unknown Beam option --direct_num_wokers.*did you mean 'direct_num_workers'"):

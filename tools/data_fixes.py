@@ -30,6 +30,17 @@ NEAR_DUPLICATES = "near_duplicates.json"
 LABEL_ISSUES = "label_issues.json"
 
 
+def refuse_given_splits(dataset: dict) -> None:
+    """download.keep_together moves images between hash-split splits only: refuse it, before writing anything,
+    where the source fixes the splits (what download would refuse at the next run)."""
+    if dataset.get("source", "tfds") == "tfds" and isinstance((dataset.get("tfds") or {}).get("splits", {}), dict):
+        raise SystemExit(
+            "--keep-together: the tfds source maps its own slices to train/val/test (dataset.tfds.splits), which "
+            "download keeps; give dataset.tfds.splits one slice (hash-split by download.fractions), or use "
+            "--exclude-copies"
+        )
+
+
 def fixes(
     near_duplicates: list[dict],
     label_issues: list[dict],
@@ -75,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     if args.keep_together and args.exclude_copies:
         parser.error("--keep-together and --exclude-copies are two answers to the same pairs: choose one")
+    if args.exclude_suspects < 0:
+        parser.error(f"--exclude-suspects takes a count of 0 or more, got {args.exclude_suspects}")
     near = json.loads((args.report / NEAR_DUPLICATES).read_text(encoding="utf-8"))
     issues = json.loads((args.report / LABEL_ISSUES).read_text(encoding="utf-8"))
     found = fixes(
@@ -85,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exclude_suspects=args.exclude_suspects,
     )
     params = read_params(args.params)
+    if args.keep_together:
+        refuse_given_splits(params.get("dataset") or {})
     download = merged_download(params.get("download") or {}, found)
     merged = {**params, "download": download}
     preset.validate(merged, args.params)

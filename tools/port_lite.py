@@ -132,9 +132,11 @@ def build(state: dict[str, np.ndarray], variant: str):
     if blocks != len(strides):
         raise PortError(f"the weights hold {blocks} blocks, {variant} has {len(strides)}")
     weights: dict[str, list[np.ndarray]] = {}
+    read: set[str] = set()  # the state's keys placed in the model
 
     def conv(x, name, key, stride=1, depthwise=False):
         kernel = state[f"{key}.weight"]  # [out, in / groups, kh, kw]
+        read.add(f"{key}.weight")
         if depthwise:
             layer = keras.layers.DepthwiseConv2D(kernel.shape[2], stride, padding="same", use_bias=False, name=name)
             weights[name] = [kernel.transpose(2, 3, 0, 1)]  # [kh, kw, channels, 1]
@@ -146,7 +148,9 @@ def build(state: dict[str, np.ndarray], variant: str):
         return layer(x)
 
     def norm(x, name, key):
-        weights[name] = [state[f"{key}.{w}"] for w in ("weight", "bias", "running_mean", "running_var")]
+        keys = [f"{key}.{w}" for w in ("weight", "bias", "running_mean", "running_var")]
+        weights[name] = [state[k] for k in keys]
+        read.update(keys)
         return keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=name)(x)
 
     def relu(x, name):
@@ -173,17 +177,14 @@ def build(state: dict[str, np.ndarray], variant: str):
         if expected != [v.shape for v in values]:
             raise PortError(f"{name}: the weights have shapes {[v.shape for v in values]}, the layer {expected}")
         layer.set_weights([v.astype(np.float32) for v in values])
-    used = {f"{k}.{w}" for k in _torch_keys(state) for w in ("weight", "bias", "running_mean", "running_var")}
+    # every weight the file holds must be in the model (a B0 file's squeeze-excitation weights would otherwise
+    # be dropped without a word), except the classifier (_fc) and batch norm's step counters
     unused = sorted(
-        k for k in state if k not in used and not k.endswith("num_batches_tracked") and not k.startswith("_fc.")
+        k for k in state if k not in read and not k.endswith("num_batches_tracked") and not k.startswith("_fc.")
     )
     if unused:
         raise PortError(f"weights not placed in the model: {unused[:5]}")
     return model
-
-
-def _torch_keys(state) -> set[str]:
-    return {k.rsplit(".", 1)[0] for k in state}
 
 
 def package_weights(variant: str) -> Path:

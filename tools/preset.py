@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -59,15 +60,19 @@ def leaves(overrides: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
+# A string DVC's override grammar (Hydra) reads back as the same string when unquoted: a letter first, then
+# letters, digits and _ . / -, and not a word it reads as null, a bool or a float ("1.0", "true", "NULL", "inf",
+# "1_000" would come back as other types)
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
+_READ_AS_OTHER = {"null", "true", "false", "inf", "nan"}
+
+
 def set_args(overrides: Mapping) -> list[str]:
-    """`-S key=value` pairs; values in JSON, which DVC reads as YAML."""
+    """`-S key=value` pairs; values in JSON (strings quoted unless plain), which DVC reads as YAML."""
     args = []
     for key, value in leaves(overrides):
-        text = (
-            value
-            if isinstance(value, str) and value and not any(c in value for c in " :#{}[],'\"")
-            else json.dumps(value, separators=(",", ":"))
-        )
+        plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
+        text = value if plain else json.dumps(value, separators=(",", ":"))
         args += ["-S", f"{key}={text}"]
     return args
 
@@ -95,6 +100,13 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
         target_path = repo / target
         dvc_file = target_path.with_name(target_path.name + ".dvc").relative_to(repo).as_posix()
         if (repo / dvc_file).exists():
+            recorded = (yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}).get("deps") or [{}]
+            wanted = str((repo / source).resolve()) if "://" not in source else source
+            if recorded[0].get("path") not in (None, wanted, source):
+                raise ParamsError(
+                    f"{dvc_file} imports {recorded[0].get('path')}, but the preset's source for {target} is {source}: "
+                    f"`dvc remove {dvc_file}` (or point the preset at the imported source) and run it again"
+                )
             if not target_path.exists() and dvc("pull", dvc_file, cwd=repo, check=False).returncode != 0:
                 result = dvc("update", dvc_file, cwd=repo, check=False)
                 if result.returncode != 0:
@@ -109,6 +121,18 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
             )
         made.append(dvc_file)
     return made
+
+
+def inputs_dvc_files(inputs: Mapping[str, str], repo: Path) -> list[str]:
+    """The .dvc file of each input, relative to the repository."""
+    return [(repo / target).with_name(Path(target).name + ".dvc").relative_to(repo).as_posix() for target in inputs]
+
+
+def committed(path: str, repo: Path) -> bool:
+    """Whether `path` is in git's HEAD exactly as it is in the working tree."""
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=repo, capture_output=True)
+    same = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path], cwd=repo, capture_output=True)
+    return tracked.returncode == 0 and same.returncode == 0
 
 
 def validate(params: Mapping, where: Path) -> None:
@@ -148,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)
-        if made and args.queue:  # a queued experiment is built from git's committed state, which lacks them
+        uncommitted = [f for f in inputs_dvc_files(inputs, repo) if f in made or not committed(f, repo)]
+        if uncommitted and args.queue:  # a queued experiment is built from git's committed state, which lacks them
             raise ParamsError(
-                f"imported {', '.join(made)}: commit them first (git add {' '.join(made)} && git commit), then queue"
+                f"imported {', '.join(uncommitted)}: commit them first (git add {' '.join(uncommitted)} && "
+                "git commit), then queue"
             )
         if made:
             print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} && git commit)", file=sys.stderr)

@@ -77,7 +77,9 @@ COMMITTED = ("dvc.lock", "evaluation", "dvclive", "metrics", "quality", "params.
 class RetrainParams(Section):
     artifact: str = "classifier"  # the `artifacts:` entry of dvc.yaml
     stage: str = "prod"  # the registry stage a passing model is assigned to
-    model: Literal["finetune", "head"] = "finetune"  # whose val metric must reach the threshold
+    # whose val metric must reach the threshold: the model the `classifier` artifact serves (export always
+    # exports the fine-tuned one, so a head's figure would gate a model it does not describe)
+    model: Literal["finetune"] = "finetune"
     metric: Literal["accuracy", "macro_f1", "roc_auc"] = "accuracy"  # higher is better
     threshold: float = pydantic.Field(0.95, ge=0.0, le=1.0)  # the candidate must reach this
     # ... and must not be significantly worse than the promoted model on the same images: McNemar's

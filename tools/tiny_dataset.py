@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 CLASS_COLORS = {"cats": (200, 60, 40), "dogs": (40, 60, 200), "birds": (40, 180, 60)}
+# other class names take these, by their position: every class its own colour, so there is something to learn
+OTHER_COLORS = ((200, 200, 40), (40, 200, 200), (200, 40, 200), (120, 120, 120), (230, 140, 30), (30, 90, 60))
 
 
 def image_array(seed: int, color=(128, 128, 128), size=(24, 32)) -> np.ndarray:
@@ -38,7 +40,7 @@ def make_class_folder(root: Path, per_class: int = 6, classes=("cats", "dogs"), 
         folder = Path(root) / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(start, start + per_class):
-            color = CLASS_COLORS.get(name, (90, 90, 90))
+            color = CLASS_COLORS.get(name, OTHER_COLORS[c % len(OTHER_COLORS)])
             (folder / f"{name}_{i}.jpg").write_bytes(jpeg(image_array(1000 * c + i, color, size)))
     return Path(root)
 

@@ -436,7 +436,7 @@ def test_counts_that_do_not_add_up_are_an_error():
 
 def test_class_names_with_spaces_and_non_ascii_are_nfc(tmp_path):
     nfd = unicodedata.normalize("NFD", "chats siamois é")
-    root = make_class_folder(tmp_path / "src", per_class=6, classes=(nfd, "Hunde ü"))
+    root = make_class_folder(tmp_path / "src", per_class=10, classes=(nfd, "Hunde ü"))
     make_class_folder(root, per_class=0, classes=("empty class",))
     summary = dl.run(folder_config(root), tmp_path / "out")
     assert summary["classes"] == sorted(["chats siamois é", "Hunde ü"])
@@ -629,13 +629,14 @@ def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(
     assert summary["kept_together"]["groups"] == 1 and len(summary["kept_together"]["moved"]) == 1
     given = tmp_path / "given"
     make_class_folder(given / "train", per_class=3)
+    make_class_folder(given / "val", per_class=2, start=30)
     make_class_folder(given / "test", per_class=2, start=50)
     config = dl.Config(
         common=dl.CommonParams(seed=3),
         dataset=dl.DatasetParams(source="folder", dir=str(given)),
         download=dl.DownloadParams(keep_together=[["0" * 20, "1" * 20]]),
     )
-    with pytest.raises(ValueError, match="existing_splits: ignore"):
+    with pytest.raises(ValueError, match="keep_together moves images .* gives its own: move the files"):
         dl.run(config, tmp_path / "c")
     assert not (tmp_path / "c").exists()
 

@@ -16,6 +16,7 @@ from pipelines import split as splitting  # noqa: E402
 from tests.conftest import encode, image_array  # noqa: E402
 
 TRAIN_SIZE = 23_262  # cats_vs_dogs' real train split size, for absolute slicing
+UNLABELLED: set[int] = set()  # indices the mock gives label -1 (as stl10's "unlabelled" split does)
 
 
 def sliced_mock(self, split, decoders=None, read_config=None, **kwargs):
@@ -33,7 +34,7 @@ def sliced_mock(self, split, decoders=None, read_config=None, **kwargs):
             example = {
                 "image": encode(image_array(i, (200, 60, 40) if i % 2 else (40, 60, 200), size=(16, 16))),
                 "image/filename": f"{i}.jpg",
-                "label": i % 2,
+                "label": -1 if i in UNLABELLED else i % 2,
             }
             if add_id:
                 example["tfds_id"] = f"cats_vs_dogs-train.tfrecord-00000-of-00001__{i}"
@@ -150,3 +151,16 @@ def test_network_probe_sees_a_listening_port():
         port = server.getsockname()[1]
         assert sources.network_reachable("127.0.0.1", port, timeout=2.0) is True
     assert sources.network_reachable("127.0.0.1", port, timeout=2.0) is False  # closed now
+
+
+def test_unlabelled_tfds_examples_are_quarantined_not_given_the_last_class(tmp_path):
+    UNLABELLED.update({3, 7, 11})
+    try:
+        with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
+            summary = dl.run(tfds_config(tmp_path / "tfds", "train[:40]"), tmp_path / "out")
+    finally:
+        UNLABELLED.clear()
+    quarantine = mf.read_jsonl(tmp_path / "out" / dl.QUARANTINE)
+    assert sorted(int(r["source"].rsplit("__", 1)[1]) for r in quarantine) == [3, 7, 11]
+    assert {r["reason"] for r in quarantine} == {"no label (tfds label -1)"}
+    assert summary["kept"] == 37 and summary["found"] == 40 and summary["reconciled"]

@@ -201,6 +201,47 @@ def test_a_tie_with_the_start_goes_to_the_trained_epoch_and_earlier_epochs_win_t
     assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.4, 0.9)]) == (0, 0.0)  # same accuracy, worse loss
 
 
+def stops_after(monitor, patience, epochs):
+    """The epoch (1-based) after which BestEpoch stops training, or None."""
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    best = finetune.BestEpoch(monitor, None, patience)
+    best.set_model(model)
+    best.on_train_begin()
+    for epoch, (loss, accuracy) in enumerate(epochs):
+        model.stop_training = False
+        best.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": accuracy})
+        if model.stop_training:
+            return epoch + 1
+    return None
+
+
+def keras_stops_after(monitor, mode, patience, epochs):
+    """The epoch (1-based) after which Keras' EarlyStopping stops training, or None."""
+    rule = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience)
+    rule.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    rule.on_train_begin()
+    for epoch, (loss, accuracy) in enumerate(epochs):
+        rule.model.stop_training = False
+        rule.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": accuracy})
+        if rule.model.stop_training:
+            return epoch + 1
+    return None
+
+
+def test_early_stopping_follows_the_rule_that_picks_the_best_epoch():
+    # the same accuracy with lower losses is progress for val_accuracy's rule: Keras' EarlyStopping (accuracy
+    # alone, strictly; "auto" is "max" for it) stopped after epoch 3 while epochs 4 and 5 were each the best so far
+    epochs = [(0.5, 0.8), (0.45, 0.8), (0.44, 0.8), (0.43, 0.8), (0.42, 0.8), (0.6, 0.8), (0.6, 0.8), (0.6, 0.8)]
+    assert stops_after("val_accuracy", 2, epochs) == 7
+    assert keras_stops_after("val_accuracy", "max", 2, epochs) == 3
+    # val_loss: where EarlyStopping stops (a tie is no progress for either)
+    losses = [(0.5, 0.0), (0.4, 0.0), (0.41, 0.0), (0.4, 0.0), (0.39, 0.0), (0.5, 0.0), (0.5, 0.0), (0.5, 0.0)]
+    assert stops_after("val_loss", 2, losses) == keras_stops_after("val_loss", "min", 2, losses) == 4
+    later = [(0.5, 0.0), (0.4, 0.0), (0.41, 0.0), (0.39, 0.0), (0.5, 0.0), (0.5, 0.0), (0.5, 0.0)]
+    assert stops_after("val_loss", 2, later) == keras_stops_after("val_loss", "min", 2, later) == 6
+    assert stops_after("val_loss", None, losses) is None
+
+
 @pytest.mark.slow
 def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_params, head_path, tmp_path):
     # A learning rate that wrecks the weights: no epoch beats the starting point on val loss.

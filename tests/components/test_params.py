@@ -226,3 +226,10 @@ def test_a_saved_base_outside_models_is_refused_before_any_work(tmp_path, monkey
         extract.main(["--params", "params.yaml", "--convert", "c", "--out", "o"])
     with pytest.raises(ParamsError, match="outside models/"):
         finetune.main(["--params", "params.yaml", "--convert", "c", "--head", "h", "--out", "o", "--live", "l"])
+
+
+def test_an_empty_unfreeze_point_is_refused_not_read_as_the_default():
+    from components import finetune
+
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from"):
+        parse_section(finetune.FinetuneParams, "finetune", {"unfreeze_from": ""})

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from components.params import ParamsError
+from tests.conftest import repo_params
 from tests.test_dvc_pipeline import REPO
 from tools import data_fixes
 
@@ -57,3 +58,18 @@ def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, ca
     (report / "near_duplicates.json").write_text(json.dumps([{**PAIRS[0], "b_id": "not an id"}]))
     with pytest.raises(ParamsError, match="download.exclude"):
         data_fixes.main([*args, "--write"])
+
+
+def test_impossible_fixes_are_refused_before_anything_is_written(tmp_path):
+    report = tmp_path / "quality"
+    report.mkdir()
+    (report / data_fixes.NEAR_DUPLICATES).write_text(json.dumps([]))
+    (report / data_fixes.LABEL_ISSUES).write_text(json.dumps([]))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(repo_params()))  # the default: tfds slices mapped to the three splits
+    before = params.read_text()
+    with pytest.raises(SystemExit, match="tfds source maps its own slices"):
+        data_fixes.main(["--report", str(report), "--params", str(params), "--keep-together", "--write"])
+    with pytest.raises(SystemExit):  # argparse: a negative count would exclude all but the last N suspects
+        data_fixes.main(["--report", str(report), "--params", str(params), "--exclude-suspects", "-2"])
+    assert params.read_text() == before

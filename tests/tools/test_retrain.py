@@ -284,3 +284,8 @@ def test_retrain_exit_codes(scheduled):
     (project / "params.yaml").write_text(json.dumps({"retrain": {"metric": "loss"}}))
     code, record, stderr = retrain_cli(project)
     assert code == 2 and record is None and "retrain.metric" in stderr
+
+
+def test_the_gate_reads_the_served_models_metric_only():
+    with pytest.raises(ParamsError, match=r"retrain\.model"):  # export serves the fine-tuned model, never the head
+        parse_section(RetrainParams, "retrain", {"model": "head"})
