@@ -66,6 +66,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     except (ParamsError, EnvironmentProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Exception as exc:  # noqa: BLE001 - a lower layer's error that says what to do (pipelines.runtimes)
+        if not getattr(exc, "user_facing", False):
+            traceback.print_exc()
+            code = 1
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
     except BaseException:  # noqa: BLE001 - report, then exit non-zero
         traceback.print_exc()
         code = 1

@@ -352,6 +352,7 @@ def run(
     cache_dir: str | None = None,
 ) -> dict:
     params = config.evaluate
+    runtimes.check_installed(params.runtime)  # a clear error before any work, as extract
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
     names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
     manifest = read_jsonl(manifest_path)

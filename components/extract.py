@@ -173,6 +173,8 @@ def run(
         "seconds": round(elapsed, 2),
         "images_per_s": round(total / elapsed, 2),
         "feature_size": record["feature_size"],
+        # the cache namespace these features came from (machine-dependent): what tools.cache_gc keeps
+        "cache_namespace": feature_cache.namespace_of(namespace),
     }
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)

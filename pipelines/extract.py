@@ -281,15 +281,19 @@ class ExtractShard(beam.DoFn):
             self._compute(source, rows, missing)
             self._computed.inc(len(missing))
         partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
-        with tf.io.TFRecordWriter(partial) as writer:
-            for record_id, label, key in rows:
-                values = self._cache.get(key)
-                if values is None:
-                    raise RuntimeError(
-                        f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
-                    )
-                writer.write(feature_example(record_id, label, values))
-        tf.io.gfile.rename(partial, target, overwrite=True)
+        try:
+            with tf.io.TFRecordWriter(partial) as writer:
+                for record_id, label, key in rows:
+                    values = self._cache.get(key)
+                    if values is None:
+                        raise RuntimeError(
+                            f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
+                        )
+                    writer.write(feature_example(record_id, label, values))
+            tf.io.gfile.rename(partial, target, overwrite=True)
+        finally:  # a failed attempt leaves nothing in the output folder (a retry's output would carry it)
+            if tf.io.gfile.exists(partial):
+                tf.io.gfile.remove(partial)
         elapsed = time.monotonic() - started
         log.info(
             "extract: %s %d images (%d computed, %d from the cache) in %.1fs",

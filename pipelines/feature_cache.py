@@ -35,6 +35,7 @@ import os
 import shutil
 import uuid
 from importlib import metadata
+from typing import Collection
 
 import keras
 import numpy as np
@@ -208,7 +209,11 @@ def stored_feature_shape(root: str, record: dict) -> list[int] | None:
 
 
 def collect_garbage(
-    root: str, keep_namespace: str, keep_keys: set[str], dry_run: bool = False, suffixes: tuple[str, ...] = (SUFFIX,)
+    root: str,
+    keep_namespace: str | Collection[str],
+    keep_keys: set[str],
+    dry_run: bool = False,
+    suffixes: tuple[str, ...] = (SUFFIX,),
 ) -> dict:
     """Delete what the current outputs do not use: every other namespace under `root`, and the entries of
     `keep_namespace` whose key is not in `keep_keys` (its notes stay). An entry is a file `<key><suffix>` in a
@@ -216,6 +221,7 @@ def collect_garbage(
     it when no stage uses the cache. Returns the namespaces and entries removed and kept, and the bytes freed."""
     if "://" in root:
         raise ValueError(f"{root}: garbage collection runs on a local cache folder (use the bucket's lifecycle rules)")
+    kept = {keep_namespace} if isinstance(keep_namespace, str) else set(keep_namespace)
     report = {"namespaces_removed": [], "entries_removed": 0, "entries_kept": 0, "bytes_freed": 0}
     if not os.path.isdir(root):
         return report
@@ -223,7 +229,7 @@ def collect_garbage(
         folder = os.path.join(root, name)
         if not os.path.isfile(os.path.join(folder, "meta.json")):
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
-        if name != keep_namespace:
+        if name not in kept:
             report["namespaces_removed"].append(name)
             for dirpath, _, files in os.walk(folder):
                 report["bytes_freed"] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

@@ -33,6 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines import fingerprint
+
 Runtime = Literal["tensorflow", "openvino"]
 RUNTIMES: tuple[str, ...] = ("tensorflow", "openvino")
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
@@ -41,6 +43,8 @@ MODEL_XML = "model.xml"
 
 class RuntimeMissing(RuntimeError):
     """The chosen runtime's package is not installed."""
+
+    user_facing = True  # components.cli.run_main: the message and exit 2, not a traceback
 
 
 def _openvino():
@@ -96,12 +100,18 @@ def _convert(model: keras.Model, folder: Path) -> None:
         shutil.rmtree(private, ignore_errors=True)
 
 
+# the code the traced function runs besides the model's config and weights (its custom layers' `call`)
+TRACED_CODE = ("pipelines.bases", "pipelines.runtimes")
+
+
 def conversion_key(model: keras.Model) -> str:
-    """What decides a converted model: the Keras model, the OpenVINO version, this module's code, the config."""
+    """What decides a converted model: the Keras model, the OpenVINO, TensorFlow and Keras versions, the code
+    the traced function runs (`TRACED_CODE`: an edit of a custom layer's `call` is another model), the config."""
     ov = _openvino()
     digest = hashlib.sha256(model_digest(model).encode())
-    digest.update(ov.__version__.encode())
-    digest.update(Path(__file__).read_bytes())
+    for version in (ov.__version__, tf.__version__, keras.__version__):
+        digest.update(version.encode())
+    digest.update(json.dumps(fingerprint.code_fingerprint(TRACED_CODE), sort_keys=True).encode())
     digest.update(json.dumps(OPENVINO_CONFIG, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 

@@ -138,7 +138,11 @@ def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, p
         dirnames.sort()
         here = Path(dirpath)
         for name in list(dirnames):
-            if (here / name).is_symlink():
+            try:
+                linked = (here / name).is_symlink()
+            except OSError:  # reported by _read_entry
+                linked = True
+            if linked:
                 dirnames.remove(name)
                 yield from _read_entry(here / name, root, real_root, label, given_split, problem)
             elif problem is None and _is_hidden(name):  # thumbnails, .AppleDouble: not the class's images
@@ -153,14 +157,17 @@ def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, pro
     rel = path.relative_to(root).as_posix()
     if problem is None and _is_hidden(path.name):
         problem = "hidden file"
-    if problem is None and path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(real_root):
-            problem = f"symlink to {target} outside the source folder (not followed)"
-        elif target.is_dir():
-            problem = "symlink to a folder (not followed)"
-    if problem is None and not path.is_file():
-        problem = "not a regular file"
+    try:
+        if problem is None and path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(real_root):
+                problem = f"symlink to {target} outside the source folder (not followed)"
+            elif target.is_dir():
+                problem = "symlink to a folder (not followed)"
+        if problem is None and not path.is_file():
+            problem = "not a regular file"
+    except OSError as exc:  # a folder listed but not entered (read without execute permission)
+        problem = f"unreadable: {exc.strerror or exc}"
     if problem:
         yield Found(source=rel, label=label, given_split=given_split, problem=problem)
         return

@@ -149,7 +149,7 @@ def lock_inconsistencies(lock: dict, declared: Sequence[str]) -> list[str]:
     problems = [
         f"stage {stage} is in dvc.yaml but not in dvc.lock: run `dvc repro` and commit"
         for stage in declared
-        if stage not in entries
+        if stage not in entries and not any(name.startswith(f"{stage}@") for name in entries)
     ]
     produced = {path: (stage, md5) for stage, outs in stage_outputs(lock).items() for path, md5 in outs.items()}
     for stage, entry in entries.items():

@@ -49,6 +49,16 @@ def current_namespace(params_path: Path) -> str:
     return feature_cache.namespace_of(extract.cache_namespace(extract.load_config(params_path)))
 
 
+def recorded_namespace(metrics: Path) -> str | None:
+    """The namespace the current features came from, as extract recorded it: kept too, so a collection run in
+    another environment than `dvc repro` (cron without its OMP_NUM_THREADS) never deletes what the next
+    repro reads."""
+    try:
+        return json.loads(metrics.read_text(encoding="utf-8")).get("cache_namespace")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def source_keys(config: download.Config) -> set[str]:
     """The download cache's keys (SHA-256 of the file) of every file now at the source."""
     offline = lambda: False  # noqa: E731 - a clean-up never downloads a dataset (tfds would fetch one it lacks)
@@ -75,17 +85,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--download-cache", default=".cache/download", help="the download stage's cache (download's --cache)"
     )
+    parser.add_argument(
+        "--metrics", type=Path, default=Path("metrics/extract.json"), help="extract's metrics: its cache namespace"
+    )
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
     # the download cache first: it reads the source, which may fail, and then nothing is deleted at all
     download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
     namespace = current_namespace(args.params)
+    recorded = recorded_namespace(args.metrics)
     keys = used_keys(args.convert)
-    report = feature_cache.collect_garbage(args.cache, namespace, keys, dry_run=args.dry_run)
+    report = feature_cache.collect_garbage(args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run)
     reports = {
         "dry_run": args.dry_run,
-        "extract": {"namespace_kept": namespace, "images_in_use": len(keys), **report},
+        "extract": {
+            "namespace_kept": namespace,
+            "namespace_of_outputs": recorded,
+            "images_in_use": len(keys),
+            **report,
+        },
         "download": download_report,
     }
     print(json.dumps(reports, indent=2))

@@ -71,8 +71,10 @@ def set_args(overrides: Mapping) -> list[str]:
     """`-S key=value` pairs; values in JSON (strings quoted unless plain), which DVC reads as YAML."""
     args = []
     for key, value in leaves(overrides):
+        if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
+            raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
         plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
-        text = value if plain else json.dumps(value, separators=(",", ":"))
+        text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         args += ["-S", f"{key}={text}"]
     return args
 
@@ -102,7 +104,9 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
         if (repo / dvc_file).exists():
             recorded = (yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}).get("deps") or [{}]
             wanted = str((repo / source).resolve()) if "://" not in source else source
-            if recorded[0].get("path") not in (None, wanted, source):
+            # checked where the recorded source is on this machine: a clone elsewhere pulls what was imported
+            there = recorded[0].get("path")
+            if there not in (None, wanted, source) and "://" not in str(there) and Path(there).exists():
                 raise ParamsError(
                     f"{dvc_file} imports {recorded[0].get('path')}, but the preset's source for {target} is {source}: "
                     f"`dvc remove {dvc_file}` (or point the preset at the imported source) and run it again"

@@ -233,3 +233,20 @@ def test_an_empty_unfreeze_point_is_refused_not_read_as_the_default():
 
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from"):
         parse_section(finetune.FinetuneParams, "finetune", {"unfreeze_from": ""})
+
+
+def test_an_error_that_says_what_to_do_is_a_message_and_exit_2_not_a_traceback():
+    import subprocess
+    import sys
+
+    code = (
+        "from components.cli import run_main\n"
+        "class Missing(RuntimeError):\n    user_facing = True\n"
+        "def main():\n    raise Missing('pip install the runtime')\n"
+        "run_main(main)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 2 and done.stderr.strip() == "error: pip install the runtime"
+    bug = code.replace("    user_facing = True\n", "    pass\n")
+    done = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 1 and "Traceback" in done.stderr

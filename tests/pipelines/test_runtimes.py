@@ -81,6 +81,19 @@ def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch)
         runtimes.OpenVINOModel(other, cache)
 
 
+def test_the_conversion_key_holds_the_code_and_versions_the_traced_function_runs(base, monkeypatch):
+    from pipelines import fingerprint
+
+    key = runtimes.conversion_key(base)
+    code = fingerprint.code_fingerprint(runtimes.TRACED_CODE)
+    assert set(code) == {"pipelines.bases", "pipelines.runtimes"}  # BasePreprocessing.call, InferenceMode.call
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda modules: {**code, "pipelines.bases": "edited"})
+    assert runtimes.conversion_key(base) != key  # an edited custom layer: converted again, never the old IR
+    monkeypatch.undo()
+    monkeypatch.setattr(keras, "__version__", "0.0.0")
+    assert runtimes.conversion_key(base) != key
+
+
 def test_a_missing_openvino_is_a_clear_error_before_any_work(tmp_path, monkeypatch, converted_tiny):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
 
@@ -96,6 +109,7 @@ def test_a_missing_openvino_is_a_clear_error_before_any_work(tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="unknown runtime 'onnx'"):
         runtimes.check_installed("onnx")
+    assert runtimes.RuntimeMissing.user_facing  # the stage prints its message and exits 2 (tests/components)
 
 
 def test_the_runtime_is_part_of_the_feature_cache_namespace():

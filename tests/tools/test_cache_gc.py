@@ -83,3 +83,37 @@ def test_the_download_cache_keeps_the_files_at_the_source_under_the_current_limi
     monkeypatch.setattr(normalise, "normalise_image", lambda data, **kw: calls.append(1) or real(data, **kw))
     download.run(config, tmp_path / "d2", cache_root=cache)
     assert calls == []  # everything the next run reads is still there
+
+
+def test_the_collection_never_downloads_a_dataset(tmp_path, monkeypatch):
+    from components import download
+    from pipelines import sources
+
+    probes = []
+
+    def spy(data_dir, cfg, network_probe):  # what download.source_items hands the tfds reader
+        probes.append(network_probe)
+        return iter(())
+
+    monkeypatch.setattr(sources, "read_tfds", spy)
+    config = download.Config(
+        download.CommonParams(seed=1),
+        download.DatasetParams(source="tfds", dir=str(tmp_path / "tfds")),
+        download.DownloadParams(),
+    )
+    assert cache_gc.source_keys(config) == set()
+    assert len(probes) == 1 and probes[0] is not sources.network_reachable  # not the real probe: offline
+    assert probes[0]() is False  # whatever the network: it fetches nothing
+
+
+def test_the_namespace_the_outputs_came_from_is_kept(tmp_path):
+    root = tmp_path / "cache"
+    for record in ({"base": "now"}, {"base": "outputs"}, {"base": "old"}):
+        feature_cache.FeatureCache(str(root), record, [3]).put("a" * 64, np.ones(3))
+    metrics = tmp_path / "extract.json"
+    metrics.write_text(json.dumps({"cache_namespace": feature_cache.namespace_of({"base": "outputs"})}))
+    kept = {feature_cache.namespace_of({"base": "now"}), cache_gc.recorded_namespace(metrics)}
+    report = feature_cache.collect_garbage(str(root), kept, {"a" * 64})
+    assert report["namespaces_removed"] == [feature_cache.namespace_of({"base": "old"})]
+    assert report["entries_kept"] == 2
+    assert cache_gc.recorded_namespace(tmp_path / "none.json") is None

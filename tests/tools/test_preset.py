@@ -113,6 +113,7 @@ def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
             "i": "../shared/y z.keras",
             "j": "a:b",
             "k": "",
+            "m": "café/photos",
         },
         "others": {"n": 10, "x": 1e-05, "t": True, "z": None, "l": [224, 224]},
     }
@@ -140,3 +141,18 @@ def test_queueing_before_the_imports_are_committed_is_refused(project, tmp_path)
         ParamsError, match=r"sources/photos\.dvc imports .*photos, but the preset's source .* \.\./other"
     ):
         preset.main([str(project / "q.yaml"), "--params", str(project / "params.yaml"), "--write"])
+
+
+def test_a_preset_with_an_unknown_key_fails_naming_it(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    spec = tmp_path / "p.yaml"
+    spec.write_text(yaml.safe_dump({"finetune": {"learning_rte": 1e-4}}))
+    with pytest.raises(ParamsError, match=r"finetune\.learning_rte"):
+        preset.main([str(spec), "--params", str(params)])
+    assert params.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_a_value_dvc_would_change_is_refused():
+    with pytest.raises(ParamsError, match=r"dataset\.dir: .*backslash"):
+        preset.set_args({"dataset": {"dir": "C:\\\\photos"}})
