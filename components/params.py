@@ -114,14 +114,22 @@ def parse_section(model: type[SectionT], name: str, raw: Any) -> SectionT:
 
 
 class _ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading floats as YAML 1.2 does.
+    """PyYAML's safe loader, reading floats and bools as YAML 1.2 does, as DVC (ruamel) reads params.yaml.
 
     PyYAML follows YAML 1.1, where `1e-05` (no dot) is a string; DVC writes
     `dvc exp run -S train_head.learning_rate=0.00001` into params.yaml exactly
-    so, and reads it back as a float itself.
+    so, and reads it back as a float itself. YAML 1.1 also reads `yes`, `no`, `on`
+    and `off` as bools, which DVC (and `dvc params diff`) reads as strings: here
+    only `true` and `false` are bools, so a stage never sees another value than DVC shows.
     """
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ParamsLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(

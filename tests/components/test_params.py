@@ -250,3 +250,10 @@ def test_an_error_that_says_what_to_do_is_a_message_and_exit_2_not_a_traceback()
     bug = code.replace("    user_facing = True\n", "    pass\n")
     done = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_only_true_and_false_are_bools_as_dvc_reads_them():
+    from components.params import load_yaml
+
+    loaded = load_yaml("a: yes\nb: on\nc: true\nd: No\ne: False\nf: 1e-05\ng: null\nh: 3\n")
+    assert loaded == {"a": "yes", "b": "on", "c": True, "d": "No", "e": False, "f": 1e-05, "g": None, "h": 3}

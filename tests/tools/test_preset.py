@@ -114,6 +114,8 @@ def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
             "j": "a:b",
             "k": "",
             "m": "café/photos",
+            "o": "yes",
+            "p": "off",
         },
         "others": {"n": 10, "x": 1e-05, "t": True, "z": None, "l": [224, 224]},
     }
