@@ -93,6 +93,14 @@ def pixels_hash(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _reason(exc: Exception) -> str:
+    return (
+        f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (IndexError, KeyError, TypeError)) or not str(exc)
+        else str(exc)
+    )
+
+
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
     """Check a file, and return the pixels training and serving will see, as RGB bytes.
 
@@ -123,8 +131,10 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         return Rejected(f"too large (decompression bomb): {exc}")
     except UnidentifiedImageError:
         return Rejected("not an image (unrecognised format)")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return Rejected(f"undecodable {fmt}: {exc}")
+    except MemoryError as exc:  # the run's, not the file's: decode it again next time
+        return Rejected(f"undecodable {fmt}: out of memory ({exc})", lasting=False)
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError; damaged frames: IndexError, struct.error
+        return Rejected(f"undecodable {fmt}: {_reason(exc)}")
     if min(width, height) < min_side:
         return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
     if sniffed is None:
@@ -136,15 +146,20 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
     if image.is_animated_webp(data):
         return Rejected(image.ANIMATED_WEBP)
     actions = []
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-        actions.append(f"first of {img.n_frames} frames")
-    orientation = img.getexif().get(0x0112, 1)
-    applied = orientation if orientation in range(2, 9) else 1  # Pillow ignores other values, and so does the decode
-    if applied != 1:
-        img = ImageOps.exif_transpose(img)
-        actions.append(f"EXIF orientation {orientation} applied")
-    reference, how = _to_rgb(img)
+    try:  # Pillow reads frames and EXIF lazily: a damaged later frame fails only here
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+            actions.append(f"first of {img.n_frames} frames")
+        orientation = img.getexif().get(0x0112, 1)
+        applied = orientation if orientation in range(2, 9) else 1  # Pillow ignores other values, as the decode does
+        if applied != 1:
+            img = ImageOps.exif_transpose(img)
+            actions.append(f"EXIF orientation {orientation} applied")
+        reference, how = _to_rgb(img)
+    except MemoryError as exc:
+        return Rejected(f"undecodable {fmt}: out of memory ({exc})", lasting=False)
+    except Exception as exc:  # noqa: BLE001 - as above: the file is damaged, never a crash of the stage
+        return Rejected(f"undecodable {fmt}: {_reason(exc)}")
     if how != "RGB":
         actions.append(how)
     try:

@@ -108,6 +108,12 @@ def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) ->
                 "normalised": kept.action,
             }
         )
+    ids = collections.Counter(row["id"] for row in manifest)
+    shared = sorted(i for i, n in ids.items() if n > 1)
+    if shared:  # two different images whose pixel hashes share 80 bits (about 1e-12 for a million): never silently
+        raise RuntimeError(
+            f"distinct images share the manifest id {shared[:3]} (the first 20 hex digits of the pixel hash)"
+        )
     manifest.sort(key=lambda row: (SPLITS.index(row["split"]), row["label"], row["id"]))
     return manifest, rejected
 

@@ -189,6 +189,19 @@ def test_animated_gif_keeps_first_frame():
     assert "first of 2 frames" in result.action
 
 
+def test_a_damaged_gif_frame_is_quarantined_not_a_crash():
+    # Pillow reads a GIF's later frames lazily: cut inside the second frame, n_frames raised IndexError or
+    # struct.error out of the stage (111 of 900 cut points of this file); each is a rejection now
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    for cut in (6317, 6324, 6331, 6338, 6345):
+        result = normalise.normalise_image(data[:cut], **LIMITS)
+        assert isinstance(result, normalise.Rejected) and result.reason.startswith("undecodable GIF"), cut
+
+
 def animated_webp(lossless: bool) -> bytes:
     frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
     buffer = io.BytesIO()
@@ -420,6 +433,16 @@ def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
     assert summary["per_class"][splitting.NO_CLASS] == {"found": 1, "kept": 0, "quarantined": 1}
     assert summary["duplicates"] == {"files_quarantined": 2, "distinct_images": 2}
     assert summary["quarantine_reasons"]["duplicate"] == 2
+
+
+def test_two_images_sharing_an_id_are_an_error_not_one_file_overwriting_the_other():
+    def cand(source, label, pixels):
+        return splitting.Candidate(source, label, "f" + pixels[1:], None, "png", 20, 20, "PNG", "as-is", pixels)
+
+    prefix = "ab" * 10
+    first, second = cand("cats/a.png", "cats", prefix + "0" * 44), cand("dogs/b.png", "dogs", prefix + "1" * 44)
+    with pytest.raises(RuntimeError, match=f"distinct images share the manifest id \\['{prefix}'\\]"):
+        splitting.resolve([first, second], 3, FRACTIONS)
 
 
 def test_counts_that_do_not_add_up_are_an_error():
