@@ -66,16 +66,13 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     except (ParamsError, EnvironmentProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except Exception as exc:  # noqa: BLE001 - a lower layer's error that says what to do (pipelines.runtimes)
-        if not getattr(exc, "user_facing", False):
-            traceback.print_exc()
-            code = 1
-        else:
+    except BaseException as exc:  # noqa: BLE001 - report, then exit non-zero
+        if getattr(exc, "user_facing", False):  # a lower layer's error that says what to do (pipelines.runtimes)
             print(f"error: {exc}", file=sys.stderr)
             code = 2
-    except BaseException:  # noqa: BLE001 - report, then exit non-zero
-        traceback.print_exc()
-        code = 1
+        else:
+            traceback.print_exc()
+            code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

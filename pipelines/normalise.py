@@ -115,7 +115,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         return Rejected("empty file (0 bytes)")
     sniffed = image.sniff_format(data)  # what the serving model will take it for
     fmt = sniffed or "image"
-    try:
+    actions = []
+    try:  # Pillow reads frames and EXIF lazily: a damaged later frame fails only after load()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
@@ -127,26 +128,15 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                 )
             fmt = img.format or fmt
             img.load()
-    except Image.DecompressionBombError as exc:
-        return Rejected(f"too large (decompression bomb): {exc}")
-    except UnidentifiedImageError:
-        return Rejected("not an image (unrecognised format)")
-    except MemoryError as exc:  # the run's, not the file's: decode it again next time
-        return Rejected(f"undecodable {fmt}: out of memory ({exc})", lasting=False)
-    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError; damaged frames: IndexError, struct.error
-        return Rejected(f"undecodable {fmt}: {_reason(exc)}")
-    if min(width, height) < min_side:
-        return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
-    if sniffed is None:
-        return Rejected(
-            f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
-            "convert the file to one of them"
-        )
-
-    if image.is_animated_webp(data):
-        return Rejected(image.ANIMATED_WEBP)
-    actions = []
-    try:  # Pillow reads frames and EXIF lazily: a damaged later frame fails only here
+        if min(width, height) < min_side:
+            return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
+        if sniffed is None:
+            return Rejected(
+                f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
+                "convert the file to one of them"
+            )
+        if image.is_animated_webp(data):
+            return Rejected(image.ANIMATED_WEBP)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
             actions.append(f"first of {img.n_frames} frames")
@@ -156,9 +146,13 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             img = ImageOps.exif_transpose(img)
             actions.append(f"EXIF orientation {orientation} applied")
         reference, how = _to_rgb(img)
-    except MemoryError as exc:
+    except Image.DecompressionBombError as exc:
+        return Rejected(f"too large (decompression bomb): {exc}")
+    except UnidentifiedImageError:
+        return Rejected("not an image (unrecognised format)")
+    except MemoryError as exc:  # the run's, not the file's: decode it again next time
         return Rejected(f"undecodable {fmt}: out of memory ({exc})", lasting=False)
-    except Exception as exc:  # noqa: BLE001 - as above: the file is damaged, never a crash of the stage
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError; damaged frames: IndexError, struct.error
         return Rejected(f"undecodable {fmt}: {_reason(exc)}")
     if how != "RGB":
         actions.append(how)

@@ -366,7 +366,6 @@ def collect(repo: Path, rev: str) -> dict:
         "quality": quality,
         "unreadable": unreadable,
         "lock_problems": lock_problems,
-        "_lock": lock,
         "_rows": rows,
     }
 
@@ -412,14 +411,15 @@ def workspace_changes(repo: Path) -> dict:
         return dvc_repo.status()
 
 
-def workspace_lock_changes(repo: Path, lock: dict) -> list[str]:
-    """Stages whose outputs in the workspace's dvc.lock are not those of the audited revision's `lock`: the
-    workspace holds another run's outputs (an uncommitted `dvc repro`), which `dvc status` cannot see."""
+def workspace_lock_changes(repo: Path, outputs: dict[str, dict[str, str]]) -> list[str]:
+    """Stages whose outputs in the workspace's dvc.lock are not the audited revision's `outputs` (`stage_outputs`
+    of its lock): the workspace holds another run's outputs (an uncommitted `dvc repro`), which `dvc status`
+    cannot see."""
     path = repo / "dvc.lock"
     here = stage_outputs(yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {})
     return [
         f"workspace: stage {stage}'s outputs in dvc.lock are not the audited revision's: {outs} against {here.get(stage)}"
-        for stage, outs in stage_outputs(lock).items()
+        for stage, outs in outputs.items()
         if here.get(stage) != outs
     ]
 
@@ -508,7 +508,7 @@ def to_markdown(report: dict) -> str:
 
 def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False, rebuilt: bool = False) -> dict:
     record = collect(repo, rev)
-    rows, lock = record.pop("_rows"), record.pop("_lock")
+    rows = record.pop("_rows")
     problems = list(record["unreadable"]) + list(record["lock_problems"])
     problems += [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
@@ -523,11 +523,10 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
         changes = workspace_changes(repo)
         report["workspace"] = changes
         problems += [f"workspace: stage {stage} differs from dvc.lock: {json.dumps(c)}" for stage, c in changes.items()]
-        problems += workspace_lock_changes(repo, lock)
+        problems += workspace_lock_changes(repo, record["outputs"])
     if against:
         other = collect(repo, against)
         other_rows = other.pop("_rows")
-        other.pop("_lock")
         problems += list(other["unreadable"])
         problems += [
             f"image {m['sha256'][:12]} moved from {m['from']} to {m['to']}" for m in moved_splits(other_rows, rows)

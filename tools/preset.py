@@ -67,24 +67,32 @@ _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 _READ_AS_OTHER = {"null", "true", "false", "inf", "nan"}
 
 
+def set_arg(key: str, value: Any) -> list[str]:
+    """``-S key=value`` for one dotted key; the value in JSON (a string quoted unless plain), which DVC reads as
+    YAML."""
+    if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
+        raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
+    plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
+    text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return ["-S", f"{key}={text}"]
+
+
 def set_args(overrides: Mapping) -> list[str]:
-    """`-S key=value` pairs; values in JSON (strings quoted unless plain), which DVC reads as YAML."""
-    args = []
-    for key, value in leaves(overrides):
-        if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
-            raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
-        plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
-        text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        args += ["-S", f"{key}={text}"]
-    return args
+    """`set_arg` for every leaf of nested overrides."""
+    return [arg for key, value in leaves(overrides) for arg in set_arg(key, value)]
+
+
+def dvc_file_of(target: str, repo: Path) -> str:
+    """The .dvc file of an input's target, relative to the repository."""
+    target_path = repo / target
+    return target_path.with_name(target_path.name + ".dvc").relative_to(repo).as_posix()
 
 
 def check_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> None:
     """Each input has a source (a relative one is relative to the repository root: ``../shared/...`` is
     the folder beside it) or is already tracked in the repository."""
     for target, source in inputs.items():
-        target_path = repo / target
-        tracked = target_path.with_name(target_path.name + ".dvc").exists()
+        tracked = (repo / dvc_file_of(target, repo)).exists()
         if not tracked and "://" not in source and not (repo / source).exists():
             raise ParamsError(f"{preset_path}: inputs.{target}: {source} does not exist (relative to {repo})")
 
@@ -100,15 +108,15 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
     made = []
     for target, source in inputs.items():
         target_path = repo / target
-        dvc_file = target_path.with_name(target_path.name + ".dvc").relative_to(repo).as_posix()
+        dvc_file = dvc_file_of(target, repo)
+        source_path = str((repo / source).resolve()) if "://" not in source else source
         if (repo / dvc_file).exists():
             recorded = (yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}).get("deps") or [{}]
-            wanted = str((repo / source).resolve()) if "://" not in source else source
             # checked where the recorded source is on this machine: a clone elsewhere pulls what was imported
             there = recorded[0].get("path")
-            if there not in (None, wanted, source) and "://" not in str(there) and Path(there).exists():
+            if there not in (None, source_path, source) and "://" not in str(there) and Path(there).exists():
                 raise ParamsError(
-                    f"{dvc_file} imports {recorded[0].get('path')}, but the preset's source for {target} is {source}: "
+                    f"{dvc_file} imports {there}, but the preset's source for {target} is {source}: "
                     f"`dvc remove {dvc_file}` (or point the preset at the imported source) and run it again"
                 )
             if not target_path.exists() and dvc("pull", dvc_file, cwd=repo, check=False).returncode != 0:
@@ -116,7 +124,6 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
                 if result.returncode != 0:
                     raise RuntimeError(f"dvc update {dvc_file} failed: {(result.stderr or result.stdout)[-2000:]}")
             continue
-        source_path = str((repo / source).resolve()) if "://" not in source else source
         target_path.parent.mkdir(parents=True, exist_ok=True)
         result = dvc("import-url", source_path, target, cwd=repo, check=False)
         if result.returncode != 0:
@@ -125,11 +132,6 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
             )
         made.append(dvc_file)
     return made
-
-
-def inputs_dvc_files(inputs: Mapping[str, str], repo: Path) -> list[str]:
-    """The .dvc file of each input, relative to the repository."""
-    return [(repo / target).with_name(Path(target).name + ".dvc").relative_to(repo).as_posix() for target in inputs]
 
 
 def committed(path: str, repo: Path) -> bool:
@@ -176,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)
-        uncommitted = [f for f in inputs_dvc_files(inputs, repo) if f in made or not committed(f, repo)]
+        dvc_files = [dvc_file_of(target, repo) for target in inputs]
+        uncommitted = [f for f in dvc_files if f in made or not committed(f, repo)]
         if uncommitted and args.queue:  # a queued experiment is built from git's committed state, which lacks them
             raise ParamsError(
                 f"imported {', '.join(uncommitted)}: commit them first (git add {' '.join(uncommitted)} && "

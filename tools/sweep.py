@@ -87,19 +87,12 @@ def variant_values(sweep: SweepFile, baseline: Mapping) -> dict[str, dict[str, A
     return values
 
 
-def variant_args(sweep: SweepFile, baseline: Mapping) -> dict[str, list[str]]:
-    """`-S` arguments per variant (`variant_values`)."""
-    args = {}
-    for name, values in variant_values(sweep, baseline).items():
-        full: dict[str, Any] = {}
-        for key, value in values.items():
-            node = full
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        args[name] = preset.set_args(full)
-    return args
+def variant_args(values: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """`-S` arguments per variant, from its `variant_values`."""
+    return {
+        name: [arg for key, value in pairs.items() for arg in preset.set_arg(key, value)]
+        for name, pairs in values.items()
+    }
 
 
 def stale_params(exp: Mapping, values: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -269,7 +262,8 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                 "committed baseline, and the sweep puts the committed files back when it ends)"
             )
         baseline = read_params(params_path)
-        args, values = variant_args(sweep, baseline), variant_values(sweep, baseline)
+        values = variant_values(sweep, baseline)
+        args = variant_args(values)
         done = experiments(repo)
         not_finished = unusable(done, list(names.values()))
         if not_finished:

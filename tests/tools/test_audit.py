@@ -155,10 +155,10 @@ def test_a_git_tracked_output_committed_from_another_run_is_found():
 
 def test_workspace_outputs_of_another_run_are_found(tmp_path):
     (tmp_path / "dvc.lock").write_text(json.dumps(LOCK))
-    assert audit.workspace_lock_changes(tmp_path, LOCK) == []
+    assert audit.workspace_lock_changes(tmp_path, audit.stage_outputs(LOCK)) == []
     other = json.loads(json.dumps(LOCK))
     other["stages"]["extract"]["outs"][0]["md5"] = "e2.dir"  # the audited revision's extract was another run
-    (problem,) = audit.workspace_lock_changes(tmp_path, other)
+    (problem,) = audit.workspace_lock_changes(tmp_path, audit.stage_outputs(other))
     assert problem.startswith("workspace: stage extract's outputs in dvc.lock are not the audited revision's")
 
 
