@@ -4,7 +4,7 @@ Inputs
     params.yaml sections ``common``, ``dataset`` and ``download``.
     ``dataset.dir``: the class-folder root (``source: folder``) or the tfds
     ``data_dir`` (``source: tfds``); ``dvc.yaml`` declares it as a dependency.
-Outputs (one folder, written atomically)
+Outputs (one folder, updated in place: see `prepare_in_place`)
     ``images/<id>.jpg|png``  every kept image, normalised to RGB (JPEGs that are
                              already RGB and upright are kept byte-for-byte)
     ``manifest.jsonl``       one row per kept image: id, file, source, sha256 (of
@@ -38,7 +38,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
@@ -49,12 +52,13 @@ from components import outputs
 from components.cli import configure_logging, run_main
 from components.manifest import IMAGES, MANIFEST, SPLITS, write_jsonl
 from components.params import (
+    RESOLVED_PARAMS_FILE,
     CommonParams,
     Section,
     log_resolved,
     read_params,
+    resolved_text,
     section,
-    write_resolved,
 )
 from pipelines import download_cache, normalise, sources, split
 
@@ -62,7 +66,8 @@ log = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
-DECLARED_OUTPUTS = (MANIFEST, QUARANTINE, SUMMARY, IMAGES, "params.json")
+DECLARED_OUTPUTS = (MANIFEST, QUARANTINE, SUMMARY, IMAGES, RESOLVED_PARAMS_FILE)
+LISTINGS = (MANIFEST, QUARANTINE, SUMMARY, RESOLVED_PARAMS_FILE)  # what says the folder is complete
 PROGRESS_SECONDS = 10.0  # a progress line at most this often while files are read
 
 
@@ -197,6 +202,48 @@ def cache_namespace(config: Config) -> dict:
     return download_cache.namespace_record(config.download.min_side, config.download.max_pixels)
 
 
+def prepare_in_place(out: Path) -> Path:
+    """`out` as a real folder with a real `images/` folder in it, kept from an earlier run if there is one.
+
+    The stage updates its output in place (`persist: true` in dvc.yaml): an image already stored with
+    the right bytes keeps its file, so an incremental run writes only the new images, and DVC re-hashes
+    only those (it knows the others by inode, size and time). What ends in the folder is still exactly
+    what a run into an empty one writes: every stored file is compared byte for byte, and anything else
+    is removed (`run`).
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    images = out / IMAGES
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        images.unlink()
+    images.mkdir(exist_ok=True)
+    return images
+
+
+def holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a regular file (not a link) with exactly these bytes."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == len(data) and path.read_bytes() == data
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_listing(path: Path, write: Callable[[Path], object]) -> None:
+    """Write one of the folder's files under a hidden name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def run(
     config: Config,
     out_dir: str | Path,
@@ -215,9 +262,11 @@ def run(
     dl = config.download
     decode = normalise.make_decoder()
     cache = None if cache_root is None else download_cache.DownloadCache(cache_root, cache_namespace(config))
-    with outputs.staged_dir(out_dir) as tmp:
-        images = tmp / IMAGES
-        images.mkdir()
+    out = Path(out_dir)
+    fresh = not (out.exists() or out.is_symlink())
+    images = prepare_in_place(out)
+    staged: dict[int, Path] = {}  # candidate number -> its bytes, staged under a hidden name
+    try:
         declared, found_labels, candidates, quarantine = set(), [], [], []
         reported = time.monotonic()
         for item in found_iter:
@@ -259,9 +308,12 @@ def run(
                 action=result.action,
                 pixels_sha256=result.pixels_sha256,
             )
-            # Staged under its own name: two files with the same pixels (a JPEG with other metadata)
-            # share an id, and the one resolve() keeps must be the one stored.
-            (images / f".{len(candidates)}.{cand.ext}").write_bytes(result.data)
+            # An image already stored with these very bytes stays as it is. Any other is staged under its own
+            # name: two files with the same pixels (a JPEG with other metadata) share an id, and the one
+            # resolve() keeps must be the one stored.
+            if not holds(images / f"{cand.id}.{cand.ext}", result.data):
+                staged[len(candidates)] = images / f".staged-{len(candidates)}.{cand.ext}"
+                staged[len(candidates)].write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
         manifest, excluded, not_found = split.exclude(manifest, dl.exclude)
@@ -276,13 +328,6 @@ def run(
                 f"download.keep_together moves images between splits, but this dataset gives its own: {how}"
             )
         manifest, together = split.keep_together(manifest, dl.keep_together)
-        kept = {row["source"] for row in manifest}
-        for n, cand in enumerate(candidates):
-            staged = images / f".{n}.{cand.ext}"
-            if cand.source in kept:
-                staged.rename(images / f"{cand.id}.{cand.ext}")
-            else:
-                staged.unlink()
         quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
         summary["excluded"] = {"listed": len(dl.exclude), "quarantined": len(excluded), "not_found": not_found}
@@ -300,11 +345,42 @@ def run(
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()
         split.check_usable(summary)
-        write_jsonl(tmp / MANIFEST, manifest)
-        write_jsonl(tmp / QUARANTINE, quarantine)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        write_resolved(tmp, config.sections())
-        outputs.require_outputs(tmp, DECLARED_OUTPUTS)
+    except BaseException:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    # Every check passed: from here on the folder changes. The listings go first, so a run killed in
+    # this step leaves a folder without a manifest, which no stage reads and which the next run repairs.
+    for name in LISTINGS:
+        remove(out / name)
+    kept = {row["source"] for row in manifest}
+    names = set()
+    for n, cand in enumerate(candidates):
+        if cand.source in kept:
+            names.add(f"{cand.id}.{cand.ext}")
+            if n in staged:
+                target = images / f"{cand.id}.{cand.ext}"
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)  # a rename cannot replace a folder
+                os.replace(staged[n], target)
+        elif n in staged:
+            staged[n].unlink()
+    for entry in list(images.iterdir()):
+        if entry.name not in names:
+            remove(entry)
+    for entry in list(out.iterdir()):
+        if entry.name not in DECLARED_OUTPUTS:
+            remove(entry)
+    write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))
+    write_listing(out / QUARANTINE, lambda tmp: write_jsonl(tmp, quarantine))
+    write_listing(
+        out / SUMMARY,
+        lambda tmp: tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
+    )
+    write_listing(out / RESOLVED_PARAMS_FILE, lambda tmp: tmp.write_text(resolved_text(config.sections()), "utf-8"))
+    outputs.require_outputs(out, DECLARED_OUTPUTS)
     if cache:
         log.info("download: %d files from the cache, %d checked and decoded", cache.hits, cache.misses)
     log.info(

@@ -204,9 +204,14 @@ def to_jsonable(config: pydantic.BaseModel) -> dict[str, Any]:
 def write_resolved(out_dir: str | Path, sections: Mapping[str, pydantic.BaseModel]) -> Path:
     """Write the resolved config of a stage (all sections it read) as JSON."""
     path = Path(out_dir) / RESOLVED_PARAMS_FILE
-    payload = {name: to_jsonable(section) for name, section in sections.items()}
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(resolved_text(sections), encoding="utf-8")
     return path
+
+
+def resolved_text(sections: Mapping[str, pydantic.BaseModel]) -> str:
+    """The text of a stage's resolved-params file (`write_resolved`)."""
+    payload = {name: to_jsonable(section) for name, section in sections.items()}
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
 
 
 def log_resolved(stage: str, sections: Mapping[str, pydantic.BaseModel]) -> None:

@@ -77,7 +77,7 @@ Decoder = Callable[[bytes], tuple[np.ndarray, int]]
 def make_decoder() -> Decoder:
     """encoded bytes -> (normalised uint8 pixels, EXIF orientation) through `pipelines.image`,
     the decode extraction, training and the serving model run."""
-    traced = tf.function(image.decode_with_orientation, input_signature=[tf.TensorSpec([], tf.string)])
+    traced = tf.function(image.decode_with_orientation, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
 
     def decode(data: bytes) -> tuple[np.ndarray, int]:
         pixels, orientation = traced(tf.constant(data))

@@ -37,6 +37,7 @@ def image_record_spec() -> dict:
     return {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.LABEL, fk.IMAGE)}
 
 
+@image.plain
 def parse_image_record(serialized: tf.Tensor, size: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One convert record -> (id, label, float32 pixels at `size`) through the shared decode."""
     ex = tf.io.parse_single_example(serialized, image_record_spec())
@@ -61,7 +62,7 @@ def record_decoder(size: tuple[int, int]) -> RecordDecoder:
         with tf.device("/CPU:0"):
             return parse_image_record(serialized, size)
 
-    traced = tf.function(parse).get_concrete_function(tf.TensorSpec([], tf.string))
+    traced = tf.function(parse, autograph=False).get_concrete_function(tf.TensorSpec([], tf.string))
 
     def decode(serialized: bytes) -> tuple[bytes, int, np.ndarray]:
         record_id, label, pixels = traced(tf.constant(serialized))

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import apache_beam as beam
 import pytest
 
 from components import beam_options, convert, extract
@@ -201,3 +202,20 @@ def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_
     base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
     with pytest.raises(Exception, match="No module named 'pipelines'"):
         extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), converted, tmp_path / "e", runner=runner)
+
+
+def test_the_direct_runner_never_hands_a_stage_to_prism(monkeypatch, tmp_path):
+    # Beam's own DirectRunner tries the PrismRunner first, a binary it downloads at run time: online, the stages
+    # would run on a runner no test covers. Record any such try (Beam falls back on an exception, so a raise
+    # could not fail this test).
+    from apache_beam.runners.portability import prism_runner
+
+    tried = []
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", lambda *args: tried.append(args) or 1 / 0)
+    monkeypatch.delenv(beam_options.ENV, raising=False)
+    options = beam_options.pipeline_options("convert", beam_options.DIRECT)
+    assert options.get_all_options()["runner"] == beam_options.QUALIFIED["DirectRunner"]
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * 2) | beam.io.WriteToText(str(tmp_path / "out"))
+    assert sorted(int(line) for f in tmp_path.glob("out*") for line in f.read_text().split()) == [2, 4, 6]
+    assert tried == []

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import time
 import unicodedata
 from pathlib import Path
@@ -706,6 +707,55 @@ def test_the_cache_decodes_only_new_files_and_changes_no_byte(tmp_path, monkeypa
     assert quarantine["text.jpg"].startswith("not an image")
     stored = [r for r in mf.read_jsonl(tmp_path / "warm2" / mf.MANIFEST) if r["format"] == "PNG"]
     assert len(stored) == 2 and all(r["file"].endswith(".png") for r in stored)
+
+
+def entries(root: Path) -> dict[str, object]:
+    """relative path -> bytes of a regular file, or what else the entry is (a link, a folder)."""
+    return {
+        p.relative_to(root).as_posix(): "link" if p.is_symlink() else "folder" if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_an_earlier_output_is_updated_in_place_to_exactly_a_cold_runs_bytes(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    (root / "cats" / "odd.png").write_bytes(encode(image_array(99, size=(20, 20)), "PNG"))
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out, cache_root=tmp_path / "cache")
+    rows = mf.read_jsonl(out / mf.MANIFEST)
+    untouched, damaged, linked, folder = (out / rows[i]["file"] for i in range(4))
+    inode = untouched.stat().st_ino
+    # What an earlier run, a killed run or a user may have left: a file with other bytes of the same size,
+    # a link or a folder in place of a file, strays in both folders, a listing that is not this run's.
+    damaged.write_bytes(bytes(len(damaged.read_bytes())))
+    linked.unlink()
+    linked.symlink_to(root / rows[2]["source"])
+    folder.unlink()
+    (folder / "inside").mkdir(parents=True)
+    (out / mf.IMAGES / "0123456789abcdef0123.jpg").write_bytes(b"stray")
+    (out / mf.IMAGES / ".staged-3.png").write_bytes(b"a killed run's")
+    (out / mf.IMAGES / "folder").mkdir()
+    (out / "notes.txt").write_text("stray")
+    (out / dl.SUMMARY).write_text("{}")
+    (root / rows[4]["source"]).unlink()  # a source file gone, new ones come
+    make_class_folder(root, per_class=2, start=6)
+    dl.run(folder_config(root), out, cache_root=tmp_path / "cache")
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert entries(out) == entries(tmp_path / "cold")
+    assert untouched.stat().st_ino == inode  # kept, not rewritten: DVC need not hash it again
+    assert len(mf.read_jsonl(out / mf.MANIFEST)) == 13 + 4 - 1
+
+
+def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    before = entries(out)
+    make_class_folder(root, per_class=2, start=6)  # new images, staged before the check fails
+    shutil.rmtree(root / "dogs")
+    with pytest.raises(ValueError, match="need at least 2 classes"):
+        dl.run(folder_config(root), out)
+    assert entries(out) == before
 
 
 def test_a_damaged_cache_entry_is_a_miss_not_a_wrong_image(tmp_path, monkeypatch):
