@@ -45,11 +45,18 @@ def sh(*cmd: str, cwd) -> str:
     return result.stdout
 
 
+def venv_env() -> dict[str, str]:
+    """This environment with this interpreter's folder first on PATH, so that the stages' bare `python` is this
+    one (DVC runs a stage's command through the shell; cron's PATH has no virtualenv)."""
+    return dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def dvc(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m dvc ARGS` with this interpreter, its virtualenv first on PATH (so the stages' `python`
     is this one); with `check`, a failure is a RuntimeError with the end of its output."""
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=venv_env(), capture_output=True, text=True
+    )
     if check and result.returncode != 0:
         tail = (result.stderr or result.stdout)[-2000:]
         raise RuntimeError(f"dvc {' '.join(args)} failed ({result.returncode}) in {cwd}: {tail}")

@@ -44,7 +44,7 @@ import pydantic
 import tensorflow as tf
 import yaml
 
-from components.cli import configure_logging, dvc, run_main, sh
+from components.cli import configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST
 from components.params import Section, log_resolved, read_params, section
 from pipelines import features as fk
@@ -239,10 +239,12 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     python = sys.executable
     if pull:
         sh("git", "pull", "--ff-only", cwd=repo)
-        pulled = subprocess.run([python, "-m", "dvc", "pull", "--allow-missing"], cwd=repo)  # missing: a first run
+        pulled = subprocess.run(
+            [python, "-m", "dvc", "pull", "--allow-missing"], cwd=repo, env=venv_env()
+        )  # missing: a first run
         if pulled.returncode != 0:
             return FAILED, {"decision": "failed", "reason": f"dvc pull exited {pulled.returncode}"}
-    repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo)
+    repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
     metrics = json.loads((repo / METRICS).read_text())

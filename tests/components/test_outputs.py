@@ -55,3 +55,14 @@ def test_a_graph_traced_after_other_functions_gets_the_same_bytes(tmp_path):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
     served = tf.saved_model.load(str(tmp_path / "a")).signatures["serving_default"]
     assert served(names=tf.constant([b"dogs", b"cats", b"fox"]))["label"].numpy().tolist() == [1, 0, -1]
+
+
+def test_stage_commands_find_this_interpreter_on_a_bare_path(monkeypatch, tmp_path):
+    # A cron job runs .venv/bin/python without activating the virtualenv: the stages' bare `python` must be it.
+    from pathlib import Path
+
+    from components import cli
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = subprocess.run(["sh", "-c", "command -v python"], env=cli.venv_env(), capture_output=True, text=True)
+    assert Path(found.stdout.strip()).parent == Path(sys.executable).parent
