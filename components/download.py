@@ -4,7 +4,7 @@ Inputs
     params.yaml sections ``common``, ``dataset`` and ``download``.
     ``dataset.dir``: the class-folder root (``source: folder``) or the tfds
     ``data_dir`` (``source: tfds``); ``dvc.yaml`` declares it as a dependency.
-Outputs (one folder, updated in place: see `prepare_in_place`)
+Outputs (one folder, updated in place: see `reusable_images`)
     ``images/<id>.jpg|png``  every kept image, normalised to RGB (JPEGs that are
                              already RGB and upright are kept byte-for-byte)
     ``manifest.jsonl``       one row per kept image: id, file, source, sha256 (of
@@ -202,23 +202,47 @@ def cache_namespace(config: Config) -> dict:
     return download_cache.namespace_record(config.download.min_side, config.download.max_pixels)
 
 
-def prepare_in_place(out: Path) -> Path:
-    """`out` as a real folder with a real `images/` folder in it, kept from an earlier run if there is one.
+def reusable_images(out: Path) -> Path | None:
+    """`out`'s `images/` folder when an earlier run left a real one (no link on the way), else None.
 
     The stage updates its output in place (`persist: true` in dvc.yaml): an image already stored with
     the right bytes keeps its file, so an incremental run writes only the new images, and DVC re-hashes
     only those (it knows the others by inode, size and time). What ends in the folder is still exactly
     what a run into an empty one writes: every stored file is compared byte for byte, and anything else
-    is removed (`run`).
+    is removed (`run`). Until every check has passed the folder is only read: a failed run leaves it,
+    or a link in its place, as it was.
     """
+    images = out / IMAGES
+    real = all(p.is_dir() and not p.is_symlink() for p in (out, images))
+    return images if real else None
+
+
+def prepare_in_place(out: Path) -> Path:
+    """`out` as a real folder with a real `images/` folder in it, kept from an earlier run if there is one:
+    a link or a file in the place of either is replaced (the commit step of `run`, after every check)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)
     images = out / IMAGES
     if images.is_symlink() or (images.exists() and not images.is_dir()):
         images.unlink()
     images.mkdir(exist_ok=True)
     return images
+
+
+def staging_folder(out: Path) -> tuple[Path, list[Path]]:
+    """A new, empty folder beside `out` for this run's new images, outside the output (a killed run's
+    leftovers are never in what DVC hashes), on its filesystem (they are moved in by renames).
+
+    Earlier runs' staging folders, left by a killed run, are removed first. Returns the folder and the
+    parent folders created for it (the output's own parent may not exist yet), which a failed run removes.
+    """
+    created = [parent for parent in (out.parent, *out.parent.parents) if not parent.exists()]
+    for stale in out.parent.glob(f".{out.name}.staging-*") if out.parent.exists() else ():
+        remove(stale)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir(parents=True)
+    return staging, created
 
 
 def holds(path: Path, data: bytes) -> bool:
@@ -263,9 +287,9 @@ def run(
     decode = normalise.make_decoder()
     cache = None if cache_root is None else download_cache.DownloadCache(cache_root, cache_namespace(config))
     out = Path(out_dir)
-    fresh = not (out.exists() or out.is_symlink())
-    images = prepare_in_place(out)
-    staged: dict[int, Path] = {}  # candidate number -> its bytes, staged under a hidden name
+    held = reusable_images(out)
+    staging, created = staging_folder(out)
+    staged: dict[int, Path] = {}  # candidate number -> its bytes, staged outside the output
     try:
         declared, found_labels, candidates, quarantine = set(), [], [], []
         reported = time.monotonic()
@@ -311,8 +335,8 @@ def run(
             # An image already stored with these very bytes stays as it is. Any other is staged under its own
             # name: two files with the same pixels (a JPEG with other metadata) share an id, and the one
             # resolve() keeps must be the one stored.
-            if not holds(images / f"{cand.id}.{cand.ext}", result.data):
-                staged[len(candidates)] = images / f".staged-{len(candidates)}.{cand.ext}"
+            if held is None or not holds(held / f"{cand.id}.{cand.ext}", result.data):
+                staged[len(candidates)] = staging / f"{len(candidates)}.{cand.ext}"
                 staged[len(candidates)].write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
@@ -346,13 +370,16 @@ def run(
             summary["source"]["tfds"] = ds.tfds.model_dump()
         split.check_usable(summary)
     except BaseException:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # innermost first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     # Every check passed: from here on the folder changes. The listings go first, so a run killed in
     # this step leaves a folder without a manifest, which no stage reads and which the next run repairs.
+    images = prepare_in_place(out)
     for name in LISTINGS:
         remove(out / name)
     kept = {row["source"] for row in manifest}
@@ -373,6 +400,7 @@ def run(
     for entry in list(out.iterdir()):
         if entry.name not in DECLARED_OUTPUTS:
             remove(entry)
+    staging.rmdir()  # every staged file was moved in or removed
     write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))
     write_listing(out / QUARANTINE, lambda tmp: write_jsonl(tmp, quarantine))
     write_listing(

@@ -427,7 +427,8 @@ def run(
         images = records.encoded_by_id(image_files, {i for i, _ in chosen}, decode)
         (report / "gradcam").mkdir()
         if chosen and len(classifier.find_base(model).output.shape) == 4:
-            maps, _ = classifier.grad_cam(model, np.stack([images[i][1] for i, _ in chosen]))
+            shown = np.array([int(probs[index[i]].argmax()) for i, _ in chosen])  # the class each file is named for
+            maps, _ = classifier.grad_cam(model, np.stack([images[i][1] for i, _ in chosen]), shown)
             for (record_id, correct), heat in zip(chosen, maps):
                 k = index[record_id]
                 actual, guess = names[labels[k]], names[int(probs[k].argmax())]

@@ -108,26 +108,59 @@ def split_at_base(model: keras.Model):
     return bottom, top
 
 
-def grad_cam(model: keras.Model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _logits(model: keras.Model, top):
+    """`top` split before the output layer's activation: (feature map -> logits, logits -> probabilities).
+
+    The output layer is the head's Dense with a sigmoid (one unit) or softmax (one unit a class)."""
+    head = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][-1]
+    dense = head.layers[-1] if isinstance(head, keras.Model) else head
+    activation = getattr(dense, "activation", None)
+    if not isinstance(dense, keras.layers.Dense) or activation not in (
+        keras.activations.sigmoid,
+        keras.activations.softmax,
+    ):
+        raise ValueError("Grad-CAM needs the classifier to end in a Dense layer with a sigmoid or softmax")
+
+    def logits(feature_map):
+        dense.activation = keras.activations.linear  # the same layer and weights, its pre-activation out
+        try:
+            return top(feature_map)
+        finally:
+            dense.activation = activation
+
+    return logits, activation
+
+
+def grad_cam(
+    model: keras.Model, pixels: np.ndarray, classes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heat maps (n, h, w) in 0..1 at the base's output resolution, and the probabilities.
 
-    The class explained is the predicted one: the gradient of its probability
-    with respect to the base's last feature map, averaged per channel, weights
-    the channels; negative evidence is cut at zero (Selvaraju et al., 2017).
+    Image k's map explains class `classes[k]` (default: the model's own prediction on these pixels; the
+    evaluation passes the class it reports, which test-time augmentation or another runtime chose). The
+    gradient of that class's logit (the output layer's pre-activation: a probability's gradient vanishes
+    where the sigmoid or softmax saturates, at logits above about 17, and the map would be all zeros; for a
+    one-unit sigmoid, class 0's logit is minus the unit's) with respect to the base's last feature map,
+    averaged per channel, weights the channels; negative evidence is cut at zero (Selvaraju et al., 2017).
     """
     bottom, top = split_at_base(model)
+    logits_of, activation = _logits(model, top)
     pixels = tf.convert_to_tensor(pixels, tf.float32)
     feature_map = bottom(pixels)
     if len(feature_map.shape) != 4:
         raise ValueError("Grad-CAM needs a spatial feature map; the base's output is not 4-D")
     with tf.GradientTape() as tape:
         tape.watch(feature_map)
-        probabilities = top(feature_map)
-        if probabilities.shape[-1] == 1:
-            p = probabilities[:, 0]
-            score = tf.where(p >= 0.5, p, 1.0 - p)
+        logits = logits_of(feature_map)
+        probabilities = activation(logits)
+        if logits.shape[-1] == 1:
+            picked = (
+                tf.cast(probabilities[:, 0] >= 0.5, tf.int32) if classes is None else tf.constant(classes, tf.int32)
+            )
+            score = tf.where(picked == 1, logits[:, 0], -logits[:, 0])
         else:
-            score = tf.reduce_max(probabilities, axis=-1)
+            picked = tf.argmax(probabilities, axis=-1, output_type=tf.int32) if classes is None else classes
+            score = tf.gather(logits, tf.constant(picked, tf.int32)[:, None], batch_dims=1)[:, 0]
     grads = tape.gradient(score, feature_map)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1)).numpy()

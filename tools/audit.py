@@ -23,7 +23,11 @@ Checks (a failed check exits 1): every DVC-tracked file the audit reads is
 readable (from the cache or a remote: an audit that cannot see the data fails,
 naming the file and how to fetch it); no image (by its normalised pixels) in
 two splits; no near-duplicate pair across splits (the quality stage's list, by
-feature cosine: resized or re-encoded copies the pixel hash misses); the serving model's
+feature cosine: resized or re-encoded copies the pixel hash misses); ``dvc.lock`` is one
+consistent run (every stage of ``dvc.yaml`` is in it, and every stage's recorded input, a file
+inside another stage's output folder included, is what that stage recorded as its output); every
+output left to git (``cache: false``, folders included) is committed with the bytes the lock
+records; a ``--rebuild`` re-trains at least one stage; the serving model's
 lineage matches the revision's manifest and model; with ``--workspace``, the
 workspace's outputs match ``dvc.lock``; with ``--against``, no image that both
 revisions hold moved split and the label vocabulary kept its order.
@@ -38,12 +42,15 @@ import logging
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dvc.api as dvc_api
 import tensorflow as tf
 import yaml
 from dvc.repo import Repo
+from dvc_data.hashfile.hash_info import HashInfo
+from dvc_data.hashfile.meta import Meta
+from dvc_data.hashfile.tree import Tree
 from tensorflow.core.protobuf import saved_model_pb2
 
 from components import lineage, manifest
@@ -141,10 +148,17 @@ def stage_outputs(lock: dict) -> dict[str, dict[str, str]]:
     }
 
 
-def lock_inconsistencies(lock: dict, declared: Sequence[str]) -> list[str]:
+def lock_inconsistencies(
+    lock: dict, declared: Sequence[str], file_md5: Callable[[str], str | None] | None = None
+) -> list[str]:
     """What makes a revision's dvc.lock not one consistent run: a stage `declared` in its dvc.yaml with no
     lock entry (never reproduced, e.g. quality after `dvc repro export`), and a stage whose recorded input
-    is not what the stage producing it recorded as its output (a stale entry, made from other data)."""
+    is not what the stage producing it recorded as its output (a stale entry, made from other data).
+
+    An input may be a file inside another stage's output folder (finetune's `data/train_head/head.keras`):
+    `file_md5(path)` gives the md5 of that file as the producer's recorded output holds it (None where it
+    cannot be read: the caller notes that as a problem of its own). Without `file_md5` such inputs would go
+    unchecked, so it is required whenever the lock has one."""
     entries = lock.get("stages", {})
     problems = [
         f"stage {stage} is in dvc.yaml but not in dvc.lock: run `dvc repro` and commit"
@@ -154,30 +168,81 @@ def lock_inconsistencies(lock: dict, declared: Sequence[str]) -> list[str]:
     produced = {path: (stage, md5) for stage, outs in stage_outputs(lock).items() for path, md5 in outs.items()}
     for stage, entry in entries.items():
         for dep in entry.get("deps", []):
-            producer = produced.get(dep["path"])
-            if producer is not None and producer[1] != dep.get("md5"):
+            path = dep["path"]
+            producer = produced.get(path)
+            if producer is not None:
+                recorded = producer[1]
+            else:
+                folder = next((out for out in produced if path.startswith(out + "/")), None)
+                if folder is None:
+                    continue  # a source: no stage produces it
+                if file_md5 is None:
+                    raise ValueError(f"{stage} depends on {path}, inside {folder}: its check needs file_md5")
+                producer = (produced[folder][0], None)
+                recorded = file_md5(path)
+                if recorded is None:
+                    continue  # unreadable: reported by file_md5's caller, so the audit fails
+            if recorded != dep.get("md5"):
                 problems.append(
-                    f"stage {stage} was run on {dep['path']} {dep.get('md5')}, but {producer[0]} recorded "
-                    f"{producer[1]}: its outputs are stale; run `dvc repro` and commit"
+                    f"stage {stage} was run on {path} {dep.get('md5')}, but {producer[0]} recorded "
+                    f"{recorded}: its outputs are stale; run `dvc repro` and commit"
                 )
     return problems
 
 
-def git_tracked_mismatches(lock: dict, read: Any) -> list[str]:
-    """Outputs DVC leaves to git (`cache: false`) whose committed bytes are not those dvc.lock recorded
-    (`read(path)` gives the committed bytes or None): a report committed from another run than the lock."""
+def uncached_outputs(dvc_yaml: dict) -> set[str]:
+    """The outputs a dvc.yaml leaves to git (`cache: false`), metrics and plots included."""
+    found = set()
+    for entry in (dvc_yaml.get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for out in entry.get(kind) or []:
+                if isinstance(out, dict):
+                    ((path, config),) = out.items()
+                    if (config or {}).get("cache", True) is False:
+                        found.add(path)
+    return found
+
+
+def dir_md5(files: dict[str, str]) -> str:
+    """DVC's hash of a folder from its files' md5s (relative posix path -> md5): `<md5>.dir`."""
+    tree = Tree()
+    for relpath, md5 in files.items():
+        tree.add(tuple(relpath.split("/")), Meta(), HashInfo("md5", md5))
+    tree.digest()
+    return tree.hash_info.value
+
+
+def git_tracked_mismatches(lock: dict, uncached: set[str], read: Any, read_tree: Any) -> list[str]:
+    """Outputs DVC leaves to git (`uncached`: `cache: false`) whose committed bytes are not those dvc.lock
+    recorded: a report committed from another run than the lock. `read(path)` gives a committed file's bytes,
+    `read_tree(path)` a committed folder's files (relative posix path -> bytes); either gives None where the
+    commit lacks it, which fails too: the revision does not hold what its lock says it produced."""
     problems = []
     for stage, entry in lock.get("stages", {}).items():
         for out in entry.get("outs", []):
-            if out.get("md5", "").endswith(".dir") or not out.get("md5"):
-                continue
-            blob = read(out["path"])
-            if blob is None:
+            path, recorded = out["path"], out.get("md5")
+            if path not in uncached:
                 continue  # DVC-cached (not in git): read and checked through DVC where the audit uses it
-            if hashlib.md5(blob).hexdigest() != out["md5"]:
+            if recorded is None:
+                problems.append(f"dvc.lock records no hash for {path}, an output of stage {stage}")
+                continue
+            if recorded.endswith(".dir"):
+                files = read_tree(path) or {}
+                found = dir_md5({k: hashlib.md5(v).hexdigest() for k, v in files.items()})
+                if not files and found != recorded:
+                    found = None  # an empty folder is all git can hold of a missing one
+            else:
+                blob = read(path)
+                found = None if blob is None else hashlib.md5(blob).hexdigest()
+            if found is None:
                 problems.append(
-                    f"{out['path']} as committed is not the file dvc.lock records for stage {stage} "
-                    f"(md5 {hashlib.md5(blob).hexdigest()} against {out['md5']}): commit it with dvc.lock"
+                    f"{path} is not in the commit, but dvc.lock records it as an output of stage {stage} "
+                    f"(md5 {recorded}): commit it with dvc.lock"
+                )
+            elif found != recorded:
+                problems.append(
+                    f"{path} as committed is not the {'folder' if recorded.endswith('.dir') else 'file'} dvc.lock "
+                    f"records for stage {stage} (md5 {found} against {recorded}): commit it with dvc.lock"
                 )
     return problems
 
@@ -282,6 +347,13 @@ def git_blob(repo: Path, rev: str, path: str) -> bytes | None:
     return result.stdout if result.returncode == 0 else None
 
 
+def git_tree(repo: Path, rev: str, path: str) -> dict[str, bytes] | None:
+    """A committed folder's files (path relative to it -> bytes), or None where the commit has none there."""
+    names = git(repo, "ls-tree", "-r", "-z", "--name-only", rev, "--", path.rstrip("/") + "/").split("\0")
+    files = {name[len(path.rstrip("/")) + 1 :]: git_blob(repo, rev, name) for name in names if name}
+    return {name: blob for name, blob in files.items() if blob is not None} or None
+
+
 def git_file(repo: Path, rev: str, path: str) -> str | None:
     blob = git_blob(repo, rev, path)
     return None if blob is None else blob.decode("utf-8")
@@ -319,10 +391,20 @@ def collect(repo: Path, rev: str) -> dict:
     if lock_text is None:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
     lock = yaml.safe_load(lock_text)
-    declared = list((yaml.safe_load(git_file(repo, commit, "dvc.yaml") or "{}") or {}).get("stages", {}))
-    lock_problems = lock_inconsistencies(lock, declared)
-    lock_problems += git_tracked_mismatches(lock, lambda path: git_blob(repo, commit, path))
+    dvc_yaml = yaml.safe_load(git_file(repo, commit, "dvc.yaml") or "{}") or {}
     unreadable: list[str] = []
+
+    def file_md5(path: str) -> str | None:
+        blob = dvc_file(repo, commit, path, unreadable)
+        return None if blob is None else hashlib.md5(blob).hexdigest()
+
+    lock_problems = lock_inconsistencies(lock, list(dvc_yaml.get("stages", {})), file_md5)
+    lock_problems += git_tracked_mismatches(
+        lock,
+        uncached_outputs(dvc_yaml),
+        lambda path: git_blob(repo, commit, path),
+        lambda path: git_tree(repo, commit, path),
+    )
     manifest_blob, labels_blob, lineage_blob, model_blob = (
         dvc_file(repo, commit, path, unreadable) for path in DVC_FILES
     )
@@ -517,6 +599,11 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     if rebuilt:
         stages, recorded, again = rebuild(repo, record["revision"])
         mismatches = rebuild_mismatches(recorded, again)
+        if not stages:
+            mismatches.append(
+                f"rebuild: {record['revision'][:12]} has none of the stages {', '.join(REBUILT)} in its dvc.lock: "
+                "nothing was re-trained, so nothing is shown to rebuild"
+            )
         report["rebuild"] = {"stages": stages, "outputs": len(recorded), "identical": not mismatches}
         problems += mismatches
     if workspace:

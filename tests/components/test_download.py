@@ -371,7 +371,7 @@ def test_run_writes_declared_outputs_and_reconciles(tiny_folder, tmp_path):
         assert row["sha256"] == normalise.content_hash((tiny_folder / row["source"]).read_bytes())
     assert sum(s["total"] for s in summary["splits"].values()) == 24
     assert json.loads((out / "params.json").read_text())["common"]["seed"] == 3
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder left beside the output
 
 
 def test_adding_images_never_moves_existing_ones(tmp_path):
@@ -737,12 +737,15 @@ def test_an_earlier_output_is_updated_in_place_to_exactly_a_cold_runs_bytes(tmp_
     (out / mf.IMAGES / "folder").mkdir()
     (out / "notes.txt").write_text("stray")
     (out / dl.SUMMARY).write_text("{}")
+    (tmp_path / ".out.staging-1-2").mkdir()  # a killed run's staging folder, beside the output
+    (tmp_path / ".out.staging-1-2" / "0.png").write_bytes(b"a killed run's")
     (root / rows[4]["source"]).unlink()  # a source file gone, new ones come
     make_class_folder(root, per_class=2, start=6)
     dl.run(folder_config(root), out, cache_root=tmp_path / "cache")
     dl.run(folder_config(root), tmp_path / "cold")
     assert entries(out) == entries(tmp_path / "cold")
     assert untouched.stat().st_ino == inode  # kept, not rewritten: DVC need not hash it again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cold", "out", "src"]  # no staging left
     assert len(mf.read_jsonl(out / mf.MANIFEST)) == 13 + 4 - 1
 
 
@@ -756,6 +759,17 @@ def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="need at least 2 classes"):
         dl.run(folder_config(root), out)
     assert entries(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staged file left anywhere
+    # the output moved to another disk, a link in its place: a failed run leaves the link and what it holds
+    shutil.move(out, tmp_path / "elsewhere")
+    out.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="need at least 2 classes"):
+        dl.run(folder_config(root), out)
+    assert out.is_symlink() and entries(tmp_path / "elsewhere") == before
+    # a fresh output in folders that do not exist yet: a failed run leaves none of them
+    with pytest.raises(ValueError, match="need at least 2 classes"):
+        dl.run(folder_config(root), tmp_path / "new" / "data" / "download")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_damaged_cache_entry_is_a_miss_not_a_wrong_image(tmp_path, monkeypatch):

@@ -181,8 +181,16 @@ def evaluated(converted_tiny, tiny_base_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     base = ConvBaseParams(name="mobilenet_v2", weights=str(tiny_base_weights), input_size=(32, 32), pooling="avg")
     tune = finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4)
-    _, _, result = run_stages(root, converted_tiny, base, head_epochs=5, tune=tune, serving_check=3)
-    return root, result
+    explained = []  # the classes evaluate asks Grad-CAM to explain, in the order of its overlays
+    real = evaluate.classifier.grad_cam
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            evaluate.classifier,
+            "grad_cam",
+            lambda model, pixels, classes=None: explained.append(classes) or real(model, pixels, classes),
+        )
+        _, _, result = run_stages(root, converted_tiny, base, head_epochs=5, tune=tune, serving_check=3)
+    return root, {**result, "explained": explained}
 
 
 @pytest.mark.slow
@@ -213,6 +221,10 @@ def test_evaluate_stage_outputs(evaluated, converted_tiny):
         assert roc[0]["fpr"] == 0.0 and roc[-1]["tpr"] == 1.0
     pngs = sorted((report / "gradcam").glob("*.png"))
     assert 1 <= len(pngs) <= 4 and len(pngs) == result["gradcam"]
+    # each overlay explains the class its file is named for (the reported, test-time-augmented prediction)
+    names = json.loads((converted_tiny / "labels.json").read_text())
+    (classes,) = result["explained"]
+    assert sorted(names[c] for c in classes) == sorted(re.search(r"_as_(.+?)_[0-9.]+_", p.name)[1] for p in pngs)
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (32, 32)

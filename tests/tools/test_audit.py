@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 from tools import audit
@@ -147,10 +148,71 @@ def test_a_lock_that_is_not_one_consistent_run_is_found():
 
 def test_a_git_tracked_output_committed_from_another_run_is_found():
     committed = {"quality/near_duplicates.json": b"[]"}
-    assert audit.git_tracked_mismatches(LOCK, committed.get) == []
+    uncached = {"quality/near_duplicates.json"}
+    no_tree = lambda path: None  # noqa: E731
+    assert audit.git_tracked_mismatches(LOCK, uncached, committed.get, no_tree) == []
     committed["quality/near_duplicates.json"] = b'[{"a_id": "stale"}]'
-    (problem,) = audit.git_tracked_mismatches(LOCK, committed.get)
+    (problem,) = audit.git_tracked_mismatches(LOCK, uncached, committed.get, no_tree)
     assert problem.startswith("quality/near_duplicates.json as committed is not the file dvc.lock records for stage")
+    (problem,) = audit.git_tracked_mismatches(LOCK, uncached, {}.get, no_tree)  # never committed: not a pass
+    assert problem.startswith("quality/near_duplicates.json is not in the commit, but dvc.lock records it")
+    assert audit.git_tracked_mismatches(LOCK, set(), {}.get, no_tree) == []  # DVC-cached: checked through DVC
+
+
+def test_a_git_tracked_folder_is_checked_file_by_file_against_dvcs_folder_hash():
+    files = {"a.png": b"a", "sub/b.png": b"bb", "sub-c.png": b"c"}
+    md5s = {name: hashlib.md5(blob).hexdigest() for name, blob in files.items()}
+    # what `dvc repro` (DVC 3.67) recorded in dvc.lock for a folder output holding these three files
+    assert audit.dir_md5(md5s) == "4ecc7626505ab46d9462523aabbebca8.dir"
+    # which is the md5 of DVC's listing, relative paths sorted as text
+    listing = [{"md5": md5s[name], "relpath": name} for name in sorted(files)]
+    assert audit.dir_md5(md5s) == hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    lock = {"stages": {"evaluate": {"outs": [{"path": "evaluation/gradcam", "md5": audit.dir_md5(md5s)}]}}}
+    uncached = {"evaluation/gradcam"}
+    check = lambda tree: audit.git_tracked_mismatches(lock, uncached, {}.get, lambda path: tree)  # noqa: E731
+    assert check(dict(files)) == []
+    for tree in ({**files, "a.png": b"other"}, {**files, "extra.png": b"x"}, {"a.png": b"a"}):
+        (problem,) = check(tree)
+        assert problem.startswith("evaluation/gradcam as committed is not the folder dvc.lock records"), problem
+    (problem,) = check(None)
+    assert problem.startswith("evaluation/gradcam is not in the commit"), problem
+    empty = {"stages": {"evaluate": {"outs": [{"path": "evaluation/gradcam", "md5": audit.dir_md5({})}]}}}
+    assert audit.git_tracked_mismatches(empty, uncached, {}.get, lambda path: None) == []
+
+
+def test_an_input_inside_another_stages_output_folder_is_checked():
+    lock = {
+        "stages": {
+            "train_head": {"outs": [{"path": "data/train_head", "md5": "h.dir"}]},
+            "finetune": {"deps": [{"path": "data/train_head/head.keras", "md5": "old"}], "outs": []},
+        }
+    }
+    (problem,) = audit.lock_inconsistencies(lock, ["train_head", "finetune"], {"data/train_head/head.keras": "new"}.get)
+    assert problem == (
+        "stage finetune was run on data/train_head/head.keras old, but train_head recorded new: its outputs are "
+        "stale; run `dvc repro` and commit"
+    )
+    assert audit.lock_inconsistencies(lock, [], {"data/train_head/head.keras": "old"}.get) == []
+    with pytest.raises(ValueError, match="needs file_md5"):  # never silently unchecked
+        audit.lock_inconsistencies(lock, [])
+
+
+def test_the_outputs_a_dvc_yaml_leaves_to_git():
+    dvc_yaml = {
+        "stages": {
+            "s": {
+                "outs": ["data/s", {"data/t": {"persist": True}}, {"report": {"cache": False}}],
+                "metrics": [{"m.json": {"cache": False}}, "n.json"],
+                "plots": [{"p.json": {"cache": False, "x": "a"}}, {"q.json": None}],
+            }
+        }
+    }
+    assert audit.uncached_outputs(dvc_yaml) == {"report", "m.json", "p.json"}
+    assert audit.uncached_outputs(yaml.safe_load((REPO / "dvc.yaml").read_text())) >= {
+        "evaluation/gradcam",
+        "quality/near_duplicates.json",
+        "dvclive/finetune/plots/metrics",
+    }
 
 
 def test_workspace_outputs_of_another_run_are_found(tmp_path):
@@ -199,6 +261,8 @@ def write_revision(project, manifest_rows, labels, lineage_override=None, near_d
     for stage, blob in blobs.items():
         (src / stage).write_bytes(blob)
     (src / "near_duplicates").write_text(json.dumps(list(near_duplicates)))
+    (src / "sheets" / "suspects").mkdir(parents=True, exist_ok=True)
+    (src / "sheets" / "suspects" / "1.png").write_bytes(b"a contact sheet")
     (src / "label_issues").write_text(
         json.dumps(
             [
@@ -230,11 +294,13 @@ def audited_project(tmp_path):
         }
         for stage, path in LAYOUT.items()
     }
+    stages["download"]["outs"] = ["data/download"]  # a folder holding the manifest, as the real stage's
     copies = "; ".join(f"shutil.copy('src/{name}', '{path}')" for name, path in QUALITY.items())
-    stages["quality"] = {  # git-tracked outputs (cache: false), as the real stage's
-        "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs('quality', exist_ok=True); {copies}\"",
-        "deps": [f"src/{name}" for name in QUALITY],
-        "outs": [{path: {"cache": False}} for path in QUALITY.values()],
+    sheets = "shutil.rmtree('quality/sheets', ignore_errors=True); shutil.copytree('src/sheets', 'quality/sheets')"
+    stages["quality"] = {  # git-tracked outputs (cache: false), a folder among them, as the real stage's
+        "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs('quality', exist_ok=True); {copies}; {sheets}\"",
+        "deps": [f"src/{name}" for name in QUALITY] + ["src/sheets", audit.MANIFEST],  # a file in download's folder
+        "outs": [{path: {"cache": False}} for path in (*QUALITY.values(), "quality/sheets")],
     }
     (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))  # JSON is YAML
     (project / ".gitignore").write_text("/data/\n")
@@ -327,6 +393,40 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     ), problems
     run(["git", "checkout", "-q", "--", "."], project)  # back to the committed files
 
+    again = revision(
+        "one run again", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"]
+    )
+    assert audit_of(project, again) == (0, [])
+    # a git-tracked folder output (the real quality stage's contact sheets, evaluate's Grad-CAM) changed by hand
+    (project / "quality" / "sheets" / "suspects" / "1.png").write_bytes(b"retouched")
+    commit(project, "a retouched sheet")
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and len(problems) == 1, problems
+    assert problems[0].startswith("quality/sheets as committed is not the folder dvc.lock records for stage quality")
+    run(["git", "rm", "-rq", "quality/sheets"], project)
+    commit(project, "the sheets never committed")
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and len(problems) == 1 and problems[0].startswith("quality/sheets is not in the commit"), problems
+
+    # new data, but only download re-run: quality's input is a file inside download's output folder
+    write_revision(project, manifest_rows(("a" * 64, "train", "cat"), ("e" * 64, "test", "dog")), ["cat", "dog"])
+    dvc("repro", "-q", "--single-item", "download", cwd=project)
+    commit(project, "download alone re-run")
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1, problems
+    assert [p for p in problems if p.startswith("stage quality was run on")] == [
+        f"stage quality was run on {audit.MANIFEST} "
+        + hashlib.md5(
+            "".join(
+                json.dumps(r, sort_keys=True) + "\n"
+                for r in manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"))
+            ).encode()
+        ).hexdigest()
+        + ", but download recorded "
+        + hashlib.md5((project / audit.MANIFEST).read_bytes()).hexdigest()
+        + ": its outputs are stale; run `dvc repro` and commit"
+    ], problems
+
     moved = revision(
         "b moved to train, labels reordered",
         manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "train", "dog")),
@@ -358,3 +458,16 @@ def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project):
     # labels and model are the same bytes in both revisions, so the workspace put them back in the cache
     assert {p.split(" at ")[0] for p in missing} == {f"cannot read {path}" for path in (audit.MANIFEST, audit.LINEAGE)}
     assert all(f"at {old[:12]}" in p and "dvc pull" in p for p in missing)
+
+
+@pytest.mark.integration
+def test_a_rebuild_that_re_trained_nothing_is_not_a_pass(audited_project, monkeypatch):
+    project, revision = audited_project
+    good = revision("good", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    monkeypatch.setattr(audit, "rebuild", lambda repo, commit: ([], {}, {}))  # a revision with no training stage
+    report = audit.audit(project, good, rebuilt=True)
+    assert report["rebuild"]["identical"] is False
+    assert report["problems"] == [
+        f"rebuild: {good[:12]} has none of the stages {', '.join(audit.REBUILT)} in its dvc.lock: nothing was "
+        "re-trained, so nothing is shown to rebuild"
+    ]
