@@ -60,7 +60,7 @@ from components.params import (
     resolved_text,
     section,
 )
-from pipelines import download_cache, normalise, sources, split
+from pipelines import cache_lock, download_cache, normalise, sources, split
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     log_resolved("download", config.sections())
-    run(config, args.out, cache_root=args.cache)
+    with cache_lock.held(args.cache):  # no garbage collection while this run reads and writes the cache
+        run(config, args.out, cache_root=args.cache)
     return 0
 
 

@@ -50,8 +50,8 @@ from components import beam_options, conv_base, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
 from components.params import Section, log_resolved, read_params, section, write_resolved
+from pipelines import cache_lock, feature_cache, runtimes
 from pipelines import extract as graph
-from pipelines import feature_cache, runtimes
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.params)
     conv_base.check_tracked(config.conv_base)
     log_resolved("extract", config.sections())
-    run(
-        config,
-        args.convert,
-        args.out,
-        beam_args,
-        cache_root=args.cache,
-        metrics_path=args.metrics,
-        runner=beam_options.load(args.params),
-    )
+    with cache_lock.held(args.cache):  # no garbage collection while this run reads and writes the cache
+        run(
+            config,
+            args.convert,
+            args.out,
+            beam_args,
+            cache_root=args.cache,
+            metrics_path=args.metrics,
+            runner=beam_options.load(args.params),
+        )
     return 0
 
 

@@ -13,7 +13,8 @@ The download stage's cache (`pipelines/download_cache.py`) likewise keeps the na
 `download` limits and, in it, the results of the files now at the source (`dataset`; read and hashed as
 the stage reads them), so the next download decodes nothing it would not have decoded anyway.
 
-Run it when no stage runs (a nightly retrain: after `tools.retrain`).
+Run it when no stage runs (a nightly retrain: after `tools.retrain`); it refuses to start while a stage
+holds either cache's lock (`pipelines.cache_lock`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Sequence
 
 from components import download, extract
 from components.cli import configure_logging, run_main
-from pipelines import download_cache, feature_cache, normalise, records
+from pipelines import cache_lock, download_cache, feature_cache, normalise, records
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
-    # the download cache first: it reads the source, which may fail, and then nothing is deleted at all
-    download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
-    namespace = current_namespace(args.params)
-    recorded = recorded_namespace(args.metrics)
-    keys = used_keys(args.convert)
-    report = feature_cache.collect_garbage(args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run)
+    # both caches locked first (`CacheBusy` while a stage uses either), then the download cache: it reads the
+    # source, which may fail, and then nothing is deleted at all
+    with cache_lock.held(args.download_cache, exclusive=True), cache_lock.held(args.cache, exclusive=True):
+        download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
+        namespace = current_namespace(args.params)
+        recorded = recorded_namespace(args.metrics)
+        keys = used_keys(args.convert)
+        report = feature_cache.collect_garbage(
+            args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run
+        )
     reports = {
         "dry_run": args.dry_run,
         "extract": {

@@ -502,3 +502,17 @@ def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(eval
     got = serve_tta(images=tf.constant(blobs))["probabilities"].numpy()
     assert np.allclose(got, np.mean(each, axis=0), atol=1e-5)
     assert not np.allclose(got, one, rtol=1e-3, atol=0)  # the views changed the (saturated) probabilities
+
+
+def test_export_refuses_a_model_whose_outputs_are_not_the_label_vocabulary():
+    import keras
+
+    def model(units):
+        pixels = keras.Input((4,))
+        return keras.Model(pixels, keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax")(pixels))
+
+    export.check_labels(model(1), ["cats", "dogs"])
+    export.check_labels(model(3), ["birds", "cats", "dogs"])
+    for units, names in ((1, ["birds", "cats", "dogs"]), (3, ["cats", "dogs"]), (2, ["cats", "dogs"]), (1, ["a", "a"])):
+        with pytest.raises(ValueError, match="trained on another convert output"):
+            export.check_labels(model(units), names)

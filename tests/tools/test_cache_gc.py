@@ -117,3 +117,44 @@ def test_the_namespace_the_outputs_came_from_is_kept(tmp_path):
     assert report["namespaces_removed"] == [feature_cache.namespace_of({"base": "old"})]
     assert report["entries_kept"] == 2
     assert cache_gc.recorded_namespace(tmp_path / "none.json") is None
+
+
+def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch):
+    """download and extract hold their cache's lock for their run; the collection refuses to start meanwhile."""
+    from components import download
+    from pipelines import cache_lock
+
+    seen = {}
+
+    def collect_now(component, cache):
+        def fake_run(*args, **kwargs):  # the stage's run, replaced: is a collection possible while it runs?
+            try:
+                with cache_lock.held(cache, exclusive=True):
+                    seen[component] = "collected"
+            except cache_lock.CacheBusy as busy:
+                seen[component] = str(busy)
+
+        return fake_run
+
+    params = tmp_path / "params.yaml"
+    base = {"name": "mobilenet_v2", "path": None, "weights": "none", "input_size": [32, 32], "pooling": "avg"}
+    source = tmp_path / "src"
+    params.write_text(
+        yaml.safe_dump(repo_params({"dataset": {"source": "folder", "dir": str(source)}, "conv_base": base}))
+    )
+    monkeypatch.setattr(download, "run", collect_now("download", tmp_path / "dl"))
+    assert download.main(["--params", str(params), "--out", str(tmp_path / "d"), "--cache", str(tmp_path / "dl")]) == 0
+    monkeypatch.setattr(extract, "run", collect_now("extract", tmp_path / "fe"))
+    args = ["--params", str(params), "--convert", str(tmp_path / "c"), "--out", str(tmp_path / "e")]
+    assert extract.main([*args, "--cache", str(tmp_path / "fe")]) == 0
+    for component in ("download", "extract"):
+        assert seen[component].startswith(
+            f"the cache {tmp_path / ('dl' if component == 'download' else 'fe')} is in use"
+        )
+    with cache_lock.held(tmp_path / "fe"):  # a stage runs: the tool stops before deleting anything
+        with pytest.raises(cache_lock.CacheBusy, match="run the garbage collection when no stage runs"):
+            cache_gc.main(
+                ["--params", str(params), "--cache", str(tmp_path / "fe"), "--download-cache", str(tmp_path / "none")]
+            )
+    with cache_lock.held(tmp_path / "fe", exclusive=True):  # and after it, the lock is free again
+        pass
