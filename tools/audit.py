@@ -393,9 +393,15 @@ def collect(repo: Path, rev: str) -> dict:
     lock = yaml.safe_load(lock_text)
     dvc_yaml = yaml.safe_load(git_file(repo, commit, "dvc.yaml") or "{}") or {}
     unreadable: list[str] = []
+    blobs: dict[str, bytes | None] = {}  # each DVC-tracked file read once (a remote read each), failed ones too
+
+    def read(path: str) -> bytes | None:
+        if path not in blobs:
+            blobs[path] = dvc_file(repo, commit, path, unreadable)
+        return blobs[path]
 
     def file_md5(path: str) -> str | None:
-        blob = dvc_file(repo, commit, path, unreadable)
+        blob = read(path)
         return None if blob is None else hashlib.md5(blob).hexdigest()
 
     lock_problems = lock_inconsistencies(lock, list(dvc_yaml.get("stages", {})), file_md5)
@@ -405,9 +411,7 @@ def collect(repo: Path, rev: str) -> dict:
         lambda path: git_blob(repo, commit, path),
         lambda path: git_tree(repo, commit, path),
     )
-    manifest_blob, labels_blob, lineage_blob, model_blob = (
-        dvc_file(repo, commit, path, unreadable) for path in DVC_FILES
-    )
+    manifest_blob, labels_blob, lineage_blob, model_blob = (read(path) for path in DVC_FILES)
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
     metrics = {}
