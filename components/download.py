@@ -231,18 +231,39 @@ def prepare_in_place(out: Path) -> Path:
 
 
 def staging_folder(out: Path) -> tuple[Path, list[Path]]:
-    """A new, empty folder beside `out` for this run's new images, outside the output (a killed run's
-    leftovers are never in what DVC hashes), on its filesystem (they are moved in by renames).
+    """A new, empty folder for this run's new images, on the output's filesystem (they are moved in by
+    renames): beside `out`, outside what DVC hashes, or inside `out` as a hidden folder where `out` is a
+    mount point or its parent cannot be written (the commit step removes it).
 
-    Earlier runs' staging folders, left by a killed run, are removed first. Returns the folder and the
-    parent folders created for it (the output's own parent may not exist yet), which a failed run removes.
+    Earlier runs' staging folders whose process is gone (a killed run's) are removed first; a live run's
+    are kept. Returns the folder and the parent folders created for it (the output's own parent may not
+    exist yet), which a failed run removes.
     """
     created = [parent for parent in (out.parent, *out.parent.parents) if not parent.exists()]
-    for stale in out.parent.glob(f".{out.name}.staging-*") if out.parent.exists() else ():
-        remove(stale)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{time.time_ns()}"
+    name = f"{os.getpid()}-{time.time_ns()}"
+    outputs.remove_stale(out.parent, f".{out.name}.staging-")
+    if stage_inside(out):
+        outputs.remove_stale(out, INNER_STAGING)
+        staging = out / f"{INNER_STAGING}{name}"
+    else:
+        staging = out.parent / f".{out.name}.staging-{name}"
     staging.mkdir(parents=True)
     return staging, created
+
+
+INNER_STAGING = ".staging-"
+
+
+def stage_inside(out: Path) -> bool:
+    """Whether `out` is a real folder on another filesystem than its parent's (a mount point), or one whose
+    parent this process cannot write: a staging folder beside it could not be renamed from."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return not same_filesystem(out, out.parent) or not os.access(out.parent, os.W_OK)
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
 
 
 def holds(path: Path, data: bytes) -> bool:
@@ -398,7 +419,7 @@ def run(
         if entry.name not in names:
             remove(entry)
     for entry in list(out.iterdir()):
-        if entry.name not in DECLARED_OUTPUTS:
+        if entry.name not in DECLARED_OUTPUTS and entry != staging:
             remove(entry)
     staging.rmdir()  # every staged file was moved in or removed
     write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))

@@ -229,33 +229,12 @@ def decoded_image_cache(enabled: bool, cache_dir: str | Path | None) -> Iterator
         yield {"train": enabled, "val": enabled}
         return
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    remove_stale_caches(Path(cache_dir))
+    outputs.remove_stale(Path(cache_dir), "finetune-")  # killed runs' caches; live runs' stay
     scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
     try:
         yield {split: str(scratch / split) for split in ("train", "val")}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def remove_stale_caches(cache_dir: Path) -> list[str]:
-    """Remove the cache folders of runs whose process is gone (killed before its own clean-up)."""
-    removed = []
-    for folder in sorted(cache_dir.glob("finetune-*-*")):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict) -> dict:

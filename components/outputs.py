@@ -7,6 +7,7 @@ half-written output that DVC (or the next stage) would accept.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -26,24 +27,56 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `final` on success."""
+    """Yield an empty temporary directory that replaces `final` on success.
+
+    Its name carries this process's id: a leftover of a killed run is removed by the next run, a folder of
+    a run still going is not (`remove_stale`).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale(final.parent, f".{final.name}.tmp-")
+    remove_stale(final.parent, f".{final.name}.old-")
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if final.exists() or final.is_symlink():
         os.replace(final, old)
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> list[str]:
+    """Remove the entries of `folder` named `<prefix><pid>-...` whose process is gone (a killed run's
+    scratch), and any named `<prefix>` without a process id (an older release's); keep those of live runs.
+    Returns the names removed."""
+    removed = []
+    for entry in sorted(folder.glob(f"{glob.escape(prefix)}*")) if folder.is_dir() else ():
+        pid = entry.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and process_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def require_outputs(root: str | Path, relative: Iterable[str]) -> None:

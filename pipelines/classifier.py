@@ -143,6 +143,18 @@ def grad_cam(
     one-unit sigmoid, class 0's logit is minus the unit's) with respect to the base's last feature map,
     averaged per channel, weights the channels; negative evidence is cut at zero (Selvaraju et al., 2017).
     """
+    if classes is not None:
+        classes = np.asarray(classes)
+        num_classes = max(2, model.output_shape[-1])  # a one-unit sigmoid has two
+        if (
+            classes.shape != (len(pixels),)
+            or not np.issubdtype(classes.dtype, np.integer)
+            or not np.all((classes >= 0) & (classes < num_classes))
+        ):
+            raise ValueError(
+                f"grad_cam: classes must be one class in 0..{num_classes - 1} per image ({len(pixels)} images), "
+                f"got {classes.tolist()}"
+            )
     bottom, top = split_at_base(model)
     logits_of, activation = _logits(model, top)
     pixels = tf.convert_to_tensor(pixels, tf.float32)

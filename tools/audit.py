@@ -384,8 +384,9 @@ def read_rows(blob: bytes | None) -> list[dict] | None:
     return None if blob is None else [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
 
 
-def collect(repo: Path, rev: str) -> dict:
-    """Everything the report says about one revision."""
+def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
+    """Everything the report says about one revision; without `check_lock`, not whether its dvc.lock is one
+    consistent run (a revision only compared against is audited on its own when it is the one audited)."""
     commit = git(repo, "rev-parse", rev).strip()
     lock_text = git_file(repo, commit, "dvc.lock")
     if lock_text is None:
@@ -404,13 +405,15 @@ def collect(repo: Path, rev: str) -> dict:
         blob = read(path)
         return None if blob is None else hashlib.md5(blob).hexdigest()
 
-    lock_problems = lock_inconsistencies(lock, list(dvc_yaml.get("stages", {})), file_md5)
-    lock_problems += git_tracked_mismatches(
-        lock,
-        uncached_outputs(dvc_yaml),
-        lambda path: git_blob(repo, commit, path),
-        lambda path: git_tree(repo, commit, path),
-    )
+    lock_problems = []
+    if check_lock:
+        lock_problems = lock_inconsistencies(lock, list(dvc_yaml.get("stages", {})), file_md5)
+        lock_problems += git_tracked_mismatches(
+            lock,
+            uncached_outputs(dvc_yaml),
+            lambda path: git_blob(repo, commit, path),
+            lambda path: git_tree(repo, commit, path),
+        )
     manifest_blob, labels_blob, lineage_blob, model_blob = (read(path) for path in DVC_FILES)
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
@@ -616,7 +619,7 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
         problems += [f"workspace: stage {stage} differs from dvc.lock: {json.dumps(c)}" for stage, c in changes.items()]
         problems += workspace_lock_changes(repo, record["outputs"])
     if against:
-        other = collect(repo, against)
+        other = collect(repo, against, check_lock=False)
         other_rows = other.pop("_rows")
         problems += list(other["unreadable"])
         problems += [

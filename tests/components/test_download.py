@@ -15,6 +15,7 @@ from components import manifest as mf
 from components.params import parse_section
 from pipelines import image, normalise
 from pipelines import split as splitting
+from tests.components.test_outputs import dead_pid
 from tests.conftest import encode, image_array, make_class_folder, repo_params
 
 DECODE = normalise.make_decoder()
@@ -737,8 +738,9 @@ def test_an_earlier_output_is_updated_in_place_to_exactly_a_cold_runs_bytes(tmp_
     (out / mf.IMAGES / "folder").mkdir()
     (out / "notes.txt").write_text("stray")
     (out / dl.SUMMARY).write_text("{}")
-    (tmp_path / ".out.staging-1-2").mkdir()  # a killed run's staging folder, beside the output
-    (tmp_path / ".out.staging-1-2" / "0.png").write_bytes(b"a killed run's")
+    killed = tmp_path / f".out.staging-{dead_pid()}-2"  # a killed run's staging folder, beside the output
+    killed.mkdir()
+    (killed / "0.png").write_bytes(b"a killed run's")
     (root / rows[4]["source"]).unlink()  # a source file gone, new ones come
     make_class_folder(root, per_class=2, start=6)
     dl.run(folder_config(root), out, cache_root=tmp_path / "cache")
@@ -747,6 +749,31 @@ def test_an_earlier_output_is_updated_in_place_to_exactly_a_cold_runs_bytes(tmp_
     assert untouched.stat().st_ino == inode  # kept, not rewritten: DVC need not hash it again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cold", "out", "src"]  # no staging left
     assert len(mf.read_jsonl(out / mf.MANIFEST)) == 13 + 4 - 1
+
+
+def test_an_output_that_is_a_mount_point_is_staged_inside_it(tmp_path, monkeypatch):
+    # A folder beside a mount point is on another filesystem, and a rename from it fails (EXDEV) after the
+    # listings are gone: the staging folder goes inside the output instead, and leaves with the commit.
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    monkeypatch.setattr(dl, "same_filesystem", lambda a, b: False)  # `out` is a mount point
+    used = []
+    staging_folder = dl.staging_folder
+    monkeypatch.setattr(dl, "staging_folder", lambda o: used.append(staging_folder(o)) or used[-1])
+    (out / f"{dl.INNER_STAGING}{dead_pid()}-1").mkdir()  # a killed run's, inside
+    make_class_folder(root, per_class=2, start=6)
+    dl.run(folder_config(root), out)
+    assert used[0][0].parent == out
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert entries(out) == entries(tmp_path / "cold")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cold", "out", "src"]
+    before = entries(out)
+    make_class_folder(root, per_class=2, start=8)  # new images, staged inside, before the check fails
+    shutil.rmtree(root / "dogs")
+    with pytest.raises(ValueError, match="need at least 2 classes"):
+        dl.run(folder_config(root), out)
+    assert used[-1][0].parent == out and entries(out) == before
 
 
 def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path):

@@ -303,18 +303,3 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
     before = finetune.build_classifier(base_params, tmp_path / "a" / "head" / train_head.HEAD)
     assert any(not np.array_equal(x, y) for x, y in zip(first.get_weights(), before.get_weights()))  # it did train
     assert "seconds" not in (tmp_path / "a" / "finetune" / finetune.HISTORY).read_text()  # no timings in outputs
-
-
-def test_cache_folders_of_dead_runs_are_removed(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f"finetune-{gone.stdout.strip()}-abc"
-    alive = tmp_path / f"finetune-{os.getpid()}-def"
-    for folder in (dead, alive):
-        folder.mkdir()
-        (folder / "train.data").write_bytes(b"x")
-    assert finetune.remove_stale_caches(tmp_path) == [dead.name]
-    assert alive.exists() and not dead.exists()

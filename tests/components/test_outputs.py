@@ -66,3 +66,36 @@ def test_stage_commands_find_this_interpreter_on_a_bare_path(monkeypatch, tmp_pa
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     found = subprocess.run(["sh", "-c", "command -v python"], env=cli.venv_env(), capture_output=True, text=True)
     assert Path(found.stdout.strip()).parent == Path(sys.executable).parent
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path):
+    import os
+
+    dead = tmp_path / f"finetune-{dead_pid()}-abc"
+    alive = tmp_path / f"finetune-{os.getpid()}-def"
+    older = tmp_path / "finetune-abc"  # an older release's name, without a process id
+    for folder in (dead, alive, older):
+        folder.mkdir()
+        (folder / "train.data").write_bytes(b"x")
+    (tmp_path / "other").mkdir()
+    assert outputs.remove_stale(tmp_path, "finetune-") == sorted([dead.name, older.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "other"])
+
+
+def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path):
+    import os
+
+    killed = tmp_path / f".out.tmp-{dead_pid()}-1234abcd"
+    running = tmp_path / f".out.tmp-{os.getppid()}-1234abcd"  # a live process's (this one's parent)
+    for folder in (killed, running):
+        folder.mkdir()
+    with outputs.staged_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "out" / "a").read_text() == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])

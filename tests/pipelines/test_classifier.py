@@ -70,3 +70,12 @@ def test_grad_cam_of_a_one_unit_sigmoid_explains_either_class(scale):
     predicted, _ = classifier.grad_cam(model, PIXELS)
     assert (predicted.max(axis=(1, 2)) == 1.0).all()
     assert model.layers[-1].layers[-1].activation is keras.activations.sigmoid  # put back as it was
+
+
+@pytest.mark.parametrize("units", [1, 3])
+def test_grad_cam_refuses_classes_that_do_not_match_the_images(units):
+    model = tiny_classifier(units, 0.5)
+    top = max(2, units)
+    for classes in ([0, 1, 0], [0, 1, 0, 1, 0], [0, 1, 0, top], [0, -1, 0, 1], [0.0, 1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="one class in 0..%d per image \\(4 images\\)" % (top - 1)):
+            classifier.grad_cam(model, PIXELS, np.array(classes))

@@ -441,8 +441,18 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
 
 
 @pytest.mark.integration
-def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project):
+def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project, monkeypatch):
     project, revision = audited_project
+    git_tracked_reads = []  # (revision, path) of each git-tracked output the lock checks read
+    for name in ("git_blob", "git_tree"):
+        reader = getattr(audit, name)
+        monkeypatch.setattr(
+            audit,
+            name,
+            lambda repo, commit, path, reader=reader: (
+                git_tracked_reads.append((commit, path)) or reader(repo, commit, path)
+            ),
+        )
     old = revision("old", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
     new = revision(
         "new",
@@ -450,6 +460,8 @@ def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project):
         ["cat", "dog"],
     )
     assert audit_of(project, new, against=old)[0] == 0
+    # The lock checks ran on the audited revision only: the one compared against is audited on its own.
+    assert {commit for commit, path in git_tracked_reads if path.startswith("quality/sheets")} == {new}
     shutil.rmtree(project / ".dvc" / "cache")  # the old revision's data was never pushed and is gone
     dvc("commit", "-f", "-q", cwd=project)  # the workspace (the new revision) is back in the cache
     code, problems = audit_of(project, new, against=old)
