@@ -253,7 +253,9 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
-    training.compile_head(model, num_classes, params.optimizer, params.learning_rate)  # after changing trainable
+    training.compile_head(
+        model, num_classes, params.optimizer, params.learning_rate, weights is not None
+    )  # after changing trainable
     log.info(
         "finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
         len(model.trainable_weights),
@@ -282,6 +284,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         val = records.image_dataset(
             files["val"], size, params.batch_size, binary=binary, cache=cache["val"], resources=opened
         )
+        val = training.weighted_by_class(val, weights)  # the best epoch weighs the classes as training does
         before_loss, before_accuracy = model.evaluate(val, verbose=0)
         start = (before_loss, before_accuracy) if params.keep_better_start else None
         best = BestEpoch(params.monitor, start, params.patience)  # also stops early, by the same rule
@@ -318,6 +321,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             "unfrozen_layers": unfrozen,
             "labels": labels,
             "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
+            "val_weighted": weights is not None,  # val loss and accuracy weighted by class, as the training loss
             "input_size": list(size),
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

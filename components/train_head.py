@@ -112,7 +112,7 @@ def run(
     weights = training.class_weights(counts["train"], params.class_weight)
     training.make_deterministic(config.common.seed)
     head = build_head(size, num_classes, params)
-    training.compile_head(head, num_classes, params.optimizer, params.learning_rate)
+    training.compile_head(head, num_classes, params.optimizer, params.learning_rate, weights is not None)
     live_dir = Path(live_dir)
     shutil.rmtree(live_dir, ignore_errors=True)
     with (
@@ -123,6 +123,7 @@ def run(
         seed = config.common.seed
         train = feature_dataset(files["train"], size, num_classes, params.batch_size, seed, resources=opened)
         val = feature_dataset(files["val"], size, num_classes, params.batch_size, None, resources=opened)
+        val = training.weighted_by_class(val, weights)  # the best epoch weighs the classes as training does
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         history = head.fit(
             train,
@@ -143,6 +144,7 @@ def run(
             "val_accuracy": float(val_accuracy),
             "labels": labels,
             "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
+            "val_weighted": weights is not None,  # val loss and accuracy weighted by class, as the training loss
             "feature_size": size,
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

@@ -31,15 +31,18 @@ def make_deterministic(seed: int, ops: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def compile_head(model, num_classes: int, optimizer: str, learning_rate: float) -> None:
-    """Compile a classifier (a head, or base + head): sigmoid cross-entropy for two classes, else sparse softmax."""
+def compile_head(model, num_classes: int, optimizer: str, learning_rate: float, weighted: bool = False) -> None:
+    """Compile a classifier (a head, or base + head): sigmoid cross-entropy for two classes, else sparse softmax.
+
+    `weighted` (class weights in use): the accuracy weighs each example by its sample weight, as the loss does,
+    so a validation set given its class weights (`weighted_by_class`) reports the class-weighted accuracy; without
+    sample weights it is the plain accuracy either way."""
     optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
     loss = "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+    metrics = {"weighted_metrics": ["accuracy"]} if weighted else {"metrics": ["accuracy"]}
     # A fixed optimizer name: Keras numbers unnamed ones per process (adam, adam_1, ...), which would
     # make the saved file depend on what ran before in the process.
-    model.compile(
-        optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, metrics=["accuracy"]
-    )
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate, name=optimizer), loss=loss, **metrics)
 
 
 def class_weights(counts, mode: str) -> dict[int, float] | None:
@@ -55,6 +58,23 @@ def class_weights(counts, mode: str) -> dict[int, float] | None:
         raise ValueError(f"classes {empty} have no training images: balanced class weights need every class")
     total, k = sum(counts), len(counts)
     return {i: total / (k * c) for i, c in enumerate(counts)}
+
+
+def weighted_by_class(ds: tf.data.Dataset, weights: dict[int, float] | None) -> tf.data.Dataset:
+    """(x, label) batches -> (x, label, weight) with each example's class weight; unchanged without weights.
+
+    Keras applies `class_weight` to the training batches only: the validation loss and accuracy that early
+    stopping and the best epoch go by would stay unweighted, so with unbalanced classes the model would be
+    chosen on the majority class while it is trained to weigh every class the same. The validation batches
+    carry the same weights instead (the accuracy becomes the class-weighted one)."""
+    if weights is None:
+        return ds
+    table = tf.constant([weights[i] for i in range(len(weights))], tf.float32)
+
+    def add(x, label):
+        return x, label, tf.gather(table, tf.reshape(tf.cast(label, tf.int32), [-1]))
+
+    return ds.map(add, deterministic=True)
 
 
 def live_callback(live):

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -52,6 +53,13 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
         keep_better_start=False,
         class_weight="balanced" if train_batch_norm else "none",  # the same run checks the class weights
     )
+    if params.class_weight == "balanced":
+        # Classes that weigh differently: the tiny set is balanced, so its convert summary is made to say the
+        # first class has three times the training images (finetune's weights come from those counts).
+        converted_tiny = shutil.copytree(converted_tiny, tmp_path / "convert")
+        summary = json.loads((converted_tiny / "summary.json").read_text())
+        summary["per_class"]["train"][min(summary["per_class"]["train"])] *= 3
+        (converted_tiny / "summary.json").write_text(json.dumps(summary))
     before = finetune.build_classifier(base_params, head_path)
     record = finetune.run(
         finetune.Config(CommonParams(seed=1), base_params, params),
@@ -96,11 +104,17 @@ def test_only_the_top_of_the_base_trains_and_batch_norm_statistics_stay(
     # The saved model takes raw pixels: its predictions on the val records are probabilities.
     from pipelines import records
 
-    pixels, _ = next(
-        iter(records.image_dataset(records.split_files(converted_tiny / "records", "val"), (32, 32), 8, binary=True))
+    pixels, truth = next(
+        iter(records.image_dataset(records.split_files(converted_tiny / "records", "val"), (32, 32), 999, binary=True))
     )
     out = after.predict_on_batch(pixels)
     assert out.shape == (len(pixels), 1) and ((out >= 0) & (out <= 1)).all()
+    # The val loss the best epoch went by weighs each class as the training loss does.
+    truth = truth.numpy().astype(int)
+    weight = np.ones(len(truth)) if expected is None else np.array([expected[c] for c in truth])
+    losses = keras.losses.binary_crossentropy(truth[:, None].astype("float32"), after(pixels)).numpy()  # by the logit
+    assert record["val_loss"] == pytest.approx(np.mean(weight * losses), rel=1e-4, abs=1e-6)
+    assert record["val_weighted"] is (expected is not None)
 
 
 def test_unfreeze_top_counts_layers_from_the_end(base_params, head_path):

@@ -153,4 +153,15 @@ def test_balanced_class_weights_move_predictions_to_the_rare_classes(tmp_path, n
         probs = head.predict(val, verbose=0)
         predicted = (probs[:, 0] > 0.5).astype(int) if num_classes == 2 else probs.argmax(axis=1)
         rare[mode] = int(np.sum(predicted != 0))
+        # The val loss and accuracy the best epoch went by weigh each class as the training loss does.
+        truth = np.arange(60) % num_classes
+        weight = np.ones(60) if expected is None else np.array([expected[c] for c in truth])
+        p = np.clip(probs.astype("float64"), 1e-7, 1 - 1e-7)
+        if num_classes == 2:
+            losses = -(truth * np.log(p[:, 0]) + (1 - truth) * np.log(1 - p[:, 0]))
+        else:
+            losses = -np.log(p[np.arange(60), truth])
+        assert record["val_loss"] == pytest.approx(np.mean(weight * losses), rel=1e-4)
+        assert record["val_accuracy"] == pytest.approx(np.sum(weight * (predicted == truth)) / weight.sum(), rel=1e-5)
+        assert record["val_weighted"] is (mode == "balanced")
     assert rare["balanced"] > rare["none"] + 5, rare
