@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import pydantic
 
@@ -60,12 +61,19 @@ class ConvBaseParams(Section):
 
 def build_extractor(params: ConvBaseParams):
     """The frozen feature extractor (raw RGB in, features out); errors name the param."""
-    try:
+    with errors_named_by_param():
         base, preprocessing = bases.load_conv_base(
             params.name, params.path, params.weights, params.input_size, offline_error=BaseWeightsOffline
         )
         base = bases.tap(base, params.layer)
         return bases.build_feature_extractor(base, preprocessing, params.input_size, params.pooling)
+
+
+@contextlib.contextmanager
+def errors_named_by_param() -> Iterator[None]:
+    """A base that cannot be built: the error names the conv_base param."""
+    try:
+        yield
     except bases.BaseError as exc:
         raise ParamsError(f"conv_base.{exc}") from None
     except BaseWeightsOffline as exc:
@@ -90,10 +98,21 @@ def check_tracked(params: ConvBaseParams, tracked: str | Path = TRACKED) -> None
 
 
 def fingerprint(params: ConvBaseParams) -> dict:
-    """What identifies the base's weights: the registry entry and weights, or the saved file's hash."""
+    """What identifies the base's weights: the registry entry and weights, or the saved file's hash.
+
+    ImageNet weights of a registry base come from Keras's download cache (~/.keras/models), a file no stage
+    declares and which Keras checks against a hash for some bases only (not MobileNetV2's): their digest, as
+    loaded, goes in the record, so a feature cache built with other weights is never read for these (it costs
+    building the base, ~1 s)."""
     record = params.model_dump(mode="json")
     if params.path:
         record["file_sha256"] = bases.file_sha256(params.path)
-    elif params.weights not in ("imagenet", "none"):
+    elif params.weights == "imagenet":
+        with errors_named_by_param():
+            base, _ = bases.load_conv_base(
+                params.name, None, "imagenet", params.input_size, offline_error=BaseWeightsOffline
+            )
+        record["imagenet_weights_sha256"] = bases.weights_digest(base)
+    elif params.weights != "none":
         record["weights_sha256"] = bases.file_sha256(params.weights)
     return record

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 
 from components.params import did_you_mean
 
@@ -88,6 +89,17 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of a model's weights (each one's shape, dtype and bytes, in the model's order): what a base
+    computes with, whichever file they came from."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(value.tobytes())
     return digest.hexdigest()
 
 

@@ -26,6 +26,46 @@ def convert_dir(converted_tiny):
 
 
 @pytest.fixture
+def imagenet_cache(tmp_path, monkeypatch):
+    """Keras's download cache (~/.keras) moved to a fresh folder; `put(fill)` writes MobileNetV2's ImageNet
+    no-top weights file into it (every weight `fill`: the test needs a file of those names and shapes, not
+    ImageNet's values, which cannot be downloaded here)."""
+    import h5py
+    import keras
+    from keras.src.backend import config
+    from keras.src.legacy.saving import legacy_h5_format
+
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setattr(config, "_KERAS_DIR", str(home))
+    model = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(224, 224, 3))
+
+    def put(fill: float) -> None:
+        for weight in model.weights:
+            weight.assign(np.full(weight.shape, fill, weight.dtype))
+        with h5py.File(home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+    return put
+
+
+def test_imagenet_weights_from_the_keras_cache_are_named_by_their_digest(imagenet_cache):
+    # The download cache is no declared dependency and Keras checks no hash of MobileNetV2's file: features
+    # computed with one file must not be read back for another.
+    from pipelines import feature_cache
+
+    params = BASE.model_copy(update={"weights": "imagenet"})
+    imagenet_cache(0.01)
+    first = conv_base.fingerprint(params)
+    assert first == conv_base.fingerprint(params)
+    imagenet_cache(0.02)  # the file in the cache replaced
+    second = conv_base.fingerprint(params)
+    assert first["imagenet_weights_sha256"] != second["imagenet_weights_sha256"]
+    namespace = [feature_cache.namespace_of(feature_cache.namespace_record(f, 4)) for f in (first, second)]
+    assert namespace[0] != namespace[1]
+
+
+@pytest.fixture
 def trained_base(tiny_base_weights):
     """BASE with fixed, non-degenerate weights: an untrained base's features are ~1e-12, alike for any image."""
     return BASE.model_copy(update={"weights": str(tiny_base_weights)})
@@ -185,7 +225,7 @@ def _no_base(params):
     raise AssertionError("the base was built although every feature was in the cache")
 
 
-def test_namespace_covers_what_decides_the_features(tmp_path):
+def test_namespace_covers_what_decides_the_features(tmp_path, imagenet_cache):
     from pipelines import feature_cache
 
     def ns(**change):
@@ -193,6 +233,7 @@ def test_namespace_covers_what_decides_the_features(tmp_path):
             feature_cache.namespace_record(conv_base.fingerprint(BASE.model_copy(update=change)), 4)
         )
 
+    imagenet_cache(0.01)
     assert ns() == ns()
     assert feature_cache.namespace_of(feature_cache.namespace_record(conv_base.fingerprint(BASE), 8)) != ns()
     variants = [
