@@ -190,17 +190,16 @@ def lock_inconsistencies(
     return problems
 
 
-def uncached_outputs(dvc_yaml: dict) -> set[str]:
-    """The outputs a dvc.yaml leaves to git (`cache: false`), metrics and plots included."""
-    found = set()
-    for entry in (dvc_yaml.get("stages") or {}).values():
-        for kind in ("outs", "metrics", "plots"):
-            for out in entry.get(kind) or []:
-                if isinstance(out, dict):
-                    ((path, config),) = out.items()
-                    if (config or {}).get("cache", True) is False:
-                        found.add(path)
-    return found
+def declared_stages(repo: Path, commit: str) -> tuple[list[str], set[str]]:
+    """The stages the root dvc.yaml of a revision declares and the outputs it leaves to git (`cache: false`,
+    metrics and plots included), as DVC itself resolves them: a `foreach` or `matrix` stage is one stage per
+    item (`name@key`), `${...}` templating is filled in from `vars` and params, so none goes unchecked."""
+    from dvc.stage import PipelineStage
+
+    with Repo(str(repo), rev=commit) as dvc_repo:
+        root = f"{dvc_repo.root_dir.rstrip('/')}/dvc.yaml"
+        stages = [s for s in dvc_repo.index.stages if isinstance(s, PipelineStage) and s.dvcfile.path == root]
+        return [s.name for s in stages], {out.def_path for s in stages for out in s.outs if not out.use_cache}
 
 
 def dir_md5(files: dict[str, str]) -> str:
@@ -392,7 +391,6 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     if lock_text is None:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
     lock = yaml.safe_load(lock_text)
-    dvc_yaml = yaml.safe_load(git_file(repo, commit, "dvc.yaml") or "{}") or {}
     unreadable: list[str] = []
     blobs: dict[str, bytes | None] = {}  # each DVC-tracked file read once (a remote read each), failed ones too
 
@@ -407,10 +405,19 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
 
     lock_problems = []
     if check_lock:
-        lock_problems = lock_inconsistencies(lock, list(dvc_yaml.get("stages", {})), file_md5)
+        try:
+            declared, uncached = declared_stages(repo, commit)
+        except Exception as exc:  # noqa: BLE001 - DVC's own parse errors, whatever their class: fail closed
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            lock_problems.append(
+                f"dvc.yaml at {commit[:12]} cannot be resolved by DVC ({reason}): its stages and git-tracked "
+                "outputs cannot be checked"
+            )
+            declared, uncached = [], set()
+        lock_problems += lock_inconsistencies(lock, declared, file_md5)
         lock_problems += git_tracked_mismatches(
             lock,
-            uncached_outputs(dvc_yaml),
+            uncached,
             lambda path: git_blob(repo, commit, path),
             lambda path: git_tree(repo, commit, path),
         )

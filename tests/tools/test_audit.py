@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 from tools import audit
@@ -197,22 +196,44 @@ def test_an_input_inside_another_stages_output_folder_is_checked():
         audit.lock_inconsistencies(lock, [])
 
 
-def test_the_outputs_a_dvc_yaml_leaves_to_git():
+def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_them(tmp_path):
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
     dvc_yaml = {
+        "vars": [{"reports": "reports"}],
         "stages": {
             "s": {
+                "cmd": "true",
                 "outs": ["data/s", {"data/t": {"persist": True}}, {"report": {"cache": False}}],
                 "metrics": [{"m.json": {"cache": False}}, "n.json"],
-                "plots": [{"p.json": {"cache": False, "x": "a"}}, {"q.json": None}],
-            }
-        }
+                "plots": [{"p.json": {"cache": False, "x": "a"}}, "q.json"],
+            },
+            "per_split": {  # a foreach stage with templated paths: one stage per item
+                "foreach": ["train", "val"],
+                "do": {"cmd": "true", "outs": [{"${reports}/${item}.json": {"cache": False}}, "data/${item}"]},
+            },
+        },
     }
-    assert audit.uncached_outputs(dvc_yaml) == {"report", "m.json", "p.json"}
-    assert audit.uncached_outputs(yaml.safe_load((REPO / "dvc.yaml").read_text())) >= {
-        "evaluation/gradcam",
-        "quality/near_duplicates.json",
-        "dvclive/finetune/plots/metrics",
-    }
+    (tmp_path / "dvc.yaml").write_text(json.dumps(dvc_yaml))
+    commit(tmp_path, "stages")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    stages, uncached = audit.declared_stages(tmp_path, head)
+    assert stages == ["s", "per_split@train", "per_split@val"]
+    assert uncached == {"report", "m.json", "p.json", "reports/train.json", "reports/val.json"}
+    (tmp_path / "dvc.yaml").write_text("stages: {s: {cmd: true, outs: [${missing}/x]}}")
+    commit(tmp_path, "a dvc.yaml DVC cannot resolve")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    run(["git", "add", "dvc.lock"], tmp_path)
+    commit(tmp_path, "lock")
+    record = audit.collect(tmp_path, "HEAD")
+    assert len(record["lock_problems"]) == 1 and "cannot be resolved by DVC" in record["lock_problems"][0]
+
+
+def test_the_repositorys_own_git_tracked_outputs_are_found():
+    head = run(["git", "rev-parse", "HEAD"], REPO).stdout.strip()
+    stages, uncached = audit.declared_stages(REPO, head)
+    assert stages[:3] == ["download", "convert", "extract"]
+    assert uncached >= {"evaluation/gradcam", "quality/near_duplicates.json", "dvclive/finetune/plots/metrics"}
 
 
 def test_workspace_outputs_of_another_run_are_found(tmp_path):
