@@ -361,6 +361,29 @@ def git_file(repo: Path, rev: str, path: str) -> str | None:
 DVC_FILES = (MANIFEST, LABELS, LINEAGE, MODEL)
 
 
+def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | None:
+    """DVC's hash (`<md5>.dir`) of a folder inside a DVC-tracked output at a revision, from the md5s the
+    output's listing records for its files (no file is read); None, noted in `unreadable`, where the
+    listing cannot be read."""
+    try:
+        with Repo(str(repo), rev=rev) as dvc_repo:
+            fs = dvc_repo.dvcfs
+            files = {
+                found[len(path.rstrip("/")) + 1 :]: fs.info(found)["dvc_info"]["entry"].hash_info.value
+                for found in fs.find(path)
+            }
+        if not files:
+            raise FileNotFoundError(f"no file under {path}")
+        return dir_md5(files)
+    except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or its listing in no cache or remote
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        unreadable.append(
+            f"cannot read the listing of {path} at {rev[:12]} ({reason}): fetch that revision's data with "
+            f"`git checkout {rev[:12]} && dvc pull`, or reproduce it and `dvc push`"
+        )
+        return None
+
+
 def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | None:
     """A DVC-tracked file at a revision, from the local cache or the remote.
 
@@ -399,7 +422,13 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
             blobs[path] = dvc_file(repo, commit, path, unreadable)
         return blobs[path]
 
+    folders = {
+        d["path"] for e in lock["stages"].values() for d in e.get("deps", []) if str(d.get("md5")).endswith(".dir")
+    }
+
     def file_md5(path: str) -> str | None:
+        if path in folders:  # a folder inside another stage's output: its hash from that output's listing
+            return folder_md5(repo, commit, path, unreadable)
         blob = read(path)
         return None if blob is None else hashlib.md5(blob).hexdigest()
 

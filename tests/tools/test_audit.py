@@ -196,6 +196,44 @@ def test_an_input_inside_another_stages_output_folder_is_checked():
         audit.lock_inconsistencies(lock, [])
 
 
+@pytest.mark.integration
+def test_a_folder_input_inside_another_stages_output_folder_is_checked(tmp_path):
+    # Stage b reads a sub-folder of stage a's output: its hash comes from a's recorded listing, not from
+    # reading the folder as a file (which failed every audit of such a project).
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    write = f"{sys.executable} -c \"import os,sys; os.makedirs('data/a/sub', exist_ok=True); "
+    stages = {
+        "a": {
+            "cmd": write
+            + "[open(f'data/a/{n}', 'w').write(open('src').read() + n) for n in ('sub/x', 'sub/z', 'y')]\"",
+            "deps": ["src"],
+            "outs": ["data/a"],
+        },
+        "b": {
+            "cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('b')\"",
+            "deps": ["data/a/sub"],
+            "outs": ["out.txt"],
+        },
+    }
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": stages}))
+    (tmp_path / "src").write_text("one")
+    (tmp_path / ".gitignore").write_text("/data/\n")
+    dvc("repro", "-q", cwd=tmp_path)
+    commit(tmp_path, "consistent")
+    record = audit.collect(tmp_path, "HEAD")
+    assert record["lock_problems"] == [] and not [u for u in record["unreadable"] if "data/a" in u]
+    (tmp_path / "src").write_text("two")
+    dvc("repro", "-q", "--single-item", "a", cwd=tmp_path)  # b not re-run: its lock entry is stale
+    commit(tmp_path, "a re-run alone")
+    record = audit.collect(tmp_path, "HEAD")
+    (problem,) = record["lock_problems"]
+    assert problem.startswith("stage b was run on data/a/sub ") and problem.endswith(
+        "its outputs are stale; run `dvc repro` and commit"
+    )
+    assert not [u for u in record["unreadable"] if "data/a" in u]  # (this toy project has no model to report on)
+
+
 def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_them(tmp_path):
     run(["git", "init", "-q"], tmp_path)
     dvc("init", "-q", cwd=tmp_path)
