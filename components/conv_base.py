@@ -59,12 +59,22 @@ class ConvBaseParams(Section):
         return self
 
 
-def build_extractor(params: ConvBaseParams):
-    """The frozen feature extractor (raw RGB in, features out); errors name the param."""
+def build_extractor(params: ConvBaseParams, imagenet_weights_sha256: str | None = None):
+    """The frozen feature extractor (raw RGB in, features out); errors name the param.
+
+    With `imagenet_weights_sha256` (the launching machine's `fingerprint`), ImageNet weights loaded from this
+    machine's Keras cache must be those: a Beam worker on another machine with another file stops with an
+    error instead of writing its features under the launcher's namespace."""
     with errors_named_by_param():
         base, preprocessing = bases.load_conv_base(
             params.name, params.path, params.weights, params.input_size, offline_error=BaseWeightsOffline
         )
+        if imagenet_weights_sha256 and bases.weights_digest(base) != imagenet_weights_sha256:
+            raise BaseWeightsOffline(
+                f"weights: the ImageNet weights of {params.name} in this machine's Keras cache (~/.keras/models) "
+                f"are not those the stage was started with (SHA-256 {imagenet_weights_sha256[:12]}...): give every "
+                "worker the same file, or use a saved base in models/ (conv_base.path)"
+            )
         base = bases.tap(base, params.layer)
         return bases.build_feature_extractor(base, preprocessing, params.input_size, params.pooling)
 

@@ -91,10 +91,12 @@ def shard_jobs(records_dir: Path, out_dir: Path) -> list[tuple[str, str, str]]:
     return jobs
 
 
-def base_on_runtime(params: conv_base.ConvBaseParams, runtime: str, cache_dir: str | None):
+def base_on_runtime(
+    params: conv_base.ConvBaseParams, runtime: str, cache_dir: str | None, imagenet_weights_sha256: str | None = None
+):
     """The frozen feature extractor, as a Keras model or compiled by OpenVINO (converted once per base
-    into `cache_dir`): what each Beam worker builds."""
-    extractor = conv_base.build_extractor(params)
+    into `cache_dir`): what each Beam worker builds, checked against the launcher's ImageNet weights."""
+    extractor = conv_base.build_extractor(params, imagenet_weights_sha256)
     return extractor if runtime == "tensorflow" else runtimes.OpenVINOModel(extractor, cache_dir)
 
 
@@ -131,7 +133,13 @@ def run(
         probe = conv_base.build_extractor(config.conv_base)
         feature_shape = [int(d) for d in probe.output_shape[1:]]
         del probe  # each worker builds its own on its first cache miss (~1 s for Lite0): nothing is shared
-    factory = functools.partial(base_on_runtime, config.conv_base, runtime, runtimes.local_cache(cache_root))
+    factory = functools.partial(
+        base_on_runtime,
+        config.conv_base,
+        runtime,
+        runtimes.local_cache(cache_root),
+        fingerprint.get("imagenet_weights_sha256"),
+    )
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:
         (tmp / FEATURES_DIR).mkdir()

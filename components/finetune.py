@@ -321,10 +321,11 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             "unfrozen_layers": unfrozen,
             "labels": labels,
             "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
-            "val_weighted": weights is not None,  # val loss and accuracy weighted by class, as the training loss
             "input_size": list(size),
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }
+        if weights is not None:  # val loss and accuracy weighted by class, as the training loss; no key unweighted,
+            record["val_weighted"] = True  # so unweighted runs write the bytes they always did
         (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)

@@ -194,11 +194,14 @@ def declared_stages(repo: Path, commit: str) -> tuple[list[str], set[str]]:
     """The stages the root dvc.yaml of a revision declares and the outputs it leaves to git (`cache: false`,
     metrics and plots included), as DVC itself resolves them: a `foreach` or `matrix` stage is one stage per
     item (`name@key`), `${...}` templating is filled in from `vars` and params, so none goes unchecked."""
+    from dvc.dvcfile import load_file
     from dvc.stage import PipelineStage
 
     with Repo(str(repo), rev=commit) as dvc_repo:
-        root = f"{dvc_repo.root_dir.rstrip('/')}/dvc.yaml"
-        stages = [s for s in dvc_repo.index.stages if isinstance(s, PipelineStage) and s.dvcfile.path == root]
+        root = dvc_repo.fs.join(dvc_repo.root_dir, "dvc.yaml")
+        if not dvc_repo.fs.exists(root):
+            return [], set()
+        stages = [s for s in load_file(dvc_repo, root).stages.values() if isinstance(s, PipelineStage)]
         return [s.name for s in stages], {out.def_path for s in stages for out in s.outs if not out.use_cache}
 
 
@@ -368,13 +371,15 @@ def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | 
     try:
         with Repo(str(repo), rev=rev) as dvc_repo:
             fs = dvc_repo.dvcfs
-            files = {
-                found[len(path.rstrip("/")) + 1 :]: fs.info(found)["dvc_info"]["entry"].hash_info.value
-                for found in fs.find(path)
-            }
-        if not files:
-            raise FileNotFoundError(f"no file under {path}")
-        return dir_md5(files)
+            files = {}
+            for found in fs.find(path):
+                info = fs.info(found)
+                # a DVC-tracked file: the md5 its output's listing records; a git-tracked one: its bytes' md5
+                tracked = info.get("dvc_info")
+                files[found[len(path.rstrip("/")) + 1 :]] = (
+                    tracked["entry"].hash_info.value if tracked else hashlib.md5(fs.cat_file(found)).hexdigest()
+                )
+        return dir_md5(files)  # none found (gone, or empty): DVC's hash of an empty folder, checked as any other
     except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or its listing in no cache or remote
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         unreadable.append(

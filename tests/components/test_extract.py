@@ -63,6 +63,10 @@ def test_imagenet_weights_from_the_keras_cache_are_named_by_their_digest(imagene
     assert first["imagenet_weights_sha256"] != second["imagenet_weights_sha256"]
     namespace = [feature_cache.namespace_of(feature_cache.namespace_record(f, 4)) for f in (first, second)]
     assert namespace[0] != namespace[1]
+    # A worker whose cache holds another file than the launcher's stops instead of computing features.
+    extract.base_on_runtime(params, "tensorflow", None, second["imagenet_weights_sha256"])
+    with pytest.raises(conv_base.BaseWeightsOffline, match="not those the stage was started with"):
+        extract.base_on_runtime(params, "tensorflow", None, first["imagenet_weights_sha256"])
 
 
 @pytest.fixture

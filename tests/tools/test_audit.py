@@ -202,18 +202,24 @@ def test_a_folder_input_inside_another_stages_output_folder_is_checked(tmp_path)
     # reading the folder as a file (which failed every audit of such a project).
     run(["git", "init", "-q"], tmp_path)
     dvc("init", "-q", cwd=tmp_path)
-    write = f"{sys.executable} -c \"import os,sys; os.makedirs('data/a/sub', exist_ok=True); "
+    # a's output: `sub/x`, `sub/z` and `y`, or only `y` when src says "gone"; c's, `reports`, is left to git
+    write = (
+        f"{sys.executable} -c \"import os,shutil; text = open('src').read(); shutil.rmtree('{{out}}', True); "
+        "os.makedirs('{out}/sub' if text != 'gone' else '{out}'); "
+        "[open(f'{out}/' + n, 'w').write(text + n) for n in (('sub/x', 'sub/z', 'y') if text != 'gone' else ('y',))]\""
+    )
     stages = {
-        "a": {
-            "cmd": write
-            + "[open(f'data/a/{n}', 'w').write(open('src').read() + n) for n in ('sub/x', 'sub/z', 'y')]\"",
-            "deps": ["src"],
-            "outs": ["data/a"],
-        },
+        "a": {"cmd": write.format(out="data/a"), "deps": ["src"], "outs": ["data/a"]},
         "b": {
             "cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('b')\"",
             "deps": ["data/a/sub"],
             "outs": ["out.txt"],
+        },
+        "c": {"cmd": write.format(out="reports"), "deps": ["src"], "outs": [{"reports": {"cache": False}}]},
+        "d": {
+            "cmd": f"{sys.executable} -c \"open('d.txt', 'w').write('d')\"",
+            "deps": ["reports/sub"],
+            "outs": ["d.txt"],
         },
     }
     (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": stages}))
@@ -221,8 +227,8 @@ def test_a_folder_input_inside_another_stages_output_folder_is_checked(tmp_path)
     (tmp_path / ".gitignore").write_text("/data/\n")
     dvc("repro", "-q", cwd=tmp_path)
     commit(tmp_path, "consistent")
-    record = audit.collect(tmp_path, "HEAD")
-    assert record["lock_problems"] == [] and not [u for u in record["unreadable"] if "data/a" in u]
+    record = audit.collect(tmp_path, "HEAD")  # d's input is in a git-tracked folder: hashed from its bytes
+    assert record["lock_problems"] == [] and not [u for u in record["unreadable"] if "data/a" in u or "reports" in u]
     (tmp_path / "src").write_text("two")
     dvc("repro", "-q", "--single-item", "a", cwd=tmp_path)  # b not re-run: its lock entry is stale
     commit(tmp_path, "a re-run alone")
@@ -232,6 +238,16 @@ def test_a_folder_input_inside_another_stages_output_folder_is_checked(tmp_path)
         "its outputs are stale; run `dvc repro` and commit"
     )
     assert not [u for u in record["unreadable"] if "data/a" in u]  # (this toy project has no model to report on)
+    (tmp_path / "src").write_text("gone")
+    dvc("repro", "-q", "--single-item", "a", cwd=tmp_path)  # data/a/sub is gone: b's input is stale, not unreadable
+    commit(tmp_path, "a re-run alone, without sub")
+    record = audit.collect(tmp_path, "HEAD")
+    (problem,) = record["lock_problems"]
+    assert (
+        problem.startswith("stage b was run on data/a/sub ")
+        and "a recorded d751713988987e9331980363e24189ce.dir" in problem
+    )
+    assert not [u for u in record["unreadable"] if "data/a" in u]
 
 
 def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_them(tmp_path):
@@ -258,7 +274,7 @@ def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_
     stages, uncached = audit.declared_stages(tmp_path, head)
     assert stages == ["s", "per_split@train", "per_split@val"]
     assert uncached == {"report", "m.json", "p.json", "reports/train.json", "reports/val.json"}
-    (tmp_path / "dvc.yaml").write_text("stages: {s: {cmd: true, outs: [${missing}/x]}}")
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": {"s": {"cmd": "true", "outs": ["${missing}/x"]}}}))
     commit(tmp_path, "a dvc.yaml DVC cannot resolve")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     run(["git", "add", "dvc.lock"], tmp_path)
