@@ -253,9 +253,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     if int(model.output_shape[-1]) != (1 if num_classes == 2 else num_classes):
         raise ValueError(f"the head's output {model.output_shape} does not fit the {num_classes} labels of labels.json")
     unfrozen = prepare_for_finetuning(model, config.conv_base, params)
-    training.compile_head(
-        model, num_classes, params.optimizer, params.learning_rate, weights is not None
-    )  # after changing trainable
+    # after changing trainable
+    training.compile_head(model, num_classes, params.optimizer, params.learning_rate, weights is not None)
     log.info(
         "finetune: %d trainable weights in %d unfrozen base layers (%s .. %s)",
         len(model.trainable_weights),

@@ -364,6 +364,11 @@ def git_file(repo: Path, rev: str, path: str) -> str | None:
 DVC_FILES = (MANIFEST, LABELS, LINEAGE, MODEL)
 
 
+def first_line(exc: Exception) -> str:
+    """An error's first line for a report, or its class where it has no message."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | None:
     """DVC's hash (`<md5>.dir`) of a folder inside a DVC-tracked output at a revision, from the md5s the
     output's listing records for its files (no file is read); None, noted in `unreadable`, where the
@@ -381,7 +386,7 @@ def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | 
                 )
         return dir_md5(files)  # none found (gone, or empty): DVC's hash of an empty folder, checked as any other
     except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or its listing in no cache or remote
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         unreadable.append(
             f"cannot read the listing of {path} at {rev[:12]} ({reason}): fetch that revision's data with "
             f"`git checkout {rev[:12]} && dvc pull`, or reproduce it and `dvc push`"
@@ -398,7 +403,7 @@ def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | 
     try:
         return dvc_api.read(path, repo=str(repo), rev=rev, mode="rb")
     except Exception as exc:  # noqa: BLE001 - not tracked at that revision, or in neither the cache nor a remote
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         unreadable.append(
             f"cannot read {path} at {rev[:12]} ({reason}): its data is in neither the local DVC cache nor the "
             f"default remote. Fetch it with `git checkout {rev[:12]} && dvc pull` (or `dvc fetch --all-commits`) "
@@ -442,7 +447,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         try:
             declared, uncached = declared_stages(repo, commit)
         except Exception as exc:  # noqa: BLE001 - DVC's own parse errors, whatever their class: fail closed
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             lock_problems.append(
                 f"dvc.yaml at {commit[:12]} cannot be resolved by DVC ({reason}): its stages and git-tracked "
                 "outputs cannot be checked"
