@@ -209,7 +209,8 @@ def reusable_images(out: Path) -> Path | None:
     the right bytes keeps its file, so an incremental run writes only the new images, and DVC re-hashes
     only those (it knows the others by inode, size and time). What ends in the folder is still exactly
     what a run into an empty one writes: every stored file is compared byte for byte, and anything else
-    is removed (`run`). Until every check has passed the folder is only read: a failed run leaves it,
+    is removed (`run`). Until every check has passed the folder is only read (but for an empty probe file
+    renamed in and removed, `staging_folder`): a failed run leaves it,
     or a link in its place, as it was.
     """
     images = out / IMAGES
@@ -231,9 +232,12 @@ def prepare_in_place(out: Path) -> Path:
 
 
 def staging_folder(out: Path) -> tuple[Path, list[Path]]:
-    """A new, empty folder for this run's new images, on the output's filesystem (they are moved in by
-    renames): beside `out`, outside what DVC hashes, or inside `out` as a hidden folder where `out` is a
-    mount point or its parent cannot be written (the commit step removes it).
+    """A new, empty folder for this run's new images, from which a rename into the output works (they are
+    moved in by renames once every check has passed): beside `out`, outside what DVC hashes, where a probe
+    file moves from there into the output; else inside `out` as a hidden folder (the commit step removes
+    it; `.dvcignore` keeps DVC from hashing it). A probe that fails both ways is an error before anything in
+    the output has changed: a mount point, a bind mount of the output or a parent this process cannot write
+    can each make a rename fail (EXDEV, EACCES) where nothing else says so.
 
     Earlier runs' staging folders whose process is gone (a killed run's) are removed first; a live run's
     are kept. Returns the folder and the parent folders created for it (the output's own parent may not
@@ -242,28 +246,52 @@ def staging_folder(out: Path) -> tuple[Path, list[Path]]:
     created = [parent for parent in (out.parent, *out.parent.parents) if not parent.exists()]
     name = f"{os.getpid()}-{time.time_ns()}"
     outputs.remove_stale(out.parent, f".{out.name}.staging-")
-    if stage_inside(out):
+    if real_folder(out):
         outputs.remove_stale(out, INNER_STAGING)
-        staging = out / f"{INNER_STAGING}{name}"
-    else:
-        staging = out.parent / f".{out.name}.staging-{name}"
-    staging.mkdir(parents=True)
-    return staging, created
+    target = rename_target(out)
+    failures = []
+    for staging in (out.parent / f".{out.name}.staging-{name}", out / f"{INNER_STAGING}{name}"):
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:  # an unwritable parent; or no output yet, to stage inside of
+            failures.append(f"{staging.parent}: {exc}")
+            continue
+        if target is None or (failure := rename_fails(staging, target, name)) is None:
+            return staging, created
+        failures.append(failure)
+        shutil.rmtree(staging, ignore_errors=True)
+    raise RuntimeError(
+        f"download cannot stage files where they can be renamed into {out} ({'; '.join(failures)}): make the "
+        "output folder and its parent writable, or point the stage's output at a folder on one filesystem"
+    )
 
 
-INNER_STAGING = ".staging-"
+INNER_STAGING = ".staging-"  # also in .dvcignore
 
 
-def stage_inside(out: Path) -> bool:
-    """Whether `out` is a real folder on another filesystem than its parent's (a mount point), or one whose
-    parent this process cannot write: a staging folder beside it could not be renamed from."""
-    if out.is_symlink() or not out.is_dir():
-        return False
-    return not same_filesystem(out, out.parent) or not os.access(out.parent, os.W_OK)
+def real_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
-def same_filesystem(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
+def rename_target(out: Path) -> Path | None:
+    """The folder this run's images will be renamed into where it exists already (`images/`, else the output);
+    None where the commit step makes the output new, in the parent the staging folder is made in."""
+    return next((folder for folder in (out / IMAGES, out) if real_folder(folder)), None)
+
+
+def rename_fails(staging: Path, target: Path, name: str) -> str | None:
+    """Why a file cannot be moved from `staging` into `target` by a rename, tried with an empty probe file
+    (gone again after); None where it can."""
+    probe, moved = staging / "probe", target / f"{INNER_STAGING}{name}.probe"
+    try:
+        probe.write_bytes(b"")
+        os.replace(probe, moved)
+    except OSError as exc:
+        return f"a rename from {staging.parent} into {target} fails: {exc}"
+    finally:
+        probe.unlink(missing_ok=True)
+    moved.unlink()
+    return None
 
 
 def holds(path: Path, data: bytes) -> bool:
@@ -273,13 +301,6 @@ def holds(path: Path, data: bytes) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_size == len(data) and path.read_bytes() == data
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def write_listing(path: Path, write: Callable[[Path], object]) -> None:
@@ -402,7 +423,7 @@ def run(
     # this step leaves a folder without a manifest, which no stage reads and which the next run repairs.
     images = prepare_in_place(out)
     for name in LISTINGS:
-        remove(out / name)
+        outputs.remove_entry(out / name)
     kept = {row["source"] for row in manifest}
     names = set()
     for n, cand in enumerate(candidates):
@@ -417,10 +438,11 @@ def run(
             staged[n].unlink()
     for entry in list(images.iterdir()):
         if entry.name not in names:
-            remove(entry)
-    for entry in list(out.iterdir()):
-        if entry.name not in DECLARED_OUTPUTS and entry != staging:
-            remove(entry)
+            outputs.remove_entry(entry)
+    for entry in list(out.iterdir()):  # strays go, and staging folders but this run's and a live run's
+        live = entry.name.startswith(INNER_STAGING) and outputs.scratch_owner(entry.name[len(INNER_STAGING) :])
+        if entry.name not in DECLARED_OUTPUTS and entry != staging and not live:
+            outputs.remove_entry(entry)
     staging.rmdir()  # every staged file was moved in or removed
     write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))
     write_listing(out / QUARANTINE, lambda tmp: write_jsonl(tmp, quarantine))

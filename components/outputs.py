@@ -30,12 +30,15 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `final` on success.
 
     Its name carries this process's id: a leftover of a killed run is removed by the next run, a folder of
-    a run still going is not (`remove_stale`).
+    a run still going is not (`remove_stale`). A run killed between moving the old output aside and the new
+    one in leaves no `final`: the next run puts the old one back first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(final.parent, f".{final.name}.tmp-")
-    remove_stale(final.parent, f".{final.name}.old-")
+    if not (final.exists() or final.is_symlink()):
+        restore_interrupted(final)
+    remove_stale(final.parent, f".{final.name}.tmp-", legacy=True)
+    remove_stale(final.parent, f".{final.name}.old-", legacy=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -47,36 +50,66 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     if final.exists() or final.is_symlink():
         os.replace(final, old)
     os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    remove_entry(old)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
+def restore_interrupted(final: Path) -> None:
+    """Put back the output a killed run moved aside (`.<name>.old-<pid>-...`, its process gone) where `final`
+    is missing; the newest such one where there are several."""
+    prefix = f".{final.name}.old-"
+    aside = final.parent.glob(f"{glob.escape(prefix)}*")
+    dead = [entry for entry in aside if scratch_owner(entry.name[len(prefix) :], legacy=True) == 0]
+    if dead:
+        newest = max(dead, key=lambda entry: (entry.lstat().st_mtime_ns, entry.name))
+        log.warning("%s was missing (a run killed while replacing it): restored from %s", final, newest.name)
+        os.replace(newest, final)
+
+
+def other_run_alive(pid: int) -> bool:
+    """Whether `pid` is a running process other than this one. This process's own id in a scratch name is a
+    killed run's id reused (a process runs one such job at a time); 0 and below name no single process."""
+    if pid <= 0 or pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # someone else's
         return True
     return True
 
 
-def remove_stale(folder: Path, prefix: str) -> list[str]:
-    """Remove the entries of `folder` named `<prefix><pid>-...` whose process is gone (a killed run's
-    scratch), and any named `<prefix>` without a process id (an older release's); keep those of live runs.
-    Returns the names removed."""
+SCRATCH_NAME = re.compile(r"(\d+)-[0-9a-z_]+")  # <pid>-<uuid hex, time in ns, or mkdtemp's letters>
+LEGACY_NAME = re.compile(r"[0-9a-f]{8}")  # staged_dir's names before they carried a process id
+
+
+def scratch_owner(suffix: str, legacy: bool = False) -> int | None:
+    """For the part of a scratch name after its prefix: the id of the live run that owns it, 0 where its
+    run is gone, None where it is not a scratch name (someone else's file)."""
+    if match := SCRATCH_NAME.fullmatch(suffix):
+        pid = int(match.group(1))
+        return pid if other_run_alive(pid) else 0
+    return 0 if legacy and LEGACY_NAME.fullmatch(suffix) else None
+
+
+def remove_stale(folder: Path, prefix: str, *, legacy: bool = False) -> list[str]:
+    """Remove the entries of `folder` named `<prefix><pid>-<token>` whose process is gone (a killed run's
+    scratch), and with `legacy` those named `<prefix><8 hex digits>` (staged_dir's names before they carried
+    a process id); keep those of live runs and any other name. Returns the names removed."""
     removed = []
     for entry in sorted(folder.glob(f"{glob.escape(prefix)}*")) if folder.is_dir() else ():
-        pid = entry.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and process_alive(int(pid)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry.name)
+        if scratch_owner(entry.name[len(prefix) :], legacy) == 0:
+            remove_entry(entry)
+            removed.append(entry.name)
     return removed
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder with what it holds; nothing if none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def require_outputs(root: str | Path, relative: Iterable[str]) -> None:

@@ -751,20 +751,40 @@ def test_an_earlier_output_is_updated_in_place_to_exactly_a_cold_runs_bytes(tmp_
     assert len(mf.read_jsonl(out / mf.MANIFEST)) == 13 + 4 - 1
 
 
-def test_an_output_that_is_a_mount_point_is_staged_inside_it(tmp_path, monkeypatch):
-    # A folder beside a mount point is on another filesystem, and a rename from it fails (EXDEV) after the
-    # listings are gone: the staging folder goes inside the output instead, and leaves with the commit.
+def refuse_renames(monkeypatch, refused):
+    """Make os.replace and os.rename fail with EXDEV (as across a mount point or a bind mount, whatever the
+    folders' st_dev says) for every move that `refused(source, destination)` names."""
+    import errno
+
+    for name in ("replace", "rename"):
+        original = getattr(os, name)
+
+        def move(src, dst, *args, _original=original, **kwargs):
+            if refused(Path(src), Path(dst)):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+            return _original(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, move)
+
+
+def test_an_output_that_renames_cannot_reach_from_beside_it_is_staged_inside_it(tmp_path, monkeypatch):
+    # A bind mount of the output has its parent's st_dev, yet a rename from beside it fails (EXDEV): a run
+    # that found out in its commit step had already removed the listings. The probe finds out first.
     root = make_class_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "out"
     dl.run(folder_config(root), out)
-    monkeypatch.setattr(dl, "same_filesystem", lambda a, b: False)  # `out` is a mount point
+    refuse_renames(monkeypatch, lambda src, dst: src.parent.name.startswith(".out.staging-") and out in dst.parents)
     used = []
     staging_folder = dl.staging_folder
     monkeypatch.setattr(dl, "staging_folder", lambda o: used.append(staging_folder(o)) or used[-1])
     (out / f"{dl.INNER_STAGING}{dead_pid()}-1").mkdir()  # a killed run's, inside
+    live = out / f"{dl.INNER_STAGING}{os.getppid()}-2"  # a live process's (this one's parent)
+    live.mkdir()
     make_class_folder(root, per_class=2, start=6)
     dl.run(folder_config(root), out)
     assert used[0][0].parent == out
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(dl.INNER_STAGING)) == [live.name]
+    live.rmdir()
     dl.run(folder_config(root), tmp_path / "cold")
     assert entries(out) == entries(tmp_path / "cold")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cold", "out", "src"]
@@ -774,6 +794,19 @@ def test_an_output_that_is_a_mount_point_is_staged_inside_it(tmp_path, monkeypat
     with pytest.raises(ValueError, match="need at least 2 classes"):
         dl.run(folder_config(root), out)
     assert used[-1][0].parent == out and entries(out) == before
+
+
+def test_an_output_no_rename_can_reach_fails_before_it_changes(tmp_path, monkeypatch):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    before = entries(out)
+    refuse_renames(monkeypatch, lambda src, dst: src.parent != dst.parent and out in dst.parents)
+    make_class_folder(root, per_class=2, start=6)
+    with pytest.raises(RuntimeError, match="cannot stage files where they can be renamed into"):
+        dl.run(folder_config(root), out)
+    assert entries(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_a_failed_run_leaves_the_earlier_output_as_it_was(tmp_path):

@@ -78,14 +78,41 @@ def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path):
     import os
 
     dead = tmp_path / f"finetune-{dead_pid()}-abc"
-    alive = tmp_path / f"finetune-{os.getpid()}-def"
-    older = tmp_path / "finetune-abc"  # an older release's name, without a process id
-    for folder in (dead, alive, older):
+    alive = tmp_path / f"finetune-{os.getppid()}-def"  # a live process's (this one's parent)
+    reused = tmp_path / f"finetune-{os.getpid()}-x_1"  # a killed run's id, now this process's: no run of its own
+    no_process = [tmp_path / f"finetune-{pid}-abc" for pid in (0, 10**30)]  # kill(0) signals a group; overflow
+    for folder in (dead, alive, reused, *no_process):
         folder.mkdir()
         (folder / "train.data").write_bytes(b"x")
-    (tmp_path / "other").mkdir()
-    assert outputs.remove_stale(tmp_path, "finetune-") == sorted([dead.name, older.name])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "other"])
+    users = ["finetune-notes.txt", "finetune-abc", f"finetune-{dead_pid()}-abc.txt", "other"]  # not scratch names
+    for name in users:
+        (tmp_path / name).write_text("a user's")
+    assert outputs.remove_stale(tmp_path, "finetune-") == sorted(p.name for p in (dead, reused, *no_process))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, *users])
+    assert outputs.remove_stale(tmp_path, "finetune-", legacy=True) == []  # legacy names are 8 hex digits
+    (tmp_path / "finetune-0a1b2c3d").mkdir()
+    assert outputs.remove_stale(tmp_path, "finetune-", legacy=True) == ["finetune-0a1b2c3d"]
+
+
+def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    live = tmp_path / f".out.old-{os.getppid()}-1234abcd"  # a concurrent run's, mid-swap: not touched
+    live.mkdir()
+    with pytest.raises(RuntimeError, match="fails"):
+        with outputs.staged_dir(out):
+            raise RuntimeError("fails")
+    assert not out.exists() and live.is_dir()
+    aside = tmp_path / f".out.old-{dead_pid()}-1234abcd"  # killed between its two renames
+    aside.mkdir()
+    (aside / "a").write_text("the earlier output")
+    (tmp_path / f".out.tmp-{dead_pid()}-1234abcd").mkdir()  # its new output, never moved in
+    with pytest.raises(RuntimeError, match="fails"):
+        with outputs.staged_dir(out):
+            raise RuntimeError("fails")
+    assert (out / "a").read_text() == "the earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
 
 
 def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path):
