@@ -250,10 +250,12 @@ def staging_folder(out: Path) -> tuple[Path, list[Path]]:
         outputs.remove_stale(out, INNER_STAGING)
     target = rename_target(out)
     failures = []
-    for staging in (out.parent / f".{out.name}.staging-{name}", out / f"{INNER_STAGING}{name}"):
+    beside = out.parent / f".{out.name}.staging-{name}"
+    # inside only a real folder: a link in the output's place is replaced by a new folder at the commit
+    for staging in (beside, out / f"{INNER_STAGING}{name}") if target else (beside,):
         try:
-            staging.mkdir(parents=True)
-        except OSError as exc:  # an unwritable parent; or no output yet, to stage inside of
+            staging.mkdir(parents=staging == beside)
+        except OSError as exc:  # an unwritable parent
             failures.append(f"{staging.parent}: {exc}")
             continue
         if target is None or (failure := rename_fails(staging, target, name)) is None:
@@ -275,8 +277,11 @@ def real_folder(path: Path) -> bool:
 
 def rename_target(out: Path) -> Path | None:
     """The folder this run's images will be renamed into where it exists already (`images/`, else the output);
-    None where the commit step makes the output new, in the parent the staging folder is made in."""
-    return next((folder for folder in (out / IMAGES, out) if real_folder(folder)), None)
+    None where the commit step makes the output new (none there, or a link), in the parent the staging
+    folder is made in."""
+    if not real_folder(out):
+        return None
+    return out / IMAGES if real_folder(out / IMAGES) else out
 
 
 def rename_fails(staging: Path, target: Path, name: str) -> str | None:
@@ -286,11 +291,11 @@ def rename_fails(staging: Path, target: Path, name: str) -> str | None:
     try:
         probe.write_bytes(b"")
         os.replace(probe, moved)
+        moved.unlink()
     except OSError as exc:
         return f"a rename from {staging.parent} into {target} fails: {exc}"
     finally:
         probe.unlink(missing_ok=True)
-    moved.unlink()
     return None
 
 

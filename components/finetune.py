@@ -229,7 +229,8 @@ def decoded_image_cache(enabled: bool, cache_dir: str | Path | None) -> Iterator
         yield {"train": enabled, "val": enabled}
         return
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    outputs.remove_stale(Path(cache_dir), "finetune-")  # killed runs' caches; live runs' stay
+    # killed runs' caches, and older releases' (named without a process id); live runs' stay
+    outputs.remove_stale(Path(cache_dir), "finetune-", legacy=outputs.MKDTEMP_LEGACY)
     scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
     try:
         yield {split: str(scratch / split) for split in ("train", "val")}

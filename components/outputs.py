@@ -31,14 +31,15 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
 
     Its name carries this process's id: a leftover of a killed run is removed by the next run, a folder of
     a run still going is not (`remove_stale`). A run killed between moving the old output aside and the new
-    one in leaves no `final`: the next run puts the old one back first.
+    one in leaves no `final`: the next run puts the old one back first. The old output is renamed once more
+    (`.trash-`) before it is deleted, so a folder named `.old-` is always whole.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if not (final.exists() or final.is_symlink()):
         restore_interrupted(final)
-    remove_stale(final.parent, f".{final.name}.tmp-", legacy=True)
-    remove_stale(final.parent, f".{final.name}.old-", legacy=True)
+    for kind in ("tmp", "old", "trash"):
+        remove_stale(final.parent, f".{final.name}.{kind}-", legacy=STAGED_DIR_LEGACY)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -50,19 +51,26 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     if final.exists() or final.is_symlink():
         os.replace(final, old)
     os.replace(tmp, final)
-    remove_entry(old)
+    if old.exists() or old.is_symlink():
+        trash = final.parent / f".{final.name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(old, trash)
+        remove_entry(trash, ignore_errors=True)
 
 
 def restore_interrupted(final: Path) -> None:
     """Put back the output a killed run moved aside (`.<name>.old-<pid>-...`, its process gone) where `final`
-    is missing; the newest such one where there are several."""
+    is missing; the newest such one where there are several. Older releases deleted `.old-` folders in
+    place (one could be half gone): their names, without a process id, are never restored."""
     prefix = f".{final.name}.old-"
     aside = final.parent.glob(f"{glob.escape(prefix)}*")
-    dead = [entry for entry in aside if scratch_owner(entry.name[len(prefix) :], legacy=True) == 0]
-    if dead:
-        newest = max(dead, key=lambda entry: (entry.lstat().st_mtime_ns, entry.name))
-        log.warning("%s was missing (a run killed while replacing it): restored from %s", final, newest.name)
-        os.replace(newest, final)
+    dead = [entry for entry in aside if scratch_owner(entry.name[len(prefix) :]) == 0]
+    for entry in sorted(dead, key=lambda entry: (entry.lstat().st_mtime_ns, entry.name), reverse=True):
+        try:
+            os.replace(entry, final)
+        except FileNotFoundError:  # another run restored it first
+            continue
+        log.warning("%s was missing (a run killed while replacing it): restored from %s", final, entry.name)
+        return
 
 
 def other_run_alive(pid: int) -> bool:
@@ -80,36 +88,43 @@ def other_run_alive(pid: int) -> bool:
 
 
 SCRATCH_NAME = re.compile(r"(\d+)-[0-9a-z_]+")  # <pid>-<uuid hex, time in ns, or mkdtemp's letters>
-LEGACY_NAME = re.compile(r"[0-9a-f]{8}")  # staged_dir's names before they carried a process id
+STAGED_DIR_LEGACY = r"[0-9a-f]{8}"  # staged_dir's names before they carried a process id
+MKDTEMP_LEGACY = r"[0-9a-z_]{8}"  # tempfile.mkdtemp(prefix=...)'s names, before they carried one
 
 
-def scratch_owner(suffix: str, legacy: bool = False) -> int | None:
+def scratch_owner(suffix: str, legacy: str | None = None) -> int | None:
     """For the part of a scratch name after its prefix: the id of the live run that owns it, 0 where its
-    run is gone, None where it is not a scratch name (someone else's file)."""
+    run is gone (or, matching the `legacy` pattern, it is an older release's name without a process id),
+    None where it is not a scratch name (someone else's file)."""
     if match := SCRATCH_NAME.fullmatch(suffix):
         pid = int(match.group(1))
         return pid if other_run_alive(pid) else 0
-    return 0 if legacy and LEGACY_NAME.fullmatch(suffix) else None
+    return 0 if legacy and re.fullmatch(legacy, suffix) else None
 
 
-def remove_stale(folder: Path, prefix: str, *, legacy: bool = False) -> list[str]:
+def remove_stale(folder: Path, prefix: str, *, legacy: str | None = None) -> list[str]:
     """Remove the entries of `folder` named `<prefix><pid>-<token>` whose process is gone (a killed run's
-    scratch), and with `legacy` those named `<prefix><8 hex digits>` (staged_dir's names before they carried
-    a process id); keep those of live runs and any other name. Returns the names removed."""
+    scratch), and those whose rest matches `legacy` (an older release's names, without a process id); keep
+    those of live runs and any other name. Returns the names removed."""
     removed = []
     for entry in sorted(folder.glob(f"{glob.escape(prefix)}*")) if folder.is_dir() else ():
         if scratch_owner(entry.name[len(prefix) :], legacy) == 0:
-            remove_entry(entry)
+            remove_entry(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed
 
 
-def remove_entry(path: Path) -> None:
-    """Remove a file, a link (not what it points to) or a folder with what it holds; nothing if none."""
+def remove_entry(path: Path, *, ignore_errors: bool = False) -> None:
+    """Remove a file, a link (not what it points to) or a folder with what it holds; nothing if none.
+    What cannot be removed raises, unless `ignore_errors` (a best-effort sweep of scratch)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            if not ignore_errors:
+                raise
 
 
 def require_outputs(root: str | Path, relative: Iterable[str]) -> None:

@@ -796,6 +796,26 @@ def test_an_output_that_renames_cannot_reach_from_beside_it_is_staged_inside_it(
     assert used[-1][0].parent == out and entries(out) == before
 
 
+def test_a_linked_output_on_another_filesystem_becomes_a_folder_beside_the_staging(tmp_path, monkeypatch):
+    # The output is a link to another filesystem: the commit replaces the link with a real folder in its
+    # parent, so the run stages beside it (no rename into the link's target is ever tried) and leaves the
+    # target as it was.
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    elsewhere = tmp_path / "elsewhere" / "dl"
+    dl.run(folder_config(root), elsewhere)
+    before = entries(elsewhere)
+    out = tmp_path / "proj" / "out"
+    out.parent.mkdir()
+    out.symlink_to(elsewhere)
+    refuse_renames(monkeypatch, lambda src, dst: elsewhere in Path(os.path.realpath(dst)).parents)
+    make_class_folder(root, per_class=2, start=6)
+    dl.run(folder_config(root), out)
+    assert not out.is_symlink() and entries(elsewhere) == before
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert entries(out) == entries(tmp_path / "cold")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
 def test_an_output_no_rename_can_reach_fails_before_it_changes(tmp_path, monkeypatch):
     root = make_class_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "out"

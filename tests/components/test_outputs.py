@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -89,9 +90,9 @@ def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path):
         (tmp_path / name).write_text("a user's")
     assert outputs.remove_stale(tmp_path, "finetune-") == sorted(p.name for p in (dead, reused, *no_process))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, *users])
-    assert outputs.remove_stale(tmp_path, "finetune-", legacy=True) == []  # legacy names are 8 hex digits
-    (tmp_path / "finetune-0a1b2c3d").mkdir()
-    assert outputs.remove_stale(tmp_path, "finetune-", legacy=True) == ["finetune-0a1b2c3d"]
+    (tmp_path / "finetune-x0_1b2c3").mkdir()  # an older release's: mkdtemp's 8 letters, no process id
+    assert outputs.remove_stale(tmp_path, "finetune-") == []
+    assert outputs.remove_stale(tmp_path, "finetune-", legacy=outputs.MKDTEMP_LEGACY) == ["finetune-x0_1b2c3"]
 
 
 def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
@@ -108,11 +109,19 @@ def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
     aside.mkdir()
     (aside / "a").write_text("the earlier output")
     (tmp_path / f".out.tmp-{dead_pid()}-1234abcd").mkdir()  # its new output, never moved in
+    (tmp_path / ".out.old-0a1b2c3d").mkdir()  # an older release's, deleted in place: perhaps half gone
+    (tmp_path / f".out.trash-{dead_pid()}-1234abcd").mkdir()  # killed while deleting what it replaced
     with pytest.raises(RuntimeError, match="fails"):
         with outputs.staged_dir(out):
             raise RuntimeError("fails")
     assert (out / "a").read_text() == "the earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
+    shutil.rmtree(out)
+    (tmp_path / ".out.old-0a1b2c3d").mkdir()
+    with outputs.staged_dir(out) as new:
+        (new / "b").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])  # not restored: removed
+    assert [p.name for p in out.iterdir()] == ["b"]
 
 
 def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path):
