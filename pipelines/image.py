@@ -16,7 +16,8 @@ It is made of TensorFlow ops only (the SavedModel needs no Python to run it):
   WebP alpha) and a PNG's ``tRNS`` chunk (a palette's alphas, a gray or RGB
   colour key), which libpng turns into alpha when four channels are asked for;
 - grayscale, palette and CMYK to RGB, 16-bit samples to 8 bits (TensorFlow's
-  decoders), the first frame of an animation (GIF).
+  decoders; a gray or palette PNG below 8 bits a sample without ``tRNS`` is made
+  opaque, `_decode_png`), the first frame of an animation (GIF).
 
 An animated WebP fails, with a message, before TensorFlow's WebP decoder sees it: that decoder
 returns every frame of a lossy one and corrupts the heap on a lossless one (TF 2.21: the process
@@ -194,10 +195,35 @@ def composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast((tf.cast(rgb, tf.int32) * a + 255 * (255 - a) + 127) // 255, tf.uint8)
 
 
+def _png_has_trns(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Whether a PNG has a ``tRNS`` chunk (it must come before the first ``IDAT``)."""
+
+    def more(pos, found):
+        return tf.logical_not(found) & (pos + 8 <= size)
+
+    def step(pos, found):
+        length, kind = _uint(buf, pos, 4), _uint(buf, pos + 4, 4)
+        found = tf.equal(kind, 0x74524E53)  # "tRNS"
+        pos = tf.where(tf.equal(kind, 0x49444154) | tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # IDAT, IEND
+        return pos, found
+
+    _, found = tf.while_loop(more, step, (tf.constant(8, tf.int64), tf.constant(False)), maximum_iterations=1 << 20)
+    return found
+
+
 def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
     # Four channels: libpng turns a tRNS chunk (a palette's alphas, a gray or RGB colour key) into alpha.
     rgba = tf.io.decode_png(image_bytes, channels=4)
-    return composite_on_white(rgba[..., :3], rgba[..., 3])
+    # Without a tRNS chunk, TensorFlow (2.21) fills the alpha it adds to a gray or palette PNG of 1, 2 or 4
+    # bits a sample with that depth's largest value (1, 3 or 15) instead of 255: such an opaque image came
+    # out nearly white. Its alpha is 255 wherever the file has no tRNS.
+    buf = _byte_buffer(image_bytes)
+    depth, colour = _uint(buf, 24, 1), _uint(buf, 25, 1)  # IHDR's bit depth and colour type
+    low_depth = (depth < 8) & (tf.equal(colour, 0) | tf.equal(colour, 3))
+    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
+    opaque = tf.cond(low_depth, lambda: tf.logical_not(_png_has_trns(buf, size)), lambda: tf.constant(False))
+    alpha = tf.where(opaque, tf.constant(255, tf.uint8), rgba[..., 3])
+    return composite_on_white(rgba[..., :3], alpha)
 
 
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:

@@ -44,19 +44,34 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
+GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_rgb(img: Image.Image, sample_bits: int = 8) -> tuple[Image.Image, str]:
     """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
-    `pipelines.image.decode_image` is checked against."""
+    `pipelines.image.decode_image` is checked against. `sample_bits`: a PNG's bit depth (IHDR)."""
     mode = img.mode
-    keyed = "transparency" in img.info and mode in ("L", "RGB")  # a PNG colour key (tRNS) makes one colour transparent
-    if mode == "RGB" and not keyed:
+    key = img.info.get("transparency") if mode in ("1", "L", "RGB", *GRAY16) else None  # a PNG colour key (tRNS)
+    if mode == "RGB" and key is None:
         return img, "RGB"
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr8 = np.clip(np.floor(arr * (256.0 / (peak + 1))), 0, 255).astype(np.uint8)  # the high byte, as libpng gives
-        return Image.fromarray(arr8, mode="L").convert("RGB"), f"{mode} grayscale to 8-bit RGB"
-    if mode in ("RGBA", "LA", "PA") or keyed or (mode == "P" and "transparency" in img.info):
+    if mode in ("1", "L", *GRAY16):
+        if mode in GRAY16:
+            raw = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if mode.startswith("I;16") or raw.max() > 255 else 255.0
+            gray = np.clip(np.floor(raw * (256.0 / (peak + 1))), 0, 255).astype(np.uint8)  # the high byte, as libpng
+            how = f"{mode} grayscale to 8-bit RGB"
+        else:
+            raw = gray = np.asarray(img.convert("L"))
+            how = f"{mode} to RGB"
+            if mode == "L" and key is not None and sample_bits < 8:  # Pillow gives a 2 or 4-bit key as stored
+                key = key * 255 // ((1 << sample_bits) - 1)
+        if key is None:
+            return Image.fromarray(gray, mode="L").convert("RGB"), how
+        alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+        rgba = Image.fromarray(np.dstack([gray, gray, gray, alpha]), mode="RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
+    if mode in ("RGBA", "LA", "PA") or key is not None or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
@@ -145,7 +160,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         if applied != 1:
             img = ImageOps.exif_transpose(img)
             actions.append(f"EXIF orientation {orientation} applied")
-        reference, how = _to_rgb(img)
+        depth = data[24] if sniffed == "PNG" and len(data) > 25 else 8  # IHDR's bit depth
+        reference, how = _to_rgb(img, depth)
     except Image.DecompressionBombError as exc:
         return Rejected(f"too large (decompression bomb): {exc}")
     except UnidentifiedImageError:

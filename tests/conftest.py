@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,29 @@ def encode(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **save
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **save_kwargs)
     return buffer.getvalue()
+
+
+def low_depth_png(samples: np.ndarray, depth: int, palette=None, trns: bytes | None = None) -> bytes:
+    """A PNG of raw samples at 1, 2 or 4 bits: gray (colour type 0), or palette entries (type 3) with
+    `palette` (rows of RGB); `trns`: a tRNS chunk's bytes. Written by hand: Pillow writes gray below 8 bits
+    only for its 1-bit mode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = []
+    for row in samples:
+        bits = "".join(format(int(v), f"0{depth}b") for v in row)
+        bits += "0" * (-len(bits) % 8)
+        rows.append(b"\0" + int(bits, 2).to_bytes(len(bits) // 8, "big"))
+    height, width = samples.shape
+    colour = 0 if palette is None else 3
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+    if palette is not None:
+        out += chunk(b"PLTE", bytes(np.asarray(palette, np.uint8).ravel()))
+    if trns is not None:
+        out += chunk(b"tRNS", trns)
+    return out + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

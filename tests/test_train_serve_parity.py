@@ -23,7 +23,8 @@ from components import convert  # noqa: E402
 from components import download as dl  # noqa: E402
 from components import manifest as mf  # noqa: E402
 from pipelines import image, records, serving  # noqa: E402
-from tests.conftest import image_array, make_class_folder  # noqa: E402
+from tests.components.test_download import LOW_PALETTE  # noqa: E402
+from tests.conftest import image_array, low_depth_png, make_class_folder  # noqa: E402
 
 SIZE = (24, 24)
 # PIL's transpose that shows a file with this EXIF orientation upright, and so its inverse stores it.
@@ -79,6 +80,10 @@ def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
         save(palette, "PNG", transparency=bytes([0, 128])),
         ((colours[indices] * alphas + 255 * (255 - alphas) + 127) // 255).astype(np.uint8),
     )
+    samples = rng.integers(0, 16, (20, 28))  # 4 bits a sample: TensorFlow once decoded these nearly white
+    files["palette_4bit.png"] = (low_depth_png(samples, 4, palette=LOW_PALETTE), LOW_PALETTE[samples])
+    bits = rng.integers(0, 2, (20, 28))
+    files["gray_1bit.png"] = (low_depth_png(bits, 1), np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2))
     gray = image_array(61, (100, 100, 100), (20, 28))[..., 0]
     files["gray.png"] = (save(Image.fromarray(gray, mode="L"), "PNG"), np.repeat(gray[..., None], 3, axis=2))
     files["gray.jpg"] = (save(Image.fromarray(gray, mode="L"), "JPEG", quality=95), None)

@@ -2,6 +2,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import time
 import unicodedata
 from pathlib import Path
@@ -16,7 +17,7 @@ from components.params import parse_section
 from pipelines import image, normalise
 from pipelines import split as splitting
 from tests.components.test_outputs import dead_pid
-from tests.conftest import encode, image_array, make_class_folder, repo_params
+from tests.conftest import encode, image_array, low_depth_png, make_class_folder, repo_params
 
 DECODE = normalise.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
@@ -135,6 +136,46 @@ def test_a_png_colour_key_is_transparent_and_composited_on_white(mode, key):
     out = np.asarray(decoded(result.data))
     assert (out[:, :10] == 255).all() and (out[:, 10:] == 200).all()
     assert "onto white" in result.action
+
+
+LOW_PALETTE = np.array([(i * 15, 255 - i * 15, (i * 70) % 256) for i in range(16)], np.uint8)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["gray", "gray_key", "palette", "palette_alpha"])
+def test_a_png_of_fewer_than_8_bits_a_sample_reads_as_pillow_reads_it(kind, depth):
+    # TensorFlow gave such an opaque image an alpha of 1, 3 or 15 (nearly white once composited); Pillow
+    # gives a 2 or 4-bit gray colour key unscaled. Both readings agree now, and the image is kept.
+    samples = np.arange(20 * 24).reshape(20, 24) % (1 << depth)
+    if kind.startswith("gray"):
+        gray = (samples * 255 // ((1 << depth) - 1)).astype(np.uint8)
+        expected = np.repeat(gray[..., None], 3, axis=2)
+        key = 0 if depth == 1 else 1  # black for 1 bit; for 2 and 4, a value that scaling changes
+        trns = struct.pack(">H", key) if kind == "gray_key" else None
+        data = low_depth_png(samples, depth, trns=trns)
+        alpha = np.where(samples == key, 0, 255) if trns else np.full(samples.shape, 255)
+    else:
+        palette = LOW_PALETTE[: 1 << depth]
+        expected = palette[samples]
+        trns = bytes([255, 0]) if kind == "palette_alpha" else None  # entry 1 transparent, the rest opaque
+        data = low_depth_png(samples, depth, palette=palette, trns=trns)
+        alpha = np.where(samples == 1, 0, 255) if trns else np.full(samples.shape, 255)
+    expected = np.where(alpha[..., None] == 0, 255, expected).astype(np.uint8)
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert np.array_equal(np.asarray(decoded(result.data)), expected)
+    assert np.array_equal(image.decode_image(data).numpy(), expected)  # the serving model's decode
+
+
+def test_a_16_bit_gray_png_colour_key_is_transparent():
+    samples = np.full((20, 20), 1000, np.uint16)
+    samples[:, 10:] = 51400  # high byte 200
+    buffer = io.BytesIO()
+    Image.fromarray(samples).save(buffer, format="PNG", transparency=1000)
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    out = np.asarray(decoded(result.data))
+    assert (out[:, :10] == 255).all() and (out[:, 10:] == 200).all()
 
 
 def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
