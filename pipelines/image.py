@@ -17,7 +17,8 @@ It is made of TensorFlow ops only (the SavedModel needs no Python to run it):
   colour key), which libpng turns into alpha when four channels are asked for;
 - grayscale, palette and CMYK to RGB, 16-bit samples to 8 bits (TensorFlow's
   decoders; a gray or palette PNG below 8 bits a sample without ``tRNS`` is made
-  opaque, `_decode_png`), the first frame of an animation (GIF).
+  opaque, `_decode_png`; an 8-bit BMP's palette is applied, `_decode_bmp`), the
+  first frame of an animation (GIF).
 
 An animated WebP fails, with a message, before TensorFlow's WebP decoder sees it: that decoder
 returns every frame of a lossy one and corrupts the heap on a lossless one (TF 2.21: the process
@@ -226,6 +227,26 @@ def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
     return composite_on_white(rgba[..., :3], alpha)
 
 
+def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
+    # TensorFlow (2.21) reads an 8-bit BMP's palette indices as gray levels: a palette image came out as
+    # gray nonsense. Its colours are looked up in the file's palette (BGR0 entries after the header; a
+    # missing entry is black, as Pillow reads it).
+    decoded = tf.io.decode_bmp(image_bytes, channels=3)
+    buf = _byte_buffer(image_bytes)
+    header = _uint(buf, 14, 4, little=True)  # BITMAPINFOHEADER (40) and later; 12 is OS/2's, not read by TF
+    paletted = tf.equal(_uint(buf, 28, 2, little=True), 8) & (header >= 40)
+
+    def coloured() -> tf.Tensor:
+        used = _uint(buf, 46, 4, little=True)
+        entries = tf.where((used == 0) | (used > 256), tf.constant(256, tf.int64), used)
+        raw = tf.strings.substr(buf, tf.cast(14 + header, tf.int32), tf.cast(4 * entries, tf.int32))
+        table = tf.reshape(tf.io.decode_raw(raw, tf.uint8), [-1, 4])
+        table = tf.pad(table, [[0, 256 - tf.shape(table)[0]], [0, 0]])  # indices past the palette: black
+        return tf.gather(tf.reverse(table[:, :3], [1]), tf.cast(decoded[..., 0], tf.int32))  # BGR -> RGB
+
+    return tf.cond(paletted, coloured, lambda: decoded)
+
+
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:
     padded = image_bytes + b"\0" * 21  # substr fails on a position past the end
     flags = tf.io.decode_raw(tf.strings.substr(padded, 20, 1), tf.uint8)[0]
@@ -264,7 +285,7 @@ def decode_with_orientation(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tenso
             lambda: tf.io.decode_jpeg(image_bytes, channels=3),
             lambda: _decode_png(image_bytes),
             lambda: tf.io.decode_gif(image_bytes)[0],
-            lambda: tf.io.decode_bmp(image_bytes, channels=3),
+            lambda: _decode_bmp(image_bytes),
             lambda: _decode_webp(image_bytes),
         ],
         default=_unknown_format,

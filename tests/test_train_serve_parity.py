@@ -106,6 +106,8 @@ def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
     )
     files["alpha_lossy.webp"] = (save(Image.fromarray(rgba_webp), "WEBP", quality=90), None)  # VP8X + ALPH
     files["lossy.webp"] = (save(Image.fromarray(image_array(64, (40, 120, 220), (20, 28))), "WEBP", quality=90), None)
+    palette_bmp = Image.fromarray(image_array(67, (200, 60, 120), (20, 28))).convert("P")
+    files["palette.bmp"] = (save(palette_bmp, "BMP"), np.asarray(palette_bmp.convert("RGB")))
     files["plain.bmp"] = (
         save(Image.fromarray(image_array(66, (30, 90, 210), (20, 28))), "BMP"),
         image_array(66, (30, 90, 210), (20, 28)),

@@ -178,6 +178,26 @@ def test_a_16_bit_gray_png_colour_key_is_transparent():
     assert (out[:, :10] == 255).all() and (out[:, 10:] == 200).all()
 
 
+@pytest.mark.parametrize("entries", [256, 16, 2], ids=["full", "short", "indices_past_it"])
+def test_an_8_bit_palette_bmp_reads_its_colours(entries):
+    # TensorFlow read the indices as gray levels; a palette that lists fewer colours than the indices name
+    # gives black for the others, in both readings.
+    rgb = image_array(3, (120, 80, 40), (24, 32))
+    buffer = io.BytesIO()
+    full = Image.fromarray(rgb).convert("P")  # the web palette: 216 colours and more
+    (full if entries == 256 else full.convert("RGB").quantize(16)).save(buffer, "BMP")
+    data = bytearray(buffer.getvalue())
+    assert struct.unpack("<H", data[28:30]) == (8,)
+    if entries == 2:
+        data[46:50] = struct.pack("<I", 2)  # "2 colours used": the other indices name none
+    expected = np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+    assert len(np.unique(expected.reshape(-1, 3), axis=0)) > 1 and (expected[..., 0] != expected[..., 1]).any()
+    result = normalise.normalise_image(bytes(data), **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert np.array_equal(image.decode_image(bytes(data)).numpy(), expected)
+    assert np.array_equal(np.asarray(decoded(result.data)), expected)
+
+
 def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
     indices = np.zeros((20, 20), np.uint8)
     indices[:, 10:] = 1
