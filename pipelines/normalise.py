@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipelines import image
 
@@ -116,6 +116,40 @@ def _reason(exc: Exception) -> str:
     )
 
 
+def decoder_reason(exc: Exception) -> str:
+    """The line of a TensorFlow error that says what is wrong with the file: its message comes after
+    "Graph execution error:" and the traceback of where the op was defined."""
+    lines = [line.strip() for line in (getattr(exc, "message", None) or str(exc) or type(exc).__name__).splitlines()]
+    noise = ("Graph execution error", "Detected at node", "File ", "[[")
+    return next((line for line in lines if line and not line.startswith(noise)), lines[0] if lines else "")
+
+
+# What Pillow's `ImageOps.exif_transpose` does for each orientation
+TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The orientation tag of the file's EXIF block (JPEG's first APP1 "Exif", PNG's eXIf, WebP's EXIF chunk),
+    where the shared decode reads it. Pillow's `getexif()` also takes one from XMP (`tiff:Orientation`) or a
+    PNG text chunk's "Raw profile type exif" (ImageMagick's); the decode, the serving model and browsers read
+    neither, so such a file is kept as they show it, not quarantined."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    value = exif.get(0x0112, 1)
+    return value if isinstance(value, int) else 1
+
+
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
     """Check a file, and return the pixels training and serving will see, as RGB bytes.
 
@@ -155,10 +189,10 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
             actions.append(f"first of {img.n_frames} frames")
-        orientation = img.getexif().get(0x0112, 1)
+        orientation = exif_orientation(img)
         applied = orientation if orientation in range(2, 9) else 1  # Pillow ignores other values, as the decode does
         if applied != 1:
-            img = ImageOps.exif_transpose(img)
+            img = img.transpose(TRANSPOSES[applied])
             actions.append(f"EXIF orientation {orientation} applied")
         depth = data[24] if sniffed == "PNG" and len(data) > 25 else 8  # IHDR's bit depth
         reference, how = _to_rgb(img, depth)
@@ -176,7 +210,7 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         pixels, decoded_orientation = decode(data)
     except Exception as exc:  # noqa: BLE001 - TensorFlow's decoders raise InvalidArgumentError and others
         return Rejected(
-            f"undecodable {fmt} by the shared decoder (the serving model's): {str(exc).splitlines()[0]}",
+            f"undecodable {fmt} by the shared decoder (the serving model's): {decoder_reason(exc)}",
             lasting=isinstance(exc, tf.errors.InvalidArgumentError),  # the file's bytes; others may be the run's
         )
     if decoded_orientation != applied or pixels.shape[:2] != (reference.height, reference.width):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from components import download as dl
 from components import manifest as mf
@@ -198,6 +198,17 @@ def test_an_8_bit_palette_bmp_reads_its_colours(entries):
     assert np.array_equal(np.asarray(decoded(result.data)), expected)
 
 
+def test_a_file_the_shared_decoder_cannot_read_is_quarantined_with_its_reason():
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(3, size=(24, 32))).convert("1").save(buffer, "BMP")  # 1 bit: TensorFlow reads none
+    result = normalise.normalise_image(buffer.getvalue(), **LIMITS)
+    assert isinstance(result, normalise.Rejected) and result.lasting
+    prefix = "undecodable BMP by the shared decoder (the serving model's): "
+    assert result.reason.startswith(prefix), result.reason
+    reason = result.reason[len(prefix) :]
+    assert reason and "Graph execution error" not in reason and "Detected at node" not in reason  # TF's message
+
+
 def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
     indices = np.zeros((20, 20), np.uint8)
     indices[:, 10:] = 1
@@ -242,6 +253,49 @@ def test_exif_rotation_is_applied():
     assert (result.width, result.height) == (20, 40)
     assert "EXIF orientation 6" in result.action
     assert decoded(result.data).size == (20, 40)
+
+
+XMP_ORIENTATION_6 = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
+
+
+def orientation_outside_exif() -> dict[str, bytes]:
+    """Files whose only orientation is one Pillow's getexif() finds outside the EXIF block."""
+    img = Image.fromarray(image_array(6, size=(20, 40)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = b"Exif\0\0" + exif.tobytes()
+    profile = f"\nexif\n{len(raw):8d}\n{raw.hex()}\n"  # ImageMagick's "Raw profile type exif"
+    files = {}
+    for name, fmt, kwargs in [
+        ("jpeg_xmp", "JPEG", {"xmp": XMP_ORIENTATION_6, "quality": 95}),
+        ("webp_xmp", "WEBP", {"xmp": XMP_ORIENTATION_6, "lossless": True}),
+        ("png_xmp", "PNG", {"pnginfo": PngImagePlugin.PngInfo()}),
+        ("png_raw_profile", "PNG", {"pnginfo": PngImagePlugin.PngInfo()}),
+    ]:
+        if name == "png_xmp":
+            kwargs["pnginfo"].add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION_6.decode())
+        elif name == "png_raw_profile":
+            kwargs["pnginfo"].add_text("Raw profile type exif", profile, zip=True)
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt, **kwargs)
+        files[name] = buffer.getvalue()
+    return files
+
+
+@pytest.mark.parametrize("name", ["jpeg_xmp", "webp_xmp", "png_xmp", "png_raw_profile"])
+def test_an_orientation_outside_the_exif_block_is_not_applied(name):
+    # Pillow's getexif() reads these, and a file was quarantined as "orientation read differently"; the
+    # shared decode, the serving model and browsers show such a file as stored, and so is it kept.
+    data = orientation_outside_exif()[name]
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6  # what download read before
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert (result.width, result.height) == (40, 20) and "orientation" not in result.action
+    assert image.decode_image(data).shape == (20, 40, 3)
 
 
 def test_animated_gif_keeps_first_frame():
