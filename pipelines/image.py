@@ -17,8 +17,8 @@ It is made of TensorFlow ops only (the SavedModel needs no Python to run it):
   colour key), which libpng turns into alpha when four channels are asked for;
 - grayscale, palette and CMYK to RGB, 16-bit samples to 8 bits (TensorFlow's
   decoders; a gray or palette PNG below 8 bits a sample without ``tRNS`` is made
-  opaque, `_decode_png`; an 8-bit BMP's palette is applied, `_decode_bmp`), the
-  first frame of an animation (GIF).
+  opaque, `_decode_png`; BMPs as `_decode_bmp` says), the first frame of an
+  animation (GIF).
 
 An animated WebP fails, with a message, before TensorFlow's WebP decoder sees it: that decoder
 returns every frame of a lossy one and corrupts the heap on a lossless one (TF 2.21: the process
@@ -227,24 +227,64 @@ def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
     return composite_on_white(rgba[..., :3], alpha)
 
 
+BYTE_MASKS = (0xFF, 0xFF00, 0xFF0000, 0xFF000000)  # a BMP bit mask of one whole byte: bytes 0 to 3 of a pixel
+
+
 def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
-    # TensorFlow (2.21) reads an 8-bit BMP's palette indices as gray levels: a palette image came out as
-    # gray nonsense. Its colours are looked up in the file's palette (BGR0 entries after the header; a
-    # missing entry is black, as Pillow reads it).
-    decoded = tf.io.decode_bmp(image_bytes, channels=3)
+    """TensorFlow's BMP decode (2.21), with what it gets wrong done here:
+
+    - it wants the file to end where the pixels do: Photoshop pads 2 bytes after them, a v5 header's ICC
+      profile follows them; an uncompressed file is cut there first;
+    - it reads an 8-bit BMP's palette indices as gray levels: its colours are looked up in the file's
+      palette (BGR0 entries after the header; a missing entry is black, as Pillow reads it);
+    - it takes a 32-bit pixel's bytes as B, G, R, A whatever the file's bit masks (BI_BITFIELDS) say, and
+      drops the alpha: the masks pick the channels, and an alpha mask's channel is composited onto white.
+      Masks other than whole bytes are an error.
+    """
     buf = _byte_buffer(image_bytes)
-    header = _uint(buf, 14, 4, little=True)  # BITMAPINFOHEADER (40) and later; 12 is OS/2's, not read by TF
-    paletted = tf.equal(_uint(buf, 28, 2, little=True), 8) & (header >= 40)
+
+    def field(pos: int, n: int) -> tf.Tensor:
+        return _uint(buf, pos, n, little=True)
+
+    header, bits, compression = field(14, 4), field(28, 2), field(30, 4)  # BITMAPINFOHEADER (40) and later
+    width, height = field(18, 4), field(22, 4)
+    height = tf.where(height >= 1 << 31, (1 << 32) - height, height)  # rows stored top-down: a negative height
+    pixels_end = field(10, 4) + (bits * width + 31) // 32 * 4 * height
+    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
+    uncompressed = (tf.equal(compression, 0) | tf.equal(compression, 3)) & (header >= 40)
+    image_bytes = tf.cond(
+        uncompressed & (pixels_end < size),
+        lambda: tf.strings.substr(image_bytes, 0, tf.cast(pixels_end, tf.int32)),
+        lambda: image_bytes,
+    )
 
     def coloured() -> tf.Tensor:
-        used = _uint(buf, 46, 4, little=True)
+        indices = tf.io.decode_bmp(image_bytes, channels=3)[..., 0]
+        used = field(46, 4)
         entries = tf.where((used == 0) | (used > 256), tf.constant(256, tf.int64), used)
         raw = tf.strings.substr(buf, tf.cast(14 + header, tf.int32), tf.cast(4 * entries, tf.int32))
         table = tf.reshape(tf.io.decode_raw(raw, tf.uint8), [-1, 4])
         table = tf.pad(table, [[0, 256 - tf.shape(table)[0]], [0, 0]])  # indices past the palette: black
-        return tf.gather(tf.reverse(table[:, :3], [1]), tf.cast(decoded[..., 0], tf.int32))  # BGR -> RGB
+        return tf.gather(tf.reverse(table[:, :3], [1]), tf.cast(indices, tf.int32))  # BGR -> RGB
 
-    return tf.cond(paletted, coloured, lambda: decoded)
+    def masked() -> tf.Tensor:
+        pixels = tf.io.decode_bmp(image_bytes, channels=4)  # bytes 2, 1, 0, 3 of each pixel
+        masks = tf.stack([field(54, 4), field(58, 4), field(62, 4), tf.where(header >= 56, field(66, 4), 0)])
+        whole = tf.equal(masks[:, tf.newaxis], tf.constant(BYTE_MASKS, tf.int64))  # [4 masks, 4 bytes]
+        known = tf.reduce_all(tf.reduce_any(whole[:3], axis=1)) & (tf.equal(masks[3], 0) | tf.reduce_any(whole[3]))
+        message = "a 32-bit BMP whose bit masks are not whole bytes (re-save it as PNG)"
+        with tf.control_dependencies([tf.debugging.Assert(known, [message])]):
+            channel = tf.gather(tf.constant([2, 1, 0, 3]), tf.argmax(tf.cast(whole, tf.int32), axis=1))
+        rgb = tf.gather(pixels, channel[:3], axis=-1)
+        alpha = tf.where(tf.equal(masks[3], 0), tf.constant(255, tf.uint8), tf.gather(pixels, channel[3], axis=-1))
+        return composite_on_white(rgb, alpha)
+
+    kind = tf.where(
+        tf.equal(bits, 8) & (header >= 40), 1, tf.where(tf.equal(bits, 32) & tf.equal(compression, 3), 2, 0)
+    )
+    return tf.switch_case(
+        tf.cast(kind, tf.int32), [lambda: tf.io.decode_bmp(image_bytes, channels=3), coloured, masked]
+    )
 
 
 def _decode_webp(image_bytes: tf.Tensor) -> tf.Tensor:

@@ -60,6 +60,39 @@ def encode(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **save
     return buffer.getvalue()
 
 
+def bmp_file(
+    rows: list[bytes], width: int, height: int, bits: int, header: int = 40, masks=None, top_down: bool = False
+) -> bytes:
+    """A BMP of `rows` (each row's pixel bytes, bottom row first unless `top_down`; padding added), with a
+    `header`-byte info header (40, 108 or 124) and, for BI_BITFIELDS, `masks` (R, G, B[, A]). Written by
+    hand: Pillow writes no v4/v5 headers nor bit masks."""
+    data = b"".join(row + bytes(-len(row) % 4) for row in rows)
+    info = struct.pack(
+        "<IiiHHIIiiII",
+        header,
+        width,
+        -height if top_down else height,
+        1,
+        bits,
+        0 if masks is None else 3,
+        len(data),
+        2835,
+        2835,
+        0,
+        0,
+    )
+    extra = b""
+    if masks is not None and header == 40:
+        extra = struct.pack("<III", *masks[:3])  # after a v3 header
+    elif header >= 108:
+        info += struct.pack("<IIII", *(tuple(masks or ()) + (0, 0, 0, 0))[:4]) + b"BGRs" + bytes(48)
+        if header >= 124:
+            info += struct.pack("<IIII", 4, 0, 0, 0)
+    assert len(info) == header, len(info)
+    offset = 14 + header + len(extra)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + extra + data
+
+
 def low_depth_png(samples: np.ndarray, depth: int, palette=None, trns: bytes | None = None) -> bytes:
     """A PNG of raw samples at 1, 2 or 4 bits: gray (colour type 0), or palette entries (type 3) with
     `palette` (rows of RGB); `trns`: a tRNS chunk's bytes. Written by hand: Pillow writes gray below 8 bits

@@ -23,8 +23,8 @@ from components import convert  # noqa: E402
 from components import download as dl  # noqa: E402
 from components import manifest as mf  # noqa: E402
 from pipelines import image, records, serving  # noqa: E402
-from tests.components.test_download import LOW_PALETTE  # noqa: E402
-from tests.conftest import image_array, low_depth_png, make_class_folder  # noqa: E402
+from tests.components.test_download import BGRA_MASKS, LOW_PALETTE  # noqa: E402
+from tests.conftest import bmp_file, image_array, low_depth_png, make_class_folder  # noqa: E402
 
 SIZE = (24, 24)
 # PIL's transpose that shows a file with this EXIF orientation upright, and so its inverse stores it.
@@ -108,6 +108,12 @@ def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
     files["lossy.webp"] = (save(Image.fromarray(image_array(64, (40, 120, 220), (20, 28))), "WEBP", quality=90), None)
     palette_bmp = Image.fromarray(image_array(67, (200, 60, 120), (20, 28))).convert("P")
     files["palette.bmp"] = (save(palette_bmp, "BMP"), np.asarray(palette_bmp.convert("RGB")))
+    rgba_bmp = np.dstack([image_array(68, (90, 30, 200), (20, 28)), rng.integers(0, 256, (20, 28), dtype=np.uint8)])
+    alpha_bmp = rgba_bmp[..., 3:].astype(np.int64)
+    files["alpha_v5.bmp"] = (  # 32 bits with an alpha mask, 2 bytes after the pixels
+        bmp_file([row[:, [2, 1, 0, 3]].tobytes() for row in rgba_bmp[::-1]], 28, 20, 32, 124, BGRA_MASKS) + bytes(2),
+        ((rgba_bmp[..., :3] * alpha_bmp + 255 * (255 - alpha_bmp) + 127) // 255).astype(np.uint8),
+    )
     files["plain.bmp"] = (
         save(Image.fromarray(image_array(66, (30, 90, 210), (20, 28))), "BMP"),
         image_array(66, (30, 90, 210), (20, 28)),

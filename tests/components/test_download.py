@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image, PngImagePlugin
 
 from components import download as dl
@@ -17,7 +18,7 @@ from components.params import parse_section
 from pipelines import image, normalise
 from pipelines import split as splitting
 from tests.components.test_outputs import dead_pid
-from tests.conftest import encode, image_array, low_depth_png, make_class_folder, repo_params
+from tests.conftest import bmp_file, encode, image_array, low_depth_png, make_class_folder, repo_params
 
 DECODE = normalise.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
@@ -207,6 +208,57 @@ def test_a_file_the_shared_decoder_cannot_read_is_quarantined_with_its_reason():
     assert result.reason.startswith(prefix), result.reason
     reason = result.reason[len(prefix) :]
     assert reason and "Graph execution error" not in reason and "Detected at node" not in reason  # TF's message
+
+
+def bgra_rows(rgba: np.ndarray, order=(2, 1, 0, 3)) -> list[bytes]:
+    """Rows of 32-bit pixels, bottom row first, each pixel's bytes the channels `order` names."""
+    return [row[:, list(order)].tobytes() for row in rgba[::-1]]
+
+
+BGRA_MASKS = (0xFF0000, 0xFF00, 0xFF, 0xFF000000)  # R in byte 2, G 1, B 0, A 3: what Windows writes
+
+
+@pytest.mark.parametrize(
+    "kind", ["padded_24", "v5_alpha", "v4_alpha_top_down", "v5_rgba_order", "v3_masks_no_alpha", "v5_icc_after"]
+)
+def test_a_bmp_tensorflow_misread_reads_as_pillow_reads_it(kind):
+    # TensorFlow wanted the file to end at the pixels (Photoshop pads 2 bytes, a v5 ICC profile follows
+    # them), took every 32-bit pixel as B, G, R, A whatever its masks, and dropped the alpha.
+    rgba = np.dstack([image_array(4, (30, 160, 90), (24, 30)), np.tile(np.arange(0, 256, 9, np.uint8)[:24], (30, 1)).T])
+    height, width = rgba.shape[:2]
+    alpha = rgba[..., 3:].astype(np.int64)
+    on_white = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if kind in ("padded_24", "v5_icc_after"):
+        rows = [row[:, ::-1].tobytes() for row in rgba[::-1, :, :3]]
+        data = bmp_file(rows, width, height, 24, header=124 if kind == "v5_icc_after" else 40) + bytes(2)
+        expected = rgba[..., :3]
+    elif kind == "v5_alpha":
+        data, expected = bmp_file(bgra_rows(rgba), width, height, 32, 124, BGRA_MASKS), on_white
+    elif kind == "v4_alpha_top_down":
+        rows = bgra_rows(rgba)[::-1]
+        data, expected = bmp_file(rows, width, height, 32, 108, BGRA_MASKS, top_down=True), on_white
+    elif kind == "v5_rgba_order":
+        masks = (0xFF, 0xFF00, 0xFF0000, 0xFF000000)
+        data, expected = bmp_file(bgra_rows(rgba, (0, 1, 2, 3)), width, height, 32, 124, masks), on_white
+    else:
+        data, expected = bmp_file(bgra_rows(rgba), width, height, 32, 40, BGRA_MASKS[:3]), rgba[..., :3]
+    pillow = Image.open(io.BytesIO(data))
+    assert np.array_equal(np.asarray(normalise._to_rgb(pillow)[0]), expected)  # what the file holds
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert np.array_equal(image.decode_image(data).numpy(), expected)
+    assert np.array_equal(np.asarray(decoded(result.data)), expected)
+
+
+def test_a_bmp_with_bit_masks_of_other_widths_is_quarantined():
+    rgb = image_array(4, (30, 160, 90), (24, 30)).astype(np.uint32)
+    packed = (rgb[..., 0] << 22) | (rgb[..., 1] << 12) | (rgb[..., 2] << 2)  # 10 bits a channel
+    data = bmp_file(
+        [row.astype("<u4").tobytes() for row in packed[::-1]], 30, 24, 32, 124, (0x3FF00000, 0xFFC00, 0x3FF)
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bit masks are not whole bytes"):
+        image.decode_image(data)
+    assert isinstance(normalise.normalise_image(data, **LIMITS), normalise.Rejected)
 
 
 def test_a_palette_listing_one_colour_twice_keeps_each_entrys_alpha():
