@@ -25,9 +25,13 @@ returns every frame of a lossy one and corrupts the heap on a lossless one (TF 2
 aborts, which no caller could catch, a denial of service for the serving model). The download stage
 quarantines such files (`is_animated_webp`).
 
-GIF transparency is not composited (TensorFlow's GIF decoder has no alpha);
-the download stage quarantines such GIFs, as it does any file for which this
-decode disagrees with Pillow's reading of it.
+GIF transparency is not composited (TensorFlow's GIF decoder has no alpha), and
+a GIF whose first frame is smaller than its logical screen, or offset in it, comes
+out as the frame alone (TensorFlow's canvas is the largest frame): the download
+stage quarantines such GIFs, as it does any file for which this decode disagrees
+with Pillow's reading of it. A CMYK JPEG without Adobe's APP14 marker is read as
+libjpeg reads it (not inverted; Pillow inverts it); JPEG pixels are not compared,
+so download keeps TensorFlow's reading, the one the serving model gives.
 """
 
 from __future__ import annotations

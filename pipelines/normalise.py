@@ -213,11 +213,15 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             f"undecodable {fmt} by the shared decoder (the serving model's): {decoder_reason(exc)}",
             lasting=isinstance(exc, tf.errors.InvalidArgumentError),  # the file's bytes; others may be the run's
         )
-    if decoded_orientation != applied or pixels.shape[:2] != (reference.height, reference.width):
+    sizes = f"{pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height}"
+    if decoded_orientation != applied:
         return Rejected(
             f"{fmt} orientation read differently by the shared decoder (EXIF {orientation}, decoded as "
-            f"{decoded_orientation}, {pixels.shape[1]}x{pixels.shape[0]} against {reference.width}x{reference.height})"
+            f"{decoded_orientation}, {sizes})"
         )
+    if pixels.shape[:2] != (reference.height, reference.width):
+        hint = "; a first frame smaller than the GIF's screen is not supported" if fmt == "GIF" else ""
+        return Rejected(f"{fmt} read at another size by the shared decoder (the serving model's): {sizes}{hint}")
     gap = None if sniffed == "JPEG" else np.abs(pixels.astype(np.int16) - np.asarray(reference, dtype=np.uint8))
     if gap is not None and (gap.max() > MAX_PIXEL_GAP or gap.mean() > MAX_MEAN_GAP):
         hint = " (GIF transparency is not supported)" if fmt == "GIF" and "onto white" in how else ""

@@ -350,6 +350,22 @@ def test_an_orientation_outside_the_exif_block_is_not_applied(name):
     assert image.decode_image(data).shape == (20, 40, 3)
 
 
+def test_a_gif_whose_first_frame_is_smaller_than_its_screen_is_quarantined():
+    # TensorFlow's canvas is the frame, Pillow's the logical screen: served, it would be the frame alone.
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(9, size=(24, 32))).save(buffer, format="GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = struct.pack("<HH", 40, 30)  # the logical screen, larger than the frame at (0, 0)
+    assert image.decode_image(bytes(data)).shape == (24, 32, 3)
+    assert Image.open(io.BytesIO(bytes(data))).size == (40, 30)
+    result = normalise.normalise_image(bytes(data), **LIMITS)
+    assert isinstance(result, normalise.Rejected)
+    assert result.reason == (
+        "GIF read at another size by the shared decoder (the serving model's): 32x24 against 40x30; "
+        "a first frame smaller than the GIF's screen is not supported"
+    )
+
+
 def test_animated_gif_keeps_first_frame():
     frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
     buffer = io.BytesIO()
