@@ -366,6 +366,21 @@ def test_a_gif_whose_first_frame_is_smaller_than_its_screen_is_quarantined():
     )
 
 
+def test_a_cmyk_jpeg_without_adobes_marker_is_kept_as_the_serving_model_reads_it():
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(10, size=(24, 32))).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    start = data.index(b"Adobe") - 4  # APP14 (FF EE, length, "Adobe"...): says the CMYK is stored inverted
+    assert data[start : start + 2] == b"\xff\xee"
+    data = data[:start] + data[start + 2 + struct.unpack(">H", data[start + 2 : start + 4])[0] :]
+    served = image.decode_image(data).numpy()
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.abs(served.astype(int) - pillow).max() > 100  # the two readings differ: Pillow inverts anyway
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert np.array_equal(np.asarray(decoded(result.data)), served)
+
+
 def test_animated_gif_keeps_first_frame():
     frames = [Image.fromarray(image_array(s, size=(20, 20))) for s in (7, 8)]
     buffer = io.BytesIO()
