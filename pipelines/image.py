@@ -171,7 +171,9 @@ def _tiff_orientation(buf: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     def step(i, value):
         entry = ifd + 2 + 12 * i
         hit = tf.equal(_uint(buf, entry, 2, little), ORIENTATION_TAG)
-        return i + 1, tf.where(hit, _uint(buf, entry + 8, 2, little), value)
+        long = tf.equal(_uint(buf, entry + 2, 2, little), 4)  # type LONG (not the standard SHORT): 4 bytes
+        found = tf.where(long, _uint(buf, entry + 8, 4, little), _uint(buf, entry + 8, 2, little))
+        return i + 1, tf.where(hit, found, value)
 
     _, value = tf.while_loop(more, step, (tf.constant(0, tf.int64), tf.constant(1, tf.int64)))
     return tf.cast(tf.where((value >= 1) & (value <= 8), value, 1), tf.int32)
@@ -201,7 +203,7 @@ def composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
 
 
 def _png_has_trns(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Whether a PNG has a ``tRNS`` chunk (it must come before the first ``IDAT``)."""
+    """Whether a PNG has a ``tRNS`` chunk (it must come before the first ``IDAT``) among its first 4,096."""
 
     def more(pos, found):
         return tf.logical_not(found) & (pos + 8 <= size)
@@ -212,7 +214,8 @@ def _png_has_trns(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
         pos = tf.where(tf.equal(kind, 0x49444154) | tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # IDAT, IEND
         return pos, found
 
-    _, found = tf.while_loop(more, step, (tf.constant(8, tf.int64), tf.constant(False)), maximum_iterations=1 << 20)
+    # a real PNG has a handful of chunks before its pixels: a file with more costs no longer walk
+    _, found = tf.while_loop(more, step, (tf.constant(8, tf.int64), tf.constant(False)), maximum_iterations=1 << 12)
     return found
 
 
@@ -232,6 +235,7 @@ def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 BYTE_MASKS = (0xFF, 0xFF00, 0xFF0000, 0xFF000000)  # a BMP bit mask of one whole byte: bytes 0 to 3 of a pixel
+BGRA_MASKS = (0xFF0000, 0xFF00, 0xFF, 0xFF000000)  # the R, G, B and A masks of the usual byte order
 
 
 def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -242,8 +246,8 @@ def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
     - it reads an 8-bit BMP's palette indices as gray levels: its colours are looked up in the file's
       palette (BGR0 entries after the header; a missing entry is black, as Pillow reads it);
     - it takes a 32-bit pixel's bytes as B, G, R, A whatever the file's bit masks (BI_BITFIELDS) say, and
-      drops the alpha: the masks pick the channels, and an alpha mask's channel is composited onto white.
-      Masks other than whole bytes are an error.
+      drops the alpha: the masks pick the channels, and an alpha mask's channel is composited onto white
+      (an alpha of 0 everywhere is opaque, as browsers show it). Masks other than whole bytes are an error.
     """
     buf = _byte_buffer(image_bytes)
 
@@ -255,7 +259,7 @@ def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
     height = tf.where(height >= 1 << 31, (1 << 32) - height, height)  # rows stored top-down: a negative height
     pixels_end = field(10, 4) + (bits * width + 31) // 32 * 4 * height
     size = tf.cast(tf.strings.length(image_bytes), tf.int64)
-    uncompressed = (tf.equal(compression, 0) | tf.equal(compression, 3)) & (header >= 40)
+    uncompressed = (tf.equal(compression, 0) | tf.equal(compression, 3)) & (header >= 40) & (header <= 124)
     image_bytes = tf.cond(
         uncompressed & (pixels_end < size),
         lambda: tf.strings.substr(image_bytes, 0, tf.cast(pixels_end, tf.int32)),
@@ -274,17 +278,25 @@ def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
     def masked() -> tf.Tensor:
         pixels = tf.io.decode_bmp(image_bytes, channels=4)  # bytes 2, 1, 0, 3 of each pixel
         masks = tf.stack([field(54, 4), field(58, 4), field(62, 4), tf.where(header >= 56, field(66, 4), 0)])
+        none = tf.equal(tf.reduce_max(masks[:3]), 0)  # bit fields without masks: B, G, R, A, as Pillow reads them
+        masks = tf.where(none, tf.constant(BGRA_MASKS, tf.int64), masks)
         whole = tf.equal(masks[:, tf.newaxis], tf.constant(BYTE_MASKS, tf.int64))  # [4 masks, 4 bytes]
         known = tf.reduce_all(tf.reduce_any(whole[:3], axis=1)) & (tf.equal(masks[3], 0) | tf.reduce_any(whole[3]))
         message = "a 32-bit BMP whose bit masks are not whole bytes (re-save it as PNG)"
         with tf.control_dependencies([tf.debugging.Assert(known, [message])]):
             channel = tf.gather(tf.constant([2, 1, 0, 3]), tf.argmax(tf.cast(whole, tf.int32), axis=1))
         rgb = tf.gather(pixels, channel[:3], axis=-1)
-        alpha = tf.where(tf.equal(masks[3], 0), tf.constant(255, tf.uint8), tf.gather(pixels, channel[3], axis=-1))
-        return composite_on_white(rgb, alpha)
+        alpha = tf.gather(pixels, channel[3], axis=-1)
+        # no alpha mask, or an alpha of 0 everywhere (writers that fill the byte with nothing): opaque, as
+        # browsers show it
+        unused = tf.equal(masks[3], 0) | tf.equal(tf.reduce_max(alpha), 0)
+        return composite_on_white(rgb, tf.where(unused, tf.constant(255, tf.uint8), alpha))
 
+    known_header = (header >= 40) & (header <= 124)  # BITMAPINFOHEADER to BITMAPV5HEADER
     kind = tf.where(
-        tf.equal(bits, 8) & (header >= 40), 1, tf.where(tf.equal(bits, 32) & tf.equal(compression, 3), 2, 0)
+        tf.equal(bits, 8) & known_header,
+        1,
+        tf.where(tf.equal(bits, 32) & tf.equal(compression, 3) & known_header, 2, 0),
     )
     return tf.switch_case(
         tf.cast(kind, tf.int32), [lambda: tf.io.decode_bmp(image_bytes, channels=3), coloured, masked]

@@ -47,10 +47,13 @@ def content_hash(data: bytes) -> str:
 GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _to_rgb(img: Image.Image, sample_bits: int = 8) -> tuple[Image.Image, str]:
+def _to_rgb(img: Image.Image, sample_bits: int = 8, blank_alpha_opaque: bool = False) -> tuple[Image.Image, str]:
     """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
-    `pipelines.image.decode_image` is checked against. `sample_bits`: a PNG's bit depth (IHDR)."""
+    `pipelines.image.decode_image` is checked against. `sample_bits`: a PNG's bit depth (IHDR);
+    `blank_alpha_opaque`: an alpha of 0 everywhere means none (a BMP's, as browsers and the decode read it)."""
     mode = img.mode
+    if blank_alpha_opaque and mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):
+        img, mode = img.convert("RGB"), "RGB"
     key = img.info.get("transparency") if mode in ("1", "L", "RGB", *GRAY16) else None  # a PNG colour key (tRNS)
     if mode == "RGB" and key is None:
         return img, "RGB"
@@ -140,12 +143,16 @@ def exif_orientation(img: Image.Image) -> int:
     """The orientation tag of the file's EXIF block (JPEG's first APP1 "Exif", PNG's eXIf, WebP's EXIF chunk),
     where the shared decode reads it. Pillow's `getexif()` also takes one from XMP (`tiff:Orientation`) or a
     PNG text chunk's "Raw profile type exif" (ImageMagick's); the decode, the serving model and browsers read
-    neither, so such a file is kept as they show it, not quarantined."""
+    neither, so such a file is kept as they show it, not quarantined. A block Pillow cannot parse has none
+    (the decode finds no valid TIFF header in it either)."""
     raw = img.info.get("exif")
     if not raw:
         return 1
     exif = Image.Exif()
-    exif.load(raw)
+    try:
+        exif.load(raw)
+    except Exception:  # noqa: BLE001 - a damaged block (SyntaxError, struct.error, ...): the decode reads 1 too
+        return 1
     value = exif.get(0x0112, 1)
     return value if isinstance(value, int) else 1
 
@@ -195,7 +202,7 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             img = img.transpose(TRANSPOSES[applied])
             actions.append(f"EXIF orientation {orientation} applied")
         depth = data[24] if sniffed == "PNG" and len(data) > 25 else 8  # IHDR's bit depth
-        reference, how = _to_rgb(img, depth)
+        reference, how = _to_rgb(img, depth, blank_alpha_opaque=fmt == "BMP")
     except Image.DecompressionBombError as exc:
         return Rejected(f"too large (decompression bomb): {exc}")
     except UnidentifiedImageError:

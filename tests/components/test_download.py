@@ -215,11 +215,22 @@ def bgra_rows(rgba: np.ndarray, order=(2, 1, 0, 3)) -> list[bytes]:
     return [row[:, list(order)].tobytes() for row in rgba[::-1]]
 
 
-BGRA_MASKS = (0xFF0000, 0xFF00, 0xFF, 0xFF000000)  # R in byte 2, G 1, B 0, A 3: what Windows writes
+BGRA_MASKS = image.BGRA_MASKS  # R in byte 2, G 1, B 0, A 3: what Windows writes
 
 
 @pytest.mark.parametrize(
-    "kind", ["padded_24", "v5_alpha", "v4_alpha_top_down", "v5_rgba_order", "v3_masks_no_alpha", "v5_icc_after"]
+    "kind",
+    [
+        "padded_24",
+        "top_down_padded_24",
+        "v5_icc_after",
+        "v5_alpha",
+        "v4_alpha_top_down",
+        "v5_rgba_order",
+        "v3_masks_no_alpha",
+        "v5_alpha_all_zero",
+        "v5_masks_all_zero",
+    ],
 )
 def test_a_bmp_tensorflow_misread_reads_as_pillow_reads_it(kind):
     # TensorFlow wanted the file to end at the pixels (Photoshop pads 2 bytes, a v5 ICC profile follows
@@ -228,10 +239,17 @@ def test_a_bmp_tensorflow_misread_reads_as_pillow_reads_it(kind):
     height, width = rgba.shape[:2]
     alpha = rgba[..., 3:].astype(np.int64)
     on_white = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-    if kind in ("padded_24", "v5_icc_after"):
-        rows = [row[:, ::-1].tobytes() for row in rgba[::-1, :, :3]]
-        data = bmp_file(rows, width, height, 24, header=124 if kind == "v5_icc_after" else 40) + bytes(2)
+    if kind in ("padded_24", "top_down_padded_24", "v5_icc_after"):
+        top_down = kind == "top_down_padded_24"
+        rows = [row[:, ::-1].tobytes() for row in (rgba if top_down else rgba[::-1])[..., :3]]
+        data = bmp_file(rows, width, height, 24, header=124 if kind == "v5_icc_after" else 40, top_down=top_down)
+        data += bytes(range(200)) if kind == "v5_icc_after" else bytes(2)  # a profile's bytes; Photoshop's 2
         expected = rgba[..., :3]
+    elif kind == "v5_alpha_all_zero":  # an alpha byte no writer filled: opaque, as browsers show it
+        blank = np.dstack([rgba[..., :3], np.zeros(rgba.shape[:2], np.uint8)])
+        data, expected = bmp_file(bgra_rows(blank), width, height, 32, 124, BGRA_MASKS), rgba[..., :3]
+    elif kind == "v5_masks_all_zero":  # bit fields that give no masks: the usual B, G, R, A order
+        data, expected = bmp_file(bgra_rows(rgba), width, height, 32, 124, (0, 0, 0, 0)), on_white
     elif kind == "v5_alpha":
         data, expected = bmp_file(bgra_rows(rgba), width, height, 32, 124, BGRA_MASKS), on_white
     elif kind == "v4_alpha_top_down":
@@ -243,7 +261,7 @@ def test_a_bmp_tensorflow_misread_reads_as_pillow_reads_it(kind):
     else:
         data, expected = bmp_file(bgra_rows(rgba), width, height, 32, 40, BGRA_MASKS[:3]), rgba[..., :3]
     pillow = Image.open(io.BytesIO(data))
-    assert np.array_equal(np.asarray(normalise._to_rgb(pillow)[0]), expected)  # what the file holds
+    assert np.array_equal(np.asarray(normalise._to_rgb(pillow, blank_alpha_opaque=True)[0]), expected)
     result = normalise.normalise_image(data, **LIMITS)
     assert isinstance(result, normalise.Normalised), result
     assert np.array_equal(image.decode_image(data).numpy(), expected)
@@ -379,6 +397,44 @@ def test_a_cmyk_jpeg_without_adobes_marker_is_kept_as_the_serving_model_reads_it
     result = normalise.normalise_image(data, **LIMITS)
     assert isinstance(result, normalise.Normalised), result
     assert np.array_equal(np.asarray(decoded(result.data)), served)
+
+
+def tiff_block(orientation: int, big_endian: bool = False, long: bool = False) -> bytes:
+    """An EXIF TIFF block whose IFD0 holds the orientation tag alone, as SHORT or (as some writers do) LONG."""
+    order = ">" if big_endian else "<"
+    value = struct.pack(order + ("I" if long else "HH"), orientation, *(() if long else (0,)))
+    entry = struct.pack(order + "HHI", 0x0112, 4 if long else 3, 1) + value
+    return (b"MM\0*" if big_endian else b"II*\0") + struct.pack(order + "IH", 8, 1) + entry + bytes(4)
+
+
+def with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """The JPEG with an APP1 segment holding `payload` right after its SOI (and its JFIF APP0 removed)."""
+    assert jpeg[2:4] == b"\xff\xe0"
+    rest = jpeg[4 + struct.unpack(">H", jpeg[4:6])[0] :]
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + rest
+
+
+@pytest.mark.parametrize("big_endian", [False, True], ids=["II", "MM"])
+def test_an_orientation_stored_as_long_is_applied_by_both_readers(big_endian):
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(6, size=(20, 40))).save(buffer, format="JPEG", quality=95)
+    data = with_app1(buffer.getvalue(), b"Exif\0\0" + tiff_block(6, big_endian, long=True))
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert (result.width, result.height) == (20, 40) and "EXIF orientation 6" in result.action
+    assert image.decode_image(data).shape == (40, 20, 3)
+
+
+@pytest.mark.parametrize("block", [b"Exif\0\0XX*\0garbage", b"Exif\0\0II*\0\x08"], ids=["no_tiff", "truncated"])
+def test_a_jpeg_with_a_damaged_exif_block_is_kept_upright(block):
+    # Pillow cannot parse the block (download once quarantined the file); the decode finds no orientation in it.
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(6, size=(20, 40))).save(buffer, format="JPEG", quality=95)
+    data = with_app1(buffer.getvalue(), block)
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Normalised), result
+    assert (result.width, result.height) == (40, 20) and "orientation" not in result.action
+    assert image.decode_image(data).shape == (20, 40, 3)
 
 
 def test_animated_gif_keeps_first_frame():
