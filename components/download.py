@@ -209,9 +209,9 @@ def reusable_images(out: Path) -> Path | None:
     the right bytes keeps its file, so an incremental run writes only the new images, and DVC re-hashes
     only those (it knows the others by inode, size and time). What ends in the folder is still exactly
     what a run into an empty one writes: every stored file is compared byte for byte, and anything else
-    is removed (`run`). Until every check has passed the folder is only read (but for an empty probe file
-    renamed in and removed, `staging_folder`): a failed run leaves it,
-    or a link in its place, as it was.
+    is removed (`run`). Until every check has passed nothing the folder holds is changed (`staging_folder`
+    only removes killed runs' staging folders from it, may make its own hidden one there, and renames an
+    empty probe file in and out): a failed run leaves it, or a link in its place, as it was.
     """
     images = out / IMAGES
     real = all(p.is_dir() and not p.is_symlink() for p in (out, images))
@@ -291,7 +291,7 @@ def rename_fails(staging: Path, target: Path, name: str) -> str | None:
     try:
         probe.write_bytes(b"")
         os.replace(probe, moved)
-        moved.unlink()
+        moved.unlink(missing_ok=True)  # a concurrent run's commit may have removed it
     except OSError as exc:
         return f"a rename from {staging.parent} into {target} fails: {exc}"
     finally:

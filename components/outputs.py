@@ -30,8 +30,9 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `final` on success.
 
     Its name carries this process's id: a leftover of a killed run is removed by the next run, a folder of
-    a run still going is not (`remove_stale`). A run killed between moving the old output aside and the new
-    one in leaves no `final`: the next run puts the old one back first. The old output is renamed once more
+    a run still going is not (`remove_stale`). The run's three names (`.tmp-`, `.old-`, `.trash-`) share
+    one token. A run killed between moving the old output aside and the new one in leaves no `final` and
+    its `.tmp-` in place: the next run puts the old one back first. The old output is renamed once more
     (`.trash-`) before it is deleted, so a folder named `.old-` is always whole.
     """
     final = Path(final)
@@ -40,30 +41,41 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         restore_interrupted(final)
     for kind in ("tmp", "old", "trash"):
         remove_stale(final.parent, f".{final.name}.{kind}-", legacy=STAGED_DIR_LEGACY)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old, trash = (final.parent / f".{final.name}.{kind}-{token}" for kind in ("tmp", "old", "trash"))
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if final.exists() or final.is_symlink():
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            os.replace(old, final)  # the output as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old.exists() or old.is_symlink():
-        trash = final.parent / f".{final.name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(old, trash)
         remove_entry(trash, ignore_errors=True)
 
 
 def restore_interrupted(final: Path) -> None:
-    """Put back the output a killed run moved aside (`.<name>.old-<pid>-...`, its process gone) where `final`
-    is missing; the newest such one where there are several. Older releases deleted `.old-` folders in
-    place (one could be half gone): their names, without a process id, are never restored."""
+    """Put back the output a killed run moved aside where `final` is missing: its `.<name>.old-<token>`, the
+    run's process gone, while its `.tmp-<token>` is still there (the run died between its two renames; a
+    `.old-` without it is the output before one that was moved in, and stays aside). The newest such one
+    where there are several. Older releases' `.old-` names, without a process id, are never restored."""
     prefix = f".{final.name}.old-"
     aside = final.parent.glob(f"{glob.escape(prefix)}*")
-    dead = [entry for entry in aside if scratch_owner(entry.name[len(prefix) :]) == 0]
+    dead = [
+        entry
+        for entry in aside
+        if scratch_owner(token := entry.name[len(prefix) :]) == 0
+        and (final.parent / f".{final.name}.tmp-{token}").exists()
+    ]
     for entry in sorted(dead, key=lambda entry: (entry.lstat().st_mtime_ns, entry.name), reverse=True):
         try:
             os.replace(entry, final)

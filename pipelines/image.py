@@ -171,8 +171,14 @@ def _tiff_orientation(buf: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     def step(i, value):
         entry = ifd + 2 + 12 * i
         hit = tf.equal(_uint(buf, entry, 2, little), ORIENTATION_TAG)
-        long = tf.equal(_uint(buf, entry + 2, 2, little), 4)  # type LONG (not the standard SHORT): 4 bytes
-        found = tf.where(long, _uint(buf, entry + 8, 4, little), _uint(buf, entry + 8, 2, little))
+        kind = _uint(buf, entry + 2, 2, little)  # SHORT (3) is the standard; some writers use another integer
+        one = tf.equal(kind, 1) | tf.equal(kind, 6)  # BYTE, SBYTE
+        four = tf.equal(kind, 4) | tf.equal(kind, 9)  # LONG, SLONG
+        found = tf.where(
+            one,
+            _uint(buf, entry + 8, 1),
+            tf.where(four, _uint(buf, entry + 8, 4, little), _uint(buf, entry + 8, 2, little)),
+        )
         return i + 1, tf.where(hit, found, value)
 
     _, value = tf.while_loop(more, step, (tf.constant(0, tf.int64), tf.constant(1, tf.int64)))

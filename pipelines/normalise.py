@@ -154,6 +154,8 @@ def exif_orientation(img: Image.Image) -> int:
     except Exception:  # noqa: BLE001 - a damaged block (SyntaxError, struct.error, ...): the decode reads 1 too
         return 1
     value = exif.get(0x0112, 1)
+    if isinstance(value, bytes) and len(value) == 1:  # stored as BYTE
+        value = value[0]
     return value if isinstance(value, int) else 1
 
 

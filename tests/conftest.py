@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def bmp_file(
     assert len(info) == header, len(info)
     offset = 14 + header + len(extra)
     return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + extra + data
+
+
+@pytest.fixture
+def live_pid():
+    """The id of a process that runs for the test's length (a concurrent run's stand-in): a child of this
+    one, so the test does not depend on what else runs on the machine (os.getppid() is 0 under PID 1)."""
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
 
 
 def low_depth_png(samples: np.ndarray, depth: int, palette=None, trns: bytes | None = None) -> bytes:

@@ -75,11 +75,11 @@ def dead_pid() -> int:
     return int(gone.stdout)
 
 
-def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path):
+def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path, live_pid):
     import os
 
     dead = tmp_path / f"finetune-{dead_pid()}-abc"
-    alive = tmp_path / f"finetune-{os.getppid()}-def"  # a live process's (this one's parent)
+    alive = tmp_path / f"finetune-{live_pid}-def"  # a live process's
     reused = tmp_path / f"finetune-{os.getpid()}-x_1"  # a killed run's id, now this process's: no run of its own
     no_process = [tmp_path / f"finetune-{pid}-abc" for pid in (0, 10**30)]  # kill(0) signals a group; overflow
     for folder in (dead, alive, reused, *no_process):
@@ -95,22 +95,23 @@ def test_scratch_of_killed_runs_is_removed_and_that_of_live_runs_kept(tmp_path):
     assert outputs.remove_stale(tmp_path, "finetune-", legacy=outputs.MKDTEMP_LEGACY) == ["finetune-x0_1b2c3"]
 
 
-def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
-    import os
+def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path, live_pid):
 
     out = tmp_path / "out"
-    live = tmp_path / f".out.old-{os.getppid()}-1234abcd"  # a concurrent run's, mid-swap: not touched
+    live = tmp_path / f".out.old-{live_pid}-1234abcd"  # a concurrent run's, mid-swap: not touched
     live.mkdir()
     with pytest.raises(RuntimeError, match="fails"):
         with outputs.staged_dir(out):
             raise RuntimeError("fails")
     assert not out.exists() and live.is_dir()
-    aside = tmp_path / f".out.old-{dead_pid()}-1234abcd"  # killed between its two renames
+    gone = dead_pid()
+    aside = tmp_path / f".out.old-{gone}-1234abcd"  # killed between its two renames
     aside.mkdir()
     (aside / "a").write_text("the earlier output")
-    (tmp_path / f".out.tmp-{dead_pid()}-1234abcd").mkdir()  # its new output, never moved in
+    (tmp_path / f".out.tmp-{gone}-1234abcd").mkdir()  # its new output, never moved in
     (tmp_path / ".out.old-0a1b2c3d").mkdir()  # an older release's, deleted in place: perhaps half gone
-    (tmp_path / f".out.trash-{dead_pid()}-1234abcd").mkdir()  # killed while deleting what it replaced
+    (tmp_path / f".out.trash-{gone}-5678abcd").mkdir()  # another run, killed while deleting what it replaced
+    (tmp_path / f".out.old-{gone}-5678abcd").mkdir()  # its output before the one it moved in: stays aside
     with pytest.raises(RuntimeError, match="fails"):
         with outputs.staged_dir(out):
             raise RuntimeError("fails")
@@ -122,16 +123,44 @@ def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
         (new / "b").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])  # not restored: removed
     assert [p.name for p in out.iterdir()] == ["b"]
+    # killed after moving the new output in: DVC deletes that output before the next run, and the one
+    # before it, still aside, is not put back
+    shutil.rmtree(out)
+    (tmp_path / f".out.old-{gone}-9999abcd").mkdir()
+    with pytest.raises(RuntimeError, match="fails"):
+        with outputs.staged_dir(out):
+            raise RuntimeError("fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
 
 
-def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path):
-    import os
+def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path, live_pid):
 
     killed = tmp_path / f".out.tmp-{dead_pid()}-1234abcd"
-    running = tmp_path / f".out.tmp-{os.getppid()}-1234abcd"  # a live process's (this one's parent)
+    running = tmp_path / f".out.tmp-{live_pid}-1234abcd"  # a live process's
     for folder in (killed, running):
         folder.mkdir()
     with outputs.staged_dir(tmp_path / "out") as tmp:
         (tmp / "a").write_text("a")
     assert (tmp_path / "out" / "a").read_text() == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
+
+
+def test_a_failed_move_into_place_leaves_the_earlier_output(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("the earlier output")
+    replace = os.replace
+
+    def refuse_tmp(src, dst):
+        if ".out.tmp-" in str(src):
+            raise OSError("no room")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_tmp)
+    with pytest.raises(OSError, match="no room"):
+        with outputs.staged_dir(out) as new:
+            (new / "b").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["a"] and (out / "a").read_text() == "the earlier output"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
