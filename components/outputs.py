@@ -66,7 +66,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
 def restore_interrupted(final: Path) -> None:
     """Put back the output a killed run moved aside where `final` is missing: its `.<name>.old-<token>`, the
     run's process gone, while its `.tmp-<token>` is still there (the run died between its two renames; a
-    `.old-` without it is the output before one that was moved in, and stays aside). The newest such one
+    `.old-` without it is the output before one that was moved in: not put back, and swept). The newest such one
     where there are several. Older releases' `.old-` names, without a process id, are never restored."""
     prefix = f".{final.name}.old-"
     aside = final.parent.glob(f"{glob.escape(prefix)}*")

@@ -111,7 +111,7 @@ def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path, live_pid):
     (tmp_path / f".out.tmp-{gone}-1234abcd").mkdir()  # its new output, never moved in
     (tmp_path / ".out.old-0a1b2c3d").mkdir()  # an older release's, deleted in place: perhaps half gone
     (tmp_path / f".out.trash-{gone}-5678abcd").mkdir()  # another run, killed while deleting what it replaced
-    (tmp_path / f".out.old-{gone}-5678abcd").mkdir()  # its output before the one it moved in: stays aside
+    (tmp_path / f".out.old-{gone}-5678abcd").mkdir()  # its output before the one it moved in: swept, not put back
     with pytest.raises(RuntimeError, match="fails"):
         with outputs.staged_dir(out):
             raise RuntimeError("fails")
