@@ -214,8 +214,7 @@ def reusable_images(out: Path) -> Path | None:
     empty probe file in and out): a failed run leaves it, or a link in its place, as it was.
     """
     images = out / IMAGES
-    real = all(p.is_dir() and not p.is_symlink() for p in (out, images))
-    return images if real else None
+    return images if real_folder(out) and real_folder(images) else None
 
 
 def prepare_in_place(out: Path) -> Path:

@@ -120,22 +120,32 @@ def _jpeg_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     return tf.where(found >= 0, found, -1)
 
 
-def _png_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Offset of the data of the PNG ``eXIf`` chunk, or -1."""
+def _png_chunk(
+    buf: tf.Tensor, size: tf.Tensor, kind: int, before_pixels: bool = False, max_chunks: int = 1 << 20
+) -> tf.Tensor:
+    """Offset of the data of the first PNG chunk of this `kind` (4 ASCII bytes as an integer), or -1; with
+    `before_pixels`, only among the chunks before the first ``IDAT``. The walk ends at ``IEND`` or after
+    `max_chunks` chunks."""
+    ends = (0x49454E44, 0x49444154) if before_pixels else (0x49454E44,)  # IEND, IDAT
 
     def more(pos, found):
         return tf.equal(found, -1) & (pos + 8 <= size)
 
     def step(pos, found):
-        length, kind = _uint(buf, pos, 4), _uint(buf, pos + 4, 4)
-        found = tf.where(tf.equal(kind, 0x65584966), pos + 8, found)  # "eXIf"
-        pos = tf.where(tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # "IEND" ends the walk
-        return pos, found
+        length, chunk = _uint(buf, pos, 4), _uint(buf, pos + 4, 4)
+        found = tf.where(tf.equal(chunk, kind), pos + 8, found)
+        last = tf.reduce_any(tf.equal(chunk, tf.constant(ends, tf.int64)))
+        return tf.where(last, size, pos + 12 + length), found
 
     _, found = tf.while_loop(
-        more, step, (tf.constant(8, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=1 << 20
+        more, step, (tf.constant(8, tf.int64), tf.constant(-1, tf.int64)), maximum_iterations=max_chunks
     )
     return found
+
+
+def _png_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Offset of the data of the PNG ``eXIf`` chunk, or -1."""
+    return _png_chunk(buf, size, 0x65584966)
 
 
 def _webp_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -208,34 +218,19 @@ def composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast((tf.cast(rgb, tf.int32) * a + 255 * (255 - a) + 127) // 255, tf.uint8)
 
 
-def _png_has_trns(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Whether a PNG has a ``tRNS`` chunk (it must come before the first ``IDAT``) among its first 4,096."""
-
-    def more(pos, found):
-        return tf.logical_not(found) & (pos + 8 <= size)
-
-    def step(pos, found):
-        length, kind = _uint(buf, pos, 4), _uint(buf, pos + 4, 4)
-        found = tf.equal(kind, 0x74524E53)  # "tRNS"
-        pos = tf.where(tf.equal(kind, 0x49444154) | tf.equal(kind, 0x49454E44), size, pos + 12 + length)  # IDAT, IEND
-        return pos, found
-
-    # a real PNG has a handful of chunks before its pixels: a file with more costs no longer walk
-    _, found = tf.while_loop(more, step, (tf.constant(8, tf.int64), tf.constant(False)), maximum_iterations=1 << 12)
-    return found
-
-
-def _decode_png(image_bytes: tf.Tensor) -> tf.Tensor:
+def _decode_png(image_bytes: tf.Tensor, buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     # Four channels: libpng turns a tRNS chunk (a palette's alphas, a gray or RGB colour key) into alpha.
     rgba = tf.io.decode_png(image_bytes, channels=4)
     # Without a tRNS chunk, TensorFlow (2.21) fills the alpha it adds to a gray or palette PNG of 1, 2 or 4
     # bits a sample with that depth's largest value (1, 3 or 15) instead of 255: such an opaque image came
     # out nearly white. Its alpha is 255 wherever the file has no tRNS.
-    buf = _byte_buffer(image_bytes)
     depth, colour = _uint(buf, 24, 1), _uint(buf, 25, 1)  # IHDR's bit depth and colour type
     low_depth = (depth < 8) & (tf.equal(colour, 0) | tf.equal(colour, 3))
-    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
-    opaque = tf.cond(low_depth, lambda: tf.logical_not(_png_has_trns(buf, size)), lambda: tf.constant(False))
+
+    def no_trns() -> tf.Tensor:  # a real PNG has a handful of chunks before its pixels: a walk of 4,096 at most
+        return tf.equal(_png_chunk(buf, size, 0x74524E53, before_pixels=True, max_chunks=1 << 12), -1)  # "tRNS"
+
+    opaque = tf.cond(low_depth, no_trns, lambda: tf.constant(False))
     alpha = tf.where(opaque, tf.constant(255, tf.uint8), rgba[..., 3])
     return composite_on_white(rgba[..., :3], alpha)
 
@@ -244,7 +239,7 @@ BYTE_MASKS = (0xFF, 0xFF00, 0xFF0000, 0xFF000000)  # a BMP bit mask of one whole
 BGRA_MASKS = (0xFF0000, 0xFF00, 0xFF, 0xFF000000)  # the R, G, B and A masks of the usual byte order
 
 
-def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
+def _decode_bmp(image_bytes: tf.Tensor, buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     """TensorFlow's BMP decode (2.21), with what it gets wrong done here:
 
     - it wants the file to end where the pixels do: Photoshop pads 2 bytes after them, a v5 header's ICC
@@ -255,17 +250,16 @@ def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
       drops the alpha: the masks pick the channels, and an alpha mask's channel is composited onto white
       (an alpha of 0 everywhere is opaque, as browsers show it). Masks other than whole bytes are an error.
     """
-    buf = _byte_buffer(image_bytes)
 
     def field(pos: int, n: int) -> tf.Tensor:
         return _uint(buf, pos, n, little=True)
 
-    header, bits, compression = field(14, 4), field(28, 2), field(30, 4)  # BITMAPINFOHEADER (40) and later
+    header, bits, compression = field(14, 4), field(28, 2), field(30, 4)
+    known_header = (header >= 40) & (header <= 124)  # BITMAPINFOHEADER to BITMAPV5HEADER
     width, height = field(18, 4), field(22, 4)
     height = tf.where(height >= 1 << 31, (1 << 32) - height, height)  # rows stored top-down: a negative height
     pixels_end = field(10, 4) + (bits * width + 31) // 32 * 4 * height
-    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
-    uncompressed = (tf.equal(compression, 0) | tf.equal(compression, 3)) & (header >= 40) & (header <= 124)
+    uncompressed = (tf.equal(compression, 0) | tf.equal(compression, 3)) & known_header
     image_bytes = tf.cond(
         uncompressed & (pixels_end < size),
         lambda: tf.strings.substr(image_bytes, 0, tf.cast(pixels_end, tf.int32)),
@@ -298,7 +292,6 @@ def _decode_bmp(image_bytes: tf.Tensor) -> tf.Tensor:
         unused = tf.equal(masks[3], 0) | tf.equal(tf.reduce_max(alpha), 0)
         return composite_on_white(rgb, tf.where(unused, tf.constant(255, tf.uint8), alpha))
 
-    known_header = (header >= 40) & (header <= 124)  # BITMAPINFOHEADER to BITMAPV5HEADER
     kind = tf.where(
         tf.equal(bits, 8) & known_header,
         1,
@@ -345,9 +338,9 @@ def decode_with_orientation(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tenso
         fmt,
         [
             lambda: tf.io.decode_jpeg(image_bytes, channels=3),
-            lambda: _decode_png(image_bytes),
+            lambda: _decode_png(image_bytes, buf, size),
             lambda: tf.io.decode_gif(image_bytes)[0],
-            lambda: _decode_bmp(image_bytes),
+            lambda: _decode_bmp(image_bytes, buf, size),
             lambda: _decode_webp(image_bytes),
         ],
         default=_unknown_format,

@@ -47,6 +47,11 @@ def content_hash(data: bytes) -> str:
 GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def _to_rgb(img: Image.Image, sample_bits: int = 8, blank_alpha_opaque: bool = False) -> tuple[Image.Image, str]:
     """Pillow's reading of any mode as 8-bit RGB, transparency onto white: the reference
     `pipelines.image.decode_image` is checked against. `sample_bits`: a PNG's bit depth (IHDR);
@@ -71,13 +76,11 @@ def _to_rgb(img: Image.Image, sample_bits: int = 8, blank_alpha_opaque: bool = F
         if key is None:
             return Image.fromarray(gray, mode="L").convert("RGB"), how
         alpha = np.where(raw == key, 0, 255).astype(np.uint8)
-        rgba = Image.fromarray(np.dstack([gray, gray, gray, alpha]), mode="RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
+        return _on_white(
+            Image.fromarray(np.dstack([gray, gray, gray, alpha]), mode="RGBA")
+        ), f"{mode} onto white to RGB"
     if mode in ("RGBA", "LA", "PA") or key is not None or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} onto white to RGB"
+        return _on_white(img.convert("RGBA")), f"{mode} onto white to RGB"
     return img.convert("RGB"), f"{mode} to RGB"
 
 
