@@ -107,6 +107,21 @@ def check_tracked(params: ConvBaseParams, tracked: str | Path = TRACKED) -> None
             )
 
 
+FILE_DIGESTS = {"path": "file_sha256", "weights": "weights_sha256"}  # a file param -> its digest in `fingerprint`
+
+
+def check_same_files(params: ConvBaseParams, record: dict) -> None:
+    """The saved base or weights file this process reads must be the one `record` (the launching process's
+    `fingerprint`) hashed: a Beam worker reads it from its own disk."""
+    for name, key in FILE_DIGESTS.items():
+        if record.get(key) and bases.file_sha256(getattr(params, name)) != record[key]:
+            raise ParamsError(
+                f"conv_base.{name}: {getattr(params, name)} on this worker is not the file the stage was started "
+                f"with (SHA-256 {record[key][:12]}...): give every worker the same file (the same checkout of "
+                "models/, or a path they share)"
+            )
+
+
 def fingerprint(params: ConvBaseParams) -> dict:
     """What identifies the base's weights: the registry entry and weights, or the saved file's hash.
 
@@ -116,7 +131,7 @@ def fingerprint(params: ConvBaseParams) -> dict:
     building the base, ~1 s)."""
     record = params.model_dump(mode="json")
     if params.path:
-        record["file_sha256"] = bases.file_sha256(params.path)
+        record[FILE_DIGESTS["path"]] = bases.file_sha256(params.path)
     elif params.weights == "imagenet":
         with errors_named_by_param():
             base, _ = bases.load_conv_base(
@@ -124,5 +139,5 @@ def fingerprint(params: ConvBaseParams) -> dict:
             )
         record["imagenet_weights_sha256"] = bases.weights_digest(base)
     elif params.weights != "none":
-        record["weights_sha256"] = bases.file_sha256(params.weights)
+        record[FILE_DIGESTS["weights"]] = bases.file_sha256(params.weights)
     return record

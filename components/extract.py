@@ -92,10 +92,16 @@ def shard_jobs(records_dir: Path, out_dir: Path) -> list[tuple[str, str, str]]:
 
 
 def base_on_runtime(
-    params: conv_base.ConvBaseParams, runtime: str, cache_dir: str | None, imagenet_weights_sha256: str | None = None
+    params: conv_base.ConvBaseParams,
+    runtime: str,
+    cache_dir: str | None,
+    imagenet_weights_sha256: str | None = None,
+    launcher_fingerprint: dict | None = None,
 ):
     """The frozen feature extractor, as a Keras model or compiled by OpenVINO (converted once per base
-    into `cache_dir`): what each Beam worker builds, checked against the launcher's ImageNet weights."""
+    into `cache_dir`): what each Beam worker builds, checked against the launcher's ImageNet weights and
+    (`launcher_fingerprint`) its saved base or weights file."""
+    conv_base.check_same_files(params, launcher_fingerprint or {})
     extractor = conv_base.build_extractor(params, imagenet_weights_sha256)
     return extractor if runtime == "tensorflow" else runtimes.OpenVINOModel(extractor, cache_dir)
 
@@ -139,6 +145,7 @@ def run(
         runtime,
         runtimes.local_cache(cache_root),
         fingerprint.get("imagenet_weights_sha256"),
+        fingerprint,
     )
     started = time.monotonic()
     with outputs.staged_dir(out_dir) as tmp:

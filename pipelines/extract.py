@@ -208,6 +208,15 @@ class ExtractShard(beam.DoFn):
         self._computed = beam.metrics.Metrics.counter("extract", COMPUTED)
 
     def setup(self):
+        # a worker unlike the launcher computes other features than the shared cache's namespace names
+        differ = feature_cache.local_differences(self._namespace) if self._cache_root is not None else []
+        if differ:
+            raise RuntimeError(
+                f"extract: this worker's {', '.join(differ)} differ from those of the process that started the "
+                "stage, whose feature-cache namespace it would write under: run the workers on the launcher's "
+                "machine type, libraries and project code (the same container, or --setup_file from the same "
+                "checkout)"
+            )
         root = self._cache_root
         if root is None:  # no shared cache: a private one, for this worker's lifetime
             self._scratch = tempfile.mkdtemp(prefix="extract-cache-")

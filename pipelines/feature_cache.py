@@ -10,7 +10,7 @@ Layout: ``<root>/<namespace>/<key[:2]>/<key>.f32`` with ``<root>/<namespace>/met
   apart from the image: the base's fingerprint (registry entry and weights, or
   the saved file's SHA-256), input size, pooling, tapped layer, the batch size
   (a batch's shape can change the last bits), the source of the code that
-  decodes images and builds the base (`FEATURE_CODE`: an edit there is another
+  decodes images, builds the base and runs it (`FEATURE_CODE`: an edit there is another
   namespace, no version to bump by hand), the TensorFlow and Keras versions and
   the CPU architecture. Another base, size, batch or decode is another
   namespace, so it never reads these.
@@ -43,11 +43,11 @@ import tensorflow as tf
 
 from pipelines import fingerprint
 
-# The modules whose code decides an image's pixels (decode, resize, record parsing) and the
-# model that runs on them (the registry, tapping, pooling). The batch-independence probe in
-# pipelines/extract.py makes the rest of that module irrelevant to the bits; its plan is
-# noted in the namespace per batch size.
-FEATURE_CODE = ("pipelines.image", "pipelines.records", "pipelines.bases", "components.conv_base")
+# The modules whose code decides an image's pixels (decode, resize, record parsing), the
+# model that runs on them (the registry, tapping, pooling) and how it is run (pipelines/extract.py:
+# the traced step, the batch padding and the batch plan noted in the namespace per batch size; the
+# batch-independence probe checks that code against itself, not against an earlier version of it).
+FEATURE_CODE = ("pipelines.image", "pipelines.records", "pipelines.bases", "pipelines.extract", "components.conv_base")
 SUFFIX = ".f32"
 
 
@@ -65,15 +65,29 @@ def namespace_record(base_fingerprint: dict, batch_size: int, runtime: str = "te
     base = dict(base_fingerprint)
     if base.get("file_sha256"):
         base.pop("path", None)  # the same saved base copied elsewhere is the same base
+    # the runtime too (TensorFlow's entries keep their namespace); the same CPU features and cores, or other
+    # entries (a shared cache)
+    return {"conv_base": base, "batch_size": int(batch_size), **local_record(runtime)}
+
+
+def local_record(runtime: str = "tensorflow") -> dict:
+    """The fields of `namespace_record` that this process decides rather than the params: the code, the
+    library versions and the machine (and the runtime's)."""
     return {
-        "conv_base": base,
-        "batch_size": int(batch_size),
-        **({} if runtime == "tensorflow" else runtime_record(runtime)),  # TensorFlow's entries keep their namespace
+        **({} if runtime == "tensorflow" else runtime_record(runtime)),
         "code": code_fingerprint(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        **fingerprint.machine_record(),  # the same CPU features and cores, or other entries (a shared cache)
+        **fingerprint.machine_record(),
     }
+
+
+def local_differences(namespace: dict) -> list[str]:
+    """The fields of `namespace` (made by the launching process) that this process would record otherwise: a
+    Beam worker on another kind of machine, with other libraries or other code, must not write its features
+    under the launcher's namespace (a later run there would read them as its own)."""
+    here = local_record(namespace.get("runtime", "tensorflow"))
+    return sorted(key for key, value in here.items() if namespace.get(key) != value)
 
 
 def runtime_record(runtime: str) -> dict:

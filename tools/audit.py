@@ -25,7 +25,11 @@ naming the file and how to fetch it); no image (by its normalised pixels) in
 two splits; no near-duplicate pair across splits (the quality stage's list, by
 feature cosine: resized or re-encoded copies the pixel hash misses); ``dvc.lock`` is one
 consistent run (every stage of ``dvc.yaml`` is in it, and every stage's recorded input, a file
-inside another stage's output folder included, is what that stage recorded as its output); every
+inside another stage's output folder included, is what that stage recorded as its output); the
+revision's own inputs are those ``dvc.lock`` recorded a run of (``dvc.yaml``'s commands, inputs,
+outputs and params keys, the params' values, and the code and data no stage makes, as git and DVC
+hold them; an input the revision does not version is listed, not checkable); every DVC-cached
+output's data is in the local cache or the default remote (``dvc pull`` can restore it); every
 output left to git (``cache: false``, folders included) is committed with the bytes the lock
 records; a ``--rebuild`` re-trains at least one stage; the serving model's
 lineage matches the revision's manifest and model; with ``--workspace``, the
@@ -194,15 +198,141 @@ def declared_stages(repo: Path, commit: str) -> tuple[list[str], set[str]]:
     """The stages the root dvc.yaml of a revision declares and the outputs it leaves to git (`cache: false`,
     metrics and plots included), as DVC itself resolves them: a `foreach` or `matrix` stage is one stage per
     item (`name@key`), `${...}` templating is filled in from `vars` and params, so none goes unchecked."""
+    names, uncached, _ = declared(repo, commit)
+    return names, uncached
+
+
+def declared(repo: Path, commit: str) -> tuple[list[str], set[str], dict[str, dict]]:
+    """`declared_stages`, and each stage's definition as DVC resolves it: its command, the paths of its
+    inputs and outputs, and its params (file -> keys; a file whose keys are not listed: None)."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.dvcfile import load_file
     from dvc.stage import PipelineStage
 
     with Repo(str(repo), rev=commit) as dvc_repo:
         root = dvc_repo.fs.join(dvc_repo.root_dir, "dvc.yaml")
         if not dvc_repo.fs.exists(root):
-            return [], set()
+            return [], set(), {}
         stages = [s for s in load_file(dvc_repo, root).stages.values() if isinstance(s, PipelineStage)]
-        return [s.name for s in stages], {out.def_path for s in stages for out in s.outs if not out.use_cache}
+        definitions = {
+            s.name: {
+                "cmd": s.cmd,
+                "deps": sorted(d.def_path for d in s.deps if not isinstance(d, ParamsDependency)),
+                "outs": sorted(o.def_path for o in s.outs),
+                "params": {d.def_path: sorted(d.params) or None for d in s.deps if isinstance(d, ParamsDependency)},
+            }
+            for s in stages
+        }
+        uncached = {out.def_path for s in stages for out in s.outs if not out.use_cache}
+        return [s.name for s in stages], uncached, definitions
+
+
+def definition_changes(lock: dict, definitions: dict[str, dict]) -> list[str]:
+    """Stages whose definition in the revision's dvc.yaml (`declared`) is not the one dvc.lock recorded a run
+    of: another command, inputs, outputs or params keys (dvc.yaml edited and committed without `dvc repro`)."""
+    problems = []
+    for stage, entry in lock.get("stages", {}).items():
+        now = definitions.get(stage)
+        if now is None:
+            continue  # a stage dvc.yaml no longer declares: nothing claims its outputs
+        recorded = {
+            "cmd": entry.get("cmd"),
+            "deps": sorted(d["path"] for d in entry.get("deps", [])),
+            "outs": sorted(o["path"] for o in entry.get("outs", [])),
+            "params": {file: sorted(values) for file, values in entry.get("params", {}).items()},
+        }
+        declared_params = {file: keys for file, keys in now["params"].items() if keys is not None}
+        changed = [field for field in ("cmd", "deps", "outs") if now[field] != recorded[field]]
+        if any(recorded["params"].get(file) != keys for file, keys in declared_params.items()) or set(
+            recorded["params"]
+        ) - set(now["params"]):
+            changed.append("params")
+        if changed:
+            problems.append(
+                f"stage {stage}'s {', '.join(changed)} in dvc.yaml are not those dvc.lock recorded a run of: its "
+                "outputs are stale; run `dvc repro` and commit"
+            )
+    return problems
+
+
+def sources(lock: dict) -> list[str]:
+    """The inputs of a lock's stages that no stage produces (code, params files aside, and the data the pipeline
+    starts from), nor lie inside a stage's output folder."""
+    produced = {path for outs in stage_outputs(lock).values() for path in outs}
+    paths = {d["path"] for e in lock.get("stages", {}).values() for d in e.get("deps", [])}
+    return sorted(p for p in paths if p not in produced and not any(p.startswith(out + "/") for out in produced))
+
+
+def source_problems(
+    lock: dict, versioned: Callable[[str], tuple[str | None, bool] | None]
+) -> tuple[list[str], list[str]]:
+    """Inputs no stage produces (`sources`) whose versioned content at the revision is not what dvc.lock
+    recorded: code, a base in models/ or source data changed and committed without `dvc repro`, so the commit's
+    inputs did not make its outputs.
+
+    `versioned(path)` gives the input's md5 as the revision holds it (git's bytes and DVC-tracked files' recorded
+    md5s; a folder's `dir_md5`; None where the revision holds nothing there) and whether DVC tracks data in it;
+    None where it cannot be read (the caller notes that, so the audit fails). An input the revision does not
+    version (nothing there, or a folder of which git holds a README while its data was neither committed nor
+    `dvc add`-ed, as a tfds download folder) cannot be checked: it is returned in the second list, for the
+    report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage that
+    read it."""
+    problems, unversioned = [], []
+    found = {path: versioned(path) for path in sources(lock)}
+    for stage, entry in lock.get("stages", {}).items():
+        for dep in entry.get("deps", []):
+            path, recorded = dep["path"], dep.get("md5")
+            if found.get(path) is None:
+                continue  # produced by a stage (checked by lock_inconsistencies), or unreadable (noted)
+            md5, tracked = found[path]
+            if md5 == recorded:
+                continue
+            if md5 is None or (str(recorded).endswith(".dir") and not tracked):
+                unversioned.append(f"{path} (stage {stage}: {recorded})")
+                continue
+            problems.append(
+                f"stage {stage} was run on {path} {recorded}, but the revision holds {md5} there: the committed "
+                "input did not make its outputs (changed without `dvc repro`); run `dvc repro` and commit"
+            )
+    return problems, sorted(set(unversioned))
+
+
+_MISSING = object()
+
+
+def lookup(data: Any, key: str) -> Any:
+    """A params value by DVC's dotted key (`a.b`), or `_MISSING`."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
+    """Stages whose params as dvc.lock recorded them are not the revision's params files' (`read(file)`: the
+    committed text, None where the commit lacks it): params edited and committed without `dvc repro`."""
+    problems = []
+    for stage, entry in lock.get("stages", {}).items():
+        for file, values in entry.get("params", {}).items():
+            text = read(file)
+            data = None if text is None else yaml.safe_load(text)
+            if data is None and text is None:
+                problems.append(f"stage {stage} was run with params from {file}, which the revision does not hold")
+                continue
+            now = {key: lookup(data, key) for key in values}
+            gone = sorted(key for key, value in now.items() if value is _MISSING)
+            changed = diff_flat(values, {k: v for k, v in now.items() if v is not _MISSING})
+            changed = {k: v for k, v in changed.items() if not any(k == g or k.startswith(g + ".") for g in gone)}
+            if gone or changed:
+                what = [f"{key} removed" for key in gone] + [
+                    f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()
+                ]
+                problems.append(
+                    f"stage {stage} was run with other params than the revision's {file} ({'; '.join(what)}): its "
+                    "outputs are stale; run `dvc repro` and commit"
+                )
+    return problems
 
 
 def dir_md5(files: dict[str, str]) -> str:
@@ -299,16 +429,45 @@ def saved_model_digest(folder: Path) -> str:
             digest.update(function.SerializeToString(deterministic=True))
         for name in sorted(graph.signature_def):
             digest.update(name.encode() + graph.signature_def[name].SerializeToString(deterministic=True))
+        for path, value in captured_constants(graph):
+            digest.update(path.encode() + value)
     loaded = tf.saved_model.load(str(folder))
     for name, value in sorted((v.name, v.numpy().tobytes()) for v in loaded.variables):
         digest.update(name.encode() + value)
     return digest.hexdigest()
 
 
+def captured_constants(graph: Any) -> list[tuple[str, bytes]]:
+    """(path in the object graph, value) of every constant a SavedModel's functions capture (the serving model's
+    class names among them): stored as top-level graph nodes, outside the functions the digest hashes. Keyed by
+    the shortest, then first, path of attribute names from the root, which does not follow memory addresses."""
+    nodes = graph.object_graph_def.nodes
+    values = {n.name: n.attr["value"].SerializeToString(deterministic=True) for n in graph.graph_def.node}
+    paths, queue = {0: ""}, [0]
+    while queue:
+        parent = queue.pop(0)
+        for child in sorted(nodes[parent].children, key=lambda c: c.local_name):
+            if child.node_id not in paths:
+                paths[child.node_id] = f"{paths[parent]}/{child.local_name}"
+                queue.append(child.node_id)
+    return sorted(
+        (paths.get(i, f"unreachable {i}"), values.get(node.constant.operation, b"missing"))
+        for i, node in enumerate(nodes)
+        if node.WhichOneof("kind") == "constant"
+    )
+
+
+SAVED_MODEL_GRAPH = (
+    "saved_model.pb",
+    "fingerprint.pb",
+    "variables",
+)  # a SavedModel's files `saved_model_digest` covers
+
+
 def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
     """path -> digest of every file under the given outputs (a missing one is an error). A SavedModel's
     graph, variables and fingerprint count as one entry (`saved_model_digest`); every other file, its
-    assets and assets.extra (the lineage record) included, by its bytes."""
+    assets and assets.extra (the lineage record) and any other file in its folder included, by its bytes."""
     found = {}
     for path in paths:
         top = root / path
@@ -320,7 +479,7 @@ def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
             found[model.relative_to(root).as_posix() + "/"] = saved_model_digest(model)
         for file in files:
             model = next((m for m in models if m in file.parents), None)
-            in_graph = model is not None and file.relative_to(model).parts[0] not in ("assets", "assets.extra")
+            in_graph = model is not None and file.relative_to(model).parts[0] in SAVED_MODEL_GRAPH
             if not in_graph:
                 found[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
     return found
@@ -394,6 +553,103 @@ def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | 
         return None
 
 
+def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: list[str]) -> dict:
+    """path -> (md5 as the revision holds it, whether DVC tracks data in it) for `source_problems`: a file's md5
+    (git's bytes, or the md5 its .dvc file records), a folder's `dir_md5` over what git (the .dvc files
+    included, as DVC hashes a folder) and DVC hold in it, (None, False) where the revision holds nothing there;
+    None, noted in `unreadable`, where it cannot be read (a DVC-tracked folder whose listing is in no cache or
+    remote)."""
+    found: dict[str, tuple[str | None, bool] | None] = {}
+    with Repo(str(repo), rev=rev) as dvc_repo:
+        fs = dvc_repo.dvcfs
+        for path in paths:
+            try:
+                kind = subprocess.run(["git", "cat-file", "-t", f"{rev}:{path}"], cwd=repo, capture_output=True)
+                blob = git_blob(repo, rev, path) if kind.stdout.strip() == b"blob" else None
+                if blob is not None:  # a file git holds
+                    found[path] = (hashlib.md5(blob).hexdigest(), False)
+                    continue
+                if not fs.exists(path):
+                    found[path] = (None, False)
+                    continue
+                top = fs.info(path).get("dvc_info")
+                if top and top.get("entry") is not None and top["entry"].hash_info:  # a DVC-tracked output itself
+                    found[path] = (top["entry"].hash_info.value, True)  # as its .dvc file records it
+                    continue
+                prefix = len(path.rstrip("/")) + 1
+                files = {
+                    name: hashlib.md5(data).hexdigest() for name, data in (git_tree(repo, rev, path) or {}).items()
+                }
+                tracked = False
+                for name in fs.find(path):
+                    info = fs.info(name).get("dvc_info")
+                    if info:  # inside a DVC-tracked output
+                        tracked = True
+                        files[name[prefix:]] = info["entry"].hash_info.value
+                found[path] = (dir_md5(files), tracked)
+            except Exception as exc:  # noqa: BLE001 - a listing in no cache or remote, whatever DVC raises
+                found[path] = None
+                unreadable.append(
+                    f"cannot read {path} at {rev[:12]} ({first_line(exc)}), an input of its dvc.lock: fetch that "
+                    f"revision's data with `git checkout {rev[:12]} && dvc pull`, or reproduce it and `dvc push`"
+                )
+    return found
+
+
+def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str]) -> list[str]:
+    """Every DVC-cached output of a revision whose data (a file, or a folder's listing or any file in it) is in
+    neither the local cache nor the default remote: `dvc pull` of that revision fails, so its model cannot be
+    restored from it (training data, the head, the serving model's variables: not only the files the audit
+    reads). A folder is named once, with the number of its files that are missing."""
+    from dvc.config import NoRemoteError
+    from dvc_data.hashfile.status import compare_status
+
+    with Repo(str(repo), rev=rev) as dvc_repo:
+        used = dvc_repo.index.used_objs(force=True)
+        objs = {obj for odb, found in used.items() if odb is None for obj in found}  # imports: DVC skips them too
+        # every cached output's own hash too: DVC leaves out a folder whose listing it cannot find
+        objs |= {
+            HashInfo("md5", md5)
+            for outs in stage_outputs(lock).values()
+            for path, md5 in outs.items()
+            if md5 and path not in uncached
+        }
+        try:
+            missing = dvc_repo.cloud.status(objs).missing
+        except NoRemoteError:  # no remote: the local cache must hold all of it
+            cache = dvc_repo.cache.local
+            missing = compare_status(cache, cache, objs, check_deleted=True).missing
+        listings = {}
+        for obj in objs:
+            if obj.isdir:
+                try:
+                    listings[obj.value] = {h.value for _, _, h in load_tree(dvc_repo, obj)}
+                except Exception:  # noqa: BLE001 - the listing itself is missing: reported as the folder's
+                    listings[obj.value] = set()
+    owners = {md5: path for outs in stage_outputs(lock).values() for path, md5 in outs.items() if md5}
+    named: dict[str, int] = {}
+    for obj in missing:
+        folder = next((d for d, files in listings.items() if obj.value in files), None)
+        key = owners.get(folder or obj.value, f"an output ({obj.value})")
+        named[key] = named.get(key, 0) + 1
+    return [
+        f"the data of {path} at {rev[:12]} ({count} object{'s' if count > 1 else ''}) is in neither the local DVC "
+        f"cache nor the default remote: `git checkout {rev[:12]} && dvc pull` cannot restore it; push it from a "
+        "clone that has it, or reproduce that revision and `dvc push`"
+        for path, count in sorted(named.items())
+    ]
+
+
+def load_tree(dvc_repo: Any, obj: HashInfo) -> Any:
+    """A folder's listing from the local cache, else the default remote."""
+    from dvc_data.hashfile.tree import Tree
+
+    try:
+        return Tree.load(dvc_repo.cache.local, obj)
+    except Exception:  # noqa: BLE001 - not in the local cache
+        return Tree.load(dvc_repo.cloud.get_remote_odb(None, "status"), obj)
+
+
 def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | None:
     """A DVC-tracked file at a revision, from the local cache or the remote.
 
@@ -442,24 +698,37 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         blob = read(path)
         return None if blob is None else hashlib.md5(blob).hexdigest()
 
-    lock_problems = []
+    lock_problems, unversioned = [], []
     if check_lock:
         try:
-            declared, uncached = declared_stages(repo, commit)
+            names, uncached, definitions = declared(repo, commit)
         except Exception as exc:  # noqa: BLE001 - DVC's own parse errors, whatever their class: fail closed
             reason = first_line(exc)
             lock_problems.append(
                 f"dvc.yaml at {commit[:12]} cannot be resolved by DVC ({reason}): its stages and git-tracked "
                 "outputs cannot be checked"
             )
-            declared, uncached = [], set()
-        lock_problems += lock_inconsistencies(lock, declared, file_md5)
+            names, uncached, definitions = [], set(), {}
+        lock_problems += lock_inconsistencies(lock, names, file_md5)
         lock_problems += git_tracked_mismatches(
             lock,
             uncached,
             lambda path: git_blob(repo, commit, path),
             lambda path: git_tree(repo, commit, path),
         )
+        # the revision's own inputs: what dvc.yaml, the params files and the code and data no stage makes hold
+        lock_problems += definition_changes(lock, definitions)
+        lock_problems += params_changes(lock, lambda path: git_file(repo, commit, path))
+        found = versioned_inputs(repo, commit, sources(lock), unreadable)
+        stale, unversioned = source_problems(lock, found.get)
+        lock_problems += stale
+        try:
+            unreadable += unavailable_outputs(repo, commit, lock, uncached)
+        except Exception as exc:  # noqa: BLE001 - whatever DVC raises: an unchecked restore is no pass
+            unreadable.append(
+                f"cannot check that the data of {commit[:12]}'s outputs can be restored ({first_line(exc)}): fetch "
+                f"it with `git checkout {commit[:12]} && dvc pull`"
+            )
     manifest_blob, labels_blob, lineage_blob, model_blob = (read(path) for path in DVC_FILES)
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
@@ -501,6 +770,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         "quality": quality,
         "unreadable": unreadable,
         "lock_problems": lock_problems,
+        "unversioned_inputs": unversioned,
         "_rows": rows,
     }
 
@@ -574,6 +844,10 @@ def to_markdown(report: dict) -> str:
     lines += [
         f"- source version: `{d['path']}` {d.get('md5')} ({d.get('nfiles', '?')} files)"
         for d in r["data_source"]["dependency"]
+    ]
+    lines += [
+        f"- not versioned by the revision, so checked only by the hash dvc.lock recorded: `{item}`"
+        for item in r.get("unversioned_inputs", [])
     ]
     lines += [
         f"- manifest sha256: `{r['manifest_sha256']}`",

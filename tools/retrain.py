@@ -46,7 +46,7 @@ import yaml
 
 from components.cli import configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST
-from components.params import Section, log_resolved, read_params, section
+from components.params import ParamsError, Section, log_resolved, read_params, section
 from pipelines import features as fk
 from pipelines import serving
 
@@ -131,10 +131,13 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
     if comparison is None:
         return True, f"{name} {candidate:.4f} reaches the threshold {params.threshold:.4f}; nothing was promoted before"
     c = comparison
-    left_out = (
-        f" ({c['left_out_trained_on']} left out: the promoted model trained on them)"
-        if c.get("left_out_trained_on")
-        else ""
+    left_out = "".join(
+        f" ({c[key]} left out: {why})"
+        for key, why in (
+            ("left_out_trained_on", "the promoted model trained on them"),
+            ("left_out_other_classes", "of a class one of the models does not know"),
+        )
+        if c.get(key)
     )
     if not c["images"]:  # fail closed: a gate that cannot compare the models does not promote
         return (
@@ -147,10 +150,19 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
         f"{c['promoted_accuracy']:.4f}; only the promoted right on {c['only_promoted_right']}, only the candidate "
         f"on {c['only_candidate_right']}; McNemar p={c['p_worse']:.4g}{left_out}"
     )
-    if c["only_promoted_right"] > c["only_candidate_right"] and c["p_worse"] < params.alpha:
+    behind = c["only_promoted_right"] > c["only_candidate_right"]
+    if behind and c["p_worse"] < params.alpha:
         return (
             False,
             f"{name} {candidate:.4f} reaches the threshold, but the candidate is significantly worse {same} < alpha {params.alpha}",
+        )
+    disagreements = c["only_promoted_right"] + c["only_candidate_right"]
+    if behind and 0.5**disagreements >= params.alpha:  # even all of them against it would not be significant
+        return (
+            False,
+            f"{name} {candidate:.4f} reaches the threshold, but the candidate is behind {same}, and "
+            f"{disagreements} disagreements are too few for the test to find it worse at alpha {params.alpha}: "
+            "review both and promote by hand (gto assign) if the candidate is better",
         )
     return (
         True,
@@ -159,15 +171,25 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
 
 
 def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str | None]:
-    """(version, commit) of the model in the stage, or (None, None)."""
+    """(version, commit) of the model in the stage, or (None, None): the one assigned to it last, as `gto show`
+    and `dvc artifacts get --stage` read the stage, not the highest version number in it (GTO's API default):
+    after a rollback (`gto assign --force` of an older version) the gate compares with the model deployed."""
+    from gto.constants import VersionSort
+    from gto.registry import GitRegistry
+
     try:
-        found = gto_api().find_versions_in_stage(str(repo), params.artifact, params.stage)
+        with GitRegistry.from_url(str(repo)) as registry:
+            assigned = (
+                registry.get_state()
+                .find_artifact(params.artifact)
+                .get_vstages(versions_per_stage=1, sort=VersionSort.Timestamp)
+            )
     except gto_not_found():  # no version registered yet
         return None, None
+    found = assigned.get(params.stage)
     if not found:
         return None, None
-    version = found[0] if isinstance(found, list) else found
-    return version.version, version.commit_hexsha
+    return found[0].version, found[0].commit_hexsha
 
 
 def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
@@ -187,20 +209,38 @@ def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
     )
 
 
-def served_right(serving_dir: Path, record_files: list[str], batch_size: int = 32) -> tuple[list[str], np.ndarray]:
-    """The records' ids and, per record in order, whether the serving model's `predicted` class name is its label."""
+def served_right(
+    serving_dir: Path, record_files: list[str], batch_size: int = 32
+) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """The records' ids and labels, whether the serving model's `predicted` class name is each one's label (in
+    order), and the model's class names (its `classes` output)."""
     serve = tf.saved_model.load(str(serving_dir)).signatures[serving.SIGNATURE]
     spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.IMAGE, fk.LABEL_NAME)}
-    ids, right = [], []
+    ids, labels, right, classes = [], [], [], None
     for batch in tf.data.TFRecordDataset(record_files).batch(batch_size).map(lambda r: tf.io.parse_example(r, spec)):
-        predicted = serve(images=batch[fk.IMAGE])["predicted"]
+        served = serve(images=batch[fk.IMAGE])
+        if "classes" not in served:
+            raise RuntimeError(
+                f"the serving model in {serving_dir} has no `classes` output: the gate cannot tell "
+                "which classes it knows"
+            )
+        classes = [c.decode() for c in served["classes"].numpy()[0]]
         ids += [i.decode() for i in batch[fk.ID].numpy()]
-        right.append(predicted.numpy() == batch[fk.LABEL_NAME].numpy())
-    return ids, (np.concatenate(right) if right else np.zeros(0, bool))
+        labels += [label.decode() for label in batch[fk.LABEL_NAME].numpy()]
+        right.append(served["predicted"].numpy() == batch[fk.LABEL_NAME].numpy())
+    return ids, labels, (np.concatenate(right) if right else np.zeros(0, bool)), classes or []
 
 
-def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
-    """Ids of the images in the train split of the revision that made the promoted model (fails closed)."""
+def known_to_both(labels: Sequence[str], *vocabularies: Sequence[str]) -> np.ndarray:
+    """Per image, whether every model knows its class: a class one model lacks (added, or renamed) counts that
+    model wrong on all its images, which would hide a regression on the classes both know."""
+    shared = set.intersection(*(set(v) for v in vocabularies))
+    return np.array([label in shared for label in labels], bool)
+
+
+def trained_on(repo: Path, commit: str, manifest_path: str) -> tuple[set[str], set[str]]:
+    """The ids, and the file hashes (the manifest's `sha256`), of the images in the train split of the revision
+    that made the promoted model (fails closed)."""
     try:
         blob = dvc_api.read(manifest_path, repo=str(repo), rev=commit, mode="rb")
     except Exception as exc:  # noqa: BLE001 - in neither the cache nor a remote, or not tracked there
@@ -208,8 +248,21 @@ def trained_on(repo: Path, commit: str, manifest_path: str) -> set[str]:
             f"cannot read {manifest_path} at the promoted commit {commit[:12]} ({exc}): the gate must know which "
             "images the promoted model trained on; fetch it (git checkout that commit && dvc pull)"
         ) from None
-    rows = [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
-    return {row["id"] for row in rows if row["split"] == "train"}
+    train = [row for row in read_rows(blob) if row["split"] == "train"]
+    return {row["id"] for row in train}, {row["sha256"] for row in train if row.get("sha256")}
+
+
+def read_rows(blob: bytes) -> list[dict]:
+    return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+
+
+def unseen_by(ids: Sequence[str], seen: tuple[set[str], set[str]], files: dict[str, str]) -> np.ndarray:
+    """Per record id, whether the promoted model did not train on it: neither its id nor its file (`files`: id ->
+    the current manifest's `sha256`) is in its train split (`seen`, from `trained_on`). An id changes when the
+    decode does (it is the hash of the decoded pixels), and the same file then comes back under a new id, maybe
+    in val."""
+    seen_ids, seen_files = seen
+    return np.array([i not in seen_ids and files.get(i) not in seen_files for i in ids], bool)
 
 
 def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promoted_commit: str) -> dict:
@@ -229,10 +282,18 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
         promoted = Path(scratch) / "promoted"
         dvc_args = ["artifacts", "get", ".", params.artifact, "--rev", version, "-o", str(promoted)]
         dvc(*dvc_args, cwd=repo)
-        ids, candidate_right = served_right(artifact, files)
-        _, promoted_right = served_right(promoted, files)
-    unseen = np.array([i not in seen for i in ids], bool)
-    return {**paired(candidate_right[unseen], promoted_right[unseen]), "left_out_trained_on": int((~unseen).sum())}
+        ids, labels, candidate_right, candidate_classes = served_right(artifact, files)
+        _, _, promoted_right, promoted_classes = served_right(promoted, files)
+    current = repo / manifest_path
+    files = {row["id"]: row["sha256"] for row in read_rows(current.read_bytes()) if row.get("sha256")}
+    unseen = unseen_by(ids, seen, files)
+    known = known_to_both(labels, candidate_classes, promoted_classes)
+    keep = unseen & known
+    return {
+        **paired(candidate_right[keep], promoted_right[keep]),
+        "left_out_trained_on": int((~unseen).sum()),
+        "left_out_other_classes": int((unseen & ~known).sum()),
+    }
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
@@ -296,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     params_path = Path(args.repo) / args.params
     params = section(read_params(params_path), RetrainParams, "retrain", params_path)
     log_resolved("retrain", {"retrain": params})
+    try:  # before any work: a misspelt artifact would otherwise be registered as a new one on a first run
+        pipeline_paths(Path(args.repo), params.artifact)
+    except RuntimeError as exc:
+        raise ParamsError(str(exc)) from None
     try:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)
     except RuntimeError as exc:

@@ -69,6 +69,40 @@ def test_imagenet_weights_from_the_keras_cache_are_named_by_their_digest(imagene
         extract.base_on_runtime(params, "tensorflow", None, first["imagenet_weights_sha256"])
 
 
+def test_a_worker_unlike_the_launcher_stops_before_it_writes_under_its_namespace(tmp_path):
+    # A Beam worker gets the launcher's namespace record: one on another machine type, with other libraries or
+    # other code, would write features computed otherwise under it, and a later run on the launcher would read
+    # them as its own.
+    from pipelines import feature_cache
+
+    launcher = feature_cache.namespace_record(conv_base.fingerprint(BASE), 4)
+    assert feature_cache.local_differences(launcher) == []
+    shard = graph.ExtractShard(lambda: None, (32, 32), 4, str(tmp_path / "cache"), launcher, [8])
+    shard.setup()  # like the launcher: fine
+    shard.teardown()
+    elsewhere = {**launcher, "tensorflow": "2.99.0", "cpus": 96, "code": {**launcher["code"], "pipelines.extract": "0"}}
+    assert feature_cache.local_differences(elsewhere) == ["code", "cpus", "tensorflow"]
+    shard = graph.ExtractShard(lambda: None, (32, 32), 4, str(tmp_path / "cache"), elsewhere, [8])
+    with pytest.raises(RuntimeError, match="this worker's code, cpus, tensorflow differ from those of the process"):
+        shard.setup()
+    assert not (tmp_path / "cache" / feature_cache.namespace_of(elsewhere)).exists()
+
+
+def test_a_worker_whose_saved_base_is_another_file_stops(tmp_path):
+    # A worker reads conv_base.path from its own disk: it must be the file the launcher hashed.
+    import keras
+
+    saved = tmp_path / "models" / "base.keras"
+    saved.parent.mkdir()
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save(saved)
+    params = conv_base.ConvBaseParams(name=None, path=str(saved), input_size=(32, 32), pooling="avg")
+    launcher = conv_base.fingerprint(params)
+    extract.base_on_runtime(params, "tensorflow", None, None, launcher)
+    saved.write_bytes(saved.read_bytes() + b"\0")  # another file on this worker
+    with pytest.raises(ParamsError, match="conv_base.path: .* is not the file the stage was started with"):
+        extract.base_on_runtime(params, "tensorflow", None, None, launcher)
+
+
 @pytest.fixture
 def trained_base(tiny_base_weights):
     """BASE with fixed, non-degenerate weights: an untrained base's features are ~1e-12, alike for any image."""
@@ -258,7 +292,13 @@ def test_namespace_covers_what_decides_the_features(tmp_path, imagenet_cache):
     assert saved(saved_a) == saved(copy) != saved(saved_b)  # the file's content decides, not its path
     record = feature_cache.namespace_record(conv_base.fingerprint(BASE), 4)
     assert record["tensorflow"] == tf.__version__ and record["batch_size"] == 4
-    assert set(record["code"]) == {"pipelines.image", "pipelines.records", "pipelines.bases", "components.conv_base"}
+    assert set(record["code"]) == {
+        "pipelines.image",
+        "pipelines.records",
+        "pipelines.bases",
+        "pipelines.extract",  # the traced step, the padding and the batch plan: an edit can change the bits
+        "components.conv_base",
+    }
 
 
 def test_code_fingerprint_follows_the_source_file(tmp_path, monkeypatch):

@@ -89,13 +89,14 @@ if sys.argv[2] == "nudged":
     weights = model.get_weights()
     weights[-1] = weights[-1] + np.float32(1e-3)  # one bias
     model.set_weights(weights)
-serving.export(model, ["cats", "dogs"], (8, 8), sys.argv[1])
+names = ["dogs", "cats"] if sys.argv[2] == "swapped" else ["cats", "dogs"]
+serving.export(model, names, (8, 8), sys.argv[1])
 """
 
 
 @pytest.mark.slow
 def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_path):
-    for name, variant in (("a", "same"), ("b", "same"), ("c", "nudged")):  # each in its own process, as stages run
+    for name, variant in (("a", "same"), ("b", "same"), ("c", "nudged"), ("e", "swapped")):  # a process each
         subprocess.run(
             [sys.executable, "-c", EXPORT, str(tmp_path / name), variant],
             cwd=REPO,
@@ -106,6 +107,11 @@ def test_saved_model_digest_is_what_the_model_computes_not_its_byte_order(tmp_pa
     files = audit.content_digests(tmp_path, ["a", "b"])
     assert set(files) == {"a/", "b/"} and files["a/"] == files["b/"]
     assert audit.saved_model_digest(tmp_path / "c") != files["a/"]
+    # the class names it answers with: a constant the serving function captures, outside its function body
+    assert audit.saved_model_digest(tmp_path / "e") != files["a/"]
+    (tmp_path / "b" / "stray.txt").write_text("x")  # a file in the model's folder that is no part of its graph
+    assert audit.content_digests(tmp_path, ["b"])["b/stray.txt"] == hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "b" / "stray.txt").unlink()
     for name, record in (("a", b"{1}"), ("b", b"{2}")):  # the lineage record beside the graph counts by its bytes
         (tmp_path / name / "assets.extra").mkdir()
         (tmp_path / name / "assets.extra" / "lineage.json").write_bytes(record)
@@ -143,6 +149,117 @@ def test_a_lock_that_is_not_one_consistent_run_is_found():
     consistent = json.loads(json.dumps(LOCK))
     consistent["stages"]["quality"]["deps"][0]["md5"] = "d1.dir"
     assert audit.lock_inconsistencies(consistent, ["download", "extract", "quality"]) == []
+
+
+def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
+    # code, a base in models/ or source data changed and committed without `dvc repro`: the commit's inputs did
+    # not make its outputs
+    lock = {
+        "stages": {
+            "download": {
+                "deps": [{"path": "sources/photos", "md5": "s.dir"}, {"path": "components/download.py", "md5": "c1"}],
+                "outs": [{"path": "data/download", "md5": "d1.dir"}],
+            },
+            "extract": {
+                "deps": [{"path": "data/download", "md5": "d1.dir"}, {"path": "models", "md5": "m.dir"}],
+                "outs": [{"path": "data/extract", "md5": "e.dir"}],
+            },
+        }
+    }
+    assert audit.sources(lock) == ["components/download.py", "models", "sources/photos"]
+    held = {"components/download.py": ("c1", False), "models": ("m.dir", True), "sources/photos": ("s.dir", True)}
+    assert audit.source_problems(lock, held.get) == ([], [])
+    edited = {**held, "components/download.py": ("c2", False), "models": ("m2.dir", True)}
+    assert audit.source_problems(lock, edited.get) == (
+        [
+            "stage download was run on components/download.py c1, but the revision holds c2 there: the committed "
+            "input did not make its outputs (changed without `dvc repro`); run `dvc repro` and commit",
+            "stage extract was run on models m.dir, but the revision holds m2.dir there: the committed input did not "
+            "make its outputs (changed without `dvc repro`); run `dvc repro` and commit",
+        ],
+        [],
+    )
+    # a folder the revision does not version (nothing there; or only git's README, its data neither committed nor
+    # `dvc add`-ed): reported, not checkable; a deleted file the lock names is a folder's case too
+    unversioned = {**held, "sources/photos": (None, False), "models": ("readme-only.dir", False)}
+    assert audit.source_problems(lock, unversioned.get) == (
+        [],
+        ["models (stage extract: m.dir)", "sources/photos (stage download: s.dir)"],
+    )
+    # unreadable (None): noted by the caller, which fails the audit
+    assert audit.source_problems(lock, {**held, "models": None}.get) == ([], [])
+
+
+@pytest.mark.integration
+def test_an_input_is_hashed_from_the_revision_as_dvc_hashes_it_in_the_workspace(tmp_path):
+    # models/ as a preset leaves it: git's README, .gitignore and .dvc file beside a DVC-tracked base; a source
+    # folder `dvc add`-ed whole; a file git holds; and a path the revision holds nothing at
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    (tmp_path / "sources" / "photos").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "sources" / "photos" / f"{i}.jpg").write_bytes(bytes([i]) * 10)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base.keras").write_bytes(b"weights")
+    (tmp_path / "models" / "README.md").write_text("bases\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    dvc("add", "-q", "sources/photos", "models/base.keras", cwd=tmp_path)
+    commit(tmp_path, "inputs")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    paths = ["sources/photos", "models", "models/base.keras", "code.py"]
+    unreadable = []
+    found = audit.versioned_inputs(tmp_path, head, [*paths, "generated"], unreadable)
+    with Repo(str(tmp_path)) as repo:  # what `dvc repro` records for each as a stage's input
+        for path in paths:
+            _, _, obj = build(repo.cache.local, str(tmp_path / path), repo.fs, "md5", ignore=repo.dvcignore)
+            assert found[path][0] == obj.hash_info.value, path
+    assert [found[path][1] for path in paths] == [True, True, True, False]  # DVC tracks data in it
+    assert found["generated"] == (None, False) and unreadable == []
+
+
+def test_params_and_stage_definitions_changed_without_repro_are_found():
+    lock = {
+        "stages": {
+            "finetune": {
+                "cmd": "python -m components.finetune",
+                "deps": [{"path": "a.py", "md5": "1"}],
+                "params": {"params.yaml": {"common": {"seed": 1}, "finetune.learning_rate": 5e-05}},
+                "outs": [{"path": "data/finetune", "md5": "f.dir"}],
+            }
+        }
+    }
+    params = "common: {seed: 1}\nfinetune: {learning_rate: 5.0e-05, epochs: 3}\n"
+    assert audit.params_changes(lock, {"params.yaml": params}.get) == []
+    (problem,) = audit.params_changes(lock, {"params.yaml": params.replace("seed: 1", "seed: 2")}.get)
+    assert problem == (
+        "stage finetune was run with other params than the revision's params.yaml (common.seed: 1 -> 2): its "
+        "outputs are stale; run `dvc repro` and commit"
+    )
+    (problem,) = audit.params_changes(lock, {"params.yaml": "common: {seed: 1}\n"}.get)
+    assert "(finetune.learning_rate removed)" in problem
+    (problem,) = audit.params_changes(lock, {}.get)
+    assert problem == "stage finetune was run with params from params.yaml, which the revision does not hold"
+    definition = {
+        "cmd": "python -m components.finetune",
+        "deps": ["a.py"],
+        "outs": ["data/finetune"],
+        "params": {"params.yaml": ["common", "finetune.learning_rate"]},
+    }
+    assert audit.definition_changes(lock, {"finetune": definition}) == []
+    for change, named in (
+        ({"cmd": "python -m components.finetune --fast"}, "cmd"),
+        ({"deps": ["a.py", "b.py"]}, "deps"),
+        ({"outs": ["data/finetune", "extra"]}, "outs"),
+        ({"params": {"params.yaml": ["common"]}}, "params"),
+        ({"params": {}}, "params"),
+    ):
+        (problem,) = audit.definition_changes(lock, {"finetune": {**definition, **change}})
+        assert problem.startswith(f"stage finetune's {named} in dvc.yaml are not those dvc.lock recorded"), problem
+    # a params file tracked whole (no keys listed in dvc.yaml): its keys are the file's, checked by params_changes
+    assert audit.definition_changes(lock, {"finetune": {**definition, "params": {"params.yaml": None}}}) == []
 
 
 def test_a_git_tracked_output_committed_from_another_run_is_found():
@@ -233,16 +350,18 @@ def test_a_folder_input_inside_another_stages_output_folder_is_checked(tmp_path)
     dvc("repro", "-q", "--single-item", "a", cwd=tmp_path)  # b not re-run: its lock entry is stale
     commit(tmp_path, "a re-run alone")
     record = audit.collect(tmp_path, "HEAD")
-    (problem,) = record["lock_problems"]
+    problem, source = record["lock_problems"]
     assert problem.startswith("stage b was run on data/a/sub ") and problem.endswith(
         "its outputs are stale; run `dvc repro` and commit"
     )
+    assert source.startswith("stage c was run on src ")  # c was not re-run either: the committed src is another
     assert not [u for u in record["unreadable"] if "data/a" in u]  # (this toy project has no model to report on)
     (tmp_path / "src").write_text("gone")
     dvc("repro", "-q", "--single-item", "a", cwd=tmp_path)  # data/a/sub is gone: b's input is stale, not unreadable
     commit(tmp_path, "a re-run alone, without sub")
     record = audit.collect(tmp_path, "HEAD")
-    (problem,) = record["lock_problems"]
+    problem, source = record["lock_problems"]
+    assert source.startswith("stage c was run on src ")
     assert (
         problem.startswith("stage b was run on data/a/sub ")
         and "a recorded d751713988987e9331980363e24189ce.dir" in problem
@@ -370,6 +489,14 @@ def audited_project(tmp_path):
         for stage, path in LAYOUT.items()
     }
     stages["download"]["outs"] = ["data/download"]  # a folder holding the manifest, as the real stage's
+    stages["extract"] = {  # a cached output the audit never reads (the real extract's features)
+        "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs('data/extract', exist_ok=True); "
+        "shutil.copy('src/extract', 'data/extract/features.bin')\"",
+        "deps": ["src/extract"],
+        "outs": ["data/extract"],
+    }
+    (project / "src").mkdir()
+    (project / "src" / "extract").write_bytes(b"features")
     copies = "; ".join(f"shutil.copy('src/{name}', '{path}')" for name, path in QUALITY.items())
     sheets = "shutil.rmtree('quality/sheets', ignore_errors=True); shutil.copytree('src/sheets', 'quality/sheets')"
     stages["quality"] = {  # git-tracked outputs (cache: false), a folder among them, as the real stage's
@@ -502,6 +629,19 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
         + ": its outputs are stale; run `dvc repro` and commit"
     ], problems
 
+    # code (an input no stage makes) edited and committed without `dvc repro`
+    (project / "src" / "finetune").write_bytes(b"other model code")
+    commit(project, "finetune's input edited, no repro")
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and [p for p in problems if p.startswith("stage finetune was run on src/finetune")], problems
+    # dvc.yaml edited and committed without `dvc repro`
+    dvc_yaml = json.loads((project / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["finetune"]["cmd"] += " # changed"
+    (project / "dvc.yaml").write_text(json.dumps(dvc_yaml))
+    commit(project, "finetune's command edited, no repro")
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and [p for p in problems if p.startswith("stage finetune's cmd in dvc.yaml")], problems
+
     moved = revision(
         "b moved to train, labels reordered",
         manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "train", "dog")),
@@ -545,6 +685,22 @@ def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project, mo
     # labels and model are the same bytes in both revisions, so the workspace put them back in the cache
     assert {p.split(" at ")[0] for p in missing} == {f"cannot read {path}" for path in (audit.MANIFEST, audit.LINEAGE)}
     assert all(f"at {old[:12]}" in p and "dvc pull" in p for p in missing)
+    # the data of an output the audit does not read (as the real extract's features, the head, the serving
+    # model's variables) gone from every cache: the revision cannot be restored, so no pass either
+    assert audit_of(project, new) == (0, [])
+    lock = __import__("yaml").safe_load((project / "dvc.lock").read_text())
+    (features,) = (o["md5"] for o in lock["stages"]["extract"]["outs"])
+    cache = project / ".dvc" / "cache" / "files" / "md5"
+    for entry in json.loads((cache / features[:2] / features[2:]).read_text()):
+        (cache / entry["md5"][:2] / entry["md5"][2:]).unlink()
+    unrestorable = (
+        f"the data of data/extract at {new[:12]} (1 object) is in neither the local DVC cache nor the default "
+        f"remote: `git checkout {new[:12]} && dvc pull` cannot restore it; push it from a clone that has it, or "
+        "reproduce that revision and `dvc push`"
+    )
+    assert audit_of(project, new) == (1, [unrestorable])
+    (cache / features[:2] / features[2:]).unlink()  # its listing too: DVC's own collection skips such a folder
+    assert audit_of(project, new) == (1, [unrestorable])
 
 
 @pytest.mark.integration

@@ -46,6 +46,85 @@ def test_promotion_gate(candidate, candidate_wrong, promoted_wrong, expected, wh
     assert promote is expected and why in reason, reason
 
 
+def test_a_comparison_too_small_to_find_the_candidate_worse_does_not_promote():
+    # 3 images only the promoted model gets right and none the other way: at best p = 1/8, never below alpha
+    comparison = paired(right(100, range(3)), right(100, []))
+    assert comparison["p_worse"] == pytest.approx(1 / 8)
+    promote, reason = decide(0.97, comparison, PARAMS)
+    assert not promote and "3 disagreements are too few for the test to find it worse at alpha 0.05" in reason
+    # the same few disagreements in the candidate's favour, or none at all (an unchanged model): promoted
+    assert decide(0.97, paired(right(100, []), right(100, range(3))), PARAMS)[0]
+    assert decide(0.97, paired(right(100, range(3)), right(100, range(3))), PARAMS)[0]
+    # 5 against it: p = 1/32 can be reached, and is: significantly worse
+    promote, reason = decide(0.95, paired(right(100, range(5)), right(100, [])), PARAMS)
+    assert not promote and "significantly worse" in reason
+
+
+def test_a_file_the_promoted_model_trained_on_is_left_out_under_a_new_id():
+    # ids are the hash of the decoded pixels: a decode change gives the same file a new id, which may land in val
+    from tools.retrain import unseen_by
+
+    seen = ({"old-id", "other"}, {"file-a"})  # the promoted model's train split: ids and file hashes
+    ids = ["new-id", "fresh", "other", "no-hash"]
+    files = {"new-id": "file-a", "fresh": "file-b", "other": "file-c"}  # the current manifest; "no-hash": none
+    assert unseen_by(ids, seen, files).tolist() == [False, True, False, True]
+
+
+def test_images_of_a_class_one_model_does_not_know_are_left_out():
+    from tools.retrain import known_to_both
+
+    labels = ["cat", "dogs", "cat", "fox"]
+    assert known_to_both(labels, ["cat", "dogs", "fox"], ["cat", "dog", "fox"]).tolist() == [True, False, True, True]
+    assert known_to_both(labels, ["cat", "dogs", "fox"], ["cat", "dogs", "fox"]).all()
+
+
+ROLLBACK = r"""
+import json, sys, time
+from gto import api
+from tools.retrain import RetrainParams, promoted_version
+repo, commits = sys.argv[1], sys.argv[2:]
+seen = [promoted_version(repo, RetrainParams())]  # nothing registered
+api.register(repo, "classifier", commits[0])
+seen.append(promoted_version(repo, RetrainParams()))  # registered, never assigned
+for step in (
+    lambda: api.assign(repo, "classifier", "prod", version="v0.0.1"),
+    lambda: api.register(repo, "classifier", commits[1]),
+    lambda: api.assign(repo, "classifier", "prod", version="v0.0.2"),
+    lambda: api.assign(repo, "classifier", "prod", version="v0.0.1", force=True),  # rolled back
+):
+    time.sleep(1.1)  # GTO orders its tags by their time, to the second
+    step()
+    seen.append(promoted_version(repo, RetrainParams()))
+print(json.dumps(seen))
+"""
+
+
+def test_the_gate_compares_with_the_version_assigned_to_the_stage_last(tmp_path):
+    # A rollback (an older version assigned again with --force) is what `gto show` and `dvc artifacts get --stage`
+    # deploy: the gate must compare with it, not with the highest version number in the stage. (GTO runs in a
+    # child process: imported into pytest's, it breaks its output capture.)
+    run(["git", "init", "-q"], tmp_path)
+    commits = []
+    for i in range(2):
+        (tmp_path / f"f{i}").write_text(str(i))
+        commit(tmp_path, f"c{i}")
+        commits.append(run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip())
+    proc = subprocess.run(
+        [sys.executable, "-c", ROLLBACK, str(tmp_path), *commits],
+        cwd=REPO,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    none, registered, first, second_registered, second, rolled_back = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert none == registered == [None, None]
+    assert first == second_registered == ["v0.0.1", commits[0]]
+    assert second == ["v0.0.2", commits[1]]
+    assert rolled_back == ["v0.0.1", commits[0]]
+
+
 def test_no_image_left_to_compare_on_does_not_promote():
     # every current val image was in the promoted model's training split (the seed or fractions changed)
     comparison = {**paired(right(0, []), right(0, [])), "left_out_trained_on": 400}
@@ -114,7 +193,8 @@ else:
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serve(self, images):
-            return {"predicted": self.table.lookup(images)}
+            classes = tf.tile(tf.constant([day["classes"]]), [tf.shape(images)[0], 1])
+            return {"predicted": self.table.lookup(images), "classes": classes}
 
     served = Served()
     tf.saved_model.save(served, "data/evaluate/serving", signatures={"serving_default": served.serve})
@@ -126,16 +206,16 @@ else:
 """
 
 
-def write_day(project, images, wrong=(), fail=0, train=()):
-    """The day's val records (`images`, indices; labels alternate), the images of its train split, and the
-    model built today, which predicts every image there is and gets those in `wrong` wrong."""
-    label = lambda i: ("cat", "dog")[i % 2]  # noqa: E731
+def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog")):
+    """The day's val records (`images`, indices; labels alternate between the two `classes`), the images of its
+    train split, and the model built today, which knows those classes, predicts every image there is and gets
+    those in `wrong` wrong."""
+    label = lambda i: classes[i % 2]  # noqa: E731
     records = [[f"img{i}", label(i)] for i in images]
     predictions = {f"img{i}": label(i + 1) if i in set(wrong) else label(i) for i in range(300)}
     (project / "src").mkdir(exist_ok=True)
-    (project / "src" / "day.json").write_text(
-        json.dumps({"records": records, "predictions": predictions, "fail": fail, "train": [f"img{i}" for i in train]})
-    )
+    day = {"records": records, "predictions": predictions, "fail": fail, "train": [f"img{i}" for i in train]}
+    (project / "src" / "day.json").write_text(json.dumps({**day, "classes": list(classes)}))
 
 
 def retrain_cli(project, *args):
@@ -217,6 +297,7 @@ def test_the_gate_compares_both_models_on_the_same_images(scheduled):
         "only_candidate_right": 2,
         "p_worse": pytest.approx((math.comb(14, 12) + 14 + 1) / 2**14),
         "left_out_trained_on": 0,
+        "left_out_other_classes": 0,
     }
     assert "significantly worse on the same 100 val images" in second["reason"]
     message = run(["git", "log", "-1", "--format=%s"], project).stdout
@@ -233,6 +314,24 @@ def test_the_gate_compares_both_models_on_the_same_images(scheduled):
     assert c["promoted_accuracy"] == pytest.approx(40 / 90) and c["candidate_accuracy"] == pytest.approx(68 / 90)
     assert "10 left out: the promoted model trained on them" in third["reason"]
     assert (code, third["decision"], third["stage"]) == (0, "promoted", "prod"), third
+
+    # Day 4: the class folder `dog` renamed `dogs`. The candidate knows cat and dogs and misses 8 cats; the
+    # promoted model knows cat and dog, so it is wrong on every `dogs` image. Counted on them, the candidate
+    # would look better (58 disagreements, 50 its way); on the images of the classes both know (the cats), it
+    # is wrong on 8 the promoted model gets right: rejected.
+    write_day(project, range(100, 200), wrong=range(100, 116, 2), classes=("cat", "dogs"))
+    code, fourth, _ = retrain_cli(project)
+    c = fourth["paired"]
+    assert (c["images"], c["left_out_other_classes"], c["only_promoted_right"], c["only_candidate_right"]) == (
+        50,
+        50,
+        8,
+        0,
+    ), fourth
+    assert (code, fourth["decision"]) == (
+        3,
+        "rejected",
+    ) and "50 left out: of a class one of the models does not know" in (fourth["reason"]), fourth
 
 
 @pytest.mark.integration
@@ -284,6 +383,13 @@ def test_retrain_exit_codes(scheduled):
     (project / "params.yaml").write_text(json.dumps({"retrain": {"metric": "loss"}}))
     code, record, stderr = retrain_cli(project)
     assert code == 2 and record is None and "retrain.metric" in stderr
+    # a misspelt artifact: a bad param before any work, not a new artifact registered on a first run
+    misspelt = {**repo_params({"retrain": {"threshold": 0.75, "alpha": 0.05}})["retrain"], "artifact": "clasifier"}
+    (project / "params.yaml").write_text(json.dumps({"retrain": misspelt}))
+    head = run(["git", "rev-parse", "HEAD"], project).stdout
+    code, record, stderr = retrain_cli(project)
+    assert code == 2 and record is None and "dvc.yaml has no artifact 'clasifier'" in stderr, stderr
+    assert run(["git", "rev-parse", "HEAD"], project).stdout == head and "Running stage" not in stderr
 
 
 def test_the_gate_reads_the_served_models_metric_only():
