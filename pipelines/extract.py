@@ -208,20 +208,26 @@ class ExtractShard(beam.DoFn):
         self._computed = beam.metrics.Metrics.counter("extract", COMPUTED)
 
     def setup(self):
-        # a worker unlike the launcher computes other features than the shared cache's namespace names
-        differ = feature_cache.local_differences(self._namespace) if self._cache_root is not None else []
-        if differ:
+        # A worker unlike the launcher computes other features than the shared cache's namespace names. Settings
+        # a runner gives its workers (Dask's nanny sets OMP_NUM_THREADS=1) key the worker's own namespace; another
+        # machine, library or code would make the output depend on where a shard ran: an error.
+        namespace = self._namespace
+        differ = feature_cache.local_differences(namespace) if self._cache_root is not None else []
+        fatal = [field for field in differ if field != "environment"]
+        if fatal:
             raise RuntimeError(
-                f"extract: this worker's {', '.join(differ)} differ from those of the process that started the "
+                f"extract: this worker's {', '.join(fatal)} differ from those of the process that started the "
                 "stage, whose feature-cache namespace it would write under: run the workers on the launcher's "
                 "machine type, libraries and project code (the same container, or --setup_file from the same "
                 "checkout)"
             )
+        if differ:
+            namespace = {**namespace, "environment": feature_cache.local_record()["environment"]}
         root = self._cache_root
         if root is None:  # no shared cache: a private one, for this worker's lifetime
             self._scratch = tempfile.mkdtemp(prefix="extract-cache-")
             root = self._scratch
-        self._cache = feature_cache.FeatureCache(root, self._namespace, self._feature_shape)
+        self._cache = feature_cache.FeatureCache(root, namespace, self._feature_shape)
         self._decode = records.record_decoder(self._size)
         self._decoders = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
 

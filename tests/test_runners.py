@@ -104,7 +104,7 @@ def runner_params(name: str, request) -> beam_options.BeamParams:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("name", RUNNERS)
-def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_path, tiny_base_weights):
+def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_path, tiny_base_weights, monkeypatch):
     reference = make_converted(tmp_path / "direct", per_class=4)  # download + convert on the DirectRunner
     runner = runner_params(name, request)
     config = convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1)))  # as make_converted
@@ -118,11 +118,16 @@ def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_pa
 
     base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
     on_direct = extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e1")
-    elsewhere = extract.run(
-        extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e2", runner=runner
-    )
+    config = extract.Config(base, extract.ExtractParams(batch_size=4))
+    cache = str(tmp_path / "cache")  # as dvc.yaml runs it: the workers check the namespace they write under
+    # a launcher whose thread setting its runner's workers do not share (Dask's nanny gives them OMP_NUM_THREADS=1;
+    # the worker pools here were started before): such workers key their own namespace, not stop
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    elsewhere = extract.run(config, reference, tmp_path / "e2", runner=runner, cache_root=cache)
     assert on_direct["records"] == elsewhere["records"] and sum(on_direct["records"].values()) == 8
     assert tree_bytes(tmp_path / "e2") == tree_bytes(tmp_path / "e1")
+    extract.run(config, reference, tmp_path / "e3", runner=runner, cache_root=cache)  # warm: from the workers' cache
+    assert tree_bytes(tmp_path / "e3") == tree_bytes(tmp_path / "e1")
     # Counts come from the outputs; Beam's DaskRunner has no metrics, so how many were computed is unknown.
     assert elsewhere["computed"] == (None if name == "dask" else 8)
 

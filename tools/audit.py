@@ -59,6 +59,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from components import lineage, manifest
 from components.cli import configure_logging, dvc, run_main, sh
+from components.params import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -264,19 +265,20 @@ def sources(lock: dict) -> list[str]:
 
 
 def source_problems(
-    lock: dict, versioned: Callable[[str], tuple[str | None, bool] | None]
+    lock: dict, versioned: Callable[[str], tuple[str | None, int] | None]
 ) -> tuple[list[str], list[str]]:
     """Inputs no stage produces (`sources`) whose versioned content at the revision is not what dvc.lock
     recorded: code, a base in models/ or source data changed and committed without `dvc repro`, so the commit's
     inputs did not make its outputs.
 
     `versioned(path)` gives the input's md5 as the revision holds it (git's bytes and DVC-tracked files' recorded
-    md5s; a folder's `dir_md5`; None where the revision holds nothing there) and whether DVC tracks data in it;
-    None where it cannot be read (the caller notes that, so the audit fails). An input the revision does not
-    version (nothing there, or a folder of which git holds a README while its data was neither committed nor
-    `dvc add`-ed, as a tfds download folder) cannot be checked: it is returned in the second list, for the
-    report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage that
-    read it."""
+    md5s; a folder's `dir_md5`; None where the revision holds nothing there) and how many files the revision
+    holds there; None where it cannot be read (the caller notes that, so the audit fails). DVC hashed a folder
+    input from everything in the workspace, files neither git nor DVC versions included (a tfds download, a
+    base copied in by hand beside an imported one): a folder of which the revision holds fewer files than
+    dvc.lock counted (`nfiles`), or nothing there at all, cannot be checked. It is returned in the second list,
+    for the report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage
+    that read it. Where the revision holds as many files or more, any difference fails."""
     problems, unversioned = [], []
     found = {path: versioned(path) for path in sources(lock)}
     for stage, entry in lock.get("stages", {}).items():
@@ -284,11 +286,12 @@ def source_problems(
             path, recorded = dep["path"], dep.get("md5")
             if found.get(path) is None:
                 continue  # produced by a stage (checked by lock_inconsistencies), or unreadable (noted)
-            md5, tracked = found[path]
+            md5, held = found[path]
             if md5 == recorded:
                 continue
-            if md5 is None or (str(recorded).endswith(".dir") and not tracked):
-                unversioned.append(f"{path} (stage {stage}: {recorded})")
+            counted = dep.get("nfiles")
+            if md5 is None or (str(recorded).endswith(".dir") and counted is not None and held < counted):
+                unversioned.append(f"{path} (stage {stage}: {recorded}, {counted} files; the revision holds {held})")
                 continue
             problems.append(
                 f"stage {stage} was run on {path} {recorded}, but the revision holds {md5} there: the committed "
@@ -316,9 +319,13 @@ def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
     for stage, entry in lock.get("stages", {}).items():
         for file, values in entry.get("params", {}).items():
             text = read(file)
-            data = None if text is None else yaml.safe_load(text)
-            if data is None and text is None:
+            if text is None:
                 problems.append(f"stage {stage} was run with params from {file}, which the revision does not hold")
+                continue
+            try:  # as DVC and the stages read it (YAML 1.2's numbers: `1e-05` is a float, as DVC writes it)
+                data = load_yaml(text)
+            except yaml.YAMLError as exc:
+                problems.append(f"stage {stage}'s params file {file} cannot be read as YAML ({first_line(exc)})")
                 continue
             now = {key: lookup(data, key) for key in values}
             gone = sorted(key for key, value in now.items() if value is _MISSING)
@@ -554,9 +561,9 @@ def folder_md5(repo: Path, rev: str, path: str, unreadable: list[str]) -> str | 
 
 
 def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: list[str]) -> dict:
-    """path -> (md5 as the revision holds it, whether DVC tracks data in it) for `source_problems`: a file's md5
+    """path -> (md5 as the revision holds it, how many files it holds there) for `source_problems`: a file's md5
     (git's bytes, or the md5 its .dvc file records), a folder's `dir_md5` over what git (the .dvc files
-    included, as DVC hashes a folder) and DVC hold in it, (None, False) where the revision holds nothing there;
+    included, as DVC hashes a folder) and DVC hold in it, (None, 0) where the revision holds nothing there;
     None, noted in `unreadable`, where it cannot be read (a DVC-tracked folder whose listing is in no cache or
     remote)."""
     found: dict[str, tuple[str | None, bool] | None] = {}
@@ -567,26 +574,26 @@ def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: lis
                 kind = subprocess.run(["git", "cat-file", "-t", f"{rev}:{path}"], cwd=repo, capture_output=True)
                 blob = git_blob(repo, rev, path) if kind.stdout.strip() == b"blob" else None
                 if blob is not None:  # a file git holds
-                    found[path] = (hashlib.md5(blob).hexdigest(), False)
+                    found[path] = (hashlib.md5(blob).hexdigest(), 1)
                     continue
                 if not fs.exists(path):
-                    found[path] = (None, False)
+                    found[path] = (None, 0)
                     continue
                 top = fs.info(path).get("dvc_info")
-                if top and top.get("entry") is not None and top["entry"].hash_info:  # a DVC-tracked output itself
-                    found[path] = (top["entry"].hash_info.value, True)  # as its .dvc file records it
+                entry = top.get("entry") if top else None
+                if entry is not None and entry.hash_info:  # a DVC-tracked output itself, as its .dvc file records it
+                    isdir = entry.meta is not None and entry.meta.isdir
+                    found[path] = (entry.hash_info.value, (entry.meta.nfiles or 0) if isdir else 1)
                     continue
                 prefix = len(path.rstrip("/")) + 1
                 files = {
                     name: hashlib.md5(data).hexdigest() for name, data in (git_tree(repo, rev, path) or {}).items()
                 }
-                tracked = False
                 for name in fs.find(path):
                     info = fs.info(name).get("dvc_info")
                     if info:  # inside a DVC-tracked output
-                        tracked = True
                         files[name[prefix:]] = info["entry"].hash_info.value
-                found[path] = (dir_md5(files), tracked)
+                found[path] = (dir_md5(files), len(files))
             except Exception as exc:  # noqa: BLE001 - a listing in no cache or remote, whatever DVC raises
                 found[path] = None
                 unreadable.append(
@@ -596,7 +603,7 @@ def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: lis
     return found
 
 
-def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str]) -> list[str]:
+def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], names: Sequence[str]) -> list[str]:
     """Every DVC-cached output of a revision whose data (a file, or a folder's listing or any file in it) is in
     neither the local cache nor the default remote: `dvc pull` of that revision fails, so its model cannot be
     restored from it (training data, the head, the serving model's variables: not only the files the audit
@@ -607,12 +614,14 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str]) ->
     with Repo(str(repo), rev=rev) as dvc_repo:
         used = dvc_repo.index.used_objs(force=True)
         objs = {obj for odb, found in used.items() if odb is None for obj in found}  # imports: DVC skips them too
-        # every cached output's own hash too: DVC leaves out a folder whose listing it cannot find
+        # every cached output's own hash too: DVC leaves out a folder whose listing it cannot find (DVC 3's md5
+        # entries; DVC 2's are in its own collection; a stage dvc.yaml dropped has no known cache: false outputs)
         objs |= {
-            HashInfo("md5", md5)
-            for outs in stage_outputs(lock).values()
-            for path, md5 in outs.items()
-            if md5 and path not in uncached
+            HashInfo("md5", out["md5"])
+            for stage, entry in lock.get("stages", {}).items()
+            if stage in names
+            for out in entry.get("outs", [])
+            if out.get("md5") and out.get("hash") == "md5" and out["path"] not in uncached
         }
         try:
             missing = dvc_repo.cloud.status(objs).missing
@@ -679,7 +688,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     lock_text = git_file(repo, commit, "dvc.lock")
     if lock_text is None:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
-    lock = yaml.safe_load(lock_text)
+    lock = load_yaml(lock_text)  # YAML 1.2's numbers, as DVC wrote them (`1e-05` is a float)
     unreadable: list[str] = []
     blobs: dict[str, bytes | None] = {}  # each DVC-tracked file read once (a remote read each), failed ones too
 
@@ -723,7 +732,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         stale, unversioned = source_problems(lock, found.get)
         lock_problems += stale
         try:
-            unreadable += unavailable_outputs(repo, commit, lock, uncached)
+            unreadable += unavailable_outputs(repo, commit, lock, uncached, names)
         except Exception as exc:  # noqa: BLE001 - whatever DVC raises: an unchecked restore is no pass
             unreadable.append(
                 f"cannot check that the data of {commit[:12]}'s outputs can be restored ({first_line(exc)}): fetch "

@@ -305,6 +305,15 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         )  # missing: a first run
         if pulled.returncode != 0:
             return FAILED, {"decision": "failed", "reason": f"dvc pull exited {pulled.returncode}"}
+    try:  # before the pipeline runs (after --pull, which may bring the artifact): a misspelt artifact would
+        pipeline_paths(repo, params.artifact)  # otherwise be registered as a new one on a first run
+    except RuntimeError as exc:
+        raise ParamsError(str(exc)) from None
+    except (OSError, KeyError, IndexError, TypeError, AttributeError, yaml.YAMLError) as exc:
+        raise ParamsError(
+            f"retrain: dvc.yaml in {repo} does not declare the download and convert stages' outputs and the "
+            f"artifact {params.artifact!r} the gate reads ({type(exc).__name__}: {exc})"
+        ) from None
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
@@ -357,10 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     params_path = Path(args.repo) / args.params
     params = section(read_params(params_path), RetrainParams, "retrain", params_path)
     log_resolved("retrain", {"retrain": params})
-    try:  # before any work: a misspelt artifact would otherwise be registered as a new one on a first run
-        pipeline_paths(Path(args.repo), params.artifact)
-    except RuntimeError as exc:
-        raise ParamsError(str(exc)) from None
     try:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)
     except RuntimeError as exc:

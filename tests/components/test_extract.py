@@ -86,6 +86,13 @@ def test_a_worker_unlike_the_launcher_stops_before_it_writes_under_its_namespace
     with pytest.raises(RuntimeError, match="this worker's code, cpus, tensorflow differ from those of the process"):
         shard.setup()
     assert not (tmp_path / "cache" / feature_cache.namespace_of(elsewhere)).exists()
+    # a setting the runner gives its workers (Dask's nanny: OMP_NUM_THREADS=1) keys the worker's own namespace
+    other_settings = {**launcher, "environment": {"OMP_NUM_THREADS": "7"}}
+    shard = graph.ExtractShard(lambda: None, (32, 32), 4, str(tmp_path / "cache"), other_settings, [8])
+    shard.setup()
+    assert shard._cache.folder.endswith(feature_cache.namespace_of(launcher))
+    assert not (tmp_path / "cache" / feature_cache.namespace_of(other_settings)).exists()
+    shard.teardown()
 
 
 def test_a_worker_whose_saved_base_is_another_file_stops(tmp_path):

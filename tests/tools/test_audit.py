@@ -157,19 +157,23 @@ def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
     lock = {
         "stages": {
             "download": {
-                "deps": [{"path": "sources/photos", "md5": "s.dir"}, {"path": "components/download.py", "md5": "c1"}],
+                "deps": [
+                    {"path": "sources/photos", "md5": "s.dir", "nfiles": 10},
+                    {"path": "components/download.py", "md5": "c1"},
+                ],
                 "outs": [{"path": "data/download", "md5": "d1.dir"}],
             },
             "extract": {
-                "deps": [{"path": "data/download", "md5": "d1.dir"}, {"path": "models", "md5": "m.dir"}],
+                "deps": [{"path": "data/download", "md5": "d1.dir"}, {"path": "models", "md5": "m.dir", "nfiles": 3}],
                 "outs": [{"path": "data/extract", "md5": "e.dir"}],
             },
         }
     }
     assert audit.sources(lock) == ["components/download.py", "models", "sources/photos"]
-    held = {"components/download.py": ("c1", False), "models": ("m.dir", True), "sources/photos": ("s.dir", True)}
+    held = {"components/download.py": ("c1", 1), "models": ("m.dir", 3), "sources/photos": ("s.dir", 10)}
     assert audit.source_problems(lock, held.get) == ([], [])
-    edited = {**held, "components/download.py": ("c2", False), "models": ("m2.dir", True)}
+    # an edited file; a folder holding as many files as the run saw (git's alone, or with DVC's) but other ones
+    edited = {**held, "components/download.py": ("c2", 1), "models": ("m2.dir", 3)}
     assert audit.source_problems(lock, edited.get) == (
         [
             "stage download was run on components/download.py c1, but the revision holds c2 there: the committed "
@@ -179,12 +183,15 @@ def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
         ],
         [],
     )
-    # a folder the revision does not version (nothing there; or only git's README, its data neither committed nor
-    # `dvc add`-ed): reported, not checkable; a deleted file the lock names is a folder's case too
-    unversioned = {**held, "sources/photos": (None, False), "models": ("readme-only.dir", False)}
+    # a folder of which the revision holds fewer files than the run hashed (a tfds download beside git's README,
+    # a base copied in by hand beside an imported one), or nothing there: reported, not checkable
+    unversioned = {**held, "sources/photos": (None, 0), "models": ("readme-only.dir", 2)}
     assert audit.source_problems(lock, unversioned.get) == (
         [],
-        ["models (stage extract: m.dir)", "sources/photos (stage download: s.dir)"],
+        [
+            "models (stage extract: m.dir, 3 files; the revision holds 2)",
+            "sources/photos (stage download: s.dir, 10 files; the revision holds 0)",
+        ],
     )
     # unreadable (None): noted by the caller, which fails the audit
     assert audit.source_problems(lock, {**held, "models": None}.get) == ([], [])
@@ -212,12 +219,32 @@ def test_an_input_is_hashed_from_the_revision_as_dvc_hashes_it_in_the_workspace(
     paths = ["sources/photos", "models", "models/base.keras", "code.py"]
     unreadable = []
     found = audit.versioned_inputs(tmp_path, head, [*paths, "generated"], unreadable)
-    with Repo(str(tmp_path)) as repo:  # what `dvc repro` records for each as a stage's input
+    with Repo(str(tmp_path)) as repo:  # what `dvc repro` records for each as a stage's input (md5, nfiles)
         for path in paths:
-            _, _, obj = build(repo.cache.local, str(tmp_path / path), repo.fs, "md5", ignore=repo.dvcignore)
-            assert found[path][0] == obj.hash_info.value, path
-    assert [found[path][1] for path in paths] == [True, True, True, False]  # DVC tracks data in it
-    assert found["generated"] == (None, False) and unreadable == []
+            _, meta, obj = build(repo.cache.local, str(tmp_path / path), repo.fs, "md5", ignore=repo.dvcignore)
+            assert found[path] == (obj.hash_info.value, meta.nfiles if meta.isdir else 1), path
+    assert found["models"][1] == 4  # README.md, .gitignore, base.keras.dvc and base.keras
+    assert found["generated"] == (None, 0) and unreadable == []
+
+
+@pytest.mark.integration
+def test_a_freshly_reproduced_revision_with_small_float_params_passes_the_lock_checks(tmp_path):
+    # DVC writes 0.00001 into dvc.lock as `1e-05`, which YAML 1.1 reads as a string
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    (tmp_path / "params.yaml").write_text("finetune:\n  learning_rate: 0.00001\n  decay: 1.0e-06\n")
+    stage = {"cmd": "echo done > out.txt", "params": ["finetune.learning_rate", "finetune"], "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": {"s": stage}}))
+    dvc("repro", "-q", cwd=tmp_path)
+    assert "1e-05" in (tmp_path / "dvc.lock").read_text()
+    commit(tmp_path, "reproduced")
+    record = audit.collect(tmp_path, "HEAD")
+    assert record["lock_problems"] == [], record["lock_problems"]  # (a toy project: no model to report on)
+    assert not [u for u in record["unreadable"] if "out.txt" in u or u.startswith("the data of")]
+    (tmp_path / "params.yaml").write_text("finetune:\n  learning_rate: 0.0001\n  decay: 1.0e-06\n")
+    commit(tmp_path, "edited, no repro")
+    (problem,) = audit.collect(tmp_path, "HEAD")["lock_problems"]
+    assert "finetune.learning_rate: 1e-05 -> 0.0001" in problem, problem
 
 
 def test_params_and_stage_definitions_changed_without_repro_are_found():
@@ -233,6 +260,13 @@ def test_params_and_stage_definitions_changed_without_repro_are_found():
     }
     params = "common: {seed: 1}\nfinetune: {learning_rate: 5.0e-05, epochs: 3}\n"
     assert audit.params_changes(lock, {"params.yaml": params}.get) == []
+    # read as DVC reads and writes them: its lock's `5e-05` and a params file's `0.00005` are one number
+    written = audit.load_yaml("params.yaml:\n  common:\n    seed: 1\n  finetune.learning_rate: 5e-05\n")
+    dvc_lock = {"stages": {"finetune": {**lock["stages"]["finetune"], "params": written}}}
+    for spelling in ("0.00005", "5e-05"):
+        assert audit.params_changes(dvc_lock, {"params.yaml": params.replace("5.0e-05", spelling)}.get) == []
+    (problem,) = audit.params_changes(lock, {"params.yaml": "common: [unclosed\n"}.get)
+    assert problem.startswith("stage finetune's params file params.yaml cannot be read as YAML")
     (problem,) = audit.params_changes(lock, {"params.yaml": params.replace("seed: 1", "seed: 2")}.get)
     assert problem == (
         "stage finetune was run with other params than the revision's params.yaml (common.seed: 1 -> 2): its "
