@@ -42,7 +42,7 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
-from pipelines import feature_cache, records, runtimes
+from pipelines import feature_cache, fingerprint, records, runtimes
 from pipelines import features as fk
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,11 @@ def batch_predictor(
     return predict, plan
 
 
+# settings a runner gives its workers (Dask's nanny: OMP_NUM_THREADS=1), which key a worker's own namespace; any
+# other machine setting (oneDNN's ISA caps, TF_ENABLE_ONEDNN_OPTS) differing from the launcher's is an error
+RUNNER_SETTINGS = ("OMP_NUM_THREADS",)
+
+
 class ExtractShard(beam.DoFn):
     """(split, input shard, output shard) -> writes the features; emits (split, records, computed)."""
 
@@ -213,16 +218,21 @@ class ExtractShard(beam.DoFn):
         # machine, library or code would make the output depend on where a shard ran: an error.
         namespace = self._namespace
         differ = feature_cache.local_differences(namespace) if self._cache_root is not None else []
-        fatal = [field for field in differ if field != "environment"]
-        if fatal:
-            raise RuntimeError(
-                f"extract: this worker's {', '.join(fatal)} differ from those of the process that started the "
-                "stage, whose feature-cache namespace it would write under: run the workers on the launcher's "
-                "machine type, libraries and project code (the same container, or --setup_file from the same "
-                "checkout)"
-            )
         if differ:
-            namespace = {**namespace, "environment": feature_cache.local_record()["environment"]}
+            here = fingerprint.machine_record()["environment"]
+            others = [
+                {k: v for k, v in env.items() if k not in RUNNER_SETTINGS}
+                for env in (here, namespace.get("environment", {}))
+            ]
+            fatal = [field for field in differ if field != "environment" or others[0] != others[1]]
+            if fatal:
+                raise RuntimeError(
+                    f"extract: this worker's {', '.join(fatal)} differ from those of the process that started the "
+                    "stage, whose feature-cache namespace it would write under: run the workers on the launcher's "
+                    "machine type, libraries and project code (the same container, or --setup_file from the same "
+                    "checkout)"
+                )
+            namespace = {**namespace, "environment": here}
         root = self._cache_root
         if root is None:  # no shared cache: a private one, for this worker's lifetime
             self._scratch = tempfile.mkdtemp(prefix="extract-cache-")

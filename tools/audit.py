@@ -273,12 +273,14 @@ def source_problems(
 
     `versioned(path)` gives the input's md5 as the revision holds it (git's bytes and DVC-tracked files' recorded
     md5s; a folder's `dir_md5`; None where the revision holds nothing there) and how many files the revision
-    holds there; None where it cannot be read (the caller notes that, so the audit fails). DVC hashed a folder
+    holds there (None for a DVC-tracked output, which the revision versions whole); None where it cannot be read (the caller notes that, so the audit fails). DVC hashed a folder
     input from everything in the workspace, files neither git nor DVC versions included (a tfds download, a
     base copied in by hand beside an imported one): a folder of which the revision holds fewer files than
     dvc.lock counted (`nfiles`), or nothing there at all, cannot be checked. It is returned in the second list,
     for the report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage
-    that read it. Where the revision holds as many files or more, any difference fails."""
+    that read it. Where the revision holds as many files or more, or versions the input whole (a `dvc add`-ed or
+    imported folder), any difference fails; files deleted from a folder git holds, beside files it does not,
+    cannot be told from files never versioned, and are listed."""
     problems, unversioned = [], []
     found = {path: versioned(path) for path in sources(lock)}
     for stage, entry in lock.get("stages", {}).items():
@@ -290,7 +292,8 @@ def source_problems(
             if md5 == recorded:
                 continue
             counted = dep.get("nfiles")
-            if md5 is None or (str(recorded).endswith(".dir") and counted is not None and held < counted):
+            fewer = held is not None and counted is not None and held < counted
+            if md5 is None or (str(recorded).endswith(".dir") and fewer):
                 unversioned.append(f"{path} (stage {stage}: {recorded}, {counted} files; the revision holds {held})")
                 continue
             problems.append(
@@ -582,8 +585,7 @@ def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: lis
                 top = fs.info(path).get("dvc_info")
                 entry = top.get("entry") if top else None
                 if entry is not None and entry.hash_info:  # a DVC-tracked output itself, as its .dvc file records it
-                    isdir = entry.meta is not None and entry.meta.isdir
-                    found[path] = (entry.hash_info.value, (entry.meta.nfiles or 0) if isdir else 1)
+                    found[path] = (entry.hash_info.value, None)  # versioned whole: compared strictly
                     continue
                 prefix = len(path.rstrip("/")) + 1
                 files = {

@@ -93,6 +93,11 @@ def test_a_worker_unlike_the_launcher_stops_before_it_writes_under_its_namespace
     assert shard._cache.folder.endswith(feature_cache.namespace_of(launcher))
     assert not (tmp_path / "cache" / feature_cache.namespace_of(other_settings)).exists()
     shard.teardown()
+    # any other kernel setting (oneDNN's ISA cap) would make the features depend on where a shard ran: an error
+    capped = {**launcher, "environment": {**launcher["environment"], "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+    shard = graph.ExtractShard(lambda: None, (32, 32), 4, str(tmp_path / "cache"), capped, [8])
+    with pytest.raises(RuntimeError, match="this worker's environment differ"):
+        shard.setup()
 
 
 def test_a_worker_whose_saved_base_is_another_file_stops(tmp_path):

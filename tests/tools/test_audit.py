@@ -193,6 +193,10 @@ def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
             "sources/photos (stage download: s.dir, 10 files; the revision holds 0)",
         ],
     )
+    # a folder the revision versions whole (`dvc add`-ed or imported; no count): any difference fails, files
+    # deleted from it and re-added included
+    (problem,) = audit.source_problems(lock, {**held, "sources/photos": ("s2.dir", None)}.get)[0]
+    assert problem.startswith("stage download was run on sources/photos s.dir, but the revision holds s2.dir")
     # unreadable (None): noted by the caller, which fails the audit
     assert audit.source_problems(lock, {**held, "models": None}.get) == ([], [])
 
@@ -222,8 +226,9 @@ def test_an_input_is_hashed_from_the_revision_as_dvc_hashes_it_in_the_workspace(
     with Repo(str(tmp_path)) as repo:  # what `dvc repro` records for each as a stage's input (md5, nfiles)
         for path in paths:
             _, meta, obj = build(repo.cache.local, str(tmp_path / path), repo.fs, "md5", ignore=repo.dvcignore)
-            assert found[path] == (obj.hash_info.value, meta.nfiles if meta.isdir else 1), path
-    assert found["models"][1] == 4  # README.md, .gitignore, base.keras.dvc and base.keras
+            assert found[path][0] == obj.hash_info.value, path
+    # files counted where the revision may not version all of them; None where it versions the input whole
+    assert [found[path][1] for path in paths] == [None, 4, None, 1]  # models: README, .gitignore, .dvc, base
     assert found["generated"] == (None, 0) and unreadable == []
 
 
