@@ -31,6 +31,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
 
 
+def parse_jsonl(blob: bytes) -> list[dict]:
+    """The rows of a JSON-lines file's bytes (read from git or DVC's cache rather than a path)."""
+    return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+
+
 def rows_of(path: str | Path, ids: Collection[str]) -> dict[str, dict]:
     """The manifest rows with these ids, read a line at a time: memory holds the rows asked for, never the
     whole manifest (about 1 KB an image)."""

@@ -46,7 +46,7 @@ import logging
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import dvc.api as dvc_api
 import tensorflow as tf
@@ -178,7 +178,7 @@ def lock_inconsistencies(
             if producer is not None:
                 recorded = producer[1]
             else:
-                folder = next((out for out in produced if path.startswith(out + "/")), None)
+                folder = enclosing(path, produced)
                 if folder is None:
                     continue  # a source: no stage produces it
                 if file_md5 is None:
@@ -261,7 +261,12 @@ def sources(lock: dict) -> list[str]:
     starts from), nor lie inside a stage's output folder."""
     produced = {path for outs in stage_outputs(lock).values() for path in outs}
     paths = {d["path"] for e in lock.get("stages", {}).values() for d in e.get("deps", [])}
-    return sorted(p for p in paths if p not in produced and not any(p.startswith(out + "/") for out in produced))
+    return sorted(p for p in paths if p not in produced and enclosing(p, produced) is None)
+
+
+def enclosing(path: str, outputs: Iterable[str]) -> str | None:
+    """The output folder `path` lies inside, or None."""
+    return next((out for out in outputs if path.startswith(out + "/")), None)
 
 
 def source_problems(
@@ -273,10 +278,11 @@ def source_problems(
 
     `versioned(path)` gives the input's md5 as the revision holds it (git's bytes and DVC-tracked files' recorded
     md5s; a folder's `dir_md5`; None where the revision holds nothing there) and how many files the revision
-    holds there (None for a DVC-tracked output, which the revision versions whole); None where it cannot be read (the caller notes that, so the audit fails). DVC hashed a folder
-    input from everything in the workspace, files neither git nor DVC versions included (a tfds download, a
-    base copied in by hand beside an imported one): a folder of which the revision holds fewer files than
-    dvc.lock counted (`nfiles`), or nothing there at all, cannot be checked. It is returned in the second list,
+    holds there (None for a DVC-tracked output, which the revision versions whole); None where it cannot be
+    read (the caller notes that, so the audit fails). DVC hashed a folder input from everything in the
+    workspace, files neither git nor DVC versions included (a tfds download, a base copied in by hand beside an
+    imported one): a folder of which the revision holds fewer files than dvc.lock counted (`nfiles`), or
+    nothing there at all, cannot be checked. It is returned in the second list,
     for the report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage
     that read it. Where the revision holds as many files or more, or versions the input whole (a `dvc add`-ed or
     imported folder), any difference fails; files deleted from a folder git holds, beside files it does not,
@@ -467,11 +473,8 @@ def captured_constants(graph: Any) -> list[tuple[str, bytes]]:
     )
 
 
-SAVED_MODEL_GRAPH = (
-    "saved_model.pb",
-    "fingerprint.pb",
-    "variables",
-)  # a SavedModel's files `saved_model_digest` covers
+# a SavedModel's files `saved_model_digest` covers; any other file in its folder is compared by its bytes
+SAVED_MODEL_GRAPH = ("saved_model.pb", "fingerprint.pb", "variables")
 
 
 def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
@@ -569,7 +572,7 @@ def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: lis
     included, as DVC hashes a folder) and DVC hold in it, (None, 0) where the revision holds nothing there;
     None, noted in `unreadable`, where it cannot be read (a DVC-tracked folder whose listing is in no cache or
     remote)."""
-    found: dict[str, tuple[str | None, bool] | None] = {}
+    found: dict[str, tuple[str | None, int | None] | None] = {}
     with Repo(str(repo), rev=rev) as dvc_repo:
         fs = dvc_repo.dvcfs
         for path in paths:
@@ -680,7 +683,7 @@ def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | 
 
 
 def read_rows(blob: bytes | None) -> list[dict] | None:
-    return None if blob is None else [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+    return None if blob is None else manifest.parse_jsonl(blob)
 
 
 def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:

@@ -45,7 +45,7 @@ import tensorflow as tf
 import yaml
 
 from components.cli import configure_logging, dvc, run_main, sh, venv_env
-from components.manifest import MANIFEST
+from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, log_resolved, read_params, section
 from pipelines import features as fk
 from pipelines import serving
@@ -248,12 +248,8 @@ def trained_on(repo: Path, commit: str, manifest_path: str) -> tuple[set[str], s
             f"cannot read {manifest_path} at the promoted commit {commit[:12]} ({exc}): the gate must know which "
             "images the promoted model trained on; fetch it (git checkout that commit && dvc pull)"
         ) from None
-    train = [row for row in read_rows(blob) if row["split"] == "train"]
+    train = [row for row in parse_jsonl(blob) if row["split"] == "train"]
     return {row["id"] for row in train}, {row["sha256"] for row in train if row.get("sha256")}
-
-
-def read_rows(blob: bytes) -> list[dict]:
-    return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
 
 
 def unseen_by(ids: Sequence[str], seen: tuple[set[str], set[str]], files: dict[str, str]) -> np.ndarray:
@@ -284,9 +280,8 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
         dvc(*dvc_args, cwd=repo)
         ids, labels, candidate_right, candidate_classes = served_right(artifact, files)
         _, _, promoted_right, promoted_classes = served_right(promoted, files)
-    current = repo / manifest_path
-    files = {row["id"]: row["sha256"] for row in read_rows(current.read_bytes()) if row.get("sha256")}
-    unseen = unseen_by(ids, seen, files)
+    file_hashes = {row["id"]: row["sha256"] for row in iter_jsonl(repo / manifest_path) if row.get("sha256")}
+    unseen = unseen_by(ids, seen, file_hashes)
     known = known_to_both(labels, candidate_classes, promoted_classes)
     keep = unseen & known
     return {
