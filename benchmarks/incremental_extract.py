@@ -100,6 +100,8 @@ def make_project(work: Path, images: Path | None, base: Path, changes: dict | No
     sh(["git", "init", "-q"], project)
     sh(["git", "add", "-A"], project)
     sh(["git", "commit", "-qm", "real preset"], project)
+    # extract's input from the base_weights stage (a record only, for a saved base): made once, not timed
+    dvc("repro", "--single-item", "base_weights", cwd=project)
     return project
 
 

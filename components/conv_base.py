@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Iterator, Literal
@@ -11,7 +12,6 @@ import pydantic
 
 from components.cli import EnvironmentProblem
 from components.params import ParamsError, Section
-from pipelines import bases
 
 
 class BaseWeightsOffline(EnvironmentProblem):
@@ -59,12 +59,47 @@ class ConvBaseParams(Section):
         return self
 
 
+WEIGHTS_RECORD = "weights.json"  # the base_weights stage's record (components/base_weights.py)
+IMAGENET_WEIGHTS = "imagenet.weights.h5"  # and its weights file (Keras 3's save_weights needs .weights.h5)
+
+
+def fetches_imagenet(params: ConvBaseParams) -> bool:
+    """Whether the base's weights come from Keras's ImageNet download (what the base_weights stage writes)."""
+    return bool(params.name) and params.weights == "imagenet"
+
+
+def imagenet_from(params: ConvBaseParams, folder: str | Path) -> ConvBaseParams:
+    """`params` with ``weights: imagenet`` replaced by the base_weights stage's file in `folder` (a path relative
+    to the project, as dvc.yaml gives it, so records and cache namespaces do not name the checkout); other params
+    as they are. The folder must hold this base's weights: another base's or size's is a stale output."""
+    if not fetches_imagenet(params):
+        return params
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / WEIGHTS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ParamsError(
+            f"conv_base.weights: imagenet: the base_weights stage's record {folder / WEIGHTS_RECORD} cannot be read ({exc}): "
+            "run `dvc repro` (it runs base_weights before extract and finetune)"
+        ) from None
+    wanted = {"name": params.name, "weights": "imagenet", "input_size": list(params.input_size)}
+    held = {key: record.get(key) for key in wanted}
+    if held != wanted or not record.get("file") or not (folder / record["file"]).is_file():
+        raise ParamsError(
+            f"conv_base: {folder} holds the weights of {held}, not of {wanted}: run `dvc repro` (base_weights "
+            "first), not one stage alone"
+        )
+    return params.model_copy(update={"weights": (folder / record["file"]).as_posix()})
+
+
 def build_extractor(params: ConvBaseParams, imagenet_weights_sha256: str | None = None):
     """The frozen feature extractor (raw RGB in, features out); errors name the param.
 
     With `imagenet_weights_sha256` (the launching machine's `fingerprint`), ImageNet weights loaded from this
     machine's Keras cache must be those: a Beam worker on another machine with another file stops with an
     error instead of writing its features under the launcher's namespace."""
+    from pipelines import bases  # Keras and TensorFlow: imported where a base is built or read
+
     with errors_named_by_param():
         base, preprocessing = bases.load_conv_base(
             params.name, params.path, params.weights, params.input_size, offline_error=BaseWeightsOffline
@@ -82,6 +117,8 @@ def build_extractor(params: ConvBaseParams, imagenet_weights_sha256: str | None 
 @contextlib.contextmanager
 def errors_named_by_param() -> Iterator[None]:
     """A base that cannot be built: the error names the conv_base param."""
+    from pipelines import bases
+
     try:
         yield
     except bases.BaseError as exc:
@@ -113,6 +150,8 @@ FILE_DIGESTS = {"path": "file_sha256", "weights": "weights_sha256"}  # a file pa
 def check_same_files(params: ConvBaseParams, record: dict) -> None:
     """The saved base or weights file this process reads must be the one `record` (the launching process's
     `fingerprint`) hashed: a Beam worker reads it from its own disk."""
+    from pipelines import bases  # Keras and TensorFlow: imported where a base is built or read
+
     for name, key in FILE_DIGESTS.items():
         if record.get(key) and bases.file_sha256(getattr(params, name)) != record[key]:
             raise ParamsError(
@@ -129,6 +168,8 @@ def fingerprint(params: ConvBaseParams) -> dict:
     declares and which Keras checks against a hash for some bases only (not MobileNetV2's): their digest, as
     loaded, goes in the record, so a feature cache built with other weights is never read for these (it costs
     building the base, ~1 s)."""
+    from pipelines import bases  # Keras and TensorFlow: imported where a base is built or read
+
     record = params.model_dump(mode="json")
     if params.path:
         record[FILE_DIGESTS["path"]] = bases.file_sha256(params.path)

@@ -226,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (sections conv_base, extract)")
     parser.add_argument("--convert", required=True, help="the convert stage's output folder")
+    parser.add_argument(
+        "--weights", help="the base_weights stage's folder: the file `conv_base.weights: imagenet` loads"
+    )
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--cache", help="feature cache folder or bucket path, kept between runs (not a DVC output)")
     parser.add_argument("--metrics", help="where to write this run's counts and timing (a DVC metric)")
@@ -233,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     conv_base.check_tracked(config.conv_base)
+    if args.weights:  # the versioned ImageNet weights, not Keras's download cache
+        config = dataclasses.replace(config, conv_base=conv_base.imagenet_from(config.conv_base, args.weights))
     log_resolved("extract", config.sections())
     with cache_lock.held(args.cache):  # no garbage collection while this run reads and writes the cache
         run(

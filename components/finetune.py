@@ -46,7 +46,7 @@ from dvclive import Live
 
 from components import outputs, training
 from components.cli import configure_logging, run_main
-from components.conv_base import ConvBaseParams, build_extractor, check_tracked
+from components.conv_base import ConvBaseParams, build_extractor, check_tracked, imagenet_from
 from components.params import CommonParams, ParamsError, Section, log_resolved, read_params, section, write_resolved
 from pipelines import bases, classifier, records
 
@@ -346,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (sections common, conv_base, finetune)")
     parser.add_argument("--convert", required=True, help="the convert stage's output folder")
     parser.add_argument("--head", required=True, help="the train_head stage's head.keras")
+    parser.add_argument(
+        "--weights", help="the base_weights stage's folder: the file `conv_base.weights: imagenet` loads"
+    )
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
     parser.add_argument(
@@ -355,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     config = load_config(args.params)
     check_tracked(config.conv_base)
+    if args.weights:  # the versioned ImageNet weights, not Keras's download cache
+        config = dataclasses.replace(config, conv_base=imagenet_from(config.conv_base, args.weights))
     log_resolved("finetune", config.sections())
     run(config, args.convert, args.head, args.out, args.live, args.cache)
     return 0

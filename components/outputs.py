@@ -18,10 +18,6 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from google.protobuf import text_format
-from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
-from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
-
 log = logging.getLogger(__name__)
 
 
@@ -169,6 +165,11 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
     - fingerprint.pb holds a fresh random uuid on every save; it is recomputed
       from the rewritten graph and its uuid derived from the checksum.
     """
+    # TensorFlow's protos here only: a stage that writes no SavedModel does not import TensorFlow (seconds).
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
     model = saved_model_pb2.SavedModel()

@@ -153,7 +153,8 @@ def load_conv_base(
             raise offline_error(
                 f"weights: imagenet weights of {name} are not in the Keras cache (~/.keras/models) and "
                 "cannot be downloaded here. Copy the weights file into ~/.keras/models from a machine with "
-                "network access, or set weights to the path of a weights file in models/, or use a saved conv "
+                "network access, or `dvc pull data/base_weights` where such a machine ran and pushed the "
+                "base_weights stage, or set weights to the path of a weights file in models/, or use a saved conv "
                 f"base with path=models/<file.keras>. ({exc})"
             ) from None
         raise

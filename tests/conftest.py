@@ -186,6 +186,28 @@ def tiny_base_weights(tmp_path_factory) -> Path:
     return path
 
 
+def keras_imagenet_file(keras_home: Path, size: int, seed: int) -> Path:
+    """Write MobileNetV2's ImageNet no-top weights file for `size` into a Keras download cache (`keras_home`, what
+    KERAS_HOME names), as Keras's download leaves it: the names and shapes of the real file, seeded weights with
+    calibrated batch-norm statistics (as `tiny_base_weights`) instead of ImageNet's, which cannot be downloaded
+    here. Another `seed` is another file."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(size, size, 3))
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    base(np.random.default_rng(seed).uniform(-1, 1, (8, size, size, 3)).astype("float32"), training=True)
+    path = Path(keras_home) / "models" / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, base)
+    return path
+
+
 _exit_status = {"code": None}
 
 

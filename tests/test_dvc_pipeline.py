@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components import manifest as mf
-from tests.conftest import make_class_folder
+from tests.conftest import keras_imagenet_file, make_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
@@ -48,8 +48,10 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=900)
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        cmd, cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True, text=True, timeout=900
+    )
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -57,8 +59,8 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd).stdout
+def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env).stdout
 
 
 def make_project(tmp_path: Path) -> Path:
@@ -138,7 +140,17 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-ALL_STAGES = {"download", "convert", "extract", "train_head", "quality", "finetune", "evaluate", "export"}
+ALL_STAGES = {
+    "download",
+    "convert",
+    "base_weights",
+    "extract",
+    "train_head",
+    "quality",
+    "finetune",
+    "evaluate",
+    "export",
+}
 
 
 def test_dvc_repro_on_the_tiny_preset(tmp_path):
@@ -236,7 +248,7 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     # The next scheduled retrain finishes the pipeline and, with nothing promoted yet and a
     # gate of 0, promotes the model in DVC's registry (GTO tags).
     code, first, output = retrain(project)
-    assert stages_run(output) == ALL_STAGES - {"download", "convert"}
+    assert stages_run(output) == ALL_STAGES - {"download", "convert", "base_weights"}
     assert (code, first["decision"], first["version"], first["stage"]) == (0, "promoted", "v0.0.1", "prod")
     tags = run(["git", "tag"], project).stdout.split()
     assert "classifier@v0.0.1" in tags and "classifier#prod#1" in tags
@@ -327,6 +339,43 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     run([sys.executable, "-m", "tools.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
     first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())
     assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev
+
+
+def test_imagenet_weights_are_a_versioned_output_that_an_offline_clone_rebuilds_from(tmp_path):
+    """`weights: imagenet` came from Keras's download cache, which no stage declared: another file there changed
+    the features while `dvc status` saw nothing, and a clone could not rebuild without downloading them again."""
+    project = make_project(tmp_path)
+    keras_home = {"KERAS_HOME": str(tmp_path / "keras_home")}  # this machine's Keras download cache
+    keras_imagenet_file(tmp_path / "keras_home", 96, seed=1)
+    set_params(project, "conv_base", weights="imagenet", input_size=[96, 96])
+    dvc("remote", "add", "-d", "storage", str(tmp_path / "storage"), cwd=project)
+    assert stages_run(dvc("repro", "extract", cwd=project, env=keras_home)) == {
+        "download",
+        "convert",
+        "base_weights",
+        "extract",
+    }
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert "data/base_weights" in {dep["path"] for dep in lock["stages"]["extract"]["deps"]}
+    assert "data/base_weights" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["finetune"]["deps"]
+    assert lock["stages"]["base_weights"]["outs"][0]["nfiles"] == 2  # the record and the weights
+    extracted = out_hashes(project)["extract"]
+    commit(project, "imagenet base")
+    dvc("push", cwd=project)
+
+    # An auditor's clone on a machine with an empty Keras cache and no network: pulled, the stage's features are
+    # computed again (no feature cache there) from the pulled weights, byte for byte.
+    auditor = tmp_path / "auditor"
+    run(["git", "clone", "-q", str(project), str(auditor)], tmp_path)
+    dvc("pull", "--with-deps", "extract", cwd=auditor)  # the stages this model's features were made by
+    shutil.rmtree(auditor / "data" / "extract")
+    empty = {"KERAS_HOME": str(tmp_path / "empty_keras_home")}
+    dvc("repro", "--single-item", "extract", cwd=auditor, env=empty)
+    assert json.loads((auditor / "metrics" / "extract.json").read_text())["from_cache"] == 0
+    assert out_hashes(auditor)["extract"] == extracted
+    assert not (tmp_path / "empty_keras_home" / "models").exists() or not any(
+        (tmp_path / "empty_keras_home" / "models").iterdir()
+    )  # nothing was fetched
 
 
 def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):

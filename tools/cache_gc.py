@@ -20,12 +20,13 @@ holds either cache's lock (`pipelines.cache_lock`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
-from components import download, extract
+from components import conv_base, download, extract
 from components.cli import configure_logging, run_main
 from pipelines import cache_lock, download_cache, feature_cache, normalise, records
 
@@ -46,8 +47,13 @@ def used_keys(convert_dir: Path) -> set[str]:
     return keys
 
 
-def current_namespace(params_path: Path) -> str:
-    return feature_cache.namespace_of(extract.cache_namespace(extract.load_config(params_path)))
+def current_namespace(params_path: Path, weights: Path | None = None) -> str:
+    """The namespace extract computes for these params; with `weights: imagenet`, from the base_weights stage's
+    file in `weights` (as `dvc repro` runs extract), where that folder exists."""
+    config = extract.load_config(params_path)
+    if weights is not None and weights.is_dir():
+        config = dataclasses.replace(config, conv_base=conv_base.imagenet_from(config.conv_base, weights))
+    return feature_cache.namespace_of(extract.cache_namespace(config))
 
 
 def recorded_namespace(metrics: Path) -> str | None:
@@ -89,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metrics", type=Path, default=Path("metrics/extract.json"), help="extract's metrics: its cache namespace"
     )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=Path("data/base_weights"),
+        help="the base_weights stage's output (extract's --weights)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
@@ -96,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # source, which may fail, and then nothing is deleted at all
     with cache_lock.held(args.download_cache, exclusive=True), cache_lock.held(args.cache, exclusive=True):
         download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
-        namespace = current_namespace(args.params)
+        namespace = current_namespace(args.params, args.weights)
         recorded = recorded_namespace(args.metrics)
         keys = used_keys(args.convert)
         report = feature_cache.collect_garbage(

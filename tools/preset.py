@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from components import convert, download, evaluate, export, extract, finetune, quality, train_head
+from components import base_weights, convert, download, evaluate, export, extract, finetune, quality, train_head
 from components.cli import dvc, run_main
 from components.params import ParamsError, load_yaml, read_params
 
@@ -146,7 +146,7 @@ def validate(params: Mapping, where: Path) -> None:
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
     tmp.write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
     try:
-        for stage in (download, convert, extract, train_head, quality, finetune, evaluate, export):
+        for stage in (download, convert, base_weights, extract, train_head, quality, finetune, evaluate, export):
             stage.load_config(tmp)
     finally:
         tmp.unlink(missing_ok=True)

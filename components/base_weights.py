@@ -1,0 +1,103 @@
+"""base_weights stage: a registry base's ImageNet weights as a versioned file, read by extract and finetune.
+
+With ``conv_base.weights: imagenet``, Keras fetches a registry base's weights into its own download cache
+(``~/.keras/models``), a file no stage declares: replacing it would change the features and the fine-tuned
+model while `dvc status` saw nothing, and an auditor's rebuild would use whatever that machine's cache holds.
+This stage loads them once (Keras's download, or its cache offline) and writes them as a DVC output, cached,
+pushed and pulled like any other: extract and finetune build the base from this file, so the weights a model
+was made with are versioned with it.
+
+Inputs
+    params.yaml keys ``conv_base.name``, ``conv_base.path``, ``conv_base.weights``, ``conv_base.input_size``
+    (only those: pooling or a tapped layer do not change the weights).
+Outputs
+    ``<out>/weights.json``          which base and weights this is, and the file's SHA-256 (null without one)
+    ``<out>/imagenet.weights.h5``   the weights (Keras's ``save_weights``; the same bytes from the same weights),
+                                    only with ``weights: imagenet`` on a registry base
+
+A saved base (``conv_base.path``), ``weights: none`` or a weights file in ``models/`` needs nothing fetched:
+the stage writes the record alone, without importing TensorFlow.
+
+Run: ``python -m components.base_weights --params params.yaml --out data/base_weights``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from components import conv_base, outputs
+from components.cli import configure_logging, run_main
+from components.conv_base import ConvBaseParams
+from components.params import Section, log_resolved, read_params, section
+
+log = logging.getLogger(__name__)
+
+RECORD, WEIGHTS = conv_base.WEIGHTS_RECORD, conv_base.IMAGENET_WEIGHTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    conv_base: ConvBaseParams
+
+    def sections(self) -> dict[str, Section]:
+        return {"conv_base": self.conv_base}
+
+
+def load_config(params_path: str | Path) -> Config:
+    return Config(conv_base=section(read_params(params_path), ConvBaseParams, "conv_base", params_path))
+
+
+def run(config: Config, out_dir: str | Path) -> dict:
+    params = config.conv_base
+    record = {
+        "name": params.name,
+        "path": params.path,
+        "weights": params.weights,
+        "input_size": list(params.input_size),
+        "file": None,
+        "sha256": None,
+    }
+    with outputs.staged_dir(out_dir) as tmp:
+        if conv_base.fetches_imagenet(params):
+            from pipelines import bases  # TensorFlow: only when there are weights to write
+
+            with conv_base.errors_named_by_param():
+                base, _ = bases.load_conv_base(
+                    params.name, None, "imagenet", params.input_size, offline_error=conv_base.BaseWeightsOffline
+                )
+            base.save_weights(tmp / WEIGHTS)
+            record.update(file=WEIGHTS, sha256=hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest())
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        outputs.require_outputs(tmp, [RECORD] + ([WEIGHTS] if record["file"] else []))
+    if record["file"]:
+        log.info(
+            "base_weights: ImageNet weights of %s at %s written (SHA-256 %s)",
+            params.name,
+            params.input_size,
+            record["sha256"][:12],
+        )
+    else:
+        log.info("base_weights: conv_base needs no ImageNet download; record only")
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (section conv_base)")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    config = load_config(args.params)
+    log_resolved("base_weights", config.sections())
+    run(config, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

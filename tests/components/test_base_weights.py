@@ -1,0 +1,107 @@
+"""The base_weights stage: ImageNet weights as a versioned file that extract and finetune read, not Keras's cache."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from components import base_weights, conv_base
+from components.params import ParamsError
+from tests.conftest import REPO, keras_imagenet_file
+
+IMAGENET = conv_base.ConvBaseParams(name="mobilenet_v2", weights="imagenet", input_size=(96, 96), pooling="avg")
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """Keras's download cache (~/.keras) moved to a fresh, empty folder."""
+    from keras.src.backend import config
+
+    home = tmp_path / "keras_home"
+    monkeypatch.setattr(config, "_KERAS_DIR", str(home))
+    return home
+
+
+def digest_of(weights: str) -> str:
+    from pipelines import bases
+
+    return bases.weights_digest(bases.load_conv_base("mobilenet_v2", None, weights, (96, 96))[0])
+
+
+def test_extract_and_finetune_read_the_stages_file_not_this_machines_keras_cache(keras_home, tmp_path):
+    keras_imagenet_file(keras_home, 96, seed=1)
+    from_keras = digest_of("imagenet")
+    record = base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a")
+    written = (tmp_path / "a" / base_weights.WEIGHTS).read_bytes()
+    assert record["file"] == base_weights.WEIGHTS and record["sha256"] == hashlib.sha256(written).hexdigest()
+    assert json.loads((tmp_path / "a" / base_weights.RECORD).read_text()) == record
+    base_weights.run(base_weights.Config(IMAGENET), tmp_path / "b")  # the same weights: the same bytes
+    assert (tmp_path / "b" / base_weights.WEIGHTS).read_bytes() == written
+
+    resolved = conv_base.imagenet_from(IMAGENET, tmp_path / "a")
+    assert resolved.weights == (tmp_path / "a" / base_weights.WEIGHTS).as_posix()
+    assert resolved.model_copy(update={"weights": "imagenet"}) == IMAGENET  # nothing else changed
+    assert digest_of(resolved.weights) == from_keras
+    # This machine's Keras cache now holds other weights: what the stages build from the versioned file is not moved.
+    keras_imagenet_file(keras_home, 96, seed=2)
+    assert digest_of("imagenet") != from_keras
+    assert digest_of(resolved.weights) == from_keras
+    assert conv_base.fingerprint(resolved)["weights_sha256"] == record["sha256"]  # the feature cache's key
+    # The feature cache's garbage collection keeps the namespace extract wrote under: that of the stage's file.
+    from components import extract
+    from pipelines import feature_cache
+    from tools import cache_gc
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "conv_base: {name: mobilenet_v2, path: null, weights: imagenet, input_size: [96, 96], pooling: avg, "
+        "layer: null}\nextract: {batch_size: 8, runtime: tensorflow}\n"
+    )
+    used = extract.cache_namespace(extract.Config(resolved, extract.ExtractParams(batch_size=8)))
+    assert cache_gc.current_namespace(params, tmp_path / "a") == feature_cache.namespace_of(used)
+
+
+def test_a_stale_or_missing_weights_output_is_a_clear_error(tmp_path):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    with pytest.raises(ParamsError, match="cannot be read.*run `dvc repro`"):
+        conv_base.imagenet_from(IMAGENET, folder)
+    record = {"name": "mobilenet_v2", "weights": "imagenet", "input_size": [224, 224], "file": base_weights.WEIGHTS}
+    (folder / base_weights.WEIGHTS).write_bytes(b"not read")
+    (folder / base_weights.RECORD).write_text(json.dumps(record))
+    with pytest.raises(ParamsError, match=r"holds the weights of .*224.*not of .*96"):
+        conv_base.imagenet_from(IMAGENET, folder)
+    (folder / base_weights.RECORD).write_text(json.dumps({**record, "input_size": [96, 96]}))
+    assert conv_base.imagenet_from(IMAGENET, folder).weights.endswith(base_weights.WEIGHTS)
+    (folder / base_weights.WEIGHTS).unlink()
+    with pytest.raises(ParamsError, match="holds the weights of"):
+        conv_base.imagenet_from(IMAGENET, folder)
+    # No ImageNet download: the params as they are, whatever the folder holds.
+    for other in ({"weights": "none"}, {"name": None, "path": "models/base.keras"}):
+        params = IMAGENET.model_copy(update=other)
+        assert conv_base.imagenet_from(params, tmp_path / "absent") is params
+
+
+def test_without_imagenet_weights_the_stage_writes_its_record_without_tensorflow(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "conv_base: {name: mobilenet_v2, path: null, weights: none, input_size: [32, 32], pooling: avg, layer: null}\n"
+    )
+    code = (
+        "import sys; from components import base_weights; "
+        f"base_weights.main(['--params', {str(params)!r}, '--out', {str(tmp_path / 'out')!r}]); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=120)
+    record = json.loads((tmp_path / "out" / base_weights.RECORD).read_text())
+    assert record == {
+        "name": "mobilenet_v2",
+        "path": None,
+        "weights": "none",
+        "input_size": [32, 32],
+        "file": None,
+        "sha256": None,
+    }
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [base_weights.RECORD]
