@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,25 @@ def load_config(params_path: str | Path) -> Config:
     return Config(conv_base=section(read_params(params_path), ConvBaseParams, "conv_base", params_path))
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reusable(out_dir: str | Path, record: dict) -> str | None:
+    """The SHA-256 of the weights file `out_dir` already holds, when its record is `record` (the same base, weights
+    and size) and the file still has the hash the record names; else None. The stage re-runs whenever one of its
+    modules changes: it keeps what it fetched rather than fetch again, which needs the network or this machine's
+    Keras cache (an auditor's clone has neither, only the pulled output) and could bring other bytes."""
+    folder = Path(out_dir)
+    try:
+        held = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        if {**held, "sha256": None} == {**record, "file": WEIGHTS} and file_sha256(folder / WEIGHTS) == held["sha256"]:
+            return held["sha256"]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return None
+
+
 def run(config: Config, out_dir: str | Path) -> dict:
     params = config.conv_base
     record = {
@@ -63,8 +83,12 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "file": None,
         "sha256": None,
     }
+    held = reusable(out_dir, record) if conv_base.fetches_imagenet(params) else None
     with outputs.staged_dir(out_dir) as tmp:
-        if conv_base.fetches_imagenet(params):
+        if held:  # the weights this output already holds (dvc.yaml: persist): nothing fetched again
+            shutil.copyfile(Path(out_dir) / WEIGHTS, tmp / WEIGHTS)
+            record.update(file=WEIGHTS, sha256=held)
+        elif conv_base.fetches_imagenet(params):
             from pipelines import bases  # TensorFlow: only when there are weights to write
 
             with conv_base.errors_named_by_param():
@@ -72,10 +96,14 @@ def run(config: Config, out_dir: str | Path) -> dict:
                     params.name, None, "imagenet", params.input_size, offline_error=conv_base.BaseWeightsOffline
                 )
             base.save_weights(tmp / WEIGHTS)
-            record.update(file=WEIGHTS, sha256=hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest())
+            record.update(file=WEIGHTS, sha256=file_sha256(tmp / WEIGHTS))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         outputs.require_outputs(tmp, [RECORD] + ([WEIGHTS] if record["file"] else []))
-    if record["file"]:
+    if held:
+        log.info(
+            "base_weights: kept the ImageNet weights of %s already in %s (SHA-256 %s)", params.name, out_dir, held[:12]
+        )
+    elif record["file"]:
         log.info(
             "base_weights: ImageNet weights of %s at %s written (SHA-256 %s)",
             params.name,

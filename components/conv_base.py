@@ -60,7 +60,7 @@ class ConvBaseParams(Section):
 
 
 WEIGHTS_RECORD = "weights.json"  # the base_weights stage's record (components/base_weights.py)
-IMAGENET_WEIGHTS = "imagenet.weights.h5"  # and its weights file (Keras 3's save_weights needs .weights.h5)
+IMAGENET_WEIGHTS = "imagenet.weights.h5"  # its weights file: the name tells pipelines.bases to build the ImageNet graph
 
 
 def fetches_imagenet(params: ConvBaseParams) -> bool:
@@ -84,12 +84,17 @@ def imagenet_from(params: ConvBaseParams, folder: str | Path) -> ConvBaseParams:
         ) from None
     wanted = {"name": params.name, "weights": "imagenet", "input_size": list(params.input_size)}
     held = {key: record.get(key) for key in wanted}
-    if held != wanted or not record.get("file") or not (folder / record["file"]).is_file():
+    if held != wanted:
         raise ParamsError(
             f"conv_base: {folder} holds the weights of {held}, not of {wanted}: run `dvc repro` (base_weights "
             "first), not one stage alone"
         )
-    return params.model_copy(update={"weights": (folder / record["file"]).as_posix()})
+    if record.get("file") != IMAGENET_WEIGHTS or not (folder / IMAGENET_WEIGHTS).is_file():
+        raise ParamsError(
+            f"conv_base: {folder / IMAGENET_WEIGHTS}, the ImageNet weights its record names, is missing: "
+            f"`dvc pull {folder}` or `dvc repro`"
+        )
+    return params.model_copy(update={"weights": (folder / IMAGENET_WEIGHTS).as_posix()})
 
 
 def build_extractor(params: ConvBaseParams, imagenet_weights_sha256: str | None = None):
@@ -142,6 +147,14 @@ def check_tracked(params: ConvBaseParams, tracked: str | Path = TRACKED) -> None
                 f"conv_base.{name}: {value} is outside {tracked}/, which dvc.yaml declares as the stages' "
                 f"dependency: copy it there (or `dvc import` it into {tracked}/) and set conv_base.{name} to that path"
             )
+
+
+def for_workers(params: ConvBaseParams) -> ConvBaseParams:
+    """`params` with the saved base or weights file as an absolute path: what a Beam worker builds from, whose
+    working directory need not be the project's (a worker pool started elsewhere). Records and cache namespaces
+    keep the relative path dvc.yaml and params.yaml give, so they do not name the checkout."""
+    files = {"path": params.path, "weights": None if params.weights in ("imagenet", "none") else params.weights}
+    return params.model_copy(update={name: os.path.abspath(value) for name, value in files.items() if value})
 
 
 FILE_DIGESTS = {"path": "file_sha256", "weights": "weights_sha256"}  # a file param -> its digest in `fingerprint`

@@ -18,7 +18,7 @@ Also written
                         only images it does not hold go through the base. Not a DVC
                         output; deleting it only makes the next run cold.
 
-Run: ``python -m components.extract --convert data/convert --out data/extract
+Run: ``python -m components.extract --convert data/convert --weights data/base_weights --out data/extract
 [--cache .cache/extract] [--metrics metrics/extract.json] [beam args]``
 The runner and its options come from params.yaml's ``beam`` section, then
 ``TRANSFER_BEAM_ARGS``, then Beam arguments on the command line
@@ -141,7 +141,7 @@ def run(
         del probe  # each worker builds its own on its first cache miss (~1 s for Lite0): nothing is shared
     factory = functools.partial(
         base_on_runtime,
-        config.conv_base,
+        conv_base.for_workers(config.conv_base),
         runtime,
         runtimes.local_cache(cache_root),
         fingerprint.get("imagenet_weights_sha256"),

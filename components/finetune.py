@@ -13,7 +13,7 @@ Outputs
     ``<live>/``              dvclive metrics and per-epoch curves
 
 Run: ``python -m components.finetune --convert data/convert --head data/train_head/head.keras
---out data/finetune --live dvclive/finetune``
+--weights data/base_weights --out data/finetune --live dvclive/finetune``
 
 The method (keras.io transfer-learning guide; Deep Learning with Python, ch. 5):
 fine-tune only after the head has converged on the frozen features, so start

@@ -9,8 +9,10 @@ rescaling inside) is a base too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -103,6 +105,28 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+# A weights file of this name holds a registry base's ImageNet weights (the base_weights stage writes it): the
+# base is built as Keras builds its ImageNet variant, which for some bases is another graph (EfficientNet adds
+# a rescaling layer only with weights="imagenet"), with the weights read from the file instead of downloaded.
+IMAGENET_FILE = "imagenet.weights.h5"
+_FETCH = threading.Lock()  # Keras's fetch is answered process-wide while a base is built: one build at a time
+
+
+@contextlib.contextmanager
+def _keras_fetch_answered_by(path: str):
+    """keras.applications fetch ImageNet weights with `file_utils.get_file` (the download, or Keras's cache):
+    while this holds, the fetch returns `path`, so nothing is downloaded or read from the cache."""
+    from keras.src.utils import file_utils
+
+    with _FETCH:
+        original = file_utils.get_file
+        file_utils.get_file = lambda *args, **kwargs: path
+        try:
+            yield
+        finally:
+            file_utils.get_file = original
+
+
 def _is_download_failure(exc: Exception) -> bool:
     text = str(exc)
     return "URL fetch failure" in text or "Name or service not known" in text or "urlopen" in text
@@ -137,13 +161,18 @@ def load_conv_base(
         if not Path(weights).is_file():
             raise BaseError(f"weights: {weights} is neither 'imagenet', 'none' nor an existing weights file")
         weights_arg = weights
+    imagenet_file = weights_arg not in (None, "imagenet") and Path(weights_arg).name == IMAGENET_FILE
     try:
         # A named input: keras.applications would name it input_layer_<n>, numbered per process, so
         # the saved model's bytes would depend on what was built before in the process.
         inputs = keras.Input((*input_size, 3), name=f"{name}_input")
-        model = spec.constructor(
-            include_top=False, weights=weights_arg, input_tensor=inputs, input_shape=(*input_size, 3)
-        )
+        with _keras_fetch_answered_by(str(weights_arg)) if imagenet_file else contextlib.nullcontext():
+            model = spec.constructor(
+                include_top=False,
+                weights="imagenet" if imagenet_file else weights_arg,
+                input_tensor=inputs,
+                input_shape=(*input_size, 3),
+            )
     except ValueError as exc:
         raise BaseError(
             f"input_size: {name} refused input_size={list(input_size)}, weights={weights!r}: {exc}"

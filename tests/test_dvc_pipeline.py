@@ -349,33 +349,35 @@ def test_imagenet_weights_are_a_versioned_output_that_an_offline_clone_rebuilds_
     keras_imagenet_file(tmp_path / "keras_home", 96, seed=1)
     set_params(project, "conv_base", weights="imagenet", input_size=[96, 96])
     dvc("remote", "add", "-d", "storage", str(tmp_path / "storage"), cwd=project)
-    assert stages_run(dvc("repro", "extract", cwd=project, env=keras_home)) == {
-        "download",
-        "convert",
-        "base_weights",
-        "extract",
-    }
+    first = dvc("repro", "finetune", cwd=project, env=keras_home)
+    assert stages_run(first) == {"download", "convert", "base_weights", "extract", "train_head", "finetune"}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert "data/base_weights" in {dep["path"] for dep in lock["stages"]["extract"]["deps"]}
-    assert "data/base_weights" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["finetune"]["deps"]
+    for stage in ("extract", "finetune"):
+        assert "data/base_weights" in {dep["path"] for dep in lock["stages"][stage]["deps"]}
     assert lock["stages"]["base_weights"]["outs"][0]["nfiles"] == 2  # the record and the weights
-    extracted = out_hashes(project)["extract"]
+    made = out_hashes(project)
     commit(project, "imagenet base")
     dvc("push", cwd=project)
 
-    # An auditor's clone on a machine with an empty Keras cache and no network: pulled, the stage's features are
-    # computed again (no feature cache there) from the pulled weights, byte for byte.
+    # An auditor's clone on a machine with an empty Keras cache and no network (every download through a dead
+    # proxy): the weights are pulled, and extract (with no feature cache there) and finetune re-run from them give
+    # the recorded bytes; base_weights re-run keeps the pulled weights instead of fetching.
     auditor = tmp_path / "auditor"
     run(["git", "clone", "-q", str(project), str(auditor)], tmp_path)
-    dvc("pull", "--with-deps", "extract", cwd=auditor)  # the stages this model's features were made by
-    shutil.rmtree(auditor / "data" / "extract")
-    empty = {"KERAS_HOME": str(tmp_path / "empty_keras_home")}
-    dvc("repro", "--single-item", "extract", cwd=auditor, env=empty)
-    assert json.loads((auditor / "metrics" / "extract.json").read_text())["from_cache"] == 0
-    assert out_hashes(auditor)["extract"] == extracted
-    assert not (tmp_path / "empty_keras_home" / "models").exists() or not any(
-        (tmp_path / "empty_keras_home" / "models").iterdir()
-    )  # nothing was fetched
+    dvc("pull", "--with-deps", "finetune", cwd=auditor)
+    offline = {
+        "KERAS_HOME": str(tmp_path / "empty_keras_home"),
+        **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    }
+    for stage in ("base_weights", "extract", "finetune"):
+        again = dvc("repro", "--force", "--single-item", stage, cwd=auditor, env=offline)
+        assert stages_run(again) == {stage}
+    assert json.loads((auditor / "metrics" / "extract.json").read_text())["computed"] == 16  # no feature cache
+    rebuilt = out_hashes(auditor)
+    assert {s: rebuilt[s] for s in ("base_weights", "extract", "finetune")} == {
+        s: made[s] for s in ("base_weights", "extract", "finetune")
+    }
+    assert not list((tmp_path / "empty_keras_home").rglob("*.h5"))  # nothing was fetched
 
 
 def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):

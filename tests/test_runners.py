@@ -9,7 +9,9 @@
   staged with ``setup_file`` and imports the project from it alone, in a folder that is not the checkout.
 """
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,7 +118,12 @@ def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_pa
         convert.run(config, reference.parent / "download", tmp_path / "convert", runner=runner)
         assert tree_bytes(tmp_path / "convert") == tree_bytes(reference)
 
-    base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
+    # The weights file as dvc.yaml's runs name it, relative to the project: the workers' own working directories
+    # are elsewhere (the worker pool's, Dask's), so they must be given the file's absolute path.
+    (tmp_path / "project" / "models").mkdir(parents=True)
+    shutil.copy(tiny_base_weights, tmp_path / "project" / "models" / "base.weights.h5")
+    monkeypatch.chdir(tmp_path / "project")
+    base = BASE.model_copy(update={"weights": "models/base.weights.h5"})
     on_direct = extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e1")
     config = extract.Config(base, extract.ExtractParams(batch_size=4))
     cache = str(tmp_path / "cache")  # as dvc.yaml runs it: the workers check the namespace they write under
@@ -126,6 +133,9 @@ def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_pa
     elsewhere = extract.run(config, reference, tmp_path / "e2", runner=runner, cache_root=cache)
     assert on_direct["records"] == elsewhere["records"] and sum(on_direct["records"].values()) == 8
     assert tree_bytes(tmp_path / "e2") == tree_bytes(tmp_path / "e1")
+    assert (
+        json.loads((tmp_path / "e2" / "features.json").read_text())["conv_base"]["weights"] == "models/base.weights.h5"
+    )
     extract.run(config, reference, tmp_path / "e3", runner=runner, cache_root=cache)  # warm: from the workers' cache
     assert tree_bytes(tmp_path / "e3") == tree_bytes(tmp_path / "e1")
     # Counts come from the outputs; Beam's DaskRunner has no metrics, so how many were computed is unknown.

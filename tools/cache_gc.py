@@ -49,9 +49,10 @@ def used_keys(convert_dir: Path) -> set[str]:
 
 def current_namespace(params_path: Path, weights: Path | None = None) -> str:
     """The namespace extract computes for these params; with `weights: imagenet`, from the base_weights stage's
-    file in `weights` (as `dvc repro` runs extract), where that folder exists."""
+    file in `weights`, as `dvc repro` runs extract (a missing one is an error: the namespace Keras's cache would
+    give is not one extract uses, and the one it uses would not be kept)."""
     config = extract.load_config(params_path)
-    if weights is not None and weights.is_dir():
+    if weights is not None:  # with `weights: imagenet` and no such folder: an error, not Keras's cache
         config = dataclasses.replace(config, conv_base=conv_base.imagenet_from(config.conv_base, weights))
     return feature_cache.namespace_of(extract.cache_namespace(config))
 

@@ -61,6 +61,12 @@ def test_extract_and_finetune_read_the_stages_file_not_this_machines_keras_cache
     )
     used = extract.cache_namespace(extract.Config(resolved, extract.ExtractParams(batch_size=8)))
     assert cache_gc.current_namespace(params, tmp_path / "a") == feature_cache.namespace_of(used)
+    # The stage re-run (one of its modules changed) keeps the weights it holds rather than fetch this machine's
+    # other file; a held file that lost its recorded hash is fetched again.
+    assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a") == record
+    assert (tmp_path / "a" / base_weights.WEIGHTS).read_bytes() == written
+    (tmp_path / "a" / base_weights.WEIGHTS).write_bytes(b"damaged")
+    assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a")["sha256"] not in (None, record["sha256"])
 
 
 def test_a_stale_or_missing_weights_output_is_a_clear_error(tmp_path):
@@ -76,7 +82,7 @@ def test_a_stale_or_missing_weights_output_is_a_clear_error(tmp_path):
     (folder / base_weights.RECORD).write_text(json.dumps({**record, "input_size": [96, 96]}))
     assert conv_base.imagenet_from(IMAGENET, folder).weights.endswith(base_weights.WEIGHTS)
     (folder / base_weights.WEIGHTS).unlink()
-    with pytest.raises(ParamsError, match="holds the weights of"):
+    with pytest.raises(ParamsError, match="imagenet.weights.h5, the ImageNet weights its record names, is missing"):
         conv_base.imagenet_from(IMAGENET, folder)
     # No ImageNet download: the params as they are, whatever the folder holds.
     for other in ({"weights": "none"}, {"name": None, "path": "models/base.keras"}):
@@ -105,3 +111,34 @@ def test_without_imagenet_weights_the_stage_writes_its_record_without_tensorflow
         "sha256": None,
     }
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [base_weights.RECORD]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_a_base_built_from_the_stages_file_is_the_base_keras_builds_with_imagenet_weights(name, tmp_path, monkeypatch):
+    # Keras builds some bases' ImageNet variant as another graph: EfficientNet adds a rescaling layer only with
+    # weights="imagenet", so the same weights loaded from a file into the default graph give other features.
+    import keras
+    import numpy as np
+    from keras.src.utils import file_utils
+
+    from pipelines import bases
+
+    assert conv_base.IMAGENET_WEIGHTS == bases.IMAGENET_FILE
+    params = IMAGENET.model_copy(update={"name": name, "input_size": (32, 32)})
+    # Keras's download answered with seeded weights and calibrated batch-norm statistics (ImageNet's cannot be
+    # downloaded here): the reference is the base keras.applications builds with weights="imagenet".
+    donor, _ = bases.load_conv_base(name, None, "none", (32, 32))
+    for layer in donor.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    pixels = np.random.default_rng(3).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    donor(bases.REGISTRY[name].preprocess_input(pixels.copy()), training=True)
+    donor.save_weights(tmp_path / "download.weights.h5")
+    with monkeypatch.context() as patched:
+        patched.setattr(file_utils, "get_file", lambda *args, **kwargs: str(tmp_path / "download.weights.h5"))
+        reference = conv_base.build_extractor(params)
+        base_weights.run(base_weights.Config(params), tmp_path / "w")
+    built = conv_base.build_extractor(conv_base.imagenet_from(params, tmp_path / "w"))  # Keras's fetch as it is
+    expected = keras.ops.convert_to_numpy(reference(pixels))
+    assert float(np.std(expected)) > 1e-3  # features that vary: a missing layer would show
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(built(pixels)), expected)

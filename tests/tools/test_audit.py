@@ -444,7 +444,7 @@ def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_
 def test_the_repositorys_own_git_tracked_outputs_are_found():
     head = run(["git", "rev-parse", "HEAD"], REPO).stdout.strip()
     stages, uncached = audit.declared_stages(REPO, head)
-    assert stages[:3] == ["download", "convert", "extract"]
+    assert stages[:4] == ["download", "convert", "base_weights", "extract"]
     assert uncached >= {"evaluation/gradcam", "quality/near_duplicates.json", "dvclive/finetune/plots/metrics"}
 
 
