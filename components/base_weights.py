@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import shutil
@@ -59,8 +60,8 @@ def file_sha256(path: Path) -> str:
 
 
 def reusable(out_dir: str | Path, record: dict) -> str | None:
-    """The SHA-256 of the weights file `out_dir` already holds, when its record is `record` (the same base, weights
-    and size) and the file still has the hash the record names; else None. The stage re-runs whenever one of its
+    """The SHA-256 of the weights file `out_dir` already holds, when its record is `record` (the same base, weights,
+    size and Keras release) and the file still has the hash the record names; else None. The stage re-runs whenever one of its
     modules changes: it keeps what it fetched rather than fetch again, which needs the network or this machine's
     Keras cache (an auditor's clone has neither, only the pulled output) and could bring other bytes."""
     folder = Path(out_dir)
@@ -80,6 +81,9 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "path": params.path,
         "weights": params.weights,
         "input_size": list(params.input_size),
+        # what fetched the weights (a Keras release may point its applications at other files): kept weights must
+        # come from the same one
+        "keras": importlib.metadata.version("keras") if conv_base.fetches_imagenet(params) else None,
         "file": None,
         "sha256": None,
     }

@@ -183,6 +183,9 @@ class _StringRewrite:
 
     def message(self, message) -> None:
         types = self.types
+        if message.DESCRIPTOR.full_name == "google.protobuf.Any":  # a packed message: walked as one, as text did
+            self.packed(message)
+            return
         for field, value in message.ListFields():
             if field.type != types.TYPE_MESSAGE:
                 if field.type not in (types.TYPE_STRING, types.TYPE_BYTES):
@@ -203,6 +206,23 @@ class _StringRewrite:
                     self.message(item)
             else:
                 self.message(value)
+
+    def packed(self, message) -> None:
+        """An Any's message, unpacked, walked and packed again (its bytes are a serialised message whose lengths a
+        rename would break); one of a type this process does not know is left as it is."""
+        from google.protobuf import descriptor_pool, message_factory
+
+        try:
+            descriptor = descriptor_pool.Default().FindMessageTypeByName(message.TypeName())
+        except KeyError:
+            return
+        inner = message_factory.GetMessageClass(descriptor)()
+        inner.ParseFromString(message.value)
+        before = inner.SerializeToString(deterministic=True)
+        self.message(inner)
+        after = inner.SerializeToString(deterministic=True)
+        if after != before:
+            message.value = after
 
     def map(self, field, value) -> None:
         key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]

@@ -109,22 +109,36 @@ def weights_digest(model: keras.Model) -> str:
 # base is built as Keras builds its ImageNet variant, which for some bases is another graph (EfficientNet adds
 # a rescaling layer only with weights="imagenet"), with the weights read from the file instead of downloaded.
 IMAGENET_FILE = "imagenet.weights.h5"
-_FETCH = threading.Lock()  # Keras's fetch is answered process-wide while a base is built: one build at a time
+_FETCH = threading.local()  # this thread's answer to Keras's fetch, while it builds a base from such a file
+
+
+def _fetch(*args, **kwargs):
+    """Keras's `file_utils.get_file`, answered with this thread's file while one is set (other threads, and
+    this one otherwise, fetch as Keras does)."""
+    path = getattr(_FETCH, "path", None)
+    if path is None:
+        return _fetch.original(*args, **kwargs)
+    _FETCH.used = True
+    return path
 
 
 @contextlib.contextmanager
 def _keras_fetch_answered_by(path: str):
     """keras.applications fetch ImageNet weights with `file_utils.get_file` (the download, or Keras's cache):
-    while this holds, the fetch returns `path`, so nothing is downloaded or read from the cache."""
+    while this holds, this thread's fetch returns `path`, so nothing is downloaded or read from the cache. A
+    build that never fetched (a Keras that fetches otherwise) is an error, not weights from Keras's cache."""
     from keras.src.utils import file_utils
 
-    with _FETCH:
-        original = file_utils.get_file
-        file_utils.get_file = lambda *args, **kwargs: path
-        try:
-            yield
-        finally:
-            file_utils.get_file = original
+    if file_utils.get_file is not _fetch:
+        _fetch.original = file_utils.get_file
+        file_utils.get_file = _fetch
+    _FETCH.path, _FETCH.used = path, False
+    try:
+        yield
+        if not _FETCH.used:
+            raise RuntimeError(f"keras.applications did not fetch its ImageNet weights through get_file: {path} unread")
+    finally:
+        _FETCH.path = None
 
 
 def _is_download_failure(exc: Exception) -> bool:
@@ -183,8 +197,9 @@ def load_conv_base(
                 f"weights: imagenet weights of {name} are not in the Keras cache (~/.keras/models) and "
                 "cannot be downloaded here. Copy the weights file into ~/.keras/models from a machine with "
                 "network access, or `dvc pull data/base_weights` where such a machine ran and pushed the "
-                "base_weights stage, or set weights to the path of a weights file in models/, or use a saved conv "
-                f"base with path=models/<file.keras>. ({exc})"
+                "base_weights stage, or set weights to the path of a weights file in models/ (ImageNet weights "
+                f"named {IMAGENET_FILE}, as that stage writes them, so the base is built as Keras builds its "
+                f"ImageNet variant), or use a saved conv base with path=models/<file.keras>. ({exc})"
             ) from None
         raise
     if weights_arg is None:

@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # both caches locked first (`CacheBusy` while a stage uses either), then the download cache: it reads the
     # source, which may fail, and then nothing is deleted at all
     with cache_lock.held(args.download_cache, exclusive=True), cache_lock.held(args.cache, exclusive=True):
+        namespace = current_namespace(args.params, args.weights)  # may fail: before anything is deleted
         download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
-        namespace = current_namespace(args.params, args.weights)
         recorded = recorded_namespace(args.metrics)
         keys = used_keys(args.convert)
         report = feature_cache.collect_garbage(

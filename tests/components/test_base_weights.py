@@ -1,5 +1,6 @@
 """The base_weights stage: ImageNet weights as a versioned file that extract and finetune read, not Keras's cache."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -65,6 +66,9 @@ def test_extract_and_finetune_read_the_stages_file_not_this_machines_keras_cache
     # other file; a held file that lost its recorded hash is fetched again.
     assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a") == record
     assert (tmp_path / "a" / base_weights.WEIGHTS).read_bytes() == written
+    # weights another Keras release fetched are fetched again (here: the cache's other file)
+    (tmp_path / "a" / base_weights.RECORD).write_text(json.dumps({**record, "keras": "2.0.0"}))
+    assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a")["sha256"] != record["sha256"]
     (tmp_path / "a" / base_weights.WEIGHTS).write_bytes(b"damaged")
     assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a")["sha256"] not in (None, record["sha256"])
 
@@ -107,6 +111,7 @@ def test_without_imagenet_weights_the_stage_writes_its_record_without_tensorflow
         "path": None,
         "weights": "none",
         "input_size": [32, 32],
+        "keras": None,
         "file": None,
         "sha256": None,
     }
@@ -142,3 +147,16 @@ def test_a_base_built_from_the_stages_file_is_the_base_keras_builds_with_imagene
     expected = keras.ops.convert_to_numpy(reference(pixels))
     assert float(np.std(expected)) > 1e-3  # features that vary: a missing layer would show
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(built(pixels)), expected)
+
+
+def test_a_keras_that_builds_the_base_without_fetching_through_get_file_is_an_error(tmp_path, monkeypatch):
+    # The base is built from the stage's file by answering Keras's fetch: were the fetch made otherwise, Keras
+    # would read its own cache (or download) and the file would be silently ignored.
+    from pipelines import bases
+
+    spec = bases.REGISTRY["mobilenet_v2"]
+    fetching_otherwise = lambda **kwargs: spec.constructor(**{**kwargs, "weights": None})  # noqa: E731
+    monkeypatch.setitem(bases.REGISTRY, "mobilenet_v2", dataclasses.replace(spec, constructor=fetching_otherwise))
+    (tmp_path / base_weights.WEIGHTS).write_bytes(b"never read")
+    with pytest.raises(RuntimeError, match="did not fetch its ImageNet weights through get_file"):
+        bases.load_conv_base("mobilenet_v2", None, str(tmp_path / base_weights.WEIGHTS), (32, 32))

@@ -171,3 +171,15 @@ def test_a_failed_move_into_place_leaves_the_earlier_output(tmp_path, monkeypatc
             (new / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["a"] and (out / "a").read_text() == "the earlier output"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_packed_message_is_renamed_as_a_message_not_as_bytes():
+    # An Any holds a serialised message: renaming inside its bytes would break their length prefixes.
+    from google.protobuf import any_pb2
+    from tensorflow.core.framework import function_pb2, op_def_pb2
+
+    packed = any_pb2.Any()
+    packed.Pack(function_pb2.FunctionDef(signature=op_def_pb2.OpDef(name="__inference_serve_123")))
+    outputs._StringRewrite({"__inference_serve_123": "__inference_serve_0"}, "", outputs.SCRATCH).message(packed)
+    unpacked = function_pb2.FunctionDef()
+    assert packed.Unpack(unpacked) and unpacked.signature.name == "__inference_serve_0"
