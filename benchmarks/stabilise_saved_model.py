@@ -22,19 +22,18 @@ from pathlib import Path
 
 
 def text_round_trip(saved_model_dir, scratch: str | None = None, scratch_name: str = "analysis_scratch") -> None:
-    """The reference: `stabilise_saved_model` as it was, through the text format (slow: the parse is Python)."""
+    """The reference: `stabilise_saved_model` as it was, the rename done on the text format (slow: the parse
+    is Python). The renames, the sorted write and the fingerprint are `components.outputs`' own."""
     from google.protobuf import text_format
-    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
-    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from components import outputs
 
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
     model = saved_model_pb2.SavedModel()
     model.ParseFromString(model_path.read_bytes())
-    numbered = re.compile(r"^(.*_)(\d+)$")
-    names = {f.signature.name for graph in model.meta_graphs for f in graph.graph_def.library.function}
-    order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
-    mapping = {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
+    mapping = outputs.function_renames(model)
     text = original = text_format.MessageToString(model)
     scratch = str(scratch or "").rstrip("/")
     if scratch:
@@ -49,18 +48,8 @@ def text_round_trip(saved_model_dir, scratch: str | None = None, scratch_name: s
             text = token.sub(lambda m: mapping[m.group(1)], text)
         rank = {n: i for i, n in enumerate(numbers)}
         text = user_named.sub(lambda m: f"{m.group(1)}{rank[int(m.group(2))]}{m.group(3)}", text)
-        model = text_format.Parse(text, saved_model_pb2.SavedModel())
-        for graph in model.meta_graphs:
-            functions = sorted(graph.graph_def.library.function, key=lambda f: f.signature.name)
-            del graph.graph_def.library.function[:]
-            graph.graph_def.library.function.extend(functions)
-        model_path.write_bytes(model.SerializeToString(deterministic=True))
-    fingerprint_path = folder / "fingerprint.pb"
-    if fingerprint_path.exists():
-        fingerprint = fingerprint_pb2.FingerprintDef()
-        fingerprint.ParseFromString(fingerprinting.CreateFingerprintDef(str(folder)))
-        fingerprint.uuid = str(fingerprint.saved_model_checksum)
-        fingerprint_path.write_bytes(fingerprint.SerializeToString(deterministic=True))
+        outputs.write_sorted(text_format.Parse(text, saved_model_pb2.SavedModel()), model_path)
+    outputs.derive_fingerprint(folder)
 
 
 def compare(raw: Path, work: Path, scratch: str | None = None) -> tuple[float, float, bool]:

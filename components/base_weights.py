@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,6 +36,7 @@ from components import conv_base, outputs
 from components.cli import configure_logging, run_main
 from components.conv_base import ConvBaseParams
 from components.params import Section, log_resolved, read_params, section
+from pipelines.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ class Config:
 
 def load_config(params_path: str | Path) -> Config:
     return Config(conv_base=section(read_params(params_path), ConvBaseParams, "conv_base", params_path))
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def reusable(out_dir: str | Path, record: dict) -> str | None:
@@ -76,6 +72,7 @@ def reusable(out_dir: str | Path, record: dict) -> str | None:
 
 def run(config: Config, out_dir: str | Path) -> dict:
     params = config.conv_base
+    fetches = conv_base.fetches_imagenet(params)
     record = {
         "name": params.name,
         "path": params.path,
@@ -83,16 +80,16 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "input_size": list(params.input_size),
         # what fetched the weights (a Keras release may point its applications at other files): kept weights must
         # come from the same one
-        "keras": importlib.metadata.version("keras") if conv_base.fetches_imagenet(params) else None,
+        "keras": importlib.metadata.version("keras") if fetches else None,
         "file": None,
         "sha256": None,
     }
-    held = reusable(out_dir, record) if conv_base.fetches_imagenet(params) else None
+    held = reusable(out_dir, record) if fetches else None
     with outputs.staged_dir(out_dir) as tmp:
         if held:  # the weights this output already holds (dvc.yaml: persist): nothing fetched again
             shutil.copyfile(Path(out_dir) / WEIGHTS, tmp / WEIGHTS)
             record.update(file=WEIGHTS, sha256=held)
-        elif conv_base.fetches_imagenet(params):
+        elif fetches:
             from pipelines import bases  # TensorFlow: only when there are weights to write
 
             with conv_base.errors_named_by_param():

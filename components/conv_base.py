@@ -12,6 +12,7 @@ import pydantic
 
 from components.cli import EnvironmentProblem
 from components.params import ParamsError, Section
+from pipelines.fingerprint import file_sha256
 
 
 class BaseWeightsOffline(EnvironmentProblem):
@@ -135,14 +136,19 @@ def errors_named_by_param() -> Iterator[None]:
 TRACKED = "models"  # the folder dvc.yaml names as a dependency of extract and finetune
 
 
+def file_params(params: ConvBaseParams) -> dict[str, str]:
+    """The params that name a file, with their values: a saved base (`path`), a weights file (`weights`)."""
+    files = {"path": params.path, "weights": None if params.weights in ("imagenet", "none") else params.weights}
+    return {name: value for name, value in files.items() if value}
+
+
 def check_tracked(params: ConvBaseParams, tracked: str | Path = TRACKED) -> None:
     """A saved base or weights file must lie in `tracked` (relative to the working directory, the project's
     root under `dvc repro`): a file elsewhere is no dependency of the stages, so DVC would not re-run them
     when it changes, nor version it for a rebuild."""
     folder = Path(os.path.abspath(tracked))  # not resolved: a symlink in models/ is tracked by its content
-    files = {"path": params.path, "weights": None if params.weights in ("imagenet", "none") else params.weights}
-    for name, value in files.items():
-        if value and not Path(os.path.abspath(value)).is_relative_to(folder):
+    for name, value in file_params(params).items():
+        if not Path(os.path.abspath(value)).is_relative_to(folder):
             raise ParamsError(
                 f"conv_base.{name}: {value} is outside {tracked}/, which dvc.yaml declares as the stages' "
                 f"dependency: copy it there (or `dvc import` it into {tracked}/) and set conv_base.{name} to that path"
@@ -153,8 +159,7 @@ def for_workers(params: ConvBaseParams) -> ConvBaseParams:
     """`params` with the saved base or weights file as an absolute path: what a Beam worker builds from, whose
     working directory need not be the project's (a worker pool started elsewhere). Records and cache namespaces
     keep the relative path dvc.yaml and params.yaml give, so they do not name the checkout."""
-    files = {"path": params.path, "weights": None if params.weights in ("imagenet", "none") else params.weights}
-    return params.model_copy(update={name: os.path.abspath(value) for name, value in files.items() if value})
+    return params.model_copy(update={name: os.path.abspath(value) for name, value in file_params(params).items()})
 
 
 FILE_DIGESTS = {"path": "file_sha256", "weights": "weights_sha256"}  # a file param -> its digest in `fingerprint`
@@ -163,10 +168,8 @@ FILE_DIGESTS = {"path": "file_sha256", "weights": "weights_sha256"}  # a file pa
 def check_same_files(params: ConvBaseParams, record: dict) -> None:
     """The saved base or weights file this process reads must be the one `record` (the launching process's
     `fingerprint`) hashed: a Beam worker reads it from its own disk."""
-    from pipelines import bases  # Keras and TensorFlow: imported where a base is built or read
-
     for name, key in FILE_DIGESTS.items():
-        if record.get(key) and bases.file_sha256(getattr(params, name)) != record[key]:
+        if record.get(key) and file_sha256(getattr(params, name)) != record[key]:
             raise ParamsError(
                 f"conv_base.{name}: {getattr(params, name)} on this worker is not the file the stage was started "
                 f"with (SHA-256 {record[key][:12]}...): give every worker the same file (the same checkout of "
@@ -185,7 +188,7 @@ def fingerprint(params: ConvBaseParams) -> dict:
 
     record = params.model_dump(mode="json")
     if params.path:
-        record[FILE_DIGESTS["path"]] = bases.file_sha256(params.path)
+        record[FILE_DIGESTS["path"]] = file_sha256(params.path)
     elif params.weights == "imagenet":
         with errors_named_by_param():
             base, _ = bases.load_conv_base(
@@ -193,5 +196,5 @@ def fingerprint(params: ConvBaseParams) -> dict:
             )
         record["imagenet_weights_sha256"] = bases.weights_digest(base)
     elif params.weights != "none":
-        record[FILE_DIGESTS["weights"]] = bases.file_sha256(params.weights)
+        record[FILE_DIGESTS["weights"]] = file_sha256(params.weights)
     return record

@@ -40,7 +40,7 @@ from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl, split_counts
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from pipelines import records, serving
-from pipelines.bases import file_sha256
+from pipelines.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -274,17 +274,13 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
       from the rewritten graph and its uuid derived from the checksum.
     """
     # TensorFlow's protos here only: a stage that writes no SavedModel does not import TensorFlow (seconds).
-    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
-    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+    from tensorflow.core.protobuf import saved_model_pb2
 
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
     model = saved_model_pb2.SavedModel()
     model.ParseFromString(model_path.read_bytes())
-    numbered = re.compile(r"^(.*_)(\d+)$")
-    names = {f.signature.name for graph in model.meta_graphs for f in graph.graph_def.library.function}
-    order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
-    mapping = {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
+    mapping = function_renames(model)
     scratch = str(scratch or "").rstrip("/")
     if scratch and (len(scratch) < 8 or '"' in scratch or "\\" in scratch):
         raise ValueError(f"scratch path {scratch!r}: too short or not a plain path to replace safely")
@@ -296,13 +292,36 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
         rank = {n: i for i, n in enumerate(numbers)}
         for attr in rewrite.user_named:
             attr.s = str(rank[int(attr.s)]).encode()
-        for graph in model.meta_graphs:  # the library was listed in the order of the old names
-            functions = sorted(graph.graph_def.library.function, key=lambda f: f.signature.name)
-            del graph.graph_def.library.function[:]
-            graph.graph_def.library.function.extend(functions)
-        model_path.write_bytes(model.SerializeToString(deterministic=True))
+        write_sorted(model, model_path)
     if scratch and (scratch + "/").encode() in model_path.read_bytes():
         log.warning("%s still names the scratch folder %s: its bytes depend on where it ran", model_path, scratch)
+    derive_fingerprint(folder)
+
+
+def function_renames(model) -> dict[str, str]:
+    """Traced function name -> the name `stabilise_saved_model` gives it: the counter's numbers (``_<n>``)
+    replaced by their rank, in the order of the original numbers."""
+    numbered = re.compile(r"^(.*_)(\d+)$")
+    names = {f.signature.name for graph in model.meta_graphs for f in graph.graph_def.library.function}
+    order = sorted((int(m.group(2)), name) for name in names if (m := numbered.match(name)))
+    return {name: f"{numbered.match(name).group(1)}{i}" for i, (_, name) in enumerate(order)}
+
+
+def write_sorted(model, model_path: Path) -> None:
+    """Write the SavedModel proto with each function library sorted by name (it was listed in the order of the
+    old names) and maps in key order."""
+    for graph in model.meta_graphs:
+        functions = sorted(graph.graph_def.library.function, key=lambda f: f.signature.name)
+        del graph.graph_def.library.function[:]
+        graph.graph_def.library.function.extend(functions)
+    model_path.write_bytes(model.SerializeToString(deterministic=True))
+
+
+def derive_fingerprint(folder: Path) -> None:
+    """fingerprint.pb recomputed from the (rewritten) graph, its uuid derived from the checksum, not random."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
     fingerprint_path = folder / "fingerprint.pb"
     if fingerprint_path.exists():
         fingerprint = fingerprint_pb2.FingerprintDef()

@@ -86,14 +86,6 @@ class BaseError(ValueError):
     """A base that cannot be built as configured; the message names the param."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_digest(model: keras.Model) -> str:
     """SHA-256 of a model's weights (each one's shape, dtype and bytes, in the model's order): what a base
     computes with, whichever file they came from."""

@@ -73,3 +73,12 @@ def machine_record(cpuinfo: str | None = None) -> dict:
         "cpus": os.cpu_count(),
         "environment": {name: os.environ[name] for name in ISA_ENVIRONMENT if name in os.environ},
     }
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
