@@ -91,3 +91,19 @@ def test_stage_modules_are_leaves():
     for module in sorted(stages):
         others = {m for m in imported_modules(module_file(module)) if m in stages and m != module}
         assert not others, f"{module} imports the stage module(s) {sorted(others)}"
+
+
+def test_every_stage_that_can_be_run_cached_is():
+    """DVC saves and restores no run-cache entry for a stage with an output `cache: false` that is no metric or plot
+    (`Stage.run`: `run_cache=... and not no_cache_outs`), nor for one with a `persist` output (`_can_hash`). Such a
+    stage trains again where its inputs and params recur: the same params queued or run again as an experiment, a
+    retrain whose data came back. Only download and base_weights persist (their own caches do that work)."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        no_run_cache = {
+            stage.addressing
+            for stage in repo.index.stages
+            if any(out.persist or not (out.use_cache or out.is_metric or out.is_plot) for out in stage.outs)
+        }
+    assert no_run_cache == {"download", "base_weights"}, no_run_cache

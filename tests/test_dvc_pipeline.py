@@ -382,8 +382,14 @@ def test_imagenet_weights_are_a_versioned_output_that_an_offline_clone_rebuilds_
     assert not list((tmp_path / "empty_keras_home").rglob("*.h5"))  # nothing was fetched
 
 
-def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
+def test_base_sweep_then_queued_experiments_then_exp_metrics_and_plots(tmp_path):
+    """One project for the experiment tools, so the later runs restore the earlier ones' stages from DVC's run
+    cache (as a user's would) instead of training them again."""
+    import time
+
     project = make_project(tmp_path)
+    dvc("add", "-q", "tiny_data", cwd=project)  # the source folder is a versioned input, as presets/tiny.yaml says
+    commit(project, "track the source data")
     params_before = (project / "params.yaml").read_text()
     # Two variants (two bases) as DVC experiments, then the leaderboard.
     swept = run([sys.executable, "-m", "tools.sweep", "sweeps/tiny.yaml", "--out", "board"], project)
@@ -407,17 +413,61 @@ def test_base_sweep_leaderboard_and_exp_metrics_and_plots(tmp_path):
     baseline = next(entry for entry in shown if entry["rev"] != "workspace")
     experiments = {row["name"]: row for exp in baseline["experiments"] or [] for row in exp["revs"]}
     assert set(experiments) == {"tiny-mobilenet", "tiny-effnet"}
-    exp_params = experiments["tiny-mobilenet"]["data"]["params"]["params.yaml"]["data"]
+    exp_params = experiments["tiny-effnet"]["data"]["params"]["params.yaml"]["data"]
     # DVC writes 0.00002 as `2e-05`, which the stages read as a float; the other variant keeps the baseline's.
     assert exp_params["finetune"]["learning_rate"] == 2e-05
-    assert experiments["tiny-effnet"]["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"] == 0.0001
+    assert experiments["tiny-mobilenet"]["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"] == 1e-4
     # A second sweep runs nothing again and gives the same table.
     again = run([sys.executable, "-m", "tools.sweep", "sweeps/tiny.yaml", "--out", "board2"], project)
     assert "Running stage" not in again.stdout + again.stderr
     assert json.loads((project / "board2" / "leaderboard.json").read_text()) == board
 
+    # Queued experiments (`dvc exp run --queue`, each in a temporary copy of the repo) have the inputs, since they
+    # are DVC-tracked: download (an in-place output, never restored from the run cache) reads the source folder
+    # there, and the stages after it are restored from the runs above. One through the preset command (arguments
+    # as a list, no shell): the baseline's params, the mobilenet variant's. One with dvc's own -S: the effnet
+    # variant's. Each gives its twin's figures.
+    run([sys.executable, "-m", "tools.preset", "presets/tiny.yaml", "--run", "--queue", "-n", "q-preset"], project)
+    dvc(
+        "exp",
+        "run",
+        "--queue",
+        "-n",
+        "q-effnet",
+        "-S",
+        "conv_base.name=efficientnet_b0",
+        "-S",
+        "finetune.learning_rate=0.00002",
+        cwd=project,
+    )
+    dvc("queue", "start", "-j", "1", cwd=project)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=project)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status and "Success" in status, status
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    done = {row["name"]: row for exp in baseline["experiments"] or [] for row in exp["revs"] if row.get("name")}
+    assert set(done) == {"tiny-mobilenet", "tiny-effnet", "q-preset", "q-effnet"}, status
+    for name, rate in (("q-preset", 0.0001), ("q-effnet", 2e-05)):
+        data = done[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"] == rate
+        metrics = data["metrics"]["evaluation/metrics.json"]["data"]
+        assert metrics["finetune"]["val"]["images"] == rows["mobilenet"]["val_images"]
+        assert "accuracy" in metrics["head"]["test"]
+    assert done["q-preset"]["data"]["metrics"] == done["tiny-mobilenet"]["data"]["metrics"]
+    logs = dvc("queue", "logs", "q-preset", cwd=project)  # nothing trained again: every stage DVC can run-cache is
+    assert {stage for stage in ALL_STAGES if f"Stage '{stage}' is cached" in logs} == ALL_STAGES - {
+        "download",
+        "base_weights",
+    }, logs[-4000:]
+    assert done["q-effnet"]["data"]["metrics"] == done["tiny-effnet"]["data"]["metrics"]
+
     # One experiment into the workspace: metrics and plots from it and against the baseline commit.
-    dvc("exp", "apply", "tiny-mobilenet", cwd=project)
+    dvc("exp", "apply", "tiny-effnet", cwd=project)
     assert "2e-05" in (project / "params.yaml").read_text()
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=project))
     flat = json.dumps(metrics)
@@ -449,35 +499,3 @@ def retrain(project: Path) -> tuple[int, dict, str]:
     )
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
-
-
-def test_queued_experiments_run_on_dvc_tracked_inputs(tmp_path):
-    """Inputs are DVC-tracked, so `dvc exp run --queue` (a temporary copy of the repo) has them."""
-    import time
-
-    project = make_project(tmp_path)
-    dvc("add", "-q", "tiny_data", cwd=project)  # the source folder is a versioned input, as presets/tiny.yaml says
-    commit(project, "track the source data")
-    dvc("repro", cwd=project)  # the baseline; the queued runs restore its unchanged stages from DVC's run cache
-    commit(project, "baseline")
-    # One queued through the preset command (arguments as a list, no shell), one with dvc's own -S.
-    run([sys.executable, "-m", "tools.preset", "presets/tiny.yaml", "--run", "--queue", "-n", "q-preset"], project)
-    dvc("exp", "run", "--queue", "-n", "q-hidden4", "-S", "train_head.hidden_units=4", cwd=project)
-    dvc("queue", "start", "-j", "1", cwd=project)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = dvc("queue", "status", cwd=project)
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    assert "Failed" not in status and "Success" in status, status
-    shown = json.loads(dvc("exp", "show", "--json", cwd=project))
-    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
-    done = {row["name"]: row for exp in baseline["experiments"] or [] for row in exp["revs"] if row.get("name")}
-    assert set(done) == {"q-preset", "q-hidden4"}, status
-    val_images = json.loads((project / "data" / "convert" / "summary.json").read_text())["records"]["val"]
-    for name, hidden in (("q-preset", 8), ("q-hidden4", 4)):
-        data = done[name]["data"]
-        assert data["params"]["params.yaml"]["data"]["train_head"]["hidden_units"] == hidden
-        metrics = data["metrics"]["evaluation/metrics.json"]["data"]
-        assert metrics["finetune"]["val"]["images"] == val_images and "accuracy" in metrics["head"]["test"]

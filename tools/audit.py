@@ -73,7 +73,7 @@ METRICS = (
     "dvclive/finetune/metrics.json",
     "quality/metrics.json",
 )
-NEAR_DUPLICATES = "quality/near_duplicates.json"  # the quality stage's (git-tracked: cache: false)
+NEAR_DUPLICATES = "quality/near_duplicates.json"  # the quality stage's (DVC-cached)
 LABEL_ISSUES = "quality/label_issues.json"
 
 
@@ -755,10 +755,8 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     quality = {"checked": "quality" in lock["stages"]}
     if quality["checked"]:
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
-            text = git_file(repo, commit, path)
-            if text is None:
-                unreadable.append(f"{path} is missing at {commit[:12]}, whose dvc.lock has the quality stage")
-            quality[key] = [] if text is None else json.loads(text)
+            blob = read(path)  # DVC-cached since the run cache covers quality; git-tracked in older revisions
+            quality[key] = [] if blob is None else json.loads(blob)
     download_params = stage_params(lock).get("download", {}).get("download", {})
     quality["excluded"] = download_params.get("exclude", [])
     quality["kept_together"] = download_params.get("keep_together", [])

@@ -445,7 +445,7 @@ def test_the_repositorys_own_git_tracked_outputs_are_found():
     head = run(["git", "rev-parse", "HEAD"], REPO).stdout.strip()
     stages, uncached = audit.declared_stages(REPO, head)
     assert stages[:4] == ["download", "convert", "base_weights", "extract"]
-    assert uncached >= {"evaluation/gradcam", "quality/near_duplicates.json", "dvclive/finetune/plots/metrics"}
+    assert uncached >= {"evaluation/gradcam", "evaluation/metrics.json", "dvclive/finetune/metrics.json"}
 
 
 def test_workspace_outputs_of_another_run_are_found(tmp_path):
