@@ -28,6 +28,7 @@ from components.params import ParamsError
 from tests.conftest import make_converted, tree_bytes
 
 BASE = ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
+RELATIVE_BASE = BASE.model_copy(update={"weights": "models/base.weights.h5"})
 
 
 def free_port() -> int:
@@ -103,11 +104,27 @@ def runner_params(name: str, request) -> beam_options.BeamParams:
     return beam_options.BeamParams(options={"direct_running_mode": "multi_processing", "direct_num_workers": 2})
 
 
+@pytest.fixture(scope="module")
+def on_direct(tmp_path_factory, tiny_base_weights):
+    """What the in-process DirectRunner writes, once for every runner compared with it: convert's output, and
+    extract's from a project whose weights file dvc.yaml's runs name relative to it (`models/base.weights.h5`)."""
+    root = tmp_path_factory.mktemp("on_direct")
+    reference = make_converted(root / "direct", per_class=4)  # download + convert on the DirectRunner
+    (root / "project" / "models").mkdir(parents=True)
+    shutil.copy(tiny_base_weights, root / "project" / "models" / "base.weights.h5")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root / "project")
+        extracted = extract.run(
+            extract.Config(RELATIVE_BASE, extract.ExtractParams(batch_size=4)), reference, root / "e1"
+        )
+    return reference, root / "project", root / "e1", extracted
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("name", RUNNERS)
-def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_path, tiny_base_weights, monkeypatch):
-    reference = make_converted(tmp_path / "direct", per_class=4)  # download + convert on the DirectRunner
+def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_path, on_direct, monkeypatch):
+    reference, project, extracted_on_direct, on_direct = on_direct
     runner = runner_params(name, request)
     config = convert.Config(convert.ConvertParams(shards=convert.Shards(train=2, val=1, test=1)))  # as make_converted
     if name == "dask":  # tf.Transform does not run on Dask: a clear error before any work
@@ -120,24 +137,20 @@ def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_pa
 
     # The weights file as dvc.yaml's runs name it, relative to the project: the workers' own working directories
     # are elsewhere (the worker pool's, Dask's), so they must be given the file's absolute path.
-    (tmp_path / "project" / "models").mkdir(parents=True)
-    shutil.copy(tiny_base_weights, tmp_path / "project" / "models" / "base.weights.h5")
-    monkeypatch.chdir(tmp_path / "project")
-    base = BASE.model_copy(update={"weights": "models/base.weights.h5"})
-    on_direct = extract.run(extract.Config(base, extract.ExtractParams(batch_size=4)), reference, tmp_path / "e1")
-    config = extract.Config(base, extract.ExtractParams(batch_size=4))
+    monkeypatch.chdir(project)
+    config = extract.Config(RELATIVE_BASE, extract.ExtractParams(batch_size=4))
     cache = str(tmp_path / "cache")  # as dvc.yaml runs it: the workers check the namespace they write under
     # a launcher whose thread setting its runner's workers do not share (Dask's nanny gives them OMP_NUM_THREADS=1;
     # the worker pools here were started before): such workers key their own namespace, not stop
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     elsewhere = extract.run(config, reference, tmp_path / "e2", runner=runner, cache_root=cache)
     assert on_direct["records"] == elsewhere["records"] and sum(on_direct["records"].values()) == 8
-    assert tree_bytes(tmp_path / "e2") == tree_bytes(tmp_path / "e1")
+    assert tree_bytes(tmp_path / "e2") == tree_bytes(extracted_on_direct)
     assert (
         json.loads((tmp_path / "e2" / "features.json").read_text())["conv_base"]["weights"] == "models/base.weights.h5"
     )
     extract.run(config, reference, tmp_path / "e3", runner=runner, cache_root=cache)  # warm: from the workers' cache
-    assert tree_bytes(tmp_path / "e3") == tree_bytes(tmp_path / "e1")
+    assert tree_bytes(tmp_path / "e3") == tree_bytes(extracted_on_direct)
     # Counts come from the outputs; Beam's DaskRunner has no metrics, so how many were computed is unknown.
     assert elsewhere["computed"] == (None if name == "dask" else 8)
 
@@ -209,9 +222,9 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_weights):
+def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_weights, on_direct):
     """The portable runs above prove something: a job that stages no package fails on those workers."""
-    converted = make_converted(tmp_path / "direct", per_class=2)
+    converted = on_direct[0]
     runner = runner_params("portable", request)
     runner = runner.model_copy(update={"options": {k: v for k, v in runner.options.items() if k != "setup_file"}})
     base = BASE.model_copy(update={"weights": str(tiny_base_weights)})
