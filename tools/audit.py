@@ -753,7 +753,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
             metrics[path] = json.loads(text)
     constraints = git_file(repo, commit, "constraints.txt") or ""
     quality = {"checked": "quality" in lock["stages"]}
-    if quality["checked"]:
+    if quality["checked"] and check_lock:  # a revision only compared against: its lists are not in the report
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
             blob = read(path)  # DVC-cached since the run cache covers quality; git-tracked in older revisions
             quality[key] = [] if blob is None else json.loads(blob)

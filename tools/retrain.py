@@ -49,6 +49,7 @@ from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, log_resolved, read_params, section
 from pipelines import features as fk
 from pipelines import serving
+from tools import outputs_in_git
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,9 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
             f"retrain: dvc.yaml in {repo} does not declare the download and convert stages' outputs and the "
             f"artifact {params.artifact!r} the gate reads ({type(exc).__name__}: {exc})"
         ) from None
+    in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+    if in_git:  # DVC would fail their stages only after training them
+        return FAILED, {"decision": "failed", "reason": outputs_in_git.advice(in_git)}
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}

@@ -39,13 +39,13 @@ import pydantic
 from components import cli
 from components.cli import configure_logging, run_main, sh
 from components.params import ParamsError, load_yaml, read_params
-from tools import preset
+from tools import outputs_in_git, preset
 
 log = logging.getLogger(__name__)
 
 EXTRACT_METRICS = "metrics/extract.json"
 EVALUATION_METRICS = "evaluation/metrics.json"
-RESTORED = ("params.yaml", "dvc.lock", "metrics", "evaluation", "dvclive")
+RESTORED = ("params.yaml", "dvc.lock", "metrics", "evaluation", "dvclive", "quality")
 
 
 class SweepFile(pydantic.BaseModel):
@@ -255,6 +255,9 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:
+        in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+        if in_git:  # DVC would fail their stages only after training them
+            raise RuntimeError(outputs_in_git.advice(in_git))
         changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *RESTORED], cwd=repo).returncode
         if changed:
             raise RuntimeError(
