@@ -752,8 +752,9 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         if text is not None:
             metrics[path] = json.loads(text)
     constraints = git_file(repo, commit, "constraints.txt") or ""
-    quality = {"checked": "quality" in lock["stages"]}
-    if quality["checked"] and check_lock:  # a revision only compared against: its lists are not in the report
+    # a revision only compared against (not `check_lock`): its lists are not in the report, so not read
+    quality = {"checked": check_lock and "quality" in lock["stages"]}
+    if quality["checked"]:
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
             blob = read(path)  # DVC-cached since the run cache covers quality; git-tracked in older revisions
             quality[key] = [] if blob is None else json.loads(blob)

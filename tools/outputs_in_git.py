@@ -1,12 +1,13 @@
-"""Outputs that dvc.yaml has DVC cache but git still tracks, and untracking them.
+"""Outputs DVC caches that git still tracks, and untracking them.
 
     python -m tools.outputs_in_git            # lists them; exit 1 if there are any
     python -m tools.outputs_in_git --untrack  # git rm -r --cached each (the files stay); then commit
 
-An output committed to git while it was `cache: false` and cached since (on 2026-12-06 dvclive's curves,
+An output committed to git while it was `cache: false` and cached since (on 2026-12-05 dvclive's curves,
 quality's lists and evaluate's ROC data and records, so that DVC's run cache covers their stages) makes DVC
 fail that stage with `OutputAlreadyTrackedError`, and only after the stage's command has run: a whole
-training for nothing. tools.retrain and tools.sweep check first and stop with this command's advice.
+training for nothing. tools.retrain, tools.sweep and tools.preset --run check first and stop with this
+command's advice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from components.cli import configure_logging, run_main, sh
 
 
 def cached_outputs(repo: Path) -> list[str]:
-    """Every output dvc.yaml has DVC cache, as a path relative to the repository."""
+    """Every output DVC caches (dvc.yaml's and .dvc files'), as a path relative to the repository: those DVC refuses
+    to save while git tracks them (`Output.ignore` and its `use_scm_ignore`)."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
@@ -31,7 +33,7 @@ def cached_outputs(repo: Path) -> list[str]:
                 Path(os.path.relpath(out.fs_path, root)).as_posix()
                 for stage in dvc_repo.index.stages
                 for out in stage.outs
-                if out.use_cache
+                if out.use_scm_ignore
             }
         )
 
@@ -40,17 +42,28 @@ def tracked_in_git(repo: Path, paths: Sequence[str]) -> list[str]:
     """The paths of which git's index holds the file, or a file inside the folder."""
     if not paths:
         return []
-    listed = [name for name in sh("git", "ls-files", "-z", "--", *paths, cwd=repo).split("\0") if name]
-    return [path for path in paths if any(name == path or name.startswith(path.rstrip("/") + "/") for name in listed)]
+    listed = sh("git", "--literal-pathspecs", "ls-files", "-z", "--", *paths, cwd=repo).split("\0")
+    return [
+        path
+        for path in paths
+        if any(name == path or name.startswith(path.rstrip("/") + "/") for name in listed if name)
+    ]
+
+
+def dvc_root(repo: Path) -> Path:
+    """The DVC project `repo` is in (DVC looks upwards; the paths above are relative to it)."""
+    from dvc.repo import Repo
+
+    return Path(Repo.find_root(str(repo)))
 
 
 def git_tracked_cached_outputs(repo: Path) -> list[str]:
-    return tracked_in_git(repo, cached_outputs(repo))
+    return tracked_in_git(dvc_root(repo), cached_outputs(repo))
 
 
 def advice(paths: Sequence[str]) -> str:
     return (
-        f"git tracks outputs that dvc.yaml has DVC cache: {', '.join(paths)} (committed while they were "
+        f"git tracks outputs that DVC caches: {', '.join(paths)} (committed while they were "
         "`cache: false`); DVC would fail their stages after running them. Untrack them once (the files stay): "
         "`python -m tools.outputs_in_git --untrack && git commit -m 'outputs DVC caches'`"
     )
@@ -72,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.untrack:
         print(advice(found), file=sys.stderr)
         return 1
-    untrack(repo, found)
+    untrack(dvc_root(repo), found)
     for path in found:
         print(f"untracked {path}")
     print("now commit: git commit -m 'outputs DVC caches'")
@@ -84,7 +97,7 @@ def untrack(repo: Path, paths: Sequence[str]) -> None:
     `git add -A` does not track the files again."""
     from scmrepo.git import Git
 
-    sh("git", "rm", "-r", "-q", "--cached", "--", *paths, cwd=repo)
+    sh("git", "--literal-pathspecs", "rm", "-r", "-q", "--cached", "--", *paths, cwd=repo)
     with Git(str(repo)) as scm:
         ignores = {scm.ignore(str(Path(repo).resolve() / path)) for path in paths} - {None}
     if ignores:

@@ -36,6 +36,7 @@ import yaml
 from components import base_weights, convert, download, evaluate, export, extract, finetune, quality, train_head
 from components.cli import dvc, run_main
 from components.params import ParamsError, load_yaml, read_params
+from tools import outputs_in_git
 
 
 def merge(base: Mapping, overrides: Mapping, prefix: str = "") -> dict:
@@ -190,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
     elif args.run:
+        in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+        if in_git:  # DVC would fail their stages only after training them
+            print(f"preset: {outputs_in_git.advice(in_git)}", file=sys.stderr)
+            return 1
         command = [
             sys.executable,
             "-m",

@@ -310,7 +310,10 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
             f"retrain: dvc.yaml in {repo} does not declare the download and convert stages' outputs and the "
             f"artifact {params.artifact!r} the gate reads ({type(exc).__name__}: {exc})"
         ) from None
-    in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+    try:
+        in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+    except Exception as exc:  # noqa: BLE001 - DVC's own errors (a dvc.yaml it cannot load), whatever their class
+        return FAILED, {"decision": "failed", "reason": f"DVC cannot load the project: {type(exc).__name__}: {exc}"}
     if in_git:  # DVC would fail their stages only after training them
         return FAILED, {"decision": "failed", "reason": outputs_in_git.advice(in_git)}
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log

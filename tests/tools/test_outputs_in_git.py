@@ -31,6 +31,24 @@ def project(tmp_path):
     return tmp_path
 
 
+def retrain_pipeline(project, stage):
+    """A pipeline tools.retrain accepts (download's and convert's outputs, the artifact) around `stage`."""
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    (project / "dvc.yaml").write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "download": {"cmd": "false", "deps": ["src.txt"], "outs": ["data/download"]},
+                    "convert": {"cmd": "false", "deps": ["data/download"], "outs": ["data/convert"]},
+                    "s": stage,
+                },
+                "artifacts": {"classifier": {"path": "a.json", "type": "model"}},
+            }
+        )
+    )
+    commit(project, "pipeline")
+
+
 def test_cached_outputs_that_git_tracks_are_found_and_untracked_keeping_the_files(project):
     assert outputs_in_git.cached_outputs(project) == ["a.json", "curves"]
     assert outputs_in_git.git_tracked_cached_outputs(project) == ["a.json", "curves"]
@@ -46,20 +64,7 @@ def test_cached_outputs_that_git_tracks_are_found_and_untracked_keeping_the_file
 
 
 def test_a_retrain_stops_before_the_pipeline_runs(project):
-    shutil.copy(REPO / "params.yaml", project / "params.yaml")
-    (project / "dvc.yaml").write_text(
-        json.dumps(
-            {
-                "stages": {
-                    "download": {"cmd": "false", "deps": ["src.txt"], "outs": ["data/download"]},
-                    "convert": {"cmd": "false", "deps": ["data/download"], "outs": ["data/convert"]},
-                    "s": STAGE,
-                },
-                "artifacts": {"classifier": {"path": "a.json", "type": "model"}},
-            }
-        )
-    )
-    commit(project, "pipeline")
+    retrain_pipeline(project, STAGE)
     proc = subprocess.run(
         [sys.executable, "-m", "tools.retrain"], cwd=project, env=tool_env(), capture_output=True, text=True
     )
@@ -77,3 +82,25 @@ def test_a_sweep_stops_before_any_experiment(project, tmp_path_factory):
     with pytest.raises(RuntimeError, match=r"a\.json, curves .*python -m tools\.outputs_in_git --untrack"):
         sweep.run_sweep(sweep_file, project / "board", project, project / "params.yaml", collect_only=False)
     assert "Queued" not in dvc("exp", "show", cwd=project) and not list(Path(project).glob("board*"))
+
+
+def test_a_preset_run_stops_before_dvc_runs_anything(project, tmp_path_factory, capsys):
+    from tools import preset
+
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    commit(project, "params")
+    preset_file = tmp_path_factory.mktemp("preset") / "small.yaml"
+    preset_file.write_text("train_head: {hidden_units: 4}\n")
+    assert preset.main([str(preset_file), "--params", str(project / "params.yaml"), "--run"]) == 1
+    assert "python -m tools.outputs_in_git --untrack" in capsys.readouterr().err
+    assert "Queued" not in dvc("exp", "show", cwd=project) and not (project / "dvc.lock").exists()
+
+
+def test_a_dvc_yaml_dvc_cannot_load_is_a_failed_retrain_with_its_record(project):
+    retrain_pipeline(project, {**STAGE, "cmd": "echo ${nowhere}"})  # an undefined variable: DVC cannot load it
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.retrain"], cwd=project, env=tool_env(), capture_output=True, text=True
+    )
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and record["decision"] == "failed", proc.stderr[-2000:]
+    assert record["reason"].startswith("DVC cannot load the project") and "nowhere" in record["reason"]
