@@ -21,33 +21,21 @@ from typing import Sequence
 from components.cli import configure_logging, run_main, sh
 
 
-def cached_outputs(repo: Path) -> list[str]:
-    """Every output DVC caches (dvc.yaml's and .dvc files'), as a path relative to the repository: those DVC refuses
-    to save while git tracks them (`Output.ignore` and its `use_scm_ignore`)."""
+def cached_outputs(repo: Path, tracked_only: bool = False) -> list[str]:
+    """Every output DVC caches (dvc.yaml's and .dvc files'), as a path relative to the DVC root: those DVC refuses
+    to save while git tracks them (`Output.ignore` and its `use_scm_ignore`); with `tracked_only`, those git tracks,
+    asked as `Output.ignore` asks (`scm.is_tracked`)."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        root = dvc_repo.root_dir
         return sorted(
             {
-                Path(os.path.relpath(out.fs_path, root)).as_posix()
+                Path(os.path.relpath(out.fs_path, dvc_repo.root_dir)).as_posix()
                 for stage in dvc_repo.index.stages
                 for out in stage.outs
-                if out.use_scm_ignore
+                if out.use_scm_ignore and (not tracked_only or dvc_repo.scm.is_tracked(out.fspath))
             }
         )
-
-
-def tracked_in_git(repo: Path, paths: Sequence[str]) -> list[str]:
-    """The paths of which git's index holds the file, or a file inside the folder."""
-    if not paths:
-        return []
-    listed = sh("git", "--literal-pathspecs", "ls-files", "-z", "--", *paths, cwd=repo).split("\0")
-    return [
-        path
-        for path in paths
-        if any(name == path or name.startswith(path.rstrip("/") + "/") for name in listed if name)
-    ]
 
 
 def dvc_root(repo: Path) -> Path:
@@ -58,7 +46,7 @@ def dvc_root(repo: Path) -> Path:
 
 
 def git_tracked_cached_outputs(repo: Path) -> list[str]:
-    return tracked_in_git(dvc_root(repo), cached_outputs(repo))
+    return cached_outputs(repo, tracked_only=True)
 
 
 def advice(paths: Sequence[str]) -> str:
