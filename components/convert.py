@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from components import beam_options, outputs
 from components.cli import configure_logging, run_main
-from components.manifest import MANIFEST, SPLITS, expected_counts, read_jsonl
+from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
 from pipelines import convert as graph
 from pipelines import features as fk
@@ -87,6 +87,12 @@ def check_manifest(manifest: Sequence[Mapping]) -> None:
     if bad:
         raise ValueError(f"manifest has unknown splits {bad}; expected {list(SPLITS)}")
     counts = expected_counts(manifest)
+    broken = sorted(name for name in set().union(*map(set, counts.values())) if LINE_BREAKS.intersection(name))
+    if broken:
+        raise ValueError(
+            f"class names {broken} hold a line break, which the label vocabulary (a name a line) cannot: "
+            "rename the class folders and run download again"
+        )
     train = set(counts["train"])
     unseen = {split: sorted(set(counts[split]) - train) for split in SPLITS[1:]}
     unseen = {split: names for split, names in unseen.items() if names}
@@ -104,9 +110,13 @@ def _temp_location(options) -> str | None:
     return options.view_as(GoogleCloudOptions).temp_location
 
 
-def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
-    """Read every TFRecord back and count records per split and class."""
-    spec = {fk.LABEL_NAME: tf.io.FixedLenFeature([], tf.string)}
+def count_records(records_dir: Path, labels: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    """Read every TFRecord back and count records per split and class; with `labels` (labels.json's list),
+    every record's label index must name its class there (what training and serving report by)."""
+    spec = {
+        fk.LABEL_NAME: tf.io.FixedLenFeature([], tf.string),
+        fk.LABEL: tf.io.FixedLenFeature([], tf.int64),
+    }
     counts: dict[str, collections.Counter] = {}
     for split in SPLITS:
         files = sorted(str(p) for p in records_dir.glob(f"{split}-*.tfrecord"))
@@ -114,9 +124,25 @@ def count_records(records_dir: Path) -> dict[str, dict[str, int]]:
         if files:
             dataset = tf.data.TFRecordDataset(files).batch(512).map(lambda s: tf.io.parse_example(s, spec))
             for batch in dataset.as_numpy_iterator():
-                counter.update(name.decode("utf-8") for name in batch[fk.LABEL_NAME])
+                names = [name.decode("utf-8") for name in batch[fk.LABEL_NAME]]
+                if labels is not None:
+                    for name, index in zip(names, batch[fk.LABEL].tolist()):
+                        if not 0 <= index < len(labels) or labels[index] != name:
+                            raise RuntimeError(
+                                f"a {split} record of class {name!r} has label {index}, which labels.json "
+                                f"({len(labels)} names) does not give that name"
+                            )
+                counter.update(names)
         counts[split] = dict(sorted(counter.items()))
     return counts
+
+
+def vocabulary_labels(blob: bytes) -> list[str]:
+    """The label vocabulary file's names, one a line as tf.Transform writes and reads it (split on "\\n" only:
+    str.splitlines would also split a name at U+0085, U+2028 and other breaks, shifting every later name)."""
+    if blob and not blob.endswith(b"\n"):
+        raise RuntimeError("the label vocabulary file does not end in a newline")
+    return [token.decode("utf-8") for token in blob.split(b"\n")[:-1]]
 
 
 def run(
@@ -155,10 +181,10 @@ def run(
         vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
         vocabulary = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
         outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", temp_dir, f"label_vocabulary_{vocabulary}")
-        written = count_records(tmp / RECORDS)
+        labels = vocabulary_labels(vocab_file.read_bytes())
+        written = count_records(tmp / RECORDS, labels)
         if written != expected:
             raise RuntimeError(f"records do not match the manifest: wrote {written}, manifest has {expected}")
-        labels = vocab_file.read_text(encoding="utf-8").splitlines()
         (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False) + "\n", encoding="utf-8")
         elapsed = time.monotonic() - started
         summary = {

@@ -13,6 +13,10 @@ MANIFEST = "manifest.jsonl"  # in the download stage's folder: one row per kept 
 IMAGES = "images"  # ... beside the image files, which rows name as images/<id>.<ext>
 
 
+# What Python's str.splitlines splits on: a class name holding one would be two lines of the label vocabulary
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
     with Path(path).open("w", encoding="utf-8") as handle:
         for row in rows:
@@ -33,7 +37,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def parse_jsonl(blob: bytes) -> list[dict]:
     """The rows of a JSON-lines file's bytes (read from git or DVC's cache rather than a path)."""
-    return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines would also split inside a name holding U+2028 or U+0085, which
+    # json.dumps(ensure_ascii=False) leaves unescaped
+    return [json.loads(line) for line in blob.decode("utf-8").split("\n") if line.strip()]
 
 
 def rows_of(path: str | Path, ids: Collection[str]) -> dict[str, dict]:

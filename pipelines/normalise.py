@@ -188,6 +188,12 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     f"download.max_pixels={max_pixels} (decompression-bomb limit)"
                 )
             fmt = img.format or fmt
+            frames = getattr(img, "n_frames", 1) if fmt == "GIF" else 1  # frame headers only, no pixels
+            if width * height * frames > max_pixels:  # the shared decode (tf.io.decode_gif) decodes every frame
+                return Rejected(
+                    f"too large: {frames} frames of {width}x{height} = {width * height * frames} pixels > "
+                    f"download.max_pixels={max_pixels} (decompression-bomb limit; the decode reads every frame)"
+                )
             img.load()
         if min(width, height) < min_side:
             return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")

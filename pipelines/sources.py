@@ -7,6 +7,7 @@ nothing here decodes an image.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Protocol
 import tensorflow_datasets as tfds
 
 from components.cli import EnvironmentProblem
-from components.manifest import SPLITS
+from components.manifest import LINE_BREAKS, SPLITS
 from components.params import ParamsError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,32 @@ def normalise_label(name: str) -> str:
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+NOT_UTF8 = "name is not valid UTF-8 (rename it)"
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file-system name (surrogate-escaped where its bytes are not UTF-8) can be written as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(rel: str) -> str:
+    """A path as the manifest and quarantine list can hold it: bytes that are not UTF-8 as backslash escapes."""
+    return rel if _utf8(rel) else os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why a class folder's name cannot be a class name, or None."""
+    if not _utf8(name):
+        return f"class folder {NOT_UTF8}"
+    if LINE_BREAKS.intersection(name):
+        return "class folder name holds a line break or control character (rename it)"
+    return None
 
 
 def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | None]]:
@@ -111,6 +138,10 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                 if _is_hidden(entry.name):
                     yield from _scan_class(entry, root, real_root, None, given_split, "in a hidden folder")
                     continue
+                problem = class_name_problem(entry.name)
+                if problem:  # its files are quarantined with the reason; it declares no class
+                    yield from _scan_class(entry, root, real_root, None, given_split, problem)
+                    continue
                 label = normalise_label(entry.name)
                 yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
                 yield from _scan_class(entry, root, real_root, label, given_split, None)
@@ -129,7 +160,7 @@ def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, p
     def report() -> Iterator[Found]:
         while unreadable:
             exc = unreadable.pop(0)
-            rel = Path(exc.filename).relative_to(root).as_posix() + "/"
+            rel = _shown(Path(exc.filename).relative_to(root).as_posix()) + "/"
             reason = problem or f"unreadable folder: {exc.strerror or exc}"
             yield Found(source=rel, label=label, given_split=given_split, problem=reason)
 
@@ -155,19 +186,24 @@ def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, p
 
 def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
     rel = path.relative_to(root).as_posix()
+    if problem is None and not _utf8(rel):
+        problem = NOT_UTF8
+    rel = _shown(rel)
     if problem is None and _is_hidden(path.name):
         problem = "hidden file"
     try:
         if problem is None and path.is_symlink():
             target = path.resolve()
-            if not target.is_relative_to(real_root):
-                problem = f"symlink to {target} outside the source folder (not followed)"
+            if not target.is_relative_to(real_root):  # where it points is not written: it names this machine
+                problem = "symlink to a file outside the source folder (not followed)"
             elif target.is_dir():
                 problem = "symlink to a folder (not followed)"
         if problem is None and not path.is_file():
             problem = "not a regular file"
+    except RuntimeError:  # Path.resolve on Python 3.11: "Symlink loop from ..."
+        problem = "symlink loop"
     except OSError as exc:  # a folder listed but not entered (read without execute permission)
-        problem = f"unreadable: {exc.strerror or exc}"
+        problem = "symlink loop" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror or exc}"
     if problem:
         yield Found(source=rel, label=label, given_split=given_split, problem=problem)
         return

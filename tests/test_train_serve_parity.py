@@ -26,7 +26,7 @@ from pipelines import image, records, serving  # noqa: E402
 from tests.components.test_download import BGRA_MASKS, LOW_PALETTE  # noqa: E402
 from tests.conftest import bmp_file, image_array, low_depth_png, make_class_folder  # noqa: E402
 
-SIZE = (24, 24)
+SIZE = (24, 20)  # not square: a height/width swap in one path fails; smaller, larger and mixed resizes
 # PIL's transpose that shows a file with this EXIF orientation upright, and so its inverse stores it.
 TO_UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -61,10 +61,22 @@ def rotated_jpeg(orientation: int, seed: int) -> bytes:
     return save(stored, "JPEG", quality=98, subsampling=0, exif=exif.tobytes())
 
 
+def rotated(orientation: int, seed: int, fmt: str, **kwargs) -> bytes:
+    """A PNG (eXIf chunk) or WebP (EXIF chunk) stored turned, with the EXIF tag that turns it back."""
+    stored = Image.fromarray(upright_array(seed)).transpose(TO_UPRIGHT[INVERSE[orientation]])
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    return save(stored, fmt, exif=exif.tobytes(), **kwargs)
+
+
 def kinds() -> dict[str, tuple[bytes, np.ndarray | None]]:
     """file name -> (bytes, the upright RGB pixels expected, or None where a lossy format leaves none exact)."""
     rng = np.random.default_rng(7)
     files = {f"exif_{o}.jpg": (rotated_jpeg(o, 40 + o), upright_array(40 + o)) for o in range(2, 9)}
+    files["exif_6.png"] = (rotated(6, 50, "PNG"), upright_array(50))
+    files["exif_8.webp"] = (rotated(8, 51, "WEBP", lossless=True), upright_array(51))
+    large = image_array(52, (70, 140, 210), (40, 48))  # larger than SIZE on both sides: the shrinking resize
+    files["large.png"] = (save(Image.fromarray(large), "PNG"), large)
     rgba = np.dstack([image_array(60, (200, 80, 40), (20, 28)), rng.integers(0, 256, (20, 28), dtype=np.uint8)])
     alpha = rgba[..., 3:].astype(np.int64)
     files["alpha.png"] = (
@@ -154,6 +166,8 @@ def test_every_kind_is_kept(both_paths):
     assert summary["quarantined"] == 0, summary["quarantine_reasons"]
     assert set(expected) <= set(manifest)
     assert "EXIF orientation 6 applied" in manifest["cats/exif_6.jpg"]["normalised"]
+    assert "EXIF orientation 6 applied" in manifest["cats/exif_6.png"]["normalised"]
+    assert "EXIF orientation 8 applied" in manifest["cats/exif_8.webp"]["normalised"]
     assert "onto white" in manifest["cats/palette_trns.png"]["normalised"]
 
 

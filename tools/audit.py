@@ -99,14 +99,16 @@ def split_conflicts(rows: list[dict]) -> list[str]:
 def moved_splits(old: list[dict], new: list[dict]) -> list[dict]:
     """Images both manifests hold whose split changed (a leak between train and test across retrains)."""
     key = identity_key(old, new)
-    before = {row[key]: row["split"] for row in old}
+    before: dict[str, set[str]] = {}  # every split an image had: an old manifest may list one twice
+    for row in old:
+        before.setdefault(row[key], set()).add(row["split"])
     return sorted(
         (
-            {"sha256": row[key], "from": before[row[key]], "to": row["split"]}
+            {"sha256": row[key], "from": ", ".join(sorted(before[row[key]])), "to": row["split"]}
             for row in new
-            if row[key] in before and before[row[key]] != row["split"]
+            if row[key] in before and before[row[key]] != {row["split"]}
         ),
-        key=lambda r: r["sha256"],
+        key=lambda r: (r["sha256"], r["to"]),
     )
 
 
@@ -132,9 +134,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff_flat(old: dict, new: dict) -> dict[str, list]:
-    """key -> [old, new] for every key whose value differs (None where absent)."""
+    """key -> [old, new] for every key whose value differs (None where absent); a key present on one side only
+    differs, even where the other side's value is null."""
     a, b = flatten(old), flatten(new)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if (k in a) != (k in b) or a.get(k) != b.get(k)}
 
 
 def near_duplicate_problems(pairs: list[dict]) -> list[str]:
@@ -286,7 +289,8 @@ def source_problems(
     for the report, with the hash the lock recorded; the rebuild starts from the versioned outputs of the stage
     that read it. Where the revision holds as many files or more, or versions the input whole (a `dvc add`-ed or
     imported folder), any difference fails; files deleted from a folder git holds, beside files it does not,
-    cannot be told from files never versioned, and are listed."""
+    cannot be told from files never versioned, and are listed. A file input the revision does not hold at all
+    fails: a stage's code or a base is a file the revision must carry."""
     problems, unversioned = [], []
     found = {path: versioned(path) for path in sources(lock)}
     for stage, entry in lock.get("stages", {}).items():
@@ -299,7 +303,14 @@ def source_problems(
                 continue
             counted = dep.get("nfiles")
             fewer = held is not None and counted is not None and held < counted
-            if md5 is None or (str(recorded).endswith(".dir") and fewer):
+            folder = str(recorded).endswith(".dir")
+            if md5 is None and not folder:  # code or a base the stage read, deleted from the commit
+                problems.append(
+                    f"stage {stage} was run on the file {path} {recorded}, which the revision does not hold (removed "
+                    "without `dvc repro`, or never committed): commit it, or run `dvc repro` and commit"
+                )
+                continue
+            if md5 is None or (folder and fewer):
                 unversioned.append(f"{path} (stage {stage}: {recorded}, {counted} files; the revision holds {held})")
                 continue
             problems.append(
@@ -338,11 +349,14 @@ def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
                 continue
             now = {key: lookup(data, key) for key in values}
             gone = sorted(key for key, value in now.items() if value is _MISSING)
-            changed = diff_flat(values, {k: v for k, v in now.items() if v is not _MISSING})
+            present = {k: v for k, v in now.items() if v is not _MISSING}
+            changed = diff_flat(values, present)
             changed = {k: v for k, v in changed.items() if not any(k == g or k.startswith(g + ".") for g in gone)}
             if gone or changed:
+                recorded, current = flatten(values), flatten(present)
+                shown = lambda flat, key: repr(flat[key]) if key in flat else "(absent)"  # noqa: E731
                 what = [f"{key} removed" for key in gone] + [
-                    f"{key}: {a!r} -> {b!r}" for key, (a, b) in changed.items()
+                    f"{key}: {shown(recorded, key)} -> {shown(current, key)}" for key in changed
                 ]
                 problems.append(
                     f"stage {stage} was run with other params than the revision's {file} ({'; '.join(what)}): its "

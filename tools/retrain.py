@@ -44,7 +44,7 @@ import pydantic
 import tensorflow as tf
 import yaml
 
-from components.cli import configure_logging, dvc, run_main, sh, venv_env
+from components.cli import EnvironmentProblem, configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, log_resolved, read_params, section
 from pipelines import features as fk
@@ -157,13 +157,15 @@ def decide(candidate: float | None, comparison: dict | None, params: RetrainPara
             False,
             f"{name} {candidate:.4f} reaches the threshold, but the candidate is significantly worse {same} < alpha {params.alpha}",
         )
-    disagreements = c["only_promoted_right"] + c["only_candidate_right"]
-    if behind and 0.5**disagreements >= params.alpha:  # even all of them against it would not be significant
+    # No better on any image and worse on some: held whatever the test says (with 4 or fewer such images at
+    # alpha 0.05 it cannot say). A rule on the number of disagreements instead was not monotone: 3 against 1
+    # was held while the worse 4 against 1 (p=0.19) passed. Both rules hold more as the candidate loses more.
+    if behind and not c["only_candidate_right"]:
         return (
             False,
-            f"{name} {candidate:.4f} reaches the threshold, but the candidate is behind {same}, and "
-            f"{disagreements} disagreements are too few for the test to find it worse at alpha {params.alpha}: "
-            "review both and promote by hand (gto assign) if the candidate is better",
+            f"{name} {candidate:.4f} reaches the threshold, but the candidate is right on none of the images where "
+            f"the two disagree and wrong on {c['only_promoted_right']} {same}: review both and promote by hand "
+            "(gto assign) if the candidate is better",
         )
     return (
         True,
@@ -180,17 +182,29 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
 
     try:
         with GitRegistry.from_url(str(repo)) as registry:
-            assigned = (
-                registry.get_state()
-                .find_artifact(params.artifact)
-                .get_vstages(versions_per_stage=1, sort=VersionSort.Timestamp)
-            )
+            artifact = registry.get_state().find_artifact(params.artifact)
+            assigned = artifact.get_vstages(versions_per_stage=1, sort=VersionSort.Timestamp)
+            ever = {stage for version in artifact.versions for stage in version.stages}  # unassigned ones too
     except gto_not_found():  # no version registered yet
         return None, None
     found = assigned.get(params.stage)
-    if not found:
-        return None, None
-    return found[0].version, found[0].commit_hexsha
+    if found:
+        return found[0].version, found[0].commit_hexsha
+    # Fail closed: promoting with nothing to compare with is for the artifact's very first promotion only, not
+    # for a stage emptied by `gto unassign` or a deprecation, nor for a misspelled retrain.stage.
+    if params.stage in ever:
+        raise RuntimeError(
+            f"retrain.stage {params.stage!r} held versions of {params.artifact} before but holds none now "
+            f"(unassigned or deprecated): assign the model to compare with (gto assign {params.artifact} VERSION "
+            f"{params.stage}) and run again"
+        )
+    if ever:
+        raise RuntimeError(
+            f"retrain.stage {params.stage!r}: no version of {params.artifact} was ever assigned to it, while "
+            f"{', '.join(sorted(ever))} held some: check retrain.stage; a new stage gets its first version by hand "
+            f"(gto assign {params.artifact} VERSION {params.stage})"
+        )
+    return None, None
 
 
 def pipeline_paths(repo: Path, artifact: str) -> tuple[Path, Path, str]:
@@ -372,6 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)
     except RuntimeError as exc:
         code, record = FAILED, {"decision": "failed", "reason": str(exc)}
+    except (ParamsError, EnvironmentProblem):  # a bad param or a missing package: exit 2 (run_main), no record
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded, a missing signature: still a record
+        if getattr(exc, "user_facing", False):  # says what to do: run_main prints it and exits 2
+            raise
+        log.exception("retrain: failed")
+        first = (str(exc).strip().splitlines() or [""])[0]  # TensorFlow's messages run to many lines
+        code, record = FAILED, {"decision": "failed", "reason": f"{type(exc).__name__}: {first}"}
     print(json.dumps(record, sort_keys=True))
     log.info("retrain: %s (%s)", record["decision"], record["reason"])
     return code

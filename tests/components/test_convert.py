@@ -55,6 +55,9 @@ def test_main_writes_records_matching_the_manifest(download_dir, tmp_path):
             in_records[(split, tf.io.parse_single_example(serialized, spec)["label_name"].numpy().decode())] += 1
     assert in_records == by_manifest
     assert json.loads((out / convert.LABELS).read_text()) == ["cats", "dogs"]
+    assert convert.count_records(out / convert.RECORDS, ["cats", "dogs"]) == summary["per_class"]
+    with pytest.raises(RuntimeError, match="record of class '(cats|dogs)' has label [01], which labels.json"):
+        convert.count_records(out / convert.RECORDS, ["dogs", "cats"])  # names that disagree with the indices
     assert len(list((out / convert.RECORDS).glob("train-*-of-00002.tfrecord"))) == 2
     assert json.loads((out / "params.json").read_text()) == {"convert": {"shards": {"train": 2, "val": 1, "test": 1}}}
     assert not list(tmp_path.glob(".convert.*"))
@@ -88,6 +91,21 @@ def test_class_missing_from_train_is_refused_before_beam(download_dir, tmp_path)
     rows = [r for r in rows if not (r["label"] == "dogs" and r["split"] == "train")]
     (download_dir / mf.MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"classes \{.*'dogs'.*\} appear outside train but not in train"):
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
+
+
+def test_a_class_name_with_a_line_break_is_refused_and_the_vocabulary_splits_on_newlines_only(download_dir, tmp_path):
+    """labels.json came from str.splitlines, which also splits at U+0085 and U+2028: a class "bear<U+0085>cub"
+    became two names and every later class was named after the one before it."""
+    assert convert.vocabulary_labels("apple\nbear\x85cub\ncat\n".encode()) == ["apple", "bear\x85cub", "cat"]
+    assert convert.vocabulary_labels(b"") == []
+    with pytest.raises(RuntimeError, match="does not end in a newline"):
+        convert.vocabulary_labels(b"apple\ncat")
+    rows = mf.read_jsonl(download_dir / mf.MANIFEST)
+    for row in rows:
+        row["label"] = row["label"].replace("dogs", "do\u2028gs")
+    (download_dir / mf.MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"class names \['do\\u2028gs'\] hold a line break"):
         convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
 
 

@@ -713,6 +713,57 @@ def test_bad_files_are_quarantined_and_counts_reconcile(tmp_path):
     assert summary["quarantine_reasons"]["duplicate"] == 2
 
 
+def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_reason(tmp_path):
+    """A non-UTF-8 name crashed the manifest's write after the old output was gone; a class name with a line
+    break (U+2028 here) split the label vocabulary, naming every later class wrongly; a symlink loop was a
+    RuntimeError from Path.resolve; a symlink out of the folder wrote this machine's path into the output."""
+    root = make_class_folder(tmp_path / "src", per_class=8)
+    raw = os.fsencode(root)
+    with open(os.path.join(raw, b"cats", b"caf\xe9.jpg"), "wb") as handle:  # Latin-1, not UTF-8
+        handle.write(encode(image_array(60)))
+    os.mkdir(os.path.join(raw, b"b\xe9es"))
+    with open(os.path.join(raw, b"b\xe9es", b"one.jpg"), "wb") as handle:
+        handle.write(encode(image_array(61)))
+    (root / "bi\u2028rds").mkdir()
+    (root / "bi\u2028rds" / "two.jpg").write_bytes(encode(image_array(62)))
+    (root / "cats" / "a\u2028b.jpg").write_bytes(encode(image_array(63)))  # a file may: JSON escapes nothing, kept
+    os.symlink("loop.jpg", root / "dogs" / "loop.jpg")
+    elsewhere = tmp_path / "elsewhere.jpg"
+    elsewhere.write_bytes(encode(image_array(64)))
+    os.symlink(elsewhere, root / "dogs" / "out.jpg")
+    out = tmp_path / "out"
+    summary = dl.run(folder_config(root), out)
+    rows = mf.read_jsonl(out / dl.QUARANTINE)
+    quarantine = {r["source"]: r["reason"] for r in rows}
+    assert quarantine["cats/caf\\xe9.jpg"] == "name is not valid UTF-8 (rename it)"
+    assert quarantine["b\\xe9es/one.jpg"] == "class folder name is not valid UTF-8 (rename it)"
+    assert quarantine["bi\u2028rds/two.jpg"].startswith("class folder name holds a line break")
+    assert quarantine["dogs/loop.jpg"] == "symlink loop"
+    assert quarantine["dogs/out.jpg"] == "symlink to a file outside the source folder (not followed)"
+    assert str(tmp_path) not in (out / dl.QUARANTINE).read_text(encoding="utf-8")
+    kept = mf.read_jsonl(out / mf.MANIFEST)
+    assert "cats/a\u2028b.jpg" in {row["source"] for row in kept}
+    assert mf.parse_jsonl((out / mf.MANIFEST).read_bytes()) == kept  # as the audit and retrain read it from git
+    assert sorted({row["label"] for row in kept}) == ["cats", "dogs"]
+    assert summary["reconciled"] is True and summary["found"] == summary["kept"] + summary["quarantined"]
+    assert summary["kept"] == 17 and summary["quarantined"] == 5
+
+
+def test_an_animated_gif_counts_every_frame_against_the_pixel_limit():
+    """The shared decode (tf.io.decode_gif) decodes every frame: a 1 KB GIF of one large frame and many 1x1
+    ones asked for gigabytes while its first frame passed download.max_pixels."""
+    buffer = io.BytesIO()
+    Image.new("P", (200, 200), 0).save(buffer, format="GIF")
+    one = buffer.getvalue()
+    frame = bytes.fromhex("2C000000000100010000020244010" + "0")  # a 1x1 image descriptor and its data
+    bomb = one[:-1] + frame * 30 + b";"  # 31 frames at the screen's 200x200
+    limits = dict(LIMITS, max_pixels=200 * 200 * 10)
+    result = normalise.normalise_image(bomb, **limits)
+    assert isinstance(result, normalise.Rejected) and "31 frames of 200x200" in result.reason, result
+    single = normalise.normalise_image(one, **limits)  # the same screen, one frame: within the limit
+    assert isinstance(single, normalise.Normalised), single
+
+
 def test_two_images_sharing_an_id_are_an_error_not_one_file_overwriting_the_other():
     def cand(source, label, pixels):
         return splitting.Candidate(source, label, "f" + pixels[1:], None, "png", 20, 20, "PNG", "as-is", pixels)

@@ -32,6 +32,15 @@ def test_an_image_that_moved_split_between_revisions_is_found():
     assert audit.moved_splits(old, new) == [{"sha256": "b", "from": "test", "to": "train"}]
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_an_image_the_old_revision_had_in_two_splits_is_a_move_whichever_row_came_last(order):
+    """The old rows were kept as a dict of the last split listed: x in train and test, then in test only, was
+    no move when the test row came last, and the old model had trained on a test image."""
+    old = rows(("x", "train", "cat"), ("x", "test", "cat"), ("a", "val", "dog"))[::order]
+    new = rows(("x", "test", "cat"), ("a", "val", "dog"))
+    assert audit.moved_splits(old, new) == [{"sha256": "x", "from": "test, train", "to": "test"}]
+
+
 def test_label_map_order_changes_are_found():
     assert audit.label_order_changes(["cat", "dog"], ["cat", "dog", "fox"]) == []
     assert audit.label_order_changes(["cat", "dog"], ["ant", "cat", "dog"]) == [
@@ -51,12 +60,18 @@ def test_counts_and_diffs():
         "x.lr": [1, 3],
         "y": [None, 1],
     }
+    # a key present on one side only differs even where the other side's value is null
+    assert audit.diff_flat({"x": {"layer": None}}, {"x": {}}) == {"x.layer": [None, None]}
+    assert audit.diff_flat({"x": {}}, {"x": {"path": None}}) == {"x.path": [None, None]}
 
 
 def test_serving_lineage_must_name_the_revisions_manifest_and_model():
     lineage = {"manifest_sha256": "m", "model_sha256": "k"}
     assert audit.lineage_checks(lineage, "m", "k") == []
     assert len(audit.lineage_checks(lineage, "other", "k")) == 1
+    assert audit.lineage_checks(lineage, "m", "another model") == [
+        "the serving model's lineage names another fine-tuned model than the revision's"
+    ]
     assert audit.lineage_checks(None, "m", "k") == ["the serving model carries no lineage record"]
 
 
@@ -199,6 +214,11 @@ def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
     assert problem.startswith("stage download was run on sources/photos s.dir, but the revision holds s2.dir")
     # unreadable (None): noted by the caller, which fails the audit
     assert audit.source_problems(lock, {**held, "models": None}.get) == ([], [])
+    # a file input (code) deleted from the commit without `dvc repro`: a problem, not an unversioned folder
+    (problem,), listed = audit.source_problems(lock, {**held, "components/download.py": (None, 0)}.get)
+    assert listed == [] and problem.startswith(
+        "stage download was run on the file components/download.py c1, which the revision does not hold"
+    )
 
 
 @pytest.mark.integration
@@ -279,6 +299,21 @@ def test_params_and_stage_definitions_changed_without_repro_are_found():
     )
     (problem,) = audit.params_changes(lock, {"params.yaml": "common: {seed: 1}\n"}.get)
     assert "(finetune.learning_rate removed)" in problem
+    # a section key set to null is not a key that is absent (a default need not be null), either way round
+    nulls = {
+        "stages": {
+            "finetune": {
+                **lock["stages"]["finetune"],
+                "params": {"params.yaml": {"common": {"seed": 1, "layer": None}}},
+            }
+        }
+    }
+    (problem,) = audit.params_changes(nulls, {"params.yaml": "common: {seed: 1}\n"}.get)
+    assert "(common.layer: None -> (absent))" in problem
+    (problem,) = audit.params_changes(
+        lock, {"params.yaml": "common: {seed: 1, path: null}\nfinetune: {learning_rate: 5.0e-05}\n"}.get
+    )
+    assert "(common.path: (absent) -> None)" in problem
     (problem,) = audit.params_changes(lock, {}.get)
     assert problem == "stage finetune was run with params from params.yaml, which the revision does not hold"
     definition = {
@@ -297,7 +332,8 @@ def test_params_and_stage_definitions_changed_without_repro_are_found():
     ):
         (problem,) = audit.definition_changes(lock, {"finetune": {**definition, **change}})
         assert problem.startswith(f"stage finetune's {named} in dvc.yaml are not those dvc.lock recorded"), problem
-    # a params file tracked whole (no keys listed in dvc.yaml): its keys are the file's, checked by params_changes
+    # a params file tracked whole (no keys listed in dvc.yaml): the values of the keys dvc.lock recorded are
+    # checked by params_changes; a key added to the file later is not (no stage here tracks a file whole)
     assert audit.definition_changes(lock, {"finetune": {**definition, "params": {"params.yaml": None}}}) == []
 
 
@@ -753,3 +789,24 @@ def test_a_rebuild_that_re_trained_nothing_is_not_a_pass(audited_project, monkey
         f"rebuild: {good[:12]} has none of the stages {', '.join(audit.REBUILT)} in its dvc.lock: nothing was "
         "re-trained, so nothing is shown to rebuild"
     ]
+
+
+@pytest.mark.integration
+def test_a_rebuild_that_trains_other_bytes_fails_the_audit(audited_project):
+    """The failing side of `--rebuild` itself: a stage whose re-run writes other bytes (here, the time) fails,
+    naming the output and both digests; only a stubbed rebuild was tested failing before."""
+    project, revision = audited_project
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["finetune"]["cmd"] = (
+        f"{sys.executable} -c \"import os,time; os.makedirs(os.path.dirname('{audit.MODEL}'), exist_ok=True); "
+        f"open('{audit.MODEL}', 'wb').write(open('src/finetune', 'rb').read() + str(time.time_ns()).encode())\""
+    )
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    rev = revision(
+        "unreproducible", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"]
+    )
+    report = audit.audit(project, rev, rebuilt=True)
+    assert report["rebuild"]["identical"] is False and report["rebuild"]["stages"] == ["quality", "finetune", "export"]
+    mismatches = [p for p in report["problems"] if p.startswith("rebuild: ")]
+    assert len(mismatches) == 1 and mismatches[0].startswith(f"rebuild: {audit.MODEL} is "), report["problems"]
+    assert "after re-training" in mismatches[0] and "as recorded" in mismatches[0]

@@ -51,13 +51,29 @@ def test_a_comparison_too_small_to_find_the_candidate_worse_does_not_promote():
     comparison = paired(right(100, range(3)), right(100, []))
     assert comparison["p_worse"] == pytest.approx(1 / 8)
     promote, reason = decide(0.97, comparison, PARAMS)
-    assert not promote and "3 disagreements are too few for the test to find it worse at alpha 0.05" in reason
+    assert not promote and "right on none of the images where the two disagree and wrong on 3" in reason
     # the same few disagreements in the candidate's favour, or none at all (an unchanged model): promoted
     assert decide(0.97, paired(right(100, []), right(100, range(3))), PARAMS)[0]
     assert decide(0.97, paired(right(100, range(3)), right(100, range(3))), PARAMS)[0]
     # 5 against it: p = 1/32 can be reached, and is: significantly worse
     promote, reason = decide(0.95, paired(right(100, range(5)), right(100, [])), PARAMS)
     assert not promote and "significantly worse" in reason
+
+
+def test_a_worse_candidate_is_never_promoted_where_a_better_one_is_held():
+    """The gate held a candidate behind on 4 or fewer disagreements, so 3 against 1 was held and the worse
+    4 against 1 promoted. Held candidates must stay held as the candidate loses more images or wins fewer."""
+    held = {}
+    for against in range(13):
+        for won in range(13):
+            comparison = paired(right(100, range(against)), right(100, range(against, against + won)))
+            held[against, won] = not decide(0.97, comparison, PARAMS)[0]
+    for (against, won), is_held in held.items():
+        if is_held and against < 12:
+            assert held[against + 1, won], (against, won)
+        if is_held and won > 0:
+            assert held[against, won - 1], (against, won)
+    assert held[3, 1] is False and held[4, 1] is False and held[7, 1] is True  # p = 0.31, 0.19, 0.035
 
 
 def test_a_file_the_promoted_model_trained_on_is_left_out_under_a_new_id():
@@ -95,6 +111,16 @@ for step in (
     time.sleep(1.1)  # GTO orders its tags by their time, to the second
     step()
     seen.append(promoted_version(repo, RetrainParams()))
+def refused(stage):  # a stage that never held a version while another did, or one emptied since: no promotion
+    try:
+        promoted_version(repo, RetrainParams(stage=stage))
+    except RuntimeError as exc:
+        return str(exc)
+seen.append(refused("production"))
+time.sleep(1.1)
+for version in ("v0.0.1", "v0.0.2"):  # both were assigned to prod: unassigning the last leaves the other there
+    api.unassign(repo, "classifier", version=version, stage="prod")
+seen.append(refused("prod"))
 print(json.dumps(seen))
 """
 
@@ -118,7 +144,10 @@ def test_the_gate_compares_with_the_version_assigned_to_the_stage_last(tmp_path)
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    none, registered, first, second_registered, second, rolled_back = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    none, registered, first, second_registered, second, rolled_back, misspelled, emptied = seen
+    assert misspelled.startswith("retrain.stage 'production': no version of classifier was ever assigned to it")
+    assert emptied.startswith("retrain.stage 'prod' held versions of classifier before but holds none now")
     assert none == registered == [None, None]
     assert first == second_registered == ["v0.0.1", commits[0]]
     assert second == ["v0.0.2", commits[1]]
@@ -396,3 +425,25 @@ def test_retrain_exit_codes(scheduled):
 def test_the_gate_reads_the_served_models_metric_only():
     with pytest.raises(ParamsError, match=r"retrain\.model"):  # export serves the fine-tuned model, never the head
         parse_section(RetrainParams, "retrain", {"model": "head"})
+
+
+def test_an_error_of_any_kind_is_a_failed_decision_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Only RuntimeError became the failed JSON line: a serving model that could not be loaded (an OSError or a
+    TensorFlow error) left the scheduler a traceback and no decision."""
+    import tools.retrain as retrain_tool
+
+    retrain_section = (
+        "retrain: {artifact: classifier, stage: prod, model: finetune, metric: accuracy, threshold: 0.5, alpha: 0.05}\n"
+    )
+    (tmp_path / "params.yaml").write_text(retrain_section)
+
+    def unloadable(*args, **kwargs):
+        raise OSError("SavedModel file does not exist at: serving/{saved_model.pbtxt|saved_model.pb}\nmore lines")
+
+    monkeypatch.setattr(retrain_tool, "retrain", unloadable)
+    assert retrain_tool.main(["--repo", str(tmp_path)]) == retrain_tool.FAILED
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record == {
+        "decision": "failed",
+        "reason": "OSError: SavedModel file does not exist at: serving/{saved_model.pbtxt|saved_model.pb}",
+    }
