@@ -415,6 +415,8 @@ def run(
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()
         split.check_usable(summary)
+        for row in (*manifest, *quarantine, summary):  # what the listings write must be writable, before any change
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created:  # innermost first

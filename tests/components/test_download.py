@@ -18,7 +18,7 @@ from components.params import parse_section
 from pipelines import image, normalise
 from pipelines import split as splitting
 from tests.components.test_outputs import dead_pid
-from tests.conftest import bmp_file, encode, image_array, low_depth_png, make_class_folder, repo_params
+from tests.conftest import bmp_file, encode, image_array, low_depth_png, make_class_folder, repo_params, tree_bytes
 
 DECODE = normalise.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
@@ -747,6 +747,24 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     assert sorted({row["label"] for row in kept}) == ["cats", "dogs"]
     assert summary["reconciled"] is True and summary["found"] == summary["kept"] + summary["quarantined"]
     assert summary["kept"] == 17 and summary["quarantined"] == 5
+
+
+def test_a_listing_that_cannot_be_written_fails_before_the_earlier_output_changes(tmp_path, monkeypatch):
+    """The manifest was written after the old listings were removed: a name it could not encode left a folder
+    with no manifest. Whatever slips past the source checks, the run must fail with the earlier output intact."""
+    from pipelines import sources
+
+    root = make_class_folder(tmp_path / "src", per_class=4)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    before = tree_bytes(out)
+    monkeypatch.setattr(sources, "class_name_problem", lambda name: None)  # a check that lets one through
+    os.mkdir(os.path.join(os.fsencode(root), b"b\xe9es"))
+    with open(os.path.join(os.fsencode(root), b"b\xe9es", b"one.jpg"), "wb") as handle:
+        handle.write(encode(image_array(61)))
+    with pytest.raises(UnicodeEncodeError):
+        dl.run(folder_config(root), out)
+    assert tree_bytes(out) == before
 
 
 def test_an_animated_gif_counts_every_frame_against_the_pixel_limit():
