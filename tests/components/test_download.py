@@ -18,7 +18,7 @@ from components.params import parse_section
 from pipelines import image, normalise
 from pipelines import split as splitting
 from tests.components.test_outputs import dead_pid
-from tests.conftest import bmp_file, encode, image_array, low_depth_png, make_class_folder, repo_params, tree_bytes
+from tests.conftest import bmp_file, encode, image_array, low_depth_png, make_class_folder, repo_params
 
 DECODE = normalise.make_decoder()
 LIMITS = dict(min_side=16, max_pixels=89_478_485, decode=DECODE)
