@@ -3,7 +3,8 @@
 An import DVC does not know of is an edit that does not re-run the stage: `dvc status`
 would say all is up to date while the stage's code changed. Imports are read from the
 source (module level and inside functions), so a new import fails this test until
-dvc.yaml lists the file.
+dvc.yaml lists the file. Likewise every params section a stage's code reads must be in
+its `params:` (but `beam`, which never changes an output byte).
 """
 
 from __future__ import annotations
@@ -77,6 +78,48 @@ def test_every_imported_project_file_is_a_dependency(stage):
     needed = {p.relative_to(REPO).as_posix() for p in closure(stage_module(entry["cmd"]))}
     missing = sorted(n for n in needed if n not in deps)
     assert not missing, f"dvc.yaml stage {stage} imports {missing} but does not depend on them"
+
+
+# Sections a stage reads that dvc.yaml leaves out on purpose: the Beam runner and its options change where a job
+# runs, never an output byte (tests/test_runners.py), so choosing another runner must not re-run the stage.
+UNLISTED_ON_PURPOSE = {"beam"}
+
+
+def sections_read(path: Path) -> set[str]:
+    """The params sections a module reads: the string arguments of its section() and load_section() calls."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+            "section",
+            "load_section",
+        ):
+            found |= {
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str) and not a.value.endswith(".yaml")
+            }
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_params_section_a_stage_reads_is_listed(stage):
+    """A section the code reads but dvc.yaml does not list is a param whose change leaves the stage's outputs
+    standing, stale, with `dvc status` clean; deps above are checked from the imports, these from the reads."""
+    entry = STAGES[stage]
+    read = set().union(*(sections_read(p) for p in closure(stage_module(entry["cmd"]))))
+    listed = {key.split(".")[0] for key in entry.get("params", [])}
+    assert read, f"found no section read by stage {stage}: the reader is broken"
+    unlisted = sorted(read - listed - UNLISTED_ON_PURPOSE)
+    assert not unlisted, f"dvc.yaml stage {stage} reads the params sections {unlisted} but does not list them"
+
+
+def test_the_sections_reader_finds_what_a_stage_reads():
+    assert set().union(*(sections_read(p) for p in closure("components.finetune"))) == {
+        "common",
+        "conv_base",
+        "finetune",
+    }
+    assert "beam" in set().union(*(sections_read(p) for p in closure("components.extract")))
 
 
 def test_the_import_reader_follows_imports_inside_functions():

@@ -628,6 +628,7 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
     restored from it (training data, the head, the serving model's variables: not only the files the audit
     reads). A folder is named once, with the number of its files that are missing."""
     from dvc.config import NoRemoteError
+    from dvc.stage import PipelineStage
     from dvc_data.hashfile.status import compare_status
 
     with Repo(str(repo), rev=rev) as dvc_repo:
@@ -642,6 +643,16 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
             for out in entry.get("outs", [])
             if out.get("md5") and out.get("hash") == "md5" and out["path"] not in uncached
         }
+        # ... and of every `dvc add`-ed output (.dvc files: source data, a base in models/), which DVC leaves out
+        # the same way: a source folder whose listing is gone could not be restored, and the audit passed
+        added = {
+            out.hash_info.value: out.def_path
+            for stage in dvc_repo.index.stages
+            if not isinstance(stage, PipelineStage) and not stage.is_import
+            for out in stage.outs
+            if out.use_cache and out.hash_info and out.hash_info.name == "md5" and out.hash_info.value
+        }
+        objs |= {HashInfo("md5", value) for value in added}
         try:
             missing = dvc_repo.cloud.status(objs).missing
         except NoRemoteError:  # no remote: the local cache must hold all of it
@@ -655,6 +666,7 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
                 except Exception:  # noqa: BLE001 - the listing itself is missing: reported as the folder's
                     listings[obj.value] = set()
     owners = {md5: path for outs in stage_outputs(lock).values() for path, md5 in outs.items() if md5}
+    owners.update({md5: path for md5, path in added.items() if md5 not in owners})
     named: dict[str, int] = {}
     for obj in missing:
         folder = next((d for d, files in listings.items() if obj.value in files), None)

@@ -810,3 +810,32 @@ def test_a_rebuild_that_trains_other_bytes_fails_the_audit(audited_project):
     mismatches = [p for p in report["problems"] if p.startswith("rebuild: ")]
     assert len(mismatches) == 1 and mismatches[0].startswith(f"rebuild: {audit.MODEL} is "), report["problems"]
     assert "after re-training" in mismatches[0] and "as recorded" in mismatches[0]
+
+
+@pytest.mark.integration
+def test_a_dvc_added_input_whose_listing_is_gone_fails_the_audit(audited_project):
+    """A `dvc add`-ed source folder (not a stage's output) whose listing is in no cache: the revision cannot be
+    restored, so the audit fails, naming the folder."""
+    project, revision = audited_project
+    (project / "photos" / "sub").mkdir(parents=True)
+    for name in ("a", "b"):
+        (project / "photos" / "sub" / name).write_text(name)
+    dvc("add", "-q", "photos", cwd=project)
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["extract"]["deps"].append("photos/sub")  # a folder inside a DVC-tracked one: read by listing
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    rev = revision("photos", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    assert audit_of(project, rev) == (0, [])
+    listing = __import__("yaml").safe_load((project / "photos.dvc").read_text())["outs"][0]["md5"]
+    (project / ".dvc" / "cache" / "files" / "md5" / listing[:2] / listing[2:]).unlink()
+    code, problems = audit_of(project, rev)
+    # read through DVC's own index of the folder (still there), but `dvc pull` of the revision could not restore
+    # it: the audit passed before, the listing of a `dvc add`-ed folder being left out as a stage's was
+    assert (code, problems) == (
+        1,
+        [
+            f"the data of photos at {rev[:12]} (1 object) is in neither the local DVC cache nor the default remote: "
+            f"`git checkout {rev[:12]} && dvc pull` cannot restore it; push it from a clone that has it, or reproduce "
+            "that revision and `dvc push`"
+        ],
+    )
