@@ -123,6 +123,42 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
+def copy_groups(n: int, pairs: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """Each of n images' group: the smallest index among the images its near-duplicate pairs join it to."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, _ in pairs:
+        a, b = root(i), root(j)
+        parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(n)], dtype=np.int64)
+
+
+def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray) -> np.ndarray:
+    """`stratified_folds` over the groups of near-duplicate copies (`copy_groups`): each group is dealt, by its
+    first image's label, to one fold, and all its images go there. A copy in another fold than its photo was
+    scored by a head trained on that photo: the cross-validated accuracy came out high on labels with no signal
+    at all, and a copy's wrong label looked right. Without copies it is `stratified_folds` itself."""
+    firsts = np.flatnonzero(groups == np.arange(len(groups)))
+    try:
+        fold_of_first = stratified_folds(labels[firsts], folds, seed)
+    except ValueError as exc:
+        if len(firsts) == len(labels):
+            raise
+        raise ValueError(
+            f"{exc}; {len(labels) - len(firsts)} of the {len(labels)} images are near-duplicate copies at "
+            "quality.near_duplicate_threshold: if they are not copies, raise it (benchmarks/near_duplicate_threshold.py)"
+        ) from None
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    fold_of[firsts] = fold_of_first
+    return fold_of[groups]
+
+
 def as_probabilities(outputs_: np.ndarray) -> np.ndarray:
     """[n, k] class probabilities from a head's output ([n, 1] sigmoid for two classes)."""
     outputs_ = np.asarray(outputs_, dtype=np.float64)
@@ -326,11 +362,12 @@ def assess(config: Config, data: dict, rows_of: RowsOf, num_classes: int, epochs
     if bad:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
     training.make_deterministic(config.common.seed)
-    fold_of = stratified_folds(labels, params.folds, config.common.seed)
+    copies = near_duplicates.pairs_within(features, params.near_duplicate_threshold)  # same fold for each copy
+    fold_of = grouped_folds(labels, params.folds, config.common.seed, copy_groups(len(labels), copies))
     probabilities = out_of_fold_probabilities(
         features, labels, num_classes, config.train_head, epochs, fold_of, config.common.seed
     )
-    return pairs, ids, splits, labels, probabilities, fold_of
+    return pairs, ids, splits, labels, probabilities, fold_of, len(copies)
 
 
 def write_json(path: Path, payload) -> None:
@@ -366,13 +403,17 @@ def run(
             raise RuntimeError(
                 f"{len(unknown)} feature records have ids the manifest lacks ({unknown[:3]}): re-run extract"
             )
-        pairs, ids, splits, labels, probabilities, fold_of = assess(config, data, rows_of, len(names), epochs)
+        pairs, ids, splits, labels, probabilities, fold_of, copies = assess(config, data, rows_of, len(names), epochs)
     cv = cross_validated_accuracy(labels, probabilities, fold_of)
     issues = label_issue_rows(ids, splits, labels, probabilities, names, rows_of)
     metrics = {
         "head_cv": cv,
         "label_issues": {"count": len(issues), "of": len(ids), "fraction": len(issues) / max(1, len(ids))},
-        "near_duplicates": {"pairs": len(pairs), "threshold": params.near_duplicate_threshold},
+        "near_duplicates": {
+            "pairs": len(pairs),
+            "threshold": params.near_duplicate_threshold,
+            "pairs_within_train_val": copies,  # kept in one cross-validation fold each
+        },
     }
     with outputs.staged_dir(report_dir) as report:
         write_json(report / LABEL_ISSUES, issues)

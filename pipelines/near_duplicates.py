@@ -1,4 +1,4 @@
-"""Near-duplicate images across splits from their cached feature vectors (issue 15's first piece).
+"""Near-duplicate images from their cached feature vectors: across splits, and within a set of rows.
 
 A resized, re-encoded or slightly cropped copy of a photo has other bytes, so download's content hash
 misses it, but its conv-base features stay close: cosine similarity of the pooled features finds it.
@@ -6,6 +6,8 @@ Only pairs across splits matter (a copy in train and test inflates test accuracy
 train x val, train x test and val x test, exact, a block of one split against a block of the other:
 memory is two blocks and their product, whatever the number of images, and the features may stay on disk
 (any [n, dim] rows that slice, e.g. `pipelines.records.FeatureSpool`). Pure NumPy; ``benchmarks/near_duplicates.py`` times it at 100,000 vectors.
+`pairs_within` searches one set of rows against itself (the quality stage's train + val, whose copies must
+share a cross-validation fold).
 """
 
 from __future__ import annotations
@@ -95,3 +97,28 @@ def cross_split_pairs(
     order = {s: k for k, s in enumerate(SPLITS)}
     rows.sort(key=lambda p: (-p["similarity"], order[p["a_split"]], p["a_id"], order[p["b_split"]], p["b_id"]))
     return rows
+
+
+def pairs_within(rows: Rows, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
+    """Every pair (i, j), i < j, of rows whose features' cosine similarity is >= `threshold`, with it: one set
+    searched against itself, a block against the blocks from its own on (the upper triangle), so each pair once.
+    Sorted by (i, j). Memory: two blocks and their product; the rows may stay on disk."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} must be in (0, 1]")
+    if block < 1:
+        raise ValueError("block must be at least 1")
+    found, margin, n = [], np.float32(threshold - 1e-4), len(rows)
+    for start in range(0, n, block):
+        units_a = unit_rows(rows[start : start + block])
+        for other in range(start, n, block):
+            units_b = units_a if other == start else unit_rows(rows[other : other + block])
+            hit_a, hit_b = np.nonzero(units_a @ units_b.T >= margin)
+            keep = start + hit_a < other + hit_b  # the upper triangle: no row with itself, each pair once
+            hit_a, hit_b = hit_a[keep], hit_b[keep]
+            exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
+            for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
+                similarity = round(min(similarity, 1.0), 6)  # as cross_split_pairs compares
+                if similarity >= threshold:
+                    found.append((start + r, other + c, similarity))
+    found.sort()
+    return found
