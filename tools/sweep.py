@@ -255,15 +255,18 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:
+        # modified and untracked files alike (git diff alone missed an uncommitted dvc.lock, which the end of the
+        # sweep then deleted); git-ignored ones are DVC's, which `dvc checkout` puts back
+        changed = sh("git", "status", "--porcelain", "--untracked-files=all", "--", *RESTORED, cwd=repo).strip()
+        if changed:
+            raise RuntimeError(
+                f"uncommitted changes in {', '.join(RESTORED)} ({changed.splitlines()[0].strip()}"
+                f"{', ...' if len(changed.splitlines()) > 1 else ''}): commit them first (every variant runs from "
+                "the committed baseline, and the sweep puts the committed files back when it ends)"
+            )
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         if in_git:  # DVC would fail their stages only after training them
             raise RuntimeError(outputs_in_git.advice(in_git))
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *RESTORED], cwd=repo).returncode
-        if changed:
-            raise RuntimeError(
-                f"uncommitted changes in {', '.join(RESTORED)}: commit them first (every variant runs from the "
-                "committed baseline, and the sweep puts the committed files back when it ends)"
-            )
         baseline = read_params(params_path)
         values = variant_values(sweep, baseline)
         args = variant_args(values)

@@ -1,5 +1,9 @@
+import shutil
+import subprocess
+
 import pytest
 
+from tests.test_dvc_pipeline import REPO, commit, run
 from tools import sweep
 
 
@@ -95,3 +99,22 @@ def test_an_experiment_run_with_other_params_than_its_variant_now_is_found():
         "finetune.learning_rate": (2e-05, 0.0001),
         "train_head.epochs": (None, 5),
     }
+
+
+def test_a_sweep_refuses_to_start_over_an_uncommitted_lock_or_metrics(tmp_path):
+    """`git diff` alone saw only changes to committed files: over a dvc.lock never committed the sweep ran, and
+    putting the baseline back at its end deleted that lock."""
+    run(["git", "init", "-q"], tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / "sweeps" / "tiny.yaml", tmp_path / "tiny.yaml")
+    commit(tmp_path, "baseline")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # a `dvc repro` not committed
+    with pytest.raises(RuntimeError, match=r"uncommitted changes in .*\?\? dvc.lock.*commit them first"):
+        sweep.run_sweep(tmp_path / "tiny.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    assert (tmp_path / "dvc.lock").exists()
+    (tmp_path / "dvc.lock").unlink()
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "metrics.json").write_text("{}")
+    with pytest.raises(RuntimeError, match=r"evaluation/metrics.json"):
+        sweep.run_sweep(tmp_path / "tiny.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
