@@ -31,7 +31,14 @@ ISA_FLAGS = (
     "amx_bf16",
 )
 # ... and the settings that switch them
-ISA_ENVIRONMENT = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
+# (XLA's auto-clustering, TF_XLA_FLAGS, runs other kernels: other bits, seen 2026-12-06)
+ISA_ENVIRONMENT = (
+    "TF_ENABLE_ONEDNN_OPTS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+    "TF_XLA_FLAGS",
+)
 
 
 def code_fingerprint(modules: tuple[str, ...]) -> dict[str, str]:

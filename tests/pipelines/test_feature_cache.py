@@ -1,4 +1,5 @@
 import os
+import types
 
 import numpy as np
 import pytest
@@ -52,3 +53,29 @@ def test_the_namespace_tells_machines_apart_where_the_last_bits_can_differ(monke
     assert default["cpu_flags"] == fingerprint.cpu_flags() and default["cpus"] == os.cpu_count()
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # other kernels, other bits: other entries
     assert feature_cache.namespace_of(feature_cache.namespace_record(base, 32)) != feature_cache.namespace_of(default)
+
+
+def test_xla_keras_config_and_gpus_key_the_namespace_and_defaults_keep_it(monkeypatch):
+    """XLA's auto-clustering (TF_XLA_FLAGS), Keras's floatx from keras.json and a GPU each give other features
+    (the first two seen here), and went unrecorded: a warm run under them read entries made without them."""
+    import keras
+
+    base = {"name": "mobilenet_v2", "weights": "imagenet"}
+    monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+    default = feature_cache.namespace_record(base, 32)
+    assert "keras_config" not in default and "gpus" not in default  # nothing new on the default machine
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit")
+    assert feature_cache.namespace_of(feature_cache.namespace_record(base, 32)) != feature_cache.namespace_of(default)
+    monkeypatch.delenv("TF_XLA_FLAGS")
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        assert feature_cache.namespace_record(base, 32)["keras_config"]["floatx"] == "float64"
+        assert feature_cache.local_differences(default) == ["keras_config"]  # a Beam worker with it: refused
+    finally:
+        keras.config.set_floatx(floatx)
+    assert feature_cache.namespace_record(base, 32) == default
+    gpu = types.SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
+    on_gpu = feature_cache.accelerators([gpu])
+    assert on_gpu["gpus"][0]["name"] == "/physical_device:GPU:0" and "tensor_float_32" in on_gpu
+    assert feature_cache.accelerators([]) == {}
