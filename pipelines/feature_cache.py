@@ -284,6 +284,11 @@ def collect_garbage(
         for prefix in sorted(os.listdir(folder)):
             sub = os.path.join(folder, prefix)
             if not os.path.isdir(sub):
+                if ".tmp-" in prefix:  # a note a killed run was writing (meta.json.tmp-..., batches-N.json.tmp-...)
+                    report["entries_removed"] += 1
+                    report["bytes_freed"] += os.path.getsize(sub)
+                    if not dry_run:
+                        os.unlink(sub)
                 continue  # meta.json and the other notes
             for entry in sorted(os.listdir(sub)):
                 if any(entry.endswith(x) and entry[: -len(x)] in keep_keys for x in suffixes):
@@ -294,4 +299,27 @@ def collect_garbage(
                 report["bytes_freed"] += os.path.getsize(path)
                 if not dry_run:
                     os.unlink(path)
+    return report
+
+
+def collect_converted(folder: str, dry_run: bool = False) -> dict:
+    """Delete a runtime's converted models (`pipelines.runtimes`: OpenVINO IR under a key of the model, the
+    versions and the code), the one in use included, and the private folders of killed conversions: a
+    conversion is a function of the model, redone in seconds at its next use (3.3 s for Lite0), while the keys
+    of every base, size and version seen so far would pile up. A local folder; returns what went."""
+    report = {"converted_removed": 0, "bytes_freed": 0}
+    if "://" in folder or not os.path.isdir(folder):
+        return report
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        report["converted_removed"] += 1
+        if os.path.isdir(path):
+            for dirpath, _, files in os.walk(path):
+                report["bytes_freed"] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+            if not dry_run:
+                shutil.rmtree(path)
+        else:
+            report["bytes_freed"] += os.path.getsize(path)
+            if not dry_run:
+                os.unlink(path)
     return report

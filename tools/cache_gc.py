@@ -9,6 +9,9 @@ current params (`conv_base`, `extract`; computed as the extract stage computes i
 of the images in the current convert records; it deletes every other namespace and entry. The next
 `dvc repro` therefore extracts nothing it would not have extracted anyway.
 
+OpenVINO's converted models (extract's under the feature cache, evaluate's under `.cache/openvino`) are
+deleted, the current ones too: a conversion is redone in seconds at its next use, and their keys would pile up.
+
 The download stage's cache (`pipelines/download_cache.py`) likewise keeps the namespace of the current
 `download` limits and, in it, the results of the files now at the source (`dataset`; read and hashed as
 the stage reads them), so the next download decodes nothing it would not have decoded anyway.
@@ -57,6 +60,11 @@ def current_namespace(params_path: Path, weights: Path | None = None) -> str:
     return feature_cache.namespace_of(extract.cache_namespace(config))
 
 
+def runtimes_folder(cache: str) -> str:
+    """Where extract's runtime keeps its converted models under its cache (`pipelines.runtimes.local_cache`)."""
+    return str(Path(cache) / "openvino")
+
+
 def recorded_namespace(metrics: Path) -> str | None:
     """The namespace the current features came from, as extract recorded it: kept too, so a collection run in
     another environment than `dvc repro` (cron without its OMP_NUM_THREADS) never deletes what the next
@@ -102,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("data/base_weights"),
         help="the base_weights stage's output (extract's --weights)",
     )
+    parser.add_argument(
+        "--converted",
+        default=".cache/openvino",
+        help="evaluate's converted models (its --cache's openvino folder); extract's are in --cache's",
+    )
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
@@ -115,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = feature_cache.collect_garbage(
             args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run
         )
+        converted = {
+            folder: feature_cache.collect_converted(folder, args.dry_run)
+            for folder in (runtimes_folder(args.cache), args.converted)
+        }
     reports = {
         "dry_run": args.dry_run,
         "extract": {
@@ -124,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **report,
         },
         "download": download_report,
+        "converted": converted,
     }
     print(json.dumps(reports, indent=2))
     for cache in ("extract", "download"):

@@ -35,6 +35,29 @@ def test_only_other_namespaces_and_unused_entries_go(tmp_path):
         feature_cache.collect_garbage("gs://bucket/cache", name, set())
 
 
+def test_notes_a_killed_run_was_writing_and_converted_models_go(tmp_path):
+    """Two leaks: a namespace's half-written notes (meta.json.tmp-...) were only looked for in sub-folders, and
+    OpenVINO's converted models (one per base, size and version seen, and killed conversions' private folders)
+    were never deleted, though the README said other runtimes' entries were."""
+    root = tmp_path / "cache"
+    keep = feature_cache.FeatureCache(str(root), {"base": "current"}, [3])
+    keep.put("a" * 64, np.ones(3))
+    note = root / keep.folder.split("/")[-1] / "batches-4.json.tmp-99-abc"
+    note.write_text("{")
+    converted = root / "openvino"
+    for key in ("oldbase", ".newbase.0123456789ab"):  # an older base's IR, a conversion killed mid-write
+        (converted / key).mkdir(parents=True)
+        (converted / key / "model.bin").write_bytes(b"w" * 100)
+    name = feature_cache.namespace_of({"base": "current"})
+    report = feature_cache.collect_garbage(str(root), name, {"a" * 64})
+    assert not note.exists() and report["entries_removed"] == 1 and keep.has("a" * 64)
+    assert keep.get_note("meta") is not None
+    dry = feature_cache.collect_converted(str(converted), dry_run=True)
+    assert dry == {"converted_removed": 2, "bytes_freed": 200} and (converted / "oldbase").exists()
+    assert feature_cache.collect_converted(str(converted)) == dry and list(converted.iterdir()) == []
+    assert feature_cache.collect_converted(str(tmp_path / "none")) == {"converted_removed": 0, "bytes_freed": 0}
+
+
 @pytest.mark.slow
 def test_after_gc_the_next_extract_computes_nothing_and_removed_images_are_gone(tmp_path, monkeypatch):
     """The tool's namespace is the one extract writes, and its keys are the records' images."""
