@@ -338,15 +338,20 @@ def test_serving_model_in_plain_tensorflow_matches_keras(evaluated, tmp_path):
 def test_bad_images_in_a_serving_batch_are_clear_errors(evaluated, tmp_path):
     root, _ = evaluated
     good = encode(image_array(1, (200, 60, 40)), "JPEG")
-    cases = {"text": b"hello, not an image", "empty": b"", "truncated": good[: len(good) // 3]}
+    cases = {
+        "text": b"hello, not an image",
+        "empty": b"",
+        "truncated": good[: len(good) // 3],
+        "tiff": encode(image_array(2, (20, 90, 160)), "TIFF"),  # an image, in a format the decode does not read
+    }
     paths = {}
     for name, blob in {"good": good, **cases}.items():
         paths[name] = tmp_path / name
         paths[name].write_bytes(blob)
     result = serve_in_plain_tensorflow(
-        root / "out" / export.SERVING, [paths["good"], paths["text"], paths["empty"]], tmp_path
+        root / "out" / export.SERVING, [paths["good"], paths["text"], paths["empty"], paths["tiff"]], tmp_path
     )
-    assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2]" in result["error"]
+    assert "not a JPEG, PNG, GIF, BMP, WEBP image" in result["error"] and "[1 2 3]" in result["error"]
     result = serve_in_plain_tensorflow(root / "out" / export.SERVING, [paths["good"], paths["truncated"]], tmp_path)
     assert "error" in result and "jpeg" in result["error"].lower()
 

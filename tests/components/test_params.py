@@ -151,13 +151,15 @@ def test_a_missing_key_stops_the_stage_instead_of_using_a_code_default(tmp_path)
 
 def test_code_defaults_agree_with_params_yaml():
     """Where a params model has a default, it is params.yaml's value: the two cannot drift apart."""
-    from components import conv_base, evaluate, export, extract, finetune, quality, train_head
+    from components import beam_options, conv_base, evaluate, export, extract, finetune, quality, train_head
     from tools import retrain
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     models = {
         "common": download.CommonParams,
+        "dataset": download.DatasetParams,
         "download": download.DownloadParams,
+        "beam": beam_options.BeamParams,
         "convert": convert.ConvertParams,
         "conv_base": conv_base.ConvBaseParams,
         "extract": extract.ExtractParams,

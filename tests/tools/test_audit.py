@@ -839,3 +839,21 @@ def test_a_dvc_added_input_whose_listing_is_gone_fails_the_audit(audited_project
             "that revision and `dvc push`"
         ],
     )
+
+
+@pytest.mark.integration
+def test_a_quality_stage_without_its_near_duplicate_list_fails_the_audit(audited_project):
+    """The README's promise: a revision whose dvc.lock has the quality stage but not its list of near-duplicates
+    is not a pass with no pairs (the audit reads the list, and a list it cannot read fails it)."""
+    project, revision = audited_project
+    spec = json.loads((project / "dvc.yaml").read_text())
+    quality_stage = spec["stages"]["quality"]
+    quality_stage["outs"] = [o for o in quality_stage["outs"] if audit.NEAR_DUPLICATES not in o]
+    quality_stage["cmd"] = quality_stage["cmd"].replace(
+        f"shutil.copy('src/near_duplicates', '{audit.NEAR_DUPLICATES}'); ", ""
+    )
+    assert audit.NEAR_DUPLICATES not in quality_stage["cmd"]
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    rev = revision("no list", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    code, problems = audit_of(project, rev)
+    assert code == 1 and any(audit.NEAR_DUPLICATES in p for p in problems), problems
