@@ -131,7 +131,8 @@ class Fractions(Section):
 class DownloadParams(Section):
     fractions: Fractions = Fractions(train=0.5, val=0.25, test=0.25)  # the seed's 2:1:1
     min_side: int = pydantic.Field(16, ge=1)
-    max_pixels: int = pydantic.Field(normalise.DEFAULT_MAX_PIXELS, ge=1)
+    # at most Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS), past which it refuses every image itself
+    max_pixels: int = pydantic.Field(normalise.DEFAULT_MAX_PIXELS, ge=1, le=normalise.PILLOW_HARD_LIMIT)
     # manifest ids quarantined as "excluded by download.exclude" (suspected label errors from
     # evaluation/label_issues.json, one copy of a near-duplicate in evaluation/near_duplicates.json):
     # explicit and versioned; the audit lists them, and an id no image has is reported in summary.json

@@ -54,9 +54,20 @@ def namespace_record(min_side: int, max_pixels: int) -> dict:
         "pillow": PIL.__version__,
         # the codec libraries Pillow was built with: a rebuilt Pillow can read or write other bytes
         "pillow_codecs": {name: features.version(name) for name in ("jpg", "zlib", "webp", "libtiff")},
+        # ... and the libraries behind those API versions (jpg 6.2 is libjpeg-turbo's API, zlib 1.2.13 zlib-ng's)
+        **pillow_libraries(),
         "numpy": np.__version__,
         "machine": platform.machine(),
     }
+
+
+CODEC_LIBRARIES = ("libjpeg_turbo", "zlib_ng")
+
+
+def pillow_libraries() -> dict:
+    """The versions of the codec libraries Pillow runs, where it reports them (nothing where it reports none)."""
+    found = {name: features.version(name) for name in CODEC_LIBRARIES if features.check_feature(name)}
+    return {"pillow_libraries": found} if found else {}
 
 
 class DownloadCache:

@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from pipelines import image
 
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # Pillow's decompression-bomb limit
+# Pillow refuses any image over twice that (DecompressionBombError in Image.open): a higher limit would do nothing
+PILLOW_HARD_LIMIT = 2 * DEFAULT_MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1241,6 +1241,23 @@ def test_the_limits_the_code_and_the_decoders_name_the_cache_namespace(monkeypat
         edited = {**real, module: "0" * 64}
         monkeypatch.setattr(download_cache, "code_fingerprint", lambda modules, edited=edited: edited)
         assert fingerprint.namespace_of(download_cache.namespace_record(16, 1000)) != base, module
+    monkeypatch.undo()
+    # the codec libraries behind Pillow's API versions (jpg 6.2 is libjpeg-turbo's API whatever its release)
+    from PIL import features
+
+    real_version = features.version
+    monkeypatch.setattr(features, "version", lambda name: "9.9.9" if name == "libjpeg_turbo" else real_version(name))
+    if features.check_feature("libjpeg_turbo"):
+        assert fingerprint.namespace_of(download_cache.namespace_record(16, 1000)) != base
+
+
+def test_a_limit_pillow_would_override_is_refused():
+    """Pillow refuses every image over twice its MAX_IMAGE_PIXELS itself: a higher download.max_pixels did nothing."""
+    from pydantic import ValidationError
+
+    assert dl.DownloadParams(max_pixels=normalise.PILLOW_HARD_LIMIT).max_pixels == 178_956_970
+    with pytest.raises(ValidationError, match="less than or equal to 178956970"):
+        dl.DownloadParams(max_pixels=normalise.PILLOW_HARD_LIMIT + 1)
 
 
 def test_a_failure_that_is_not_the_files_is_not_cached(tmp_path, monkeypatch):
