@@ -22,8 +22,8 @@ inference mode (the base is called with ``training=False``); recompile after
 changing ``trainable``; a very low learning rate; augmentation on the training
 split only, in the input pipeline, so every epoch sees new variants; early
 stopping on val loss with the best weights restored, where the starting point
-(the trained head on the frozen base) counts as epoch 0: fine-tuning that does
-not beat it on val keeps it.
+(the trained head on the frozen base) counts as epoch 0: fine-tuning that neither
+matches nor beats it on val keeps it.
 """
 
 from __future__ import annotations
