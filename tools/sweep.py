@@ -255,9 +255,13 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:
-        # modified and untracked files alike (git diff alone missed an uncommitted dvc.lock, which the end of the
-        # sweep then deleted); git-ignored ones are DVC's, which `dvc checkout` puts back
-        changed = sh("git", "status", "--porcelain", "--untracked-files=all", "--", *RESTORED, cwd=repo).strip()
+        # committed files changed, and a dvc.lock or params.yaml never committed (git diff alone missed those: the
+        # end of the sweep deleted such a lock). Untracked files in the output folders are outputs the variants'
+        # runs write over anyway (a first sweep leaves some), and git-ignored ones DVC's, which it puts back.
+        status = sh("git", "status", "--porcelain", "--untracked-files=all", "--", *RESTORED, cwd=repo).splitlines()
+        changed = "\n".join(
+            line for line in status if not line.startswith("??") or line[3:].strip() in ("dvc.lock", "params.yaml")
+        )
         if changed:
             raise RuntimeError(
                 f"uncommitted changes in {', '.join(RESTORED)} ({changed.splitlines()[0].strip()}"

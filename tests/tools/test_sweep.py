@@ -115,6 +115,8 @@ def test_a_sweep_refuses_to_start_over_an_uncommitted_lock_or_metrics(tmp_path):
     (tmp_path / "dvc.lock").unlink()
     (tmp_path / "evaluation").mkdir()
     (tmp_path / "evaluation" / "metrics.json").write_text("{}")
+    commit(tmp_path, "metrics")
+    (tmp_path / "evaluation" / "metrics.json").write_text('{"edited": 1}')  # a committed file changed
     with pytest.raises(RuntimeError, match=r"evaluation/metrics.json"):
         sweep.run_sweep(tmp_path / "tiny.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
     assert subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
