@@ -215,8 +215,8 @@ def declared(repo: Path, commit: str) -> tuple[list[str], set[str], dict[str, di
 
     with Repo(str(repo), rev=commit) as dvc_repo:
         root = dvc_repo.fs.join(dvc_repo.root_dir, "dvc.yaml")
-        if not dvc_repo.fs.exists(root):
-            return [], set(), {}
+        if not dvc_repo.fs.exists(root):  # its dvc.lock's stages would be checked against nothing
+            raise FileNotFoundError("the revision has no dvc.yaml")
         stages = [s for s in load_file(dvc_repo, root).stages.values() if isinstance(s, PipelineStage)]
         definitions = {
             s.name: {

@@ -857,3 +857,18 @@ def test_a_quality_stage_without_its_near_duplicate_list_fails_the_audit(audited
     rev = revision("no list", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
     code, problems = audit_of(project, rev)
     assert code == 1 and any(audit.NEAR_DUPLICATES in p for p in problems), problems
+
+
+@pytest.mark.integration
+def test_a_revision_that_dropped_its_dvc_yaml_says_so(audited_project):
+    """dvc.yaml deleted, dvc.lock kept: nothing declared the lock's stages, and the audit failed only through
+    files it then could not find, saying they were in no cache; it names the cause now."""
+    project, revision = audited_project
+    revision("good", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    run(["git", "rm", "-q", "dvc.yaml"], project)
+    commit(project, "dvc.yaml removed")
+    rev = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    code, problems = audit_of(project, rev)
+    assert code == 1
+    cause = f"dvc.yaml at {rev[:12]} cannot be resolved by DVC (the revision has no dvc.yaml)"
+    assert any(p.startswith(cause) for p in problems), problems
