@@ -47,7 +47,7 @@ from components.cli import configure_logging, run_main
 from components.manifest import read_jsonl
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
-from pipelines import classifier, records, runtimes, serving
+from pipelines import cache_lock, classifier, records, runtimes, serving
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +365,13 @@ def run(
     serving.check_tta(size, config.tta.quarter_turns)  # before any work
     decode = records.record_decoder(size)
     cache_dir = runtimes.local_cache(cache_dir)  # converted models under it (a bucket or none: a per-run folder)
-    score_head = runtimes.predictor(head, params.runtime, cache_dir)
-    # Grad-CAM uses the Keras model; scoring applies the tta section as the serving model does
-    score_model = serving.with_tta(
-        runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip, config.tta.quarter_turns
-    )
+    # converting and compiling read and write that folder: tools.cache_gc, which empties it, waits (or refuses)
+    with cache_lock.held(cache_dir if params.runtime != "tensorflow" else None):
+        score_head = runtimes.predictor(head, params.runtime, cache_dir)
+        # Grad-CAM uses the Keras model; scoring applies the tta section as the serving model does
+        score_model = serving.with_tta(
+            runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip, config.tta.quarter_turns
+        )
     image_files = records.split_files(convert_dir / "records", "test")
     counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 

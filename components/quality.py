@@ -145,15 +145,17 @@ def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray)
     scored by a head trained on that photo: the cross-validated accuracy came out high on labels with no signal
     at all, and a copy's wrong label looked right. Without copies it is `stratified_folds` itself."""
     firsts = np.flatnonzero(groups == np.arange(len(groups)))
-    try:
-        fold_of_first = stratified_folds(labels[firsts], folds, seed)
-    except ValueError as exc:
-        if len(firsts) == len(labels):
-            raise
-        raise ValueError(
-            f"{exc}; {len(labels) - len(firsts)} of the {len(labels)} images are near-duplicate copies at "
-            "quality.near_duplicate_threshold: if they are not copies, raise it (benchmarks/near_duplicate_threshold.py)"
-        ) from None
+    if len(firsts) < len(labels):  # copies: the classes need `folds` groups each, not images
+        counts = np.bincount(labels[firsts], minlength=int(labels.max()) + 1)
+        small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
+        if small:
+            raise ValueError(
+                f"classes {small} have fewer than quality.folds={folds} distinct images in train + val once "
+                f"near-duplicate copies count once ({[int(counts[c]) for c in small]}; {len(labels) - len(firsts)} "
+                f"of the {len(labels)} images are copies at quality.near_duplicate_threshold): lower quality.folds, "
+                "or raise the threshold if they are not copies (benchmarks/near_duplicate_threshold.py)"
+            )
+    fold_of_first = stratified_folds(labels[firsts], folds, seed)
     fold_of = np.empty(len(labels), dtype=np.int64)
     fold_of[firsts] = fold_of_first
     return fold_of[groups]

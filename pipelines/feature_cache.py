@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines import fingerprint
+from pipelines import cache_lock, fingerprint
 
 # The modules whose code decides an image's pixels (decode, resize, record parsing), the
 # model that runs on them (the registry, tapping, pooling) and how it is run (pipelines/extract.py:
@@ -118,7 +118,12 @@ def local_differences(namespace: dict) -> list[str]:
     Beam worker on another kind of machine, with other libraries or other code, must not write its features
     under the launcher's namespace (a later run there would read them as its own)."""
     here = local_record(namespace.get("runtime", "tensorflow"))
-    return sorted(key for key, value in here.items() if namespace.get(key) != value)
+    # fields recorded only where not the default: a launcher's that this worker lacks differ too
+    keys = set(here) | (OPTIONAL_FIELDS & set(namespace))
+    return sorted(key for key in keys if namespace.get(key) != here.get(key))
+
+
+OPTIONAL_FIELDS = {"keras_config", "gpus", "tensor_float_32", "cuda"}
 
 
 def runtime_record(runtime: str) -> dict:
@@ -311,6 +316,8 @@ def collect_converted(folder: str, dry_run: bool = False) -> dict:
     if "://" in folder or not os.path.isdir(folder):
         return report
     for name in sorted(os.listdir(folder)):
+        if name == cache_lock.LOCK_FILE:  # evaluate's lock on the folder (held by the caller)
+            continue
         path = os.path.join(folder, name)
         report["converted_removed"] += 1
         if os.path.isdir(path):

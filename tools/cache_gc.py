@@ -120,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     # both caches locked first (`CacheBusy` while a stage uses either), then the download cache: it reads the
     # source, which may fail, and then nothing is deleted at all
-    with cache_lock.held(args.download_cache, exclusive=True), cache_lock.held(args.cache, exclusive=True):
+    with (
+        cache_lock.held(args.download_cache, exclusive=True),
+        cache_lock.held(args.cache, exclusive=True),
+        cache_lock.held(args.converted, exclusive=True),  # evaluate holds it while it converts and compiles
+    ):
         namespace = current_namespace(args.params, args.weights)  # may fail: before anything is deleted
         download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
         recorded = recorded_namespace(args.metrics)

@@ -44,7 +44,7 @@ import pydantic
 import tensorflow as tf
 import yaml
 
-from components.cli import EnvironmentProblem, configure_logging, dvc, run_main, sh, venv_env
+from components.cli import configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, log_resolved, read_params, section
 from pipelines import features as fk
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, record = retrain(Path(args.repo), params, args.pull, args.push)
     except RuntimeError as exc:
         code, record = FAILED, {"decision": "failed", "reason": str(exc)}
-    except (ParamsError, EnvironmentProblem):  # a bad param or a missing package: exit 2 (run_main), no record
+    except ParamsError:  # a bad param: exit 2 (run_main), no record (EnvironmentProblem is a RuntimeError: above)
         raise
     except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded, a missing signature: still a record
         if getattr(exc, "user_facing", False):  # says what to do: run_main prints it and exits 2

@@ -258,10 +258,10 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         # committed files changed, and a dvc.lock or params.yaml never committed (git diff alone missed those: the
         # end of the sweep deleted such a lock). Untracked files in the output folders are outputs the variants'
         # runs write over anyway (a first sweep leaves some), and git-ignored ones DVC's, which it puts back.
-        status = sh("git", "status", "--porcelain", "--untracked-files=all", "--", *RESTORED, cwd=repo).splitlines()
-        changed = "\n".join(
-            line for line in status if not line.startswith("??") or line[3:].strip() in ("dvc.lock", "params.yaml")
-        )
+        # (paths relative to the project: it may be a folder of a larger git repository)
+        modified = sh("git", "diff", "--name-only", "--relative", "HEAD", "--", *RESTORED, cwd=repo).splitlines()
+        untracked = sh("git", "ls-files", "--others", "--exclude-standard", "--", "dvc.lock", "params.yaml", cwd=repo)
+        changed = "\n".join(modified + untracked.splitlines())
         if changed:
             raise RuntimeError(
                 f"uncommitted changes in {', '.join(RESTORED)} ({changed.splitlines()[0].strip()}"

@@ -112,7 +112,7 @@ def test_a_threshold_that_makes_a_class_one_group_of_copies_is_refused_naming_it
     """Copies share a fold: at a threshold loose enough that each toy cluster is one group of copies, there are
     fewer groups than folds, and the stage says which param to look at instead of cross-validating nothing."""
     extract, labels, download, history = toy_run_inputs(tmp_path)
-    with pytest.raises(ValueError, match=r"fewer than quality.folds=3 .* near-duplicate copies at quality.near_dup"):
+    with pytest.raises(ValueError, match=r"fewer than quality.folds=3 distinct images .* copies at quality.near_dup"):
         quality.run(config(folds=3, near_duplicate_threshold=0.9), extract, labels, download, history, tmp_path / "r")
 
 

@@ -75,6 +75,9 @@ def test_xla_keras_config_and_gpus_key_the_namespace_and_defaults_keep_it(monkey
     finally:
         keras.config.set_floatx(floatx)
     assert feature_cache.namespace_record(base, 32) == default
+    # a launcher's non-default setting that this (default) worker lacks: refused as well, not only the reverse
+    launcher = {**default, "keras_config": {"floatx": "float64", "backend": "tensorflow"}, "gpus": [{"name": "g"}]}
+    assert feature_cache.local_differences(launcher) == ["gpus", "keras_config"]
     gpu = types.SimpleNamespace(name="/physical_device:GPU:0", device_type="GPU")
     on_gpu = feature_cache.accelerators([gpu])
     assert on_gpu["gpus"][0]["name"] == "/physical_device:GPU:0" and "tensor_float_32" in on_gpu

@@ -181,3 +181,20 @@ def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch)
             )
     with cache_lock.held(tmp_path / "fe", exclusive=True):  # and after it, the lock is free again
         pass
+    converted = tmp_path / "openvino"
+    (converted / "somekey").mkdir(parents=True)
+    with cache_lock.held(converted):  # evaluate converting and compiling (runtime: openvino)
+        with pytest.raises(cache_lock.CacheBusy):
+            cache_gc.main(
+                [
+                    "--params",
+                    str(params),
+                    "--cache",
+                    str(tmp_path / "fe"),
+                    "--download-cache",
+                    str(tmp_path / "none"),
+                    "--converted",
+                    str(converted),
+                ]
+            )
+    assert (converted / "somekey").is_dir()
