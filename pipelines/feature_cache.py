@@ -70,6 +70,9 @@ def namespace_record(base_fingerprint: dict, batch_size: int, runtime: str = "te
     return {"conv_base": base, "batch_size": int(batch_size), **local_record(runtime)}
 
 
+PARAMS_FIELDS = ("conv_base", "batch_size")  # the fields of `namespace_record` the params decide
+
+
 def local_record(runtime: str = "tensorflow") -> dict:
     """The fields of `namespace_record` that this process decides rather than the params: the code, the
     library versions and the machine (and the runtime's)."""
@@ -118,12 +121,10 @@ def local_differences(namespace: dict) -> list[str]:
     Beam worker on another kind of machine, with other libraries or other code, must not write its features
     under the launcher's namespace (a later run there would read them as its own)."""
     here = local_record(namespace.get("runtime", "tensorflow"))
-    # fields recorded only where not the default: a launcher's that this worker lacks differ too
-    keys = set(here) | (OPTIONAL_FIELDS & set(namespace))
+    # every field either side's process decided: some are recorded only where not the default (Keras's config,
+    # GPUs), so a launcher's that this worker lacks differ too
+    keys = set(here) | (set(namespace) - set(PARAMS_FIELDS))
     return sorted(key for key in keys if namespace.get(key) != here.get(key))
-
-
-OPTIONAL_FIELDS = {"keras_config", "gpus", "tensor_float_32", "cuda"}
 
 
 def runtime_record(runtime: str) -> dict:
@@ -281,8 +282,7 @@ def collect_garbage(
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
         if name not in kept:
             report["namespaces_removed"].append(name)
-            for dirpath, _, files in os.walk(folder):
-                report["bytes_freed"] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+            report["bytes_freed"] += _bytes_under(folder)
             if not dry_run:
                 shutil.rmtree(folder)
             continue
@@ -320,13 +320,18 @@ def collect_converted(folder: str, dry_run: bool = False) -> dict:
             continue
         path = os.path.join(folder, name)
         report["converted_removed"] += 1
+        report["bytes_freed"] += _bytes_under(path)
+        if dry_run:
+            continue
         if os.path.isdir(path):
-            for dirpath, _, files in os.walk(path):
-                report["bytes_freed"] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-            if not dry_run:
-                shutil.rmtree(path)
+            shutil.rmtree(path)
         else:
-            report["bytes_freed"] += os.path.getsize(path)
-            if not dry_run:
-                os.unlink(path)
+            os.unlink(path)
     return report
+
+
+def _bytes_under(path: str) -> int:
+    """A file's size, or the sizes of every file in a folder."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(dirpath, f)) for dirpath, _, files in os.walk(path) for f in files)

@@ -70,30 +70,23 @@ def cross_split_pairs(
             raise ValueError(f"{split}: {len(ids[split])} ids for {shape[0]} feature vectors")
     if len(dims) > 1:
         raise ValueError(f"the splits' features have different sizes {sorted(dims)}")
-    # float32 products find the candidates (their rounding depends on the blocks, so with a margin); each
-    # candidate's similarity is then summed again in float64 on its own, so the list does not depend on them.
-    rows, margin = [], np.float32(threshold - 1e-4)
+    rows = []
     for i, a in enumerate(present):
         for b in present[i + 1 :]:
             for start in range(0, len(features[a]), block):
                 units_a = unit_rows(features[a][start : start + block])
                 for other in range(0, len(features[b]), other_block):
                     units_b = unit_rows(features[b][other : other + other_block])
-                    hit_a, hit_b = np.nonzero(units_a @ units_b.T >= margin)
-                    exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
-                    for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
-                        # compared as reported, to 6 digits: float32 unit rows put an exact copy at 0.9999999
-                        similarity = round(min(similarity, 1.0), 6)
-                        if similarity >= threshold:
-                            rows.append(
-                                {
-                                    "similarity": similarity,
-                                    "a_split": a,
-                                    "a_id": ids[a][start + r],
-                                    "b_split": b,
-                                    "b_id": ids[b][other + c],
-                                }
-                            )
+                    for r, c, similarity in _similar(units_a, units_b, threshold):
+                        rows.append(
+                            {
+                                "similarity": similarity,
+                                "a_split": a,
+                                "a_id": ids[a][start + r],
+                                "b_split": b,
+                                "b_id": ids[b][other + c],
+                            }
+                        )
     order = {s: k for k, s in enumerate(SPLITS)}
     rows.sort(key=lambda p: (-p["similarity"], order[p["a_split"]], p["a_id"], order[p["b_split"]], p["b_id"]))
     return rows
@@ -107,18 +100,31 @@ def pairs_within(rows: Rows, threshold: float, block: int = 2048) -> list[tuple[
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
     if block < 1:
         raise ValueError("block must be at least 1")
-    found, margin, n = [], np.float32(threshold - 1e-4), len(rows)
+    found, n = [], len(rows)
     for start in range(0, n, block):
         units_a = unit_rows(rows[start : start + block])
         for other in range(start, n, block):
             units_b = units_a if other == start else unit_rows(rows[other : other + block])
-            hit_a, hit_b = np.nonzero(units_a @ units_b.T >= margin)
-            keep = start + hit_a < other + hit_b  # the upper triangle: no row with itself, each pair once
-            hit_a, hit_b = hit_a[keep], hit_b[keep]
-            exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
-            for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
-                similarity = round(min(similarity, 1.0), 6)  # as cross_split_pairs compares
-                if similarity >= threshold:
-                    found.append((start + r, other + c, similarity))
+            found += [
+                (start + r, other + c, similarity)
+                for r, c, similarity in _similar(units_a, units_b, threshold)
+                if start + r < other + c  # the upper triangle: no row with itself, each pair once
+            ]
     found.sort()
+    return found
+
+
+def _similar(units_a: np.ndarray, units_b: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """(row of a, row of b, similarity) of every pair of two blocks of unit rows at or above `threshold`.
+
+    float32 products find the candidates (their rounding depends on the blocks, so with a margin); each
+    candidate's similarity is then summed again in float64 on its own, so the result does not depend on them,
+    and compared as reported, to 6 digits (float32 unit rows put an exact copy at 0.9999999)."""
+    hit_a, hit_b = np.nonzero(units_a @ units_b.T >= np.float32(threshold - 1e-4))
+    exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
+    found = []
+    for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
+        similarity = round(min(similarity, 1.0), 6)
+        if similarity >= threshold:
+            found.append((r, c, similarity))
     return found

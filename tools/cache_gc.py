@@ -31,7 +31,7 @@ from typing import Sequence
 
 from components import conv_base, download, extract
 from components.cli import configure_logging, run_main
-from pipelines import cache_lock, download_cache, feature_cache, normalise, records
+from pipelines import cache_lock, download_cache, feature_cache, normalise, records, runtimes
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def current_namespace(params_path: Path, weights: Path | None = None) -> str:
     if weights is not None:  # with `weights: imagenet` and no such folder: an error, not Keras's cache
         config = dataclasses.replace(config, conv_base=conv_base.imagenet_from(config.conv_base, weights))
     return feature_cache.namespace_of(extract.cache_namespace(config))
-
-
-def runtimes_folder(cache: str) -> str:
-    """Where extract's runtime keeps its converted models under its cache (`pipelines.runtimes.local_cache`)."""
-    return str(Path(cache) / "openvino")
 
 
 def recorded_namespace(metrics: Path) -> str | None:
@@ -134,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         converted = {
             folder: feature_cache.collect_converted(folder, args.dry_run)
-            for folder in (runtimes_folder(args.cache), args.converted)
+            for folder in (runtimes.local_cache(args.cache), args.converted)
+            if folder
         }
     reports = {
         "dry_run": args.dry_run,

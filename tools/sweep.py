@@ -261,11 +261,11 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         # (paths relative to the project: it may be a folder of a larger git repository)
         modified = sh("git", "diff", "--name-only", "--relative", "HEAD", "--", *RESTORED, cwd=repo).splitlines()
         untracked = sh("git", "ls-files", "--others", "--exclude-standard", "--", "dvc.lock", "params.yaml", cwd=repo)
-        changed = "\n".join(modified + untracked.splitlines())
+        changed = modified + untracked.splitlines()
         if changed:
             raise RuntimeError(
-                f"uncommitted changes in {', '.join(RESTORED)} ({changed.splitlines()[0].strip()}"
-                f"{', ...' if len(changed.splitlines()) > 1 else ''}): commit them first (every variant runs from "
+                f"uncommitted changes in {', '.join(RESTORED)} ({changed[0]}{', ...' if len(changed) > 1 else ''}): "
+                "commit them first (every variant runs from "
                 "the committed baseline, and the sweep puts the committed files back when it ends)"
             )
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
