@@ -1,6 +1,6 @@
 """Near-duplicate search across splits at scale: `pipelines.near_duplicates.cross_split_pairs` on N feature vectors
 of the real preset's size, against the one-matrix search it replaces (all n x n similarities at once) on a subset;
-and quality's search within train + val (`pairs_within`), timed against the cross-split search.
+and quality's searches within train and within val (`pairs_within`), timed against the cross-split search.
 
     python -m benchmarks.near_duplicates --n 100000 --dim 1280
 
@@ -59,18 +59,16 @@ def main(argv=None) -> int:
     print(f"planted copies found: {len(copies & found)} of {len(copies)}; other pairs: {len(found - copies)}")
     print(f"peak RSS grew by {(rss_after - rss_before) / 1024:.0f} MB during the search (inputs excluded)")
 
-    # quality's second search: within train + val (copies there must share a cross-validation fold)
-    trained = np.concatenate([feats["train"], feats["val"]])
+    # quality's second search: within train and within val (copies must share a cross-validation fold; its
+    # train-val pairs are the cross-split search's, not searched again)
     started = time.perf_counter()
-    within = nd.pairs_within(trained, args.threshold, block=args.block)
+    within = {split: nd.pairs_within(feats[split], args.threshold, block=args.block) for split in ("train", "val")}
     within_elapsed = time.perf_counter() - started
-    within_products = len(trained) * (len(trained) - 1) // 2
-    train_val = {(a, i, b, j) for a, i, b, j in copies if {a, b} == {"train", "val"}}
-    found_within = {("train", f"train{i}", "val", f"val{j - sizes['train']}") for i, j, _ in within}
+    within_products = sum(len(feats[s]) * (len(feats[s]) - 1) // 2 for s in ("train", "val"))
     print(
-        f"within train + val ({len(trained):,}): {within_elapsed:.1f} s, {within_products / within_elapsed / 1e6:.1f} "
-        f"M pairs/s, {len(within)} pairs; planted train-val copies found {len(train_val & found_within)} of "
-        f"{len(train_val)}; {within_elapsed / elapsed:.2f}x the cross-split search's time"
+        f"within train ({sizes['train']:,}) and within val ({sizes['val']:,}): {within_elapsed:.1f} s, "
+        f"{within_products / within_elapsed / 1e6:.1f} M pairs/s, {sum(map(len, within.values()))} pairs; "
+        f"{within_elapsed / elapsed:.2f}x the cross-split search's time"
     )
 
     small, _, _ = make(args.baseline_n, args.dim, 0, seed=1)
@@ -85,7 +83,7 @@ def main(argv=None) -> int:
         f"{scores.nbytes / 2**20:.0f} MB for the matrix ({args.n:,}: {args.n**2 * 4 / 2**30:.0f} GB)"
     )
     print(f"rate ratio, blocked cross-split / n x n: {products / elapsed / base_rate:.2f}x")
-    return 0 if copies <= found and train_val <= found_within else 1
+    return 0 if copies <= found else 1
 
 
 if __name__ == "__main__":

@@ -364,7 +364,17 @@ def assess(config: Config, data: dict, rows_of: RowsOf, num_classes: int, epochs
     if bad:
         raise ValueError(f"labels {bad} are outside the vocabulary of {num_classes} classes (labels.json)")
     training.make_deterministic(config.common.seed)
-    copies = near_duplicates.pairs_within(features, params.near_duplicate_threshold)  # same fold for each copy
+    # copies share a fold: pairs inside each trained split, and across them from the search above (not again)
+    index, offset, copies = {i: n for n, i in enumerate(ids)}, 0, []
+    for split in TRAINED_SPLITS:
+        found = near_duplicates.pairs_within(data[split][2], params.near_duplicate_threshold)
+        copies += [(offset + i, offset + j, similarity) for i, j, similarity in found]
+        offset += len(data[split][0])
+    copies += [
+        (index[p["a_id"]], index[p["b_id"]], p["similarity"])
+        for p in pairs
+        if p["a_split"] in TRAINED_SPLITS and p["b_split"] in TRAINED_SPLITS
+    ]
     fold_of = grouped_folds(labels, params.folds, config.common.seed, copy_groups(len(labels), copies))
     probabilities = out_of_fold_probabilities(
         features, labels, num_classes, config.train_head, epochs, fold_of, config.common.seed

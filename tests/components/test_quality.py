@@ -311,3 +311,28 @@ def test_every_feature_id_must_be_in_the_manifest(tmp_path):
     path.write_text("\n".join(line for line in lines if '"val4"' not in line) + "\n")
     with pytest.raises(RuntimeError, match="1 feature records have ids the manifest lacks .*val4.*re-run extract"):
         quality.run(config(folds=3), *inputs, tmp_path / "report")
+
+
+def test_the_stage_groups_copies_inside_each_split_and_across_train_and_val_once_each(monkeypatch):
+    """assess searches within train and within val, and takes the train-val copies from the cross-split search
+    it ran anyway: the same pairs as one search over train + val, every copy in its photo's fold."""
+    from pipelines import near_duplicates
+
+    rng = np.random.default_rng(3)
+    rows = {s: rng.normal(0, 1, (n, 16)).astype(np.float32) for s, n in (("train", 40), ("val", 20), ("test", 10))}
+    rows["train"][5] = rows["train"][30] * 1.01  # within train
+    rows["val"][2] = rows["val"][11] * 1.01  # within val
+    rows["val"][7] = rows["train"][12] * 1.01  # across train and val
+    rows["test"][0] = rows["train"][1] * 1.01  # across train and test: listed, not a fold matter
+    data = {s: ([f"{s}{i}" for i in range(len(r))], np.arange(len(r)) % 2, r) for s, r in rows.items()}
+    manifest = {i: {"file": f"{i}.png", "source": i, "label": "c"} for d in data.values() for i in d[0]}
+    monkeypatch.setattr(quality, "out_of_fold_probabilities", lambda *a, **k: np.full((60, 2), 0.5))
+    pairs, ids, _, labels, _, fold_of, copies = quality.assess(
+        config(folds=3, near_duplicate_threshold=0.99), data, lambda wanted: manifest, 2, 1
+    )
+    joined = np.concatenate([rows["train"], rows["val"]])
+    assert copies == len(near_duplicates.pairs_within(joined, 0.99)) == 3
+    at = {i: n for n, i in enumerate(ids)}
+    for a, b in (("train5", "train30"), ("val2", "val11"), ("train12", "val7")):
+        assert fold_of[at[a]] == fold_of[at[b]], (a, b)
+    assert [(p["a_id"], p["b_id"]) for p in pairs if p["b_split"] == "test"] == [("train1", "test0")]
