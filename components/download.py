@@ -387,7 +387,7 @@ def run(
                 staged[len(candidates)].write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
-        manifest, excluded, not_found = split.exclude(manifest, dl.exclude)
+        manifest, excluded, not_found, already = split.exclude(manifest, dl.exclude, quarantine + duplicates)
         if dl.keep_together and any(c.given_split for c in candidates):
             how = (
                 "give dataset.tfds.splits one slice, which download.fractions hash-splits"
@@ -401,12 +401,23 @@ def run(
         manifest, together = split.keep_together(manifest, dl.keep_together)
         quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
-        summary["excluded"] = {"listed": len(dl.exclude), "quarantined": len(excluded), "not_found": not_found}
+        summary["excluded"] = {
+            "listed": len(dl.exclude),
+            "quarantined": len(excluded),
+            "already_quarantined": already,
+            "not_found": not_found,
+        }
         summary["kept_together"] = together
         if together["not_found"]:
             log.warning("download: %d ids in download.keep_together match no image", len(together["not_found"]))
         if not_found:
             log.warning("download: %d ids in download.exclude match no image: %s", len(not_found), not_found[:5])
+        if already:
+            log.warning(
+                "download: %d ids in download.exclude were already quarantined for another reason: %s",
+                len(already),
+                already[:3],
+            )
         if summary["empty_classes"]:
             log.warning(
                 "download: classes with no image kept, left out of the label vocabulary: %s (see quarantine.jsonl)",

@@ -121,10 +121,14 @@ def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) ->
 EXCLUDED = "excluded by download.exclude"
 
 
-def exclude(manifest: Sequence[Mapping], ids: Iterable[str]) -> tuple[list[dict], list[dict], list[str]]:
+def exclude(
+    manifest: Sequence[Mapping], ids: Iterable[str], quarantined: Sequence[Mapping] = ()
+) -> tuple[list[dict], list[dict], list[str], list[dict]]:
     """Drop the manifest rows whose id is listed (an explicit, versioned list: suspected label errors, or
     one copy of a near-duplicate pair). Returns (kept rows, quarantine rows of the dropped, listed ids
-    that no row has), so found = kept + quarantined still holds and a stale id is reported, not ignored."""
+    that no image has, listed ids already quarantined for another reason with that reason), so found =
+    kept + quarantined still holds and a stale id is reported, not ignored; an id whose image another
+    rule quarantined first (the same pixels under two labels) is reported as such, not as unknown."""
     wanted = set(ids)
     kept, dropped = [], []
     for row in manifest:
@@ -140,7 +144,14 @@ def exclude(manifest: Sequence[Mapping], ids: Iterable[str]) -> tuple[list[dict]
             )
         else:
             kept.append(dict(row))
-    return kept, dropped, sorted(wanted - {row["id"] for row in manifest})
+    missing = wanted - {row["id"] for row in manifest}
+    reasons: dict[str, set[str]] = {}
+    for row in quarantined:
+        pixels = row.get("pixels_sha256")
+        if pixels and pixels[:20] in missing:
+            reasons.setdefault(pixels[:20], set()).add(row["reason"])
+    already = [{"id": i, "reasons": sorted(reasons[i])} for i in sorted(reasons)]
+    return kept, dropped, sorted(missing - set(reasons)), already
 
 
 def keep_together(manifest: Sequence[Mapping], groups: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:

@@ -956,11 +956,29 @@ def test_listed_ids_are_excluded_reported_and_reconciled(tiny_folder, tmp_path):
     quarantined = [r for r in mf.read_jsonl(tmp_path / "b" / "quarantine.jsonl") if "download.exclude" in r["reason"]]
     assert sorted(r["source"] for r in quarantined) == sorted([first[0]["source"], first[-1]["source"]])
     assert summary["found"] == summary["kept"] + summary["quarantined"] and summary["reconciled"]
-    assert summary["excluded"] == {"listed": 3, "quarantined": 2, "not_found": [stale]}
+    assert summary["excluded"] == {"listed": 3, "quarantined": 2, "already_quarantined": [], "not_found": [stale]}
     assert summary["quarantine_reasons"] == {"excluded by download.exclude": 2}
     # every other image keeps its split
     before = {row["id"]: row["split"] for row in first}
     assert all(before[row["id"]] == row["split"] for row in manifest)
+
+
+def test_an_excluded_id_that_another_rule_quarantined_is_reported_with_that_reason(tiny_folder, tmp_path):
+    dl.run(folder_config(tiny_folder), tmp_path / "a")
+    row = next(r for r in mf.read_jsonl(tmp_path / "a" / mf.MANIFEST) if r["label"] == "cats")
+    # the same photo filed under the other class too: both copies are quarantined (label unknown) ...
+    shutil.copy(tiny_folder / row["source"], tiny_folder / "dogs" / ("copy_" + Path(row["source"]).name))
+    summary = dl.run(folder_config(tiny_folder, exclude=[row["id"]]), tmp_path / "b")
+    # ... so the listed id is no manifest row: it is reported as already quarantined, with why, not as unknown
+    assert summary["excluded"] == {
+        "listed": 1,
+        "quarantined": 0,
+        "already_quarantined": [
+            {"id": row["id"], "reasons": ["duplicate content under different labels (cats, dogs)"]}
+        ],
+        "not_found": [],
+    }
+    assert summary["found"] == summary["kept"] + summary["quarantined"] and summary["reconciled"]
 
 
 @pytest.mark.parametrize("ids", [["ABCDEF0123456789abcd"], ["abc"], ["0" * 20, "0" * 20]])
