@@ -63,6 +63,34 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
     assert (clone / "models" / "base.keras").read_bytes() == b"a base"
 
 
+def test_a_preset_whose_input_another_source_was_imported_to_is_refused_before_any_change(project, tmp_path):
+    for name, content in (("photos", b"cat"), ("other", b"not the same cat")):
+        (tmp_path / "shared" / name / "cats").mkdir(parents=True)
+        (tmp_path / "shared" / name / "cats" / "a.jpg").write_bytes(content)
+    first = {"inputs": {"sources/photos": "../shared/photos"}, "dataset": {"source": "folder", "dir": "sources/photos"}}
+    (project / "first.yaml").write_text(yaml.safe_dump(first))
+    assert preset.main([str(project / "first.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
+    # The same source spelled another way is the same import: nothing to refuse, nothing imported again.
+    first["inputs"]["sources/photos"] = "../shared/./photos/"
+    (project / "same.yaml").write_text(yaml.safe_dump(first))
+    assert preset.main([str(project / "same.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
+    dvc_file = (project / "sources" / "photos.dvc").read_text()
+    params = (project / "params.yaml").read_text()
+    # Another preset with another source for the same repo path: refused, naming both and what to do;
+    # the import, its data and params.yaml are as they were.
+    second = {"inputs": {"sources/photos": "../shared/other"}, "train_head": {"epochs": 2}}
+    (project / "second.yaml").write_text(yaml.safe_dump(second))
+    with pytest.raises(
+        ParamsError,
+        match=r"sources/photos\.dvc imports .*shared/photos, but the preset's source .* "
+        r"is \.\./shared/other: `dvc remove sources/photos\.dvc`",
+    ):
+        preset.main([str(project / "second.yaml"), "--params", str(project / "params.yaml"), "--write"])
+    assert (project / "sources" / "photos.dvc").read_text() == dvc_file
+    assert (project / "params.yaml").read_text() == params
+    assert (project / "sources" / "photos" / "cats" / "a.jpg").read_bytes() == b"cat"
+
+
 def test_printing_the_arguments_changes_nothing(project, tmp_path):
     (tmp_path / "photos").mkdir()
     (project / "p.yaml").write_text(
