@@ -23,11 +23,13 @@ class CacheBusy(RuntimeError):
 
 
 @contextmanager
-def held(root: str | os.PathLike | None, exclusive: bool = False) -> Iterator[None]:
+def held(root: str | os.PathLike | None, exclusive: bool = False) -> Iterator[bool]:
     """Hold `root`'s lock: shared (a stage: waits while a garbage collection runs), or exclusive without
-    waiting (a garbage collection: `CacheBusy` if a stage holds it)."""
+    waiting (a garbage collection: `CacheBusy` if a stage holds it). Yields whether the lock is held: an
+    exclusive lock on a folder that does not exist yet is not (no folder is made for it), and the caller must
+    then leave that folder alone, since a stage that starts meanwhile creates it and holds its own lock."""
     if root is None or "://" in str(root) or (exclusive and not os.path.isdir(root)):
-        yield  # no cache here yet: nothing to collect, and no folder made for it
+        yield False  # no cache here yet: nothing to collect, and no folder made for it
         return
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, LOCK_FILE), "a+b") as handle:
@@ -39,6 +41,6 @@ def held(root: str | os.PathLike | None, exclusive: bool = False) -> Iterator[No
                 "collection when no stage runs, e.g. after `dvc repro` or `python -m tools.retrain` has finished"
             ) from None
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

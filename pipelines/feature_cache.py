@@ -259,6 +259,16 @@ def stored_feature_shape(root: str, record: dict) -> list[int] | None:
     return None if meta is None else [int(d) for d in meta["feature_shape"]]
 
 
+def nothing_collected() -> dict:
+    """`collect_garbage`'s report of a cache left alone."""
+    return {"namespaces_removed": [], "entries_removed": 0, "entries_kept": 0, "bytes_freed": 0}
+
+
+def nothing_converted_collected() -> dict:
+    """`collect_converted`'s report of a folder left alone."""
+    return {"converted_removed": 0, "bytes_freed": 0}
+
+
 def collect_garbage(
     root: str,
     keep_namespace: str | Collection[str],
@@ -273,7 +283,7 @@ def collect_garbage(
     if "://" in root:
         raise ValueError(f"{root}: garbage collection runs on a local cache folder (use the bucket's lifecycle rules)")
     kept = {keep_namespace} if isinstance(keep_namespace, str) else set(keep_namespace)
-    report = {"namespaces_removed": [], "entries_removed": 0, "entries_kept": 0, "bytes_freed": 0}
+    report = nothing_collected()
     if not os.path.isdir(root):
         return report
     for name in sorted(os.listdir(root)):
@@ -312,7 +322,7 @@ def collect_converted(folder: str, dry_run: bool = False) -> dict:
     versions and the code), the one in use included, and the private folders of killed conversions: a
     conversion is a function of the model, redone in seconds at its next use (3.3 s for Lite0), while the keys
     of every base, size and version seen so far would pile up. A local folder; returns what went."""
-    report = {"converted_removed": 0, "bytes_freed": 0}
+    report = nothing_converted_collected()
     if "://" in folder or not os.path.isdir(folder):
         return report
     for name in sorted(os.listdir(folder)):
@@ -324,7 +334,10 @@ def collect_converted(folder: str, dry_run: bool = False) -> dict:
         if dry_run:
             continue
         if os.path.isdir(path):
-            shutil.rmtree(path)
+            # renamed away first (atomic): a deletion killed half-way never leaves a key folder with one file
+            aside = os.path.join(folder, f".{name}.gc-{uuid.uuid4().hex[:12]}")
+            os.rename(path, aside)
+            shutil.rmtree(aside)
         else:
             os.unlink(path)
     return report

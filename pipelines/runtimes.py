@@ -39,6 +39,23 @@ Runtime = Literal["tensorflow", "openvino"]
 RUNTIMES: tuple[str, ...] = ("tensorflow", "openvino")
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
 MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"  # the weights OpenVINO saves beside the .xml
+
+
+def _complete(folder: Path) -> bool:
+    """A converted model under its key: both files (a folder a killed deletion left half-emptied is not)."""
+    return (folder / MODEL_XML).is_file() and (folder / MODEL_BIN).is_file()
+
+
+def _set_aside(folder: Path) -> None:
+    """Remove a damaged key folder: renamed to a private name first (atomic, so no other process ever sees it
+    half-deleted under the key), then deleted; another process that set it aside first wins."""
+    aside = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class RuntimeMissing(RuntimeError):
@@ -94,7 +111,7 @@ def _convert(model: keras.Model, folder: Path) -> None:
         try:
             os.rename(private, folder)  # atomic: a folder under the key holds a complete .xml and .bin
         except OSError:
-            if not (folder / MODEL_XML).is_file():
+            if not _complete(folder):
                 raise
     finally:
         shutil.rmtree(private, ignore_errors=True)
@@ -128,7 +145,9 @@ class OpenVINOModel:
             cache_dir = scratch
         folder = Path(cache_dir) / self.key
         try:
-            if not (folder / MODEL_XML).is_file():
+            if not _complete(folder):
+                if folder.exists():  # damaged (a deletion killed half-way): converted again, not compiled broken
+                    _set_aside(folder)
                 _convert(model, folder)
             self._compiled = ov.Core().compile_model(str(folder / MODEL_XML), "CPU", OPENVINO_CONFIG)
         finally:

@@ -80,10 +80,14 @@ def source_keys(config: download.Config) -> set[str]:
     }
 
 
-def collect_download_cache(params_path: Path, cache: str, dry_run: bool) -> dict:
+def collect_download_cache(params_path: Path, cache: str, dry_run: bool, locked: bool = True) -> dict:
+    """`locked`: whether this run holds the cache's lock; a cache absent when it was taken is left alone
+    (a download that created it since holds its own lock, which this run does not see)."""
     config = download.load_config(params_path)
     namespace = feature_cache.namespace_of(download.cache_namespace(config))
-    keys = source_keys(config) if Path(cache).is_dir() else set()  # no cache: the source need not be readable
+    if not locked:  # no cache: the source need not be readable
+        return {"namespace_kept": namespace, "files_at_source": 0, **feature_cache.nothing_collected()}
+    keys = source_keys(config)
     report = feature_cache.collect_garbage(cache, namespace, keys, dry_run, suffixes=download_cache.SUFFIXES)
     return {"namespace_kept": namespace, "files_at_source": len(keys), **report}
 
@@ -113,23 +117,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     configure_logging()
-    # both caches locked first (`CacheBusy` while a stage uses either), then the download cache: it reads the
-    # source, which may fail, and then nothing is deleted at all
+    # every cache locked first (`CacheBusy` while a stage uses one), then the download cache: it reads the
+    # source, which may fail, and then nothing is deleted at all. A folder absent when its lock is taken is not
+    # locked (none is made for it) and is left alone: a stage that starts meanwhile creates it and holds its own
+    # lock, which this run would not see.
     with (
-        cache_lock.held(args.download_cache, exclusive=True),
-        cache_lock.held(args.cache, exclusive=True),
-        cache_lock.held(args.converted, exclusive=True),  # evaluate holds it while it converts and compiles
+        cache_lock.held(args.download_cache, exclusive=True) as download_locked,
+        cache_lock.held(args.cache, exclusive=True) as cache_locked,
+        cache_lock.held(args.converted, exclusive=True) as converted_locked,  # evaluate's, while it converts
     ):
         namespace = current_namespace(args.params, args.weights)  # may fail: before anything is deleted
-        download_report = collect_download_cache(args.params, args.download_cache, args.dry_run)
+        download_report = collect_download_cache(args.params, args.download_cache, args.dry_run, download_locked)
         recorded = recorded_namespace(args.metrics)
         keys = used_keys(args.convert)
-        report = feature_cache.collect_garbage(
-            args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run
+        report = (
+            feature_cache.collect_garbage(args.cache, {namespace} | {recorded} - {None}, keys, dry_run=args.dry_run)
+            if cache_locked
+            else feature_cache.nothing_collected()
         )
         converted = {
-            folder: feature_cache.collect_converted(folder, args.dry_run)
-            for folder in (runtimes.local_cache(args.cache), args.converted)
+            folder: (
+                feature_cache.collect_converted(folder, args.dry_run)
+                if locked
+                else feature_cache.nothing_converted_collected()
+            )
+            for folder, locked in ((runtimes.local_cache(args.cache), cache_locked), (args.converted, converted_locked))
             if folder
         }
     reports = {

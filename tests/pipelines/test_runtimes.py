@@ -4,6 +4,7 @@ cache, and a clear error when the package is missing."""
 import json
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -79,6 +80,44 @@ def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch)
     assert runtimes.model_digest(keras.models.clone_model(base)) != runtimes.model_digest(base)  # re-initialised
     with pytest.raises(AssertionError, match="converted again"):
         runtimes.OpenVINOModel(other, cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("left", ["model.xml", "model.bin"])
+def test_a_key_folder_a_killed_deletion_left_with_one_file_is_converted_again(base, compiled, left, tmp_path):
+    import shutil
+
+    model, cache = compiled
+    (folder,) = cache.iterdir()
+    damaged = tmp_path / folder.name
+    damaged.mkdir()
+    shutil.copy(folder / left, damaged / left)  # the other file was deleted, the folder not yet
+    again = runtimes.OpenVINOModel(base, tmp_path)
+    images = pixels(4)
+    assert np.array_equal(again.predict(images), model.predict(images))
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing set aside is left behind
+    assert sorted(p.name for p in damaged.iterdir()) == ["model.bin", "model.xml"]
+
+
+def test_the_garbage_collection_renames_a_key_folder_away_before_deleting_it(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "somekey").mkdir()
+    for name in ("model.xml", "model.bin"):
+        (tmp_path / "somekey" / name).write_text(name)
+    deleted = []
+
+    def killed_half_way(path, *args, **kwargs):  # the deletion dies after its first file
+        deleted.append(path)
+        first = sorted(Path(path).iterdir())[0]
+        first.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        feature_cache.collect_converted(str(tmp_path))
+    assert not (tmp_path / "somekey").exists()  # never a key folder with one file: it was renamed away first
+    assert Path(deleted[0]).name.startswith(".somekey.gc-")
 
 
 def test_the_conversion_key_holds_the_code_and_versions_the_traced_function_runs(base, monkeypatch):

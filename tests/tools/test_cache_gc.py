@@ -198,3 +198,44 @@ def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch)
                 ]
             )
     assert (converted / "somekey").is_dir()
+
+
+def test_a_cache_a_stage_creates_while_the_collection_runs_is_left_alone(tmp_path, monkeypatch):
+    """A cache folder absent when the collection takes its locks has no lock of the collection's: a stage that
+    starts meanwhile creates it and holds its own lock, so the collection must not delete what it writes."""
+    params = tmp_path / "params.yaml"
+    base = {"name": "mobilenet_v2", "path": None, "weights": "none", "input_size": [32, 32], "pooling": "avg"}
+    source = tmp_path / "src"
+    source.mkdir()
+    params.write_text(
+        yaml.safe_dump(repo_params({"dataset": {"source": "folder", "dir": str(source)}, "conv_base": base}))
+    )
+    caches = {name: tmp_path / name for name in ("dl", "fe", "openvino")}
+    written = []
+
+    def stages_start(convert_dir):  # runs while the collection reads the records: the three caches appear
+        for cache in caches.values():
+            entry = cache / "another-namespace" / "ab" / "abc.npy"  # in no namespace the collection keeps
+            entry.parent.mkdir(parents=True)
+            (cache / "another-namespace" / "meta.json").write_text("{}")
+            entry.write_bytes(b"features being written")
+            written.append(entry)
+        return set()
+
+    monkeypatch.setattr(cache_gc, "used_keys", stages_start)
+    assert not any(cache.exists() for cache in caches.values())
+    cache_gc.main(
+        [
+            "--params",
+            str(params),
+            "--download-cache",
+            str(caches["dl"]),
+            "--cache",
+            str(caches["fe"]),
+            "--converted",
+            str(caches["openvino"]),
+            "--metrics",
+            str(tmp_path / "none.json"),
+        ]
+    )
+    assert len(written) == 3 and all(entry.is_file() for entry in written)
