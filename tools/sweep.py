@@ -231,6 +231,21 @@ def dvc(args: list[str], repo: Path) -> str:
     return cli.dvc(*args, cwd=repo).stdout
 
 
+def changed_inputs(repo: Path) -> list[str]:
+    """Data that a committed .dvc file tracks (`dvc add`-ed photos, a preset's `dvc import-url`) and that
+    differs from what the file records, or .dvc files changed since the commit: the variants would run on
+    data no commit holds, and DVC's checkout at the sweep's end would put the recorded data back over it."""
+    changed = sh("git", "diff", "--name-only", "--relative", "HEAD", "--", "*.dvc", cwd=repo).splitlines()
+    outs = set()
+    for name in sh("git", "ls-files", "--", "*.dvc", cwd=repo).splitlines():
+        spec = load_yaml((repo / name).read_text(encoding="utf-8")) or {}
+        outs |= {(Path(name).parent / out["path"]).as_posix() for out in spec.get("outs") or []}
+    if outs:
+        uncommitted = json.loads(dvc(["data", "status", "--json"], repo) or "{}").get("uncommitted", {})
+        changed += [path.rstrip("/") for paths in uncommitted.values() for path in paths if path.rstrip("/") in outs]
+    return sorted(set(changed))
+
+
 def restore_baseline(repo: Path) -> None:
     """Params, lock and metrics back to the commit, then the outputs from the DVC cache.
 
@@ -245,8 +260,8 @@ def restore_baseline(repo: Path) -> None:
     sh("git", "checkout", "-q", "HEAD", "--", *[p for p in RESTORED if tracked(p)], cwd=repo)
     if not tracked("dvc.lock"):
         (repo / "dvc.lock").unlink(missing_ok=True)
-    else:
-        dvc(["checkout", "--force", "--quiet"], repo)
+    else:  # the pipeline's outputs only: data a .dvc file tracks is the user's (the sweep refused changed data)
+        dvc(["checkout", "--force", "--quiet", "dvc.yaml"], repo)
 
 
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
@@ -268,6 +283,13 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                 "commit them first (every variant runs from "
                 "the committed baseline, and the sweep puts the committed files back when it ends)"
             )
+        inputs = changed_inputs(repo)
+        if inputs:
+            raise RuntimeError(
+                f"data tracked by .dvc files differs from the commit ({', '.join(inputs[:3])}"
+                f"{', ...' if len(inputs) > 3 else ''}): `dvc add` it and commit the .dvc file (or `dvc checkout` "
+                "it back) first: every variant runs from the committed baseline"
+            )
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         if in_git:  # DVC would fail their stages only after training them
             raise RuntimeError(outputs_in_git.advice(in_git))
@@ -282,7 +304,10 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                 "one `dvc queue remove NAME`) and run the sweep again"
             )
         for variant, name in names.items():
-            stale = stale_params(done[name], values[variant]) if name in done else {}
+            # every key, not only those some variant overrides now: an override removed from the sweep file since
+            # the experiment ran puts the baseline's value back, and that too is another run
+            expected = {**dict(preset.leaves(baseline)), **values[variant]}
+            stale = stale_params(done[name], expected) if name in done else {}
             if stale:
                 raise RuntimeError(
                     f"experiment {name} ran with other params than variant {variant} has now "

@@ -1,5 +1,6 @@
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -120,3 +121,51 @@ def test_a_sweep_refuses_to_start_over_an_uncommitted_lock_or_metrics(tmp_path):
     with pytest.raises(RuntimeError, match=r"evaluation/metrics.json"):
         sweep.run_sweep(tmp_path / "tiny.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
     assert subprocess.run(["git", "status", "--porcelain"], cwd=tmp_path, capture_output=True, text=True).stdout
+
+
+def test_a_sweep_refuses_changed_dvc_tracked_data_and_its_end_restores_only_the_pipelines_outputs(tmp_path):
+    """The end of a sweep ran `dvc checkout --force` on the whole project: photos added to a `dvc add`-ed folder
+    (not yet added again) were deleted, and edited ones reverted; the variants had also run on that data."""
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / "sweeps" / "tiny.yaml", tmp_path / "tiny.yaml")
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "photos" / "cats" / "a.jpg").write_text("a cat")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  count:\n    cmd: ls photos/cats | wc -l > n.txt\n    deps: [photos]\n    outs: [n.txt]\n"
+    )
+    run([sys.executable, "-m", "dvc", "add", "-q", "photos"], tmp_path)
+    run([sys.executable, "-m", "dvc", "repro", "-q"], tmp_path)
+    commit(tmp_path, "baseline")
+    (tmp_path / "photos" / "cats" / "new.jpg").write_text("a new cat")  # new data, not yet `dvc add`-ed
+    with pytest.raises(RuntimeError, match=r"data tracked by .dvc files differs from the commit \(photos\)"):
+        sweep.run_sweep(tmp_path / "tiny.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    (tmp_path / "n.txt").write_text("an output edited by hand")
+    sweep.restore_baseline(tmp_path)
+    assert (tmp_path / "photos" / "cats" / "new.jpg").read_text() == "a new cat"  # the user's data is left alone
+    assert (tmp_path / "n.txt").read_text().strip() == "1"  # the pipeline's output is back from the cache
+
+
+def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_the_sweep(tmp_path, monkeypatch):
+    """Only the keys some variant overrides now were compared: an experiment run with an override the sweep file
+    no longer has (so the variant now runs with the baseline's value) was reused and ranked."""
+    import yaml
+
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}}}}))
+    commit(tmp_path, "baseline")
+    baseline = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    ran = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    ran["conv_base"]["pooling"] = "max"
+    ran["finetune"]["learning_rate"] = baseline["finetune"]["learning_rate"] * 2  # an override since removed
+    done = {"s-pooled": {"rev": "abc", "state": None, "error": None, "params": ran, "metrics": {}}}
+    monkeypatch.setattr(sweep, "experiments", lambda repo: done)
+    with pytest.raises(RuntimeError, match=r"experiment s-pooled ran with other params .*finetune\.learning_rate"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    # The same params: reused, not run again, and on to the ranking (which refuses this stand-in's empty metrics).
+    ran["finetune"]["learning_rate"] = baseline["finetune"]["learning_rate"]
+    with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
