@@ -114,34 +114,74 @@ def parse_section(model: type[SectionT], name: str, raw: Any) -> SectionT:
 
 
 class _ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading floats and bools as YAML 1.2 does, as DVC (ruamel) reads params.yaml.
+    """PyYAML's safe loader, reading numbers and bools as YAML 1.2 does, as DVC (ruamel) reads params.yaml.
 
     PyYAML follows YAML 1.1, where `1e-05` (no dot) is a string; DVC writes
     `dvc exp run -S train_head.learning_rate=0.00001` into params.yaml exactly
     so, and reads it back as a float itself. YAML 1.1 also reads `yes`, `no`, `on`
-    and `off` as bools, which DVC (and `dvc params diff`) reads as strings: here
-    only `true` and `false` are bools, so a stage never sees another value than DVC shows.
+    and `off` as bools, `010` as 8 and `1:30` as 90 (base 60), which DVC (and `dvc params diff`)
+    reads as strings, 10 and the string '1:30': here only `true` and `false` are bools, a leading
+    zero is decimal, `0o10` octal, nothing is base 60, and a key given twice in one mapping is an error
+    (DVC refuses such a file; PyYAML took the last), so a stage never sees another value than DVC shows.
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ParamsError(
+                        f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: a key given twice in one "
+                        "mapping (DVC refuses such a file; one of the values would be dropped without a word)"
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 _ParamsLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _ParamsLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# ruamel's YAML 1.2 resolvers (its float's third form wants a signed exponent: `.5e1` is a string)
+# int: binary, octal (0o, or a leading 0 that its constructor reads as decimal), decimal, hex
 _ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?[0-9_]+|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_ParamsLoader.add_implicit_resolver(
+    _FLOAT,
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
     ),
     list("-+0123456789."),
 )
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 int as ruamel reads it: `0o` octal, `0x` hex, `0b` binary, and decimal otherwise (`010` is 10)."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
+        if digits.startswith(prefix):
+            return sign * int(digits[2:], base)
+    return sign * int(digits)
+
+
+_ParamsLoader.add_constructor(_INT, _construct_int)
 
 
 def load_yaml(text: str) -> Any:
@@ -152,7 +192,10 @@ def read_params(params_path: str | Path) -> dict[str, Any]:
     path = Path(params_path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level")
     return data

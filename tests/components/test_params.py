@@ -259,3 +259,38 @@ def test_only_true_and_false_are_bools_as_dvc_reads_them():
 
     loaded = load_yaml("a: yes\nb: on\nc: true\nd: No\ne: False\nf: 1e-05\ng: null\nh: 3\n")
     assert loaded == {"a": "yes", "b": "on", "c": True, "d": "No", "e": False, "f": 1e-05, "g": None, "h": 3}
+
+
+def test_numbers_read_as_dvc_reads_them_and_a_key_given_twice_is_an_error(tmp_path):
+    """YAML 1.1 read `010` as 8, `1:30` as 90 and `12:05` as 725 (base 60), where DVC (YAML 1.2) reads 10 and
+    strings; `+.5` stayed a string; a key given twice silently took the last value, where DVC refuses the file."""
+    from dvc.utils.serialize._yaml import parse_yaml
+
+    from components.params import load_yaml, read_params
+
+    cases = [
+        "010",
+        "0o10",
+        "0x1A",
+        "0b101",
+        "1_000",
+        "-7",
+        "+1",
+        "1:30",
+        "12:05",
+        "190:20:30.15",
+        "+.5",
+        "-.5e1",
+        ".5e-1",
+    ]
+    text = "".join(f"k{i}: {case}\n" for i, case in enumerate(cases))
+    ours, dvcs = load_yaml(text), parse_yaml(text, "params.yaml")
+    assert [(type(v), v) for v in ours.values()] == [(type(v), v) for v in dvcs.values()]
+    assert list(ours.values()) == [10, 8, 26, 5, 1000, -7, 1, "1:30", "12:05", "190:20:30.15", 0.5, "-.5e1", 0.05]
+    for text in ("seed: 1\nseed: 2\n", "train_head:\n  epochs: 5\nfinetune: {}\ntrain_head:\n  epochs: 6\n"):
+        with pytest.raises(ParamsError, match=r"duplicate key '(seed|train_head)' at line \d"):
+            load_yaml(text)
+    assert load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")["other"] == {"x": 1, "y": 3}  # a merge
+    (tmp_path / "params.yaml").write_text("common:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: duplicate key 'seed'"):
+        read_params(tmp_path / "params.yaml")
