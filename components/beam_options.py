@@ -122,7 +122,7 @@ def load(params_path: str | Path) -> BeamParams:
 
 def _option_parser() -> "_StrictParser":
     """A parser of every registered Beam option class, as PipelineOptions parses."""
-    parser = _StrictParser(allow_abbrev=False)
+    parser = _StrictParser(allow_abbrev=False, add_help=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
     return parser
@@ -145,8 +145,9 @@ def _switched_off(name: str, parser: "_StrictParser") -> list[str]:
 
 
 def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
-    """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments."""
-    args = [f"--runner={params.runner}"]
+    """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments; the runner
+    they name last (in any spelling Beam takes) as one ``--runner=`` first, under the name Beam finds it by."""
+    args = []
     parser = _option_parser() if any(value is False for value in params.options.values()) else None
     for name, value in sorted(params.options.items()):
         if value is True:
@@ -155,15 +156,51 @@ def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | Non
             args += _switched_off(name, parser)
         else:
             args.append(f"--{name}={value}")
-    args += shlex.split((environ if environ is not None else os.environ).get(ENV, "")) + list(extra)
-    return [_qualified(arg) for arg in args]
+    words = (environ if environ is not None else os.environ).get(ENV, "")
+    try:
+        args += shlex.split(words)
+    except ValueError as exc:
+        raise ParamsError(f"{ENV}: {exc} in {words!r} (shell words, as on a command line)") from None
+    args += list(extra)
+    for arg in args:
+        if arg in ("-h", "--help"):  # Beam would print its help and exit 0, the stage having done nothing
+            raise ParamsError(f"beam: {arg} is not a pipeline option (from {ENV} or the stage's command line)")
+    runner, args = _take_runner(args, params.runner)
+    return [f"--runner={QUALIFIED.get(runner, runner)}", *args]
 
 
-def _qualified(arg: str) -> str:
-    """--runner=DaskRunner -> the class's full name, which is how Beam finds it (from any source); the same for
-    the DirectRunner, which is this module's."""
-    name, _, value = arg.partition("=")
-    return f"--runner={QUALIFIED[value]}" if name == "--runner" and value in QUALIFIED else arg
+# Every spelling Beam's create_runner takes for a runner (the class name in any case, with or without "Runner",
+# or its full dotted name): Beam would run its own DirectRunner (which tries Prism first) for `direct` or
+# `--runner DirectRunner`, and the unknown-option check would not know the runner.
+_RUNNER_NAMES = {
+    **{name.lower(): name for name in Runner.__args__},
+    **{name.lower().removesuffix("runner"): name for name in Runner.__args__},
+    "switchingdirectrunner": "DirectRunner",
+    "switchingdirect": "DirectRunner",
+}
+
+
+def _runner_name(value: str) -> str:
+    name = _RUNNER_NAMES.get(value.rsplit(".", 1)[-1].lower())
+    if name is None:
+        raise ParamsError(f"beam: runner {value!r} is not one of {', '.join(Runner.__args__)}")
+    return name
+
+
+def _take_runner(args: Sequence[str], default: str) -> tuple[str, list[str]]:
+    """(the runner the arguments name last, else `default`; the arguments without any runner flag)."""
+    runner, rest, words = default, [], iter(args)
+    for arg in words:
+        if arg == "--runner":
+            value = next(words, None)
+            if value is None or value.startswith("-"):
+                raise ParamsError("beam: --runner without a runner name")
+            runner = _runner_name(value)
+        elif arg.startswith("--runner="):
+            runner = _runner_name(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return runner, rest
 
 
 class _StrictParser(_BeamArgumentParser):
@@ -185,6 +222,8 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     _, unknown = parser.parse_known_args(args)
     flags = [f.lstrip("-") for f in parser._option_string_actions if f.startswith("--")]
     for arg in unknown:
+        if not arg.startswith("--") and runner in STRICT:  # a stray word, or a single-dash one Beam would drop
+            raise ParamsError(f"beam: {arg!r} is not a Beam option (--name=value)")
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0]
             message = (

@@ -220,6 +220,46 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "words, runner",
+    [
+        ("--runner DirectRunner", "DirectRunner"),
+        ("--runner=direct", "DirectRunner"),
+        ("--runner=Direct", "DirectRunner"),
+        ("--runner apache_beam.runners.direct.direct_runner.DirectRunner", "DirectRunner"),
+        ("--runner dask", "DaskRunner"),
+        ("--runner=flink", "FlinkRunner"),
+    ],
+)
+def test_every_spelling_of_a_runner_is_the_projects_runner_and_its_checks(monkeypatch, words, runner):
+    """Only `--runner=DirectRunner` was rewritten: `--runner DirectRunner` or `direct` ran Beam's own DirectRunner
+    (which tries Prism first), and its unknown options were only logged."""
+    monkeypatch.setenv(beam_options.ENV, words + " --job_name=x")
+    args = beam_options.beam_args(beam_options.DIRECT)
+    assert args == [f"--runner={beam_options.QUALIFIED.get(runner, runner)}", "--job_name=x"]
+    if runner in beam_options.STRICT:
+        monkeypatch.setenv(beam_options.ENV, words + " --direct_num_wokers=2")
+        with pytest.raises(ParamsError, match="unknown Beam option --direct_num_wokers"):
+            beam_options.pipeline_options("extract", beam_options.DIRECT)
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        ("--job_name='unclosed", r"TRANSFER_BEAM_ARGS: No closing quotation"),
+        ("-h", r"-h is not a pipeline option"),
+        ("--runner", r"--runner without a runner name"),
+        ("--runner=Sprak", r"runner 'Sprak' is not one of DirectRunner, PortableRunner"),
+        ("oops", r"'oops' is not a Beam option"),
+        ("-direct_num_workers=2", r"'-direct_num_workers=2' is not a Beam option"),
+    ],
+)
+def test_bad_beam_words_from_the_environment_are_clear_errors(monkeypatch, words, message):
+    monkeypatch.setenv(beam_options.ENV, words)
+    with pytest.raises(ParamsError, match=message):
+        beam_options.pipeline_options("extract", beam_options.DIRECT)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_weights, on_direct):
