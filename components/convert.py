@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -166,18 +167,31 @@ def run(
     local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp"
     shutil.rmtree(local_temp, ignore_errors=True)
     with outputs.staged_dir(out_dir) as tmp:
-        temp_dir = _temp_location(options) or str(local_temp)
-        with beam.Pipeline(options=options) as pipeline:
-            graph.convert(
-                pipeline,
-                manifest_path=str(download_dir / MANIFEST),
-                images_root=str(download_dir),
-                records_dir=str(tmp / RECORDS),
-                transform_dir=str(tmp / TRANSFORM),
-                shards=shards,
-                temp_dir=temp_dir,
-            )
+        # a folder of this run's own under the runner's temp_location (a bucket on a cluster): two runs sharing one
+        # never write the same analysis files, and its path is long enough for stabilise_saved_model to replace
+        temp_location = _temp_location(options)
+        temp_dir = f"{temp_location.rstrip('/')}/convert-tft-{uuid.uuid4().hex}" if temp_location else str(local_temp)
+        pipeline = beam.Pipeline(options=options)
+        graph.convert(
+            pipeline,
+            manifest_path=str(download_dir / MANIFEST),
+            images_root=str(download_dir),
+            records_dir=str(tmp / RECORDS),
+            transform_dir=str(tmp / TRANSFORM),
+            shards=shards,
+            temp_dir=temp_dir,
+        )
+        # waited for explicitly: `with beam.Pipeline(...)` does not wait under `no_wait_until_finish`, and on an
+        # asynchronous runner (portable, Flink, Spark, Dataflow) the outputs below would be read mid-job
+        state = pipeline.run().wait_until_finish()
+        if state not in (None, beam.runners.runner.PipelineState.DONE):
+            raise RuntimeError(f"convert: the Beam job ended {state}, not DONE")
         shutil.rmtree(local_temp, ignore_errors=True)
+        if temp_location:
+            try:
+                tf.io.gfile.rmtree(temp_dir)
+            except tf.errors.NotFoundError:
+                pass
         vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
         vocabulary = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
         outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", temp_dir, f"label_vocabulary_{vocabulary}")

@@ -78,6 +78,30 @@ def test_rerun_gives_byte_identical_records(download_dir, tmp_path):
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
 
 
+@pytest.mark.integration
+def test_an_asynchronous_runner_without_waiting_and_a_shared_temp_location_give_the_same_bytes(download_dir, tmp_path):
+    """`with beam.Pipeline(...)` does not wait under `no_wait_until_finish`: on an asynchronous runner (the portable
+    one here, as Flink, Spark and Dataflow) convert read its outputs while the job still wrote them. And a
+    `temp_location` was the analysis' scratch folder itself: `/tmp` failed after the whole job (too short to
+    replace in the graph) and runs sharing one wrote the same files; each run now has its own folder under it."""
+    import glob
+
+    convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "direct")
+    before = set(glob.glob("/tmp/convert-tft-*"))
+    portable = convert.beam_options.BeamParams(
+        runner="PortableRunner",
+        options={
+            "job_endpoint": "embed",
+            "environment_type": "LOOPBACK",
+            "no_wait_until_finish": True,
+            "temp_location": "/tmp",
+        },
+    )
+    convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "portable", runner=portable)
+    assert tree_bytes(tmp_path / "portable") == tree_bytes(tmp_path / "direct")
+    assert set(glob.glob("/tmp/convert-tft-*")) == before  # its own scratch folder is gone
+
+
 def test_beam_arguments_pass_through_unchanged(download_dir, tmp_path):
     with pytest.raises(Exception, match="NoSuchRunner"):
         convert.run(
