@@ -214,12 +214,20 @@ def count_records(folder: Path, split: str) -> int:
 
 
 def images_computed(result) -> int | None:
-    """Images that went through the base (the rest came from the cache); None on a runner without metrics."""
+    """Images that went through the base (the rest came from the cache); None on a runner without metrics.
+
+    Every shard's bundle counts (zero when all its images came from the cache), so no counter at all means the
+    runner reported no metrics, not that nothing was computed. A runner that reports attempted values only
+    (Spark's portable batch mode) is read through `result`, which falls back to them."""
     try:
         counters = result.metrics().query(MetricsFilter().with_name(graph.COMPUTED))["counters"]
-    except NotImplementedError:  # Beam's DaskRunner
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError (Dask), a job service without metrics (gRPC)
+        log.warning("extract: the runner reports no metrics (%s: %s); computed is null", type(exc).__name__, exc)
         return None
-    return int(sum(c.committed or 0 for c in counters))
+    values = [c.result for c in counters]
+    if not counters or any(v is None for v in values):
+        return None
+    return int(sum(values))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

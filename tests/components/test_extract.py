@@ -386,3 +386,33 @@ def test_a_record_lost_inside_the_beam_job_fails_the_stage(converted_tiny, tmp_p
     with pytest.raises(RuntimeError, match=r"feature records \{.*\} do not match the TFRecords"):
         extract.run(extract.Config(BASE, extract.ExtractParams(batch_size=4)), converted_tiny, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_computed_counts_come_from_committed_or_attempted_metrics_and_are_null_without_metrics():
+    """`committed or 0` read a runner that reports attempted values only (Spark's portable batch mode) as nothing
+    computed; only NotImplementedError meant "no metrics", so a job service without them failed the stage."""
+    from apache_beam.metrics.execution import MetricKey, MetricResult
+    from apache_beam.metrics.metricbase import MetricName
+
+    def result_of(*counters, error=None):
+        class Result:
+            def metrics(self):
+                if error:
+                    raise error
+
+                class Metrics:
+                    def query(self, _filter):
+                        return {"counters": list(counters)}
+
+                return Metrics()
+
+        return Result()
+
+    def counter(committed, attempted):
+        return MetricResult(MetricKey("step", MetricName("ns", "computed")), committed, attempted)
+
+    assert extract.images_computed(result_of(counter(3, 3), counter(0, 0))) == 3
+    assert extract.images_computed(result_of(counter(None, 5), counter(None, 2))) == 7  # attempted only
+    assert extract.images_computed(result_of()) is None  # no counter at all: no metrics reported
+    assert extract.images_computed(result_of(error=NotImplementedError())) is None
+    assert extract.images_computed(result_of(error=RuntimeError("UNIMPLEMENTED: metrics"))) is None
