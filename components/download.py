@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -119,6 +120,8 @@ class Fractions(Section):
     @pydantic.model_validator(mode="after")
     def _sum_to_one(self) -> "Fractions":
         values = (self.train, self.val, self.test)
+        if not all(math.isfinite(v) for v in values):  # NaN passed every comparison below
+            raise ValueError(f"each fraction must be a finite number, got {values}")
         if any(v < 0 or v > 1 for v in values):
             raise ValueError(f"each fraction must be within [0, 1], got {values}")
         if self.train <= 0:

@@ -46,7 +46,7 @@ SectionT = TypeVar("SectionT", bound=Section)
 class CommonParams(Section):
     """The `common` section, read by every stage that draws random numbers."""
 
-    seed: int = 1337
+    seed: int = pydantic.Field(1337, ge=0, lt=2**32)  # what Keras and NumPy take; -1 failed in train_head, late
 
 
 class TtaParams(Section):

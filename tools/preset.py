@@ -33,10 +33,22 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from components import base_weights, convert, download, evaluate, export, extract, finetune, quality, train_head
+from components import (
+    base_weights,
+    beam_options,
+    convert,
+    download,
+    evaluate,
+    export,
+    extract,
+    finetune,
+    quality,
+    train_head,
+)
 from components.cli import dvc, run_main
-from components.params import ParamsError, load_yaml, read_params
-from tools import outputs_in_git
+from components.params import ParamsError, load_yaml, parse_section, read_params
+from pipelines import runtimes
+from tools import outputs_in_git, retrain
 
 
 def merge(base: Mapping, overrides: Mapping, prefix: str = "") -> dict:
@@ -73,6 +85,8 @@ def set_arg(key: str, value: Any) -> list[str]:
     YAML."""
     if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
         raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
+    if isinstance(value, str) and "${" in value:  # DVC's -S interpolates it (`${oc.env:HOME}` became /root)
+        raise ParamsError(f"{key}: {value!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
     plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
     text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return ["-S", f"{key}={text}"]
@@ -96,6 +110,12 @@ def check_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> No
         tracked = (repo / dvc_file_of(target, repo)).exists()
         if not tracked and "://" not in source and not (repo / source).exists():
             raise ParamsError(f"{preset_path}: inputs.{target}: {source} does not exist (relative to {repo})")
+        if not tracked and (repo / target).exists():  # `dvc import-url` would import *into* it, mixing the two
+            raise ParamsError(
+                f"{preset_path}: inputs.{target}: {target} exists and is not a DVC import ({dvc_file_of(target, repo)} "
+                "is missing): move it away (or `dvc add` it and point the preset's params at it) and apply the preset "
+                "again"
+            )
 
 
 def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
@@ -147,8 +167,16 @@ def validate(params: Mapping, where: Path) -> None:
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
     tmp.write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
     try:
-        for stage in (download, convert, base_weights, extract, train_head, quality, finetune, evaluate, export):
-            stage.load_config(tmp)
+        configs = {
+            stage: stage.load_config(tmp)
+            for stage in (download, convert, base_weights, extract, train_head, quality, finetune, evaluate, export)
+        }
+        for runtime in {configs[extract].extract.runtime, configs[evaluate].evaluate.runtime}:
+            runtimes.check_installed(runtime)  # not only when evaluate starts, after every stage before it ran
+        # the sections no stage's config holds: the Beam runner and the scheduled retrain's gate
+        beam_options.pipeline_options("extract", beam_options.load(tmp), ())
+        if "retrain" in params:
+            parse_section(retrain.RetrainParams, "retrain", params["retrain"])
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -186,3 +186,46 @@ def test_a_preset_with_an_unknown_key_fails_naming_it(tmp_path):
 def test_a_value_dvc_would_change_is_refused():
     with pytest.raises(ParamsError, match=r"dataset\.dir: .*backslash"):
         preset.set_args({"dataset": {"dir": "C:\\\\photos"}})
+
+
+def test_a_preset_target_that_exists_without_its_import_is_refused(project, tmp_path):
+    """`dvc import-url SRC folder` over an existing folder imports *into* it: the user's photos and the preset's
+    were mixed (a dog photo labelled by its folder, "other"), and the .dvc file named was not there."""
+    (tmp_path / "shared" / "cats").mkdir(parents=True)
+    (tmp_path / "shared" / "cats" / "a.jpg").write_bytes(b"cat")
+    (project / "mydata" / "cats").mkdir(parents=True)
+    (project / "mydata" / "cats" / "z.jpg").write_bytes(b"the user's cat")
+    (project / "p.yaml").write_text(yaml.safe_dump({"inputs": {"mydata": "../shared"}}))
+    with pytest.raises(ParamsError, match=r"inputs\.mydata: mydata exists and is not a DVC import"):
+        preset.main([str(project / "p.yaml"), "--params", str(project / "params.yaml"), "--write"])
+    assert sorted(p.name for p in (project / "mydata").rglob("*")) == ["cats", "z.jpg"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"beam": {"runner": "DirectRunner", "options": {"direct_num_wokers": 2}}}, "unknown Beam option"),
+        ({"retrain": {"threshold": 5}}, r"retrain\.threshold"),
+        ({"download": {"fractions": {"train": 0.75, "val": float("nan"), "test": 0.25}}}, "finite"),
+        ({"common": {"seed": -1}}, r"common\.seed"),
+        ({"dataset": {"source": "folder", "dir": "${oc.env:HOME}/photos"}}, "would interpolate"),
+    ],
+)
+def test_every_section_is_validated_before_anything_runs(tmp_path, overrides, message, monkeypatch):
+    monkeypatch.delenv("TRANSFER_BEAM_ARGS", raising=False)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(overrides))
+    with pytest.raises(ParamsError, match=message):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml")])
+
+
+def test_a_runtime_whose_package_is_missing_is_refused_before_any_stage(tmp_path, monkeypatch):
+    import sys
+
+    from pipelines import runtimes
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"evaluate": {"runtime": "openvino"}}))
+    with pytest.raises(runtimes.RuntimeMissing, match="openvino"):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml")])
