@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         changed = {k: download[k] for k in ("exclude", "keep_together")}
-        print(" ".join(shlex.quote(arg) for arg in preset.set_args({"download": changed})))
+        print(" ".join(shlex.quote(arg) for arg in preset.set_args({"download": changed}, params)))
     return 0
 
 

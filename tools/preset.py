@@ -80,21 +80,36 @@ _PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 _READ_AS_OTHER = {"null", "true", "false", "inf", "nan"}
 
 
-def set_arg(key: str, value: Any) -> list[str]:
+def has_key(params: Mapping, dotted: str) -> bool:
+    """Whether `params` holds the dotted key (a mapping at every step before it)."""
+    value: Any = params
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def set_arg(key: str, value: Any, new: bool = False) -> list[str]:
     """``-S key=value`` for one dotted key; the value in JSON (a string quoted unless plain), which DVC reads as
-    YAML."""
+    YAML. `new`: a key params.yaml does not have yet (an option under `beam.options: {}`), which DVC's -S
+    sets only as ``+key=value`` (it refuses the plain form)."""
     if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
         raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
     if isinstance(value, str) and "${" in value:  # DVC's -S interpolates it (`${oc.env:HOME}` became /root)
         raise ParamsError(f"{key}: {value!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
     plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
     text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return ["-S", f"{key}={text}"]
+    return ["-S", f"{'+' if new else ''}{key}={text}"]
 
 
-def set_args(overrides: Mapping) -> list[str]:
-    """`set_arg` for every leaf of nested overrides."""
-    return [arg for key, value in leaves(overrides) for arg in set_arg(key, value)]
+def set_args(overrides: Mapping, base: Mapping | None = None) -> list[str]:
+    """`set_arg` for every leaf of nested overrides; those `base` (the params they apply to) lacks are new keys."""
+    return [
+        arg
+        for key, value in leaves(overrides)
+        for arg in set_arg(key, value, new=base is not None and not has_key(base, key))
+    ]
 
 
 def dvc_file_of(target: str, repo: Path) -> str:
@@ -201,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = overrides.pop("inputs", None) or {}
     if not isinstance(inputs, Mapping):
         raise ParamsError(f"{args.preset}: inputs: expected a mapping of repo path -> source")
-    merged = merge(read_params(args.params), overrides)
+    base = read_params(args.params)
+    merged = merge(base, overrides)
     validate(merged, args.params)
     repo = args.params.resolve().parent
     check_inputs(inputs, args.preset, repo)
@@ -231,11 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run",
             *(["--queue"] if args.queue else []),
             *(["-n", args.name] if args.name else []),
-            *set_args(overrides),
+            *set_args(overrides, base),
         ]
         return subprocess.run(command, cwd=repo).returncode
     else:
-        print(" ".join(shlex.quote(arg) for arg in set_args(overrides)))
+        print(" ".join(shlex.quote(arg) for arg in set_args(overrides, base)))
     return 0
 
 

@@ -78,19 +78,26 @@ def lookup(params: Mapping, dotted: str) -> Any:
 
 
 def variant_values(sweep: SweepFile, baseline: Mapping) -> dict[str, dict[str, Any]]:
-    """Per variant, {dotted key: value}: its own overrides, and the baseline's value for keys only others override."""
+    """Per variant, {dotted key: value}: its own overrides, and the baseline's value for keys only others override
+    (a key the baseline lacks, such as an option under `beam.options: {}`, only where the variant sets it)."""
     keys = sorted({key for overrides in sweep.variants.values() for key, _ in preset.leaves(overrides)})
     values = {}
     for name, overrides in sweep.variants.items():
         own = dict(preset.leaves(overrides))
-        values[name] = {key: own[key] if key in own else lookup(baseline, key) for key in keys}
+        values[name] = {
+            key: own[key] if key in own else lookup(baseline, key)
+            for key in keys
+            if key in own or preset.has_key(baseline, key)
+        }
     return values
 
 
-def variant_args(values: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
-    """`-S` arguments per variant, from its `variant_values`."""
+def variant_args(values: Mapping[str, Mapping[str, Any]], baseline: Mapping) -> dict[str, list[str]]:
+    """`-S` arguments per variant, from its `variant_values` (``+key=`` for a key the baseline lacks)."""
     return {
-        name: [arg for key, value in pairs.items() for arg in preset.set_arg(key, value)]
+        name: [
+            arg for key, value in pairs.items() for arg in preset.set_arg(key, value, not preset.has_key(baseline, key))
+        ]
         for name, pairs in values.items()
     }
 
@@ -295,7 +302,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
             raise RuntimeError(outputs_in_git.advice(in_git))
         baseline = read_params(params_path)
         values = variant_values(sweep, baseline)
-        args = variant_args(values)
+        args = variant_args(values, baseline)
         done = experiments(repo)
         not_finished = unusable(done, list(names.values()))
         if not_finished:
@@ -308,6 +315,8 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
             # the experiment ran puts the baseline's value back, and that too is another run
             expected = {**dict(preset.leaves(baseline)), **values[variant]}
             stale = stale_params(done[name], expected) if name in done else {}
+            if name in done:  # a key the baseline lacks that the experiment set (a `+key=`), no longer in the file
+                stale |= {k: (v, None) for k, v in preset.leaves(done[name]["params"]) if k not in expected}
             if stale:
                 raise RuntimeError(
                     f"experiment {name} ran with other params than variant {variant} has now "

@@ -156,6 +156,34 @@ def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
     assert read_params(params) == values
 
 
+def test_a_key_params_yaml_lacks_is_added_as_dvc_takes_it(tmp_path):
+    """`-S beam.options.direct_num_workers=2` over `beam.options: {}` (params.yaml's own documented example) was
+    refused by DVC ("Could not override ... use +"); the tool now writes `+key=value` for a key the params lack."""
+    from dvc.utils.hydra import apply_overrides
+
+    from components.params import read_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"beam": {"runner": "DirectRunner", "options": {}}, "train_head": {"epochs": 3}}))
+    overrides = {
+        "beam": {"options": {"direct_running_mode": "multi_processing", "direct_num_workers": 2}},
+        "train_head": {"epochs": 5},
+    }
+    args = preset.set_args(overrides, read_params(params))
+    assert args == [
+        "-S",
+        "+beam.options.direct_running_mode=multi_processing",
+        "-S",
+        "+beam.options.direct_num_workers=2",
+        "-S",
+        "train_head.epochs=5",
+    ]
+    apply_overrides(str(params), [arg for arg in args if arg != "-S"])
+    assert read_params(params) == preset.merge(
+        {"beam": {"runner": "DirectRunner", "options": {}}, "train_head": {"epochs": 3}}, overrides
+    )
+
+
 def test_queueing_before_the_imports_are_committed_is_refused(project, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")

@@ -165,7 +165,30 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     monkeypatch.setattr(sweep, "experiments", lambda repo: done)
     with pytest.raises(RuntimeError, match=r"experiment s-pooled ran with other params .*finetune\.learning_rate"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
-    # The same params: reused, not run again, and on to the ranking (which refuses this stand-in's empty metrics).
+    # A key the baseline lacks that the experiment set (`+beam.options.x=`), no longer in the file: stale too.
     ran["finetune"]["learning_rate"] = baseline["finetune"]["learning_rate"]
+    ran["beam"]["options"]["direct_num_workers"] = 2
+    with pytest.raises(RuntimeError, match=r"ran with other params .*beam\.options\.direct_num_workers"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    # The same params: reused, not run again, and on to the ranking (which refuses this stand-in's empty metrics).
+    del ran["beam"]["options"]["direct_num_workers"]
     with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+
+
+def test_a_variant_may_set_a_key_the_baseline_lacks_and_the_others_run_without_it():
+    """A variant with an option under `beam.options: {}` crashed the sweep (KeyError looking the baseline up for
+    the other variants) and its `-S` was refused by DVC."""
+    baseline = {"beam": {"runner": "DirectRunner", "options": {}}, "conv_base": {"pooling": "avg"}}
+    file = sweep.SweepFile(
+        variants={"two": {"beam": {"options": {"direct_num_workers": 2}}}, "max": {"conv_base": {"pooling": "max"}}}
+    )
+    values = sweep.variant_values(file, baseline)
+    assert values == {
+        "two": {"beam.options.direct_num_workers": 2, "conv_base.pooling": "avg"},
+        "max": {"conv_base.pooling": "max"},
+    }
+    assert sweep.variant_args(values, baseline) == {
+        "two": ["-S", "+beam.options.direct_num_workers=2", "-S", "conv_base.pooling=avg"],
+        "max": ["-S", "conv_base.pooling=max"],
+    }
