@@ -411,6 +411,8 @@ def run(
             metrics[name] = {
                 "val": None if validation is None else classification_metrics(*validation[name][1:], names, **options),
                 "test": classification_metrics(labels, probs, names, **options),
+                # what scored it (OpenVINO's last bits can move a boundary image against the TensorFlow serving model)
+                "runtime": params.runtime,
             }
             roc, pr = curve_rows(labels, probs)
             write_json(report / "plots" / f"roc_{name}.json", roc)

@@ -113,6 +113,8 @@ def lineage_record(
         "tta_quarter_turns": tta_quarter_turns,  # and tta.quarter_turns
         "val_accuracy": {name: (m["val"] or {}).get("accuracy") for name, m in metrics.items()},
         "test_accuracy": {name: m["test"]["accuracy"] for name, m in metrics.items()},
+        # the runtime that scored those accuracies (evaluate.runtime); the serving model itself is TensorFlow's
+        "evaluate_runtime": {name: m.get("runtime", "tensorflow") for name, m in metrics.items()},
         "libraries": lineage.library_versions(),
     }
 

@@ -205,6 +205,7 @@ def test_evaluate_stage_outputs(evaluated, converted_tiny):
     lineage = json.loads((root / "out" / export.SERVING / "assets.extra" / export.LINEAGE).read_text())
     metrics_now = json.loads((report / "metrics.json").read_text())
     assert lineage["test_accuracy"] == {m: metrics_now[m]["test"]["accuracy"] for m in evaluate.MODELS}
+    assert lineage["evaluate_runtime"] == {m: "tensorflow" for m in evaluate.MODELS}  # what scored those figures
     test_count = json.loads((converted_tiny / "summary.json").read_text())["records"]["test"]
     metrics = json.loads((report / "metrics.json").read_text())
     wrong = json.loads((report / "misclassified.json").read_text())
@@ -249,6 +250,8 @@ def test_evaluate_on_openvino_scores_as_tensorflow_does(evaluated, converted_tin
         assert tree_or_bytes(tmp_path / "again" / name) == tree_or_bytes(tmp_path / "report" / name)  # re-runs
     on_tf = json.loads((root / "report" / "metrics.json").read_text())
     on_ov = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert {on_tf[m]["runtime"] for m in evaluate.MODELS} == {"tensorflow"}  # each says what scored it
+    assert {on_ov[m]["runtime"] for m in evaluate.MODELS} == {"openvino"}
     for model in evaluate.MODELS:
         for split in ("val", "test"):
             a, b = on_tf[model][split], on_ov[model][split]
