@@ -63,7 +63,7 @@ class RunnerUnsupported(ValueError):
 
 class BeamParams(Section):
     runner: Runner = "DirectRunner"
-    options: dict[str, str | int | float | bool] = {}
+    options: dict[str, str | int | float | bool | list[str | int | float]] = {}  # a list: a list flag's values
 
     @pydantic.field_validator("options")
     @classmethod
@@ -144,16 +144,44 @@ def _switched_off(name: str, parser: "_StrictParser") -> list[str]:
     )
 
 
+def _switched_on(name: str, parser: "_StrictParser") -> list[str]:
+    """The arguments that set a switch option `name` to true: ``--name``, or nothing where Beam has only
+    ``--no_name`` and true is its default (``pipeline_type_check``); unknown names go on to the unknown-option
+    check as ``--name``."""
+    actions = parser._option_string_actions
+    negative = actions.get(f"--no_{name}")
+    if f"--{name}" not in actions and negative is not None and negative.dest == name and negative.default is True:
+        return []
+    return [f"--{name}"]
+
+
+def _listed(name: str, values: list, parser: "_StrictParser") -> list[str]:
+    """A list flag's values (``experiments: [a, b]``), one ``--name=value`` each; refused for a single-valued flag,
+    where only the last would count."""
+    import argparse
+
+    action = parser._option_string_actions.get(f"--{name}")
+    adds_up = isinstance(action, (argparse._AppendAction, argparse._ExtendAction)) or type(action).__name__ == (
+        "_CommaSeparatedListAction"  # Beam's experiments
+    )
+    if action is not None and not adds_up:
+        raise ParamsError(f"beam.options.{name}: a list, but --{name} takes one value")
+    return [f"--{name}={value}" for value in values]
+
+
 def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | None = None) -> list[str]:
     """The Beam command line: params first, then TRANSFER_BEAM_ARGS, then the stage's own arguments; the runner
     they name last (in any spelling Beam takes) as one ``--runner=`` first, under the name Beam finds it by."""
     args = []
-    parser = _option_parser() if any(value is False for value in params.options.values()) else None
+    special = any(isinstance(value, (bool, list)) for value in params.options.values())
+    parser = _option_parser() if special else None
     for name, value in sorted(params.options.items()):
         if value is True:
-            args.append(f"--{name}")
+            args += _switched_on(name, parser)
         elif value is False:
             args += _switched_off(name, parser)
+        elif isinstance(value, list):
+            args += _listed(name, value, parser)
         else:
             args.append(f"--{name}={value}")
     words = (environ if environ is not None else os.environ).get(ENV, "")
@@ -232,7 +260,7 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
             )
             if runner in STRICT:
                 raise ParamsError(message)
-            log.warning("%s (passed on to %s)", message, runner)
+            log.warning("%s (not checked on %s: its job service takes or ignores it)", message, runner)
     options = PipelineOptions(args)
     why = UNSUPPORTED.get(stage, {}).get(runner)
     if why:

@@ -191,6 +191,17 @@ def test_false_options_are_said_to_beam_or_refused_never_dropped():
         args(save_main_sesion=False)  # misspelt: dropped, it would never reach the unknown-option check
 
 
+def test_true_defaults_and_list_flags_are_said_to_beam():
+    """`pipeline_type_check: true` (Beam's default, which has only --no_pipeline_type_check) was an unknown
+    option, and a list flag's values could only be given as one comma-joined string."""
+    options = {"pipeline_type_check": True, "experiments": ["a", "b"], "environment_options": ["x=1", "y=2"]}
+    got = beam_options.pipeline_options("extract", beam_options.BeamParams(options=options)).get_all_options()
+    assert got["pipeline_type_check"] is True and got["experiments"] == ["a", "b"]
+    assert got["environment_options"] == ["x=1", "y=2"]
+    with pytest.raises(ParamsError, match=r"beam\.options\.job_name: a list, but --job_name takes one value"):
+        beam_options.pipeline_options("extract", beam_options.BeamParams(options={"job_name": ["a", "b"]}))
+
+
 def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
     monkeypatch.delenv(beam_options.ENV, raising=False)
     with pytest.raises(ParamsError, match="unknown Beam option --direct_num_wokers.*did you mean 'direct_num_workers'"):
