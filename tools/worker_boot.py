@@ -11,9 +11,10 @@ code comes from ``--setup_file`` alone:
 
 - every staged file is fetched into the worker's folder (``staged/``, where the harness also finds a
   pickled main session); installed from it, into a folder of the worker's own (``site-packages/``, first
-  on ``sys.path``), without the network, as Beam's boot does: the packages ``extra_packages.txt`` names
-  (``--extra_package``), then ``requirements.txt`` (``--requirements_file``; dependencies from the staged
-  files only), then ``--setup_file``'s source package (``workflow.tar.gz``) without its dependencies (the
+  on ``sys.path``), without the network, in the order Beam's boot does: ``requirements.txt``
+  (``--requirements_file``; what the worker's environment already satisfies is left out, as pip does in
+  Beam's boot; the rest and its dependencies from the staged files only), then the packages
+  ``extra_packages.txt`` names (``--extra_package``), then ``--setup_file``'s source package (``workflow.tar.gz``) without its dependencies (the
   worker's environment has them, as a cluster's SDK image does); other staged files are not installed
   (the SDK's own tarball or wheels: the worker runs its environment's Beam);
 - an artifact in a role other than "stage to a name" stops the boot, naming the role;
@@ -101,15 +102,46 @@ def pip_install(target: Path, staged: Path, *what: str, deps: bool = False) -> N
     )
 
 
+def unsatisfied(requirements: str) -> list[str]:
+    """The requirement lines the worker's environment does not satisfy already. Beam's boot installs the
+    requirements into the worker's environment, where pip counts an installed package as satisfied; this boot
+    installs into a folder of its own (`--target`), where pip would look for every one among the staged files."""
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    wanted = []
+    for line in requirements.splitlines():
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            requirement = Requirement(text)
+            installed = metadata.version(requirement.name)
+        except (InvalidRequirement, metadata.PackageNotFoundError):
+            wanted.append(text)  # an option line (-e, --hash) or a package not here: pip decides
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            wanted.append(text)
+    return wanted
+
+
 def install_staged(staged: Path, target: Path) -> None:
-    """What the job staged, in the order Beam's boot installs it."""
+    """What the job staged, in the order Beam's boot installs it (boot.go's installSetupPackages): the
+    requirements, the extra packages, then the workflow's source package."""
+    if (staged / REQUIREMENTS).exists():
+        wanted = unsatisfied((staged / REQUIREMENTS).read_text())
+        if wanted:
+            listed = target.parent / f".{target.name}.requirements.txt"
+            listed.write_text("\n".join(wanted) + "\n")
+            pip_install(target, staged, "-r", str(listed), deps=True)
     extra = staged / EXTRA_PACKAGES
     if extra.exists():
         names = [line.strip() for line in extra.read_text().splitlines() if line.strip()]
         if names:
             pip_install(target, staged, *(str(staged / name) for name in names))
-    if (staged / REQUIREMENTS).exists():
-        pip_install(target, staged, "-r", str(staged / REQUIREMENTS), deps=True)
     if (staged / STAGED_PACKAGE).exists():
         pip_install(target, staged, str(staged / STAGED_PACKAGE))
 

@@ -63,3 +63,20 @@ def test_the_checkout_is_taken_off_the_import_path(monkeypatch):
     type(sys.meta_path[0]).__module__ = "__editable___transfer_pipeline_0_1_0_finder"
     worker_boot.without_the_checkout()
     assert sys.path == ["/elsewhere"] and sys.meta_path == ["kept"]
+
+
+def test_requirements_the_workers_environment_satisfies_are_not_installed_again(tmp_path):
+    """Beam's boot installs requirements into the worker's environment, where an installed package counts; this
+    boot installs into a folder of its own, where pip found none of them (no index): `pyyaml` failed the worker."""
+    from importlib import metadata
+
+    version = metadata.version("pyyaml")
+    text = (
+        f"pyyaml\n# a comment\nPyYAML>={version}  # ok\npyyaml>99\nsurely-not-installed\nnumpy; python_version < '3'\n"
+    )
+    assert worker_boot.unsatisfied(text) == ["pyyaml>99", "surely-not-installed"]
+    staged, site = tmp_path / "staged", tmp_path / "site"
+    staged.mkdir()
+    (staged / worker_boot.REQUIREMENTS).write_text("pyyaml\nnumpy\n")  # both in the worker's environment
+    worker_boot.install_staged(staged, site)
+    assert not site.exists()  # nothing to install, nothing failed
