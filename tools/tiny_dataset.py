@@ -34,13 +34,30 @@ def jpeg(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def class_color(position: int, name: str) -> tuple[int, int, int]:
+    """A class's colour: its own for the named classes, then the table by position, then (past the table: 7 or
+    more classes, where the table repeated, so two classes could not be told apart) a colour of a wheel of hues,
+    a different one for every position."""
+    if name in CLASS_COLORS:
+        return CLASS_COLORS[name]
+    if position < len(OTHER_COLORS):
+        return OTHER_COLORS[position]
+    import colorsys
+
+    hue = (position * 0.6180339887) % 1.0  # the golden ratio: hues spread, none repeats
+    value = 0.9 if position % 2 else 0.6
+    return tuple(int(round(255 * x)) for x in colorsys.hsv_to_rgb(hue, 0.8, value))
+
+
 def make_class_folder(root: Path, per_class: int = 6, classes=("cats", "dogs"), start: int = 0, size=(24, 32)) -> Path:
     """root/<class>/<class>_<i>.jpg with distinct, class-coloured JPEGs."""
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names repeat: {list(classes)} (each class is one folder)")
     for c, name in enumerate(classes):
         folder = Path(root) / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(start, start + per_class):
-            color = CLASS_COLORS.get(name, OTHER_COLORS[c % len(OTHER_COLORS)])
+            color = class_color(c, name)
             (folder / f"{name}_{i}.jpg").write_bytes(jpeg(image_array(1000 * c + i, color, size)))
     return Path(root)
 
@@ -51,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=12)
     parser.add_argument("--classes", nargs="+", default=["cats", "dogs"])
     args = parser.parse_args(argv)
+    if len(set(args.classes)) != len(args.classes):
+        parser.error(f"--classes: names repeat ({' '.join(args.classes)}); each class is one folder")
     make_class_folder(args.out, args.per_class, tuple(args.classes), size=(48, 48))
     print(f"wrote {args.per_class * len(args.classes)} images under {args.out}")
     return 0
