@@ -184,6 +184,22 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _ParamsLoader.add_constructor(_INT, _construct_int)
 
 
+class _ParamsDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string `load_yaml` (YAML 1.2, as DVC) would read as another type:
+    PyYAML quotes by YAML 1.1's rules, so it wrote `0o10`, `0009` or an all-digit id unquoted, which came back
+    as numbers."""
+
+
+_ParamsDumper.yaml_implicit_resolvers = {
+    first: list(resolvers) for first, resolvers in _ParamsLoader.yaml_implicit_resolvers.items()
+}
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML that `load_yaml` and DVC read back as `data` (keys in their order, non-ASCII kept)."""
+    return yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, allow_unicode=True)
+
+
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 

@@ -20,10 +20,8 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from components.cli import configure_logging, run_main
-from components.params import read_params
+from components.params import dump_yaml, read_params
 from tools import preset
 
 NEAR_DUPLICATES = "near_duplicates.json"
@@ -104,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     merged = {**params, "download": download}
     preset.validate(merged, args.params)
     if args.write:
-        args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        args.params.write_text(dump_yaml(merged), encoding="utf-8")
         print(
             f"{args.params}: download.exclude {len(download['exclude'])} ids, "
             f"download.keep_together {len(download['keep_together'])} groups"

@@ -46,7 +46,7 @@ from components import (
     train_head,
 )
 from components.cli import dvc, run_main
-from components.params import ParamsError, load_yaml, parse_section, read_params
+from components.params import ParamsError, dump_yaml, load_yaml, parse_section, read_params
 from pipelines import runtimes
 from tools import outputs_in_git, retrain
 
@@ -180,7 +180,7 @@ def committed(path: str, repo: Path) -> bool:
 def validate(params: Mapping, where: Path) -> None:
     """Every stage's config must load from the merged params."""
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
-    tmp.write_text(yaml.safe_dump(dict(params), sort_keys=False), encoding="utf-8")
+    tmp.write_text(dump_yaml(dict(params)), encoding="utf-8")
     try:
         configs = {
             stage: stage.load_config(tmp)
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if made:
             print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} && git commit)", file=sys.stderr)
     if args.write:
-        args.params.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        args.params.write_text(dump_yaml(merged), encoding="utf-8")
     elif args.run:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         if in_git:  # DVC would fail their stages only after training them

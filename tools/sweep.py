@@ -313,7 +313,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         for variant, name in names.items():
             # every key, not only those some variant overrides now: an override removed from the sweep file since
             # the experiment ran puts the baseline's value back, and that too is another run
-            expected = {**dict(preset.leaves(baseline)), **values[variant]}
+            expected = dict(preset.leaves(preset.merge(baseline, sweep.variants[variant])))
             stale = stale_params(done[name], expected) if name in done else {}
             if name in done:  # a key the baseline lacks that the experiment set (a `+key=`), no longer in the file
                 stale |= {k: (v, None) for k, v in preset.leaves(done[name]["params"]) if k not in expected}

@@ -294,3 +294,29 @@ def test_numbers_read_as_dvc_reads_them_and_a_key_given_twice_is_an_error(tmp_pa
     (tmp_path / "params.yaml").write_text("common:\n  seed: 1\n  seed: 2\n")
     with pytest.raises(ParamsError, match=r"params\.yaml: duplicate key 'seed'"):
         read_params(tmp_path / "params.yaml")
+
+
+def test_params_written_by_the_tools_read_back_as_written_by_both_readers():
+    """PyYAML's dumper quotes by YAML 1.1's rules: `0o10`, `0009`, `+.5` or an all-digit id (a `download.exclude`
+    entry) went out unquoted and came back, here and in DVC, as numbers."""
+    from dvc.utils.serialize._yaml import parse_yaml
+
+    from components.params import dump_yaml, load_yaml
+
+    values = {
+        "octal": "0o10",
+        "zeros": "0009",
+        "signed": "+.5",
+        "id": "01234567890123456789",
+        "sexagesimal": "1:30",
+        "word": "yes",
+        "bool_text": "true",
+        "underscored": "1_000",
+        "rate": 1e-05,
+        "size": [224, 224],
+        "name": "café",
+        "none": None,
+        "flag": True,
+    }
+    text = dump_yaml(values)
+    assert load_yaml(text) == values and parse_yaml(text, "params.yaml") == values

@@ -174,6 +174,16 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     del ran["beam"]["options"]["direct_num_workers"]
     with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    # A variant that sets such a key itself, run with it: the same params, reused (the baseline's empty
+    # `beam.options: {}` is not a value the experiment should have kept).
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}, "beam": {"options": {"x": 2}}}}})
+    )
+    commit(tmp_path, "a sweep file with a new key")
+    ran["beam"]["options"]["x"] = 2
+    monkeypatch.setattr(sweep, "validate_variants", lambda *args: None)  # `x` is no Beam option: only the comparison
+    with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
 
 
 def test_a_variant_may_set_a_key_the_baseline_lacks_and_the_others_run_without_it():
