@@ -172,13 +172,17 @@ _ParamsLoader.add_implicit_resolver(
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     """A YAML 1.2 int as ruamel reads it: `0o` octal, `0x` hex, `0b` binary, and decimal otherwise (`010` is 10)."""
-    text = str(loader.construct_scalar(node)).replace("_", "")
+    raw = str(loader.construct_scalar(node))
+    text = raw.replace("_", "")
     sign = -1 if text.startswith("-") else 1
     digits = text.lstrip("+-")
-    for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
-        if digits.startswith(prefix):
-            return sign * int(digits[2:], base)
-    return sign * int(digits)
+    try:
+        for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
+            if digits.startswith(prefix):
+                return sign * int(digits[2:], base)
+        return sign * int(digits)
+    except ValueError:  # `-_`, `0x_`: the resolver's pattern takes them, no number is there (DVC refuses them too)
+        raise ParamsError(f"{raw!r} at line {node.start_mark.line + 1}: not a number") from None
 
 
 _ParamsLoader.add_constructor(_INT, _construct_int)

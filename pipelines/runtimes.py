@@ -50,6 +50,8 @@ def _complete(folder: Path) -> bool:
 def _set_aside(folder: Path) -> None:
     """Remove a damaged key folder: renamed to a private name first (atomic, so no other process ever sees it
     half-deleted under the key), then deleted; another process that set it aside first wins."""
+    if _complete(folder):  # another process converted it again meanwhile: its fresh folder stays
+        return
     aside = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:12]}")
     try:
         os.rename(folder, aside)

@@ -240,6 +240,7 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
         ("--runner apache_beam.runners.direct.direct_runner.DirectRunner", "DirectRunner"),
         ("--runner dask", "DaskRunner"),
         ("--runner=flink", "FlinkRunner"),
+        ("--runner mypkg.runners.DataflowRunner", "mypkg.runners.DataflowRunner"),  # one's own class: as given
     ],
 )
 def test_every_spelling_of_a_runner_is_the_projects_runner_and_its_checks(monkeypatch, words, runner):

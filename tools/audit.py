@@ -59,7 +59,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from components import lineage, manifest
 from components.cli import configure_logging, dvc, run_main, sh
-from components.params import load_yaml
+from components.params import ParamsError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
                 continue
             try:  # as DVC and the stages read it (YAML 1.2's numbers: `1e-05` is a float, as DVC writes it)
                 data = load_yaml(text)
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, ParamsError) as exc:  # ParamsError: a key given twice (DVC refuses the file)
                 problems.append(f"stage {stage}'s params file {file} cannot be read as YAML ({first_line(exc)})")
                 continue
             now = {key: lookup(data, key) for key in values}

@@ -121,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # source, which may fail, and then nothing is deleted at all. A folder absent when its lock is taken is not
     # locked (none is made for it) and is left alone: a stage that starts meanwhile creates it and holds its own
     # lock, which this run would not see.
+    for root in (args.download_cache, args.cache, args.converted):
+        if "://" in str(root):  # no lock there (held() yields False), and nothing to collect here: refused, not skipped
+            raise ValueError(
+                f"{root}: garbage collection runs on a local cache folder (use the bucket's lifecycle rules)"
+            )
     with (
         cache_lock.held(args.download_cache, exclusive=True) as download_locked,
         cache_lock.held(args.cache, exclusive=True) as cache_locked,

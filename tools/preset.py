@@ -212,7 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.queue or args.name) and not args.run:
         parser.error("--queue and --name go with --run")
-    overrides = dict(load_yaml(args.preset.read_text(encoding="utf-8")) or {})
+    try:
+        overrides = dict(load_yaml(args.preset.read_text(encoding="utf-8")) or {})
+    except ParamsError as exc:
+        raise ParamsError(f"{args.preset}: {exc}") from None
     inputs = overrides.pop("inputs", None) or {}
     if not isinstance(inputs, Mapping):
         raise ParamsError(f"{args.preset}: inputs: expected a mapping of repo path -> source")

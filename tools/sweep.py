@@ -66,6 +66,8 @@ class SweepFile(pydantic.BaseModel):
 def load_sweep(path: Path) -> SweepFile:
     try:
         return SweepFile.model_validate(load_yaml(path.read_text(encoding="utf-8")) or {})
+    except ParamsError as exc:  # a key given twice
+        raise ParamsError(f"{path}: {exc}") from None
     except pydantic.ValidationError as exc:
         raise ParamsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 

@@ -291,6 +291,8 @@ def test_numbers_read_as_dvc_reads_them_and_a_key_given_twice_is_an_error(tmp_pa
         with pytest.raises(ParamsError, match=r"duplicate key '(seed|train_head)' at line \d"):
             load_yaml(text)
     assert load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")["other"] == {"x": 1, "y": 3}  # a merge
+    with pytest.raises(ParamsError, match=r"'0x_' at line 1: not a number"):
+        load_yaml("k: 0x_\n")
     (tmp_path / "params.yaml").write_text("common:\n  seed: 1\n  seed: 2\n")
     with pytest.raises(ParamsError, match=r"params\.yaml: duplicate key 'seed'"):
         read_params(tmp_path / "params.yaml")

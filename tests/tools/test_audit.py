@@ -292,6 +292,10 @@ def test_params_and_stage_definitions_changed_without_repro_are_found():
         assert audit.params_changes(dvc_lock, {"params.yaml": params.replace("5.0e-05", spelling)}.get) == []
     (problem,) = audit.params_changes(lock, {"params.yaml": "common: [unclosed\n"}.get)
     assert problem.startswith("stage finetune's params file params.yaml cannot be read as YAML")
+    (problem,) = audit.params_changes(
+        lock, {"params.yaml": "common: {seed: 1, seed: 2}\n"}.get
+    )  # a problem, not a crash
+    assert problem.startswith("stage finetune's params file params.yaml cannot be read as YAML (duplicate key 'seed'")
     (problem,) = audit.params_changes(lock, {"params.yaml": params.replace("seed: 1", "seed: 2")}.get)
     assert problem == (
         "stage finetune was run with other params than the revision's params.yaml (common.seed: 1 -> 2): its "

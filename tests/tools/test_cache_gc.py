@@ -239,3 +239,9 @@ def test_a_cache_a_stage_creates_while_the_collection_runs_is_left_alone(tmp_pat
         ]
     )
     assert len(written) == 3 and all(entry.is_file() for entry in written)
+
+
+@pytest.mark.parametrize("flag", ["--cache", "--download-cache", "--converted"])
+def test_a_cache_in_a_bucket_is_refused_not_skipped(flag, tmp_path):
+    with pytest.raises(ValueError, match="gs://bucket/cache: garbage collection runs on a local cache folder"):
+        cache_gc.main(["--params", str(tmp_path / "params.yaml"), flag, "gs://bucket/cache"])
