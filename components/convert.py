@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -164,8 +165,11 @@ def run(
     # The analysis' scratch folder; tf.Transform writes its path into the transform graph, where
     # stabilise_saved_model replaces it (below), so the graph does not depend on where this ran.
     out_dir = Path(out_dir).resolve()
-    local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp"
-    shutil.rmtree(local_temp, ignore_errors=True)
+    # named for this run (a process id and a token): a second convert started on the same output, by hand, never
+    # deletes a running one's analysis files; a killed run's are swept (the old fixed name too)
+    outputs.remove_stale(out_dir.parent, f".{out_dir.name}.tft_tmp-")
+    shutil.rmtree(out_dir.parent / f".{out_dir.name}.tft_tmp", ignore_errors=True)
+    local_temp = out_dir.parent / f".{out_dir.name}.tft_tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with outputs.staged_dir(out_dir) as tmp:
         # a folder of this run's own under the runner's temp_location (a bucket on a cluster): two runs sharing one
         # never write the same analysis files, and its path is long enough for stabilise_saved_model to replace
@@ -186,7 +190,7 @@ def run(
         state = pipeline.run().wait_until_finish()
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"convert: the Beam job ended {state}, not DONE")
-        shutil.rmtree(local_temp, ignore_errors=True)
+        shutil.rmtree(local_temp, ignore_errors=True)  # a failed run's: swept by the next (its process is gone)
         if temp_location:
             try:
                 tf.io.gfile.rmtree(temp_dir)

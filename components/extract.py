@@ -166,6 +166,12 @@ def run(
         result.wait_until_finish()
 
         computed = images_computed(result)
+        # A worker killed mid-shard (OOM, pre-emption) leaves its private `.partial-` file; the runner's retry wrote
+        # the shard. Only the shards the jobs name go into the output (DVC would hash any other file in it).
+        expected_files = {Path(target).name for _, _, target in jobs}
+        for stray in sorted(p for p in (tmp / FEATURES_DIR).iterdir() if p.name not in expected_files):
+            log.warning("extract: %s is no shard of this run (a killed worker's partial write): removed", stray.name)
+            stray.unlink()
         written = {split: count_records(tmp / FEATURES_DIR, split) for split in SPLITS}  # every runner has outputs
         if written != expected:
             raise RuntimeError(f"feature records {written} do not match the TFRecords {expected}")

@@ -46,7 +46,11 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists() or final.is_symlink():
-        os.replace(final, old)
+        try:
+            os.replace(final, old)
+        except BaseException:  # `final` cannot be moved (a mount point: EBUSY): the new output is not kept either
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
         os.replace(tmp, final)
     except BaseException:
@@ -144,6 +148,21 @@ def require_outputs(root: str | Path, relative: Iterable[str]) -> None:
 
 
 SCRATCH = "analysis_scratch"  # what a graph's scratch path becomes
+# Process-wide counters TensorFlow writes into a graph besides the function names: the number of a `while` loop's
+# cond function inside the names of its redundant placeholders (`tf.map_fn`, as the serving function's), and the
+# unique id of a custom gradient (`tf.nn.silu`, Keras' swish). Each is renumbered by rank, as the functions are.
+COUNTERS = {
+    b"redundant_placeholder": re.compile(rb"(_)(\d+)(___redundant_placeholder\d+)"),
+    b"custom_gradient": re.compile(rb"(CustomGradient-)(\d+)((?!\d))"),
+}
+
+
+def counter_ranks(serialized: bytes) -> dict[bytes, dict[int, int]]:
+    """Each of `COUNTERS`' numbers found in a serialised graph -> its rank among that counter's numbers."""
+    return {
+        name: {n: i for i, n in enumerate(sorted({int(m.group(2)) for m in pattern.finditer(serialized)}))}
+        for name, pattern in COUNTERS.items()
+    }
 
 
 class _StringRewrite:
@@ -152,11 +171,19 @@ class _StringRewrite:
     attributes that hold a number are collected in `user_named`. A walk of the message, which is what
     rewriting its text format and parsing it back did, without the parse (seconds for a model's graph)."""
 
-    def __init__(self, mapping: dict[str, str], scratch: str, scratch_name: str) -> None:
+    def __init__(
+        self,
+        mapping: dict[str, str],
+        scratch: str,
+        scratch_name: str,
+        counters: dict[bytes, dict[int, int]] | None = None,
+    ) -> None:
         from google.protobuf.descriptor import FieldDescriptor
 
         self.types = FieldDescriptor
         self.mapping = mapping
+        # other process-wide counters the graph holds (`COUNTERS`): their numbers -> rank
+        self.counters = [(COUNTERS[name], ranks) for name, ranks in (counters or {}).items() if ranks]
         self.scratch = (scratch + "/", scratch_name + "/") if scratch else None
         alternatives = "|".join(map(re.escape, sorted(mapping, key=len, reverse=True)))
         self.token = re.compile(r"(?<![\w])(" + alternatives + r")(?![\w])") if mapping else None
@@ -165,6 +192,8 @@ class _StringRewrite:
         self.user_named: list = []
 
     def text(self, value: str) -> str:
+        if self.counters:  # the counters' patterns are on bytes: the whole rewrite done on the UTF-8 bytes
+            return self.data(value.encode()).decode()
         if self.scratch and self.scratch[0] in value:
             value, self.changed = value.replace(*self.scratch), True
         return self.token.sub(lambda m: self.mapping[m.group(1)], value) if self.token else value
@@ -174,6 +203,10 @@ class _StringRewrite:
             value, self.changed = value.replace(*(part.encode() for part in self.scratch)), True
         if self.token_bytes:
             value = self.token_bytes.sub(lambda m: self.mapping[m.group(1).decode()].encode(), value)
+        for pattern, ranks in self.counters:
+            value = pattern.sub(
+                lambda m, ranks=ranks: m.group(1) + str(ranks[int(m.group(2))]).encode() + m.group(3), value
+            )
         return value
 
     def scalar(self, field, value):
@@ -284,11 +317,12 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
     scratch = str(scratch or "").rstrip("/")
     if scratch and (len(scratch) < 8 or '"' in scratch or "\\" in scratch):
         raise ValueError(f"scratch path {scratch!r}: too short or not a plain path to replace safely")
-    rewrite = _StringRewrite(mapping, scratch, scratch_name)
+    counters = counter_ranks(model_path.read_bytes())
+    rewrite = _StringRewrite(mapping, scratch, scratch_name, counters)
     rewrite.message(model)
     # Arguments traced without a name get the counter's value as theirs: renumbered the same way.
     numbers = sorted({int(attr.s) for attr in rewrite.user_named})
-    if mapping or numbers or rewrite.changed:
+    if mapping or numbers or rewrite.changed or any(counters.values()):
         rank = {n: i for i, n in enumerate(numbers)}
         for attr in rewrite.user_named:
             attr.s = str(rank[int(attr.s)]).encode()

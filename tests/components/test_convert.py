@@ -102,6 +102,21 @@ def test_an_asynchronous_runner_without_waiting_and_a_shared_temp_location_give_
     assert set(glob.glob("/tmp/convert-tft-*")) == before  # its own scratch folder is gone
 
 
+def test_a_running_converts_analysis_scratch_is_left_alone_and_a_killed_ones_swept(download_dir, tmp_path, live_pid):
+    """The scratch folder had one fixed name, deleted at every start: a second convert on the same output (run by
+    hand) deleted a running one's tf.Transform files mid-analysis."""
+    from tests.components.test_outputs import dead_pid
+
+    live = tmp_path / f".out.tft_tmp-{live_pid}-0123abcd"
+    dead = tmp_path / f".out.tft_tmp-{dead_pid()}-89abcdef"
+    for folder in (live, dead):
+        folder.mkdir()
+        (folder / "analysis").write_text("in use")
+    convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out")
+    assert (live / "analysis").read_text() == "in use" and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [live.name]
+
+
 def test_beam_arguments_pass_through_unchanged(download_dir, tmp_path):
     with pytest.raises(Exception, match="NoSuchRunner"):
         convert.run(

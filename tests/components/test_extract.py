@@ -1,5 +1,6 @@
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,6 +387,25 @@ def test_a_record_lost_inside_the_beam_job_fails_the_stage(converted_tiny, tmp_p
     with pytest.raises(RuntimeError, match=r"feature records \{.*\} do not match the TFRecords"):
         extract.run(extract.Config(BASE, extract.ExtractParams(batch_size=4)), converted_tiny, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_workers_partial_shard_is_left_out_of_the_output(converted_tiny, tmp_path, monkeypatch):
+    """A worker killed mid-shard leaves its private `.partial-` file (no exception ran its clean-up); the runner's
+    retry writes the shard, the counts pass, and the stray file went into `data/extract`, hashed by DVC."""
+    real = graph.ExtractShard.process
+
+    def killed_once(self, job):
+        target = Path(job[2])
+        (target.parent / f"{target.name}.partial-deadworker").write_bytes(b"half a shard")
+        yield from real(self, job)
+
+    monkeypatch.setattr(graph.ExtractShard, "process", killed_once)
+    config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
+    extract.run(config, converted_tiny, tmp_path / "out")
+    assert not [p.name for p in (tmp_path / "out" / extract.FEATURES_DIR).iterdir() if ".partial-" in p.name]
+    monkeypatch.setattr(graph.ExtractShard, "process", real)
+    extract.run(config, converted_tiny, tmp_path / "clean")
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "clean")
 
 
 def test_computed_counts_come_from_committed_or_attempted_metrics_and_are_null_without_metrics():

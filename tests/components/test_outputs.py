@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ EXPORT = """
 import sys
 import tensorflow as tf
 for i in range(int(sys.argv[2])):
-    tf.function(lambda x: x + i).get_concrete_function(tf.TensorSpec([], tf.float32))
+    tf.function(lambda x: tf.nn.silu(x) + i).get_concrete_function(tf.TensorSpec([], tf.float32))
 
 class Lookup(tf.Module):
     def __init__(self):
@@ -30,7 +31,11 @@ class Lookup(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="names")])
     def serve(self, names):
-        return {"label": self.table.lookup(names)}
+        # a while loop (tf.map_fn: its cond's number is in its redundant placeholders' names) and a custom gradient
+        # (tf.nn.silu, Keras' swish: a process-wide id), both numbered by counters as the functions are
+        lengths = tf.map_fn(lambda n: tf.nn.silu(tf.cast(tf.strings.length(n), tf.float32)), names,
+                            fn_output_signature=tf.float32)
+        return {"label": self.table.lookup(names), "silu": lengths}
 
 module = Lookup()
 tf.saved_model.save(module, sys.argv[1], signatures={"serving_default": module.serve})
@@ -171,6 +176,29 @@ def test_a_failed_move_into_place_leaves_the_earlier_output(tmp_path, monkeypatc
             (new / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["a"] and (out / "a").read_text() == "the earlier output"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_output_that_cannot_be_moved_aside_leaves_no_staging_behind(tmp_path, monkeypatch):
+    """An output that is a mount point cannot be renamed (EBUSY): the new output, staged beside it (gigabytes for
+    extract), stayed on disk until a later run swept it."""
+    import errno
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("the earlier output")
+    replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy (mount point)", str(src))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError, match="mount point"):
+        with outputs.staged_dir(out) as new:
+            (new / "b").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "a").read_text() == "the earlier output"
 
 
 def test_a_packed_message_is_renamed_as_a_message_not_as_bytes():
