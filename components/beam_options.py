@@ -22,6 +22,7 @@ missing `beam` section means the DirectRunner.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -30,7 +31,12 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import pydantic
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+    _CommaSeparatedListAction,  # Beam's `experiments`: its values add up
+)
 from apache_beam.runners.direct import direct_runner
 
 from components.params import ParamsError, Section, did_you_mean, read_params, section
@@ -158,12 +164,8 @@ def _switched_on(name: str, parser: "_StrictParser") -> list[str]:
 def _listed(name: str, values: list, parser: "_StrictParser") -> list[str]:
     """A list flag's values (``experiments: [a, b]``), one ``--name=value`` each; refused for a single-valued flag,
     where only the last would count."""
-    import argparse
-
     action = parser._option_string_actions.get(f"--{name}")
-    adds_up = isinstance(action, (argparse._AppendAction, argparse._ExtendAction)) or type(action).__name__ == (
-        "_CommaSeparatedListAction"  # Beam's experiments
-    )
+    adds_up = isinstance(action, (argparse._AppendAction, argparse._ExtendAction, _CommaSeparatedListAction))
     if action is not None and not adds_up:
         raise ParamsError(f"beam.options.{name}: a list, but --{name} takes one value")
     return [f"--{name}={value}" for value in values]

@@ -311,13 +311,14 @@ def stabilise_saved_model(saved_model_dir: str | Path, scratch: str | None = Non
 
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
+    serialized = model_path.read_bytes()
     model = saved_model_pb2.SavedModel()
-    model.ParseFromString(model_path.read_bytes())
+    model.ParseFromString(serialized)
     mapping = function_renames(model)
     scratch = str(scratch or "").rstrip("/")
     if scratch and (len(scratch) < 8 or '"' in scratch or "\\" in scratch):
         raise ValueError(f"scratch path {scratch!r}: too short or not a plain path to replace safely")
-    counters = counter_ranks(model_path.read_bytes())
+    counters = counter_ranks(serialized)
     rewrite = _StringRewrite(mapping, scratch, scratch_name, counters)
     rewrite.message(model)
     # Arguments traced without a name get the counter's value as theirs: renumbered the same way.

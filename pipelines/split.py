@@ -31,6 +31,11 @@ def hash_split(sha256: str, seed: int, fractions: Fractions) -> str:
     return "test"
 
 
+def image_id(pixels_sha256: str) -> str:
+    """An image's manifest id: the first 20 hex digits of its pixel hash."""
+    return pixels_sha256[:20]
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A decodable image awaiting duplicate resolution and split assignment."""
@@ -48,7 +53,7 @@ class Candidate:
 
     @property
     def id(self) -> str:
-        return self.pixels_sha256[:20]
+        return image_id(self.pixels_sha256)
 
 
 def resolve(candidates: Sequence[Candidate], seed: int, fractions: Fractions) -> tuple[list[dict], list[dict]]:
@@ -148,8 +153,8 @@ def exclude(
     reasons: dict[str, set[str]] = {}
     for row in quarantined:
         pixels = row.get("pixels_sha256")
-        if pixels and pixels[:20] in missing:
-            reasons.setdefault(pixels[:20], set()).add(row["reason"])
+        if pixels and image_id(pixels) in missing:
+            reasons.setdefault(image_id(pixels), set()).add(row["reason"])
     already = [{"id": i, "reasons": sorted(reasons[i])} for i in sorted(reasons)]
     return kept, dropped, sorted(missing - set(reasons)), already
 

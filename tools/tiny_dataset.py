@@ -68,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=12)
     parser.add_argument("--classes", nargs="+", default=["cats", "dogs"])
     args = parser.parse_args(argv)
-    if len(set(args.classes)) != len(args.classes):
-        parser.error(f"--classes: names repeat ({' '.join(args.classes)}); each class is one folder")
-    make_class_folder(args.out, args.per_class, tuple(args.classes), size=(48, 48))
+    try:
+        make_class_folder(args.out, args.per_class, tuple(args.classes), size=(48, 48))
+    except ValueError as exc:  # repeated class names, refused before anything is written
+        parser.error(f"--classes: {exc}")
     print(f"wrote {args.per_class * len(args.classes)} images under {args.out}")
     return 0
 
