@@ -204,6 +204,86 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, allow_unicode=True)
 
 
+def same(a: Any, b: Any) -> bool:
+    """Equal with the same types all the way down, keys in the same order (in Python 1 == 1.0 == True; in a
+    params file they are three values, and DVC's `params diff` shows a change between them)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a) == list(b) and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and (a == b or (a != a and b != b))  # NaN is NaN
+
+
+def _apply(doc: Any, old: Mapping, new: Mapping) -> None:
+    """Make ruamel's round-trip mapping `doc` (which reads as `old`) read as `new`, touching only what differs:
+    the comments and layout of every unchanged key stay, and so do a changed key's own comments."""
+    for key in [key for key in doc if key not in new]:
+        del doc[key]
+    for key, value in new.items():
+        if key in old and same(old[key], value):
+            continue
+        before = old.get(key)
+        in_place_order = isinstance(before, Mapping) and [
+            *(k for k in before if k in value),
+            *(k for k in value if k not in before),
+        ]
+        if isinstance(value, Mapping) and list(value) == in_place_order:
+            _apply(doc[key], before, value)  # what an edit in place gives: kept keys in order, new ones after
+        else:
+            doc[key] = _in_style_of(doc.get(key), value)
+
+
+def _in_style_of(node: Any, value: Any) -> Any:
+    """`value` in the flow style (`[160, 160]`, `{a: 1}`) of the round-trip node it replaces, if that had it."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    flow = getattr(getattr(node, "fa", None), "flow_style", lambda: False)()
+    if flow and isinstance(value, list):
+        value = CommentedSeq(value)
+    elif flow and isinstance(value, Mapping):
+        value = CommentedMap(value)
+    else:
+        return value
+    value.fa.set_flow_style()
+    return value
+
+
+def write_params(path: str | Path, data: Mapping[str, Any]) -> bool:
+    """Write `data` into the params file `path`, changing only the values that differ from what it holds, so its
+    comments and layout stay (ruamel.yaml's round trip, the YAML 1.2 reader and writer DVC edits params.yaml with
+    for `dvc exp run -S`; `null` stays `null`, long lines unwrapped, quotes as they were). The result must read
+    back, by `load_yaml`, as exactly `data`; where it does not (or the file is not one ruamel reads), the whole
+    file is written by `dump_yaml` instead, without its comments, with a warning. Returns whether the comments
+    were kept."""
+    import io
+
+    import ruamel.yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    rt = ruamel.yaml.YAML()
+    rt.width = 1 << 16
+    rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    try:
+        doc, old = rt.load(text), load_yaml(text)
+        if not isinstance(doc, Mapping) or not isinstance(old, Mapping):
+            raise ValueError("not a mapping")
+        _apply(doc, old, data)
+        out = io.StringIO()
+        rt.dump(doc, out)
+        written = out.getvalue()
+        kept = same(load_yaml(written), dict(data))
+    except (ruamel.yaml.YAMLError, ParamsError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s: cannot edit it in place (%s)", path, exc)
+        kept = False
+    if not kept:
+        log.warning("%s: rewritten whole, without its comments", path)
+        written = dump_yaml(dict(data))
+    path.write_text(written, encoding="utf-8")
+    return kept
+
+
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
 

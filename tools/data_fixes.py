@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from components.cli import configure_logging, run_main
-from components.params import dump_yaml, read_params
+from components.params import read_params, write_params
 from tools import preset
 
 NEAR_DUPLICATES = "near_duplicates.json"
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     merged = {**params, "download": download}
     preset.validate(merged, args.params)
     if args.write:
-        args.params.write_text(dump_yaml(merged), encoding="utf-8")
+        write_params(args.params, merged)
         print(
             f"{args.params}: download.exclude {len(download['exclude'])} ids, "
             f"download.keep_together {len(download['keep_together'])} groups"

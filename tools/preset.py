@@ -46,7 +46,7 @@ from components import (
     train_head,
 )
 from components.cli import dvc, run_main
-from components.params import ParamsError, dump_yaml, load_yaml, parse_section, read_params
+from components.params import ParamsError, dump_yaml, load_yaml, parse_section, read_params, write_params
 from pipelines import runtimes
 from tools import outputs_in_git, retrain
 
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if made:
             print(f"imported {', '.join(made)}: commit them (git add {' '.join(made)} && git commit)", file=sys.stderr)
     if args.write:
-        args.params.write_text(dump_yaml(merged), encoding="utf-8")
+        write_params(args.params, merged)
     elif args.run:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         if in_git:  # DVC would fail their stages only after training them

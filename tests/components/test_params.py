@@ -1,3 +1,5 @@
+import copy
+import difflib
 from pathlib import Path
 
 import pytest
@@ -322,3 +324,42 @@ def test_params_written_by_the_tools_read_back_as_written_by_both_readers():
     }
     text = dump_yaml(values)
     assert load_yaml(text) == values and parse_yaml(text, "params.yaml") == values
+
+
+def test_tools_edit_params_in_place_keeping_comments_and_reading_back_as_written(tmp_path):
+    """`tools.preset --write` and `tools.data_fixes --write` rewrote params.yaml whole with PyYAML: every comment that
+    documents a key was gone after one preset. They now change only the values that differ (ruamel's round trip, as
+    DVC's `-S` edits the file), and the file reads back as exactly the merged params, by this reader and DVC's."""
+    from dvc.utils.serialize._yaml import parse_yaml
+
+    from components.params import load_yaml, read_params, same
+    from components.params import write_params as edit
+
+    params = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    params.write_text(original)
+    base = read_params(params)
+    assert edit(params, base) and params.read_text() == original  # nothing to change: the same bytes
+    merged = copy.deepcopy(base)
+    merged["finetune"]["learning_rate"] = 2e-05
+    merged["finetune"]["unfreeze_top"] = 10  # null before
+    merged["finetune"]["augment"]["flip"] = "both"  # inside a flow-style mapping
+    merged["conv_base"]["input_size"] = [96, 96]
+    merged["train_head"]["epochs"] = float(base["train_head"]["epochs"])  # == the int in Python: still a change
+    merged["download"]["exclude"] = ["0o10", "01234567890123456789", "yes"]  # strings YAML 1.2 would read otherwise
+    merged["download"]["new_key"] = {"nested": None}
+    del merged["tta"]
+    assert edit(params, merged)
+    text = params.read_text()
+    assert same(load_yaml(text), merged) and parse_yaml(text, "params.yaml") == merged
+    kept = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert kept and all(line in text.splitlines() for line in kept)  # every comment line stays
+    assert "# very low: the head has converged" in text  # a changed key keeps its own comment
+    assert "unfreeze_from: null" in text  # an untouched null stays null
+    changed = [line for line in difflib.ndiff(original.splitlines(), text.splitlines()) if line[:1] in "+-"]
+    assert len(changed) < 30, changed  # only the edited keys' lines (and the removed section) differ
+    # Where an edit in place cannot give the merged values (two keys sharing one anchored mapping, one of them
+    # changed), the file is written whole: without comments, never with other values.
+    params.write_text("a: &shared {seed: 1}  # a comment\nb: *shared\n")
+    assert not edit(params, {"a": {"seed": 1}, "b": {"seed": 2}})
+    assert load_yaml(params.read_text()) == {"a": {"seed": 1}, "b": {"seed": 2}}

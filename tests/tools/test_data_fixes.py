@@ -55,6 +55,8 @@ def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, ca
     assert params.read_text() == (REPO / "params.yaml").read_text()
     assert data_fixes.main([*args, "--write"]) == 0
     assert yaml.safe_load(params.read_text())["download"]["exclude"] == ["b" * 20, "d" * 20]
+    comments = [line for line in (REPO / "params.yaml").read_text().splitlines() if line.lstrip().startswith("#")]
+    assert set(comments) <= set(params.read_text().splitlines())  # edited in place: the key's docs stay
     (report / "near_duplicates.json").write_text(json.dumps([{**PAIRS[0], "b_id": "not an id"}]))
     with pytest.raises(ParamsError, match="download.exclude"):
         data_fixes.main([*args, "--write"])

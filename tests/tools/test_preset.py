@@ -50,6 +50,9 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
     assert "sources/photos/" not in untracked and "models/base.keras\n" not in untracked  # the data is DVC's
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["dataset"]["dir"] == "sources/photos" and params["conv_base"]["path"] == "models/base.keras"
+    # params.yaml is edited, not rewritten: its comments (the documentation of every key) are all still there.
+    comments = [line for line in (REPO / "params.yaml").read_text().splitlines() if line.lstrip().startswith("#")]
+    assert set(comments) <= set((project / "params.yaml").read_text().splitlines())
     # Applied again, nothing is imported twice.
     assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
     # A fresh clone has the .dvc files but not the data (no remote here): applying the preset fetches it again.
