@@ -44,7 +44,7 @@ from PIL import Image
 import pipelines.bases  # noqa: F401 - registers the preprocessing layer the saved model uses
 from components import outputs
 from components.cli import configure_logging, run_main
-from components.manifest import read_jsonl
+from components.manifest import rows_of
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
 from pipelines import cache_lock, classifier, records, runtimes, serving
@@ -222,7 +222,8 @@ def classification_metrics(
         "macro_f1_high": None if f1_interval is None else f1_interval[1],
         "roc_auc": roc_auc(labels, probabilities),
         "per_class": per_class,
-        "confusion_matrix": matrix.tolist(),
+        "confusion_matrix": matrix.tolist(),  # rows the actual class, columns the predicted, in this order:
+        "confusion_classes": list(names),
         "most_confused": most_confused(matrix, names, confused),
     }
     return metrics
@@ -259,7 +260,15 @@ def per_class_rows(metrics: dict) -> list[dict]:
     return [{"class": name, **values} for name, values in metrics["per_class"].items()]
 
 
-def misclassified(model: str, ids, labels, probabilities, names, files: dict[str, str]) -> list[dict]:
+def with_sources(wrong: list[dict], manifest_path: str | Path) -> list[dict]:
+    """The misclassified rows with each image's source file (`file`; None for an id the manifest lacks), from the
+    manifest's rows of those images only, read a line at a time: memory holds the mistakes' rows, never the
+    whole manifest (about 1 KB an image, every split's)."""
+    sources = {i: row["source"] for i, row in rows_of(manifest_path, {row["id"] for row in wrong}).items()}
+    return [{**row, "file": sources.get(row["id"])} for row in wrong]
+
+
+def misclassified(model: str, ids, labels, probabilities, names) -> list[dict]:
     rows = []
     for record_id, label, probs in zip(ids, labels, probabilities):
         predicted = int(np.argmax(probs))
@@ -268,7 +277,7 @@ def misclassified(model: str, ids, labels, probabilities, names, files: dict[str
                 {
                     "model": model,
                     "id": record_id,
-                    "file": files.get(record_id),
+                    "file": None,  # with_sources
                     "actual": names[label],
                     "predicted": names[predicted],
                     "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
@@ -355,8 +364,8 @@ def run(
     runtimes.check_installed(params.runtime)  # a clear error before any work, as extract
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
     names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
-    manifest = read_jsonl(manifest_path)
-    files = {row["id"]: row["source"] for row in manifest}
+    if not Path(manifest_path).is_file():  # read once the mistakes are known (their rows only), checked before any work
+        raise FileNotFoundError(f"the download manifest {manifest_path} is missing: re-run download")
     features = json.loads((extract_dir / "features.json").read_text())
     feature_size = int(features["feature_size"])
     head = keras.saving.load_model(head_path, compile=False)
@@ -419,9 +428,9 @@ def run(
             write_json(report / "plots" / f"precision_recall_{name}.json", pr)
             write_json(report / "plots" / f"confusion_{name}.json", confusion_rows(labels, probs, names))
             write_json(report / "plots" / f"per_class_{name}.json", per_class_rows(metrics[name]["test"]))
-            wrong += misclassified(name, ids, labels, probs, names, files)
+            wrong += misclassified(name, ids, labels, probs, names)
         write_json(report / "metrics.json", metrics)
-        write_json(report / "misclassified.json", wrong)
+        write_json(report / "misclassified.json", with_sources(wrong, manifest_path))
 
         ids, labels, probs = predictions["finetune"]
         chosen = pick_gradcam(

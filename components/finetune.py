@@ -21,7 +21,8 @@ from train_head's weights; unfreeze only the top of the base; keep batch norm in
 inference mode (the base is called with ``training=False``); recompile after
 changing ``trainable``; a very low learning rate; augmentation on the training
 split only, in the input pipeline, so every epoch sees new variants; early
-stopping on val loss with the best weights restored, where the starting point
+stopping on val (`finetune.monitor`: the val loss, or the val accuracy and then the
+loss) with the best weights restored, where the starting point
 (the trained head on the frozen base) counts as epoch 0: fine-tuning that neither
 matches nor beats it on val keeps it.
 """
@@ -33,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -168,6 +170,10 @@ class BestEpoch(keras.callbacks.Callback):
         self.trained_best, self.trained_epoch = None, 0
 
     def key(self, loss: float, accuracy: float) -> tuple[float, ...]:
+        # NaN (a diverged epoch) is worse than any number: compared as NaN, nothing was ever below it, so a NaN
+        # first epoch stayed the best for good
+        loss = math.inf if math.isnan(loss) else loss
+        accuracy = -math.inf if math.isnan(accuracy) else accuracy
         return (loss,) if self.monitor == "val_loss" else (-accuracy, loss)
 
     def on_train_begin(self, logs=None):

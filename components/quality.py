@@ -286,8 +286,13 @@ def contact_sheet(rows: Sequence[dict], images: Path, count: int) -> Image.Image
     lines = max(1, -(-len(shown) // columns))
     sheet = Image.new("RGB", (columns * TILE, lines * (TILE + CAPTION)), "white")
     draw = ImageDraw.Draw(sheet)
-    if not shown:
+    if not rows:
         draw.text((8, TILE // 2), "no suspected\nlabel errors", fill="black")
+        return sheet
+    if not shown:  # quality.sheet: 0 must not say there are none
+        draw.text(
+            (8, TILE // 2 - 16), f"{len(rows)} suspected\nlabel errors,\nnone shown\n(quality.sheet: 0)", fill="black"
+        )
         return sheet
     for n, row in enumerate(shown):
         x, y = (n % columns) * TILE, (n // columns) * (TILE + CAPTION)

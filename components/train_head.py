@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +101,13 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[
     return counts
 
 
+def best_epoch_of(val_losses: list[float]) -> int:
+    """The index of the lowest val loss, the earliest on a tie; a NaN (diverged) epoch is never the best, as for
+    EarlyStopping, whose weights the stage keeps (compared as NaN, nothing was below a NaN first epoch, so the
+    record and quality's epoch count said epoch 1)."""
+    return int(min(range(len(val_losses)), key=lambda i: (math.isnan(val_losses[i]), val_losses[i])))
+
+
 def run(
     config: Config, extract_dir: str | Path, labels_path: str | Path, out_dir: str | Path, live_dir: str | Path
 ) -> dict:
@@ -134,7 +142,7 @@ def run(
             verbose=2,
         )
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
-        best_epoch = int(min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__))
+        best_epoch = best_epoch_of(history.history["val_loss"])
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}
         outputs.save_keras(head, tmp / HEAD)
         record = {

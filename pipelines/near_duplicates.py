@@ -17,6 +17,28 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+# A search finding more pairs than this many per image it searched stops (`TooManyPairs`): copies come a few to a
+# photo, while a threshold loose enough to pair similar photos pairs a fixed share of all n^2/2, and those pairs,
+# held to be sorted and reported, would grow with the square of the image count (an untrained base puts distinct
+# images at a cosine of 0.99).
+PAIRS_PER_IMAGE = 10
+_ROWS_AT_ONCE = 64  # rows of a block's product turned into candidate pairs at a time
+_CHECKED_AT_ONCE = 4096  # candidates re-summed in float64 at a time (two [n, dim] float64 gathers)
+
+
+class TooManyPairs(ValueError):
+    """More pairs than `PAIRS_PER_IMAGE` an image: the threshold finds similar photos, not copies."""
+
+    user_facing = True  # components.cli prints the message, no traceback
+
+
+def too_many(limit: int, threshold: float, where: str) -> TooManyPairs:
+    return TooManyPairs(
+        f"more than {limit} near-duplicate pairs {where} ({PAIRS_PER_IMAGE} an image) at a cosine similarity of at "
+        f"least {threshold}: a threshold this loose pairs similar photos, not copies, and their list grows with the "
+        "square of the image count; raise quality.near_duplicate_threshold (benchmarks/near_duplicate_threshold.py "
+        "measures copies' similarity on your photos)"
+    )
 
 
 class Rows(Protocol):
@@ -44,13 +66,16 @@ def cross_split_pairs(
     threshold: float,
     block: int = 2048,
     other_block: int = 8192,
+    max_pairs: int | None = None,
 ) -> list[dict]:
     """Every pair of images in two different splits whose features' cosine similarity is >= `threshold`.
 
     ``features[split]``: [n, dim] vectors (`Rows`); ``ids[split]``: the n image ids in the same order. Returns
     {"similarity", "a_split", "a_id", "b_split", "b_id"} rows, a's split before b's in train, val, test
     order, most similar first (ties by split and id), so the list is the same whatever the block sizes.
-    Memory: `block` rows of a split, `other_block` rows of the other and their products.
+    Memory: `block` rows of a split, `other_block` rows of the other and their products, and the pairs found:
+    more than `max_pairs` (default `PAIRS_PER_IMAGE` times the images searched) is a `TooManyPairs` error, raised
+    as soon as the search finds one pair too many.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
@@ -70,6 +95,8 @@ def cross_split_pairs(
             raise ValueError(f"{split}: {len(ids[split])} ids for {shape[0]} feature vectors")
     if len(dims) > 1:
         raise ValueError(f"the splits' features have different sizes {sorted(dims)}")
+    if max_pairs is None:
+        max_pairs = PAIRS_PER_IMAGE * sum(len(features[s]) for s in present)
     rows = []
     for i, a in enumerate(present):
         for b in present[i + 1 :]:
@@ -77,7 +104,11 @@ def cross_split_pairs(
                 units_a = unit_rows(features[a][start : start + block])
                 for other in range(0, len(features[b]), other_block):
                     units_b = unit_rows(features[b][other : other + other_block])
-                    for r, c, similarity in _similar(units_a, units_b, threshold):
+                    try:
+                        found = _similar(units_a, units_b, threshold, max_pairs - len(rows))
+                    except _Full:
+                        raise too_many(max_pairs, threshold, "across splits") from None
+                    for r, c, similarity in found:
                         rows.append(
                             {
                                 "similarity": similarity,
@@ -92,39 +123,64 @@ def cross_split_pairs(
     return rows
 
 
-def pairs_within(rows: Rows, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
+def pairs_within(
+    rows: Rows, threshold: float, block: int = 2048, max_pairs: int | None = None
+) -> list[tuple[int, int, float]]:
     """Every pair (i, j), i < j, of rows whose features' cosine similarity is >= `threshold`, with it: one set
     searched against itself, a block against the blocks from its own on (the upper triangle), so each pair once.
-    Sorted by (i, j). Memory: two blocks and their product; the rows may stay on disk."""
+    Sorted by (i, j). Memory: two blocks and their product, and the pairs found (more than `max_pairs`, default
+    `PAIRS_PER_IMAGE` times the rows, is a `TooManyPairs` error); the rows may stay on disk."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
     if block < 1:
         raise ValueError("block must be at least 1")
     found, n = [], len(rows)
+    if max_pairs is None:
+        max_pairs = PAIRS_PER_IMAGE * n
     for start in range(0, n, block):
         units_a = unit_rows(rows[start : start + block])
         for other in range(start, n, block):
             units_b = units_a if other == start else unit_rows(rows[other : other + block])
-            found += [
-                (start + r, other + c, similarity)
-                for r, c, similarity in _similar(units_a, units_b, threshold)
-                if start + r < other + c  # the upper triangle: no row with itself, each pair once
-            ]
+            # a block against itself: its upper triangle only (no row with itself, each pair once); the blocks
+            # after it lie wholly above the diagonal
+            try:
+                pairs = _similar(units_a, units_b, threshold, max_pairs - len(found), upper=other == start)
+            except _Full:
+                raise too_many(max_pairs, threshold, "within one split") from None
+            found += [(start + r, other + c, similarity) for r, c, similarity in pairs]
     found.sort()
     return found
 
 
-def _similar(units_a: np.ndarray, units_b: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """(row of a, row of b, similarity) of every pair of two blocks of unit rows at or above `threshold`.
+class _Full(Exception):
+    """`_similar` found more pairs than the room left: the caller raises `TooManyPairs`, naming its search."""
+
+
+def _similar(
+    units_a: np.ndarray, units_b: np.ndarray, threshold: float, room: int, upper: bool = False
+) -> list[tuple[int, int, float]]:
+    """(row of a, row of b, similarity) of every pair of two blocks of unit rows at or above `threshold`
+    (with `upper`, only row of a < row of b); more than `room` of them raises `_Full`.
 
     float32 products find the candidates (their rounding depends on the blocks, so with a margin); each
     candidate's similarity is then summed again in float64 on its own, so the result does not depend on them,
-    and compared as reported, to 6 digits (float32 unit rows put an exact copy at 0.9999999)."""
-    hit_a, hit_b = np.nonzero(units_a @ units_b.T >= np.float32(threshold - 1e-4))
-    exact = np.sum(units_a[hit_a].astype(np.float64) * units_b[hit_b].astype(np.float64), axis=1)
+    and compared as reported, to 6 digits (float32 unit rows put an exact copy at 0.9999999). Candidates are
+    taken `_ROWS_AT_ONCE` rows and checked `_CHECKED_AT_ONCE` at a time: memory stays that of the product
+    whatever share of it is above the threshold."""
+    close = units_a @ units_b.T >= np.float32(threshold - 1e-4)
+    if upper:
+        close = np.triu(close, k=1)
     found = []
-    for r, c, similarity in zip(hit_a.tolist(), hit_b.tolist(), exact.tolist()):
-        similarity = round(min(similarity, 1.0), 6)
-        if similarity >= threshold:
-            found.append((r, c, similarity))
+    for first in range(0, len(close), _ROWS_AT_ONCE):
+        hit_a, hit_b = np.nonzero(close[first : first + _ROWS_AT_ONCE])
+        hit_a += first
+        for at in range(0, len(hit_a), _CHECKED_AT_ONCE):
+            a, b = hit_a[at : at + _CHECKED_AT_ONCE], hit_b[at : at + _CHECKED_AT_ONCE]
+            exact = np.sum(units_a[a].astype(np.float64) * units_b[b].astype(np.float64), axis=1)
+            for r, c, similarity in zip(a.tolist(), b.tolist(), exact.tolist()):
+                similarity = round(min(similarity, 1.0), 6)
+                if similarity >= threshold:
+                    found.append((r, c, similarity))
+            if len(found) > room:
+                raise _Full
     return found

@@ -67,6 +67,7 @@ def test_three_class_metrics_by_hand():
     )
     m = evaluate.classification_metrics(labels, probs, ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert m["confusion_classes"] == ["a", "b", "c"]  # the matrix's rows and columns, named (the README's promise)
     assert m["accuracy"] == pytest.approx(4 / 6)
     # a: P 2/3 R 1 F1 .8; b: P 1/2 R 1/2 F1 .5; c: P 1 R 1/2 F1 2/3
     assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
@@ -79,11 +80,27 @@ def test_three_class_metrics_by_hand():
     np.testing.assert_allclose([r["recall"] for r in pr], [1 / 3, 1 / 2, 1 / 2, 2 / 3, 2 / 3, 1, 1, 1])
 
 
-def test_misclassified_and_gradcam_picks():
+def test_misclassified_and_gradcam_picks(tmp_path):
+    """The mistakes' source files come from the manifest's rows of those images only: evaluate held the whole
+    manifest (every split's rows, ~1 KB an image) for them, memory that grew with the dataset."""
+    import tracemalloc
+
     ids = ["a", "b", "c", "d"]
     labels = np.array([0, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]])
-    wrong = evaluate.misclassified("finetune", ids, labels, probs, ["cat", "dog"], {"b": "dogs/b.jpg"})
+    manifest = tmp_path / "manifest.jsonl"
+    other = {"split": "train", "label": "cat", "sha256": "0" * 64, "note": "x" * 900}
+    with manifest.open("w") as handle:
+        handle.write(json.dumps({"id": "b", "source": "dogs/b.jpg", **other}) + "\n")
+        for k in range(20000):
+            handle.write(json.dumps({"id": f"other{k}", "source": f"cats/{k}.jpg", **other}) + "\n")
+    tracemalloc.start()
+    try:
+        wrong = evaluate.with_sources(evaluate.misclassified("finetune", ids, labels, probs, ["cat", "dog"]), manifest)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5e6, peak  # the whole manifest, 20 MB on disk, took ~40 MB
     assert [(r["id"], r["actual"], r["predicted"], r["file"]) for r in wrong] == [
         ("b", "dog", "cat", "dogs/b.jpg"),
         ("d", "cat", "dog", None),

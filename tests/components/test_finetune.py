@@ -215,6 +215,15 @@ def test_a_tie_with_the_start_goes_to_the_trained_epoch_and_earlier_epochs_win_t
     assert run_best_epoch("val_accuracy", (0.3, 0.9), [(0.4, 0.9)]) == (0, 0.0)  # same accuracy, worse loss
 
 
+def test_a_diverged_epoch_is_never_the_best():
+    """NaN compared False with everything, so a NaN first epoch (a learning rate that diverged) stayed the best."""
+    nan = float("nan")
+    assert run_best_epoch("val_loss", None, [(nan, 0.5), (0.4, 0.8), (0.3, 0.9)]) == (3, 3.0)
+    assert run_best_epoch("val_accuracy", None, [(nan, nan), (0.4, 0.8), (0.5, 0.7)]) == (2, 2.0)
+    assert run_best_epoch("val_loss", (0.5, 0.8), [(nan, 0.5), (nan, 0.5)]) == (0, 0.0)  # the start stays
+    assert run_best_epoch("val_loss", (nan, 0.5), [(0.9, 0.5)]) == (1, 1.0)  # any number beats a NaN start
+
+
 def stops_after(monitor, patience, epochs):
     """The epoch (1-based) after which BestEpoch stops training, or None."""
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])

@@ -206,6 +206,9 @@ def test_sheet_without_suspects_says_so(tmp_path):
     sheet = quality.contact_sheet([], tmp_path, 16)
     assert sheet.size == (quality.TILE, quality.TILE + quality.CAPTION)
     assert np.asarray(sheet).min() < 128  # the text is drawn
+    # With suspects but quality.sheet: 0, the sheet said "no suspected label errors" all the same.
+    hidden = quality.contact_sheet([{"id": "a" * 64, "file": "images/a.jpg"}], tmp_path, 0)
+    assert hidden.size == sheet.size and not np.array_equal(np.asarray(hidden), np.asarray(sheet))
 
 
 def smooth_picture(seed: int, size=(72, 96)):

@@ -165,3 +165,10 @@ def test_balanced_class_weights_move_predictions_to_the_rare_classes(tmp_path, n
         assert record["val_accuracy"] == pytest.approx(np.sum(weight * (predicted == truth)) / weight.sum(), rel=1e-5)
         assert record.get("val_weighted", False) is (mode == "balanced")
     assert rare["balanced"] > rare["none"] + 5, rare
+
+
+def test_a_diverged_epoch_is_never_the_recorded_best():
+    nan = float("nan")
+    assert train_head.best_epoch_of([nan, 0.5, 0.3, 0.3]) == 2  # was 0: nothing compares below a NaN
+    assert train_head.best_epoch_of([0.5, nan, 0.4]) == 2
+    assert train_head.best_epoch_of([0.2, 0.2]) == 0

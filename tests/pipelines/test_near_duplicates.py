@@ -89,3 +89,33 @@ def test_exact_copies_reach_a_threshold_of_one():
     )
     assert sorted((p["a_id"], p["b_id"]) for p in pairs) == sorted((f"a{i}", f"b{i}") for i in range(50))
     assert all(p["similarity"] == 1.0 for p in pairs)
+
+
+def test_a_threshold_pairing_similar_photos_stops_early_with_memory_bounded():
+    """A loose threshold (or an untrained base: distinct images at cosine 0.99) made every pair a candidate: the
+    float64 check gathered all of a block's candidates at once (a 2048 x 8192 block of 1,280 floats: ~340 GB) and
+    every pair was held before the too-loose-threshold refusal. The search now stops at PAIRS_PER_IMAGE pairs an
+    image, with a message saying what to change, having held memory of the order of a block's product."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    alike = (1.0 + 0.01 * rng.standard_normal((1500, 256))).astype(np.float32)  # all at cosine ~0.9999
+    split = {"train": alike[:1000], "val": alike[1000:1250], "test": alike[1250:]}
+    ids = {s: [f"{s}{k}" for k in range(len(v))] for s, v in split.items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            nd.TooManyPairs, match=r"more than 15000 near-duplicate pairs across splits .* raise quality"
+        ):
+            nd.cross_split_pairs(split, ids, 0.9)
+        with pytest.raises(nd.TooManyPairs, match=r"more than 10000 near-duplicate pairs within one split"):
+            nd.pairs_within(split["train"], 0.9)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the product of a 1000 x 500 block pair is 2 MB; the old check gathered 375,000 candidates' rows (1.5 GB)
+    assert peak < 60e6, peak
+    # A limit the pairs fit in returns them all, each once, as before.
+    assert len(nd.pairs_within(split["val"], 0.9, max_pairs=250 * 249 // 2)) == 250 * 249 // 2
+    few = {"val": split["val"][:20], "test": split["test"][:30]}
+    assert len(nd.cross_split_pairs(few, {s: ids[s][: len(v)] for s, v in few.items()}, 0.9, max_pairs=600)) == 600
