@@ -306,6 +306,25 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
     }
 
 
+def uncommitted_inputs(repo: Path) -> list[str]:
+    """Files git tracks that the pipeline reads (dvc.yaml, the .dvc files, every stage's dependencies) and that
+    differ from HEAD, but for those the retrain commits itself (`COMMITTED`): the lock would record their hashes
+    in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        root = Path(dvc_repo.root_dir)
+        read = {Path(stage.path) for stage in dvc_repo.index.stages} | {
+            Path(dep.fs_path) for stage in dvc_repo.index.stages for dep in stage.deps if dep.protocol == "local"
+        }
+    paths = sorted({path.relative_to(root).as_posix() for path in read if path.is_relative_to(root)})
+    if not paths:
+        return []
+    status = sh("git", "status", "--porcelain", "--untracked-files=no", "--no-renames", "--", *paths, cwd=root)
+    changed = {line[3:] for line in status.splitlines() if line.strip()}
+    return sorted(p for p in changed if not any(p == c or p.startswith(f"{c}/") for c in COMMITTED))
+
+
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
     python = sys.executable
     if pull:
@@ -326,10 +345,18 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         ) from None
     try:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
+        uncommitted = uncommitted_inputs(repo)
     except Exception as exc:  # noqa: BLE001 - DVC's own errors (a dvc.yaml it cannot load), whatever their class
         return FAILED, {"decision": "failed", "reason": f"DVC cannot load the project: {type(exc).__name__}: {exc}"}
     if in_git:  # DVC would fail their stages only after training them
         return FAILED, {"decision": "failed", "reason": outputs_in_git.advice(in_git)}
+    if uncommitted:
+        return FAILED, {
+            "decision": "failed",
+            "reason": f"files the pipeline reads differ from the last commit: {', '.join(uncommitted)}; the lock "
+            "would record them in a commit without them, a model nobody could rebuild (the audit of it fails): "
+            "commit them (or git stash them), then retrain",
+        }
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}

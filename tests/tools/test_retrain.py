@@ -247,6 +247,8 @@ def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog"
     (project / "src").mkdir(exist_ok=True)
     day = {"records": records, "predictions": predictions, "fail": fail, "train": [f"img{i}" for i in train]}
     (project / "src" / "day.json").write_text(json.dumps({**day, "classes": list(classes)}))
+    if (project / ".git" / "refs" / "heads" / "main").exists():  # the day's data arrives as a commit (a retrain
+        commit(project, "the day's data")  # refuses inputs git tracks that differ from HEAD: a model no one rebuilds)
 
 
 def retrain_cli(project, *args):
@@ -432,6 +434,15 @@ def test_retrain_exit_codes(scheduled):
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"], record["stage"]) == (3, "rejected", None)
     assert "finetune val accuracy 0.6000 is below the threshold 0.7500" in record["reason"]
+    # Code edited but not committed: the lock would record its hash in a commit without it (a model nobody could
+    # rebuild, registered and promoted all the same); the run fails before any stage runs, naming the file.
+    pipeline = project / "src" / "pipeline.py"
+    pipeline.write_text(pipeline.read_text() + "# an edit\n")
+    tags = run(["git", "tag"], project).stdout
+    code, record, stderr = retrain_cli(project)
+    assert (code, record["decision"]) == (1, "failed") and "src/pipeline.py" in record["reason"], record
+    assert "Running stage" not in stderr and run(["git", "tag"], project).stdout == tags
+    commit(project, "an edit")
     write_day(project, range(20), wrong=[0], fail=1)  # the pipeline fails
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"]) == (1, "failed") and record["reason"].startswith("dvc repro exited ")
