@@ -550,6 +550,19 @@ def git_file(repo: Path, rev: str, path: str) -> str | None:
 DVC_FILES = (MANIFEST, LABELS, LINEAGE, MODEL)
 
 
+def unrecorded_facts(lock: dict) -> list[str]:
+    """The files the report's facts come from (`DVC_FILES`: the manifest, the labels, the model, the serving
+    lineage) that no stage of the lock recorded as (inside) one of its outputs: a revision with no pipeline in
+    its dvc.lock, those files committed to git by hand, passed with every lock check vacuous."""
+    produced = [path for outs in stage_outputs(lock).values() for path in outs]
+    return [
+        f"{path} is no output of a stage in dvc.lock: the audit's facts must come from a recorded run "
+        "(`dvc repro` and commit)"
+        for path in DVC_FILES
+        if path not in produced and enclosing(path, produced) is None
+    ]
+
+
 def first_line(exc: Exception) -> str:
     """An error's first line for a report, or its class where it has no message."""
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -809,6 +822,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         "quality": quality,
         "unreadable": unreadable,
         "lock_problems": lock_problems,
+        "unrecorded": unrecorded_facts(lock) if check_lock else [],
         "unversioned_inputs": unversioned,
         "_rows": rows,
     }
@@ -842,7 +856,14 @@ def rebuild(
             recorded = content_digests(tree, outs)
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
-                dvc("repro", "--force", "--single-item", stage, cwd=tree)
+                # a stage the revision froze (`frozen: true`) DVC never runs, --force or not: it only checked the
+                # recorded outputs against themselves; unfrozen in the scratch worktree (its dvc.yaml only)
+                declared = (yaml.safe_load((tree / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
+                if (declared.get(stage) or {}).get("frozen"):
+                    dvc("unfreeze", stage, cwd=tree)
+                ran = dvc("repro", "--force", "--single-item", stage, cwd=tree).stdout
+                if f"Running stage '{stage}'" not in ran:
+                    raise RuntimeError(f"rebuild: dvc repro did not run stage {stage} at {commit[:12]}: {ran[-1000:]}")
             return stages, recorded, content_digests(tree, outs)
         finally:  # never raises over the error that got here
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
@@ -957,7 +978,7 @@ def to_markdown(report: dict) -> str:
 def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = False, rebuilt: bool = False) -> dict:
     record = collect(repo, rev)
     rows = record.pop("_rows")
-    problems = list(record["unreadable"]) + list(record["lock_problems"])
+    problems = list(record["unreadable"]) + list(record["lock_problems"]) + list(record["unrecorded"])
     problems += [f"image {sha[:12]} is in two splits" for sha in split_conflicts(rows)]
     problems += lineage_checks(record["serving_lineage"], record["manifest_sha256"], record["model_sha256"])
     problems += near_duplicate_problems(record["quality"].get("near_duplicates", []))

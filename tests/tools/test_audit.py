@@ -479,6 +479,23 @@ def test_the_stages_and_git_tracked_outputs_a_dvc_yaml_declares_as_dvc_resolves_
     commit(tmp_path, "lock")
     record = audit.collect(tmp_path, "HEAD")
     assert len(record["lock_problems"]) == 1 and "cannot be resolved by DVC" in record["lock_problems"][0]
+    assert record["unrecorded"] == audit.unrecorded_facts({"stages": {}})
+    assert set(record["unrecorded"]) <= set(audit.audit(tmp_path, "HEAD")["problems"])  # the audit fails on them
+
+
+def test_facts_from_files_no_recorded_stage_made_fail_the_audit():
+    """A revision whose dvc.yaml and dvc.lock have no stages, its manifest, labels, model and lineage committed to
+    git by hand, passed: every lock check was vacuous. The facts must come from outputs of a recorded run."""
+    assert audit.unrecorded_facts({"schema": "2.0", "stages": {}}) == [
+        f"{path} is no output of a stage in dvc.lock: the audit's facts must come from a recorded run "
+        "(`dvc repro` and commit)"
+        for path in audit.DVC_FILES
+    ]
+    outs = {"download": "data/download", "convert": "data/convert", "finetune": audit.MODEL, "export": "data/export"}
+    lock = {"stages": {stage: {"outs": [{"path": path, "md5": "x"}]} for stage, path in outs.items()}}
+    assert audit.unrecorded_facts(lock) == []
+    del lock["stages"]["export"]
+    assert audit.unrecorded_facts(lock) == [audit.unrecorded_facts({"stages": {}})[2]]  # the lineage's
 
 
 def test_the_repositorys_own_git_tracked_outputs_are_found():
@@ -814,6 +831,16 @@ def test_a_rebuild_that_trains_other_bytes_fails_the_audit(audited_project):
     mismatches = [p for p in report["problems"] if p.startswith("rebuild: ")]
     assert len(mismatches) == 1 and mismatches[0].startswith(f"rebuild: {audit.MODEL} is "), report["problems"]
     assert "after re-training" in mismatches[0] and "as recorded" in mismatches[0]
+    # The same stage frozen (`frozen: true`): DVC never runs a frozen stage, --force or not, so the rebuild compared
+    # the checked-out outputs with themselves and passed. The audit unfreezes it in its scratch worktree.
+    spec["stages"]["finetune"]["frozen"] = True
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    commit(project, "frozen")
+    frozen = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    report = audit.audit(project, frozen, rebuilt=True)
+    assert report["rebuild"]["identical"] is False, report["rebuild"]
+    assert [p for p in report["problems"] if p.startswith(f"rebuild: {audit.MODEL} is ")], report["problems"]
+    assert json.loads((project / "dvc.yaml").read_text())["stages"]["finetune"]["frozen"]  # the project's own stays
 
 
 @pytest.mark.integration
