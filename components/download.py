@@ -50,7 +50,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import pydantic
 
 from components import outputs
-from components.cli import configure_logging, run_main
+from components.cli import EnvironmentProblem, configure_logging, run_main
 from components.manifest import IMAGES, MANIFEST, SPLITS, write_jsonl
 from components.params import (
     RESOLVED_PARAMS_FILE,
@@ -368,6 +368,12 @@ def run(
                 if cache:
                     cache.put(sha256, item.data, result)
             if isinstance(result, normalise.Rejected):
+                if not result.lasting:  # quarantined, the image would be back next run: outputs by machine state
+                    raise EnvironmentProblem(
+                        f"download: {item.source}: {result.reason}: a failure of this run (memory, the decoder's "
+                        "environment), not of the file, so it is not quarantined; run the stage again, and if it "
+                        "fails the same way, move the file out of the source folder"
+                    )
                 quarantine.append({"source": item.source, "label": item.label, "reason": result.reason})
                 continue
             cand = split.Candidate(
@@ -390,7 +396,6 @@ def run(
                 staged[len(candidates)].write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
-        manifest, excluded, not_found, already = split.exclude(manifest, dl.exclude, quarantine + duplicates)
         if dl.keep_together and any(c.given_split for c in candidates):
             how = (
                 "give dataset.tfds.splits one slice, which download.fractions hash-splits"
@@ -401,7 +406,13 @@ def run(
             raise ValueError(
                 f"download.keep_together moves images between splits, but this dataset gives its own: {how}"
             )
+        # groups first, exclusions after: a group's split is its listed members' (the smallest pixel hash), an
+        # excluded member's too, so excluding one does not move the others
         manifest, together = split.keep_together(manifest, dl.keep_together)
+        together["not_found"], together["already_quarantined"] = split.unknown_or_quarantined(
+            together["not_found"], quarantine + duplicates
+        )
+        manifest, excluded, not_found, already = split.exclude(manifest, dl.exclude, quarantine + duplicates)
         quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
         summary["excluded"] = {

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from components.cli import EnvironmentProblem
 from components.manifest import LINE_BREAKS, SPLITS
 from components.params import ParamsError
+from pipelines.split import NO_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def class_name_problem(name: str) -> str | None:
         return f"class folder {NOT_UTF8}"
     if LINE_BREAKS.intersection(name):
         return "class folder name holds a line break or control character (rename it)"
+    if normalise_label(name) == NO_CLASS:  # its images would be counted with the files outside any class folder
+        return f"class folder named {NO_CLASS!r}, the summary's name for files outside any class folder (rename it)"
     return None
 
 
@@ -132,7 +135,9 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
             else:
                 yield from _read_entry(entry, root, real_root, None, None, _stray(entry, "a split's class folder"))
     for parent, given_split in layout:
-        for entry in sorted(parent.iterdir()):
+        entries = sorted(parent.iterdir())
+        names = {entry.name for entry in entries}  # as listed (a lookup of another spelling may match on macOS)
+        for entry in entries:
             rel = entry.relative_to(root).as_posix()
             if entry.is_dir() and not entry.is_symlink():
                 if _is_hidden(entry.name):
@@ -143,6 +148,14 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                     yield from _scan_class(entry, root, real_root, None, given_split, problem)
                     continue
                 label = normalise_label(entry.name)
+                if label != entry.name and label in names:  # `café` twice, composed and decomposed (Linux)
+                    log.warning(
+                        "download: class folders %r and %r are one class %r (names are NFC-normalised, so the same "
+                        "name written by macOS matches): rename one if they are two classes",
+                        rel,
+                        (parent / label).relative_to(root).as_posix(),
+                        label,
+                    )
                 yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
                 yield from _scan_class(entry, root, real_root, label, given_split, None)
             else:

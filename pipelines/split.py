@@ -149,14 +149,20 @@ def exclude(
             )
         else:
             kept.append(dict(row))
-    missing = wanted - {row["id"] for row in manifest}
+    not_found, already = unknown_or_quarantined(wanted - {row["id"] for row in manifest}, quarantined)
+    return kept, dropped, not_found, already
+
+
+def unknown_or_quarantined(missing: Iterable[str], quarantined: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
+    """Listed ids the manifest lacks, told apart: (those no image has, sorted; those whose image a rule
+    quarantined, such as the same pixels under two labels, each with that rule's reasons)."""
+    missing = set(missing)
     reasons: dict[str, set[str]] = {}
     for row in quarantined:
         pixels = row.get("pixels_sha256")
         if pixels and image_id(pixels) in missing:
             reasons.setdefault(image_id(pixels), set()).add(row["reason"])
-    already = [{"id": i, "reasons": sorted(reasons[i])} for i in sorted(reasons)]
-    return kept, dropped, sorted(missing - set(reasons)), already
+    return sorted(missing - set(reasons)), [{"id": i, "reasons": sorted(reasons[i])} for i in sorted(reasons)]
 
 
 def keep_together(manifest: Sequence[Mapping], groups: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:

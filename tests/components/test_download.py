@@ -727,6 +727,8 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     (root / "bi\u2028rds").mkdir()
     (root / "bi\u2028rds" / "two.jpg").write_bytes(encode(image_array(62)))
     (root / "cats" / "a\u2028b.jpg").write_bytes(encode(image_array(63)))  # a file may: JSON escapes nothing, kept
+    (root / "(no class)").mkdir()  # the summary's name for files outside any class: they were counted as its
+    (root / "(no class)" / "three.jpg").write_bytes(encode(image_array(65)))
     os.symlink("loop.jpg", root / "dogs" / "loop.jpg")
     elsewhere = tmp_path / "elsewhere.jpg"
     elsewhere.write_bytes(encode(image_array(64)))
@@ -738,6 +740,7 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     assert quarantine["cats/caf\\xe9.jpg"] == "name is not valid UTF-8 (rename it)"
     assert quarantine["b\\xe9es/one.jpg"] == "class folder name is not valid UTF-8 (rename it)"
     assert quarantine["bi\u2028rds/two.jpg"].startswith("class folder name holds a line break")
+    assert quarantine["(no class)/three.jpg"].startswith("class folder named '(no class)', the summary's name")
     assert quarantine["dogs/loop.jpg"] == "symlink loop"
     assert quarantine["dogs/out.jpg"] == "symlink to a file outside the source folder (not followed)"
     assert str(tmp_path) not in (out / dl.QUARANTINE).read_text(encoding="utf-8")
@@ -746,7 +749,7 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     assert mf.parse_jsonl((out / mf.MANIFEST).read_bytes()) == kept  # as the audit and retrain read it from git
     assert sorted({row["label"] for row in kept}) == ["cats", "dogs"]
     assert summary["reconciled"] is True and summary["found"] == summary["kept"] + summary["quarantined"]
-    assert summary["kept"] == 17 and summary["quarantined"] == 5
+    assert summary["kept"] == 17 and summary["quarantined"] == 6
 
 
 def test_a_listing_that_cannot_be_written_fails_before_the_earlier_output_changes(tmp_path, monkeypatch):
@@ -813,6 +816,17 @@ def test_class_names_with_spaces_and_non_ascii_are_nfc(tmp_path):
     assert summary["empty_classes"] == ["empty class"]
     labels = {r["label"] for r in mf.read_jsonl(tmp_path / "out" / mf.MANIFEST)}
     assert labels == {"chats siamois é", "Hunde ü"}
+
+
+def test_two_folders_one_class_once_normalised_are_merged_with_a_warning(tmp_path, caplog):
+    """On Linux `café` composed and decomposed are two folders; NFC makes them one class, which was silent."""
+    nfc, nfd = "café", unicodedata.normalize("NFD", "café")
+    root = make_class_folder(tmp_path / "src", per_class=6, classes=(nfc, "dogs"))
+    make_class_folder(root, per_class=6, start=10, classes=(nfd,))
+    with caplog.at_level("WARNING"):
+        summary = dl.run(folder_config(root), tmp_path / "out")
+    assert summary["classes"] == ["café", "dogs"] and summary["per_class"]["café"]["found"] == 12
+    assert [r.message for r in caplog.records if "are one class 'café'" in r.message], caplog.text
 
 
 def test_a_single_class_is_a_clear_error_and_writes_nothing(tmp_path):
@@ -1015,6 +1029,16 @@ def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(
     assert after[train["id"]] == after[test["id"]] == target
     assert all(after[r["id"]] == r["split"] for r in first if r["id"] not in (train["id"], test["id"]))
     assert summary["kept_together"]["groups"] == 1 and len(summary["kept_together"]["moved"]) == 1
+    # The group's member with the smallest pixel hash excluded: the others still go to its split (exclusions came
+    # first, so the group moved to the split of the smallest hash among the rest), and the excluded id is not
+    # reported as matching no image.
+    val = next(r for r in first if r["split"] == "val")
+    group = sorted((train, test, val), key=lambda r: r["pixels_sha256"])
+    config = folder_config(tiny_folder, keep_together=[[r["id"] for r in group]], exclude=[group[0]["id"]])
+    summary = dl.run(config, tmp_path / "grouped")
+    after = {r["id"]: r["split"] for r in mf.read_jsonl(tmp_path / "grouped" / mf.MANIFEST)}
+    assert group[0]["id"] not in after and after[group[1]["id"]] == after[group[2]["id"]] == group[0]["split"]
+    assert summary["kept_together"]["not_found"] == [] and summary["excluded"]["quarantined"] == 1
     given = tmp_path / "given"
     make_class_folder(given / "train", per_class=3)
     make_class_folder(given / "val", per_class=2, start=30)
@@ -1295,6 +1319,32 @@ def test_a_failure_that_is_not_the_files_is_not_cached(tmp_path, monkeypatch):
     broken = normalise.Rejected("undecodable JPEG by the shared decoder: Invalid JPEG data")  # the file's
     cache.put("b" * 64, other, broken)
     assert cache.get("b" * 64, other) == broken
+
+
+def test_a_failure_of_the_run_stops_the_stage_instead_of_quarantining_the_file(tmp_path, monkeypatch):
+    """A decode that failed for the run's reasons (out of memory, a TensorFlow error other than the file's bytes)
+    was quarantined all the same: the stage succeeded without the image, and the next run kept it (outputs that
+    depended on the machine's state). It is a clear error now, naming the file, and no output is written."""
+    import tensorflow as tf
+
+    from components.cli import EnvironmentProblem
+
+    root = make_class_folder(tmp_path / "src", per_class=8)
+    shared = normalise.make_decoder()
+    victim = sorted((root / "cats").iterdir())[0].read_bytes()
+
+    def flaky():
+        def decode(data):
+            if data == victim:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return shared(data)
+
+        return decode
+
+    monkeypatch.setattr(normalise, "make_decoder", flaky)
+    with pytest.raises(EnvironmentProblem, match=r"cats_0.jpg: .*OOM when allocating tensor.*not of the file"):
+        dl.run(folder_config(root), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_cached_rejection_follows_the_limits(tmp_path):
