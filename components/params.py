@@ -208,7 +208,8 @@ def same(a: Any, b: Any) -> bool:
     """Equal with the same types all the way down, keys in the same order (in Python 1 == 1.0 == True; in a
     params file they are three values, and DVC's `params diff` shows a change between them)."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return list(a) == list(b) and all(same(a[key], b[key]) for key in a)
+        keys = [(type(key), key) for key in a]  # keys too: `1:`, `true:` and `1.0:` are three keys
+        return keys == [(type(key), key) for key in b] and all(same(a[key], b[key]) for key in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and (a == b or (a != a and b != b))  # NaN is NaN
@@ -258,13 +259,20 @@ def write_params(path: str | Path, data: Mapping[str, Any]) -> bool:
     import io
 
     import ruamel.yaml
+    import ruamel.yaml.representer
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
+
+    class Representer(ruamel.yaml.representer.RoundTripRepresenter):
+        """ruamel's round-trip writer, `null` written as `null` (its own writes nothing): on a subclass, so DVC's
+        writer in this process is not changed."""
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     rt = ruamel.yaml.YAML()
+    rt.Representer = Representer
     rt.width = 1 << 16
     rt.preserve_quotes = True
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     try:
         doc, old = rt.load(text), load_yaml(text)
         if not isinstance(doc, Mapping) or not isinstance(old, Mapping):

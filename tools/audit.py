@@ -59,7 +59,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from components import lineage, manifest
 from components.cli import configure_logging, dvc, run_main, sh
-from components.params import ParamsError, load_yaml
+from components.params import ParamsError, dump_yaml, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -854,13 +854,11 @@ def rebuild(
             stages = [stage for stage in stages if stage in lock.get("stages", {})]  # older revisions had fewer
             outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
             recorded = content_digests(tree, outs)
+            thaw(tree / "dvc.yaml")
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
                 # a stage the revision froze (`frozen: true`) DVC never runs, --force or not: it only checked the
                 # recorded outputs against themselves; unfrozen in the scratch worktree (its dvc.yaml only)
-                declared = (yaml.safe_load((tree / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {}
-                if (declared.get(stage) or {}).get("frozen"):
-                    dvc("unfreeze", stage, cwd=tree)
                 ran = dvc("repro", "--force", "--single-item", stage, cwd=tree).stdout
                 if f"Running stage '{stage}'" not in ran:
                     raise RuntimeError(f"rebuild: dvc repro did not run stage {stage} at {commit[:12]}: {ran[-1000:]}")
@@ -868,6 +866,20 @@ def rebuild(
         finally:  # never raises over the error that got here
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
             subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
+
+
+def thaw(dvc_yaml: Path) -> None:
+    """Take `frozen: true` off every stage of a (scratch) dvc.yaml, `foreach`/`matrix` definitions included: DVC
+    never runs a frozen stage, --force or not, so a rebuild compared its recorded outputs with themselves (and
+    `dvc unfreeze` cannot write a templated stage back)."""
+    spec = load_yaml(dvc_yaml.read_text(encoding="utf-8")) or {}
+    thawed = False
+    for definition in (spec.get("stages") or {}).values():
+        for body in (definition, definition.get("do")):
+            if isinstance(body, dict) and body.pop("frozen", None) is not None:
+                thawed = True
+    if thawed:
+        dvc_yaml.write_text(dump_yaml(spec), encoding="utf-8")
 
 
 def workspace_changes(repo: Path) -> dict:

@@ -306,23 +306,46 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
     }
 
 
-def uncommitted_inputs(repo: Path) -> list[str]:
-    """Files git tracks that the pipeline reads (dvc.yaml, the .dvc files, every stage's dependencies) and that
-    differ from HEAD, but for those the retrain commits itself (`COMMITTED`): the lock would record their hashes
-    in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
+def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str]]:
+    """(the DVC root; the paths the pipeline reads: its dvc.yaml and .dvc files and every stage's local
+    dependencies; the .dvc files of its data sources, which `dvc repro` rewrites when their data changed), the
+    paths relative to the DVC root."""
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     with Repo(str(repo)) as dvc_repo:
         root = Path(dvc_repo.root_dir)
-        read = {Path(stage.path) for stage in dvc_repo.index.stages} | {
-            Path(dep.fs_path) for stage in dvc_repo.index.stages for dep in stage.deps if dep.protocol == "local"
+        stages = list(dvc_repo.index.stages)
+        read = {Path(stage.path) for stage in stages} | {
+            Path(dep.fs_path) for stage in stages for dep in stage.deps if dep.protocol == "local"
         }
-    paths = sorted({path.relative_to(root).as_posix() for path in read if path.is_relative_to(root)})
-    if not paths:
+        sources = {Path(stage.path) for stage in stages if not isinstance(stage, PipelineStage)}
+
+    def inside(paths: set[Path]) -> list[str]:
+        return sorted({path.relative_to(root).as_posix() for path in paths if path.is_relative_to(root)})
+
+    return root, inside(read), inside(sources)
+
+
+def uncommitted_inputs(root: Path, read: Sequence[str], committed_by_retrain: Sequence[str]) -> list[str]:
+    """Of the files the pipeline reads (`read`, relative to `root`), those git tracks that differ from HEAD, but
+    for those the retrain commits itself (`COMMITTED`, `committed_by_retrain`): the lock would record their
+    hashes in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
+    if not read:
         return []
-    status = sh("git", "status", "--porcelain", "--untracked-files=no", "--no-renames", "--", *paths, cwd=root)
-    changed = {line[3:] for line in status.splitlines() if line.strip()}
-    return sorted(p for p in changed if not any(p == c or p.startswith(f"{c}/") for c in COMMITTED))
+    # -z: names as they are (porcelain quotes and escapes some); literal pathspecs (a `[` in a name is no glob)
+    listed = subprocess.run(
+        ["git", "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", "--"]
+        + [f":(literal){path}" for path in read],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
+    changed = [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
+    skipped = set(committed_by_retrain)
+    return sorted(
+        p for p in changed if p not in skipped and not any(p == c or p.startswith(f"{c}/") for c in COMMITTED)
+    )
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
@@ -345,7 +368,8 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         ) from None
     try:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
-        uncommitted = uncommitted_inputs(repo)
+        root, read, sources = pipeline_files(repo)
+        uncommitted = uncommitted_inputs(root, read, sources)
     except Exception as exc:  # noqa: BLE001 - DVC's own errors (a dvc.yaml it cannot load), whatever their class
         return FAILED, {"decision": "failed", "reason": f"DVC cannot load the project: {type(exc).__name__}: {exc}"}
     if in_git:  # DVC would fail their stages only after training them
@@ -366,7 +390,10 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     comparison = compare_with_promoted(repo, params, previous, previous_commit) if previous is not None else None
     promote, reason = decide(candidate, comparison, params)
 
+    # with the lock: the .dvc files of data sources `dvc repro` saved again (new images in a `dvc add`-ed folder)
     sh("git", "add", "--", *[p for p in COMMITTED if (repo / p).exists()], cwd=repo)
+    if sources:
+        sh("git", "add", "--", *[f":(literal){p}" for p in sources], cwd=root)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
         sh("git", "commit", "-q", "-m", f"retrain: {'promoted' if promote else 'rejected'}: {reason}", cwd=repo)
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()

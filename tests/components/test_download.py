@@ -1029,16 +1029,22 @@ def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(
     assert after[train["id"]] == after[test["id"]] == target
     assert all(after[r["id"]] == r["split"] for r in first if r["id"] not in (train["id"], test["id"]))
     assert summary["kept_together"]["groups"] == 1 and len(summary["kept_together"]["moved"]) == 1
-    # The group's member with the smallest pixel hash excluded: the others still go to its split (exclusions came
-    # first, so the group moved to the split of the smallest hash among the rest), and the excluded id is not
-    # reported as matching no image.
+    # The group's member with the smallest pixel hash excluded, and another: the third still goes to the smallest's
+    # split (exclusions came first, so the group moved to the split of the smallest hash among the rest); the
+    # excluded are reported in their own splits, not as moved, and not as ids matching no image.
     val = next(r for r in first if r["split"] == "val")
     group = sorted((train, test, val), key=lambda r: r["pixels_sha256"])
-    config = folder_config(tiny_folder, keep_together=[[r["id"] for r in group]], exclude=[group[0]["id"]])
+    excluded = [group[0], group[2]]
+    config = folder_config(tiny_folder, keep_together=[[r["id"] for r in group]], exclude=[r["id"] for r in excluded])
     summary = dl.run(config, tmp_path / "grouped")
     after = {r["id"]: r["split"] for r in mf.read_jsonl(tmp_path / "grouped" / mf.MANIFEST)}
-    assert group[0]["id"] not in after and after[group[1]["id"]] == after[group[2]["id"]] == group[0]["split"]
-    assert summary["kept_together"]["not_found"] == [] and summary["excluded"]["quarantined"] == 1
+    assert after[group[1]["id"]] == group[0]["split"] and not {r["id"] for r in excluded} & set(after)
+    assert summary["kept_together"]["not_found"] == [] and summary["excluded"]["quarantined"] == 2
+    assert [move["id"] for move in summary["kept_together"]["moved"]] == [group[1]["id"]]
+    reasons = [r["reason"] for r in mf.read_jsonl(tmp_path / "grouped" / dl.QUARANTINE)]
+    for row in excluded:
+        (reason,) = [r for r in reasons if row["id"] in r]
+        assert reason.endswith(f"was in {row['split']})"), reason
     given = tmp_path / "given"
     make_class_folder(given / "train", per_class=3)
     make_class_folder(given / "val", per_class=2, start=30)

@@ -363,3 +363,11 @@ def test_tools_edit_params_in_place_keeping_comments_and_reading_back_as_written
     params.write_text("a: &shared {seed: 1}  # a comment\nb: *shared\n")
     assert not edit(params, {"a": {"seed": 1}, "b": {"seed": 2}})
     assert load_yaml(params.read_text()) == {"a": {"seed": 1}, "b": {"seed": 2}}
+    # Keys of another type are other keys (`1:` is not `true:`), and DVC's own writer in this process is unchanged
+    # (the `null` kept here is written by a representer of our own).
+    from dvc.utils.serialize._yaml import dumps_yaml
+
+    params.write_text("a:\n  1: x\n")
+    edit(params, {"a": {True: "x"}})
+    assert same(load_yaml(params.read_text()), {"a": {True: "x"}})
+    assert dumps_yaml({"a": None}) == "a:\n"

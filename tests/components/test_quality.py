@@ -110,10 +110,18 @@ def test_two_classes_flag_the_flipped_labels_with_the_other_class(tmp_path):
 
 def test_a_threshold_that_makes_a_class_one_group_of_copies_is_refused_naming_it(tmp_path):
     """Copies share a fold: at a threshold loose enough that each toy cluster is one group of copies, there are
-    fewer groups than folds, and the stage says which param to look at instead of cross-validating nothing."""
+    fewer groups than folds, and the stage says which param to look at instead of cross-validating nothing. Here
+    the search itself stops first (more than 10 pairs an image: the threshold pairs similar images, not copies);
+    with fewer pairs, the fold assignment refuses, naming the same param."""
+    from pipelines import near_duplicates
+
     extract, labels, download, history = toy_run_inputs(tmp_path)
-    with pytest.raises(ValueError, match=r"fewer than quality.folds=3 distinct images .* copies at quality.near_dup"):
+    with pytest.raises(near_duplicates.TooManyPairs, match=r"raise quality.near_duplicate_threshold"):
         quality.run(config(folds=3, near_duplicate_threshold=0.9), extract, labels, download, history, tmp_path / "r")
+    labels = np.array([0] * 6 + [1] * 6)
+    groups = np.array([0, 0, 0, 0, 0, 1, 6, 7, 8, 9, 10, 11])  # class 0: two distinct images, five of them copies
+    with pytest.raises(ValueError, match=r"fewer than quality.folds=3 distinct images .* copies at quality.near_dup"):
+        quality.grouped_folds(labels, 3, 0, groups)
 
 
 def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_image():

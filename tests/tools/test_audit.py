@@ -903,3 +903,22 @@ def test_a_revision_that_dropped_its_dvc_yaml_says_so(audited_project):
     assert code == 1
     cause = f"dvc.yaml at {rev[:12]} cannot be resolved by DVC (the revision has no dvc.yaml)"
     assert any(p.startswith(cause) for p in problems), problems
+
+
+def test_every_frozen_stage_is_thawed_templated_ones_included(tmp_path):
+    """`dvc unfreeze` cannot write a templated stage back, and a frozen `foreach` stage was not found by name."""
+    spec = {
+        "vars": [{"model": "data/m"}],
+        "stages": {
+            "plain": {"cmd": "true", "frozen": True, "outs": ["${model}"]},
+            "each": {"foreach": ["a", "b"], "do": {"cmd": "echo ${item}", "frozen": True}},
+            "free": {"cmd": "echo 0o10", "params": [{"params.yaml": ["x"]}]},
+        },
+    }
+    path = tmp_path / "dvc.yaml"
+    path.write_text(json.dumps(spec))
+    audit.thaw(path)
+    thawed = audit.load_yaml(path.read_text())
+    assert "frozen" not in thawed["stages"]["plain"] and "frozen" not in thawed["stages"]["each"]["do"]
+    del spec["stages"]["plain"]["frozen"], spec["stages"]["each"]["do"]["frozen"]
+    assert thawed == spec  # nothing else changed (`0o10` stays a string)

@@ -443,6 +443,21 @@ def test_retrain_exit_codes(scheduled):
     assert (code, record["decision"]) == (1, "failed") and "src/pipeline.py" in record["reason"], record
     assert "Running stage" not in stderr and run(["git", "tag"], project).stdout == tags
     commit(project, "an edit")
+    # New images in a `dvc add`-ed source folder: `dvc repro` saves its .dvc file again, which the retrain commits
+    # with the lock (left out, the next retrain would refuse it, and the commit would not hold the data's version).
+    (project / "photos").mkdir()
+    (project / "photos" / "a.txt").write_text("a")
+    dvc("add", "-q", "photos", cwd=project)
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["download"]["deps"].append("photos")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    commit(project, "a versioned source folder")
+    (project / "photos" / "b.txt").write_text("b")
+    code, record, stderr = retrain_cli(project)
+    assert (
+        code in (0, 3) and run(["git", "status", "--porcelain", "--", "photos.dvc", "dvc.lock"], project).stdout == ""
+    )
+    assert "nfiles: 2" in run(["git", "show", "HEAD:photos.dvc"], project).stdout, stderr[-2000:]
     write_day(project, range(20), wrong=[0], fail=1)  # the pipeline fails
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"]) == (1, "failed") and record["reason"].startswith("dvc repro exited ")
@@ -483,3 +498,21 @@ def test_an_error_of_any_kind_is_a_failed_decision_line_not_a_traceback(tmp_path
         "decision": "failed",
         "reason": "OSError: SavedModel file does not exist at: serving/{saved_model.pbtxt|saved_model.pb}",
     }
+
+
+def test_uncommitted_inputs_are_read_from_git_as_named(tmp_path):
+    """git's porcelain status quoted and escaped names (`"my code/s p.py"`, `"\303\251"`), which then matched
+    nothing, and read pathspecs as globs."""
+    from tools.retrain import uncommitted_inputs
+
+    run(["git", "init", "-q"], tmp_path)
+    names = ["my code/s p.py", "é.py", "a[1].py", "params.yaml", "photos.dvc", "same.py"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("one")
+    (tmp_path / "a1.py").write_text("one")
+    commit(tmp_path, "inputs")
+    for name in [*names[:-1], "a1.py"]:
+        (tmp_path / name).write_text("two")
+    # params.yaml is the retrain's own to commit, and so are the data sources' .dvc files it is given
+    assert uncommitted_inputs(tmp_path, names, ["photos.dvc"]) == ["a[1].py", "my code/s p.py", "é.py"]
