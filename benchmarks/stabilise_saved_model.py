@@ -31,8 +31,9 @@ def text_round_trip(saved_model_dir, scratch: str | None = None, scratch_name: s
 
     folder = Path(saved_model_dir)
     model_path = folder / "saved_model.pb"
+    serialized = model_path.read_bytes()
     model = saved_model_pb2.SavedModel()
-    model.ParseFromString(model_path.read_bytes())
+    model.ParseFromString(serialized)
     mapping = outputs.function_renames(model)
     text = original = text_format.MessageToString(model)
     scratch = str(scratch or "").rstrip("/")
@@ -40,7 +41,8 @@ def text_round_trip(saved_model_dir, scratch: str | None = None, scratch_name: s
         text = text.replace(scratch + "/", scratch_name + "/")
     user_named = re.compile(r'(key: "_user_specified_name"\s*value \{\s*s: ")(\d+)(")')
     numbers = sorted({int(m.group(2)) for m in user_named.finditer(text)})
-    if mapping or numbers or text != original or any(outputs.counter_ranks(model_path.read_bytes()).values()):
+    counters = outputs.counter_ranks(serialized)
+    if mapping or numbers or text != original or any(counters.values()):
         if mapping:
             token = re.compile(
                 r"(?<![\w])(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")(?![\w])"
@@ -48,12 +50,7 @@ def text_round_trip(saved_model_dir, scratch: str | None = None, scratch_name: s
             text = token.sub(lambda m: mapping[m.group(1)], text)
         rank = {n: i for i, n in enumerate(numbers)}
         text = user_named.sub(lambda m: f"{m.group(1)}{rank[int(m.group(2))]}{m.group(3)}", text)
-        encoded = text.encode()  # the other counters (outputs.COUNTERS), renumbered by rank on the text too
-        for name, ranks in outputs.counter_ranks(model_path.read_bytes()).items():
-            encoded = outputs.COUNTERS[name].sub(
-                lambda m, ranks=ranks: m.group(1) + str(ranks[int(m.group(2))]).encode() + m.group(3), encoded
-            )
-        text = encoded.decode()
+        text = outputs.renumber_counters(text.encode(), counters).decode()  # the other counters, on the text too
         outputs.write_sorted(text_format.Parse(text, saved_model_pb2.SavedModel()), model_path)
     outputs.derive_fingerprint(folder)
 

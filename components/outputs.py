@@ -165,6 +165,16 @@ def counter_ranks(serialized: bytes) -> dict[bytes, dict[int, int]]:
     }
 
 
+def renumber_counters(value: bytes, ranks: dict[bytes, dict[int, int]]) -> bytes:
+    """`value` with each of `COUNTERS`' numbers replaced by its rank (`counter_ranks` of the whole graph)."""
+    for name, ranked in ranks.items():
+        if ranked:
+            value = COUNTERS[name].sub(
+                lambda m, ranked=ranked: m.group(1) + str(ranked[int(m.group(2))]).encode() + m.group(3), value
+            )
+    return value
+
+
 class _StringRewrite:
     """Every string and bytes value of a proto (map keys too) with the function names of `mapping` replaced as
     whole tokens and ``<scratch>/`` replaced by ``<scratch_name>/``, in place; the `_user_specified_name`
@@ -183,7 +193,7 @@ class _StringRewrite:
         self.types = FieldDescriptor
         self.mapping = mapping
         # other process-wide counters the graph holds (`COUNTERS`): their numbers -> rank
-        self.counters = [(COUNTERS[name], ranks) for name, ranks in (counters or {}).items() if ranks]
+        self.counters = counters if counters and any(counters.values()) else None
         self.scratch = (scratch + "/", scratch_name + "/") if scratch else None
         alternatives = "|".join(map(re.escape, sorted(mapping, key=len, reverse=True)))
         self.token = re.compile(r"(?<![\w])(" + alternatives + r")(?![\w])") if mapping else None
@@ -203,11 +213,7 @@ class _StringRewrite:
             value, self.changed = value.replace(*(part.encode() for part in self.scratch)), True
         if self.token_bytes:
             value = self.token_bytes.sub(lambda m: self.mapping[m.group(1).decode()].encode(), value)
-        for pattern, ranks in self.counters:
-            value = pattern.sub(
-                lambda m, ranks=ranks: m.group(1) + str(ranks[int(m.group(2))]).encode() + m.group(3), value
-            )
-        return value
+        return renumber_counters(value, self.counters) if self.counters else value
 
     def scalar(self, field, value):
         if field.type == self.types.TYPE_STRING:
