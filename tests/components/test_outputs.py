@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -157,7 +158,22 @@ def test_a_staged_output_leaves_a_concurrent_runs_folder_alone(tmp_path, live_pi
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name])
 
 
-def test_a_failed_move_into_place_leaves_the_earlier_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "refused, error, message",
+    [
+        # the new output cannot be moved into place
+        (lambda src, out: ".out.tmp-" in str(src), OSError("no room"), "no room"),
+        # an output that is a mount point cannot be renamed (EBUSY): the new output, staged beside it (gigabytes
+        # for extract), stayed on disk until a later run swept it
+        (
+            lambda src, out: Path(src) == out,
+            OSError(errno.EBUSY, "Device or resource busy (mount point)"),
+            "mount point",
+        ),
+    ],
+    ids=["into_place", "aside"],
+)
+def test_a_failed_move_leaves_the_earlier_output_and_no_staging(tmp_path, monkeypatch, refused, error, message):
     import os
 
     out = tmp_path / "out"
@@ -165,40 +181,17 @@ def test_a_failed_move_into_place_leaves_the_earlier_output(tmp_path, monkeypatc
     (out / "a").write_text("the earlier output")
     replace = os.replace
 
-    def refuse_tmp(src, dst):
-        if ".out.tmp-" in str(src):
-            raise OSError("no room")
+    def refuse(src, dst):
+        if refused(src, out):
+            raise error
         return replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", refuse_tmp)
-    with pytest.raises(OSError, match="no room"):
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match=message):
         with outputs.staged_dir(out) as new:
             (new / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["a"] and (out / "a").read_text() == "the earlier output"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_an_output_that_cannot_be_moved_aside_leaves_no_staging_behind(tmp_path, monkeypatch):
-    """An output that is a mount point cannot be renamed (EBUSY): the new output, staged beside it (gigabytes for
-    extract), stayed on disk until a later run swept it."""
-    import errno
-    import os
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "a").write_text("the earlier output")
-    replace = os.replace
-
-    def busy(src, dst):
-        if Path(src) == out:
-            raise OSError(errno.EBUSY, "Device or resource busy (mount point)", str(src))
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", busy)
-    with pytest.raises(OSError, match="mount point"):
-        with outputs.staged_dir(out) as new:
-            (new / "b").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "a").read_text() == "the earlier output"
 
 
 def test_a_packed_message_is_renamed_as_a_message_not_as_bytes():
