@@ -408,14 +408,11 @@ def run(
             )
         # a group's split is its listed members' (the smallest pixel hash), an excluded member's too, so excluding
         # one does not move the others; an excluded image is reported in its own split, and not as moved
-        _, excluded, not_found, already = split.exclude(manifest, dl.exclude, quarantine + duplicates)
-        gone = set(dl.exclude) & {row["id"] for row in manifest}
-        manifest, together = split.keep_together(manifest, dl.keep_together)
-        manifest = [row for row in manifest if row["id"] not in gone]
-        together["moved"] = [move for move in together["moved"] if move["id"] not in gone]
-        together["not_found"], together["already_quarantined"] = split.unknown_or_quarantined(
-            together["not_found"], quarantine + duplicates
-        )
+        kept, excluded, not_found, already = split.exclude(manifest, dl.exclude, quarantine + duplicates)
+        manifest, together = split.keep_together(manifest, dl.keep_together, quarantine + duplicates)
+        kept_ids = {row["id"] for row in kept}
+        manifest = [row for row in manifest if row["id"] in kept_ids]
+        together["moved"] = [move for move in together["moved"] if move["id"] in kept_ids]
         quarantine = sorted(quarantine + duplicates + excluded, key=lambda r: r["source"])
         summary = split.summarise(found_labels, manifest, quarantine, declared)
         summary["excluded"] = {

@@ -165,13 +165,16 @@ def unknown_or_quarantined(missing: Iterable[str], quarantined: Sequence[Mapping
     return sorted(missing - set(reasons)), [{"id": i, "reasons": sorted(reasons[i])} for i in sorted(reasons)]
 
 
-def keep_together(manifest: Sequence[Mapping], groups: Sequence[Sequence[str]]) -> tuple[list[dict], dict]:
+def keep_together(
+    manifest: Sequence[Mapping], groups: Sequence[Sequence[str]], quarantined: Sequence[Mapping] = ()
+) -> tuple[list[dict], dict]:
     """Put each listed group of ids (near-duplicates, from quality/near_duplicates.json) in one split.
 
     Groups that share an id are one group. A group's split is that of its member with the smallest pixel
     hash: a function of the group and the data, so a re-run (an auditor's rebuild) gives the same split,
     and images outside the lists keep theirs. Returns (rows sorted as `resolve` sorts them, a report:
-    groups applied, the ids moved with their old and new split, listed ids no image has)."""
+    groups applied, the ids moved with their old and new split, listed ids no image has, and listed ids
+    whose image a rule quarantined, with its reasons, as `exclude` reports them)."""
     rows = [dict(row) for row in manifest]
     index = {row["id"]: n for n, row in enumerate(rows)}
     parent: dict[str, str] = {}
@@ -201,8 +204,8 @@ def keep_together(manifest: Sequence[Mapping], groups: Sequence[Sequence[str]]) 
                 moved.append({"id": i, "from": rows[index[i]]["split"], "to": target})
                 rows[index[i]]["split"] = target
     rows.sort(key=lambda row: (SPLITS.index(row["split"]), row["label"], row["id"]))
-    report = {"groups": applied, "moved": moved, "not_found": sorted({i for i in listed if i not in index})}
-    return rows, report
+    not_found, already = unknown_or_quarantined({i for i in listed if i not in index}, quarantined)
+    return rows, {"groups": applied, "moved": moved, "not_found": not_found, "already_quarantined": already}
 
 
 def summarise(

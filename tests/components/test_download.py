@@ -1014,7 +1014,14 @@ def test_keep_together_puts_each_group_in_the_split_of_its_smallest_pixel_hash()
         "groups": 1,
         "moved": [{"id": "a" * 20, "from": "train", "to": "test"}, {"id": "c" * 20, "from": "val", "to": "test"}],
         "not_found": ["e" * 20],
+        "already_quarantined": [],
     }
+    # an id whose image another rule quarantined (the same pixels under two labels) is told from an unknown one
+    quarantined = [{"source": "x.jpg", "pixels_sha256": "e" * 64, "reason": "same pixels under two labels"}]
+    report = splitting.keep_together(rows, [["e" * 20, "d" * 20]], quarantined)[1]
+    assert report["not_found"] == [] and report["already_quarantined"] == [
+        {"id": "e" * 20, "reasons": ["same pixels under two labels"]}
+    ]
     assert splitting.keep_together(rows, [])[0] == sorted(rows, key=lambda r: (mf.SPLITS.index(r["split"]), r["id"]))
 
 
