@@ -854,11 +854,9 @@ def rebuild(
             stages = [stage for stage in stages if stage in lock.get("stages", {})]  # older revisions had fewer
             outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
             recorded = content_digests(tree, outs)
-            thaw(tree / "dvc.yaml")
+            thaw(tree / "dvc.yaml")  # the scratch worktree's only: DVC never runs a frozen stage
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
-                # a stage the revision froze (`frozen: true`) DVC never runs, --force or not: it only checked the
-                # recorded outputs against themselves; unfrozen in the scratch worktree (its dvc.yaml only)
                 ran = dvc("repro", "--force", "--single-item", stage, cwd=tree).stdout
                 if f"Running stage '{stage}'" not in ran:
                     raise RuntimeError(f"rebuild: dvc repro did not run stage {stage} at {commit[:12]}: {ran[-1000:]}")

@@ -342,10 +342,8 @@ def uncommitted_inputs(root: Path, read: Sequence[str], committed_by_retrain: Se
         check=True,
     ).stdout
     changed = [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
-    skipped = set(committed_by_retrain)
-    return sorted(
-        p for p in changed if p not in skipped and not any(p == c or p.startswith(f"{c}/") for c in COMMITTED)
-    )
+    skipped = (*COMMITTED, *committed_by_retrain)
+    return sorted(p for p in changed if not any(p == c or p.startswith(f"{c}/") for c in skipped))
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
