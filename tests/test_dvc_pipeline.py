@@ -351,34 +351,34 @@ def test_imagenet_weights_are_a_versioned_output_that_an_offline_clone_rebuilds_
     keras_imagenet_file(tmp_path / "keras_home", 96, seed=1)
     set_params(project, "conv_base", weights="imagenet", input_size=[96, 96])
     dvc("remote", "add", "-d", "storage", str(tmp_path / "storage"), cwd=project)
-    first = dvc("repro", "finetune", cwd=project, env=keras_home)
-    assert stages_run(first) == {"download", "convert", "base_weights", "extract", "train_head", "finetune"}
+    # Up to extract, which runs the base (finetune builds it from the same file: test_base_weights; its deps, below).
+    first = dvc("repro", "extract", cwd=project, env=keras_home)
+    assert stages_run(first) == {"download", "convert", "base_weights", "extract"}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    for stage in ("extract", "finetune"):
-        assert "data/base_weights" in {dep["path"] for dep in lock["stages"][stage]["deps"]}
+    assert "data/base_weights" in {dep["path"] for dep in lock["stages"]["extract"]["deps"]}
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    assert "data/base_weights" in spec["stages"]["finetune"]["deps"]
     assert lock["stages"]["base_weights"]["outs"][0]["nfiles"] == 2  # the record and the weights
     made = out_hashes(project)
     commit(project, "imagenet base")
     dvc("push", cwd=project)
 
     # An auditor's clone on a machine with an empty Keras cache and no network (every download through a dead
-    # proxy): the weights are pulled, and extract (with no feature cache there) and finetune re-run from them give
-    # the recorded bytes; base_weights re-run keeps the pulled weights instead of fetching.
+    # proxy): the weights are pulled, and extract re-run from them (with no feature cache there) gives the recorded
+    # bytes; base_weights re-run keeps the pulled weights instead of fetching.
     auditor = tmp_path / "auditor"
     run(["git", "clone", "-q", str(project), str(auditor)], tmp_path)
-    dvc("pull", "--with-deps", "finetune", cwd=auditor)
+    dvc("pull", "--with-deps", "extract", cwd=auditor)
     offline = {
         "KERAS_HOME": str(tmp_path / "empty_keras_home"),
         **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
     }
-    for stage in ("base_weights", "extract", "finetune"):
+    for stage in ("base_weights", "extract"):
         again = dvc("repro", "--force", "--single-item", stage, cwd=auditor, env=offline)
         assert stages_run(again) == {stage}
     assert json.loads((auditor / "metrics" / "extract.json").read_text())["computed"] == 16  # no feature cache
     rebuilt = out_hashes(auditor)
-    assert {s: rebuilt[s] for s in ("base_weights", "extract", "finetune")} == {
-        s: made[s] for s in ("base_weights", "extract", "finetune")
-    }
+    assert {s: rebuilt[s] for s in ("base_weights", "extract")} == {s: made[s] for s in ("base_weights", "extract")}
     assert not list((tmp_path / "empty_keras_home").rglob("*.h5"))  # nothing was fetched
 
 

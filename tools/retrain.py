@@ -328,22 +328,30 @@ def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str]]:
 
 
 def uncommitted_inputs(root: Path, read: Sequence[str], committed_by_retrain: Sequence[str]) -> list[str]:
-    """Of the files the pipeline reads (`read`, relative to `root`), those git tracks that differ from HEAD, but
-    for those the retrain commits itself (`COMMITTED`, `committed_by_retrain`): the lock would record their
-    hashes in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
+    """Of the files the pipeline reads (`read`, relative to `root`), those git tracks that differ from HEAD and
+    those in none of its commits that it does not ignore (a new module a stage names, new images in a folder git
+    holds), but for those the retrain commits itself (`COMMITTED`, `committed_by_retrain`): the lock would record
+    their hashes in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
     if not read:
         return []
     # -z: names as they are (porcelain quotes and escapes some); literal pathspecs (a `[` in a name is no glob)
-    listed = subprocess.run(
-        ["git", "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", "--"]
-        + [f":(literal){path}" for path in read],
-        cwd=root,
-        capture_output=True,
-        check=True,
-    ).stdout
-    changed = [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
+    specs = ["--", *(f":(literal){path}" for path in read)]
+    changed = git_names(root, "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", *specs)
+    untracked = git_names(root, "ls-files", "--others", "--exclude-standard", "-z", *specs)
     skipped = (*COMMITTED, *committed_by_retrain)
-    return sorted(p for p in changed if not any(p == c or p.startswith(f"{c}/") for c in skipped))
+    return sorted({p for p in changed + untracked if not any(p == c or p.startswith(f"{c}/") for c in skipped)})
+
+
+def named(paths: Sequence[str], shown: int = 10) -> str:
+    """The first `shown` of `paths`, and how many more (a new folder of images can be thousands)."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def git_names(root: Path, *args: str) -> list[str]:
+    """The NUL-separated file names a git command (run with -z in `root`) lists, as they are."""
+    listed = subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+    return [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
 
 
 def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
@@ -375,9 +383,9 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     if uncommitted:
         return FAILED, {
             "decision": "failed",
-            "reason": f"files the pipeline reads differ from the last commit: {', '.join(uncommitted)}; the lock "
-            "would record them in a commit without them, a model nobody could rebuild (the audit of it fails): "
-            "commit them (or git stash them), then retrain",
+            "reason": f"files the pipeline reads differ from the last commit or are in none: {named(uncommitted)}; "
+            "the lock would record them in a commit without them, a model nobody could rebuild (the audit of it "
+            "fails): commit them (or git stash them; `dvc add` a data folder, or have git ignore it), then retrain",
         }
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:

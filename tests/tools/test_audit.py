@@ -750,6 +750,16 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
         "label map changed: 'dog': index 1 -> 0",
     ]
 
+    # A pipeline without the quality stage: no list to check near-duplicates against, which the report says (the
+    # audit has nothing to fail on: it reads the stage's list, and the revision's pipeline never made one).
+    dvc("remove", "quality", cwd=project)
+    commit(project, "no quality stage")
+    assert audit_of(project, "HEAD") == (0, [])
+    report = json.loads((project / "audit" / "audit.json").read_text())
+    quality = report["revision_record"]["quality"]
+    assert quality["checked"] is False and "near_duplicates" not in quality
+    assert "- not checked: this revision has no quality stage" in (project / "audit" / "audit.md").read_text()
+
 
 @pytest.mark.integration
 def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project, monkeypatch):

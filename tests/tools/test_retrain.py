@@ -443,6 +443,16 @@ def test_retrain_exit_codes(scheduled):
     assert (code, record["decision"]) == (1, "failed") and "src/pipeline.py" in record["reason"], record
     assert "Running stage" not in stderr and run(["git", "tag"], project).stdout == tags
     commit(project, "an edit")
+    # A new file a stage reads that is in no commit (dvc.yaml committed, the module forgotten): the same refusal.
+    (project / "src" / "extra.py").write_text("# new\n")
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["download"]["deps"].append("src/extra.py")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    run(["git", "commit", "-qm", "download reads src/extra.py", "--", "dvc.yaml"], project)
+    code, record, stderr = retrain_cli(project)
+    assert (code, record["decision"]) == (1, "failed") and "in none: src/extra.py;" in record["reason"], record
+    assert "Running stage" not in stderr
+    commit(project, "the module")
     # New images in a `dvc add`-ed source folder: `dvc repro` saves its .dvc file again, which the retrain commits
     # with the lock (left out, the next retrain would refuse it, and the commit would not hold the data's version).
     (project / "photos").mkdir()
@@ -516,3 +526,15 @@ def test_uncommitted_inputs_are_read_from_git_as_named(tmp_path):
         (tmp_path / name).write_text("two")
     # params.yaml is the retrain's own to commit, and so are the data sources' .dvc files it is given
     assert uncommitted_inputs(tmp_path, names, ["photos.dvc"]) == ["a[1].py", "my code/s p.py", "é.py"]
+    # In no commit: a new file the pipeline names, or a new one in a folder it reads, unless git ignores it.
+    for name in ("new [x].py", "my code/new.py", "my code/ignored.py", "not read.py"):
+        (tmp_path / name).write_text("new")
+    (tmp_path / ".gitignore").write_text("ignored.py\n")
+    read = [*names, "new [x].py", "my code"]
+    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"]) == [
+        "a[1].py",
+        "my code/new.py",
+        "my code/s p.py",
+        "new [x].py",
+        "é.py",
+    ]
