@@ -207,10 +207,10 @@ def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, pro
     try:
         if problem is None and path.is_symlink():
             target = path.resolve()
-            if not target.is_relative_to(real_root):  # where it points is not written: it names this machine
-                problem = "symlink to a file outside the source folder (not followed)"
-            elif target.is_dir():
+            if target.is_dir():  # inside the source folder or not
                 problem = "symlink to a folder (not followed)"
+            elif not target.is_relative_to(real_root):  # where it points is not written: it names this machine
+                problem = "symlink to a file outside the source folder (not followed)"
         if problem is None and not path.is_file():
             problem = "not a regular file"
     except RuntimeError:  # Path.resolve on Python 3.11: "Symlink loop from ..."

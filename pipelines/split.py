@@ -186,10 +186,9 @@ def keep_together(
         return i
 
     listed = [i for group in groups for i in group]
-    for group in groups:
-        present = [i for i in group if i in index]
-        for other in present[1:]:
-            parent[root(other)] = root(present[0])
+    for group in groups:  # through every listed id: one no image has now (deleted, excluded) still joins groups
+        for other in group[1:]:
+            parent[root(other)] = root(group[0])
     members: dict[str, list[str]] = collections.defaultdict(list)
     for i in sorted({i for i in listed if i in index}):
         members[root(i)].append(i)

@@ -232,7 +232,11 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
         k: v for k, v in out_hashes_from(lock).items() if k in ("download", "convert")
     }
 
-    make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))  # new data arrives
+    # The source folder versioned, as presets/tiny.yaml has it (git ignores it here: a retrain refuses inputs neither
+    # git nor DVC holds), then new data arrives.
+    dvc("add", "-q", "tiny_data", cwd=project)
+    commit(project, "track the source data")
+    make_class_folder(project / "tiny_data", per_class=3, start=100, size=(48, 48))
     # The scheduler's retrain re-runs the pipeline from download; this one is killed (SIGKILL, no
     # clean-up) while extract works: no partial output is left for DVC or the next stage to accept,
     # and the next retrain redoes only what did not finish.

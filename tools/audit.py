@@ -794,7 +794,12 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     # a revision only compared against (not `check_lock`): its lists are not in the report, so not read
     quality = {"checked": check_lock and "quality" in lock["stages"]}
     if quality["checked"]:
+        made = stage_outputs(lock)["quality"]
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
+            if path not in made:  # a file git still holds from an earlier run would pass as the stage's list
+                lock_problems.append(f"{path}: the quality stage in dvc.lock does not output it: no list to check")
+                quality[key] = []
+                continue
             blob = read(path)  # DVC-cached since the run cache covers quality; git-tracked in older revisions
             quality[key] = [] if blob is None else json.loads(blob)
     download_params = stage_params(lock).get("download", {}).get("download", {})

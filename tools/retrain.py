@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -306,10 +307,10 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
     }
 
 
-def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str]]:
+def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str], list[str]]:
     """(the DVC root; the paths the pipeline reads: its dvc.yaml and .dvc files and every stage's local
-    dependencies; the .dvc files of its data sources, which `dvc repro` rewrites when their data changed), the
-    paths relative to the DVC root."""
+    dependencies; the .dvc files of its data sources, which `dvc repro` rewrites when their data changed; the
+    outputs DVC versions in its cache, the stages' and the `dvc add`-ed ones), the paths relative to the DVC root."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
@@ -320,26 +321,37 @@ def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str]]:
             Path(dep.fs_path) for stage in stages for dep in stage.deps if dep.protocol == "local"
         }
         sources = {Path(stage.path) for stage in stages if not isinstance(stage, PipelineStage)}
+        cached = {
+            Path(out.fs_path) for stage in stages for out in stage.outs if out.protocol == "local" and out.use_cache
+        }
 
     def inside(paths: set[Path]) -> list[str]:
         return sorted({path.relative_to(root).as_posix() for path in paths if path.is_relative_to(root)})
 
-    return root, inside(read), inside(sources)
+    return root, inside(read), inside(sources), inside(cached)
 
 
-def uncommitted_inputs(root: Path, read: Sequence[str], committed_by_retrain: Sequence[str]) -> list[str]:
-    """Of the files the pipeline reads (`read`, relative to `root`), those git tracks that differ from HEAD and
-    those in none of its commits that it does not ignore (a new module a stage names, new images in a folder git
-    holds), but for those the retrain commits itself (`COMMITTED`, `committed_by_retrain`): the lock would record
-    their hashes in a commit that does not hold them. Data DVC tracks, or that git ignores, is not git's to hold."""
+def uncommitted_inputs(
+    root: Path, read: Sequence[str], committed_by_retrain: Sequence[str], cached: Sequence[str] = ()
+) -> list[str]:
+    """Of the files the pipeline reads (`read`, relative to `root`), those neither git nor DVC holds as they are:
+    those git tracks that differ from HEAD; those in none of its commits (a new module a stage names, new images
+    in a folder git holds); and those git ignores that are in no output DVC caches (`cached`: a base copied into
+    the git-ignored `models/` and never `dvc add`-ed, a source folder git ignores and DVC does not track). Not
+    those the retrain commits itself (`COMMITTED`, `committed_by_retrain`). The lock would record their hashes in
+    a commit that does not hold them: a model nobody could rebuild."""
     if not read:
         return []
     # -z: names as they are (porcelain quotes and escapes some); literal pathspecs (a `[` in a name is no glob)
     specs = ["--", *(f":(literal){path}" for path in read)]
     changed = git_names(root, "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", *specs)
     untracked = git_names(root, "ls-files", "--others", "--exclude-standard", "-z", *specs)
+    ignored = git_names(root, "ls-files", "--others", "--ignored", "--exclude-standard", "-z", *specs)
+    versioned = set(cached)
+    unversioned = [p for p in ignored if not any(a.as_posix() in versioned for a in (Path(p), *Path(p).parents))]
     skipped = (*COMMITTED, *committed_by_retrain)
-    return sorted({p for p in changed + untracked if not any(p == c or p.startswith(f"{c}/") for c in skipped)})
+    listed = changed + untracked + unversioned
+    return sorted({p for p in listed if not any(p == c or p.startswith(f"{c}/") for c in skipped)})
 
 
 def named(paths: Sequence[str], shown: int = 10) -> str:
@@ -374,8 +386,8 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         ) from None
     try:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
-        root, read, sources = pipeline_files(repo)
-        uncommitted = uncommitted_inputs(root, read, sources)
+        root, read, sources, cached = pipeline_files(repo)
+        uncommitted = uncommitted_inputs(root, read, sources, cached)
     except Exception as exc:  # noqa: BLE001 - DVC's own errors (a dvc.yaml it cannot load), whatever their class
         return FAILED, {"decision": "failed", "reason": f"DVC cannot load the project: {type(exc).__name__}: {exc}"}
     if in_git:  # DVC would fail their stages only after training them
@@ -383,9 +395,10 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     if uncommitted:
         return FAILED, {
             "decision": "failed",
-            "reason": f"files the pipeline reads differ from the last commit or are in none: {named(uncommitted)}; "
-            "the lock would record them in a commit without them, a model nobody could rebuild (the audit of it "
-            "fails): commit them (or git stash them; `dvc add` a data folder, or have git ignore it), then retrain",
+            "reason": f"files the pipeline reads that neither the last commit nor DVC holds as they are: "
+            f"{named(uncommitted)}; the lock would record them in a commit without them, a model nobody could "
+            "rebuild: commit them (or git stash them), or `dvc add` data and bases and commit the .dvc file, then "
+            "retrain",
         }
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
@@ -396,12 +409,18 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     comparison = compare_with_promoted(repo, params, previous, previous_commit) if previous is not None else None
     promote, reason = decide(candidate, comparison, params)
 
-    # with the lock: the .dvc files of data sources `dvc repro` saved again (new images in a `dvc add`-ed folder)
-    sh("git", "add", "--", *[p for p in COMMITTED if (repo / p).exists()], cwd=repo)
-    if sources:
-        sh("git", "add", "--", *[f":(literal){p}" for p in sources], cwd=root)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
-        sh("git", "commit", "-q", "-m", f"retrain: {'promoted' if promote else 'rejected'}: {reason}", cwd=repo)
+    # with the lock: the .dvc files of data sources `dvc repro` saved again (new images in a `dvc add`-ed folder);
+    # only these (`git commit -- paths`): a change staged by hand, which the run never read, is not committed
+    here = os.path.realpath(repo)
+    own = [p for p in COMMITTED if (repo / p).exists()]
+    own += [os.path.relpath(os.path.realpath(root / p), here) for p in sources]
+    sh("git", "add", "--", *[f":(literal){p}" for p in own], cwd=repo)
+    staged = git_names(
+        repo, "diff", "--cached", "--name-only", "-z", "--relative", "--", *[f":(literal){p}" for p in own]
+    )
+    if staged:
+        message = f"retrain: {'promoted' if promote else 'rejected'}: {reason}"
+        sh("git", "commit", "-q", "-m", message, "--", *[f":(literal){p}" for p in staged], cwd=repo)
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
     try:
         registered = gto_api().find_latest_version(str(repo), params.artifact)

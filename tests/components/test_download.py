@@ -733,6 +733,8 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     elsewhere = tmp_path / "elsewhere.jpg"
     elsewhere.write_bytes(encode(image_array(64)))
     os.symlink(elsewhere, root / "dogs" / "out.jpg")
+    os.symlink(tmp_path, root / "dogs" / "outside")  # folders, inside a class: not followed, wherever they point
+    os.symlink(root / "cats", root / "dogs" / "inside")
     out = tmp_path / "out"
     summary = dl.run(folder_config(root), out)
     rows = mf.read_jsonl(out / dl.QUARANTINE)
@@ -743,13 +745,14 @@ def test_names_a_listing_cannot_hold_and_symlink_loops_are_quarantined_with_a_re
     assert quarantine["(no class)/three.jpg"].startswith("class folder named '(no class)', the summary's name")
     assert quarantine["dogs/loop.jpg"] == "symlink loop"
     assert quarantine["dogs/out.jpg"] == "symlink to a file outside the source folder (not followed)"
+    assert quarantine["dogs/outside"] == quarantine["dogs/inside"] == "symlink to a folder (not followed)"
     assert str(tmp_path) not in (out / dl.QUARANTINE).read_text(encoding="utf-8")
     kept = mf.read_jsonl(out / mf.MANIFEST)
     assert "cats/a\u2028b.jpg" in {row["source"] for row in kept}
     assert mf.parse_jsonl((out / mf.MANIFEST).read_bytes()) == kept  # as the audit and retrain read it from git
     assert sorted({row["label"] for row in kept}) == ["cats", "dogs"]
     assert summary["reconciled"] is True and summary["found"] == summary["kept"] + summary["quarantined"]
-    assert summary["kept"] == 17 and summary["quarantined"] == 6
+    assert summary["kept"] == 17 and summary["quarantined"] == 8
 
 
 def test_a_listing_that_cannot_be_written_fails_before_the_earlier_output_changes(tmp_path, monkeypatch):
@@ -1023,6 +1026,10 @@ def test_keep_together_puts_each_group_in_the_split_of_its_smallest_pixel_hash()
         {"id": "e" * 20, "reasons": ["same pixels under two labels"]}
     ]
     assert splitting.keep_together(rows, [])[0] == sorted(rows, key=lambda r: (mf.SPLITS.index(r["split"]), r["id"]))
+    # groups joined by an id no image has now (its file deleted, or excluded) are still one group: b~e, e~d
+    kept, report = splitting.keep_together(rows, [["b" * 20, "e" * 20], ["e" * 20, "d" * 20]])
+    assert {r["id"][0]: r["split"] for r in kept} == {"a": "train", "b": "test", "c": "val", "d": "test"}
+    assert (report["groups"], report["not_found"]) == (1, ["e" * 20])
 
 
 def test_the_stage_keeps_listed_groups_together_and_refuses_given_split_folders(tiny_folder, tmp_path):

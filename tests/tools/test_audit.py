@@ -750,6 +750,20 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
         "label map changed: 'dog': index 1 -> 0",
     ]
 
+    # The quality stage no longer outputs its list, which git still holds from the runs before: that file is no
+    # run's list (it would pass for one), so the audit fails.
+    spec = json.loads((project / "dvc.yaml").read_text())
+    outs = spec["stages"]["quality"]["outs"]
+    spec["stages"]["quality"]["outs"] = [out for out in outs if audit.NEAR_DUPLICATES not in out]
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    dvc("repro", "-q", "--force", "--single-item", "quality", cwd=project)  # DVC sees no change in a removed out
+    commit(project, "quality without its list")
+    code, problems = audit_of(project, "HEAD")
+    assert (code, problems) == (
+        1,
+        [f"{audit.NEAR_DUPLICATES}: the quality stage in dvc.lock does not output it: no list to check"],
+    )
+
     # A pipeline without the quality stage: no list to check near-duplicates against, which the report says (the
     # audit has nothing to fail on: it reads the stage's list, and the revision's pipeline never made one).
     dvc("remove", "quality", cwd=project)

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from components.params import ParamsError, parse_section
 from tests.conftest import repo_params, tree_bytes
@@ -450,9 +451,23 @@ def test_retrain_exit_codes(scheduled):
     (project / "dvc.yaml").write_text(json.dumps(spec))
     run(["git", "commit", "-qm", "download reads src/extra.py", "--", "dvc.yaml"], project)
     code, record, stderr = retrain_cli(project)
-    assert (code, record["decision"]) == (1, "failed") and "in none: src/extra.py;" in record["reason"], record
+    assert (code, record["decision"]) == (1, "failed") and "DVC holds as they are: src/extra.py;" in record["reason"]
     assert "Running stage" not in stderr
     commit(project, "the module")
+    # A base in a folder git ignores (as models/), never `dvc add`-ed: neither git nor DVC holds it; refused, until
+    # it is added (its .dvc file committed).
+    (project / "bases").mkdir()
+    (project / "bases" / ".gitignore").write_text("*\n!.gitignore\n!*.dvc\n")
+    (project / "bases" / "base.keras").write_text("weights")
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["convert"]["deps"].append("bases")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    commit(project, "convert reads bases/")
+    code, record, stderr = retrain_cli(project)
+    assert (code, record["decision"]) == (1, "failed") and "as they are: bases/base.keras;" in record["reason"]
+    assert "Running stage" not in stderr
+    dvc("add", "-q", "bases/base.keras", cwd=project)
+    commit(project, "the base, versioned")
     # New images in a `dvc add`-ed source folder: `dvc repro` saves its .dvc file again, which the retrain commits
     # with the lock (left out, the next retrain would refuse it, and the commit would not hold the data's version).
     (project / "photos").mkdir()
@@ -463,11 +478,20 @@ def test_retrain_exit_codes(scheduled):
     (project / "dvc.yaml").write_text(json.dumps(spec))
     commit(project, "a versioned source folder")
     (project / "photos" / "b.txt").write_text("b")
+    # ... and a change staged by hand whose file was put back in the working tree: the run reads the file as it is
+    # (as committed), so the staged change is not the retrain's to commit, and stays staged.
+    as_committed = pipeline.read_text()
+    pipeline.write_text(as_committed + "# staged, not run\n")
+    run(["git", "add", "src/pipeline.py"], project)
+    pipeline.write_text(as_committed)
     code, record, stderr = retrain_cli(project)
     assert (
         code in (0, 3) and run(["git", "status", "--porcelain", "--", "photos.dvc", "dvc.lock"], project).stdout == ""
     )
     assert "nfiles: 2" in run(["git", "show", "HEAD:photos.dvc"], project).stdout, stderr[-2000:]
+    assert "# staged, not run" not in run(["git", "show", "HEAD:src/pipeline.py"], project).stdout
+    assert run(["git", "diff", "--cached", "--name-only"], project).stdout.split() == ["src/pipeline.py"]
+    run(["git", "reset", "-q", "--", "src/pipeline.py"], project)
     write_day(project, range(20), wrong=[0], fail=1)  # the pipeline fails
     code, record, _ = retrain_cli(project)
     assert (code, record["decision"]) == (1, "failed") and record["reason"].startswith("dvc repro exited ")
@@ -530,11 +554,34 @@ def test_uncommitted_inputs_are_read_from_git_as_named(tmp_path):
     for name in ("new [x].py", "my code/new.py", "my code/ignored.py", "not read.py"):
         (tmp_path / name).write_text("new")
     (tmp_path / ".gitignore").write_text("ignored.py\n")
+    # Ignored by git, and in no output DVC caches: in neither, so named too; in one (a `dvc add`-ed file or folder,
+    # a stage's output), DVC's to hold.
     read = [*names, "new [x].py", "my code"]
-    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"]) == [
-        "a[1].py",
-        "my code/new.py",
-        "my code/s p.py",
-        "new [x].py",
-        "é.py",
+    named = ["a[1].py", "my code/ignored.py", "my code/new.py", "my code/s p.py", "new [x].py", "é.py"]
+    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"]) == named
+    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"], cached=["data", "my"]) == named
+    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"], cached=["my code/ignored.py"]) == [
+        n for n in named if n != "my code/ignored.py"
     ]
+    assert uncommitted_inputs(tmp_path, read, ["photos.dvc"], cached=["my code"]) == [
+        n for n in named if n != "my code/ignored.py"
+    ]
+
+
+def test_every_output_git_holds_is_one_the_retrain_commits():
+    """The retrain commits COMMITTED with the lock: an output `cache: false` outside it (git's to hold) would be
+    left out of the commit whose lock records it."""
+    from tools.retrain import COMMITTED
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    in_git = [
+        path
+        for stage in spec["stages"].values()
+        for kind in ("outs", "metrics", "plots")
+        for entry in stage.get(kind, [])
+        if isinstance(entry, dict)
+        for path, options in entry.items()
+        if (options or {}).get("cache") is False
+    ]
+    assert len(in_git) >= 10
+    assert [p for p in in_git if not any(p == c or p.startswith(f"{c}/") for c in COMMITTED)] == []
