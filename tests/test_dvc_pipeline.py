@@ -30,6 +30,7 @@ PROJECT_FILES = (
     ".dvc/.gitignore",
     "tfds_data",
     "models",
+    "constraints.txt",  # the pinned versions the audit reports
 )
 
 pytestmark = pytest.mark.integration
@@ -345,6 +346,21 @@ def test_dvc_repro_on_the_tiny_preset(tmp_path):
     run([sys.executable, "-m", "tools.audit", "--rev", first_rev, "--out", "audit_out"], auditor)
     first_report = json.loads((auditor / "audit_out" / "audit.json").read_text())
     assert first_report["problems"] == [] and first_report["revision_record"]["revision"] == first_rev
+    # What the report names: the data source's version as dvc.lock recorded it, which the first revision did not
+    # version (git ignored tiny_data, DVC did not track it yet), so it is listed as checked by that hash alone;
+    # the pinned libraries.
+    first_record = first_report["revision_record"]
+    source = next(dep for dep in lock["stages"]["download"]["deps"] if dep["path"] == "tiny_data")
+    assert first_record["data_source"]["dependency"] == [source] and source["nfiles"] == 16
+    assert [item.split(";")[0] for item in first_record["unversioned_inputs"]] == [
+        f"tiny_data (stage download: {source['md5']}, 16 files"
+    ]
+    markdown = (auditor / "audit_out" / "audit.md").read_text()
+    assert f"- source version: `tiny_data` {source['md5']} (16 files)" in markdown
+    assert "- not versioned by the revision, so checked only by the hash dvc.lock recorded: `tiny_data" in markdown
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+    assert first_record["libraries"]["tensorflow"] == pins["tensorflow"]
 
 
 def test_imagenet_weights_are_a_versioned_output_that_an_offline_clone_rebuilds_from(tmp_path):

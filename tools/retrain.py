@@ -186,8 +186,14 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
             artifact = registry.get_state().find_artifact(params.artifact)
             assigned = artifact.get_vstages(versions_per_stage=1, sort=VersionSort.Timestamp)
             ever = {stage for version in artifact.versions for stage in version.stages}  # unassigned ones too
+            retired = bool(artifact.deprecations) and not artifact.is_active
     except gto_not_found():  # no version registered yet
         return None, None
+    if retired:  # `gto show` no longer lists it: registering and assigning versions would revive it unasked
+        raise RuntimeError(
+            f"retrain.artifact {params.artifact!r} is deprecated in the registry (gto deprecate {params.artifact}): "
+            "point retrain.artifact at the artifact in use, or register a version of this one by hand to revive it"
+        )
     found = assigned.get(params.stage)
     if found:
         return found[0].version, found[0].commit_hexsha

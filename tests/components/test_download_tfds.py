@@ -83,6 +83,15 @@ def test_tfds_single_slice_is_hash_split(tmp_path):
     )
 
 
+def test_tfds_slices_given_as_splits_refuse_keep_together_and_write_nothing(tmp_path):
+    config = tfds_config(tmp_path / "tfds", {"train": "train[:6]", "val": "train[6:9]", "test": "train[9:12]"})
+    together = config.download.model_copy(update={"keep_together": [["a" * 20, "b" * 20]]})
+    with tfds.testing.mock_data(as_dataset_fn=sliced_mock):
+        with pytest.raises(ValueError, match=r"give dataset\.tfds\.splits one slice, which download\.fractions"):
+            dl.run(dl.Config(config.common, config.dataset, together), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tfds_stock_mock_data_duplicates_are_reported(tmp_path):
     """tfds's stock mock yields the same examples for every slice: the copies are duplicates."""
     config = tfds_config(tmp_path / "tfds", {"train": "train[:6]", "val": "train[6:12]", "test": "train[12:18]"})

@@ -20,7 +20,7 @@ SIZE = 16
 FLIPPED = ("train3", "train17", "val5")  # features of one class, filed under another
 
 
-def toy_run_inputs(tmp_path, num_classes=3):
+def toy_run_inputs(tmp_path, num_classes=3, copy_within=False):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -38,6 +38,8 @@ def toy_run_inputs(tmp_path, num_classes=3):
                 values = centers[true] + rng.normal(0, 1.0, SIZE)
                 if record_id == "test7":  # a near copy of train10 (a resized, re-encoded photo's features)
                     values = vectors["train10"] * 1.01 + rng.normal(0, 0.01, SIZE)
+                if copy_within and record_id == "train16":  # one of train13's, within a split (the same class)
+                    values = vectors["train13"] * 0.99  # (no draw from rng: the other images stay as they are)
                 vectors[record_id] = values
                 writer.write(graph.feature_example(record_id.encode(), int(label), values))
                 Image.new("RGB", (20, 12), (i * 5 % 255, 100, 50)).save(images / f"{record_id}.png")
@@ -90,6 +92,20 @@ def test_planted_label_errors_and_copies_are_found_and_the_outputs_repeat(tmp_pa
     assert [path for path in held if "quality-features-" in path or str(tmp_path) in path] == []  # spools closed
     quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report")
     assert {name: (tmp_path / "report" / name).read_bytes() for name in quality.DECLARED_OUTPUTS} == first
+
+
+def test_the_metrics_count_the_lists_and_the_copies_within_train_and_val(tmp_path):
+    result = quality.run(
+        config(folds=3, near_duplicate_threshold=0.99),
+        *toy_run_inputs(tmp_path, copy_within=True),
+        tmp_path / "report",
+    )
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    written = json.loads((tmp_path / "report" / quality.LABEL_ISSUES).read_text())
+    assert metrics["label_issues"]["count"] == len(written) == len(result["label_issues"]) > 0
+    assert metrics["label_issues"]["of"] == 135
+    assert metrics["near_duplicates"]["pairs"] == len(result["near_duplicates"]) == 1  # across splits: test7
+    assert metrics["near_duplicates"]["pairs_within_train_val"] == 1  # train13 and train16, kept in one fold
 
 
 def test_two_classes_flag_the_flipped_labels_with_the_other_class(tmp_path):

@@ -123,6 +123,14 @@ time.sleep(1.1)
 for version in ("v0.0.1", "v0.0.2"):  # both were assigned to prod: unassigning the last leaves the other there
     api.unassign(repo, "classifier", version=version, stage="prod")
 seen.append(refused("prod"))
+time.sleep(1.1)
+api.assign(repo, "classifier", "prod", version="v0.0.2", force=True)
+time.sleep(1.1)
+api.deregister(repo, "classifier", version="v0.0.2")  # the version in prod deregistered: none to compare with
+seen.append(refused("prod"))
+time.sleep(1.1)
+api.deprecate(repo, "classifier")  # the whole artifact retired
+seen.append(refused("prod"))
 print(json.dumps(seen))
 """
 
@@ -147,7 +155,9 @@ def test_the_gate_compares_with_the_version_assigned_to_the_stage_last(tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    none, registered, first, second_registered, second, rolled_back, misspelled, emptied = seen
+    none, registered, first, second_registered, second, rolled_back, misspelled, emptied, deregistered, retired = seen
+    assert deregistered.startswith("retrain.stage 'prod' held versions of classifier before but holds none now")
+    assert retired.startswith("retrain.artifact 'classifier' is deprecated in the registry"), retired
     assert misspelled.startswith("retrain.stage 'production': no version of classifier was ever assigned to it")
     assert emptied.startswith("retrain.stage 'prod' held versions of classifier before but holds none now")
     assert none == registered == [None, None]
