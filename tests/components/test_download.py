@@ -1,3 +1,4 @@
+import errno
 import io
 import json
 import os
@@ -1239,6 +1240,30 @@ def test_an_output_that_renames_cannot_reach_from_beside_it_is_staged_inside_it(
     with pytest.raises(ValueError, match="need at least 2 classes"):
         dl.run(folder_config(root), out)
     assert used[-1][0].parent == out and entries(out) == before
+
+
+def test_an_output_whose_parent_is_read_only_is_staged_inside_it(tmp_path, monkeypatch):
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    mkdir = Path.mkdir
+
+    def read_only_parent(self, *args, **kwargs):  # (chmod does not stop root, who may run the tests)
+        if self.parent == tmp_path and self.name.startswith(".out.staging-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_parent)
+    used = []
+    staging_folder = dl.staging_folder
+    monkeypatch.setattr(dl, "staging_folder", lambda o: used.append(staging_folder(o)) or used[-1])
+    make_class_folder(root, per_class=2, start=6)
+    dl.run(folder_config(root), out)
+    assert used[0][0].parent == out
+    monkeypatch.undo()
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert entries(out) == entries(tmp_path / "cold")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cold", "out", "src"]
 
 
 def test_a_linked_output_on_another_filesystem_becomes_a_folder_beside_the_staging(tmp_path, monkeypatch):
