@@ -313,18 +313,23 @@ def compare_with_promoted(repo: Path, params: RetrainParams, version: str, promo
     }
 
 
-def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str], list[str]]:
+def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
     """(the DVC root; the paths the pipeline reads: its dvc.yaml and .dvc files and every stage's local
     dependencies; the .dvc files of its data sources, which `dvc repro` rewrites when their data changed; the
-    outputs DVC versions in its cache, the stages' and the `dvc add`-ed ones), the paths relative to the DVC root."""
+    outputs DVC versions in its cache, the stages' and the `dvc add`-ed ones; the local dependencies outside the
+    root, absolute), the others relative to the DVC root."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     with Repo(str(repo)) as dvc_repo:
         root = Path(dvc_repo.root_dir)
         stages = list(dvc_repo.index.stages)
-        read = {Path(stage.path) for stage in stages} | {
-            Path(dep.fs_path) for stage in stages for dep in stage.deps if dep.protocol == "local"
+        read = {Path(stage.path) for stage in stages} | {  # an import's source: its output is the version held
+            Path(dep.fs_path)
+            for stage in stages
+            if not stage.is_import
+            for dep in stage.deps
+            if dep.protocol == "local"
         }
         sources = {Path(stage.path) for stage in stages if not isinstance(stage, PipelineStage)}
         cached = {
@@ -334,7 +339,18 @@ def pipeline_files(repo: Path) -> tuple[Path, list[str], list[str], list[str]]:
     def inside(paths: set[Path]) -> list[str]:
         return sorted({path.relative_to(root).as_posix() for path in paths if path.is_relative_to(root)})
 
-    return root, inside(read), inside(sources), inside(cached)
+    outside = sorted({os.path.realpath(path) for path in read if path.is_absolute() and not path.is_relative_to(root)})
+    return root, inside(read), inside(sources), inside(cached), outside
+
+
+def ignored_by_dvc(root: Path, paths: Sequence[str]) -> set[str]:
+    """Of `paths` (relative to the DVC root), those `.dvcignore` leaves out: DVC hashes none of them into a lock."""
+    from dvc.repo import Repo
+
+    if not paths:
+        return set()
+    with Repo(str(root)) as dvc_repo:
+        return {p for p in paths if dvc_repo.dvcignore.is_ignored(dvc_repo.fs, os.path.join(dvc_repo.root_dir, p))}
 
 
 def uncommitted_inputs(
@@ -352,12 +368,37 @@ def uncommitted_inputs(
     specs = ["--", *(f":(literal){path}" for path in read)]
     changed = git_names(root, "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", *specs)
     untracked = git_names(root, "ls-files", "--others", "--exclude-standard", "-z", *specs)
-    ignored = git_names(root, "ls-files", "--others", "--ignored", "--exclude-standard", "-z", *specs)
+    # the cached outputs' files left out by git itself (a dataset's thousands), the rest checked below
+    not_cached = [f":(exclude,literal){path}" for path in cached]
+    ignored = git_names(root, "ls-files", "--others", "--ignored", "--exclude-standard", "-z", *specs, *not_cached)
     versioned = set(cached)
     unversioned = [p for p in ignored if not any(a.as_posix() in versioned for a in (Path(p), *Path(p).parents))]
     skipped = (*COMMITTED, *committed_by_retrain)
     listed = changed + untracked + unversioned
     return sorted({p for p in listed if not any(p == c or p.startswith(f"{c}/") for c in skipped)})
+
+
+def unversioned_inputs(repo: Path) -> tuple[Path, list[str], list[str]]:
+    """(the DVC root; the data sources' .dvc files, which the retrain commits; the inputs of the pipeline that
+    neither git nor DVC holds as they are: `uncommitted_inputs`, less what `.dvcignore` leaves out, and those
+    outside the repository, but for a tfds `data_dir`)."""
+    root, read, sources, cached, outside = pipeline_files(repo)
+    fetched = tfds_data_dir(repo, root)  # tfds fetches its datasets again by name and version
+    found = uncommitted_inputs(root, [p for p in read if p != fetched], sources, cached)
+    found = [p for p in found if p not in ignored_by_dvc(root, found)]
+    return root, sources, found + [p for p in outside if p != fetched]
+
+
+def tfds_data_dir(repo: Path, root: Path) -> str | None:
+    """The tfds `data_dir` (`dataset.dir`) as `pipeline_files` names it, where `dataset.source` is tfds: a cache
+    of datasets tfds fetches again by name and version, which neither git nor DVC needs to hold."""
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
+    dataset = params.get("dataset") or {}
+    if dataset.get("source") != "tfds" or not dataset.get("dir"):
+        return None
+    path = Path(os.path.realpath(root / dataset["dir"]))
+    real_root = Path(os.path.realpath(root))
+    return path.relative_to(real_root).as_posix() if path.is_relative_to(real_root) else path.as_posix()
 
 
 def named(paths: Sequence[str], shown: int = 10) -> str:
@@ -392,8 +433,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         ) from None
     try:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
-        root, read, sources, cached = pipeline_files(repo)
-        uncommitted = uncommitted_inputs(root, read, sources, cached)
+        root, sources, uncommitted = unversioned_inputs(repo)
     except Exception as exc:  # noqa: BLE001 - DVC's own errors (a dvc.yaml it cannot load), whatever their class
         return FAILED, {"decision": "failed", "reason": f"DVC cannot load the project: {type(exc).__name__}: {exc}"}
     if in_git:  # DVC would fail their stages only after training them
@@ -403,15 +443,17 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
             "decision": "failed",
             "reason": f"files the pipeline reads that neither the last commit nor DVC holds as they are: "
             f"{named(uncommitted)}; the lock would record them in a commit without them, a model nobody could "
-            "rebuild: commit them (or git stash them), or `dvc add` data and bases and commit the .dvc file, then "
-            "retrain",
+            "rebuild: commit them (or git stash them), or `dvc add` data and bases inside the repository (or "
+            "`dvc import-url` them from outside it) and commit the .dvc file, then retrain",
         }
+    # the registry before the pipeline runs (it does not change meanwhile): a retired artifact or an emptied stage
+    # fails the run before hours of training, not after
+    previous, previous_commit = promoted_version(repo, params)
     repro = subprocess.run([python, "-m", "dvc", "repro"], cwd=repo, env=venv_env())  # streamed, for the job's log
     if repro.returncode != 0:
         return FAILED, {"decision": "failed", "reason": f"dvc repro exited {repro.returncode}"}
     metrics = json.loads((repo / METRICS).read_text())
     candidate = metric_of(metrics, params)
-    previous, previous_commit = promoted_version(repo, params)
     comparison = compare_with_promoted(repo, params, previous, previous_commit) if previous is not None else None
     promote, reason = decide(candidate, comparison, params)
 
@@ -422,7 +464,15 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     own += [os.path.relpath(os.path.realpath(root / p), here) for p in sources]
     sh("git", "add", "--", *[f":(literal){p}" for p in own], cwd=repo)
     staged = git_names(
-        repo, "diff", "--cached", "--name-only", "-z", "--relative", "--", *[f":(literal){p}" for p in own]
+        repo,
+        "diff",
+        "--cached",
+        "--name-only",
+        "-z",
+        "--no-renames",
+        "--relative",
+        "--",
+        *[f":(literal){p}" for p in own],
     )
     if staged:
         message = f"retrain: {'promoted' if promote else 'rejected'}: {reason}"

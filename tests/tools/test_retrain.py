@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -595,3 +596,44 @@ def test_every_output_git_holds_is_one_the_retrain_commits():
     ]
     assert len(in_git) >= 10
     assert [p for p in in_git if not any(p == c or p.startswith(f"{c}/") for c in COMMITTED)] == []
+
+
+def test_unversioned_inputs_of_a_dvc_project(tmp_path):
+    """What a retrain refuses, as DVC resolves the project: a base git ignores and DVC does not track, and an input
+    outside the repository; not a `dvc add`-ed base, files `.dvcignore` leaves out (DVC hashes none of them), an
+    import's source (its output is the version held), or a tfds `data_dir` (tfds fetches it again by name)."""
+    from tools.retrain import unversioned_inputs
+
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    for folder in (project / "code" / "__pycache__", project / "tfds_data" / "cats" / "1.0", project / "models"):
+        folder.mkdir(parents=True)
+    outside.mkdir()
+    (outside / "photo.jpg").write_text("not in the repository")
+    (outside / "base.keras").write_text("imported")
+    run(["git", "init", "-q"], project)
+    dvc("init", "-q", cwd=project)
+    (project / ".gitignore").write_text("__pycache__/\n")
+    for folder in ("tfds_data", "models"):  # the project's own ignore files there: everything but the .dvc files
+        shutil.copy(REPO / folder / ".gitignore", project / folder / ".gitignore")
+    (project / ".dvcignore").write_text("__pycache__/\n")
+    (project / "code" / "a.py").write_text("code")
+    (project / "code" / "__pycache__" / "a.pyc").write_text("bytecode")
+    (project / "tfds_data" / "README.md").write_text("the tfds data_dir")
+    (project / "tfds_data" / "cats" / "1.0" / "x.tfrecord").write_text("a tfds download")
+    (project / "models" / "base.keras").write_text("copied by hand")
+    (project / "models" / "added.keras").write_text("versioned")
+    dvc("add", "-q", "models/added.keras", cwd=project)
+    dvc("import-url", "-q", "--no-exec", str(outside / "base.keras"), "imported.keras", cwd=project)
+    deps = ["code", "tfds_data", "models", "imported.keras", str(outside / "photo.jpg")]
+    (project / "dvc.yaml").write_text(json.dumps({"stages": {"s": {"cmd": "true", "deps": deps, "outs": ["o"]}}}))
+    (project / "params.yaml").write_text(json.dumps({"dataset": {"source": "tfds", "dir": "tfds_data"}}))
+    commit(project, "a project")
+    root, sources, found = unversioned_inputs(project)
+    assert sorted(sources) == ["imported.keras.dvc", "models/added.keras.dvc"]
+    assert found == ["models/base.keras", os.path.realpath(outside / "photo.jpg")]
+    (project / "params.yaml").write_text(json.dumps({"dataset": {"source": "folder", "dir": "tfds_data"}}))
+    assert unversioned_inputs(project)[2] == [
+        "models/base.keras",
+        "tfds_data/cats/1.0/x.tfrecord",
+        os.path.realpath(outside / "photo.jpg"),
+    ]
