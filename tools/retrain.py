@@ -384,21 +384,27 @@ def unversioned_inputs(repo: Path) -> tuple[Path, list[str], list[str]]:
     outside the repository, but for a tfds `data_dir`)."""
     root, read, sources, cached, outside = pipeline_files(repo)
     fetched = tfds_data_dir(repo, root)  # tfds fetches its datasets again by name and version
-    found = uncommitted_inputs(root, [p for p in read if p != fetched], sources, cached)
-    found = [p for p in found if p not in ignored_by_dvc(root, found)]
-    return root, sources, found + [p for p in outside if p != fetched]
+    found = uncommitted_inputs(root, [p for p in read if p not in fetched], sources, cached)
+    left_out = ignored_by_dvc(root, found)  # once: a new folder of images can be thousands of files
+    return root, sources, [p for p in found if p not in left_out] + [p for p in outside if p not in fetched]
 
 
-def tfds_data_dir(repo: Path, root: Path) -> str | None:
-    """The tfds `data_dir` (`dataset.dir`) as `pipeline_files` names it, where `dataset.source` is tfds: a cache
-    of datasets tfds fetches again by name and version, which neither git nor DVC needs to hold."""
+def tfds_data_dir(repo: Path, root: Path) -> set[str]:
+    """The tfds `data_dir` (`dataset.dir`) where `dataset.source` is tfds (the default), as `pipeline_files` may
+    name it (relative to the DVC root as given, or through its links; absolute outside the root): a cache of
+    datasets tfds fetches again by name and version, which neither git nor DVC needs to hold."""
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
-    dataset = params.get("dataset") or {}
-    if dataset.get("source") != "tfds" or not dataset.get("dir"):
-        return None
-    path = Path(os.path.realpath(root / dataset["dir"]))
-    real_root = Path(os.path.realpath(root))
-    return path.relative_to(real_root).as_posix() if path.is_relative_to(real_root) else path.as_posix()
+    dataset = params.get("dataset") if isinstance(params, dict) else None
+    folder = dataset.get("dir") if isinstance(dataset, dict) else None
+    if not isinstance(folder, str) or not folder or dataset.get("source", "tfds") != "tfds":
+        return set()
+    given = os.path.normpath(os.path.join(root, folder))
+
+    def as_named(path: str, base: str) -> str:
+        inside = path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+        return Path(os.path.relpath(path, base)).as_posix() if inside else path
+
+    return {as_named(given, str(root)), as_named(os.path.realpath(given), os.path.realpath(root))}
 
 
 def named(paths: Sequence[str], shown: int = 10) -> str:

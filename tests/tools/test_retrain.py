@@ -637,3 +637,19 @@ def test_unversioned_inputs_of_a_dvc_project(tmp_path):
         "tfds_data/cats/1.0/x.tfrecord",
         os.path.realpath(outside / "photo.jpg"),
     ]
+    # the data_dir through a link (git-ignored) to another disk, tfds by default (no dataset.source): not refused
+    (outside / "tfds").mkdir()
+    (outside / "tfds" / "x.tfrecord").write_text("a tfds download")
+    (project / "linked_tfds").symlink_to(outside / "tfds")
+    with (project / ".gitignore").open("a") as handle:
+        handle.write("/linked_tfds\n")
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["s"]["deps"].append("linked_tfds")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    (project / "params.yaml").write_text(json.dumps({"dataset": {"dir": "linked_tfds"}}))
+    commit(project, "the data_dir elsewhere")
+    assert unversioned_inputs(project)[2] == [
+        "models/base.keras",
+        "tfds_data/cats/1.0/x.tfrecord",
+        os.path.realpath(outside / "photo.jpg"),
+    ]
