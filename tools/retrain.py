@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import dvc.api as dvc_api
 import numpy as np
@@ -47,7 +47,7 @@ import yaml
 
 from components.cli import configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
-from components.params import ParamsError, Section, log_resolved, read_params, section
+from components.params import ParamsError, Section, load_yaml, log_resolved, read_params, section
 from pipelines import features as fk
 from pipelines import serving
 from tools import outputs_in_git
@@ -371,11 +371,13 @@ def uncommitted_inputs(
     # the cached outputs' files left out by git itself (a dataset's thousands), the rest checked below
     not_cached = [f":(exclude,literal){path}" for path in cached]
     ignored = git_names(root, "ls-files", "--others", "--ignored", "--exclude-standard", "-z", *specs, *not_cached)
-    versioned = set(cached)
-    unversioned = [p for p in ignored if not any(a.as_posix() in versioned for a in (Path(p), *Path(p).parents))]
-    skipped = (*COMMITTED, *committed_by_retrain)
-    listed = changed + untracked + unversioned
-    return sorted({p for p in listed if not any(p == c or p.startswith(f"{c}/") for c in skipped)})
+    listed = changed + untracked + [p for p in ignored if not under(p, cached)]
+    return sorted({p for p in listed if not under(p, (*COMMITTED, *committed_by_retrain))})
+
+
+def under(path: str, folders: Iterable[str]) -> bool:
+    """Whether `path` is one of `folders` or inside one (paths relative to one root, `/`-separated)."""
+    return any(path == folder or path.startswith(f"{folder}/") for folder in folders)
 
 
 def unversioned_inputs(repo: Path) -> tuple[Path, list[str], list[str]]:
@@ -393,7 +395,7 @@ def tfds_data_dir(repo: Path, root: Path) -> set[str]:
     """The tfds `data_dir` (`dataset.dir`) where `dataset.source` is tfds (the default), as `pipeline_files` may
     name it (relative to the DVC root as given, or through its links; absolute outside the root): a cache of
     datasets tfds fetches again by name and version, which neither git nor DVC needs to hold."""
-    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")) or {}
+    params = load_yaml((repo / "params.yaml").read_text(encoding="utf-8")) or {}  # as DVC and the stages read it
     dataset = params.get("dataset") if isinstance(params, dict) else None
     folder = dataset.get("dir") if isinstance(dataset, dict) else None
     if not isinstance(folder, str) or not folder or dataset.get("source", "tfds") != "tfds":
