@@ -194,7 +194,8 @@ def out_of_fold_probabilities(
     for k in range(int(fold_of.max()) + 1):
         trained = np.flatnonzero(fold_of != k)
         held_out = np.flatnonzero(fold_of == k)
-        keras.utils.set_random_seed(seed + k)
+        fold_seed = (seed + k) % 2**32  # NumPy takes seeds below 2**32; common.seed may be 2**32 - 1
+        keras.utils.set_random_seed(fold_seed)
         model = training.build_head(dim, num_classes, head)
         training.compile_head(model, num_classes, head.optimizer, head.learning_rate)
 
@@ -209,7 +210,7 @@ def out_of_fold_probabilities(
             return x, y
 
         data = (
-            records.record_numbers(len(trained), seed + k)
+            records.record_numbers(len(trained), fold_seed)
             .batch(head.batch_size)
             .map(read, num_parallel_calls=2, deterministic=True)
             .prefetch(2)

@@ -203,8 +203,16 @@ def _files(root: str):
 
 
 def _read_json(path: str) -> dict | None:
+    """A note, or None where there is none or it does not parse (a write cut short by a crash: notes are
+    written again, so a damaged one is a missing one, not an error that stops every later run)."""
     data = _files(path).read(path)
-    return None if data is None else json.loads(data)
+    if data is None:
+        return None
+    try:
+        note = json.loads(data)
+    except ValueError:
+        return None
+    return note if isinstance(note, dict) else None
 
 
 class FeatureCache:

@@ -30,6 +30,8 @@ ISA_FLAGS = (
     "amx_int8",
     "amx_bf16",
 )
+# ... and their counterparts on ARM (/proc/cpuinfo's `Features` line: NEON, dot product, SVE, bf16, int8)
+ARM_ISA_FLAGS = ("asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "bf16", "i8mm", "sme")
 # ... and the settings that switch them
 # (XLA's auto-clustering, TF_XLA_FLAGS, runs other kernels: other bits, seen 2026-12-06)
 ISA_ENVIRONMENT = (
@@ -37,6 +39,8 @@ ISA_ENVIRONMENT = (
     "ONEDNN_MAX_CPU_ISA",
     "DNNL_MAX_CPU_ISA",
     "OMP_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
     "TF_XLA_FLAGS",
 )
 
@@ -56,7 +60,8 @@ def namespace_of(record: dict) -> str:
 
 
 def cpu_flags(cpuinfo: str | None = None) -> list[str]:
-    """The `ISA_FLAGS` this CPU has (Linux's /proc/cpuinfo; none where it cannot be read)."""
+    """The `ISA_FLAGS` (x86's `flags` line) or `ARM_ISA_FLAGS` (aarch64's `Features`) this CPU has (Linux's
+    /proc/cpuinfo; none where it cannot be read)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
@@ -64,20 +69,30 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str]:
         except OSError:
             cpuinfo = ""
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in ISA_FLAGS if flag in present]
+        for label, known in (("flags", ISA_FLAGS), ("Features", ARM_ISA_FLAGS)):
+            if line.startswith(label) and ":" in line:
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in known if flag in present]
     return []
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity: taskset, a container's cpuset), which TensorFlow sizes
+    its thread pools by; `os.cpu_count()` counts the machine's, pinned or not."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def machine_record(cpuinfo: str | None = None) -> dict:
     """What about the machine decides a model's outputs to the last bit: the architecture, its instruction-set
-    extensions, the core count (the threads a kernel splits its sums over) and the settings above. Caches shared
+    extensions, the cores it may use (the threads a kernel splits its sums over) and the settings above. Caches shared
     between machines (a bucket, a CI cache) keep each kind of machine's results apart by it."""
     return {
         "machine": platform.machine(),
         "cpu_flags": cpu_flags(cpuinfo),
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),
         "environment": {name: os.environ[name] for name in ISA_ENVIRONMENT if name in os.environ},
     }
 

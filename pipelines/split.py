@@ -268,6 +268,12 @@ def check_usable(summary: Mapping) -> None:
             f"classes with no training image: {missing}; add images or raise "
             "download.fractions.train (the label vocabulary is learned from train only)"
         )
+    empty = [name for name in ("val", "test") if summary["splits"][name]["total"] == 0]
+    if empty:  # train_head and finetune failed on an empty val only after convert and extract had run
+        raise ValueError(
+            f"no image in the {' and '.join(empty)} split: train_head and finetune choose their best epoch on val "
+            "and evaluate reports on test; add images or raise download.fractions (or the tfds slices)"
+        )
 
 
 # --------------------------------------------------------------------------- sources (I/O)

@@ -50,13 +50,16 @@ from components.params import ParamsError, dump_yaml, load_yaml, parse_section, 
 from pipelines import runtimes
 from tools import outputs_in_git, retrain
 
+# Mappings whose keys are the user's, not the params' schema (any Beam option): a key they lack is a new one
+OPEN_MAPPINGS = frozenset({"beam.options"})
+
 
 def merge(base: Mapping, overrides: Mapping, prefix: str = "") -> dict:
-    """Deep-merge `overrides` into `base`; a key that `base` lacks is refused."""
+    """Deep-merge `overrides` into `base`; a key that `base` lacks is refused (but in `OPEN_MAPPINGS`)."""
     merged = copy.deepcopy(dict(base))
     for key, value in overrides.items():
         path = f"{prefix}{key}"
-        if key not in merged:
+        if key not in merged and prefix[:-1] not in OPEN_MAPPINGS:
             raise ParamsError(f"{path}: unknown key; allowed keys: {', '.join(sorted(map(str, merged)))}")
         if isinstance(value, Mapping) and isinstance(merged[key], Mapping) and merged[key]:
             merged[key] = merge(merged[key], value, f"{path}.")

@@ -811,6 +811,19 @@ def test_counts_that_do_not_add_up_are_an_error():
         splitting.check_usable(summary)
 
 
+def test_a_split_left_empty_is_refused_at_download_not_in_train_head():
+    """Four images hash-split 0.5/0.25/0.25 can leave val empty: train_head then died on `head.evaluate(val)`
+    ("not enough values to unpack"), after convert and extract had run."""
+    rows = [{"label": label, "split": split} for label in ("cats", "dogs") for split in ("train", "test")]
+    summary = splitting.summarise(["cats", "cats", "dogs", "dogs"], rows, [], ["cats", "dogs"])
+    with pytest.raises(ValueError, match=r"no image in the val split: .*raise download.fractions"):
+        splitting.check_usable(summary)
+    rows = [{"label": label, "split": "train"} for label in ("cats", "dogs")]
+    summary = splitting.summarise(["cats", "dogs"], rows, [], ["cats", "dogs"])
+    with pytest.raises(ValueError, match=r"no image in the val and test split"):
+        splitting.check_usable(summary)
+
+
 def test_a_run_whose_counts_do_not_add_up_fails_and_leaves_the_earlier_output(tmp_path, monkeypatch):
     root = make_class_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "out"

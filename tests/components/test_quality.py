@@ -140,6 +140,17 @@ def test_a_threshold_that_makes_a_class_one_group_of_copies_is_refused_naming_it
         quality.grouped_folds(labels, 3, 0, groups)
 
 
+def test_the_largest_seed_params_take_trains_every_fold():
+    """Fold k was seeded `seed + k`: with common.seed 2**32 - 1 (valid) fold 1 stopped the stage after train_head
+    ran ("Seed must be between 0 and 2**32 - 1")."""
+    rng = np.random.default_rng(2)
+    features, labels = rng.normal(0, 1, (24, 8)).astype(np.float32), np.array([0, 1] * 12)
+    fold_of = quality.stratified_folds(labels, 2, seed=0)
+    head = TrainHeadParams(hidden_units=0, dropout=0.0, learning_rate=0.01)
+    probabilities = quality.out_of_fold_probabilities(features, labels, 2, head, 1, fold_of, seed=2**32 - 1)
+    assert probabilities.shape == (24, 2) and np.allclose(probabilities.sum(axis=1), 1.0)
+
+
 def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_image():
     # Random labels on random features: a head that saw its image would fit it (far above chance);
     # out of fold it cannot beat chance by much.

@@ -33,6 +33,23 @@ def test_entries_notes_and_misses(tmp_path, scheme):
     assert not cache.has(key) and cache.get(key) is None
 
 
+def test_a_damaged_note_is_a_missing_one_and_is_written_again(tmp_path):
+    """A meta.json or batch-plan note cut short (a crash mid-write) raised JSONDecodeError in every later extract,
+    until someone deleted the namespace by hand."""
+    root = str(tmp_path / "cache")
+    cache = feature_cache.FeatureCache(root, RECORD, [2, 3])
+    key = feature_cache.image_key(b"an image")
+    cache.put(key, np.arange(6, dtype=np.float32))
+    cache.put_note("plan", {"tail": 1})
+    meta = next((tmp_path / "cache").rglob("meta.json"))
+    meta.write_text("{")
+    (meta.parent / "plan.json").write_text("")
+    assert feature_cache.stored_feature_shape(root, RECORD) is None and cache.get_note("plan") is None
+    again = feature_cache.FeatureCache(root, RECORD, [2, 3])
+    np.testing.assert_array_equal(again.get(key), np.arange(6, dtype=np.float32))  # the entries are kept
+    assert feature_cache.stored_feature_shape(root, RECORD) == [2, 3]
+
+
 def test_both_backends_share_one_layout(tmp_path):
     local = feature_cache.FeatureCache(str(tmp_path), RECORD, [4])
     remote = feature_cache.FeatureCache("file://" + str(tmp_path), RECORD, [4])
@@ -50,9 +67,27 @@ def test_the_namespace_tells_machines_apart_where_the_last_bits_can_differ(monke
     base = {"name": "mobilenet_v2", "weights": "imagenet"}
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     default = feature_cache.namespace_record(base, 32)
-    assert default["cpu_flags"] == fingerprint.cpu_flags() and default["cpus"] == os.cpu_count()
+    assert default["cpu_flags"] == fingerprint.cpu_flags() and default["cpus"] == len(os.sched_getaffinity(0))
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # other kernels, other bits: other entries
     assert feature_cache.namespace_of(feature_cache.namespace_record(base, 32)) != feature_cache.namespace_of(default)
+
+
+def test_the_namespace_counts_the_cores_a_process_may_use_and_arm_features(monkeypatch):
+    """The record took `os.cpu_count()` (the machine's cores, whatever a taskset or a container's cpuset allows),
+    not the TF_NUM_*_THREADS settings, and read x86's `flags` line only: an aarch64 CPU's SVE never counted."""
+    from pipelines import fingerprint
+
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    unpinned = fingerprint.machine_record("flags : avx2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # pinned to one core: other thread pools
+    pinned = fingerprint.machine_record("flags : avx2")
+    assert pinned["cpus"] == 1 and (pinned != unpinned or os.cpu_count() == 1)
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    assert fingerprint.machine_record("flags : avx2") != pinned
+    graviton2 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp\n"
+    graviton3 = graviton2.replace("asimddp", "asimddp sve i8mm bf16")
+    assert fingerprint.cpu_flags(graviton2) == ["asimd", "asimdhp", "asimddp", "fphp"]
+    assert fingerprint.cpu_flags(graviton3) == ["asimd", "asimdhp", "asimddp", "fphp", "sve", "bf16", "i8mm"]
 
 
 def test_xla_keras_config_and_gpus_key_the_namespace_and_defaults_keep_it(monkeypatch):

@@ -214,6 +214,19 @@ def test_a_preset_with_an_unknown_key_fails_naming_it(tmp_path):
     assert params.read_text() == (REPO / "params.yaml").read_text()
 
 
+def test_a_beam_option_is_a_new_key_whether_or_not_beam_options_holds_others():
+    """A new option was accepted under an empty `beam.options: {}` and refused as an unknown key once it held one."""
+    base = {"beam": {"runner": "DirectRunner", "options": {}}, "conv_base": {"pooling": "avg"}}
+    one = preset.merge(base, {"beam": {"options": {"direct_num_workers": 2}}})
+    assert one["beam"]["options"] == {"direct_num_workers": 2}
+    two = preset.merge(one, {"beam": {"options": {"direct_running_mode": "multi_processing"}}})
+    assert two["beam"]["options"] == {"direct_num_workers": 2, "direct_running_mode": "multi_processing"}
+    with pytest.raises(ParamsError, match=r"beam\.runer: unknown key"):  # the schema's own keys stay checked
+        preset.merge(one, {"beam": {"runer": "DaskRunner"}})
+    with pytest.raises(ParamsError, match=r"conv_base\.pooling_: unknown key"):
+        preset.merge(one, {"conv_base": {"pooling_": "max"}})
+
+
 def test_a_value_dvc_would_change_is_refused():
     with pytest.raises(ParamsError, match=r"dataset\.dir: .*backslash"):
         preset.set_args({"dataset": {"dir": "C:\\\\photos"}})

@@ -202,3 +202,44 @@ def test_a_variant_may_set_a_key_the_baseline_lacks_and_the_others_run_without_i
         "two": ["-S", "+beam.options.direct_num_workers=2", "-S", "conv_base.pooling=avg"],
         "max": ["-S", "conv_base.pooling=max"],
     }
+
+
+def test_every_variant_runs_from_the_baseline_not_from_the_variant_run_before(tmp_path, monkeypatch):
+    """`dvc exp run` leaves its `-S` edits in the workspace's params.yaml: a key the baseline lacks that one variant
+    set (`+beam.options.direct_num_workers=2`) stayed for the next ones, which ran with it (`max` was timed on two
+    workers) or failed when they set it again (Hydra refuses `+` for a key that exists)."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from tools import preset
+
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    variants = {
+        "two": {"beam": {"options": {"direct_num_workers": 2}}},
+        "max": {"conv_base": {"pooling": "max"}},
+        "three": {"beam": {"options": {"direct_num_workers": 3}}},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": variants}, sort_keys=False))
+    commit(tmp_path, "baseline")
+    baseline = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    ran = {}
+    real_run = subprocess.run
+
+    def dvc_exp_run(cmd, *args, **kwargs):  # what `dvc exp run -n NAME -S ...` does to the workspace's params
+        if list(cmd[1:5]) != ["-m", "dvc", "exp", "run"]:
+            return real_run(cmd, *args, **kwargs)
+        apply_overrides(tmp_path / "params.yaml", list(cmd[8::2]))
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        ran[cmd[6]] = {"rev": cmd[6], "state": None, "error": None, "params": params, "metrics": {}}
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", dvc_exp_run)
+    monkeypatch.setattr(sweep, "experiments", lambda repo: dict(ran))
+    with pytest.raises(RuntimeError, match=r"variants without val accuracies"):  # the stand-in has no metrics
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    assert set(ran) == {"s-two", "s-max", "s-three"}
+    for variant, overrides in variants.items():
+        assert ran[f"s-{variant}"]["params"] == preset.merge(baseline, overrides), variant
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == baseline  # and the baseline is back at the end
