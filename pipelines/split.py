@@ -270,9 +270,14 @@ def check_usable(summary: Mapping) -> None:
         )
     empty = [name for name in ("val", "test") if summary["splits"][name]["total"] == 0]
     if empty:  # train_head and finetune failed on an empty val only after convert and extract had run
+        why = (
+            f" ({summary['quarantined']} quarantined: {summary['quarantine_reasons']})"
+            if summary["quarantined"]
+            else ""
+        )
         raise ValueError(
-            f"no image in the {' and '.join(empty)} split: train_head and finetune choose their best epoch on val "
-            "and evaluate reports on test; add images or raise download.fractions (or the tfds slices)"
+            f"no image in the {' and '.join(empty)} split{why}: train_head and finetune choose their best epoch on "
+            "val and evaluate reports on test; add images or raise download.fractions (or the tfds slices)"
         )
 
 

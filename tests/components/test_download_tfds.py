@@ -93,15 +93,16 @@ def test_tfds_slices_given_as_splits_refuse_keep_together_and_write_nothing(tmp_
 
 
 def test_tfds_stock_mock_data_duplicates_are_reported(tmp_path):
-    """tfds's stock mock yields the same examples for every slice: the copies are duplicates."""
+    """tfds's stock mock yields the same examples for every slice: the copies are duplicates, which leaves val
+    and test empty, and the stage says so (train_head failed on the empty val, stages later)."""
     config = tfds_config(tmp_path / "tfds", {"train": "train[:6]", "val": "train[6:12]", "test": "train[12:18]"})
     config = dl.Config(config.common, config.dataset, config.download.model_copy(update={"min_side": 1}))
     with tfds.testing.mock_data(num_examples=6):
-        summary = dl.run(config, tmp_path / "out")
-    assert summary["splits"]["train"]["total"] == 6
-    assert summary["splits"]["val"]["total"] == summary["splits"]["test"]["total"] == 0
-    assert summary["duplicates"] == {"files_quarantined": 12, "distinct_images": 6}
-    assert summary["found"] == 18 and summary["reconciled"]
+        with pytest.raises(
+            ValueError, match=r"no image in the val and test split \(12 quarantined: \{'duplicate': 12\}"
+        ):
+            dl.run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tfds_rejected_slice_names_the_key(tmp_path):
