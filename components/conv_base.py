@@ -95,6 +95,15 @@ def imagenet_from(params: ConvBaseParams, folder: str | Path) -> ConvBaseParams:
             f"conv_base: {folder / IMAGENET_WEIGHTS}, the ImageNet weights its record names, is missing: "
             f"`dvc pull {folder}` or `dvc repro`"
         )
+    from pipelines.fingerprint import file_sha256
+
+    held_sha256 = file_sha256(folder / IMAGENET_WEIGHTS)
+    if held_sha256 != record.get("sha256"):  # a file swapped or damaged since the stage wrote it
+        raise ParamsError(
+            f"conv_base: {folder / IMAGENET_WEIGHTS} is not the file {folder / WEIGHTS_RECORD} records (SHA-256 "
+            f"{held_sha256[:12]}..., recorded {str(record.get('sha256'))[:12]}...): `dvc checkout {folder}` or "
+            "`dvc repro` (base_weights first)"
+        )
     return params.model_copy(update={"weights": (folder / IMAGENET_WEIGHTS).as_posix()})
 
 

@@ -112,11 +112,30 @@ class Config:
 
 def load_config(params_path: str | Path) -> Config:
     data = read_params(params_path)
-    return Config(
+    config = Config(
         common=section(data, CommonParams, "common", params_path),
         conv_base=section(data, ConvBaseParams, "conv_base", params_path),
         finetune=section(data, FinetuneParams, "finetune", params_path),
     )
+    check_unfreeze_point(config.conv_base, config.finetune)
+    return config
+
+
+def check_unfreeze_point(conv_base: ConvBaseParams, params: FinetuneParams) -> None:
+    """A saved or tapped base has no default unfreeze point: refused with the params, not after every stage
+    before finetune has run (`tools.preset` and `dvc exp run` validate through here)."""
+    if params.unfreeze_from or params.unfreeze_top is not None:
+        return
+    if not conv_base.name:
+        raise ParamsError(
+            "finetune.unfreeze_from: a saved base (conv_base.path) has no registry default; set unfreeze_from to a "
+            "layer name or unfreeze_top"
+        )
+    if conv_base.layer:
+        raise ParamsError(
+            f"finetune.unfreeze_from: the base is tapped at conv_base.layer={conv_base.layer!r}, so "
+            f"{conv_base.name}'s default need not lie below the tap; set unfreeze_from to a layer name or unfreeze_top"
+        )
 
 
 def build_augmentation(params: AugmentParams, seed: int):

@@ -262,6 +262,11 @@ def build_feature_extractor(
     inputs = keras.Input((*input_size, 3), name="image")
     x = preprocessing(inputs) if preprocessing is not None else inputs
     x = InferenceMode(base, name="conv_base")(x)
+    if pooling != "none" and len(x.shape) != 4:  # a tap past the spatial layers: Keras's own error named no param
+        raise BaseError(
+            f"pooling: {pooling!r} pools a feature map, but {base.name} gives {len(x.shape) - 1}-D features "
+            f"{tuple(x.shape[1:])}: tap a convolutional layer (layer) or set pooling: none"
+        )
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":

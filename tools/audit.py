@@ -666,11 +666,20 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
             if out.use_cache and out.hash_info and out.hash_info.name == "md5" and out.hash_info.value
         }
         objs |= {HashInfo("md5", value) for value in added}
-        try:
-            missing = dvc_repo.cloud.status(objs).missing
-        except NoRemoteError:  # no remote: the local cache must hold all of it
-            cache = dvc_repo.cache.local
-            missing = compare_status(cache, cache, objs, check_deleted=True).missing
+        from dvc.data_cloud import _split_legacy_hash_infos
+
+        missing = set()
+        for group, legacy in zip(_split_legacy_hash_infos(objs), (True, False)):
+            if not group:
+                continue
+            cache = dvc_repo.cache.legacy if legacy else dvc_repo.cache.local  # DVC 2's objects: its own folder
+            try:
+                odb = dvc_repo.cloud.get_remote_odb(None, "status", hash_name="md5-dos2unix" if legacy else "md5")
+            except NoRemoteError:  # no remote: the local cache must hold all of it
+                odb = cache
+            # Not `cloud.status`: its index of the remote takes every file of a folder as there wherever the folder's
+            # listing is, so a file gone from the remote and the cache passed (and `dvc pull` failed)
+            missing |= compare_status(cache, odb, group, check_deleted=True, dest_index=None, cache_odb=cache).missing
         listings = {}
         for obj in objs:
             if obj.isdir:

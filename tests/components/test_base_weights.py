@@ -84,7 +84,16 @@ def test_a_stale_or_missing_weights_output_is_a_clear_error(tmp_path):
     with pytest.raises(ParamsError, match=r"holds the weights of .*224.*not of .*96"):
         conv_base.imagenet_from(IMAGENET, folder)
     (folder / base_weights.RECORD).write_text(json.dumps({**record, "input_size": [96, 96]}))
+    # A file whose bytes are not those the record names (swapped or damaged since): extract and finetune built
+    # the base from it, and their records named its hash while weights.json named the other.
+    with pytest.raises(ParamsError, match=r"imagenet.weights.h5 is not the file .*weights.json records"):
+        conv_base.imagenet_from(IMAGENET, folder)
+    recorded = {**record, "input_size": [96, 96], "sha256": hashlib.sha256(b"not read").hexdigest()}
+    (folder / base_weights.RECORD).write_text(json.dumps(recorded))
     assert conv_base.imagenet_from(IMAGENET, folder).weights.endswith(base_weights.WEIGHTS)
+    (folder / base_weights.WEIGHTS).write_bytes(b"not read either")
+    with pytest.raises(ParamsError, match=r"is not the file .*`dvc checkout"):
+        conv_base.imagenet_from(IMAGENET, folder)
     (folder / base_weights.WEIGHTS).unlink()
     with pytest.raises(ParamsError, match="imagenet.weights.h5, the ImageNet weights its record names, is missing"):
         conv_base.imagenet_from(IMAGENET, folder)

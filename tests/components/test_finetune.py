@@ -12,7 +12,7 @@ from components.conv_base import ConvBaseParams  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from components.params import ParamsError, parse_section  # noqa: E402
 from pipelines import classifier  # noqa: E402
-from tests.conftest import open_files_under, tree_bytes  # noqa: E402
+from tests.conftest import REPO, open_files_under, tree_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -151,6 +151,28 @@ def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
     model = finetune.build_classifier(saved_params, head_path)
     with pytest.raises(ParamsError, match=r"a saved base \(conv_base\.path\) has no registry default"):
         finetune.prepare_for_finetuning(model, saved_params, finetune.FinetuneParams())
+
+
+def test_a_saved_or_tapped_base_without_an_unfreeze_point_is_refused_with_the_params(tmp_path):
+    """The rule is the params' alone, but it was checked only when finetune built the model: after download,
+    convert, extract, train_head and quality had run (`dvc exp run -S conv_base.layer=...`)."""
+    import yaml
+
+    def params_with(conv_base, finetune_params):
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        data["conv_base"].update(conv_base)
+        data["finetune"].update(finetune_params)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: the base is tapped at conv_base\.layer='block_13"):
+        finetune.load_config(params_with({"layer": "block_13_expand_relu"}, {}))
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: a saved base \(conv_base\.path\) has no"):
+        finetune.load_config(params_with({"name": None, "path": "models/base.keras"}, {}))
+    assert finetune.load_config(params_with({"layer": "block_13_expand_relu"}, {"unfreeze_top": 5}))
+    assert finetune.load_config(params_with({"name": None, "path": "models/base.keras"}, {"unfreeze_from": "x"}))
+    assert finetune.load_config(params_with({}, {})).finetune.unfreeze_from is None  # the registry's default
 
 
 def test_head_for_another_base_is_a_clear_error(base_params, tmp_path):

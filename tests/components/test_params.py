@@ -228,6 +228,7 @@ def test_a_saved_base_outside_models_is_refused_before_any_work(tmp_path, monkey
             check_tracked(params)
     check_tracked(ConvBaseParams(name="mobilenet_v2", weights="imagenet"))  # Keras' own, versioned by Keras
     data = repo_params({"conv_base": {"name": None, "path": "elsewhere.keras"}})
+    data["finetune"]["unfreeze_from"] = "top_conv"  # a saved base has no registry default
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ParamsError, match="outside models/"):
         extract.main(["--params", "params.yaml", "--convert", "c", "--out", "o"])

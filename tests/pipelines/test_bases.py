@@ -38,6 +38,20 @@ def test_intermediate_layer_tap_and_pooling_none():
     assert model.output_shape == (None, 4, 4, 512)
 
 
+def test_pooling_a_tap_that_gives_flat_features_names_the_param():
+    """A tap past the spatial layers (efficientnet's `block2a_se_squeeze`) with pooling avg stopped the stage with
+    Keras's own traceback ("expected ndim=4, found ndim=2"), naming no param."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="squeeze")(x)
+    tiny = keras.Model(inputs, keras.layers.Dense(2, name="excite")(x), name="tiny")
+    with pytest.raises(bases.BaseError, match=r"pooling: 'avg' pools a feature map, but .* gives 1-D features \(4,\)"):
+        bases.build_feature_extractor(bases.tap(tiny, "squeeze"), None, (8, 8), "avg")
+    flat = bases.build_feature_extractor(bases.tap(tiny, "squeeze"), None, (8, 8), "none")
+    assert flat.output_shape == (None, 4)
+    assert bases.build_feature_extractor(bases.tap(tiny, "conv"), None, (8, 8), "max").output_shape == (None, 4)
+
+
 def test_bad_names_layers_sizes_and_weights_are_clear_errors(tmp_path):
     with pytest.raises(
         bases.BaseError, match=r"name: unknown base 'vgg61' \(did you mean 'vgg19', 'vgg16'\?\); known: efficientnet_b0"

@@ -897,6 +897,36 @@ def test_a_dvc_added_input_whose_listing_is_gone_fails_the_audit(audited_project
 
 
 @pytest.mark.integration
+def test_a_file_gone_from_the_remote_and_the_cache_fails_the_audit_though_its_folder_listing_is_there(
+    audited_project, tmp_path
+):
+    """With a remote, DVC's status trusts its index of the remote: a folder whose listing is there counts all its
+    files as there, so one file in neither the remote nor the cache passed the audit (and `dvc pull` failed)."""
+    import hashlib
+
+    project, revision = audited_project
+    (project / "photos").mkdir()
+    for name in ("a", "b", "c"):
+        (project / "photos" / name).write_text(name)
+    dvc("add", "-q", "photos", cwd=project)
+    dvc("remote", "add", "-d", "storage", str(tmp_path / "storage"), cwd=project)  # committed with the revision
+    rev = revision("photos", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
+    dvc("push", "-q", cwd=project)
+    assert audit_of(project, rev) == (0, [])  # the remote's index now lists the folder
+    gone = hashlib.md5(b"b").hexdigest()
+    for root in (project / ".dvc" / "cache", tmp_path / "storage"):
+        (root / "files" / "md5" / gone[:2] / gone[2:]).unlink()
+    assert audit_of(project, rev) == (
+        1,
+        [
+            f"the data of photos at {rev[:12]} (1 object) is in neither the local DVC cache nor the default remote: "
+            f"`git checkout {rev[:12]} && dvc pull` cannot restore it; push it from a clone that has it, or reproduce "
+            "that revision and `dvc push`"
+        ],
+    )
+
+
+@pytest.mark.integration
 def test_a_quality_stage_without_its_near_duplicate_list_fails_the_audit(audited_project):
     """The README's promise: a revision whose dvc.lock has the quality stage but not its list of near-duplicates
     is not a pass with no pairs (the audit reads the list, and a list it cannot read fails it)."""

@@ -38,6 +38,7 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
         "inputs": {"sources/photos": "../shared/photos", "models/base.keras": "../shared/base.keras"},
         "dataset": {"source": "folder", "dir": "sources/photos"},
         "conv_base": {"name": None, "path": "models/base.keras"},
+        "finetune": {"unfreeze_from": "block_16_expand"},  # a saved base has no registry default
     }
     (project / "my.yaml").write_text(yaml.safe_dump(spec))
     assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
