@@ -550,14 +550,18 @@ def git_file(repo: Path, rev: str, path: str) -> str | None:
 DVC_FILES = (MANIFEST, LABELS, LINEAGE, MODEL)
 
 
-def unrecorded_facts(lock: dict) -> list[str]:
+def unrecorded_facts(lock: dict, declared: Sequence[str] | None = None) -> list[str]:
     """The files the report's facts come from (`DVC_FILES`: the manifest, the labels, the model, the serving
     lineage) that no stage of the lock recorded as (inside) one of its outputs: a revision with no pipeline in
-    its dvc.lock, those files committed to git by hand, passed with every lock check vacuous."""
-    produced = [path for outs in stage_outputs(lock).values() for path in outs]
+    its dvc.lock, those files committed to git by hand, passed with every lock check vacuous. With `declared`
+    (the stages the revision's dvc.yaml declares), only theirs count: a stage deleted from dvc.yaml by hand left
+    its lock entry, which no other check reads, and vouched for files committed by hand after it."""
+    produced = [
+        path for stage, outs in stage_outputs(lock).items() if declared is None or stage in declared for path in outs
+    ]
     return [
-        f"{path} is no output of a stage in dvc.lock: the audit's facts must come from a recorded run "
-        "(`dvc repro` and commit)"
+        f"{path} is no output of a stage in dvc.lock that dvc.yaml declares: the audit's facts must come from a "
+        "recorded run (`dvc repro` and commit)"
         for path in DVC_FILES
         if path not in produced and enclosing(path, produced) is None
     ]
@@ -658,14 +662,15 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
         }
         # ... and of every `dvc add`-ed output (.dvc files: source data, a base in models/), which DVC leaves out
         # the same way: a source folder whose listing is gone could not be restored, and the audit passed
-        added = {
-            out.hash_info.value: out.def_path
+        added_outs = [
+            out
             for stage in dvc_repo.index.stages
             if not isinstance(stage, PipelineStage) and not stage.is_import
             for out in stage.outs
-            if out.use_cache and out.hash_info and out.hash_info.name == "md5" and out.hash_info.value
-        }
-        objs |= {HashInfo("md5", value) for value in added}
+            if out.use_cache and out.hash_info and out.hash_info.name in ("md5", "md5-dos2unix") and out.hash_info.value
+        ]
+        added = {out.hash_info.value: out.def_path for out in added_outs}
+        objs |= {out.hash_info for out in added_outs}  # by its own hash's name: DVC 2's (md5-dos2unix) too
         from dvc.data_cloud import _split_legacy_hash_infos
 
         missing = set()
@@ -836,7 +841,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         "quality": quality,
         "unreadable": unreadable,
         "lock_problems": lock_problems,
-        "unrecorded": unrecorded_facts(lock) if check_lock else [],
+        "unrecorded": unrecorded_facts(lock, names) if check_lock else [],
         "unversioned_inputs": unversioned,
         "_rows": rows,
     }

@@ -487,13 +487,18 @@ def test_facts_from_files_no_recorded_stage_made_fail_the_audit():
     """A revision whose dvc.yaml and dvc.lock have no stages, its manifest, labels, model and lineage committed to
     git by hand, passed: every lock check was vacuous. The facts must come from outputs of a recorded run."""
     assert audit.unrecorded_facts({"schema": "2.0", "stages": {}}) == [
-        f"{path} is no output of a stage in dvc.lock: the audit's facts must come from a recorded run "
-        "(`dvc repro` and commit)"
+        f"{path} is no output of a stage in dvc.lock that dvc.yaml declares: the audit's facts must come from a "
+        "recorded run (`dvc repro` and commit)"
         for path in audit.DVC_FILES
     ]
     outs = {"download": "data/download", "convert": "data/convert", "finetune": audit.MODEL, "export": "data/export"}
     lock = {"stages": {stage: {"outs": [{"path": path, "md5": "x"}]} for stage, path in outs.items()}}
-    assert audit.unrecorded_facts(lock) == []
+    assert audit.unrecorded_facts(lock) == [] == audit.unrecorded_facts(lock, list(outs))
+    # A stage deleted from dvc.yaml by hand keeps its lock entry, which vouched for a manifest committed by hand
+    # after it (the audit passed, reporting that manifest's splits).
+    assert audit.unrecorded_facts(lock, ["convert", "finetune", "export"]) == [
+        audit.unrecorded_facts({"stages": {}})[0]
+    ]
     del lock["stages"]["export"]
     assert audit.unrecorded_facts(lock) == [audit.unrecorded_facts({"stages": {}})[2]]  # the lineage's
 
@@ -924,6 +929,32 @@ def test_a_file_gone_from_the_remote_and_the_cache_fails_the_audit_though_its_fo
             "that revision and `dvc push`"
         ],
     )
+
+
+def test_data_dvc_2_hashed_in_the_local_cache_is_found_without_a_remote(tmp_path):
+    """Without a remote the local cache was looked in as DVC 3's only (`.dvc/cache/files/md5`): an object DVC 2
+    hashed (`md5-dos2unix`, a .dvc entry without `hash: md5`, kept in `.dvc/cache/xx/`) was reported missing, naming
+    no path, though `dvc checkout` restores it."""
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    (tmp_path / "g.txt").write_text("hello\n")
+    dvc("add", "-q", "g.txt", cwd=tmp_path)
+    md5 = hashlib.md5(b"hello\n").hexdigest()
+    (tmp_path / ".dvc" / "cache" / md5[:2]).mkdir()
+    (tmp_path / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).rename(
+        tmp_path / ".dvc" / "cache" / md5[:2] / md5[2:]
+    )
+    dvc_file = tmp_path / "g.txt.dvc"
+    dvc_file.write_text("".join(line for line in dvc_file.read_text().splitlines(True) if "hash: md5" not in line))
+    commit(tmp_path, "data DVC 2 added")
+    rev = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    (tmp_path / "g.txt").unlink()
+    dvc("checkout", "-q", cwd=tmp_path)
+    assert (tmp_path / "g.txt").read_text() == "hello\n"  # DVC restores it from its legacy cache
+    assert audit.unavailable_outputs(tmp_path, rev, {"stages": {}}, set(), []) == []
+    (tmp_path / ".dvc" / "cache" / md5[:2] / md5[2:]).unlink()  # gone: reported, naming the file
+    [problem] = audit.unavailable_outputs(tmp_path, rev, {"stages": {}}, set(), [])
+    assert problem.startswith(f"the data of g.txt at {rev[:12]} (1 object) is in neither")
 
 
 @pytest.mark.integration
