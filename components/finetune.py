@@ -122,8 +122,9 @@ def load_config(params_path: str | Path) -> Config:
 
 
 def check_unfreeze_point(conv_base: ConvBaseParams, params: FinetuneParams) -> None:
-    """A saved or tapped base has no default unfreeze point: refused with the params, not after every stage
-    before finetune has run (`tools.preset` and `dvc exp run` validate through here)."""
+    """A saved or tapped base has no default unfreeze point: refused with the params (`tools.preset`, `tools.sweep`
+    and `tools.data_fixes` validate through here before any stage runs; a plain `dvc repro` or `dvc exp run -S`
+    still runs the stages before finetune, which then stops at its start, before building the model)."""
     if params.unfreeze_from or params.unfreeze_top is not None:
         return
     if not conv_base.name:

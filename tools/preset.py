@@ -61,7 +61,7 @@ def merge(base: Mapping, overrides: Mapping, prefix: str = "") -> dict:
         path = f"{prefix}{key}"
         if key not in merged and prefix[:-1] not in OPEN_MAPPINGS:
             raise ParamsError(f"{path}: unknown key; allowed keys: {', '.join(sorted(map(str, merged)))}")
-        if isinstance(value, Mapping) and isinstance(merged[key], Mapping) and merged[key]:
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and merged[key]:
             merged[key] = merge(merged[key], value, f"{path}.")
         else:
             merged[key] = copy.deepcopy(value)

@@ -154,8 +154,9 @@ def test_bad_unfreeze_points_are_clear_errors(base_params, head_path, tmp_path):
 
 
 def test_a_saved_or_tapped_base_without_an_unfreeze_point_is_refused_with_the_params(tmp_path):
-    """The rule is the params' alone, but it was checked only when finetune built the model: after download,
-    convert, extract, train_head and quality had run (`dvc exp run -S conv_base.layer=...`)."""
+    """The rule is the params' alone, but it was checked only when finetune built the model, so `tools.preset` and
+    `tools.sweep` (which validate through `load_config`) let it through to run download, convert, extract,
+    train_head and quality first."""
     import yaml
 
     def params_with(conv_base, finetune_params):

@@ -222,6 +222,7 @@ def test_a_beam_option_is_a_new_key_whether_or_not_beam_options_holds_others():
     assert one["beam"]["options"] == {"direct_num_workers": 2}
     two = preset.merge(one, {"beam": {"options": {"direct_running_mode": "multi_processing"}}})
     assert two["beam"]["options"] == {"direct_num_workers": 2, "direct_running_mode": "multi_processing"}
+    assert preset.merge(one, {"beam": {"options": {"x": {"a": 1}}}})["beam"]["options"]["x"] == {"a": 1}  # no KeyError
     with pytest.raises(ParamsError, match=r"beam\.runer: unknown key"):  # the schema's own keys stay checked
         preset.merge(one, {"beam": {"runer": "DaskRunner"}})
     with pytest.raises(ParamsError, match=r"conv_base\.pooling_: unknown key"):
