@@ -125,18 +125,21 @@ def check_unfreeze_point(conv_base: ConvBaseParams, params: FinetuneParams) -> N
     """A saved or tapped base has no default unfreeze point: refused with the params (`tools.preset`, `tools.sweep`
     and `tools.data_fixes` validate through here before any stage runs; a plain `dvc repro` or `dvc exp run -S`
     still runs the stages before finetune, which then stops at its start, before building the model)."""
-    if params.unfreeze_from or params.unfreeze_top is not None:
-        return
+    reason = no_default_unfreeze_point(conv_base)
+    if reason and not params.unfreeze_from and params.unfreeze_top is None:
+        raise ParamsError(f"finetune.unfreeze_from: {reason}; set unfreeze_from to a layer name or unfreeze_top")
+
+
+def no_default_unfreeze_point(conv_base: ConvBaseParams) -> str | None:
+    """Why the base has no registry default to unfreeze from (a saved base, a tapped one), or None."""
     if not conv_base.name:
-        raise ParamsError(
-            "finetune.unfreeze_from: a saved base (conv_base.path) has no registry default; set unfreeze_from to a "
-            "layer name or unfreeze_top"
-        )
+        return "a saved base (conv_base.path) has no registry default"
     if conv_base.layer:
-        raise ParamsError(
-            f"finetune.unfreeze_from: the base is tapped at conv_base.layer={conv_base.layer!r}, so "
-            f"{conv_base.name}'s default need not lie below the tap; set unfreeze_from to a layer name or unfreeze_top"
+        return (
+            f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
+            f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap"
         )
+    return None
 
 
 def build_augmentation(params: AugmentParams, seed: int):
@@ -219,16 +222,11 @@ def build_classifier(conv_base: ConvBaseParams, head_path: str | Path):
 def prepare_for_finetuning(model, conv_base: ConvBaseParams, params: FinetuneParams) -> list[str]:
     """Unfreeze the top of the base (errors name the param); returns the trainable layers of the base."""
     base = classifier.find_base(model)
-    default = bases.REGISTRY[conv_base.name].top_block if conv_base.name and not conv_base.layer else None
-    if not conv_base.name:
-        no_default = "a saved base (conv_base.path) has no registry default"
-    else:
-        no_default = (
-            f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
-            f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap"
-        )
+    no_default = no_default_unfreeze_point(conv_base)
+    default = None if no_default else bases.REGISTRY[conv_base.name].top_block
     try:
-        start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default, no_default)
+        why = {"no_default": no_default} if no_default else {}  # the registry's default otherwise
+        start = classifier.unfreeze_index(base, params.unfreeze_from, params.unfreeze_top, default, **why)
     except classifier.UnfreezeError as exc:
         raise ParamsError(f"finetune.{exc}") from None
     return classifier.unfreeze(model, start, params.train_batch_norm)

@@ -326,15 +326,13 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                     f"(`dvc exp remove {name}`) or name the variant anew"
                 )
         try:
-            ran_one = False
             for variant, name in names.items():
                 if name in done:
                     log.info("sweep: %s exists on this commit (%s); not run again", name, done[name]["rev"])
                     continue
-                if ran_one:  # `dvc exp run` leaves its -S edits in params.yaml: a `+key=` of the last variant stayed
-                    # (its lock and outputs may stay: DVC re-runs what this variant's params change, no more)
-                    sh("git", "checkout", "-q", "HEAD", "--", str(params_path), cwd=repo)
-                ran_one = True
+                # `dvc exp run` leaves its -S edits in params.yaml: a `+key=` of the last variant stayed (its lock and
+                # outputs may stay: DVC re-runs what this variant's params change, no more)
+                sh("git", "checkout", "-q", "HEAD", "--", str(params_path), cwd=repo)
                 log.info("sweep: dvc exp run -n %s %s", name, " ".join(args[variant]))
                 proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", name, *args[variant]], cwd=repo)
                 if proc.returncode != 0:
