@@ -47,7 +47,7 @@ from components import (
 )
 from components.cli import dvc, run_main
 from components.params import ParamsError, dump_yaml, load_yaml, parse_section, read_params, write_params
-from pipelines import runtimes
+from pipelines import runtimes, serving
 from tools import outputs_in_git, retrain
 
 # Mappings whose keys are the user's, not the params' schema (any Beam option): a key they lack is a new one
@@ -191,6 +191,10 @@ def validate(params: Mapping, where: Path) -> None:
         }
         for runtime in {configs[extract].extract.runtime, configs[evaluate].evaluate.runtime}:
             runtimes.check_installed(runtime)  # not only when evaluate starts, after every stage before it ran
+        try:  # evaluate and export check it again on the model; here before fine-tuning, not after
+            serving.check_tta(configs[extract].conv_base.input_size, configs[evaluate].tta.quarter_turns)
+        except ValueError as exc:
+            raise ParamsError(str(exc)) from None
         # the sections no stage's config holds: the Beam runner and the scheduled retrain's gate
         beam_options.pipeline_options("extract", beam_options.load(tmp), ())
         if "retrain" in params:

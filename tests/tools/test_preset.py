@@ -255,6 +255,8 @@ def test_a_preset_target_that_exists_without_its_import_is_refused(project, tmp_
         ({"download": {"fractions": {"train": 0.75, "val": float("nan"), "test": 0.25}}}, "finite"),
         ({"common": {"seed": -1}}, r"common\.seed"),
         ({"dataset": {"source": "folder", "dir": "${oc.env:HOME}/photos"}}, "would interpolate"),
+        # evaluate checked it on the fine-tuned model, after extract, train_head and finetune had run
+        ({"tta": {"quarter_turns": True}, "conv_base": {"input_size": [160, 192]}}, "needs a square input"),
     ],
 )
 def test_every_section_is_validated_before_anything_runs(tmp_path, overrides, message, monkeypatch):
