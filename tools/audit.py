@@ -708,13 +708,16 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
 
 
 def load_tree(dvc_repo: Any, obj: HashInfo) -> Any:
-    """A folder's listing from the local cache, else the default remote."""
+    """A folder's listing from the local cache, else the default remote (DVC 2's, `md5-dos2unix`: their legacy
+    collections)."""
+    from dvc.cachemgr import LEGACY_HASH_NAMES
     from dvc_data.hashfile.tree import Tree
 
+    legacy = obj.name in LEGACY_HASH_NAMES
     try:
-        return Tree.load(dvc_repo.cache.local, obj)
+        return Tree.load(dvc_repo.cache.legacy if legacy else dvc_repo.cache.local, obj)
     except Exception:  # noqa: BLE001 - not in the local cache
-        return Tree.load(dvc_repo.cloud.get_remote_odb(None, "status"), obj)
+        return Tree.load(dvc_repo.cloud.get_remote_odb(None, "status", hash_name=obj.name if legacy else "md5"), obj)
 
 
 def dvc_file(repo: Path, rev: str, path: str, unreadable: list[str]) -> bytes | None:

@@ -957,6 +957,31 @@ def test_data_dvc_2_hashed_in_the_local_cache_is_found_without_a_remote(tmp_path
     assert problem.startswith(f"the data of g.txt at {rev[:12]} (1 object) is in neither")
 
 
+def test_a_file_missing_from_a_folder_dvc_2_hashed_is_reported_by_the_folder(tmp_path):
+    """A DVC 2 folder's listing is in the legacy cache too, where the audit did not look: a file gone from the
+    folder was reported as "an output (<hash>)", not as the folder `dvc pull` cannot restore."""
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    (tmp_path / "photos").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "photos" / f"{name}.jpg").write_bytes(name.encode())
+    dvc("add", "-q", "photos", cwd=tmp_path)
+    cache = tmp_path / ".dvc" / "cache"
+    for obj in list((cache / "files" / "md5").rglob("*")):  # DVC 2's layout: .dvc/cache/xx/rest
+        if obj.is_file():
+            (cache / obj.parent.name).mkdir(exist_ok=True)
+            obj.rename(cache / obj.parent.name / obj.name)
+    dvc_file = tmp_path / "photos.dvc"
+    dvc_file.write_text("".join(line for line in dvc_file.read_text().splitlines(True) if "hash: md5" not in line))
+    commit(tmp_path, "a folder DVC 2 added")
+    rev = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    assert audit.unavailable_outputs(tmp_path, rev, {"stages": {}}, set(), []) == []
+    gone = hashlib.md5(b"b").hexdigest()
+    (cache / gone[:2] / gone[2:]).unlink()
+    [problem] = audit.unavailable_outputs(tmp_path, rev, {"stages": {}}, set(), [])
+    assert problem.startswith(f"the data of photos at {rev[:12]} (1 object) is in neither"), problem
+
+
 @pytest.mark.integration
 def test_a_quality_stage_without_its_near_duplicate_list_fails_the_audit(audited_project):
     """The README's promise: a revision whose dvc.lock has the quality stage but not its list of near-duplicates
