@@ -238,6 +238,14 @@ def _take_runner(args: Sequence[str], default: str) -> tuple[str, list[str]]:
     return runner, rest
 
 
+def _value_of_unknown(word: str, args: Sequence[str], unknown: Sequence[str]) -> bool:
+    """Whether `word` follows, in `args`, an unknown flag given without `=` (Beam takes the word as its value)."""
+    return any(
+        arg == word and i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1] and args[i - 1] in unknown
+        for i, arg in enumerate(args)
+    )
+
+
 class _StrictParser(_BeamArgumentParser):
     def error(self, message):  # argparse would print its usage and exit
         raise ParamsError(f"beam: {message}")
@@ -257,7 +265,9 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     _, unknown = parser.parse_known_args(args)
     flags = [f.lstrip("-") for f in parser._option_string_actions if f.startswith("--")]
     for arg in unknown:
-        if not arg.startswith("--") and runner in STRICT:  # a stray word, or a single-dash one Beam would drop
+        # a stray word, or a single-dash one, which Beam drops with a log line: an error on every runner, but where
+        # unknown options pass on, the value of an unknown `--name value` (Beam keeps such pairs)
+        if not arg.startswith("--") and (runner in STRICT or not _value_of_unknown(arg, args, unknown)):
             raise ParamsError(f"beam: {arg!r} is not a Beam option (--name=value)")
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0]

@@ -272,6 +272,21 @@ def test_bad_beam_words_from_the_environment_are_clear_errors(monkeypatch, words
         beam_options.pipeline_options("extract", beam_options.DIRECT)
 
 
+@pytest.mark.parametrize("runner", ["FlinkRunner", "PortableRunner", "DataflowRunner"])
+def test_a_stray_word_is_an_error_where_unknown_options_pass_on_too(monkeypatch, runner):
+    """Only the Direct and Dask runners refused a stray word: on the others Beam dropped it with a log line (a
+    mistyped `-parallelism=8` for Flink ran with the default parallelism)."""
+    params = beam_options.BeamParams(runner=runner)
+    for words in ("oops", "-parallelism=8", "--job_name=x stray"):
+        monkeypatch.setenv(beam_options.ENV, words)
+        with pytest.raises(ParamsError, match=r"is not a Beam option \(--name=value\)"):
+            beam_options.pipeline_options("convert", params)
+    # an unknown option's value given as the next word is no stray word there: Beam passes the pair on
+    monkeypatch.setenv(beam_options.ENV, "--a_job_server_option value")
+    options = beam_options.pipeline_options("convert", params)
+    assert options.get_all_options(retain_unknown_options=True)["a_job_server_option"] == "value"
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_workers_have_only_the_code_the_job_stages(request, tmp_path, tiny_base_weights, on_direct):

@@ -809,7 +809,8 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
             metrics[path] = json.loads(text)
     constraints = git_file(repo, commit, "constraints.txt") or ""
     # a revision only compared against (not `check_lock`): its lists are not in the report, so not read
-    quality = {"checked": check_lock and "quality" in lock["stages"]}
+    # ... nor a stage dvc.yaml no longer declares, whose lock entry stayed: no run vouches for what git holds there
+    quality = {"checked": check_lock and "quality" in lock["stages"] and "quality" in names}
     if quality["checked"]:
         made = stage_outputs(lock)["quality"]
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):

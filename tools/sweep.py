@@ -273,6 +273,26 @@ def restore_baseline(repo: Path) -> None:
         dvc(["checkout", "--force", "--quiet", "dvc.yaml"], repo)
 
 
+def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping, done: Mapping[str, dict]) -> None:
+    """An experiment of a variant that ran with other params than the variant has now is an error: it would be
+    reused (not run again) or ranked as the variant."""
+    for variant, name in names.items():
+        if name not in done:
+            continue
+        # every key, not only those some variant overrides now: an override removed from the sweep file since
+        # the experiment ran puts the baseline's value back, and that too is another run
+        expected = dict(preset.leaves(preset.merge(baseline, sweep.variants[variant])))
+        stale = stale_params(done[name], expected)
+        # a key the baseline lacks that the experiment set (a `+key=`), no longer in the file
+        stale |= {k: (v, None) for k, v in preset.leaves(done[name]["params"]) if k not in expected}
+        if stale:
+            raise RuntimeError(
+                f"experiment {name} ran with other params than variant {variant} has now "
+                f"({ {k: f'{old!r} -> {new!r}' for k, (old, new) in stale.items()} }): remove it "
+                f"(`dvc exp remove {name}`) or name the variant anew"
+            )
+
+
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
     sweep = load_sweep(sweep_path)
     validate_variants(sweep, params_path)
@@ -312,19 +332,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                 f"experiments that did not finish: {not_finished}; remove them (`dvc exp remove NAME`, a queued "
                 "one `dvc queue remove NAME`) and run the sweep again"
             )
-        for variant, name in names.items():
-            # every key, not only those some variant overrides now: an override removed from the sweep file since
-            # the experiment ran puts the baseline's value back, and that too is another run
-            expected = dict(preset.leaves(preset.merge(baseline, sweep.variants[variant])))
-            stale = stale_params(done[name], expected) if name in done else {}
-            if name in done:  # a key the baseline lacks that the experiment set (a `+key=`), no longer in the file
-                stale |= {k: (v, None) for k, v in preset.leaves(done[name]["params"]) if k not in expected}
-            if stale:
-                raise RuntimeError(
-                    f"experiment {name} ran with other params than variant {variant} has now "
-                    f"({ {k: f'{old!r} -> {new!r}' for k, (old, new) in stale.items()} }): remove it "
-                    f"(`dvc exp remove {name}`) or name the variant anew"
-                )
+        check_current(sweep, names, baseline, done)
         try:
             for variant, name in names.items():
                 if name in done:
@@ -346,6 +354,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     not_finished = unusable(found, list(names.values()))
     if not_finished:
         raise RuntimeError(f"experiments that did not finish cannot be ranked: {not_finished}")
+    check_current(sweep, names, read_params(params_path), found)  # --collect too: it ranked them as the variants
     rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
     check_scored(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,32 @@ def test_a_keras_that_builds_the_base_without_fetching_through_get_file_is_an_er
     (tmp_path / base_weights.WEIGHTS).write_bytes(b"never read")
     with pytest.raises(RuntimeError, match="did not fetch its ImageNet weights through get_file"):
         bases.load_conv_base("mobilenet_v2", None, str(tmp_path / base_weights.WEIGHTS), (32, 32))
+
+
+@pytest.mark.parametrize("stage", ["extract", "finetune"])
+def test_extract_and_finetune_build_the_base_from_the_versioned_weights(tmp_path, monkeypatch, stage):
+    """dvc.yaml passes the base_weights output to both stages that build the base, and each stage's main builds
+    from it: without `--weights` (or with it ignored) finetune built from Keras's download cache, which no rebuild
+    has, and no test failed (the offline rebuild test re-runs extract only)."""
+    import importlib
+
+    import yaml
+
+    entry = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    assert "--weights data/base_weights" in " ".join(entry["cmd"].split()) and "data/base_weights" in entry["deps"]
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / base_weights.WEIGHTS).write_bytes(b"weights")
+    record = {"name": "mobilenet_v2", "weights": "imagenet", "input_size": [96, 96], "file": base_weights.WEIGHTS}
+    (folder / base_weights.RECORD).write_text(json.dumps({**record, "sha256": hashlib.sha256(b"weights").hexdigest()}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["conv_base"].update(name="mobilenet_v2", path=None, weights="imagenet", input_size=[96, 96])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    module = importlib.import_module(f"components.{stage}")
+    built = []
+    monkeypatch.setattr(module, "run", lambda config, *args, **kwargs: built.append(config.conv_base) or {})
+    monkeypatch.chdir(tmp_path)
+    argv = ["--params", "params.yaml", "--convert", "c", "--weights", "w", "--out", "o"]
+    argv += ["--head", "h.keras", "--live", "l"] if stage == "finetune" else ["--metrics", "m.json"]
+    module.main(argv)
+    assert [base.weights for base in built] == [str(Path("w") / base_weights.WEIGHTS)]

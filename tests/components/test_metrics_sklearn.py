@@ -70,6 +70,9 @@ def test_macro_f1_over_a_split_without_one_class_agrees_with_scikit_learn():
     m = evaluate.classification_metrics(labels, probs, [f"c{i}" for i in range(4)])
     assert m["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(labels, probs.argmax(axis=1), average="macro"))
     assert m["per_class"]["c2"]["support"] == 0
+    assert m["roc_auc"] is None  # the README: null where the split lacks a class (not the mean over the others)
+    one_class = evaluate.classification_metrics(np.zeros(6, int), np.tile([0.7, 0.3], (6, 1)), ["a", "b"])
+    assert one_class["roc_auc"] is None
     y = labels % 3  # classes 0 and 1 only: a perfect model on it, class 2 absent and never predicted
     assert evaluate.classification_metrics(y, np.eye(3)[y], ["a", "b", "c"])["macro_f1"] == 1.0
 

@@ -67,6 +67,24 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
     assert record["val_accuracy"] == pytest.approx(np.mean(predicted == np.array([r[fk.LABEL].numpy() for r in rows])))
 
 
+def test_the_saved_head_is_the_best_epochs_and_training_stops_early(tmp_path):
+    """Early stopping with the best epoch's weights restored: with the callback gone (or restoring nothing) the
+    learning tests above still passed, and history.json's best epoch named another head than the one saved."""
+    extract_dir, labels = toy_extract(tmp_path, 2)
+    noise = np.zeros((2, SIZE))  # features unrelated to the labels: the head learns train by heart, val loss rises
+    for seed, (split, n) in enumerate((("train", 60), ("val", 40))):
+        write_features(extract_dir / "features", split, n, np.random.default_rng(seed + 7), noise)
+    params = train_head.TrainHeadParams(hidden_units=32, dropout=0.0, epochs=40, learning_rate=0.05, patience=3)
+    record = train_head.run(
+        train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
+    )
+    val_losses = record["history"]["val_loss"]
+    assert record["epochs_run"] < params.epochs
+    assert record["best_epoch"] == int(np.argmin(val_losses)) + 1 < record["epochs_run"]
+    assert record["val_loss"] == pytest.approx(min(val_losses), rel=1e-5)  # the saved head is the best epoch's
+    assert record["val_loss"] < val_losses[-1]
+
+
 def test_same_seed_same_head(tmp_path):
     extract_dir, labels = toy_extract(tmp_path)
     params = train_head.TrainHeadParams(hidden_units=4, epochs=3)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from components.params import load_yaml
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
 from tools import audit
 
@@ -776,6 +777,37 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     assert audit_of(project, "HEAD") == (0, [])
     report = json.loads((project / "audit" / "audit.json").read_text())
     quality = report["revision_record"]["quality"]
+    assert quality["checked"] is False and "near_duplicates" not in quality
+    assert "- not checked: this revision has no quality stage" in (project / "audit" / "audit.md").read_text()
+
+
+@pytest.mark.integration
+def test_a_quality_list_of_a_stage_dvc_yaml_no_longer_declares_is_not_read(audited_project):
+    """The quality stage deleted from dvc.yaml by hand leaves its dvc.lock entry, and git holds its list: the audit
+    read that list, which no check compares with the lock (only declared stages' outputs are), so a list emptied by
+    hand hid a cross-split near-duplicate and the audit passed with the near-duplicates "checked"."""
+    project, revision = audited_project
+    pair = {
+        "similarity": 0.991,
+        "a_split": "train",
+        "a_id": "a" * 20,
+        "a_source": "cat/1.jpg",
+        "b_split": "test",
+        "b_id": "d" * 20,
+        "b_source": "cat/1_small.png",
+    }
+    rows = manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("d" * 64, "test", "cat"))
+    rev = revision("a near copy", rows, ["cat", "dog"], near_duplicates=[pair])
+    code, problems = audit_of(project, rev)
+    assert code == 1 and problems[0].startswith("near-duplicate across splits"), problems
+    spec = json.loads((project / "dvc.yaml").read_text())
+    del spec["stages"]["quality"]
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    (project / audit.NEAR_DUPLICATES).write_text("[]")
+    commit(project, "quality dropped from dvc.yaml by hand, its list emptied")
+    assert "quality" in load_yaml((project / "dvc.lock").read_text())["stages"]
+    audit_of(project, "HEAD")
+    quality = json.loads((project / "audit" / "audit.json").read_text())["revision_record"]["quality"]
     assert quality["checked"] is False and "near_duplicates" not in quality
     assert "- not checked: this revision has no quality stage" in (project / "audit" / "audit.md").read_text()
 

@@ -257,6 +257,8 @@ def test_a_preset_target_that_exists_without_its_import_is_refused(project, tmp_
         ({"dataset": {"source": "folder", "dir": "${oc.env:HOME}/photos"}}, "would interpolate"),
         # evaluate checked it on the fine-tuned model, after extract, train_head and finetune had run
         ({"tta": {"quarter_turns": True}, "conv_base": {"input_size": [160, 192]}}, "needs a square input"),
+        # a tapped base has no default unfreeze point: finetune refused it only after extract and train_head ran
+        ({"conv_base": {"layer": "block_13_expand_relu"}}, r"finetune\.unfreeze_from: the base is tapped"),
     ],
 )
 def test_every_section_is_validated_before_anything_runs(tmp_path, overrides, message, monkeypatch):

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from components.params import ParamsError
 from tests.test_dvc_pipeline import REPO, commit, run
 from tools import sweep
 
@@ -147,9 +148,13 @@ def test_a_sweep_refuses_changed_dvc_tracked_data_and_its_end_restores_only_the_
     assert (tmp_path / "n.txt").read_text().strip() == "1"  # the pipeline's output is back from the cache
 
 
-def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_the_sweep(tmp_path, monkeypatch):
+@pytest.mark.parametrize("collect", [False, True])
+def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_the_sweep(
+    tmp_path, monkeypatch, collect
+):
     """Only the keys some variant overrides now were compared: an experiment run with an override the sweep file
-    no longer has (so the variant now runs with the baseline's value) was reused and ranked."""
+    no longer has (so the variant now runs with the baseline's value) was reused and ranked; `--collect` compared
+    nothing and ranked any experiment of the variant's name."""
     import yaml
 
     run(["git", "init", "-q"], tmp_path)
@@ -164,16 +169,16 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     done = {"s-pooled": {"rev": "abc", "state": None, "error": None, "params": ran, "metrics": {}}}
     monkeypatch.setattr(sweep, "experiments", lambda repo: done)
     with pytest.raises(RuntimeError, match=r"experiment s-pooled ran with other params .*finetune\.learning_rate"):
-        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", collect)
     # A key the baseline lacks that the experiment set (`+beam.options.x=`), no longer in the file: stale too.
     ran["finetune"]["learning_rate"] = baseline["finetune"]["learning_rate"]
     ran["beam"]["options"]["direct_num_workers"] = 2
     with pytest.raises(RuntimeError, match=r"ran with other params .*beam\.options\.direct_num_workers"):
-        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", collect)
     # The same params: reused, not run again, and on to the ranking (which refuses this stand-in's empty metrics).
     del ran["beam"]["options"]["direct_num_workers"]
     with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
-        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", collect)
     # A variant that sets such a key itself, run with it: the same params, reused (the baseline's empty
     # `beam.options: {}` is not a value the experiment should have kept).
     (tmp_path / "s.yaml").write_text(
@@ -183,7 +188,7 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     ran["beam"]["options"]["x"] = 2
     monkeypatch.setattr(sweep, "validate_variants", lambda *args: None)  # `x` is no Beam option: only the comparison
     with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
-        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", collect)
 
 
 def test_a_variant_may_set_a_key_the_baseline_lacks_and_the_others_run_without_it():
@@ -243,3 +248,16 @@ def test_every_variant_runs_from_the_baseline_not_from_the_variant_run_before(tm
     for variant, overrides in variants.items():
         assert ran[f"s-{variant}"]["params"] == preset.merge(baseline, overrides), variant
     assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == baseline  # and the baseline is back at the end
+
+
+def test_a_variant_finetune_would_refuse_stops_the_sweep_before_any_run(tmp_path):
+    """Each variant's params are validated as every stage loads them, finetune's unfreeze check included: a tapped
+    base without an unfreeze point ran extract and train_head before finetune refused it."""
+    import yaml
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"variants": {"tapped": {"conv_base": {"layer": "block_13_expand_relu"}}}})
+    )
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: the base is tapped"):
+        sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
