@@ -97,13 +97,27 @@ def set_arg(key: str, value: Any, new: bool = False) -> list[str]:
     """``-S key=value`` for one dotted key; the value in JSON (a string quoted unless plain), which DVC reads as
     YAML. `new`: a key params.yaml does not have yet (an option under `beam.options: {}`), which DVC's -S
     sets only as ``+key=value`` (it refuses the plain form)."""
-    if isinstance(value, str) and any(c == "\\" or ord(c) < 32 for c in value):
-        raise ParamsError(f"{key}: {value!r}: a backslash or control character does not survive DVC's -S")
-    if isinstance(value, str) and "${" in value:  # DVC's -S interpolates it (`${oc.env:HOME}` became /root)
-        raise ParamsError(f"{key}: {value!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
+    for text in _strings(value):  # a list's strings too (`beam.options.experiments`): DVC reads them the same way
+        if any(c == "\\" or ord(c) < 32 for c in text):
+            raise ParamsError(f"{key}: {text!r}: a backslash or control character does not survive DVC's -S")
+        if "${" in text:  # DVC's -S interpolates it (`${oc.env:HOME}` became /root)
+            raise ParamsError(f"{key}: {text!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
     plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
     text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return ["-S", f"{'+' if new else ''}{key}={text}"]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a value, inside lists and mappings (their keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 def set_args(overrides: Mapping, base: Mapping | None = None) -> list[str]:
@@ -150,10 +164,18 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
         dvc_file = dvc_file_of(target, repo)
         source_path = str((repo / source).resolve()) if "://" not in source else source
         if (repo / dvc_file).exists():
-            recorded = (yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}).get("deps") or [{}]
-            # checked where the recorded source is on this machine: a clone elsewhere pulls what was imported
+            recorded = (yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8")) or {}).get("deps")
+            if not recorded:  # `dvc add`-ed: data of its own, from no source, which the preset would run on
+                raise ParamsError(
+                    f"{dvc_file} tracks {target} as added data (`dvc add`), not as an import of the preset's source "
+                    f"{source}: move {target} (and {dvc_file}) away, or point the preset's params at it and drop the "
+                    "input, and run it again"
+                )
+            # a URL is compared as given; a local path where it is on this machine (a clone elsewhere pulls what was
+            # imported, from wherever the source lay)
             there = recorded[0].get("path")
-            if there not in (None, source_path, source) and "://" not in str(there) and Path(there).exists():
+            url = "://" in str(there)
+            if there not in (None, source_path, source) and (url or Path(there).exists()):
                 raise ParamsError(
                     f"{dvc_file} imports {there}, but the preset's source for {target} is {source}: "
                     f"`dvc remove {dvc_file}` (or point the preset at the imported source) and run it again"

@@ -36,3 +36,27 @@ def test_a_serving_model_that_disagrees_with_keras_fails_the_check(tmp_path):
     with pytest.raises(RuntimeError, match="disagrees with the Keras model"):
         export.check_serving(tmp_path / "serving", model, samples, ["dogs", "cats"])  # other class names
     assert np.isfinite(gap)
+
+
+def test_the_lineage_names_the_runtimes_that_computed_the_features_and_scored_the_models(tmp_path):
+    """`extract_runtime` and `evaluate_runtime` fall back on tensorflow where an older record lacks them: a lineage
+    that always wrote tensorflow passed every test, as the tests ran on TensorFlow."""
+    for name in ("manifest.jsonl", "model.keras", "head.keras"):
+        (tmp_path / name).write_bytes(name.encode())
+    scored = {"val": {"accuracy": 0.9}, "test": {"accuracy": 0.8}}
+    metrics = {"head": {**scored, "runtime": "openvino"}, "finetune": {**scored, "runtime": "tensorflow"}}
+    record = export.lineage_record(
+        tmp_path / "manifest.jsonl",
+        [{"split": "train", "label": "a"}, {"split": "test", "label": "b"}],
+        tmp_path / "model.keras",
+        tmp_path / "head.keras",
+        {"conv_base": {"name": "b"}, "runtime": "openvino"},
+        ["a", "b"],
+        metrics,
+    )
+    assert record["extract_runtime"] == "openvino"
+    assert record["evaluate_runtime"] == {"head": "openvino", "finetune": "tensorflow"}
+    older = export.lineage_record(
+        tmp_path / "manifest.jsonl", [], tmp_path / "model.keras", tmp_path / "head.keras", {"conv_base": {}}, [], {}
+    )
+    assert older["extract_runtime"] == "tensorflow" and older["evaluate_runtime"] == {}

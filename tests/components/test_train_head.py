@@ -190,3 +190,18 @@ def test_a_diverged_epoch_is_never_the_recorded_best():
     assert train_head.best_epoch_of([nan, 0.5, 0.3, 0.3]) == 2  # was 0: nothing compares below a NaN
     assert train_head.best_epoch_of([0.5, nan, 0.4]) == 2
     assert train_head.best_epoch_of([0.2, 0.2]) == 0
+
+
+def test_the_head_reads_its_features_from_the_files_every_epoch(tmp_path):
+    """The README: memory flat in the dataset size, the features read from the files each epoch. An in-memory cache
+    of the records (`.cache()`, as before 2026-12-04) passed every other test of the stage."""
+    from pipelines import records
+
+    extract_dir, _ = toy_extract(tmp_path)
+    files = records.split_files(extract_dir / "features", "train")
+    dataset = train_head.feature_dataset(files, SIZE, 2, 8, 1)
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert not [op for op in ops if "Cache" in op], ops
+    cached = tf.compat.v1.GraphDef.FromString(dataset.cache()._as_serialized_graph().numpy())
+    assert any("Cache" in node.op for node in cached.node)  # what the check looks for is there
