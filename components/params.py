@@ -230,6 +230,8 @@ def _apply(doc: Any, old: Mapping, new: Mapping) -> None:
         ]
         if isinstance(value, Mapping) and list(value) == in_place_order:
             _apply(doc[key], before, value)  # what an edit in place gives: kept keys in order, new ones after
+        elif isinstance(before, list) and isinstance(value, list) and same(before, value[: len(before)]):
+            doc[key].extend(value[len(before) :])  # items added after the kept ones: their comments stay
         else:
             doc[key] = _in_style_of(doc.get(key), value)
 
@@ -304,6 +306,8 @@ def read_params(params_path: str | Path) -> dict[str, Any]:
         data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:  # a syntax error: the file and the place, not a parser's traceback
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level")
     return data

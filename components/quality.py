@@ -226,6 +226,11 @@ def out_of_fold_probabilities(
         for start in range(0, len(held_out), predict_block):
             rows = held_out[start : start + predict_block]
             probabilities[rows] = as_probabilities(model.predict_on_batch(features[rows]))
+        if not np.isfinite(probabilities[held_out]).all():  # argmax would read NaN as class 0, cleanlab list nothing
+            raise RuntimeError(
+                f"quality: fold {k}'s head diverged (its probabilities are not finite): lower "
+                "train_head.learning_rate, which the folds' heads train with"
+            )
         keras.backend.clear_session()
     return probabilities
 
@@ -317,9 +322,17 @@ def spool_split(
     of images."""
     ids, labels = [], []
     for batch_ids, batch_labels, batch in records.feature_records(files, feature_size).batch(1024):
+        values = batch.numpy()
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):  # a head trained on them scores NaN: chance accuracy and no suspects, without a word
+            named = [batch_ids.numpy()[i].decode() for i in bad[:5]]
+            raise ValueError(
+                f"quality: {len(bad)}+ images of {files[0] if files else 'a split'} have features that are not finite "
+                f"(NaN or infinite), e.g. {named}: the conv base computed them so; check the base and re-run extract"
+            )
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(batch_labels.numpy())
-        rows.append(batch.numpy())
+        rows.append(values)
     return ids, (np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)), rows
 
 

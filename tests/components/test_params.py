@@ -368,7 +368,26 @@ def test_tools_edit_params_in_place_keeping_comments_and_reading_back_as_written
     # (the `null` kept here is written by a representer of our own).
     from dvc.utils.serialize._yaml import dumps_yaml
 
+    # Items added after a list's kept ones (what `tools.data_fixes` does to `download.exclude`): the kept items keep
+    # their comments (the list was replaced, and the notes of why each id was excluded went with it).
+    params.write_text("exclude:\n  - aaaa  # a dog filed under cats\n  - bbbb  # a test copy of a train photo\n")
+    assert edit(params, {"exclude": ["aaaa", "bbbb", "cccc"]})
+    assert "# a dog filed under cats" in params.read_text() and "# a test copy of a train photo" in params.read_text()
+    assert load_yaml(params.read_text()) == {"exclude": ["aaaa", "bbbb", "cccc"]}
+    params.write_text("exclude: [aaaa]\n")  # flow style stays flow style
+    assert edit(params, {"exclude": ["aaaa", "bbbb"]}) and params.read_text() == "exclude: [aaaa, bbbb]\n"
     params.write_text("a:\n  1: x\n")
     edit(params, {"a": {True: "x"}})
     assert same(load_yaml(params.read_text()), {"a": {True: "x"}})
     assert dumps_yaml({"a": None}) == "a:\n"
+
+
+def test_a_params_file_that_is_not_yaml_is_a_params_error_naming_it(tmp_path):
+    """A syntax error escaped as PyYAML's traceback (exit 1, "<unicode string>", 16 frames) from every stage and
+    tool, not the clear error (exit 2) naming the file."""
+    from components.params import read_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text("download:\n  min_side: [16\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: not valid YAML: .*line 3"):
+        read_params(params)

@@ -374,3 +374,28 @@ def test_the_stage_groups_copies_inside_each_split_and_across_train_and_val_once
     for a, b in (("train5", "train30"), ("val2", "val11"), ("train12", "val7")):
         assert fold_of[at[a]] == fold_of[at[b]], (a, b)
     assert [(p["a_id"], p["b_id"]) for p in pairs if p["b_split"] == "test"] == [("train1", "test0")]
+
+
+def test_features_that_are_not_finite_are_a_clear_error_not_chance_accuracy(tmp_path):
+    """One NaN feature made the fold heads' probabilities NaN: argmax read them as class 0 (a cross-validated
+    accuracy at chance) and cleanlab listed no suspect, with no error."""
+    from pipelines import records
+
+    rng = np.random.default_rng(2)
+    n = 60
+    labels = np.arange(n) % 3
+    features = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    features[np.arange(n), labels] += 4.0
+    features[17, 3] = np.nan
+    head = TrainHeadParams(hidden_units=0, dropout=0.0, learning_rate=0.05, batch_size=16)
+    fold_of = quality.stratified_folds(labels, 3, seed=7)
+    with pytest.raises(RuntimeError, match=r"fold \d's head diverged .*train_head\.learning_rate"):
+        quality.out_of_fold_probabilities(features, labels, 3, head, 3, fold_of, seed=7)
+    # ... and the stage stops where it reads them, naming the images
+    path = tmp_path / "train-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(n):
+            writer.write(graph.feature_example(f"img{i}".encode(), int(labels[i]), features[i]))
+    with records.FeatureSpool(tmp_path / "spool", 8) as rows:
+        with pytest.raises(ValueError, match=r"features that are not finite .*\['img17'\]"):
+            quality.spool_split([str(path)], 8, rows)
