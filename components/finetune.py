@@ -338,6 +338,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         outputs.save_keras(model, tmp / MODEL)
         record = {
             "epochs_run": len(history.history["loss"]),
+            "trained_on": training.trained_on(),  # a rebuild on another machine type names the difference
             "best_epoch": best_epoch,
             "val_before": {"loss": float(before_loss), "accuracy": float(before_accuracy)},
             "val_loss": float(val_loss),

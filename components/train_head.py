@@ -147,6 +147,7 @@ def run(
         outputs.save_keras(head, tmp / HEAD)
         record = {
             "epochs_run": len(history.history["loss"]),
+            "trained_on": training.trained_on(),  # a rebuild on another machine type names the difference
             "best_epoch": best_epoch + 1,
             "val_loss": float(val_loss),
             "val_accuracy": float(val_accuracy),

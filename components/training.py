@@ -18,6 +18,14 @@ import pydantic
 import tensorflow as tf
 
 from components.params import Section
+from pipelines import fingerprint
+
+
+def trained_on() -> dict:
+    """The machine a model is trained on, as far as it decides the model's last bits (the architecture, its
+    instruction sets, the cores TensorFlow's kernels split their sums over, the thread and oneDNN settings):
+    recorded in the training stages' histories, so that a rebuild elsewhere can say why its bits differ."""
+    return fingerprint.machine_record()
 
 
 def make_deterministic(seed: int, ops: bool = True) -> None:

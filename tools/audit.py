@@ -853,7 +853,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
 
 def rebuild(
     repo: Path, commit: str, stages: Sequence[str] = REBUILT
-) -> tuple[list[str], dict[str, str], dict[str, str]]:
+) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, dict]]:
     """Re-run `stages` of a revision from its recorded inputs, in a scratch git worktree.
 
     The worktree shares this repository's DVC cache: the revision's outputs are
@@ -861,7 +861,7 @@ def rebuild(
     content digests noted, then each stage runs again with `dvc repro --force
     --single-item`. Returns the stages re-run (those of `stages` the revision has) and the
     (recorded, rebuilt) digests of every output of them; training is bit-reproducible, so
-    they must be equal.
+    they must be equal. Last, the machines the training histories record, before and after (`trained_on`).
     """
     cache = dvc("cache", "dir", cwd=repo).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="audit-rebuild-") as scratch:
@@ -877,16 +877,52 @@ def rebuild(
             stages = [stage for stage in stages if stage in lock.get("stages", {})]  # older revisions had fewer
             outs = [path for stage in stages for path in stage_outputs(lock).get(stage, {})]
             recorded = content_digests(tree, outs)
+            machines = {"recorded": trained_on(tree, outs)}
             thaw(tree / "dvc.yaml")  # the scratch worktree's only: DVC never runs a frozen stage
             for stage in stages:
                 log.info("audit: re-running %s at %s", stage, commit[:12])
                 ran = dvc("repro", "--force", "--single-item", stage, cwd=tree).stdout
                 if f"Running stage '{stage}'" not in ran:
                     raise RuntimeError(f"rebuild: dvc repro did not run stage {stage} at {commit[:12]}: {ran[-1000:]}")
-            return stages, recorded, content_digests(tree, outs)
+            machines["rebuilt"] = trained_on(tree, outs)
+            return stages, recorded, content_digests(tree, outs), machines
         finally:  # never raises over the error that got here
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
             subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
+
+
+def trained_on(tree: Path, outs: Sequence[str]) -> dict[str, dict]:
+    """The machine each training history among the outputs records (`history.json`'s `trained_on`), by its path."""
+    found = {}
+    for path in outs:
+        history = tree / path / "history.json"
+        try:
+            machine = json.loads(history.read_text(encoding="utf-8")).get("trained_on") if history.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            machine = None
+        if isinstance(machine, dict):
+            found[f"{path}/history.json"] = machine
+    return found
+
+
+def machine_differences(recorded: dict[str, dict], rebuilt: dict[str, dict]) -> list[str]:
+    """Where a rebuild's outputs differ, what of the machine differs from the one the revision was trained on: the
+    last bits of TensorFlow's kernels follow the instruction sets, the usable cores and the thread settings, so a
+    rebuild elsewhere is no evidence against the revision (revisions from before the record: nothing to say)."""
+    problems = []
+    for path in sorted(set(recorded) & set(rebuilt)):
+        before, after = recorded[path], rebuilt[path]
+        differ = [
+            f"{key} {before.get(key)!r} there, {after.get(key)!r} here"
+            for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)
+        ]
+        if differ:
+            problems.append(
+                f"rebuild: {path} was trained on another machine type than this rebuild's ({'; '.join(differ)}): "
+                "TensorFlow's last bits follow the machine, so rebuild on the one it names"
+            )
+    return problems
 
 
 def thaw(dvc_yaml: Path) -> None:
@@ -1017,8 +1053,10 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     problems += near_duplicate_problems(record["quality"].get("near_duplicates", []))
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if rebuilt:
-        stages, recorded, again = rebuild(repo, record["revision"])
+        stages, recorded, again, machines = rebuild(repo, record["revision"])
         mismatches = rebuild_mismatches(recorded, again)
+        if mismatches:  # say why, where the machine is not the one the revision was trained on
+            mismatches += machine_differences(machines["recorded"], machines["rebuilt"])
         if not stages:
             mismatches.append(
                 f"rebuild: {record['revision'][:12]} has none of the stages {', '.join(REBUILT)} in its dvc.lock: "

@@ -349,3 +349,5 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
     before = finetune.build_classifier(base_params, tmp_path / "a" / "head" / train_head.HEAD)
     assert any(not np.array_equal(x, y) for x, y in zip(first.get_weights(), before.get_weights()))  # it did train
     assert "seconds" not in (tmp_path / "a" / "finetune" / finetune.HISTORY).read_text()  # no timings in outputs
+    recorded = json.loads((tmp_path / "a" / "finetune" / finetune.HISTORY).read_text())["trained_on"]
+    assert recorded == training.trained_on()  # what a rebuild elsewhere compares (tools.audit)

@@ -5,7 +5,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from components import train_head  # noqa: E402
+from components import train_head, training  # noqa: E402
 from components.download import CommonParams  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from tests.conftest import open_files_under  # noqa: E402
@@ -42,6 +42,7 @@ def test_head_learns_a_separable_problem(tmp_path, num_classes):
         train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
     )
     assert record["val_accuracy"] > 0.9  # chance is 1/num_classes
+    assert json.loads((tmp_path / "out" / "history.json").read_text())["trained_on"] == training.trained_on()
     assert open_files_under(extract_dir) == []  # the feature files closed when training is done
     for name in train_head.DECLARED_OUTPUTS:
         assert (tmp_path / "out" / name).exists()

@@ -92,6 +92,29 @@ def test_a_rebuilt_output_with_another_digest_is_named():
         audit.content_digests(Path("/tmp"), ["nowhere"])
 
 
+def test_a_rebuild_on_another_machine_type_says_so(tmp_path):
+    """Two cores and one give other last bits (a k-fold head's score in the sixth digit, seen 2026-12-06): a rebuild
+    on another machine failed naming only the outputs, as if the revision could not be rebuilt."""
+    from components import training
+
+    here = training.trained_on()
+    assert here["cpus"] >= 1 and here["machine"] and "environment" in here
+    (tmp_path / "data" / "train_head").mkdir(parents=True)
+    history = tmp_path / "data" / "train_head" / "history.json"
+    history.write_text(json.dumps({"epochs_run": 3, "trained_on": {**here, "cpus": here["cpus"] + 1}}))
+    (tmp_path / "data" / "export").mkdir()  # an output without a history
+    recorded = audit.trained_on(tmp_path, ["data/train_head", "data/export"])
+    assert recorded == {"data/train_head/history.json": {**here, "cpus": here["cpus"] + 1}}
+    rebuilt = {"data/train_head/history.json": here}
+    assert audit.machine_differences(recorded, rebuilt) == [
+        f"rebuild: data/train_head/history.json was trained on another machine type than this rebuild's (cpus "
+        f"{here['cpus'] + 1} there, {here['cpus']} here): TensorFlow's last bits follow the machine, so rebuild on "
+        "the one it names"
+    ]
+    assert audit.machine_differences(rebuilt, rebuilt) == []
+    assert audit.machine_differences({}, rebuilt) == []  # a revision from before the record: nothing to say
+
+
 EXPORT = """
 import sys
 import keras
