@@ -145,8 +145,8 @@ def check_inputs(inputs: Mapping[str, str], preset_path: Path, repo: Path) -> No
         if not tracked and (repo / target).exists():  # `dvc import-url` would import *into* it, mixing the two
             raise ParamsError(
                 f"{preset_path}: inputs.{target}: {target} exists and is not a DVC import ({dvc_file_of(target, repo)} "
-                "is missing): move it away (or `dvc add` it and point the preset's params at it) and apply the preset "
-                "again"
+                "is missing): move it away and apply the preset again (or, to use that folder, drop the input from "
+                "the preset, `dvc add` the folder and point the preset's params at it)"
             )
 
 
@@ -175,6 +175,8 @@ def import_inputs(inputs: Mapping[str, str], repo: Path) -> list[str]:
             # imported, from wherever the source lay)
             there = recorded[0].get("path")
             url = "://" in str(there)
+            if there is not None and not url and not Path(there).is_absolute():  # DVC records it from the .dvc's folder
+                there = str(((repo / dvc_file).parent / there).resolve())
             if there not in (None, source_path, source) and (url or Path(there).exists()):
                 raise ParamsError(
                     f"{dvc_file} imports {there}, but the preset's source for {target} is {source}: "

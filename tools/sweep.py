@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -273,6 +274,16 @@ def restore_baseline(repo: Path) -> None:
         dvc(["checkout", "--force", "--quiet", "dvc.yaml"], repo)
 
 
+def committed_params(repo: Path, params_path: Path) -> Mapping:
+    """The params file as the current commit holds it (the baseline every variant ran from); the file itself where
+    the commit has none."""
+    relative = os.path.relpath(Path(params_path).resolve(), Path(repo).resolve())
+    shown = subprocess.run(
+        ["git", "show", f"HEAD:{Path(relative).as_posix()}"], cwd=repo, capture_output=True, text=True
+    )
+    return load_yaml(shown.stdout) or {} if shown.returncode == 0 else read_params(params_path)
+
+
 def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping, done: Mapping[str, dict]) -> None:
     """An experiment of a variant that ran with other params than the variant has now is an error: it would be
     reused (not run again) or ranked as the variant."""
@@ -354,7 +365,9 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     not_finished = unusable(found, list(names.values()))
     if not_finished:
         raise RuntimeError(f"experiments that did not finish cannot be ranked: {not_finished}")
-    check_current(sweep, names, read_params(params_path), found)  # --collect too: it ranked them as the variants
+    # --collect too, which ranked them as the variants: against the committed params, which the experiments ran
+    # from (an uncommitted edit since, such as `dvc exp apply` of the winner, is no other run)
+    check_current(sweep, names, committed_params(repo, params_path), found)
     rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
     check_scored(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,22 @@ def test_an_input_tracked_as_added_data_or_imported_from_another_url_is_refused(
     assert preset.import_inputs({"sources/photos": "s3://bucket/photos-2025"}, tmp_path) == []  # the same: kept
 
 
+def test_a_source_dvc_recorded_relative_to_its_dvc_file_is_compared_from_there(tmp_path, monkeypatch):
+    """`dvc import-url raw/photos sources/p2` records `../raw/photos` (from the .dvc file's folder): it was looked up
+    from the working directory, so a re-run from another folder was refused and another source went unseen."""
+    for name in ("photos", "other"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+    (tmp_path / "sources" / "p2").mkdir(parents=True)
+    (tmp_path / "sources" / "p2.dvc").write_text(
+        yaml.safe_dump({"deps": [{"path": "../raw/photos"}], "outs": [{"path": "p2"}]})
+    )
+    for cwd in (tmp_path, tmp_path / "sources"):
+        monkeypatch.chdir(cwd)
+        assert preset.import_inputs({"sources/p2": "raw/photos"}, tmp_path) == []  # the same source: kept
+        with pytest.raises(ParamsError, match=r"imports .*raw/photos, but the preset's source .* is raw/other"):
+            preset.import_inputs({"sources/p2": "raw/other"}, tmp_path)
+
+
 def test_a_preset_target_that_exists_without_its_import_is_refused(project, tmp_path):
     """`dvc import-url SRC folder` over an existing folder imports *into* it: the user's photos and the preset's
     were mixed (a dog photo labelled by its folder, "other"), and the .dvc file named was not there."""

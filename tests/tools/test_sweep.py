@@ -261,3 +261,24 @@ def test_a_variant_finetune_would_refuse_stops_the_sweep_before_any_run(tmp_path
     )
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: the base is tapped"):
         sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
+
+
+def test_collect_compares_with_the_committed_params_not_an_edit_since(tmp_path, monkeypatch):
+    """`--collect` compared the experiments with the working params.yaml: after `dvc exp apply` of the winner (or
+    any uncommitted edit) it refused every experiment and told the user to remove them."""
+    import yaml
+
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}}}}))
+    commit(tmp_path, "baseline")
+    ran = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    ran["conv_base"]["pooling"] = "max"  # the variant on the committed baseline
+    done = {"s-pooled": {"rev": "abc", "state": None, "error": None, "params": ran, "metrics": {}}}
+    monkeypatch.setattr(sweep, "experiments", lambda repo: done)
+    edited = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    edited["finetune"]["epochs"] += 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))  # uncommitted
+    with pytest.raises(RuntimeError, match="variants without val accuracies"):  # past the comparison, to the ranking
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", True)
