@@ -439,6 +439,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
             f"retrain: dvc.yaml in {repo} does not declare the download and convert stages' outputs and the "
             f"artifact {params.artifact!r} the gate reads ({type(exc).__name__}: {exc})"
         ) from None
+    check_registry_names(repo, params)  # a stage GTO refuses failed only after the commit and the registration
     try:
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         root, sources, uncommitted = unversioned_inputs(repo)
@@ -486,20 +487,24 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         message = f"retrain: {'promoted' if promote else 'rejected'}: {reason}"
         sh("git", "commit", "-q", "-m", message, "--", *[f":(literal){p}" for p in staged], cwd=repo)
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
-    try:
-        registered = gto_api().find_latest_version(str(repo), params.artifact)
-    except gto_not_found():
-        registered = None
-    if registered is not None and registered.commit_hexsha == head:
-        version = registered.version  # nothing changed since the last registration
-    else:
+    # nothing changed since HEAD's registration: its version (not the highest one, which may be another commit's)
+    version, was_in_stage = registered_at(repo, params, head)
+    if version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
-    if promote and version != previous:
-        gto_api().assign(str(repo), params.artifact, params.stage, version=version, message=reason)
-    if push:
+    elif promote and version != previous and was_in_stage:
+        # taken out of the stage since (a rollback, `gto assign --force` of an older version): putting it back is the
+        # operator's call, not a scheduled run's (GTO refused it anyway, failing every run until new data came)
+        promote = False
+        reason = (
+            f"{version} was in {params.stage} before and {previous} was assigned there since (a rollback): not "
+            f"assigned again; `gto assign {params.artifact} --version {version} {params.stage} --force` brings it back"
+        )
+    if push:  # the data, the commit and its version tag first: a failed push leaves nothing promoted here
         dvc("push", cwd=repo)
         sh("git", "push", "--follow-tags", cwd=repo)
         sh("git", "push", "--tags", cwd=repo)
+    if promote and version != previous:
+        gto_api().assign(str(repo), params.artifact, params.stage, version=version, message=reason)
     record = {
         "decision": "promoted" if promote else "rejected",
         "reason": reason,
@@ -511,7 +516,49 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         "commit": head,
         "stage": params.stage if promote else None,
     }
+    if push and promote and version != previous:
+        try:
+            sh("git", "push", "--tags", cwd=repo)  # the stage's tag
+        except Exception as exc:  # noqa: BLE001 - promoted here: the record says so, and what is left to push
+            return FAILED, {
+                **record,
+                "decision": "failed",
+                "reason": f"{version} was assigned to {params.stage} here, but its tag could not be pushed "
+                f"({type(exc).__name__}: {exc}): push it with `git push --tags`",
+            }
     return (PROMOTED if promote else REJECTED), record
+
+
+def check_registry_names(repo: Path, params: RetrainParams) -> None:
+    """The artifact and stage names GTO takes, and a stage `.gto` allows: a bad params error before any work."""
+    from gto.constants import assert_name_is_valid
+    from gto.registry import GitRegistry
+
+    try:
+        assert_name_is_valid(params.artifact)
+        with GitRegistry.from_url(str(repo)) as registry:
+            registry.config.assert_stage(params.stage)
+    except Exception as exc:  # noqa: BLE001 - GTO's ValidationError, UnknownStage (not exported alike)
+        if type(exc).__name__ not in ("ValidationError", "UnknownStage"):
+            raise
+        raise ParamsError(f"retrain: artifact {params.artifact!r}, stage {params.stage!r}: {exc}") from None
+
+
+def registered_at(repo: Path, params: RetrainParams, commit: str) -> tuple[str | None, bool]:
+    """(the active version registered at `commit`, or None; whether it was ever assigned to `params.stage`)."""
+    from gto.registry import GitRegistry
+
+    try:
+        with GitRegistry.from_url(str(repo)) as registry:
+            artifact = registry.get_state().find_artifact(params.artifact)
+            found = artifact.find_version(commit_hexsha=commit, allow_multiple=True) or []
+    except gto_not_found():
+        return None, False
+    active = [v for v in found if v.is_registered and v.is_active]
+    if not active:
+        return None, False
+    version = active[-1]
+    return version.version, params.stage in [getattr(stage, "stage", stage) for stage in version.stages]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -653,3 +653,135 @@ def test_unversioned_inputs_of_a_dvc_project(tmp_path):
         "tfds_data/cats/1.0/x.tfrecord",
         os.path.realpath(outside / "photo.jpg"),
     ]
+
+
+# ---- the registry steps after the gate, on git repositories with the pipeline and the comparison stood in for ----
+
+# GTO's register and assign, git and the decision are real; `dvc repro`, the DVC project checks and the paired
+# comparison (a tie on 50 val images) are stood in for. In a child process: GTO imported into pytest's breaks its
+# output capture.
+REGISTRY_STEPS = """
+import json, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+from gto import api
+from components.params import ParamsError
+from tools import retrain as rt
+
+root = Path(sys.argv[1])
+real_run = subprocess.run
+state = {"metrics": None}
+tick = lambda: time.sleep(1.1)  # GTO orders assignments by their tags' times (seconds)
+
+
+def new_repo(name):
+    repo = root / name
+    (repo / "evaluation").mkdir(parents=True)
+    git = lambda *args: real_run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    git("init", "-q", "-b", "main")
+    write(repo, 0.9)
+    git("add", "-A")
+    git("commit", "-qm", "c1")
+    return repo, git
+
+
+def write(repo, accuracy):
+    metrics = {"finetune": {"val": {"accuracy": accuracy}, "test": {"accuracy": 0.5}}}
+    (repo / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+
+
+def run_or_stand_in(cmd, *args, **kwargs):
+    if list(cmd)[1:4] == ["-m", "dvc", "repro"]:
+        if state["metrics"] is not None:
+            write(Path(kwargs["cwd"]), state["metrics"])
+        return subprocess.CompletedProcess(cmd, 0)
+    return real_run(cmd, *args, **kwargs)
+
+
+rt.subprocess.run = run_or_stand_in
+rt.pipeline_paths = lambda repo, artifact: (repo / "s", repo / "r", "data/m")
+rt.outputs_in_git.git_tracked_cached_outputs = lambda repo: []
+rt.unversioned_inputs = lambda repo: (repo, [], [])
+tie = {**rt.paired(np.ones(50, bool), np.ones(50, bool)), "left_out_trained_on": 0, "left_out_other_classes": 0}
+rt.compare_with_promoted = lambda *args: tie
+params = rt.RetrainParams(threshold=0.5)
+prod = lambda repo: rt.promoted_version(repo, params)[0]
+seen = {}
+
+# a rollback (`gto assign --force` of the older version) and a run with nothing new
+repo, git = new_repo("rollback")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.2"); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1", force=True); tick()
+code, record = rt.retrain(repo, params)
+seen["rollback"] = [code, record["version"], record["reason"], prod(repo)]
+
+# a stage GTO refuses, or one `.gto` does not allow, on a run with new data
+repo, git = new_repo("stage")
+state["metrics"] = 0.93
+refused = []
+for stage in ("prod stage", "production"):
+    if stage == "production":
+        (repo / ".gto").write_text("stages: [dev, prod]\\n"); git("add", ".gto"); git("commit", "-qm", "stages")
+    head = git("rev-parse", "HEAD")
+    try:
+        rt.retrain(repo, rt.RetrainParams(threshold=0.5, stage=stage))
+        refused.append(None)
+    except ParamsError as exc:
+        refused.append([str(exc), git("rev-parse", "HEAD") == head, git("tag")])
+seen["stage"] = refused
+state["metrics"] = None
+
+# HEAD registered, a higher version registered by hand on another branch, nothing new
+repo, git = new_repo("release")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+git("checkout", "-qb", "release"); (repo / "notes").write_text("x"); git("add", "notes"); git("commit", "-qm", "r")
+api.register(str(repo), "classifier", "HEAD", version="v1.0.0")
+git("checkout", "-q", "main"); tick()
+code, record = rt.retrain(repo, params)
+seen["release"] = [code, record["version"]]
+
+# --push that fails (no DVC project to push from) on a run with new data
+repo, git = new_repo("push")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1"); tick()
+state["metrics"] = 0.95
+try:
+    rt.retrain(repo, params, push=True)
+    seen["push"] = None
+except RuntimeError as exc:
+    seen["push"] = [str(exc)[:40], prod(repo)]
+print(json.dumps(seen))
+"""
+
+
+def test_the_registry_steps_after_the_gate(tmp_path):
+    """Found by a review on 2026-12-06, each a failed or wrong scheduled run:
+    - after a rollback (`gto assign --force` of the older version, the README's way), a run with nothing new had the
+      rolled-back version as its candidate; GTO refused to assign it again, and every run failed until new data came;
+    - a stage GTO refuses was found only at `gto assign`: after the pipeline, a commit saying "promoted" and a version
+      tag, exit 1, and every later run repeated it (a first promotion again);
+    - HEAD's version was compared with the highest version number: one registered by hand on another branch made every
+      run without new data register HEAD again, which GTO refuses;
+    - the stage tag was made before the pushes: a failed push reported "failed" with the model in the stage here."""
+    proc = subprocess.run(
+        [sys.executable, "-c", REGISTRY_STEPS, str(tmp_path)],
+        cwd=REPO,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    code, version, reason, prod = seen["rollback"]
+    assert (code, version, prod) == (3, "v0.0.2", "v0.0.1") and "(a rollback): not assigned again" in reason
+    bad_name, unknown = seen["stage"]
+    assert "stage 'prod stage': Invalid value" in bad_name[0] and bad_name[1:] == [True, ""]
+    assert "stage 'production'" in unknown[0] and unknown[1:] == [True, ""]  # nothing committed or registered
+    assert seen["release"] == [0, "v0.0.1"]
+    assert seen["push"][0].startswith("dvc push failed") and seen["push"][1] == "v0.0.1"  # not assigned
