@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import struct
 import warnings
 from typing import Callable
 
@@ -164,6 +165,41 @@ def exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
+def bmp_unsupported(data: bytes) -> str | None:
+    """What of a BMP (a Windows info header, 40 to 124 bytes) the shared decode cannot read: a bit depth other than
+    8, 24 or 32, or compression (RLE); None where it can, or where the header is another kind (Pillow decides)."""
+    if len(data) < 34 or not 40 <= int.from_bytes(data[14:18], "little") <= 124:
+        return None
+    bits, compression = int.from_bytes(data[28:30], "little"), int.from_bytes(data[30:34], "little")
+    if bits not in (8, 24, 32):
+        return f"a {bits}-bit BMP"
+    if compression not in (0, 3):  # BI_RGB, BI_BITFIELDS
+        return f"a compressed BMP ({ {1: 'RLE8', 2: 'RLE4'}.get(compression, f'compression {compression}') })"
+    return None
+
+
+def gif_frames(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(left, top, width, height) of every frame of a GIF, from its image descriptors (no pixel decoded; blocks
+    walked by their lengths). A file cut short lists the frames before the cut (Pillow reports the damage)."""
+    frames = []
+    if len(data) < 13 or data[:6] not in (b"GIF87a", b"GIF89a"):
+        return frames
+    pos = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
+    while pos < len(data) and data[pos] != 0x3B:
+        if data[pos] == 0x21:  # an extension: its label, then sub-blocks
+            pos += 2
+        elif data[pos] == 0x2C and pos + 10 <= len(data):  # an image descriptor
+            frames.append(struct.unpack_from("<HHHH", data, pos + 1))
+            flags = data[pos + 9]
+            pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colour table, LZW code size
+        else:
+            break
+        while pos < len(data) and data[pos]:  # sub-blocks, each led by its length, to a zero-length one
+            pos += data[pos] + 1
+        pos += 1
+    return frames
+
+
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
     """Check a file, and return the pixels training and serving will see, as RGB bytes.
 
@@ -196,6 +232,15 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     f"too large: {frames} frames of {width}x{height} = {width * height * frames} pixels > "
                     f"download.max_pixels={max_pixels} (decompression-bomb limit; the decode reads every frame)"
                 )
+            if fmt == "GIF":  # tf.io.decode_gif's canvas is its largest frame's, which may exceed the screen
+                outside = [f for f in gif_frames(data) if f[0] + f[2] > width or f[1] + f[3] > height]
+                if outside:
+                    left, top, w, h = outside[0]
+                    return Rejected(
+                        f"GIF frame of {w}x{h} at ({left}, {top}) outside its {width}x{height} screen "
+                        f"({len(outside)} such frame(s)): the shared decode would size every frame to it; re-save "
+                        "the file"
+                    )
             img.load()
         if min(width, height) < min_side:
             return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
@@ -206,6 +251,12 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             )
         if image.is_animated_webp(data):
             return Rejected(image.ANIMATED_WEBP)
+        unsupported = bmp_unsupported(data) if sniffed == "BMP" else None
+        if unsupported:  # TensorFlow's BMP decode would reject it with its own internals ("channels ... was 0")
+            return Rejected(
+                f"{unsupported} is not read by the shared decoder (the serving model's, which reads 8-, 24- and "
+                "32-bit uncompressed BMPs): re-save the file as PNG"
+            )
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
             actions.append(f"first of {img.n_frames} frames")

@@ -135,11 +135,23 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
             else:
                 yield from _read_entry(entry, root, real_root, None, None, _stray(entry, "a split's class folder"))
     for parent, given_split in layout:
-        entries = sorted(parent.iterdir())
+        try:
+            entries = sorted(parent.iterdir())
+        except OSError as exc:  # a split folder (or the root) that cannot be listed: reported, as a class folder is
+            rel = parent.relative_to(root).as_posix()
+            shown = "./" if rel == "." else _shown(rel) + "/"
+            yield Found(
+                source=shown, label=None, given_split=given_split, problem=f"unreadable folder: {exc.strerror or exc}"
+            )
+            continue
         names = {entry.name for entry in entries}  # as listed (a lookup of another spelling may match on macOS)
         for entry in entries:
             rel = entry.relative_to(root).as_posix()
-            if entry.is_dir() and not entry.is_symlink():
+            try:
+                is_folder = entry.is_dir() and not entry.is_symlink()
+            except OSError:  # no search permission on the split folder: _read_entry reports the entry
+                is_folder = False
+            if is_folder:
                 if _is_hidden(entry.name):
                     yield from _scan_class(entry, root, real_root, None, given_split, "in a hidden folder")
                     continue

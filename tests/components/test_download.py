@@ -789,6 +789,47 @@ def test_an_animated_gif_counts_every_frame_against_the_pixel_limit():
     assert isinstance(single, normalise.Normalised), single
 
 
+def test_a_gif_frame_outside_its_screen_is_quarantined_before_any_decode():
+    """The pixel limit counted the screen: a 16x16 screen with a later 6000x6000 frame (a 27 KB file) passed it, and
+    the shared decode sized every frame to the large one (340 MB here; 26 GB for a 65535-pixel frame, a failure of
+    the run, not quarantined, that stopped every run)."""
+    buffer = io.BytesIO()
+    Image.new("P", (16, 16), 0).save(buffer, format="GIF")
+    one = buffer.getvalue()
+    assert normalise.gif_frames(one) == [(0, 0, 16, 16)]
+    big = bytes.fromhex("2C0000000070177017000002024401" + "00")  # a 6000x6000 image descriptor and its data
+    assert normalise.gif_frames(one[:-1] + big + b";") == [(0, 0, 16, 16), (0, 0, 6000, 6000)]
+    started = time.monotonic()
+    result = normalise.normalise_image(one[:-1] + big + b";", **LIMITS)
+    assert isinstance(result, normalise.Rejected) and result.lasting, result
+    assert result.reason.startswith("GIF frame of 6000x6000 at (0, 0) outside its 16x16 screen (1 such frame(s))")
+    assert time.monotonic() - started < 1.0  # nothing decoded
+    assert normalise.gif_frames(b"GIF89a") == [] and normalise.gif_frames(b"not a gif") == []
+
+
+@pytest.mark.parametrize(
+    "bits, reason",
+    [(1, "a 1-bit BMP"), (16, "a 16-bit BMP")],
+)
+def test_a_bmp_the_shared_decode_cannot_read_is_quarantined_with_its_own_reason(bits, reason):
+    """1-, 4- and 16-bit BMPs and RLE ones were quarantined with TensorFlow's internals ("Number of channels inherent
+    in the image must be 1, 3 or 4, was 0"), which say nothing of what to do."""
+    rng = np.random.default_rng(3)
+    if bits == 1:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 2, (20, 24)).astype(bool)).save(buffer, format="BMP")
+        data = buffer.getvalue()
+    else:
+        data = bmp_file([rng.integers(0, 256, 48, dtype=np.uint8).tobytes() for _ in range(20)], 24, 20, 16)
+    result = normalise.normalise_image(data, **LIMITS)
+    assert isinstance(result, normalise.Rejected) and result.lasting, result
+    assert result.reason.startswith(reason) and "re-save the file as PNG" in result.reason, result.reason
+    eight = bmp_file([bytes(range(24)) for _ in range(20)], 24, 20, 8)  # what it reads is still kept
+    assert normalise.bmp_unsupported(eight) is None
+    rle = eight[:30] + (1).to_bytes(4, "little") + eight[34:]  # an RLE8 one (Pillow writes none to decode)
+    assert normalise.bmp_unsupported(rle) == "a compressed BMP (RLE8)"
+
+
 def test_two_images_sharing_an_id_are_an_error_not_one_file_overwriting_the_other():
     def cand(source, label, pixels):
         return splitting.Candidate(source, label, "f" + pixels[1:], None, "png", 20, 20, "PNG", "as-is", pixels)
@@ -970,6 +1011,29 @@ def test_unreadable_files_and_folders_are_quarantined_not_skipped(tmp_path, monk
         "dogs/sub/": "unreadable folder: Permission denied",
     }
     assert summary["per_class"]["dogs"] == {"found": 5, "kept": 4, "quarantined": 1}
+
+
+def test_a_split_folder_that_cannot_be_listed_is_quarantined_not_a_traceback(tmp_path, monkeypatch):
+    """Class folders that cannot be listed were reported; a split folder raised PermissionError out of the stage."""
+    from pipelines import sources
+
+    root = make_split_folders(tmp_path / "src")
+    locked = root / "validation"
+    listdir = os.listdir
+
+    def refuse(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse)
+    found = list(sources.scan_folder(root))
+    assert [(f.source, f.given_split, f.problem) for f in found if f.problem] == [
+        ("validation/", "val", "unreadable folder: Permission denied")
+    ]
+    assert sum(1 for f in found if not f.problem and not f.class_folder) == 12  # train's and test's images
+    with pytest.raises(ValueError, match="val"):  # the stage: val empty, the quarantine named (`check_usable`)
+        dl.run(folder_config(root), tmp_path / "out")
 
 
 def test_existing_split_folders_can_be_pooled(tmp_path):

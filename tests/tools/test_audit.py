@@ -887,7 +887,9 @@ def test_an_audit_of_data_that_was_never_pushed_fails_closed(audited_project, mo
 def test_a_rebuild_that_re_trained_nothing_is_not_a_pass(audited_project, monkeypatch):
     project, revision = audited_project
     good = revision("good", manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog")), ["cat", "dog"])
-    monkeypatch.setattr(audit, "rebuild", lambda repo, commit: ([], {}, {}))  # a revision with no training stage
+    monkeypatch.setattr(
+        audit, "rebuild", lambda repo, commit: ([], {}, {}, {"recorded": {}, "rebuilt": {}})
+    )  # no training stage
     report = audit.audit(project, good, rebuilt=True)
     assert report["rebuild"]["identical"] is False
     assert report["problems"] == [
