@@ -232,14 +232,13 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     f"too large: {frames} frames of {width}x{height} = {width * height * frames} pixels > "
                     f"download.max_pixels={max_pixels} (decompression-bomb limit; the decode reads every frame)"
                 )
-            if fmt == "GIF":  # tf.io.decode_gif's canvas is its largest frame's, which may exceed the screen
-                outside = [f for f in gif_frames(data) if f[0] + f[2] > width or f[1] + f[3] > height]
-                if outside:
-                    left, top, w, h = outside[0]
+            if fmt == "GIF":  # tf.io.decode_gif's canvas is its largest frame's (offsets clipped), not the screen
+                larger = [f for f in gif_frames(data) if f[2] > width or f[3] > height]
+                if larger:
+                    left, top, w, h = larger[0]
                     return Rejected(
-                        f"GIF frame of {w}x{h} at ({left}, {top}) outside its {width}x{height} screen "
-                        f"({len(outside)} such frame(s)): the shared decode would size every frame to it; re-save "
-                        "the file"
+                        f"GIF frame of {w}x{h} larger than its {width}x{height} screen ({len(larger)} such frame(s)): "
+                        "the shared decode would size every frame to it; re-save the file"
                     )
             img.load()
         if min(width, height) < min_side:

@@ -176,7 +176,11 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
 
 def _stray(entry: Path, where: str) -> str:
     """The quarantine reason of an entry of the root that is not a folder to scan."""
-    return "symlink to a folder (not followed)" if entry.is_symlink() and entry.is_dir() else f"not inside {where}"
+    try:
+        linked_folder = entry.is_symlink() and entry.is_dir()
+    except OSError:  # a folder that can be listed but not searched: `_read_entry` reports the entry
+        linked_folder = False
+    return "symlink to a folder (not followed)" if linked_folder else f"not inside {where}"
 
 
 def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:

@@ -508,8 +508,24 @@ def content_digests(root: Path, paths: Sequence[str]) -> dict[str, str]:
             model = next((m for m in models if m in file.parents), None)
             in_graph = model is not None and file.relative_to(model).parts[0] in SAVED_MODEL_GRAPH
             if not in_graph:
-                found[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+                found[file.relative_to(root).as_posix()] = hashlib.sha256(without_machine(file)).hexdigest()
     return found
+
+
+def without_machine(file: Path) -> bytes:
+    """A file's bytes; a training history's without the machine it records (`trained_on`): that record explains a
+    rebuild whose bits differ (`machine_differences`), and is no difference itself where the bits do not."""
+    data = file.read_bytes()
+    if file.name != "history.json":
+        return data
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(record, dict) or "trained_on" not in record:
+        return data
+    del record["trained_on"]
+    return (json.dumps(record, indent=2) + "\n").encode()  # as the stages write it, less that key
 
 
 def lineage_checks(lineage: dict | None, manifest_sha256: str | None, model_sha256: str | None) -> list[str]:

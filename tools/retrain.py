@@ -202,14 +202,14 @@ def promoted_version(repo: Path, params: RetrainParams) -> tuple[str | None, str
     if params.stage in ever:
         raise RuntimeError(
             f"retrain.stage {params.stage!r} held versions of {params.artifact} before but holds none now "
-            f"(unassigned or deprecated): assign the model to compare with (gto assign {params.artifact} VERSION "
-            f"{params.stage}) and run again"
+            f"(unassigned or deprecated): assign the model to compare with (gto assign {params.artifact} --version VERSION "
+            f"--stage {params.stage}) and run again"
         )
     if ever:
         raise RuntimeError(
             f"retrain.stage {params.stage!r}: no version of {params.artifact} was ever assigned to it, while "
             f"{', '.join(sorted(ever))} held some: check retrain.stage; a new stage gets its first version by hand "
-            f"(gto assign {params.artifact} VERSION {params.stage})"
+            f"(gto assign {params.artifact} --version VERSION --stage {params.stage})"
         )
     return None, None
 
@@ -489,15 +489,21 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
     # nothing changed since HEAD's registration: its version (not the highest one, which may be another commit's)
     version, was_in_stage = registered_at(repo, params, head)
+    # the same model as a version taken out of the stage since (a rollback, `gto assign --force` of an older
+    # version): HEAD's own version, or another commit's whose dvc.lock records the artifact's output as HEAD's does
+    # (a commit that re-ran nothing: a README edit, what --pull brought)
+    earlier = ([version] if version is not None and was_in_stage else []) + same_model_in_stage(repo, params, head)
+    earlier = [v for v in dict.fromkeys(earlier) if v != previous]
     if version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
-    elif promote and version != previous and was_in_stage:
-        # taken out of the stage since (a rollback, `gto assign --force` of an older version): putting it back is the
-        # operator's call, not a scheduled run's (GTO refused it anyway, failing every run until new data came)
+    if promote and version != previous and earlier:
+        # putting it back is the operator's call, not a scheduled run's (GTO refused it anyway when the version was
+        # HEAD's, failing every run until new data came)
         promote = False
         reason = (
-            f"{version} was in {params.stage} before and {previous} was assigned there since (a rollback): not "
-            f"assigned again; `gto assign {params.artifact} --version {version} {params.stage} --force` brings it back"
+            f"the candidate is the model of {earlier[0]}, which was in {params.stage} before and {previous} was "
+            f"assigned there since (a rollback): not assigned again; `gto assign {params.artifact} --version "
+            f"{earlier[0]} --stage {params.stage} --force` brings it back"
         )
     if push:  # the data, the commit and its version tag first: a failed push leaves nothing promoted here
         dvc("push", cwd=repo)
@@ -542,6 +548,43 @@ def check_registry_names(repo: Path, params: RetrainParams) -> None:
         if type(exc).__name__ not in ("ValidationError", "UnknownStage"):
             raise
         raise ParamsError(f"retrain: artifact {params.artifact!r}, stage {params.stage!r}: {exc}") from None
+
+
+def lock_md5(repo: Path, rev: str, path: str) -> str | None:
+    """The hash a revision's dvc.lock records for the output at `path`, or None."""
+    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
+    if shown.returncode != 0:
+        return None
+    try:
+        stages = (yaml.safe_load(shown.stdout) or {}).get("stages") or {}
+    except yaml.YAMLError:
+        return None
+    found = [out.get("md5") for entry in stages.values() for out in entry.get("outs", []) if out.get("path") == path]
+    return found[0] if found else None
+
+
+def same_model_in_stage(repo: Path, params: RetrainParams, commit: str) -> list[str]:
+    """Versions once assigned to the stage whose commit's dvc.lock records the artifact's output with the hash
+    `commit`'s does: the same model, under another version (the export's bytes: a model exported again is new)."""
+    from gto.registry import GitRegistry
+
+    served = pipeline_paths(repo, params.artifact)[0]
+    path = os.path.relpath(served, repo) if os.path.isabs(served) else str(served)
+    mine = lock_md5(repo, commit, Path(path).as_posix())
+    if mine is None:
+        return []
+    try:
+        with GitRegistry.from_url(str(repo)) as registry:
+            versions = registry.get_state().find_artifact(params.artifact).versions
+    except gto_not_found():
+        return []
+    return [
+        v.version
+        for v in versions
+        if params.stage in [getattr(stage, "stage", stage) for stage in v.stages]
+        and v.commit_hexsha != commit
+        and lock_md5(repo, v.commit_hexsha, Path(path).as_posix()) == mine
+    ]
 
 
 def registered_at(repo: Path, params: RetrainParams, commit: str) -> tuple[str | None, bool]:

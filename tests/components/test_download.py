@@ -789,7 +789,7 @@ def test_an_animated_gif_counts_every_frame_against_the_pixel_limit():
     assert isinstance(single, normalise.Normalised), single
 
 
-def test_a_gif_frame_outside_its_screen_is_quarantined_before_any_decode():
+def test_a_gif_frame_larger_than_its_screen_is_quarantined_before_any_decode():
     """The pixel limit counted the screen: a 16x16 screen with a later 6000x6000 frame (a 27 KB file) passed it, and
     the shared decode sized every frame to the large one (340 MB here; 26 GB for a 65535-pixel frame, a failure of
     the run, not quarantined, that stopped every run)."""
@@ -802,8 +802,11 @@ def test_a_gif_frame_outside_its_screen_is_quarantined_before_any_decode():
     started = time.monotonic()
     result = normalise.normalise_image(one[:-1] + big + b";", **LIMITS)
     assert isinstance(result, normalise.Rejected) and result.lasting, result
-    assert result.reason.startswith("GIF frame of 6000x6000 at (0, 0) outside its 16x16 screen (1 such frame(s))")
+    assert result.reason.startswith("GIF frame of 6000x6000 larger than its 16x16 screen (1 such frame(s))")
     assert time.monotonic() - started < 1.0  # nothing decoded
+    # A frame no larger than the screen that sticks out past its edge is clipped by the decode, and kept.
+    small = bytes.fromhex("2C0C000C0008000800000202440100")  # 8x8 at (12, 12) on the 16x16 screen
+    assert isinstance(normalise.normalise_image(one[:-1] + small + b";", **LIMITS), normalise.Normalised)
     assert normalise.gif_frames(b"GIF89a") == [] and normalise.gif_frames(b"not a gif") == []
 
 
@@ -1034,6 +1037,22 @@ def test_a_split_folder_that_cannot_be_listed_is_quarantined_not_a_traceback(tmp
     assert sum(1 for f in found if not f.problem and not f.class_folder) == 12  # train's and test's images
     with pytest.raises(ValueError, match="val"):  # the stage: val empty, the quarantine named (`check_usable`)
         dl.run(folder_config(root), tmp_path / "out")
+    # Listed but not searchable (`chmod a-x`): each entry's stat fails; each is reported, none raises.
+    monkeypatch.setattr(os, "listdir", listdir)
+    stat, lstat = os.stat, os.lstat
+
+    def no_search(name):
+        def refused(path, *args, **kwargs):
+            if Path(path).parent == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return name(path, *args, **kwargs)
+
+        return refused
+
+    monkeypatch.setattr(os, "stat", no_search(stat))
+    monkeypatch.setattr(os, "lstat", no_search(lstat))
+    found = [f for f in sources.scan_folder(root) if f.given_split == "val"]
+    assert found and all(f.problem for f in found), found
 
 
 def test_existing_split_folders_can_be_pooled(tmp_path):

@@ -113,6 +113,12 @@ def test_a_rebuild_on_another_machine_type_says_so(tmp_path):
     ]
     assert audit.machine_differences(rebuilt, rebuilt) == []
     assert audit.machine_differences({}, rebuilt) == []  # a revision from before the record: nothing to say
+    # The record is no difference itself: a rebuild whose bits are the same passes wherever it ran.
+    digest = audit.content_digests(tmp_path, ["data/train_head"])
+    history.write_text(json.dumps({"epochs_run": 3, "trained_on": here}, indent=2) + "\n")
+    assert audit.content_digests(tmp_path, ["data/train_head"]) == digest
+    history.write_text(json.dumps({"epochs_run": 4, "trained_on": here}, indent=2) + "\n")
+    assert audit.content_digests(tmp_path, ["data/train_head"]) != digest
 
 
 EXPORT = """

@@ -685,9 +685,11 @@ def new_repo(name):
     return repo, git
 
 
-def write(repo, accuracy):
+def write(repo, accuracy):  # a new model: its metrics, and the hash dvc.lock records for the artifact
     metrics = {"finetune": {"val": {"accuracy": accuracy}, "test": {"accuracy": 0.5}}}
     (repo / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    lock = {"stages": {"export": {"outs": [{"path": "data/export/serving", "md5": f"{accuracy}.dir"}]}}}
+    (repo / "dvc.lock").write_text(json.dumps(lock))
 
 
 def run_or_stand_in(cmd, *args, **kwargs):
@@ -699,7 +701,7 @@ def run_or_stand_in(cmd, *args, **kwargs):
 
 
 rt.subprocess.run = run_or_stand_in
-rt.pipeline_paths = lambda repo, artifact: (repo / "s", repo / "r", "data/m")
+rt.pipeline_paths = lambda repo, artifact: (repo / "data/export/serving", repo / "r", "data/m")
 rt.outputs_in_git.git_tracked_cached_outputs = lambda repo: []
 rt.unversioned_inputs = lambda repo: (repo, [], [])
 tie = {**rt.paired(np.ones(50, bool), np.ones(50, bool)), "left_out_trained_on": 0, "left_out_other_classes": 0}
@@ -718,6 +720,12 @@ api.assign(str(repo), "classifier", "prod", version="v0.0.2"); tick()
 api.assign(str(repo), "classifier", "prod", version="v0.0.1", force=True); tick()
 code, record = rt.retrain(repo, params)
 seen["rollback"] = [code, record["version"], record["reason"], prod(repo)]
+(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
+code, record = rt.retrain(repo, params)  # a new commit, the same model: still rolled back
+seen["rollback_later"] = [code, record["version"], record["reason"], prod(repo)]
+write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
+code, record = rt.retrain(repo, params)
+seen["rollback_new_model"] = [code, prod(repo)]
 
 # a stage GTO refuses, or one `.gto` does not allow, on a run with new data
 repo, git = new_repo("stage")
@@ -762,7 +770,8 @@ print(json.dumps(seen))
 def test_the_registry_steps_after_the_gate(tmp_path):
     """Found by a review on 2026-12-06, each a failed or wrong scheduled run:
     - after a rollback (`gto assign --force` of the older version, the README's way), a run with nothing new had the
-      rolled-back version as its candidate; GTO refused to assign it again, and every run failed until new data came;
+      rolled-back version as its candidate; GTO refused to assign it again, and every run failed until new data came
+      (and after any commit that re-ran nothing, the same model was registered anew and put back in the stage);
     - a stage GTO refuses was found only at `gto assign`: after the pipeline, a commit saying "promoted" and a version
       tag, exit 1, and every later run repeated it (a first promotion again);
     - HEAD's version was compared with the highest version number: one registered by hand on another branch made every
@@ -780,6 +789,11 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     code, version, reason, prod = seen["rollback"]
     assert (code, version, prod) == (3, "v0.0.2", "v0.0.1") and "(a rollback): not assigned again" in reason
+    code, version, reason, prod = seen["rollback_later"]  # any commit that re-ran nothing: the same model
+    assert (code, version, prod) == (3, "v0.0.3", "v0.0.1") and reason.startswith(
+        "the candidate is the model of v0.0.2"
+    )
+    assert seen["rollback_new_model"] == [0, "v0.0.4"]  # new data after a rollback: a new model, promoted
     bad_name, unknown = seen["stage"]
     assert "stage 'prod stage': Invalid value" in bad_name[0] and bad_name[1:] == [True, ""]
     assert "stage 'production'" in unknown[0] and unknown[1:] == [True, ""]  # nothing committed or registered
