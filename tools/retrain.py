@@ -493,7 +493,8 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     # version): HEAD's own version, or another commit's whose dvc.lock records the artifact's output as HEAD's does
     # (a commit that re-ran nothing: a README edit, what --pull brought)
     earlier = ([version] if version is not None and was_in_stage else []) + same_model_in_stage(repo, params, head)
-    earlier = [v for v in dict.fromkeys(earlier) if v != previous]
+    # taken out for an older one (a rollback), not superseded by a newer one (a model that came back with its data)
+    earlier = [v for v in dict.fromkeys(earlier) if previous is not None and newer(v, previous)]
     if version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
     if promote and version != previous and earlier:
@@ -548,6 +549,16 @@ def check_registry_names(repo: Path, params: RetrainParams) -> None:
         if type(exc).__name__ not in ("ValidationError", "UnknownStage"):
             raise
         raise ParamsError(f"retrain: artifact {params.artifact!r}, stage {params.stage!r}: {exc}") from None
+
+
+def newer(version: str, than: str) -> bool:
+    """Whether a registry version (GTO's `vMAJOR.MINOR.PATCH`) is a later one than `than`."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version.removeprefix("v")) > Version(than.removeprefix("v"))
+    except InvalidVersion:
+        return False
 
 
 def lock_md5(repo: Path, rev: str, path: str) -> str | None:

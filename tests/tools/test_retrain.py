@@ -727,6 +727,18 @@ write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
 code, record = rt.retrain(repo, params)
 seen["rollback_new_model"] = [code, prod(repo)]
 
+# superseded, not rolled back: v0.0.1 then v0.0.2 promoted; the data goes back to v0.0.1's (its model again)
+repo, git = new_repo("superseded")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.2"); tick()
+state["metrics"] = 0.9
+code, record = rt.retrain(repo, params)
+seen["superseded"] = [code, record["version"], prod(repo)]
+state["metrics"] = None
+
 # a stage GTO refuses, or one `.gto` does not allow, on a run with new data
 repo, git = new_repo("stage")
 state["metrics"] = 0.93
@@ -794,6 +806,7 @@ def test_the_registry_steps_after_the_gate(tmp_path):
         "the candidate is the model of v0.0.2"
     )
     assert seen["rollback_new_model"] == [0, "v0.0.4"]  # new data after a rollback: a new model, promoted
+    assert seen["superseded"] == [0, "v0.0.3", "v0.0.3"]  # not a rollback: the gate decides, as for any model
     bad_name, unknown = seen["stage"]
     assert "stage 'prod stage': Invalid value" in bad_name[0] and bad_name[1:] == [True, ""]
     assert "stage 'production'" in unknown[0] and unknown[1:] == [True, ""]  # nothing committed or registered
