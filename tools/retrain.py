@@ -50,7 +50,7 @@ from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, load_yaml, log_resolved, read_params, section
 from pipelines import features as fk
 from pipelines import serving
-from tools import outputs_in_git
+from tools import audit, outputs_in_git
 
 log = logging.getLogger(__name__)
 
@@ -487,14 +487,11 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
         message = f"retrain: {'promoted' if promote else 'rejected'}: {reason}"
         sh("git", "commit", "-q", "-m", message, "--", *[f":(literal){p}" for p in staged], cwd=repo)
     head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
+    versions = artifact_versions(repo, params.artifact)
     # nothing changed since HEAD's registration: its version (not the highest one, which may be another commit's)
-    version, was_in_stage = registered_at(repo, params, head)
-    # the same model as a version taken out of the stage since (a rollback, `gto assign --force` of an older
-    # version): HEAD's own version, or another commit's whose dvc.lock records the artifact's output as HEAD's does
-    # (a commit that re-ran nothing: a README edit, what --pull brought)
-    earlier = ([version] if version is not None and was_in_stage else []) + same_model_in_stage(repo, params, head)
+    version = version_at(versions, head)
     # taken out for an older one (a rollback), not superseded by a newer one (a model that came back with its data)
-    earlier = [v for v in dict.fromkeys(earlier) if previous is not None and newer(v, previous)]
+    earlier = [v for v in same_model_in_stage(repo, params, head, version, versions) if newer(v, previous)]
     if version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
     if promote and version != previous and earlier:
@@ -551,10 +548,12 @@ def check_registry_names(repo: Path, params: RetrainParams) -> None:
         raise ParamsError(f"retrain: artifact {params.artifact!r}, stage {params.stage!r}: {exc}") from None
 
 
-def newer(version: str, than: str) -> bool:
-    """Whether a registry version (GTO's `vMAJOR.MINOR.PATCH`) is a later one than `than`."""
+def newer(version: str, than: str | None) -> bool:
+    """Whether a registry version (GTO's `vMAJOR.MINOR.PATCH`) is a later one than `than` (None: no version)."""
     from packaging.version import InvalidVersion, Version
 
+    if than is None:
+        return False
     try:
         return Version(version.removeprefix("v")) > Version(than.removeprefix("v"))
     except InvalidVersion:
@@ -562,57 +561,56 @@ def newer(version: str, than: str) -> bool:
 
 
 def lock_md5(repo: Path, rev: str, path: str) -> str | None:
-    """The hash a revision's dvc.lock records for the output at `path`, or None."""
-    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
-    if shown.returncode != 0:
-        return None
+    """The hash a revision's dvc.lock records for the output at `path`, or for the output folder it lies in (the
+    artifact, `data/export/serving`, is inside export's `data/export`), or None."""
+    text = audit.git_file(repo, rev, "dvc.lock")
     try:
-        stages = (yaml.safe_load(shown.stdout) or {}).get("stages") or {}
+        lock = yaml.safe_load(text) if text is not None else None
     except yaml.YAMLError:
         return None
-    found = [out.get("md5") for entry in stages.values() for out in entry.get("outs", []) if out.get("path") == path]
-    return found[0] if found else None
+    if not isinstance(lock, dict):
+        return None
+    outs = {out: md5 for produced in audit.stage_outputs(lock).values() for out, md5 in produced.items()}
+    return outs.get(path) or outs.get(audit.enclosing(path, outs))
 
 
-def same_model_in_stage(repo: Path, params: RetrainParams, commit: str) -> list[str]:
-    """Versions once assigned to the stage whose commit's dvc.lock records the artifact's output with the hash
-    `commit`'s does: the same model, under another version (the export's bytes: a model exported again is new)."""
+def artifact_versions(repo: Path, artifact: str) -> list:
+    """Every version of the artifact the registry holds (GTO's), none before its first registration."""
     from gto.registry import GitRegistry
 
+    try:
+        with GitRegistry.from_url(str(repo)) as registry:
+            return registry.get_state().find_artifact(artifact).versions
+    except gto_not_found():
+        return []
+
+
+def version_at(versions: list, commit: str) -> str | None:
+    """The active version registered at `commit`, or None."""
+    active = [v for v in versions if v.commit_hexsha == commit and v.is_registered and v.is_active]
+    return active[-1].version if active else None
+
+
+def same_model_in_stage(
+    repo: Path, params: RetrainParams, commit: str, version: str | None, versions: list
+) -> list[str]:
+    """Versions once assigned to the stage that hold `commit`'s model: its own `version`, or another commit's whose
+    dvc.lock records the artifact's output with the hash `commit`'s does (a commit that re-ran nothing: a README
+    edit, what --pull brought; the export's bytes decide, so a model exported again is new)."""
     served = pipeline_paths(repo, params.artifact)[0]
-    path = os.path.relpath(served, repo) if os.path.isabs(served) else str(served)
-    mine = lock_md5(repo, commit, Path(path).as_posix())
-    if mine is None:
-        return []
-    try:
-        with GitRegistry.from_url(str(repo)) as registry:
-            versions = registry.get_state().find_artifact(params.artifact).versions
-    except gto_not_found():
-        return []
-    return [
-        v.version
-        for v in versions
-        if params.stage in [getattr(stage, "stage", stage) for stage in v.stages]
-        and v.commit_hexsha != commit
-        and lock_md5(repo, v.commit_hexsha, Path(path).as_posix()) == mine
-    ]
-
-
-def registered_at(repo: Path, params: RetrainParams, commit: str) -> tuple[str | None, bool]:
-    """(the active version registered at `commit`, or None; whether it was ever assigned to `params.stage`)."""
-    from gto.registry import GitRegistry
-
-    try:
-        with GitRegistry.from_url(str(repo)) as registry:
-            artifact = registry.get_state().find_artifact(params.artifact)
-            found = artifact.find_version(commit_hexsha=commit, allow_multiple=True) or []
-    except gto_not_found():
-        return None, False
-    active = [v for v in found if v.is_registered and v.is_active]
-    if not active:
-        return None, False
-    version = active[-1]
-    return version.version, params.stage in [getattr(stage, "stage", stage) for stage in version.stages]
+    path = Path(os.path.relpath(served, repo) if os.path.isabs(served) else served).as_posix()
+    mine = lock_md5(repo, commit, path)
+    return list(
+        dict.fromkeys(
+            v.version
+            for v in versions
+            if params.stage in v.stages
+            and (
+                v.version == version
+                or (mine is not None and v.commit_hexsha != commit and lock_md5(repo, v.commit_hexsha, path) == mine)
+            )
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

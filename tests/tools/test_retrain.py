@@ -688,7 +688,8 @@ def new_repo(name):
 def write(repo, accuracy):  # a new model: its metrics, and the hash dvc.lock records for the artifact
     metrics = {"finetune": {"val": {"accuracy": accuracy}, "test": {"accuracy": 0.5}}}
     (repo / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
-    lock = {"stages": {"export": {"outs": [{"path": "data/export/serving", "md5": f"{accuracy}.dir"}]}}}
+    # as the project's: the artifact, data/export/serving, lies inside export's output folder
+    lock = {"stages": {"export": {"outs": [{"path": "data/export", "md5": f"{accuracy}.dir"}]}}}
     (repo / "dvc.lock").write_text(json.dumps(lock))
 
 
