@@ -662,6 +662,18 @@ def audit_of(project, rev, against=None):
     return code, json.loads((project / "audit" / "audit.json").read_text())["problems"]
 
 
+# a resized copy in test of a train image, as the quality stage lists it (other pixels: only the features see it)
+NEAR_COPY = {
+    "similarity": 0.991,
+    "a_split": "train",
+    "a_id": "a" * 20,
+    "a_source": "cat/1.jpg",
+    "b_split": "test",
+    "b_id": "d" * 20,
+    "b_source": "cat/1_small.png",
+}
+
+
 @pytest.mark.integration
 def test_every_audit_failure_mode_on_real_revisions(audited_project):
     project, revision = audited_project
@@ -676,15 +688,7 @@ def test_every_audit_failure_mode_on_real_revisions(audited_project):
     code, problems = audit_of(project, two_splits)
     assert code == 1 and problems == [f"image {'a' * 12} is in two splits"]
 
-    pair = {
-        "similarity": 0.991,
-        "a_split": "train",
-        "a_id": "a" * 20,
-        "a_source": "cat/1.jpg",
-        "b_split": "test",
-        "b_id": "d" * 20,
-        "b_source": "cat/1_small.png",
-    }
+    pair = dict(NEAR_COPY)
     near_copy = revision(
         "a resized copy in test (other pixels: only the features see it)",
         manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("d" * 64, "test", "cat")),
@@ -816,15 +820,7 @@ def test_a_quality_list_of_a_stage_dvc_yaml_no_longer_declares_is_not_read(audit
     read that list, which no check compares with the lock (only declared stages' outputs are), so a list emptied by
     hand hid a cross-split near-duplicate and the audit passed with the near-duplicates "checked"."""
     project, revision = audited_project
-    pair = {
-        "similarity": 0.991,
-        "a_split": "train",
-        "a_id": "a" * 20,
-        "a_source": "cat/1.jpg",
-        "b_split": "test",
-        "b_id": "d" * 20,
-        "b_source": "cat/1_small.png",
-    }
+    pair = dict(NEAR_COPY)
     rows = manifest_rows(("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"), ("d" * 64, "test", "cat"))
     rev = revision("a near copy", rows, ["cat", "dog"], near_duplicates=[pair])
     code, problems = audit_of(project, rev)

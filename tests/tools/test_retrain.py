@@ -136,6 +136,15 @@ print(json.dumps(seen))
 """
 
 
+def in_child(script: str, *args: str):
+    """What a script run in a child process prints last (JSON): GTO imported into pytest's breaks its capture."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_the_gate_compares_with_the_version_assigned_to_the_stage_last(tmp_path):
     # A rollback (an older version assigned again with --force) is what `gto show` and `dvc artifacts get --stage`
     # deploy: the gate must compare with it, not with the highest version number in the stage. (GTO runs in a
@@ -146,16 +155,7 @@ def test_the_gate_compares_with_the_version_assigned_to_the_stage_last(tmp_path)
         (tmp_path / f"f{i}").write_text(str(i))
         commit(tmp_path, f"c{i}")
         commits.append(run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip())
-    proc = subprocess.run(
-        [sys.executable, "-c", ROLLBACK, str(tmp_path), *commits],
-        cwd=REPO,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = in_child(ROLLBACK, str(tmp_path), *commits)
     none, registered, first, second_registered, second, rolled_back, misspelled, emptied, deregistered, retired = seen
     assert deregistered.startswith("retrain.stage 'prod' held versions of classifier before but holds none now")
     assert retired.startswith("retrain.artifact 'classifier' is deprecated in the registry"), retired
@@ -790,16 +790,7 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     - HEAD's version was compared with the highest version number: one registered by hand on another branch made every
       run without new data register HEAD again, which GTO refuses;
     - the stage tag was made before the pushes: a failed push reported "failed" with the model in the stage here."""
-    proc = subprocess.run(
-        [sys.executable, "-c", REGISTRY_STEPS, str(tmp_path)],
-        cwd=REPO,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = in_child(REGISTRY_STEPS, str(tmp_path))
     code, version, reason, prod = seen["rollback"]
     assert (code, version, prod) == (3, "v0.0.2", "v0.0.1") and "(a rollback): not assigned again" in reason
     code, version, reason, prod = seen["rollback_later"]  # any commit that re-ran nothing: the same model

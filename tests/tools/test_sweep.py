@@ -148,6 +148,17 @@ def test_a_sweep_refuses_changed_dvc_tracked_data_and_its_end_restores_only_the_
     assert (tmp_path / "n.txt").read_text().strip() == "1"  # the pipeline's output is back from the cache
 
 
+def pooled_sweep(project):
+    """A git + DVC project with the baseline params committed, and a sweep file `s.yaml` of one variant, `pooled`."""
+    import yaml
+
+    run(["git", "init", "-q"], project)
+    run([sys.executable, "-m", "dvc", "init", "-q"], project)
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    (project / "s.yaml").write_text(yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}}}}))
+    commit(project, "baseline")
+
+
 @pytest.mark.parametrize("collect", [False, True])
 def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_the_sweep(
     tmp_path, monkeypatch, collect
@@ -157,11 +168,7 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     nothing and ranked any experiment of the variant's name."""
     import yaml
 
-    run(["git", "init", "-q"], tmp_path)
-    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}}}}))
-    commit(tmp_path, "baseline")
+    pooled_sweep(tmp_path)
     baseline = yaml.safe_load((tmp_path / "params.yaml").read_text())
     ran = yaml.safe_load((tmp_path / "params.yaml").read_text())
     ran["conv_base"]["pooling"] = "max"
@@ -268,11 +275,7 @@ def test_collect_compares_with_the_committed_params_not_an_edit_since(tmp_path, 
     any uncommitted edit) it refused every experiment and told the user to remove them."""
     import yaml
 
-    run(["git", "init", "-q"], tmp_path)
-    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"pooled": {"conv_base": {"pooling": "max"}}}}))
-    commit(tmp_path, "baseline")
+    pooled_sweep(tmp_path)
     ran = yaml.safe_load((tmp_path / "params.yaml").read_text())
     ran["conv_base"]["pooling"] = "max"  # the variant on the committed baseline
     done = {"s-pooled": {"rev": "abc", "state": None, "error": None, "params": ran, "metrics": {}}}
