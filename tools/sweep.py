@@ -365,9 +365,9 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     not_finished = unusable(found, list(names.values()))
     if not_finished:
         raise RuntimeError(f"experiments that did not finish cannot be ranked: {not_finished}")
-    # --collect too, which ranked them as the variants: against the committed params, which the experiments ran
-    # from (an uncommitted edit since, such as `dvc exp apply` of the winner, is no other run)
-    check_current(sweep, names, committed_params(repo, params_path), found)
+    if collect_only:  # (a sweep checked them before its runs) against the committed params, which the experiments
+        # ran from (an uncommitted edit since, such as `dvc exp apply` of the winner, is no other run)
+        check_current(sweep, names, committed_params(repo, params_path), found)
     rows = rank([leaderboard_row(variant, found[name]) for variant, name in names.items()])
     check_scored(rows)
     out.mkdir(parents=True, exist_ok=True)
