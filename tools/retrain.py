@@ -18,7 +18,9 @@ Run (cron, CI): ``python -m tools.retrain [--pull] [--push]``
 4. Commit ``dvc.lock`` and the metrics, register the commit as a new version
    of the artifact (``gto register``), and on success assign it to the stage
    (``gto assign``). A rejected model stays registered and in the DVC cache,
-   but is not promoted. ``--push`` pushes data (``dvc push``) and git tags.
+   but is not promoted; a model deregistered by hand (``gto deregister``) is
+   neither registered nor assigned again. ``--push`` pushes data (``dvc push``)
+   and git tags.
 
 Exit codes: 0 promoted, 3 rejected, 1 failed (the pipeline or a step failed),
 2 bad params. The decision is printed as one JSON line, with both models'
@@ -492,7 +494,17 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     version = version_at(versions, head)
     # taken out for an older one (a rollback), not superseded by a newer one (a model that came back with its data)
     earlier = [v for v in same_model_in_stage(repo, params, head, version, versions) if newer(v, previous)]
-    if version is None:
+    # HEAD's model deregistered by hand (taken back): registering it again would revive it unasked (and GTO refuses
+    # the tag of a deregistered version at HEAD)
+    withdrawn = deregistered_models(repo, params, head, versions) if version is None else []
+    if withdrawn:
+        promote = False
+        reason = (
+            f"the candidate is the model of {withdrawn[0].version}, which was deregistered: not registered or "
+            f"assigned again (new data makes a new model); `gto register {params.artifact} "
+            f"{withdrawn[0].commit_hexsha} --simple false` registers it again by hand"
+        )
+    elif version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
     if promote and version != previous and earlier:
         # putting it back is the operator's call, not a scheduled run's (GTO refused it anyway when the version was
@@ -597,20 +609,29 @@ def same_model_in_stage(
     """Versions once assigned to the stage that hold `commit`'s model: its own `version`, or another commit's whose
     dvc.lock records the artifact's output with the hash `commit`'s does (a commit that re-ran nothing: a README
     edit, what --pull brought; the export's bytes decide, so a model exported again is new)."""
-    served = pipeline_paths(repo, params.artifact)[0]
-    path = Path(os.path.relpath(served, repo) if os.path.isabs(served) else served).as_posix()
-    mine = lock_md5(repo, commit, path)
+    same = same_model(repo, params, commit)
     return list(
         dict.fromkeys(
             v.version
             for v in versions
-            if params.stage in v.stages
-            and (
-                v.version == version
-                or (mine is not None and v.commit_hexsha != commit and lock_md5(repo, v.commit_hexsha, path) == mine)
-            )
+            if params.stage in v.stages and (v.version == version or (v.commit_hexsha != commit and same(v)))
         )
     )
+
+
+def deregistered_models(repo: Path, params: RetrainParams, commit: str, versions: list) -> list:
+    """Deregistered versions (`gto deregister`) that hold `commit`'s model: registered at `commit`, or at another
+    commit whose dvc.lock records the artifact's output with the hash `commit`'s does."""
+    same = same_model(repo, params, commit)
+    return [v for v in versions if v.is_registered and not v.is_active and (v.commit_hexsha == commit or same(v))]
+
+
+def same_model(repo: Path, params: RetrainParams, commit: str):
+    """A test of whether a version's commit records the artifact's output with the hash `commit`'s dvc.lock does."""
+    served = pipeline_paths(repo, params.artifact)[0]
+    path = Path(os.path.relpath(served, repo) if os.path.isabs(served) else served).as_posix()
+    mine = lock_md5(repo, commit, path)
+    return lambda v: mine is not None and lock_md5(repo, v.commit_hexsha, path) == mine
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -776,6 +776,30 @@ try:
     seen["push"] = None
 except RuntimeError as exc:
     seen["push"] = [str(exc)[:40], prod(repo)]
+state["metrics"] = None
+
+# HEAD's version deregistered by hand (a model taken back), then runs with nothing new
+repo, git = new_repo("deregistered")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
+tags = lambda: sorted(git("tag").split())
+before = tags()
+code, record = rt.retrain(repo, params)
+seen["deregistered"] = [code, record["version"], record["reason"], prod(repo), tags() == before]
+(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
+code, record = rt.retrain(repo, params)  # a new commit, the same model: not registered anew either
+seen["deregistered_later"] = [code, record["version"], record["reason"], prod(repo), tags() == before]
+git("reset", "-q", "--hard", "HEAD~1")
+hint = record["reason"].split("`")[1].split()  # the hint's command, run by hand
+api.register(str(repo), hint[2], hint[3], simple=False); tick()
+code, record = rt.retrain(repo, params)  # revived by hand: the gate decides again
+seen["revived"] = [code, record["version"], prod(repo)]
+write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
+code, record = rt.retrain(repo, params)
+seen["deregistered_new_model"] = [code, record["version"], prod(repo)]
 print(json.dumps(seen))
 """
 
@@ -804,3 +828,14 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     assert "stage 'production'" in unknown[0] and unknown[1:] == [True, ""]  # nothing committed or registered
     assert seen["release"] == [0, "v0.0.1"]
     assert seen["push"][0].startswith("dvc push failed") and seen["push"][1] == "v0.0.1"  # not assigned
+    # HEAD's version deregistered (found by a review on 2026-12-06): GTO's register refused the commit (its tag exists),
+    # so every run failed with a traceback until new data came; a commit that re-ran nothing registered the
+    # deregistered model anew and could put it in the stage
+    code, version, reason, prod, untouched = seen["deregistered"]
+    assert (code, version, prod, untouched) == (3, None, "v0.0.1", True), seen["deregistered"]
+    assert reason.startswith("the candidate is the model of v0.0.2, which was deregistered"), reason
+    code, version, reason, prod, untouched = seen["deregistered_later"]
+    assert (code, version, prod, untouched) == (3, None, "v0.0.1", True), seen["deregistered_later"]
+    assert "gto register classifier " in reason and "--simple false" in reason, reason
+    assert seen["revived"] == [0, "v0.0.2", "v0.0.2"]  # the hint's command works, and the gate decides again
+    assert seen["deregistered_new_model"] == [0, "v0.0.3", "v0.0.3"]
