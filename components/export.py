@@ -41,6 +41,7 @@ from components.manifest import read_jsonl, split_counts
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from pipelines import records, serving
 from pipelines.fingerprint import file_sha256
+from pipelines.normalise import DEFAULT_MAX_PIXELS, PILLOW_HARD_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ DECLARED_OUTPUTS = (SERVING, "params.json")
 
 class ExportParams(Section):
     serving_check: int = pydantic.Field(16, ge=1)  # test images fed to the exported SavedModel and compared
+    # the serving model refuses an image whose header declares more pixels (a GIF: every frame), before decoding it
+    max_pixels: int = pydantic.Field(DEFAULT_MAX_PIXELS, ge=1, le=PILLOW_HARD_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +161,7 @@ def run(
     )
     with outputs.staged_dir(out_dir) as tmp:
         tta = config.tta
-        serving.export(model, names, size, tmp / SERVING, tta.flip, tta.quarter_turns)
+        serving.export(model, names, size, tmp / SERVING, tta.flip, tta.quarter_turns, config.export.max_pixels)
         outputs.stabilise_saved_model(tmp / SERVING)
         record = lineage_record(
             manifest_path, manifest, model_path, head_path, features, names, metrics, tta.flip, tta.quarter_turns

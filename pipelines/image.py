@@ -165,6 +165,82 @@ def _webp_exif(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     return found
 
 
+def _gif_pixels(buf: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """What `tf.io.decode_gif` allocates, in pixels: every frame on a canvas of the largest frame or the logical
+    screen, whichever is larger (frames counted from the image descriptors, blocks walked by their lengths, as
+    `pipelines.normalise.gif_frames` walks them)."""
+    flags = _uint(buf, 10, 1)
+    table = tf.where(flags >= 0x80, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), flags % 8), 0)
+
+    def more(pos, frames, area, skipping):
+        return pos < size
+
+    def step(pos, frames, area, skipping):
+        byte = _uint(buf, pos, 1)
+        extension, descriptor = tf.equal(byte, 0x21), tf.equal(byte, 0x2C) & (pos + 10 <= size)
+        local = _uint(buf, pos + 9, 1)
+        local_table = tf.where(local >= 0x80, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), local % 8), 0)
+        frame = _uint(buf, pos + 5, 2, little=True) * _uint(buf, pos + 7, 2, little=True)
+        block = tf.where(extension, pos + 2, tf.where(descriptor, pos + 11 + local_table, size))  # else: the end
+        return (
+            tf.where(skipping, pos + 1 + byte, block),  # a sub-block led by its length, or the next block
+            frames + tf.cast(~skipping & descriptor, tf.int64),
+            tf.where(~skipping & descriptor, tf.maximum(area, frame), area),
+            tf.where(skipping, tf.not_equal(byte, 0), extension | descriptor),  # a zero-length sub-block ends them
+        )
+
+    start = (13 + table, tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(False))
+    _, frames, area, _ = tf.while_loop(more, step, start, maximum_iterations=1 << 26)
+    screen = _uint(buf, 6, 2, little=True) * _uint(buf, 8, 2, little=True)
+    return tf.maximum(frames, 1) * tf.maximum(area, screen)
+
+
+def _webp_pixels(buf: tf.Tensor) -> tf.Tensor:
+    chunk = _uint(buf, 12, 4)
+    extended = (_uint(buf, 24, 3, little=True) + 1) * (_uint(buf, 27, 3, little=True) + 1)  # VP8X: the canvas
+    lossy = (_uint(buf, 26, 2, little=True) % (1 << 14)) * (_uint(buf, 28, 2, little=True) % (1 << 14))  # VP8
+    bits = _uint(buf, 21, 4, little=True)  # VP8L: 14 bits of width - 1, then 14 of height - 1
+    lossless = (bits % (1 << 14) + 1) * (tf.bitwise.right_shift(bits, 14) % (1 << 14) + 1)
+    return tf.where(
+        tf.equal(chunk, 0x56503858), extended, tf.where(tf.equal(chunk, 0x5650384C), lossless, lossy)
+    )  # "VP8X", "VP8L", else "VP8 "
+
+
+def _bmp_pixels(buf: tf.Tensor) -> tf.Tensor:
+    core = tf.equal(_uint(buf, 14, 4, little=True), 12)  # OS/2 1.x: 16-bit sides
+    width = tf.where(core, _uint(buf, 18, 2, little=True), _uint(buf, 18, 4, little=True))
+    height = tf.where(core, _uint(buf, 20, 2, little=True), _uint(buf, 22, 4, little=True))
+    width = tf.where(width >= 1 << 31, (1 << 32) - width, width)
+    return width * tf.where(height >= 1 << 31, (1 << 32) - height, height)  # rows stored top-down: negative
+
+
+@plain
+def declared_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
+    """One encoded image (scalar string, a format of `FORMATS`) -> int64 pixels its header declares, read before
+    any pixel is decoded: width x height (JPEG's frame header, PNG's IHDR, BMP's info header, WebP's VP8X canvas
+    or bitstream header), and for a GIF what its decode allocates (`_gif_pixels`). The serving model refuses a
+    file above its limit with this, as download refuses one with Pillow's reading of the same headers."""
+    fmt = format_index(image_bytes)
+    buf = _byte_buffer(image_bytes)
+    size = tf.cast(tf.strings.length(image_bytes), tf.int64)
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.cast(tf.io.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0] * shape[1]
+
+    return tf.switch_case(
+        fmt,
+        [
+            jpeg,
+            lambda: _uint(buf, 16, 4) * _uint(buf, 20, 4),
+            lambda: _gif_pixels(buf, size),
+            lambda: _bmp_pixels(buf),
+            lambda: _webp_pixels(buf),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
 def _tiff_orientation(buf: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     """The orientation tag (1..8) of IFD0 of the TIFF block at `start` (-1: none), else 1."""
     exif_prefix = tf.equal(_uint(buf, start, 4), 0x45786966) & tf.equal(_uint(buf, start + 4, 2), 0)

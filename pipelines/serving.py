@@ -11,8 +11,11 @@ file. Loading it needs plain TensorFlow only. With test-time augmentation (``tta
 turns, as evaluate scored it.
 
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
-string, text, another format) fails with an error naming the batch indices; an
-image with the right header but corrupt data fails in TensorFlow's decoder.
+string, text, another format) fails with an error naming the batch indices; so
+does one whose header declares more pixels than ``max_pixels`` (a decompression
+bomb: a few kilobytes of PNG can declare gigabytes of pixels), before any pixel
+is decoded (`pipelines.image.declared_pixels`); an image with the right header
+but corrupt data fails in TensorFlow's decoder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import image
+from pipelines.normalise import DEFAULT_MAX_PIXELS
 
 SIGNATURE = "serving_default"
 
@@ -41,6 +45,23 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
         ],
         summarize=32,
         name="check_encoded_images",
+    )
+
+
+def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
+    """An assertion that no image's header declares more than `max_pixels` pixels (`image.declared_pixels`)."""
+    over = declared > max_pixels
+    return tf.debugging.Assert(
+        ~tf.reduce_any(over),
+        [
+            f"serving: images declaring more than max_pixels={max_pixels} pixels (export.max_pixels, a "
+            "decompression-bomb limit) at batch indices",
+            tf.reshape(tf.where(over), [-1]),
+            "declaring",
+            tf.boolean_mask(declared, over),
+        ],
+        summarize=32,
+        name="check_declared_pixels",
     )
 
 
@@ -122,10 +143,14 @@ def export(
     path: str | Path,
     flip: str = "none",
     quarter_turns: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Write the serving SavedModel of a Keras classifier (raw RGB 0..255 pixels in), with the test-time
-    augmentation (`with_tta`: `flip`, `quarter_turns`) that evaluate scored it with."""
+    augmentation (`with_tta`: `flip`, `quarter_turns`) that evaluate scored it with; it refuses images whose
+    headers declare more than `max_pixels` pixels before decoding them."""
     check_tta(input_size, quarter_turns)
+    if not 1 <= int(max_pixels) < 1 << 62:
+        raise ValueError(f"max_pixels must be a positive pixel count, not {max_pixels}")
     names = tf.constant(list(class_names))
     size = tuple(int(s) for s in input_size)
     expected = 2 if model.output_shape[-1] == 1 else model.output_shape[-1]
@@ -134,6 +159,8 @@ def export(
 
     def serve(images):
         with tf.control_dependencies([check_encoded(images)]):
+            declared = tf.map_fn(image.declared_pixels, images, fn_output_signature=tf.int64)
+        with tf.control_dependencies([check_pixels(declared, int(max_pixels))]):
             pixels = tf.map_fn(
                 lambda blob: image.decode_and_resize(blob, size),
                 images,

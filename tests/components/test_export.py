@@ -60,3 +60,30 @@ def test_the_lineage_names_the_runtimes_that_computed_the_features_and_scored_th
         tmp_path / "manifest.jsonl", [], tmp_path / "model.keras", tmp_path / "head.keras", {"conv_base": {}}, [], {}
     )
     assert older["extract_runtime"] == "tensorflow" and older["evaluate_runtime"] == {}
+
+
+def test_the_serving_model_refuses_a_decompression_bomb_before_decoding_it(tmp_path):
+    """Found by a review on 2026-12-06: the serving model decoded whatever a client sent, so a few kilobytes of PNG
+    declaring 100,000 x 70,000 pixels made it allocate 21 GB (download refuses such files with Pillow's limit; the
+    serving model had none). It now reads each header first (`image.declared_pixels`) and names the batch indices."""
+    from tests.pipelines.test_image import gif_of, png_declaring
+
+    model = tiny_model(1)
+    serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "default")  # export.max_pixels's default: Pillow's
+    serve = tf.saved_model.load(str(tmp_path / "default")).signatures[serving.SIGNATURE]
+    good = encode(image_array(1, size=(30, 30)))
+    assert serve(images=tf.constant([good, good]))["probabilities"].shape == (2, 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"more than max_pixels=89478485 .*indices.*\[1\]"):
+        serve(images=tf.constant([good, png_declaring(100_000, 70_000)]))
+    # a tighter limit, as export.max_pixels sets it: a GIF counts every frame (its decode allocates them all)
+    serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "tight", max_pixels=1000)
+    serve = tf.saved_model.load(str(tmp_path / "tight")).signatures[serving.SIGNATURE]
+    one_frame = gif_of([image_array(2, size=(20, 20))])
+    three_frames = gif_of([image_array(s, size=(20, 20)) for s in range(3)])
+    assert serve(images=tf.constant([good, one_frame]))["probabilities"].shape == (2, 2)  # 900 and 400 pixels
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"indices.*\[0 2\].*declaring.*\[1600 1200\]"):
+        serve(images=tf.constant([encode(image_array(3, size=(40, 40))), good, three_frames]))
+    with pytest.raises(ValueError, match="max_pixels"):
+        serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "none", max_pixels=0)
+    with pytest.raises(Exception, match="max_pixels"):
+        export.ExportParams(max_pixels=10**12)  # above Pillow's own hard limit, which download's is bounded by too

@@ -51,3 +51,67 @@ def test_shrinking_averages_the_covered_pixels_and_enlarging_interpolates():
     taller = image.resize(tf.constant(source), (18, 4)).numpy()  # enlarged on one side: not a shrink
     assert taller.shape == (18, 4, 3) and taller.dtype == np.float32 and 0.0 <= taller.min() and taller.max() <= 255.0
     np.testing.assert_array_equal(image.resize(tf.constant(source), (9, 12)).numpy(), source.astype(np.float32))
+
+
+def gif_of(frames: list, screen=None, **save_kwargs) -> bytes:
+    """An animated GIF of `frames` (arrays; Pillow writes each as a descriptor, local colour tables where the
+    palettes differ, extensions for the durations)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=40, loop=0, **save_kwargs)
+    return buffer.getvalue()
+
+
+def with_alpha(rgb: np.ndarray) -> np.ndarray:
+    alpha = (np.arange(rgb.shape[0] * rgb.shape[1]) % 256).astype(np.uint8).reshape(rgb.shape[:2])
+    return np.dstack([rgb, alpha])
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk (valid CRC) declaring `width` x `height` RGB pixels, and no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+
+
+def test_declared_pixels_are_what_each_formats_header_says():
+    """The serving model's decompression-bomb check reads these before any decode: each format's header (JPEG's
+    frame header, PNG's IHDR, BMP's info header either way up, the three WebP bitstreams, GIF's frames)."""
+    from tests.conftest import bmp_file
+
+    seen = {}
+    cases = {
+        "jpeg": (encode(image_array(1, size=(37, 53)), "JPEG"), 37 * 53),
+        "jpeg_progressive": (encode(image_array(1, size=(41, 23)), "JPEG", progressive=True), 41 * 23),
+        "png": (encode(image_array(2, size=(29, 61)), "PNG"), 29 * 61),
+        "png_gray": (encode(image_array(2, size=(19, 7)), "PNG", mode="L"), 19 * 7),
+        "png_header_only": (png_declaring(100_000, 70_000), 7_000_000_000),
+        "bmp": (encode(image_array(3, size=(33, 17)), "BMP"), 33 * 17),
+        "bmp_top_down": (bmp_file([bytes(3 * 5)] * 4, 5, 4, 24, top_down=True), 5 * 4),
+        "webp_lossy": (encode(image_array(4, size=(45, 31)), "WEBP", quality=80), 45 * 31),
+        "webp_lossless": (encode(image_array(4, size=(45, 31)), "WEBP", lossless=True), 45 * 31),
+        "webp_extended": (encode(with_alpha(image_array(4, size=(27, 39))), "WEBP", quality=80), 27 * 39),
+        "gif": (encode(image_array(5, size=(21, 13)), "GIF"), 21 * 13),
+        "gif_3_frames": (gif_of([image_array(s, size=(12, 18)) for s in range(3)]), 3 * 12 * 18),
+    }
+    for name, (blob, _) in cases.items():
+        seen[name] = int(image.declared_pixels(tf.constant(blob)).numpy())
+    assert seen == {name: pixels for name, (_, pixels) in cases.items()}
+    assert cases["webp_extended"][0][12:16] == b"VP8X" and cases["webp_lossless"][0][12:16] == b"VP8L"
+    assert cases["webp_lossy"][0][12:16] == b"VP8 "
+    # the GIF walk goes by the blocks' lengths: every frame counted where the frames' palettes differ (local colour
+    # tables), and the same file's frames counted as Pillow counts them
+    import io
+
+    from PIL import Image
+
+    many = gif_of([image_array(s, (30 * s, 200 - 20 * s, 90), (16, 16)) for s in range(7)])
+    assert (
+        int(image.declared_pixels(tf.constant(many)).numpy()) == Image.open(io.BytesIO(many)).n_frames * 256 == 7 * 256
+    )
