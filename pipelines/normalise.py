@@ -178,26 +178,35 @@ def bmp_unsupported(data: bytes) -> str | None:
     return None
 
 
-def gif_frames(data: bytes) -> list[tuple[int, int, int, int]]:
+def gif_walk(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool]:
     """(left, top, width, height) of every frame of a GIF, from its image descriptors (no pixel decoded; blocks
-    walked by their lengths). A file cut short lists the frames before the cut (Pillow reports the damage)."""
-    frames = []
+    walked by their lengths as giflib and Pillow walk them: an extension's first sub-block is read even when
+    empty), and whether the walk ended within `image.GIF_MAX_STEPS` steps (a block or a sub-block each), as the
+    serving model's `image.declared_pixels` walks it. A file cut short lists the frames before the cut (Pillow
+    reports the damage)."""
+    frames, steps = [], 0
     if len(data) < 13 or data[:6] not in (b"GIF87a", b"GIF89a"):
-        return frames
+        return frames, True
     pos = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
-    while pos < len(data) and data[pos] != 0x3B:
+    while pos < len(data) and steps < image.GIF_MAX_STEPS:
+        steps += 1
+        first = data[pos] == 0x21
         if data[pos] == 0x21:  # an extension: its label, then sub-blocks
             pos += 2
         elif data[pos] == 0x2C and pos + 10 <= len(data):  # an image descriptor
             frames.append(struct.unpack_from("<HHHH", data, pos + 1))
             flags = data[pos + 9]
             pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colour table, LZW code size
-        else:
-            break
-        while pos < len(data) and data[pos]:  # sub-blocks, each led by its length, to a zero-length one
-            pos += data[pos] + 1
-        pos += 1
-    return frames
+        else:  # the trailer, or anything else: the end
+            return frames, True
+        while pos < len(data) and steps < image.GIF_MAX_STEPS:  # sub-blocks, each led by its length
+            steps += 1
+            length = data[pos] if pos < len(data) else 0
+            pos += 1 + length
+            if not length and not first:  # a zero-length one ends them (an extension's first does not)
+                break
+            first = False
+    return frames, pos >= len(data) or steps < image.GIF_MAX_STEPS
 
 
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
@@ -233,7 +242,13 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     f"download.max_pixels={max_pixels} (decompression-bomb limit; the decode reads every frame)"
                 )
             if fmt == "GIF":  # tf.io.decode_gif's canvas is its largest frame's (offsets clipped), not the screen
-                larger = [f for f in gif_frames(data) if f[2] > width or f[3] > height]
+                walked, ended = gif_walk(data)
+                if not ended:
+                    return Rejected(
+                        f"a GIF of more than {image.GIF_MAX_STEPS} blocks and sub-blocks: the serving model cannot "
+                        "check its size before decoding it (and refuses it); re-save the file"
+                    )
+                larger = [f for f in walked if f[2] > width or f[3] > height]
                 if larger:
                     left, top, w, h = larger[0]
                     return Rejected(

@@ -49,13 +49,15 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
 
 
 def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
-    """An assertion that no image's header declares more than `max_pixels` pixels (`image.declared_pixels`)."""
-    over = declared > max_pixels
+    """An assertion that no image's header declares more than `max_pixels` pixels (`image.declared_pixels`), nor
+    hides its size (-1)."""
+    over = (declared > max_pixels) | (declared < 0)
     return tf.debugging.Assert(
         ~tf.reduce_any(over),
         [
             f"serving: images declaring more than max_pixels={max_pixels} pixels (export.max_pixels, a "
-            "decompression-bomb limit) at batch indices",
+            f"decompression-bomb limit; -1: a size that cannot be read before decoding, a WebP without a VP8, VP8L "
+            f"or VP8X chunk or a GIF of more than {image.GIF_MAX_STEPS} blocks) at batch indices",
             tf.reshape(tf.where(over), [-1]),
             "declaring",
             tf.boolean_mask(declared, over),

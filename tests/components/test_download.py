@@ -800,9 +800,9 @@ def test_a_gif_frame_larger_than_its_screen_is_quarantined_before_any_decode():
     buffer = io.BytesIO()
     Image.new("P", (16, 16), 0).save(buffer, format="GIF")
     one = buffer.getvalue()
-    assert normalise.gif_frames(one) == [(0, 0, 16, 16)]
+    assert normalise.gif_walk(one) == ([(0, 0, 16, 16)], True)
     big = bytes.fromhex("2C0000000070177017000002024401" + "00")  # a 6000x6000 image descriptor and its data
-    assert normalise.gif_frames(one[:-1] + big + b";") == [(0, 0, 16, 16), (0, 0, 6000, 6000)]
+    assert normalise.gif_walk(one[:-1] + big + b";") == ([(0, 0, 16, 16), (0, 0, 6000, 6000)], True)
     started = time.monotonic()
     result = normalise.normalise_image(one[:-1] + big + b";", **LIMITS)
     assert isinstance(result, normalise.Rejected) and result.lasting, result
@@ -811,7 +811,7 @@ def test_a_gif_frame_larger_than_its_screen_is_quarantined_before_any_decode():
     # A frame no larger than the screen that sticks out past its edge is clipped by the decode, and kept.
     small = bytes.fromhex("2C0C000C0008000800000202440100")  # 8x8 at (12, 12) on the 16x16 screen
     assert isinstance(normalise.normalise_image(one[:-1] + small + b";", **LIMITS), normalise.Normalised)
-    assert normalise.gif_frames(b"GIF89a") == [] and normalise.gif_frames(b"not a gif") == []
+    assert normalise.gif_walk(b"GIF89a") == ([], True) and normalise.gif_walk(b"not a gif") == ([], True)
 
 
 @pytest.mark.parametrize(

@@ -115,3 +115,96 @@ def test_declared_pixels_are_what_each_formats_header_says():
     assert (
         int(image.declared_pixels(tf.constant(many)).numpy()) == Image.open(io.BytesIO(many)).n_frames * 256 == 7 * 256
     )
+
+
+def gif_parts(data: bytes):
+    """A Pillow GIF's screen flags, global colour table, and first image descriptor through its data."""
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    table = data[13:pos]
+    while data[pos] == 0x21:
+        pos += 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    start = pos
+    pos += 10 + (3 << ((data[pos + 9] & 7) + 1) if data[pos + 9] & 0x80 else 0) + 1
+    while data[pos]:
+        pos += data[pos] + 1
+    return flags, table, data[start : pos + 1]
+
+
+def gif_by_hand(screen, frames: list, between: bytes = b"") -> bytes:
+    """A GIF of Pillow-encoded black frames of the given sizes on a `screen`, `between` after the first."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    parts = []
+    for w, h in frames:
+        buffer = io.BytesIO()
+        Image.new("L", (w, h), 0).save(buffer, format="GIF")
+        flags, table, frame = gif_parts(buffer.getvalue())
+        parts.append(frame)
+    head = b"GIF89a" + struct.pack("<HHBBB", *screen, flags, 0, 0) + table
+    return head + parts[0] + between + b"".join(parts[1:]) + b";"
+
+
+def test_what_the_decoders_allocate_is_never_more_than_the_header_reading_declares():
+    """Found by a review on 2026-12-06, each a decompression bomb past the serving model's check: tf.io.decode_gif's
+    canvas is the widest frame's width by the tallest frame's height (a 65535 x 1 and a 1 x 65535 frame, a 900-byte
+    file, allocate 25.8 GB; the check counted the largest frame, 65535 pixels); giflib reads an extension's first
+    sub-block even when empty, so `21 F9 00 3B` hid the frames after it from the walk (21 frames decoded, 1
+    counted); libwebp decodes a bare bitstream with no chunk header, whose sides the check read from other bytes
+    (0 declared, 6 million decoded); TensorFlow reads an OS/2 BMP's sides as 32-bit fields (0 declared)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from pipelines import normalise
+
+    def allocated(blob, decode):
+        shape = decode(blob).shape
+        return int(np.prod(shape[:-1]))
+
+    canvas = gif_by_hand((1, 1), [(300, 1), (1, 300)])
+    assert int(image.declared_pixels(tf.constant(canvas))) == allocated(canvas, tf.io.decode_gif) == 2 * 300 * 300
+    hidden = gif_by_hand((40, 40), [(40, 40)] * 6, between=b"\x21\xf9\x00" + b";" + bytes(59) + b"\x00")
+    assert int(image.declared_pixels(tf.constant(hidden))) == allocated(hidden, tf.io.decode_gif) == 6 * 40 * 40
+    assert len(normalise.gif_walk(hidden)[0]) == Image.open(io.BytesIO(hidden)).n_frames == 6  # download counts alike
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (90, 20, 200)).save(buffer, format="WEBP", lossless=True)
+    body = buffer.getvalue()[20:]  # the bitstream without its "VP8L" chunk header
+    bare = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    assert allocated(bare, lambda b: tf.io.decode_webp(b)[0]) == 300 * 200  # libwebp decodes it ...
+    assert int(image.declared_pixels(tf.constant(bare))) == -1  # ... so its size cannot be read: refused
+    w, h = 40, 30
+    core = b"BM" + struct.pack("<IHHI", 0, 0, 0, 32) + struct.pack("<IHHHH", 12, w, 0, h, 0) + struct.pack("<HH", 0, 24)
+    core += bytes(3 * w * h + 2)
+    assert int(image.declared_pixels(tf.constant(core))) == allocated(core, image.decode_image) == w * h
+
+
+@pytest.mark.slow
+def test_a_gif_too_long_to_walk_is_refused_by_serving_and_download_alike():
+    """The GIF walk costs about 50 us a block or sub-block in the serving graph: past `image.GIF_MAX_STEPS` (about 3
+    s) the serving model refuses the file (-1), and download quarantines it, so no image training kept is refused."""
+    import io
+
+    from PIL import Image
+
+    from pipelines import normalise
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 0).save(buffer, format="GIF")
+    small = buffer.getvalue()
+    start = 13 + (3 << ((small[10] & 7) + 1) if small[10] & 0x80 else 0)
+    declared = tf.function(image.declared_pixels, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+    seen = {}
+    for n in (image.GIF_MAX_STEPS - 100, image.GIF_MAX_STEPS):  # a comment extension of n one-byte sub-blocks
+        crafted = small[:start] + b"\x21\xfe" + b"\x01\x20" * n + b"\x00" + small[start:]
+        limits = dict(min_side=1, max_pixels=10**6, decode=normalise.make_decoder())
+        rejected = isinstance(normalise.normalise_image(crafted, **limits), normalise.Rejected)
+        seen[n] = (int(declared(crafted)), normalise.gif_walk(crafted)[1], rejected)
+    assert seen == {image.GIF_MAX_STEPS - 100: (64, True, False), image.GIF_MAX_STEPS: (-1, False, True)}
