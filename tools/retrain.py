@@ -494,15 +494,15 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     version = version_at(versions, head)
     # taken out for an older one (a rollback), not superseded by a newer one (a model that came back with its data)
     earlier = [v for v in same_model_in_stage(repo, params, head, version, versions) if newer(v, previous)]
-    # HEAD's model deregistered by hand (taken back): registering it again would revive it unasked (and GTO refuses
-    # the tag of a deregistered version at HEAD)
-    withdrawn = deregistered_models(repo, params, head, versions) if version is None else []
-    if withdrawn:
+    # HEAD's model deregistered by hand (taken back): registering or assigning it again would revive it unasked (and
+    # GTO refuses the tag of a deregistered version at HEAD)
+    withdrawn = withdrawn_by(repo, params, head, versions)
+    if withdrawn is not None:
         promote = False
         reason = (
-            f"the candidate is the model of {withdrawn[0].version}, which was deregistered: not registered or "
+            f"the candidate is the model of {withdrawn.version}, which was deregistered: not registered or "
             f"assigned again (new data makes a new model); `gto register {params.artifact} "
-            f"{withdrawn[0].commit_hexsha} --simple false` registers it again by hand"
+            f"{withdrawn.commit_hexsha} --simple false` registers it again by hand"
         )
     elif version is None:
         version = gto_api().register(str(repo), params.artifact, head, message=reason).version
@@ -619,11 +619,23 @@ def same_model_in_stage(
     )
 
 
-def deregistered_models(repo: Path, params: RetrainParams, commit: str, versions: list) -> list:
-    """Deregistered versions (`gto deregister`) that hold `commit`'s model: registered at `commit`, or at another
-    commit whose dvc.lock records the artifact's output with the hash `commit`'s does."""
+def withdrawn_by(repo: Path, params: RetrainParams, commit: str, versions: list):
+    """The version whose deregistration (`gto deregister`) withdrew `commit`'s model, or None: of the registrations
+    and deregistrations of every version that holds it (registered at `commit`, or at another commit whose dvc.lock
+    records the artifact's output with the hash `commit`'s does), the last, if it is a deregistration. A version
+    registered again by hand after it revives the model; `gto deregister --delete` leaves no event to find."""
     same = same_model(repo, params, commit)
-    return [v for v in versions if v.is_registered and not v.is_active and (v.commit_hexsha == commit or same(v))]
+    events = [
+        (event.created_at, withdrawn, v)
+        for v in versions
+        if v.commit_hexsha == commit or same(v)
+        for withdrawn, kind in ((False, v.registrations), (True, v.deregistrations))
+        for event in kind
+    ]
+    if not events:
+        return None
+    _, withdrawn, version = max(events, key=lambda e: (e[0], e[1]))  # at the same second, the deregistration
+    return version if withdrawn else None
 
 
 def same_model(repo: Path, params: RetrainParams, commit: str):

@@ -800,6 +800,25 @@ seen["revived"] = [code, record["version"], prod(repo)]
 write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
 code, record = rt.retrain(repo, params)
 seen["deregistered_new_model"] = [code, record["version"], prod(repo)]
+
+# the same model registered twice (a commit that re-ran nothing, registered before this check), one deregistered
+repo, git = new_repo("twice")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
+code, record = rt.retrain(repo, params)  # HEAD's own v0.0.3 is active, but its model was withdrawn
+seen["twice"] = [code, record["version"], record["reason"], prod(repo)]
+api.deregister(str(repo), "classifier", version="v0.0.3"); tick()
+code, record = rt.retrain(repo, params)
+seen["twice_both"] = [code, record["version"], record["reason"], prod(repo)]
+hint = record["reason"].split("`")[1].split()
+api.register(str(repo), hint[2], hint[3], simple=False); tick()
+code, record = rt.retrain(repo, params)  # the last deregistration revived by hand: the gate decides again
+seen["twice_revived"] = [code, record["version"], prod(repo)]
 print(json.dumps(seen))
 """
 
@@ -839,3 +858,12 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     assert "gto register classifier " in reason and "--simple false" in reason, reason
     assert seen["revived"] == [0, "v0.0.2", "v0.0.2"]  # the hint's command works, and the gate decides again
     assert seen["deregistered_new_model"] == [0, "v0.0.3", "v0.0.3"]
+    # found by a second review that day: a deregistered model came back through another version of it (HEAD's own,
+    # registered before the deregistration), and the hint named a version whose revival left another deregistered
+    code, version, reason, prod = seen["twice"]
+    assert (code, version, prod) == (3, "v0.0.3", "v0.0.1") and reason.startswith(
+        "the candidate is the model of v0.0.2"
+    )
+    code, version, reason, prod = seen["twice_both"]
+    assert (code, version, prod) == (3, None, "v0.0.1") and reason.startswith("the candidate is the model of v0.0.3")
+    assert seen["twice_revived"] == [0, "v0.0.3", "v0.0.3"]
