@@ -225,6 +225,13 @@ def _webp_pixels(buf: tf.Tensor) -> tf.Tensor:
     )
 
 
+def _png_pixels(buf: tf.Tensor) -> tf.Tensor:
+    """IHDR's sides; -1 (refused) unless IHDR is the first chunk, as the PNG specification has it: libpng reads an
+    unknown chunk before it, whose bytes would be read as the sides."""
+    first = tf.equal(_uint(buf, 8, 4), 13) & tf.equal(_uint(buf, 12, 4), 0x49484452)  # "IHDR", 13 bytes long
+    return tf.where(first, _uint(buf, 16, 4) * _uint(buf, 20, 4), tf.constant(-1, tf.int64))
+
+
 def _bmp_pixels(buf: tf.Tensor) -> tf.Tensor:
     """The sides TensorFlow's BMP decoder reads (32-bit at 18 and 22, whatever the header: an OS/2 1.x core
     header's 16-bit sides are not what it allocates), negative ones (rows stored top-down) as their size."""
@@ -238,7 +245,8 @@ def declared_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
     """One encoded image (scalar string, a format of `FORMATS`) -> int64 pixels its header declares, read before
     any pixel is decoded: width x height (JPEG's frame header, PNG's IHDR, BMP's info header, WebP's VP8X canvas
     or bitstream header), and for a GIF what its decode allocates (`_gif_pixels`); -1 where that cannot be read
-    (a WebP without a known chunk, a GIF of more than `GIF_MAX_STEPS` blocks). The serving model refuses a file
+    (a PNG whose first chunk is not IHDR, a WebP without a known chunk, a GIF of more than `GIF_MAX_STEPS`
+    blocks). The serving model refuses a file
     above its limit, or at -1, with this, as download refuses one with Pillow's reading of the same headers."""
     fmt = format_index(image_bytes)
     buf = _byte_buffer(image_bytes)
@@ -251,7 +259,7 @@ def declared_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
         fmt,
         [
             jpeg,
-            lambda: _uint(buf, 16, 4) * _uint(buf, 20, 4),
+            lambda: _png_pixels(buf),
             lambda: _gif_pixels(image_bytes),
             lambda: _bmp_pixels(buf),
             lambda: _webp_pixels(buf),

@@ -235,6 +235,11 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     f"download.max_pixels={max_pixels} (decompression-bomb limit)"
                 )
             fmt = img.format or fmt
+            if fmt == "PNG" and data[8:16] != b"\0\0\0\rIHDR":
+                return Rejected(
+                    "a PNG whose first chunk is not IHDR: the serving model cannot read its size before decoding "
+                    "it (and refuses it); re-save the file"
+                )
             frames = getattr(img, "n_frames", 1) if fmt == "GIF" else 1  # frame headers only, no pixels
             if width * height * frames > max_pixels:  # the shared decode (tf.io.decode_gif) decodes every frame
                 return Rejected(
@@ -247,6 +252,15 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                     return Rejected(
                         f"a GIF of more than {image.GIF_MAX_STEPS} blocks and sub-blocks: the serving model cannot "
                         "check its size before decoding it (and refuses it); re-save the file"
+                    )
+                # what the decode allocates, as the serving model counts it (`image.declared_pixels`): the frames
+                # giflib reads (Pillow stops at a comment's empty first sub-block, and can count fewer)
+                canvas = max([width] + [f[2] for f in walked]) * max([height] + [f[3] for f in walked])
+                if max(len(walked), 1) * canvas > max_pixels:
+                    return Rejected(
+                        f"too large: {len(walked)} frames on a canvas of {canvas} pixels = "
+                        f"{max(len(walked), 1) * canvas} pixels > download.max_pixels={max_pixels} "
+                        "(decompression-bomb limit; the decode reads every frame)"
                     )
                 larger = [f for f in walked if f[2] > width or f[3] > height]
                 if larger:

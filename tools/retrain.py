@@ -496,16 +496,24 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     earlier = [v for v in same_model_in_stage(repo, params, head, version, versions) if newer(v, previous)]
     # HEAD's model deregistered by hand (taken back): registering or assigning it again would revive it unasked (and
     # GTO refuses the tag of a deregistered version at HEAD)
-    withdrawn = withdrawn_by(repo, params, head, versions)
+    holding = model_versions(repo, params, head, versions)
+    withdrawn = withdrawn_by(holding)
+    own = [v for v in versions if v.commit_hexsha == head and v.is_registered]  # HEAD's, even deregistered
     if withdrawn is not None:
         promote = False
+        again = "" if own else f" --version {next_version(versions) or 'v0.0.1'}"  # HEAD's own number, or a new one
         reason = (
             f"the candidate is the model of {withdrawn.version}, which was deregistered: not registered or "
-            f"assigned again (new data makes a new model); `gto register {params.artifact} "
-            f"{withdrawn.commit_hexsha} --simple false` registers it again by hand"
+            f"assigned again (new data makes a new model); `gto register {params.artifact} {head}{again} "
+            "--simple false` registers it again by hand"
         )
-    elif version is None:
-        version = gto_api().register(str(repo), params.artifact, head, message=reason).version
+    elif version is None and own:  # HEAD's own version deregistered, the model registered again through another one
+        version = max((v for v in holding if v.is_active), key=lambda v: v.activated_at).version
+    elif version is None:  # past every version ever registered: GTO bumps the highest active one, and a higher
+        # deregistered one's tag would be refused
+        version = (
+            gto_api().register(str(repo), params.artifact, head, version=next_version(versions), message=reason).version
+        )
     if promote and version != previous and earlier:
         # putting it back is the operator's call, not a scheduled run's (GTO refused it anyway when the version was
         # HEAD's, failing every run until new data came)
@@ -619,23 +627,39 @@ def same_model_in_stage(
     )
 
 
-def withdrawn_by(repo: Path, params: RetrainParams, commit: str, versions: list):
-    """The version whose deregistration (`gto deregister`) withdrew `commit`'s model, or None: of the registrations
-    and deregistrations of every version that holds it (registered at `commit`, or at another commit whose dvc.lock
-    records the artifact's output with the hash `commit`'s does), the last, if it is a deregistration. A version
-    registered again by hand after it revives the model; `gto deregister --delete` leaves no event to find."""
+def model_versions(repo: Path, params: RetrainParams, commit: str, versions: list) -> list:
+    """The versions that hold `commit`'s model: registered at `commit`, or at another commit whose dvc.lock records
+    the artifact's output with the hash `commit`'s does."""
     same = same_model(repo, params, commit)
-    events = [
-        (event.created_at, withdrawn, v)
-        for v in versions
-        if v.commit_hexsha == commit or same(v)
-        for withdrawn, kind in ((False, v.registrations), (True, v.deregistrations))
-        for event in kind
-    ]
+    return [v for v in versions if v.commit_hexsha == commit or same(v)]
+
+
+def withdrawn_by(holding: list):
+    """The version whose deregistration (`gto deregister`) withdrew a model, or None: of the registrations and
+    deregistrations of the versions `holding` it, the last (at the same second, a version GTO holds active there
+    wins), if it is a deregistration. A version registered again by hand after it revives the model;
+    `gto deregister --delete` leaves no event to find."""
+    events = [(event.created_at, v) for v in holding for event in (*v.registrations, *v.deregistrations)]
     if not events:
         return None
-    _, withdrawn, version = max(events, key=lambda e: (e[0], e[1]))  # at the same second, the deregistration
-    return version if withdrawn else None
+    last = max(created for created, _ in events)
+    at_last = [v for created, v in events if created == last]
+    if any(v.is_active for v in at_last):
+        return None
+    return at_last[-1]
+
+
+def next_version(versions: list) -> str | None:
+    """The patch after the highest version ever registered, deregistered ones included (None: none yet)."""
+    from gto.versions import SemVer
+
+    numbers = []
+    for v in versions:
+        try:
+            numbers.append(SemVer(v.version))
+        except Exception:  # noqa: BLE001 - GTO's own error for a name that is not a version
+            continue
+    return max(numbers).bump_patch().version if numbers else None
 
 
 def same_model(repo: Path, params: RetrainParams, commit: str):

@@ -180,6 +180,29 @@ def test_what_the_decoders_allocate_is_never_more_than_the_header_reading_declar
     bare = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
     assert allocated(bare, lambda b: tf.io.decode_webp(b)[0]) == 300 * 200  # libwebp decodes it ...
     assert int(image.declared_pixels(tf.constant(bare))) == -1  # ... so its size cannot be read: refused
+    # found by a second review that day: libpng reads a chunk before IHDR, whose bytes the check took for the sides
+    # (1 declared, 9 million decoded); and Pillow stops at a comment's empty first sub-block, which giflib reads on,
+    # so download's frame count (Pillow's) was below what the decode allocates: both now refused by both stages
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 300, 300, 8, 0, 0, 0, 0))
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * (301 * 300), 9))
+    early = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"prVt", struct.pack(">II", 1, 1) + bytes(5)) + ihdr + idat + chunk(b"IEND", b"")
+    )
+    assert allocated(early, image.decode_image) == 300 * 300 and Image.open(io.BytesIO(early)).size == (300, 300)
+    assert int(image.declared_pixels(tf.constant(early))) == -1
+    limits = dict(min_side=1, max_pixels=10**6, decode=normalise.make_decoder())
+    rejected = normalise.normalise_image(early, **limits)
+    assert isinstance(rejected, normalise.Rejected) and "first chunk is not IHDR" in rejected.reason, rejected
+    comment = gif_by_hand((100, 100), [(100, 100)] * 8, between=b"\x21\xfe\x00" + b";" + bytes(59) + b"\x00")
+    assert Image.open(io.BytesIO(comment)).n_frames == 1  # Pillow's count
+    assert int(image.declared_pixels(tf.constant(comment))) == allocated(comment, tf.io.decode_gif) == 8 * 100 * 100
+    rejected = normalise.normalise_image(comment, **{**limits, "max_pixels": 5 * 100 * 100})
+    assert isinstance(rejected, normalise.Rejected) and "8 frames on a canvas of 10000 pixels" in rejected.reason
     w, h = 40, 30
     core = b"BM" + struct.pack("<IHHI", 0, 0, 0, 32) + struct.pack("<IHHHH", 12, w, 0, h, 0) + struct.pack("<HH", 0, 24)
     core += bytes(3 * w * h + 2)

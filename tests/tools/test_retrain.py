@@ -12,7 +12,7 @@ import yaml
 from components.params import ParamsError, parse_section
 from tests.conftest import repo_params, tree_bytes
 from tests.test_dvc_pipeline import REPO, commit, dvc, run, tool_env
-from tools.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired
+from tools.retrain import RetrainParams, decide, mcnemar_worse_p, metric_of, paired, withdrawn_by
 
 PARAMS = RetrainParams(threshold=0.9, alpha=0.05)
 
@@ -701,6 +701,13 @@ def run_or_stand_in(cmd, *args, **kwargs):
     return real_run(cmd, *args, **kwargs)
 
 
+def follow(repo, record):  # the reason's `gto ...` command, run as an operator would, with GTO's command line
+    words = record["reason"].split("`")[1].split()
+    assert words[0] == "gto", words
+    real_run([str(Path(sys.executable).parent / "gto"), *words[1:]], cwd=repo, check=True, capture_output=True)
+    tick()
+
+
 rt.subprocess.run = run_or_stand_in
 rt.pipeline_paths = lambda repo, artifact: (repo / "data/export/serving", repo / "r", "data/m")
 rt.outputs_in_git.git_tracked_cached_outputs = lambda repo: []
@@ -792,9 +799,7 @@ seen["deregistered"] = [code, record["version"], record["reason"], prod(repo), t
 (repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
 code, record = rt.retrain(repo, params)  # a new commit, the same model: not registered anew either
 seen["deregistered_later"] = [code, record["version"], record["reason"], prod(repo), tags() == before]
-git("reset", "-q", "--hard", "HEAD~1")
-hint = record["reason"].split("`")[1].split()  # the hint's command, run by hand
-api.register(str(repo), hint[2], hint[3], simple=False); tick()
+follow(repo, record)  # the hint's command, run by hand: HEAD registered as a new version
 code, record = rt.retrain(repo, params)  # revived by hand: the gate decides again
 seen["revived"] = [code, record["version"], prod(repo)]
 write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
@@ -815,10 +820,29 @@ seen["twice"] = [code, record["version"], record["reason"], prod(repo)]
 api.deregister(str(repo), "classifier", version="v0.0.3"); tick()
 code, record = rt.retrain(repo, params)
 seen["twice_both"] = [code, record["version"], record["reason"], prod(repo)]
-hint = record["reason"].split("`")[1].split()
-api.register(str(repo), hint[2], hint[3], simple=False); tick()
+follow(repo, record)
 code, record = rt.retrain(repo, params)  # the last deregistration revived by hand: the gate decides again
 seen["twice_revived"] = [code, record["version"], prod(repo)]
+
+# HEAD's version deregistered before the other version of its model; then the highest version deregistered, new data
+repo, git = new_repo("reversed")
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
+api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+api.deregister(str(repo), "classifier", version="v0.0.3"); tick()
+api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
+code, record = rt.retrain(repo, params)
+follow(repo, record)  # names HEAD, whose own v0.0.3 comes back
+code, record = rt.retrain(repo, params)
+seen["reversed_revived"] = [code, record["version"], prod(repo)]
+api.deregister(str(repo), "classifier", version="v0.0.3", simple=False); tick()  # the highest version deregistered
+state["metrics"] = 0.94
+code, record = rt.retrain(repo, params)  # new data, a new model: past every version, v0.0.3 included
+seen["after_highest_deregistered"] = [code, record["version"], prod(repo)]
+state["metrics"] = None
 print(json.dumps(seen))
 """
 
@@ -856,8 +880,8 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     code, version, reason, prod, untouched = seen["deregistered_later"]
     assert (code, version, prod, untouched) == (3, None, "v0.0.1", True), seen["deregistered_later"]
     assert "gto register classifier " in reason and "--simple false" in reason, reason
-    assert seen["revived"] == [0, "v0.0.2", "v0.0.2"]  # the hint's command works, and the gate decides again
-    assert seen["deregistered_new_model"] == [0, "v0.0.3", "v0.0.3"]
+    assert seen["revived"] == [0, "v0.0.3", "v0.0.3"]  # the hint's command works, and the gate decides again
+    assert seen["deregistered_new_model"] == [0, "v0.0.4", "v0.0.4"]
     # found by a second review that day: a deregistered model came back through another version of it (HEAD's own,
     # registered before the deregistration), and the hint named a version whose revival left another deregistered
     code, version, reason, prod = seen["twice"]
@@ -867,3 +891,30 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     code, version, reason, prod = seen["twice_both"]
     assert (code, version, prod) == (3, None, "v0.0.1") and reason.startswith("the candidate is the model of v0.0.3")
     assert seen["twice_revived"] == [0, "v0.0.3", "v0.0.3"]
+    # and a third review: the hint named another commit than HEAD, whose revival left HEAD's version deregistered (GTO
+    # refused its tag again); after the highest version was deregistered, GTO proposed its number for a new model
+    assert seen["reversed_revived"] == [0, "v0.0.3", "v0.0.3"]
+    assert seen["after_highest_deregistered"] == [0, "v0.0.4", "v0.0.4"]
+
+
+class Event:
+    def __init__(self, second):
+        self.created_at = second
+
+
+class Held:  # a registry version as withdrawn_by reads it
+    def __init__(self, name, active, registered=(), deregistered=()):
+        self.version, self.is_active = name, active
+        self.registrations = [Event(t) for t in registered]
+        self.deregistrations = [Event(t) for t in deregistered]
+
+
+def test_a_model_is_withdrawn_when_its_last_registry_event_is_a_deregistration():
+    assert withdrawn_by([]) is None
+    assert withdrawn_by([Held("v1", True, [1])]) is None
+    gone = Held("v1", False, [1], [3])
+    assert withdrawn_by([gone, Held("v2", True, [2])]) is gone  # another version of it registered before
+    assert withdrawn_by([gone, Held("v2", True, [4])]) is None  # ... or registered again by hand after
+    # at the same second (GTO's times are whole seconds), a version GTO holds active wins: registered by hand
+    assert withdrawn_by([gone, Held("v2", True, [3])]) is None
+    assert withdrawn_by([Held("v1", False, [3], [3])]).version == "v1"  # one version, GTO's own order
