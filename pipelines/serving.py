@@ -56,8 +56,9 @@ def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
         ~tf.reduce_any(over),
         [
             f"serving: images declaring more than max_pixels={max_pixels} pixels (export.max_pixels, a "
-            f"decompression-bomb limit; -1: a size that cannot be read before decoding, a WebP without a VP8, VP8L "
-            f"or VP8X chunk or a GIF of more than {image.GIF_MAX_STEPS} blocks) at batch indices",
+            f"decompression-bomb limit; -1: a size that cannot be read before decoding, a PNG whose first chunk is "
+            f"not IHDR, a WebP without a VP8, VP8L or VP8X chunk or a GIF of more than {image.GIF_MAX_STEPS} "
+            "blocks) at batch indices",
             tf.reshape(tf.where(over), [-1]),
             "declaring",
             tf.boolean_mask(declared, over),

@@ -501,10 +501,15 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     own = [v for v in versions if v.commit_hexsha == head and v.is_registered]  # HEAD's, even deregistered
     if withdrawn is not None:
         promote = False
-        again = "" if own else f" --version {next_version(versions) or 'v0.0.1'}"  # HEAD's own number, or a new one
+        if version is not None:  # HEAD's own version active: the deregistered one registered again
+            again = withdrawn.commit_hexsha
+        elif own:  # HEAD's own version deregistered: registered again under its number
+            again = head
+        else:  # HEAD never registered: a new version of it
+            again = f"{head} --version {next_version(versions) or 'v0.0.1'}"
         reason = (
             f"the candidate is the model of {withdrawn.version}, which was deregistered: not registered or "
-            f"assigned again (new data makes a new model); `gto register {params.artifact} {head}{again} "
+            f"assigned again (new data makes a new model); `gto register {params.artifact} {again} "
             "--simple false` registers it again by hand"
         )
     elif version is None and own:  # HEAD's own version deregistered, the model registered again through another one

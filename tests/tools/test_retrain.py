@@ -817,6 +817,9 @@ api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
 api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
 code, record = rt.retrain(repo, params)  # HEAD's own v0.0.3 is active, but its model was withdrawn
 seen["twice"] = [code, record["version"], record["reason"], prod(repo)]
+follow(repo, record)  # the hint: the deregistered v0.0.2 registered again (HEAD's own v0.0.3 is active)
+holding = rt.model_versions(repo, params, git("rev-parse", "HEAD"), rt.artifact_versions(repo, "classifier"))
+seen["twice_hint"] = rt.withdrawn_by(holding) is None
 api.deregister(str(repo), "classifier", version="v0.0.3"); tick()
 code, record = rt.retrain(repo, params)
 seen["twice_both"] = [code, record["version"], record["reason"], prod(repo)]
@@ -888,6 +891,7 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     assert (code, version, prod) == (3, "v0.0.3", "v0.0.1") and reason.startswith(
         "the candidate is the model of v0.0.2"
     )
+    assert seen["twice_hint"]  # GTO took the hint's command (HEAD's active version: the deregistered one's commit)
     code, version, reason, prod = seen["twice_both"]
     assert (code, version, prod) == (3, None, "v0.0.1") and reason.startswith("the candidate is the model of v0.0.3")
     assert seen["twice_revived"] == [0, "v0.0.3", "v0.0.3"]
