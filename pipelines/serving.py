@@ -13,9 +13,10 @@ turns, as evaluate scored it.
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
 string, text, another format) fails with an error naming the batch indices; so
 does one whose header declares more pixels than ``max_pixels`` (a decompression
-bomb: a few kilobytes of PNG can declare gigabytes of pixels), before any pixel
-is decoded (`pipelines.image.declared_pixels`); an image with the right header
-but corrupt data fails in TensorFlow's decoder.
+bomb: a few kilobytes of PNG can declare gigabytes of pixels), or whose size
+cannot be read before decoding, before any pixel is decoded
+(`pipelines.image.declared_pixels`); an image with the right header but corrupt
+data fails in TensorFlow's decoder.
 """
 
 from __future__ import annotations

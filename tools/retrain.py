@@ -19,8 +19,10 @@ Run (cron, CI): ``python -m tools.retrain [--pull] [--push]``
    of the artifact (``gto register``), and on success assign it to the stage
    (``gto assign``). A rejected model stays registered and in the DVC cache,
    but is not promoted; a model deregistered by hand (``gto deregister``) is
-   neither registered nor assigned again. ``--push`` pushes data (``dvc push``)
-   and git tags.
+   neither registered nor assigned again until a version of it is registered
+   again by hand (``gto deregister --delete`` leaves nothing to find: the model
+   is then registered as new). ``--push`` pushes data (``dvc push``) and git
+   tags.
 
 Exit codes: 0 promoted, 3 rejected, 1 failed (the pipeline or a step failed),
 2 bad params. The decision is printed as one JSON line, with both models'

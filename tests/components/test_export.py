@@ -67,7 +67,7 @@ def test_the_serving_model_refuses_a_decompression_bomb_before_decoding_it(tmp_p
     with Pillow's limit; the serving model had none): the shared decode of a 409 KB PNG of 12,000 x 12,000 black
     pixels took 5.5 GB of memory and 8.4 s here, and a PNG of a few hundred bytes can declare 100,000 x 70,000. It
     now reads each header first (`image.declared_pixels`) and names the batch indices."""
-    from tests.pipelines.test_image import gif_of, png_declaring
+    from tests.pipelines.test_image import bare_webp, gif_of, png_chunk_first, png_declaring
 
     model = tiny_model(1)
     serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "default")  # export.max_pixels's default: Pillow's
@@ -76,6 +76,9 @@ def test_the_serving_model_refuses_a_decompression_bomb_before_decoding_it(tmp_p
     assert serve(images=tf.constant([good, good]))["probabilities"].shape == (2, 2)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"more than max_pixels=89478485 .*indices.*\[1\]"):
         serve(images=tf.constant([good, png_declaring(100_000, 70_000)]))
+    # a size that cannot be read before decoding (-1): a chunk before IHDR, a WebP bitstream without its chunk header
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"indices.*\[1 2\].*declaring.*\[-1 -1\]"):
+        serve(images=tf.constant([good, png_chunk_first(), bare_webp()]))
     # a tighter limit, as export.max_pixels sets it: a GIF counts every frame (its decode allocates them all)
     serving.export(model, ["cats", "dogs"], SIZE, tmp_path / "tight", max_pixels=1000)
     serve = tf.saved_model.load(str(tmp_path / "tight")).signatures[serving.SIGNATURE]

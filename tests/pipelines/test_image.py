@@ -66,6 +66,33 @@ def gif_of(frames: list, screen=None, **save_kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def png_chunk_first(width: int = 300, height: int = 300) -> bytes:
+    """A gray PNG of `width` x `height` with a private chunk before IHDR that looks like a 1x1 IHDR at bytes 16-23."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * ((width + 1) * height), 9))
+    fake = chunk(b"prVt", struct.pack(">II", 1, 1) + bytes(5))
+    return b"\x89PNG\r\n\x1a\n" + fake + ihdr + idat + chunk(b"IEND", b"")
+
+
+def bare_webp(width: int = 300, height: int = 200) -> bytes:
+    """A lossless WebP without its "VP8L" chunk header: libwebp decodes the bare bitstream, Pillow does not."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 20, 200)).save(buffer, format="WEBP", lossless=True)
+    body = buffer.getvalue()[20:]
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
 def with_alpha(rgb: np.ndarray) -> np.ndarray:
     alpha = (np.arange(rgb.shape[0] * rgb.shape[1]) % 256).astype(np.uint8).reshape(rgb.shape[:2])
     return np.dstack([rgb, alpha])
@@ -174,25 +201,13 @@ def test_what_the_decoders_allocate_is_never_more_than_the_header_reading_declar
     hidden = gif_by_hand((40, 40), [(40, 40)] * 6, between=b"\x21\xf9\x00" + b";" + bytes(59) + b"\x00")
     assert int(image.declared_pixels(tf.constant(hidden))) == allocated(hidden, tf.io.decode_gif) == 6 * 40 * 40
     assert len(normalise.gif_walk(hidden)[0]) == Image.open(io.BytesIO(hidden)).n_frames == 6  # download counts alike
-    buffer = io.BytesIO()
-    Image.new("RGB", (300, 200), (90, 20, 200)).save(buffer, format="WEBP", lossless=True)
-    body = buffer.getvalue()[20:]  # the bitstream without its "VP8L" chunk header
-    bare = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    bare = bare_webp(300, 200)
     assert allocated(bare, lambda b: tf.io.decode_webp(b)[0]) == 300 * 200  # libwebp decodes it ...
     assert int(image.declared_pixels(tf.constant(bare))) == -1  # ... so its size cannot be read: refused
     # found by a second review that day: libpng reads a chunk before IHDR, whose bytes the check took for the sides
     # (1 declared, 9 million decoded); and Pillow stops at a comment's empty first sub-block, which giflib reads on,
     # so download's frame count (Pillow's) was below what the decode allocates: both now refused by both stages
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 300, 300, 8, 0, 0, 0, 0))
-    idat = chunk(b"IDAT", zlib.compress(b"\0" * (301 * 300), 9))
-    early = (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"prVt", struct.pack(">II", 1, 1) + bytes(5)) + ihdr + idat + chunk(b"IEND", b"")
-    )
+    early = png_chunk_first(300, 300)
     assert allocated(early, image.decode_image) == 300 * 300 and Image.open(io.BytesIO(early)).size == (300, 300)
     assert int(image.declared_pixels(tf.constant(early))) == -1
     limits = dict(min_side=1, max_pixels=10**6, decode=normalise.make_decoder())
