@@ -40,7 +40,7 @@ from pipelines import normalise
 from pipelines.fingerprint import code_fingerprint, namespace_of
 
 # The code that checks, decodes and re-encodes a file, and this store's own reading and writing of results.
-CODE = ("pipelines.normalise", "pipelines.image", "pipelines.download_cache")
+CODE = ("pipelines.normalise", "pipelines.image", "pipelines.image_header", "pipelines.download_cache")
 SUFFIXES = (".json", ".png")  # an entry's files: the result, and a re-encoded image's bytes
 
 

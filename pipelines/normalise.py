@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
-from pipelines import image
+from pipelines import image, image_header
 
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # Pillow's decompression-bomb limit
 # Pillow refuses any image over twice that (DecompressionBombError in Image.open): a higher limit would do nothing
@@ -181,14 +181,14 @@ def bmp_unsupported(data: bytes) -> str | None:
 def gif_walk(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool]:
     """(left, top, width, height) of every frame of a GIF, from its image descriptors (no pixel decoded; blocks
     walked by their lengths as giflib and Pillow walk them: an extension's first sub-block is read even when
-    empty), and whether the walk ended within `image.GIF_MAX_STEPS` steps (a block or a sub-block each), as the
-    serving model's `image.declared_pixels` walks it. A file cut short lists the frames before the cut (Pillow
+    empty), and whether the walk ended within `image_header.GIF_MAX_STEPS` steps (a block or a sub-block each), as the
+    serving model's `image_header.declared_pixels` walks it. A file cut short lists the frames before the cut (Pillow
     reports the damage)."""
     frames, steps = [], 0
     if len(data) < 13 or data[:6] not in (b"GIF87a", b"GIF89a"):
         return frames, True
     pos = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
-    while pos < len(data) and steps < image.GIF_MAX_STEPS:
+    while pos < len(data) and steps < image_header.GIF_MAX_STEPS:
         steps += 1
         first = data[pos] == 0x21
         if data[pos] == 0x21:  # an extension: its label, then sub-blocks
@@ -199,14 +199,14 @@ def gif_walk(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool]:
             pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colour table, LZW code size
         else:  # the trailer, or anything else: the end
             return frames, True
-        while pos < len(data) and steps < image.GIF_MAX_STEPS:  # sub-blocks, each led by its length
+        while pos < len(data) and steps < image_header.GIF_MAX_STEPS:  # sub-blocks, each led by its length
             steps += 1
             length = data[pos] if pos < len(data) else 0
             pos += 1 + length
             if not length and not first:  # a zero-length one ends them (an extension's first does not)
                 break
             first = False
-    return frames, pos >= len(data) or steps < image.GIF_MAX_STEPS
+    return frames, pos >= len(data) or steps < image_header.GIF_MAX_STEPS
 
 
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
@@ -250,10 +250,10 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
                 walked, ended = gif_walk(data)
                 if not ended:
                     return Rejected(
-                        f"a GIF of more than {image.GIF_MAX_STEPS} blocks and sub-blocks: the serving model cannot "
+                        f"a GIF of more than {image_header.GIF_MAX_STEPS} blocks and sub-blocks: the serving model cannot "
                         "check its size before decoding it (and refuses it); re-save the file"
                     )
-                # what the decode allocates, as the serving model counts it (`image.declared_pixels`): the frames
+                # what the decode allocates, as the serving model counts it (`image_header.declared_pixels`): the frames
                 # giflib reads (Pillow stops at a comment's empty first sub-block, and can count fewer)
                 canvas = max([width] + [f[2] for f in walked]) * max([height] + [f[3] for f in walked])
                 if max(len(walked), 1) * canvas > max_pixels:

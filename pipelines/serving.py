@@ -15,7 +15,7 @@ string, text, another format) fails with an error naming the batch indices; so
 does one whose header declares more pixels than ``max_pixels`` (a decompression
 bomb: a few kilobytes of PNG can declare gigabytes of pixels), or whose size
 cannot be read before decoding, before any pixel is decoded
-(`pipelines.image.declared_pixels`); an image with the right header but corrupt
+(`pipelines.image_header.declared_pixels`); an image with the right header but corrupt
 data fails in TensorFlow's decoder.
 """
 
@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines import image
+from pipelines import image, image_header
 from pipelines.normalise import DEFAULT_MAX_PIXELS
 
 SIGNATURE = "serving_default"
@@ -50,7 +50,7 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
 
 
 def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
-    """An assertion that no image's header declares more than `max_pixels` pixels (`image.declared_pixels`), nor
+    """An assertion that no image's header declares more than `max_pixels` pixels (`image_header.declared_pixels`), nor
     hides its size (-1)."""
     over = (declared > max_pixels) | (declared < 0)
     return tf.debugging.Assert(
@@ -58,7 +58,7 @@ def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
         [
             f"serving: images declaring more than max_pixels={max_pixels} pixels (export.max_pixels, a "
             f"decompression-bomb limit; -1: a size that cannot be read before decoding, a PNG whose first chunk is "
-            f"not IHDR, a WebP without a VP8, VP8L or VP8X chunk or a GIF of more than {image.GIF_MAX_STEPS} "
+            f"not IHDR, a WebP without a VP8, VP8L or VP8X chunk or a GIF of more than {image_header.GIF_MAX_STEPS} "
             "blocks) at batch indices",
             tf.reshape(tf.where(over), [-1]),
             "declaring",
@@ -163,7 +163,7 @@ def export(
 
     def serve(images):
         with tf.control_dependencies([check_encoded(images)]):
-            declared = tf.map_fn(image.declared_pixels, images, fn_output_signature=tf.int64)
+            declared = tf.map_fn(image_header.declared_pixels, images, fn_output_signature=tf.int64)
         with tf.control_dependencies([check_pixels(declared, int(max_pixels))]):
             pixels = tf.map_fn(
                 lambda blob: image.decode_and_resize(blob, size),

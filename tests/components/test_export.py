@@ -66,7 +66,7 @@ def test_the_serving_model_refuses_a_decompression_bomb_before_decoding_it(tmp_p
     """Found by a review on 2026-12-06: the serving model decoded whatever a client sent (download refuses such files
     with Pillow's limit; the serving model had none): the shared decode of a 409 KB PNG of 12,000 x 12,000 black
     pixels took 5.5 GB of memory and 8.4 s here, and a PNG of a few hundred bytes can declare 100,000 x 70,000. It
-    now reads each header first (`image.declared_pixels`) and names the batch indices."""
+    now reads each header first (`image_header.declared_pixels`) and names the batch indices."""
     from tests.pipelines.test_image import bare_webp, gif_of, png_chunk_first, png_declaring
 
     model = tiny_model(1)

@@ -3,7 +3,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from pipelines import image  # noqa: E402
+from pipelines import image, image_header  # noqa: E402
 from tests.conftest import encode, image_array  # noqa: E402
 
 
@@ -128,7 +128,7 @@ def test_declared_pixels_are_what_each_formats_header_says():
         "gif_3_frames": (gif_of([image_array(s, size=(12, 18)) for s in range(3)]), 3 * 12 * 18),
     }
     for name, (blob, _) in cases.items():
-        seen[name] = int(image.declared_pixels(tf.constant(blob)).numpy())
+        seen[name] = int(image_header.declared_pixels(tf.constant(blob)).numpy())
     assert seen == {name: pixels for name, (_, pixels) in cases.items()}
     assert cases["webp_extended"][0][12:16] == b"VP8X" and cases["webp_lossless"][0][12:16] == b"VP8L"
     assert cases["webp_lossy"][0][12:16] == b"VP8 "
@@ -140,7 +140,9 @@ def test_declared_pixels_are_what_each_formats_header_says():
 
     many = gif_of([image_array(s, (30 * s, 200 - 20 * s, 90), (16, 16)) for s in range(7)])
     assert (
-        int(image.declared_pixels(tf.constant(many)).numpy()) == Image.open(io.BytesIO(many)).n_frames * 256 == 7 * 256
+        int(image_header.declared_pixels(tf.constant(many)).numpy())
+        == Image.open(io.BytesIO(many)).n_frames * 256
+        == 7 * 256
     )
 
 
@@ -197,36 +199,40 @@ def test_what_the_decoders_allocate_is_never_more_than_the_header_reading_declar
         return int(np.prod(shape[:-1]))
 
     canvas = gif_by_hand((1, 1), [(300, 1), (1, 300)])
-    assert int(image.declared_pixels(tf.constant(canvas))) == allocated(canvas, tf.io.decode_gif) == 2 * 300 * 300
+    assert (
+        int(image_header.declared_pixels(tf.constant(canvas))) == allocated(canvas, tf.io.decode_gif) == 2 * 300 * 300
+    )
     hidden = gif_by_hand((40, 40), [(40, 40)] * 6, between=b"\x21\xf9\x00" + b";" + bytes(59) + b"\x00")
-    assert int(image.declared_pixels(tf.constant(hidden))) == allocated(hidden, tf.io.decode_gif) == 6 * 40 * 40
+    assert int(image_header.declared_pixels(tf.constant(hidden))) == allocated(hidden, tf.io.decode_gif) == 6 * 40 * 40
     assert len(normalise.gif_walk(hidden)[0]) == Image.open(io.BytesIO(hidden)).n_frames == 6  # download counts alike
     bare = bare_webp(300, 200)
     assert allocated(bare, lambda b: tf.io.decode_webp(b)[0]) == 300 * 200  # libwebp decodes it ...
-    assert int(image.declared_pixels(tf.constant(bare))) == -1  # ... so its size cannot be read: refused
+    assert int(image_header.declared_pixels(tf.constant(bare))) == -1  # ... so its size cannot be read: refused
     # found by a second review that day: libpng reads a chunk before IHDR, whose bytes the check took for the sides
     # (1 declared, 9 million decoded); and Pillow stops at a comment's empty first sub-block, which giflib reads on,
     # so download's frame count (Pillow's) was below what the decode allocates: both now refused by both stages
     early = png_chunk_first(300, 300)
     assert allocated(early, image.decode_image) == 300 * 300 and Image.open(io.BytesIO(early)).size == (300, 300)
-    assert int(image.declared_pixels(tf.constant(early))) == -1
+    assert int(image_header.declared_pixels(tf.constant(early))) == -1
     limits = dict(min_side=1, max_pixels=10**6, decode=normalise.make_decoder())
     rejected = normalise.normalise_image(early, **limits)
     assert isinstance(rejected, normalise.Rejected) and "first chunk is not IHDR" in rejected.reason, rejected
     comment = gif_by_hand((100, 100), [(100, 100)] * 8, between=b"\x21\xfe\x00" + b";" + bytes(59) + b"\x00")
     assert Image.open(io.BytesIO(comment)).n_frames == 1  # Pillow's count
-    assert int(image.declared_pixels(tf.constant(comment))) == allocated(comment, tf.io.decode_gif) == 8 * 100 * 100
+    assert (
+        int(image_header.declared_pixels(tf.constant(comment))) == allocated(comment, tf.io.decode_gif) == 8 * 100 * 100
+    )
     rejected = normalise.normalise_image(comment, **{**limits, "max_pixels": 5 * 100 * 100})
     assert isinstance(rejected, normalise.Rejected) and "8 frames on a canvas of 10000 pixels" in rejected.reason
     w, h = 40, 30
     core = b"BM" + struct.pack("<IHHI", 0, 0, 0, 32) + struct.pack("<IHHHH", 12, w, 0, h, 0) + struct.pack("<HH", 0, 24)
     core += bytes(3 * w * h + 2)
-    assert int(image.declared_pixels(tf.constant(core))) == allocated(core, image.decode_image) == w * h
+    assert int(image_header.declared_pixels(tf.constant(core))) == allocated(core, image.decode_image) == w * h
 
 
 @pytest.mark.slow
 def test_a_gif_too_long_to_walk_is_refused_by_serving_and_download_alike():
-    """The GIF walk costs about 50 us a block or sub-block in the serving graph: past `image.GIF_MAX_STEPS` (about 3
+    """The GIF walk costs about 50 us a block or sub-block in the serving graph: past `image_header.GIF_MAX_STEPS` (about 3
     s) the serving model refuses the file (-1), and download quarantines it, so no image training kept is refused."""
     import io
 
@@ -238,11 +244,16 @@ def test_a_gif_too_long_to_walk_is_refused_by_serving_and_download_alike():
     Image.new("L", (8, 8), 0).save(buffer, format="GIF")
     small = buffer.getvalue()
     start = 13 + (3 << ((small[10] & 7) + 1) if small[10] & 0x80 else 0)
-    declared = tf.function(image.declared_pixels, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+    declared = tf.function(
+        image_header.declared_pixels, input_signature=[tf.TensorSpec([], tf.string)], autograph=False
+    )
     seen = {}
-    for n in (image.GIF_MAX_STEPS - 100, image.GIF_MAX_STEPS):  # a comment extension of n one-byte sub-blocks
+    for n in (
+        image_header.GIF_MAX_STEPS - 100,
+        image_header.GIF_MAX_STEPS,
+    ):  # a comment extension of n one-byte sub-blocks
         crafted = small[:start] + b"\x21\xfe" + b"\x01\x20" * n + b"\x00" + small[start:]
         limits = dict(min_side=1, max_pixels=10**6, decode=normalise.make_decoder())
         rejected = isinstance(normalise.normalise_image(crafted, **limits), normalise.Rejected)
         seen[n] = (int(declared(crafted)), normalise.gif_walk(crafted)[1], rejected)
-    assert seen == {image.GIF_MAX_STEPS - 100: (64, True, False), image.GIF_MAX_STEPS: (-1, False, True)}
+    assert seen == {image_header.GIF_MAX_STEPS - 100: (64, True, False), image_header.GIF_MAX_STEPS: (-1, False, True)}
