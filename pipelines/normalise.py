@@ -201,7 +201,7 @@ def gif_walk(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool]:
             return frames, True
         while pos < len(data) and steps < image_header.GIF_MAX_STEPS:  # sub-blocks, each led by its length
             steps += 1
-            length = data[pos] if pos < len(data) else 0
+            length = data[pos]
             pos += 1 + length
             if not length and not first:  # a zero-length one ends them (an extension's first does not)
                 break

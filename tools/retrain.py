@@ -494,11 +494,11 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     versions = artifact_versions(repo, params.artifact)
     # nothing changed since HEAD's registration: its version (not the highest one, which may be another commit's)
     version = version_at(versions, head)
+    holding = model_versions(repo, params, head, versions)
     # taken out for an older one (a rollback), not superseded by a newer one (a model that came back with its data)
-    earlier = [v for v in same_model_in_stage(repo, params, head, version, versions) if newer(v, previous)]
+    earlier = [v for v in in_stage(holding, params.stage, head, version) if newer(v, previous)]
     # HEAD's model deregistered by hand (taken back): registering or assigning it again would revive it unasked (and
     # GTO refuses the tag of a deregistered version at HEAD)
-    holding = model_versions(repo, params, head, versions)
     withdrawn = withdrawn_by(holding)
     own = [v for v in versions if v.commit_hexsha == head and v.is_registered]  # HEAD's, even deregistered
     if withdrawn is not None:
@@ -618,27 +618,28 @@ def version_at(versions: list, commit: str) -> str | None:
     return active[-1].version if active else None
 
 
-def same_model_in_stage(
-    repo: Path, params: RetrainParams, commit: str, version: str | None, versions: list
-) -> list[str]:
-    """Versions once assigned to the stage that hold `commit`'s model: its own `version`, or another commit's whose
-    dvc.lock records the artifact's output with the hash `commit`'s does (a commit that re-ran nothing: a README
-    edit, what --pull brought; the export's bytes decide, so a model exported again is new)."""
-    same = same_model(repo, params, commit)
+def in_stage(holding: list, stage: str, commit: str, version: str | None) -> list[str]:
+    """Of the versions `holding` `commit`'s model (`model_versions`), those once assigned to `stage`: `commit`'s
+    own `version`, or another commit's (a commit that re-ran nothing: a README edit, what --pull brought; the
+    export's bytes decide, so a model exported again is new)."""
     return list(
         dict.fromkeys(
-            v.version
-            for v in versions
-            if params.stage in v.stages and (v.version == version or (v.commit_hexsha != commit and same(v)))
+            v.version for v in holding if stage in v.stages and (v.version == version or v.commit_hexsha != commit)
         )
     )
 
 
 def model_versions(repo: Path, params: RetrainParams, commit: str, versions: list) -> list:
     """The versions that hold `commit`'s model: registered at `commit`, or at another commit whose dvc.lock records
-    the artifact's output with the hash `commit`'s does."""
-    same = same_model(repo, params, commit)
-    return [v for v in versions if v.commit_hexsha == commit or same(v)]
+    the artifact's output with the hash `commit`'s does (each revision's dvc.lock read once)."""
+    served = pipeline_paths(repo, params.artifact)[0]
+    path = Path(os.path.relpath(served, repo) if os.path.isabs(served) else served).as_posix()
+    mine = lock_md5(repo, commit, path)
+    return [
+        v
+        for v in versions
+        if v.commit_hexsha == commit or (mine is not None and lock_md5(repo, v.commit_hexsha, path) == mine)
+    ]
 
 
 def withdrawn_by(holding: list):
@@ -667,14 +668,6 @@ def next_version(versions: list) -> str | None:
         except Exception:  # noqa: BLE001 - GTO's own error for a name that is not a version
             continue
     return max(numbers).bump_patch().version if numbers else None
-
-
-def same_model(repo: Path, params: RetrainParams, commit: str):
-    """A test of whether a version's commit records the artifact's output with the hash `commit`'s dvc.lock does."""
-    served = pipeline_paths(repo, params.artifact)[0]
-    path = Path(os.path.relpath(served, repo) if os.path.isabs(served) else served).as_posix()
-    mine = lock_md5(repo, commit, path)
-    return lambda v: mine is not None and lock_md5(repo, v.commit_hexsha, path) == mine
 
 
 def main(argv: Sequence[str] | None = None) -> int:

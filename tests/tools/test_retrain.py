@@ -708,6 +708,18 @@ def follow(repo, record):  # the reason's `gto ...` command, run as an operator 
     tick()
 
 
+def registered_twice(name):  # v0.0.1 in prod; one new model registered as v0.0.2, then again as v0.0.3 at a commit
+    # that re-ran nothing (registered before a retrain looked for its model's deregistrations)
+    repo, git = new_repo(name)
+    api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+    api.assign(str(repo), "classifier", "prod", version="v0.0.1")
+    write(repo, 0.91); git("commit", "-qam", "c2"); tick()
+    api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+    (repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
+    api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+    return repo, git
+
+
 rt.subprocess.run = run_or_stand_in
 rt.pipeline_paths = lambda repo, artifact: (repo / "data/export/serving", repo / "r", "data/m")
 rt.outputs_in_git.git_tracked_cached_outputs = lambda repo: []
@@ -807,13 +819,7 @@ code, record = rt.retrain(repo, params)
 seen["deregistered_new_model"] = [code, record["version"], prod(repo)]
 
 # the same model registered twice (a commit that re-ran nothing, registered before this check), one deregistered
-repo, git = new_repo("twice")
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
-api.assign(str(repo), "classifier", "prod", version="v0.0.1")
-write(repo, 0.91); git("commit", "-qam", "c2"); tick()
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
-(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+repo, git = registered_twice("twice")
 api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
 code, record = rt.retrain(repo, params)  # HEAD's own v0.0.3 is active, but its model was withdrawn
 seen["twice"] = [code, record["version"], record["reason"], prod(repo)]
@@ -828,13 +834,7 @@ code, record = rt.retrain(repo, params)  # the last deregistration revived by ha
 seen["twice_revived"] = [code, record["version"], prod(repo)]
 
 # HEAD's version deregistered before the other version of its model; then the highest version deregistered, new data
-repo, git = new_repo("reversed")
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
-api.assign(str(repo), "classifier", "prod", version="v0.0.1")
-write(repo, 0.91); git("commit", "-qam", "c2"); tick()
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
-(repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
-api.register(str(repo), "classifier", git("rev-parse", "HEAD")); tick()
+repo, git = registered_twice("reversed")
 api.deregister(str(repo), "classifier", version="v0.0.3"); tick()
 api.deregister(str(repo), "classifier", version="v0.0.2"); tick()
 code, record = rt.retrain(repo, params)
