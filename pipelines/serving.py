@@ -12,7 +12,9 @@ turns, as evaluate scored it.
 
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
 string, text, another format) fails with an error naming the batch indices; so
-does one whose header declares more pixels than ``max_pixels`` (a decompression
+does one holding a file whose header download quarantines (`unreadable_headers`: a BMP of
+another bit depth than 8, 24 or 32, compressed or with an OS/2 1.x header; a GIF other than
+GIF87a or GIF89a), and one whose header declares more pixels than ``max_pixels`` (a decompression
 bomb: a few kilobytes of PNG can declare gigabytes of pixels), or whose size
 cannot be read before decoding, before any pixel is decoded
 (`pipelines.image_header.declared_pixels`); an image with the right header but corrupt
@@ -46,6 +48,47 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
         ],
         summarize=32,
         name="check_encoded_images",
+    )
+
+
+def _le(head: tf.Tensor, offset: int, n: int) -> tf.Tensor:
+    """The little-endian unsigned `n`-byte integers at `offset` of a batch of fixed-length byte strings."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, offset, n), tf.uint8), tf.int64)
+    return tf.reduce_sum(raw * tf.constant([256**i for i in range(n)], tf.int64), axis=-1)
+
+
+def unreadable_headers(images: tf.Tensor) -> tf.Tensor:
+    """[n] bool: the files whose header the shared decode cannot read right, which download quarantines
+    (`normalise.bmp_unsupported`, Pillow): a BMP whose info header is not a Windows one of 40 to 124 bytes (an OS/2
+    1.x header's fields are not where TensorFlow reads them; Pillow knows no larger one) or with a bit depth other than 8, 24 or 32, or compressed (RLE: TensorFlow took
+    the compressed bytes for palette indices and served the garbage); a GIF other than GIF87a or GIF89a."""
+    head = tf.strings.substr(images + b"\0" * 34, 0, 34)
+    kind = image.format_index(images)
+    header = _le(head, 14, 4)
+    bits, compression = _le(head, 28, 2), _le(head, 30, 4)
+    bmp = tf.equal(kind, image.FORMATS.index("BMP")) & (
+        (header < 40)
+        | (header > 124)
+        | ~(tf.equal(bits, 8) | tf.equal(bits, 24) | tf.equal(bits, 32))
+        | ~(tf.equal(compression, 0) | tf.equal(compression, 3))
+    )
+    version = tf.strings.substr(head, 0, 6)
+    gif = tf.equal(kind, image.FORMATS.index("GIF")) & ~(tf.equal(version, b"GIF87a") | tf.equal(version, b"GIF89a"))
+    return bmp | gif
+
+
+def check_headers(images: tf.Tensor) -> tf.Operation:
+    """An assertion that no image has a header the shared decode cannot read right (`unreadable_headers`)."""
+    bad = unreadable_headers(images)
+    return tf.debugging.Assert(
+        ~tf.reduce_any(bad),
+        [
+            "serving: images the model cannot read (a BMP of another bit depth than 8, 24 or 32, compressed (RLE) or "
+            "with an OS/2 1.x header, or a GIF other than GIF87a or GIF89a; re-save them as PNG) at batch indices",
+            tf.reshape(tf.where(bad), [-1]),
+        ],
+        summarize=32,
+        name="check_image_headers",
     )
 
 
@@ -162,7 +205,7 @@ def export(
         raise ValueError(f"the model has {expected} classes but the vocabulary {len(class_names)}")
 
     def serve(images):
-        with tf.control_dependencies([check_encoded(images)]):
+        with tf.control_dependencies([check_encoded(images), check_headers(images)]):
             declared = tf.map_fn(image_header.declared_pixels, images, fn_output_signature=tf.int64)
         with tf.control_dependencies([check_pixels(declared, int(max_pixels))]):
             pixels = tf.map_fn(

@@ -46,7 +46,7 @@ import logging
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import dvc.api as dvc_api
 import tensorflow as tf
@@ -259,6 +259,23 @@ def definition_changes(lock: dict, definitions: dict[str, dict]) -> list[str]:
     return problems
 
 
+def declared_only(lock: dict, names: Sequence[str]) -> dict:
+    """A lock with only the entries of the stages dvc.yaml declares (`names`, as `declared` resolves them)."""
+    kept = set(names)
+    return {**lock, "stages": {stage: e for stage, e in lock.get("stages", {}).items() if stage in kept}}
+
+
+def read_lock(text: str, rev: str) -> dict:
+    """A revision's dvc.lock as DVC wrote it (YAML 1.2's numbers: `1e-05` is a float), or a clear error."""
+    try:
+        lock = load_yaml(text)
+    except (yaml.YAMLError, ParamsError) as exc:
+        raise SystemExit(f"audit: {rev}'s dvc.lock cannot be read as YAML ({first_line(exc)})") from exc
+    if not isinstance(lock, dict) or not isinstance(lock.get("stages"), dict):
+        raise SystemExit(f"audit: {rev}'s dvc.lock records no stages: it is not a lock DVC wrote after a run")
+    return lock
+
+
 def sources(lock: dict) -> list[str]:
     """The inputs of a lock's stages that no stage produces (code, params files aside, and the data the pipeline
     starts from), nor lie inside a stage's output folder."""
@@ -332,9 +349,11 @@ def lookup(data: Any, key: str) -> Any:
     return data
 
 
-def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
+def params_changes(lock: dict, read: Callable[[str], str | None], whole: Collection[tuple[str, str]] = ()) -> list[str]:
     """Stages whose params as dvc.lock recorded them are not the revision's params files' (`read(file)`: the
-    committed text, None where the commit lacks it): params edited and committed without `dvc repro`."""
+    committed text, None where the commit lacks it): params edited and committed without `dvc repro`. `whole`:
+    the (stage, file) pairs whose dvc.yaml tracks every key of the file (`params: [file:]`), where a key the
+    lock does not record is new too."""
     problems = []
     for stage, entry in lock.get("stages", {}).items():
         for file, values in entry.get("params", {}).items():
@@ -349,6 +368,8 @@ def params_changes(lock: dict, read: Callable[[str], str | None]) -> list[str]:
                 continue
             now = {key: lookup(data, key) for key in values}
             gone = sorted(key for key, value in now.items() if value is _MISSING)
+            if (stage, file) in whole and isinstance(data, dict):  # DVC's status: `new: key`
+                now.update({key: data[key] for key in data if key not in values})
             present = {k: v for k, v in now.items() if v is not _MISSING}
             changed = diff_flat(values, present)
             changed = {k: v for k, v in changed.items() if not any(k == g or k.startswith(g + ".") for g in gone)}
@@ -676,12 +697,13 @@ def unavailable_outputs(repo: Path, rev: str, lock: dict, uncached: set[str], na
             for out in entry.get("outs", [])
             if out.get("md5") and out.get("hash") == "md5" and out["path"] not in uncached
         }
-        # ... and of every `dvc add`-ed output (.dvc files: source data, a base in models/), which DVC leaves out
-        # the same way: a source folder whose listing is gone could not be restored, and the audit passed
+        # ... and of every `dvc add`-ed or `dvc import-url`-ed output (.dvc files: source data, a base in models/),
+        # which DVC leaves out the same way: a source folder whose listing is gone could not be restored (`dvc pull`
+        # fails on an import's too, its source unchanged or not), and the audit passed
         added_outs = [
             out
             for stage in dvc_repo.index.stages
-            if not isinstance(stage, PipelineStage) and not stage.is_import
+            if not isinstance(stage, PipelineStage)
             for out in stage.outs
             if out.use_cache and out.hash_info and out.hash_info.name in ("md5", "md5-dos2unix") and out.hash_info.value
         ]
@@ -761,11 +783,16 @@ def read_rows(blob: bytes | None) -> list[dict] | None:
 def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     """Everything the report says about one revision; without `check_lock`, not whether its dvc.lock is one
     consistent run (a revision only compared against is audited on its own when it is the one audited)."""
-    commit = git(repo, "rev-parse", rev).strip()
+    found = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo, capture_output=True, text=True
+    )
+    if found.returncode != 0:
+        raise SystemExit(f"audit: {rev} is not a commit of {repo} (`git log` lists them; fetch it if it is elsewhere)")
+    commit = found.stdout.strip()
     lock_text = git_file(repo, commit, "dvc.lock")
     if lock_text is None:
         raise SystemExit(f"audit: {rev} has no dvc.lock: nothing was reproduced and committed there")
-    lock = load_yaml(lock_text)  # YAML 1.2's numbers, as DVC wrote them (`1e-05` is a float)
+    lock = read_lock(lock_text, rev)
     unreadable: list[str] = []
     blobs: dict[str, bytes | None] = {}  # each DVC-tracked file read once (a remote read each), failed ones too
 
@@ -795,6 +822,10 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
                 "outputs cannot be checked"
             )
             names, uncached, definitions = [], set(), {}
+        # a stage dvc.yaml no longer declares left its entry in dvc.lock: nothing vouches for what it recorded, so
+        # what it "produced" is no stage's output (an input of a declared stage there is checked as a source) and
+        # its entry is not checked itself
+        lock = declared_only(lock, names)
         lock_problems += lock_inconsistencies(lock, names, file_md5)
         lock_problems += git_tracked_mismatches(
             lock,
@@ -804,7 +835,10 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         )
         # the revision's own inputs: what dvc.yaml, the params files and the code and data no stage makes hold
         lock_problems += definition_changes(lock, definitions)
-        lock_problems += params_changes(lock, lambda path: git_file(repo, commit, path))
+        whole = {
+            (stage, file) for stage, d in definitions.items() for file, keys in d["params"].items() if keys is None
+        }
+        lock_problems += params_changes(lock, lambda path: git_file(repo, commit, path), whole)
         found = versioned_inputs(repo, commit, sources(lock), unreadable)
         stale, unversioned = source_problems(lock, found.get)
         lock_problems += stale
@@ -819,10 +853,18 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
     metrics = {}
+    made = {path for outs in stage_outputs(lock).values() for path in outs}
     for path in METRICS:
         text = git_file(repo, commit, path)
-        if text is not None:
-            metrics[path] = json.loads(text)
+        if text is None:
+            continue
+        if check_lock and path not in made and enclosing(path, made) is None:  # git-tracked outputs are checked against the lock as declared stages'
+            lock_problems.append(
+                f"{path} is in the revision but no stage its dvc.yaml declares outputs it: no recorded run vouches "
+                "for its figures, so they are not reported"
+            )
+            continue
+        metrics[path] = json.loads(text)
     constraints = git_file(repo, commit, "constraints.txt") or ""
     # a revision only compared against (not `check_lock`): its lists are not in the report, so not read
     # ... nor a stage dvc.yaml no longer declares, whose lock entry stayed: no run vouches for what git holds there
@@ -1069,7 +1111,16 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
     problems += near_duplicate_problems(record["quality"].get("near_duplicates", []))
     report: dict[str, Any] = {"revision_record": record, "problems": problems}
     if rebuilt:
-        stages, recorded, again, machines = rebuild(repo, record["revision"])
+        try:
+            stages, recorded, again, machines = rebuild(repo, record["revision"])
+        except Exception as exc:  # noqa: BLE001 - a rebuild that could not restore or re-run the revision fails
+            problems.append(
+                f"rebuild: {record['revision'][:12]} could not be restored and re-run ({first_line(exc)}): nothing "
+                "is shown to rebuild; fetch its data (`dvc pull`) and run the audit again"
+            )
+            report["rebuild"] = {"stages": [], "outputs": 0, "identical": False}
+            stages = None
+    if rebuilt and stages is not None:
         mismatches = rebuild_mismatches(recorded, again)
         if mismatches:  # say why, where the machine is not the one the revision was trained on
             mismatches += machine_differences(machines["recorded"], machines["rebuilt"])
@@ -1124,8 +1175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="audit", help="folder for audit.json and audit.md")
     args = parser.parse_args(argv)
     configure_logging()
-    report = audit(Path(args.repo), args.rev, args.against, args.workspace, args.rebuild)
     out = Path(args.out)
+    for name in ("audit.json", "audit.md"):  # an audit that stops with an error leaves no earlier report behind
+        (out / name).unlink(missing_ok=True)
+    report = audit(Path(args.repo), args.rev, args.against, args.workspace, args.rebuild)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (out / "audit.md").write_text(to_markdown(report), encoding="utf-8")

@@ -62,6 +62,64 @@ def test_the_lineage_names_the_runtimes_that_computed_the_features_and_scored_th
     assert older["extract_runtime"] == "tensorflow" and older["evaluate_runtime"] == {}
 
 
+def bmp_of(pixels: np.ndarray, mode: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="BMP")
+    return buffer.getvalue()
+
+
+def test_the_serving_model_refuses_the_bmps_and_gifs_download_quarantines_by_their_headers(tmp_path):
+    """Found by a review on 2026-12-06: an RLE8 BMP whose compressed data is as long as its pixels was served (its
+    compressed bytes read as palette indices: garbage pixels, a confident prediction), and so was a GIF80a file;
+    download quarantines both. 1-, 4- and 16-bit BMPs and OS/2 1.x ones got TensorFlow's internal error, with no
+    batch index. What download keeps, the serving model serves; what it quarantines by its header, refused."""
+    import struct
+
+    from pipelines import normalise
+    from tests.conftest import bmp_file
+    from tests.pipelines.test_image import gif_of
+
+    pixels = image_array(5, size=(20, 24))
+    palette = bmp_of(pixels, "P")
+    rows = [row[:, ::-1].tobytes() for row in pixels[::-1]]  # BGR, bottom row first
+    opaque = np.full((24, 1), 255, np.uint8)
+    bgra = [np.hstack([row[:, ::-1], opaque]).tobytes() for row in pixels[::-1]]
+    os2 = struct.pack("<IHHHH", 12, 24, 20, 1, 24)
+    os2_file = b"BM" + struct.pack("<IHHI", 26 + 20 * 72, 0, 0, 26) + os2 + b"".join(rows)
+    gif = gif_of([pixels])
+    files = {
+        "8-bit": (palette, True),
+        "24-bit": (bmp_of(pixels, "RGB"), True),
+        "32-bit bit fields": (bmp_file(bgra, 24, 20, 32, 124, (0xFF0000, 0xFF00, 0xFF, 0xFF000000)), True),
+        "GIF89a": (gif, True),
+        "GIF87a": (b"GIF87a" + gif[6:], True),
+        "1-bit": (bmp_of(pixels, "1"), False),
+        "16-bit": (bmp_file([bytes(48) for _ in range(20)], 24, 20, 16), False),
+        "RLE8": (palette[:30] + (1).to_bytes(4, "little") + palette[34:], False),
+        "RLE4": (palette[:30] + (2).to_bytes(4, "little") + palette[34:], False),
+        "OS/2 1.x": (os2_file, False),
+        "GIF80a": (b"GIF80a" + gif[6:], False),
+    }
+    limits = dict(min_side=16, max_pixels=89_478_485, decode=normalise.make_decoder())
+    for name, (data, kept) in files.items():
+        assert isinstance(normalise.normalise_image(data, **limits), normalise.Normalised) == kept, name
+    serving.export(tiny_model(1), ["cats", "dogs"], SIZE, tmp_path / "serving")
+    serve = tf.saved_model.load(str(tmp_path / "serving")).signatures[serving.SIGNATURE]
+    good = encode(image_array(1, size=(30, 30)))
+    for name, (data, kept) in files.items():
+        if kept:
+            assert serve(images=tf.constant([good, data]))["probabilities"].shape == (2, 2), name
+        else:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=r"serving: images the model cannot read.*\[1\]"):
+                serve(images=tf.constant([good, data]))
+    refused = serving.unreadable_headers(tf.constant([data for data, _ in files.values()])).numpy()
+    assert refused.tolist() == [not kept for _, kept in files.values()]
+
+
 def test_the_serving_model_refuses_a_decompression_bomb_before_decoding_it(tmp_path):
     """Found by a review on 2026-12-06: the serving model decoded whatever a client sent (download refuses such files
     with Pillow's limit; the serving model had none): the shared decode of a 409 KB PNG of 12,000 x 12,000 black

@@ -1091,3 +1091,157 @@ def test_every_frozen_stage_is_thawed_templated_ones_included(tmp_path):
     assert "frozen" not in thawed["stages"]["plain"] and "frozen" not in thawed["stages"]["each"]["do"]
     del spec["stages"]["plain"]["frozen"], spec["stages"]["each"]["do"]["frozen"]
     assert thawed == spec  # nothing else changed (`0o10` stays a string)
+
+
+GOOD_ROWS = (("a" * 64, "train", "cat"), ("b" * 64, "test", "dog"))
+
+
+@pytest.mark.integration
+def test_an_input_a_dropped_stage_made_is_checked_against_what_the_revision_holds(audited_project):
+    """A stage deleted from dvc.yaml by hand leaves its dvc.lock entry: what it recorded as its output was taken as
+    "produced", so a declared stage's input there was compared with that entry alone, never with what the revision
+    holds, and the audit passed on an input committed with other bytes, or not versioned at all."""
+    project, revision = audited_project
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["gen"] = {
+        "cmd": f"{sys.executable} -c \"import shutil; shutil.copy('src/gen', 'gen.txt')\"",
+        "deps": ["src/gen"],
+        "outs": ["gen.txt"],
+    }
+    spec["stages"]["finetune"]["deps"].append("gen.txt")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    (project / "src" / "gen").write_text("features v1\n")
+    rev = revision("gen", manifest_rows(*GOOD_ROWS), ["cat", "dog"])
+    assert audit_of(project, rev) == (0, [])
+    recorded = hashlib.md5(b"features v1\n").hexdigest()
+    del spec["stages"]["gen"]
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    gitignore = project / ".gitignore"
+    gitignore.write_text(gitignore.read_text().replace("/gen.txt\n", ""))
+    (project / "gen.txt").write_text("features v2\n")
+    commit(project, "gen dropped by hand, gen.txt committed with other bytes")
+    assert "gen" in load_yaml((project / "dvc.lock").read_text())["stages"]
+    code, problems = audit_of(project, "HEAD")
+    assert code == 1 and problems == [
+        f"stage finetune was run on gen.txt {recorded}, but the revision holds "
+        f"{hashlib.md5(b'features v2' + bytes([10])).hexdigest()} there: the committed input did not make its "
+        "outputs (changed without `dvc repro`); run `dvc repro` and commit"
+    ], problems
+    run(["git", "rm", "-q", "gen.txt"], project)
+    commit(project, "gen.txt not versioned at all")
+    code, problems = audit_of(project, "HEAD")
+    assert (
+        code == 1
+        and len(problems) == 1
+        and problems[0].startswith(
+            f"stage finetune was run on the file gen.txt {recorded}, which the revision does not hold"
+        )
+    ), problems
+
+
+@pytest.mark.integration
+def test_metrics_no_declared_stage_outputs_are_not_reported_and_fail_the_audit(audited_project):
+    """The report's metrics were read from their paths in git whatever made them: evaluate deleted from dvc.yaml by
+    hand, its metrics edited, the audit passed and printed the edited figures."""
+    project, revision = audited_project
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["evaluate"] = {
+        "cmd": f"{sys.executable} -c \"import os,shutil; os.makedirs('evaluation', exist_ok=True); "
+        "shutil.copy('src/metrics', 'evaluation/metrics.json')\"",
+        "deps": ["src/metrics", audit.MODEL],
+        "metrics": [{"evaluation/metrics.json": {"cache": False}}],
+    }
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    (project / "src" / "metrics").write_text(json.dumps({"finetune": {"test_accuracy": 0.61}}))
+    rev = revision("evaluate", manifest_rows(*GOOD_ROWS), ["cat", "dog"])
+    assert audit_of(project, rev) == (0, [])
+    reported = json.loads((project / "audit" / "audit.json").read_text())["revision_record"]["metrics"]
+    assert reported == {"evaluation/metrics.json": {"finetune": {"test_accuracy": 0.61}}}
+    del spec["stages"]["evaluate"]
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    (project / "evaluation" / "metrics.json").write_text(json.dumps({"finetune": {"test_accuracy": 0.99}}))
+    commit(project, "evaluate dropped by hand, its metrics edited")
+    code, problems = audit_of(project, "HEAD")
+    assert (code, problems) == (
+        1,
+        [
+            "evaluation/metrics.json is in the revision but no stage its dvc.yaml declares outputs it: no recorded "
+            "run vouches for its figures, so they are not reported"
+        ],
+    )
+    assert json.loads((project / "audit" / "audit.json").read_text())["revision_record"]["metrics"] == {}
+    assert "0.99" not in (project / "audit" / "audit.md").read_text()
+
+
+@pytest.mark.integration
+def test_an_imported_folder_whose_listing_is_gone_fails_the_audit_naming_it(audited_project, tmp_path):
+    """`dvc import-url`-ed data (the real presets' sources/ and models/) was left out of the check of `dvc add`-ed
+    outputs: with its listing in no cache, `dvc pull` of the revision fails, and the audit passed."""
+    project, revision = audited_project
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    for name in ("a", "b"):
+        (source / f"{name}.jpg").write_text(f"photo {name}\n")
+    dvc("import-url", "-q", str(source), "photos", cwd=project)
+    spec = json.loads((project / "dvc.yaml").read_text())
+    spec["stages"]["extract"]["deps"].append("photos")
+    (project / "dvc.yaml").write_text(json.dumps(spec))
+    rev = revision("photos imported", manifest_rows(*GOOD_ROWS), ["cat", "dog"])
+    assert audit_of(project, rev) == (0, [])
+    listing = load_yaml((project / "photos.dvc").read_text())["outs"][0]["md5"]
+    (project / ".dvc" / "cache" / "files" / "md5" / listing[:2] / listing[2:]).unlink()
+    assert audit_of(project, rev) == (
+        1,
+        [
+            f"the data of photos at {rev[:12]} (1 object) is in neither the local DVC cache nor the default remote: "
+            f"`git checkout {rev[:12]} && dvc pull` cannot restore it; push it from a clone that has it, or reproduce "
+            "that revision and `dvc push`"
+        ],
+    )
+
+
+@pytest.mark.integration
+def test_a_rebuild_that_cannot_restore_the_revision_reports_every_problem(audited_project):
+    """A `--rebuild` whose `dvc pull` failed ended in a traceback: the problems found before it were not reported,
+    and the earlier run's passing audit.json stayed in place."""
+    project, revision = audited_project
+    rev = revision("good", manifest_rows(*GOOD_ROWS), ["cat", "dog"])
+    assert audit_of(project, rev) == (0, [])
+    model = next(o["md5"] for o in load_yaml((project / "dvc.lock").read_text())["stages"]["finetune"]["outs"])
+    (project / ".dvc" / "cache" / "files" / "md5" / model[:2] / model[2:]).unlink()
+    code = audit.main(["--rev", rev, "--repo", str(project), "--out", str(project / "audit"), "--rebuild"])
+    report = json.loads((project / "audit" / "audit.json").read_text())
+    assert code == 1 and report["rebuild"] == {"stages": [], "outputs": 0, "identical": False}
+    problems = report["problems"]
+    assert any(p.startswith(f"the data of {audit.MODEL} at {rev[:12]}") for p in problems), problems
+    assert problems[-1].startswith(f"rebuild: {rev[:12]} could not be restored and re-run (dvc pull failed"), problems
+
+
+def test_a_revision_that_is_no_commit_or_a_lock_dvc_did_not_write_is_a_clear_error(tmp_path):
+    run(["git", "init", "-q"], tmp_path)
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "audit.json").write_text('{"problems": []}')  # an earlier run's passing report
+    with pytest.raises(SystemExit, match="audit: nosuchrev is not a commit of"):
+        audit.main(["--rev", "nosuchrev", "--repo", str(tmp_path), "--out", str(out)])
+    assert not (out / "audit.json").exists()  # not left to be read as this run's
+    for text, reason in (
+        ("stages: [", "cannot be read as YAML"),
+        ("", "records no stages"),
+        ("schema: '2.0'\n", "records no stages"),
+    ):
+        with pytest.raises(SystemExit, match=reason):
+            audit.read_lock(text, "HEAD")
+    assert audit.read_lock("schema: '2.0'\nstages: {}\n", "HEAD")["stages"] == {}
+
+
+def test_a_key_new_in_a_params_file_a_stage_tracks_whole_is_found():
+    """`params: [train.yaml:]` tracks every key of the file: a key the lock does not record is a change (DVC's
+    status says `new`), which only the keys the lock recorded were compared for."""
+    lock = {"stages": {"finetune": {"params": {"train.yaml": {"finetune": {"learning_rate": 0.001}}}}}}
+    text = "finetune:\n  learning_rate: 0.001\nfinetune_extra:\n  epochs: 50\n"
+    assert audit.params_changes(lock, lambda path: text) == []  # keys listed in dvc.yaml: another key is not read
+    assert audit.params_changes(lock, lambda path: text, {("finetune", "train.yaml")}) == [
+        "stage finetune was run with other params than the revision's train.yaml (finetune_extra.epochs: (absent) "
+        "-> 50): its outputs are stale; run `dvc repro` and commit"
+    ]
