@@ -858,7 +858,8 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
         text = git_file(repo, commit, path)
         if text is None:
             continue
-        if check_lock and path not in made and enclosing(path, made) is None:  # git-tracked outputs are checked against the lock as declared stages'
+        # git-tracked outputs are checked against the lock as declared stages'
+        if check_lock and path not in made and enclosing(path, made) is None:
             lock_problems.append(
                 f"{path} is in the revision but no stage its dvc.yaml declares outputs it: no recorded run vouches "
                 "for its figures, so they are not reported"
