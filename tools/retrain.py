@@ -425,15 +425,43 @@ def git_names(root: Path, *args: str) -> list[str]:
     return [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
 
 
-def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = False) -> tuple[int, dict]:
+def pull(repo: Path) -> dict | None:
+    """`--pull`: the server's commits, its registry and the data; a failed record, or None. The registry is the
+    server's: tags deleted there (GTO's undo, `gto deprecate --delete --push`, `gto deregister --delete`) are deleted
+    here too (a plain `git pull` keeps them: the gate compared with a model taken out of the stage, and the push put
+    it back on the server)."""
+    branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+    remote = subprocess.run(
+        ["git", "config", f"branch.{branch}.remote"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    if remote:  # no upstream: `git pull` below says so
+        sh("git", "fetch", "-q", "--prune", "--prune-tags", remote, cwd=repo)
+    sh("git", "pull", "--ff-only", cwd=repo)
+    pulled = subprocess.run(
+        [sys.executable, "-m", "dvc", "pull", "--allow-missing"], cwd=repo, env=venv_env()
+    )  # missing: a first run
+    if pulled.returncode != 0:
+        return {"decision": "failed", "reason": f"dvc pull exited {pulled.returncode}"}
+    return None
+
+
+def push_tags(repo: Path, tags: Iterable[str]) -> None:
+    """Push these tags only (`git push --tags` and `--follow-tags` push every local one: a tag deleted on the server
+    since it was fetched came back), to the branch's remote."""
+    tags = sorted(tags)
+    if tags:
+        branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+        remote = sh("git", "config", f"branch.{branch}.remote", cwd=repo).strip()
+        sh("git", "push", "-q", remote, *[f"refs/tags/{tag}" for tag in tags], cwd=repo)
+
+
+def local_tags(repo: Path) -> set[str]:
+    return set(sh("git", "tag", "--list", cwd=repo).split())  # git refuses whitespace in a tag's name
+
+
+def retrain(repo: Path, params: RetrainParams, push: bool = False) -> tuple[int, dict]:
     python = sys.executable
-    if pull:
-        sh("git", "pull", "--ff-only", cwd=repo)
-        pulled = subprocess.run(
-            [python, "-m", "dvc", "pull", "--allow-missing"], cwd=repo, env=venv_env()
-        )  # missing: a first run
-        if pulled.returncode != 0:
-            return FAILED, {"decision": "failed", "reason": f"dvc pull exited {pulled.returncode}"}
+    tags_before = local_tags(repo)
     try:  # before the pipeline runs (after --pull, which may bring the artifact): a misspelt artifact would
         pipeline_paths(repo, params.artifact)  # otherwise be registered as a new one on a first run
     except RuntimeError as exc:
@@ -501,27 +529,19 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     # GTO refuses the tag of a deregistered version at HEAD)
     withdrawn = withdrawn_by(holding)
     own = [v for v in versions if v.commit_hexsha == head and v.is_registered]  # HEAD's, even deregistered
+    gated = promote, reason
+    register = False
     if withdrawn is not None:
         promote = False
-        if version is not None:  # HEAD's own version active: the deregistered one registered again
-            again = withdrawn.commit_hexsha
-        elif own:  # HEAD's own version deregistered: registered again under its number
-            again = head
-        else:  # HEAD never registered: a new version of it
-            again = f"{head} --version {next_version(versions) or 'v0.0.1'}"
         reason = (
             f"the candidate is the model of {withdrawn.version}, which was deregistered: not registered or "
-            f"assigned again (new data makes a new model); `gto register {params.artifact} {again} "
-            "--simple false` registers it again by hand"
+            "assigned again (new data makes a new model)"
         )
     elif version is None and own:  # HEAD's own version deregistered, the model registered again through another one
         version = max((v for v in holding if v.is_active), key=lambda v: v.activated_at).version
-    elif version is None:  # past every version ever registered: GTO bumps the highest active one, and a higher
-        # deregistered one's tag would be refused
-        version = (
-            gto_api().register(str(repo), params.artifact, head, version=next_version(versions), message=reason).version
-        )
-    if promote and version != previous and earlier:
+    elif version is None:  # registered below, once the commit says what the run decided
+        register = True
+    if promote and (register or version != previous) and earlier:
         # putting it back is the operator's call, not a scheduled run's (GTO refused it anyway when the version was
         # HEAD's, failing every run until new data came)
         promote = False
@@ -530,10 +550,28 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
             f"assigned there since (a rollback): not assigned again; `gto assign {params.artifact} --version "
             f"{earlier[0]} --stage {params.stage} --force` brings it back"
         )
+    if staged and (promote, reason) != gated:  # the registry's checks turned the gate's decision: the commit says so
+        # (`--only`, no paths: the message alone, not a change staged by hand)
+        message = f"retrain: {'promoted' if promote else 'rejected'}: {reason}"
+        sh("git", "commit", "--amend", "--only", "-q", "-m", message, cwd=repo)
+        head = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
+    if withdrawn is not None:
+        if version is not None:  # HEAD's own version active: the deregistered one registered again
+            again = withdrawn.commit_hexsha
+        elif own:  # HEAD's own version deregistered: registered again under its number
+            again = head
+        else:  # HEAD never registered: a new version of it
+            again = f"{head} --version {next_version(versions) or 'v0.0.1'}"
+        reason += f"; `gto register {params.artifact} {again} --simple false` registers it again by hand"
+    if register:  # past every version ever registered: GTO bumps the highest active one, and a higher deregistered
+        # one's tag would be refused
+        version = (
+            gto_api().register(str(repo), params.artifact, head, version=next_version(versions), message=reason).version
+        )
     if push:  # the data, the commit and its version tag first: a failed push leaves nothing promoted here
         dvc("push", cwd=repo)
-        sh("git", "push", "--follow-tags", cwd=repo)
-        sh("git", "push", "--tags", cwd=repo)
+        sh("git", "push", "-q", cwd=repo)
+        push_tags(repo, local_tags(repo) - tags_before)
     if promote and version != previous:
         gto_api().assign(str(repo), params.artifact, params.stage, version=version, message=reason)
     record = {
@@ -549,7 +587,7 @@ def retrain(repo: Path, params: RetrainParams, pull: bool = False, push: bool = 
     }
     if push and promote and version != previous:
         try:
-            sh("git", "push", "--tags", cwd=repo)  # the stage's tag
+            push_tags(repo, local_tags(repo) - tags_before)  # the stage's tag
         except Exception as exc:  # noqa: BLE001 - promoted here: the record says so, and what is left to push
             return FAILED, {
                 **record,
@@ -679,10 +717,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     params_path = Path(args.repo) / args.params
+    if args.pull:  # before the params are read: a pulled commit may change them (a higher threshold was not applied)
+        try:
+            failed = pull(Path(args.repo))
+        except RuntimeError as exc:
+            failed = {"decision": "failed", "reason": str(exc)}
+        if failed is not None:
+            print(json.dumps(failed, sort_keys=True))
+            log.info("retrain: failed (%s)", failed["reason"])
+            return FAILED
     params = section(read_params(params_path), RetrainParams, "retrain", params_path)
     log_resolved("retrain", {"retrain": params})
     try:
-        code, record = retrain(Path(args.repo), params, args.pull, args.push)
+        code, record = retrain(Path(args.repo), params, args.push)
     except RuntimeError as exc:
         code, record = FAILED, {"decision": "failed", "reason": str(exc)}
     except ParamsError:  # a bad param: exit 2 (run_main), no record (EnvironmentProblem is a RuntimeError: above)

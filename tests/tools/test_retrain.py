@@ -413,6 +413,27 @@ def test_retrain_pushes_a_promotion_that_another_machine_pulls(scheduled, tmp_pa
         in (REPO / "examples" / "deploy" / "github-actions-deploy.yml").read_text()
     )
 
+    # The registry and the params are the server's. An operator deletes a tag there (GTO's undo; here v0.0.1's
+    # assignment to prod) and pushes a higher threshold with the day's data: the scheduler's next --pull --push gates
+    # with the pulled threshold, and the deleted tag stays deleted. Before, the params were read before the pull (the
+    # old threshold promoted what the new one rejects), `git pull` kept the deleted tag (the gate compared with a
+    # model no longer in prod) and `git push --tags` put it back on the server.
+    operator = tmp_path / "operator"  # a clone without outputs in its workspace: only the edits are committed
+    run(["git", "clone", "-q", str(server), str(operator)], tmp_path)
+    run(["git", "push", "-q", "origin", ":refs/tags/classifier#prod#1"], operator)
+    params = json.loads((operator / "params.yaml").read_text())
+    params["retrain"]["threshold"] = 0.99
+    (operator / "params.yaml").write_text(json.dumps(params))
+    write_day(operator, range(20), wrong=[0])  # commits both: a candidate at 0.95
+    run(["git", "push", "-q"], operator)
+    code, third, _ = retrain_cli(project, "--pull", "--push")
+    assert (code, third["decision"], third["promoted_before"]) == (3, "rejected", {"version": None}), third
+    assert "0.9500 is below the threshold 0.9900" in third["reason"], third
+    assert "classifier#prod#1" not in run(["git", "tag"], project).stdout
+    server_tags = run(["git", "ls-remote", "--tags", str(server)], tmp_path).stdout
+    assert "classifier#prod#1" not in server_tags and f"classifier@{third['version']}" in server_tags, server_tags
+    run(["git", "pull", "-q", "--ff-only"], other)
+
     # --pull's failing paths (in this test, which has a pushed promotion to pull: a fixture less to build).
     # A DVC remote that cannot be read (here a file where its folder should be): the run fails before any stage
     # runs, rather than training on whatever the machine's cache holds (a missing object is allowed, an
@@ -697,6 +718,11 @@ def run_or_stand_in(cmd, *args, **kwargs):
     if list(cmd)[1:4] == ["-m", "dvc", "repro"]:
         if state["metrics"] is not None:
             write(Path(kwargs["cwd"]), state["metrics"])
+        if state.get("evaluate_only"):  # evaluate re-ran alone (an evaluate param): other metrics, the same model
+            path = Path(kwargs["cwd"]) / "evaluation" / "metrics.json"
+            metrics = json.loads(path.read_text())
+            metrics["finetune"]["test"]["accuracy"] += 0.01
+            path.write_text(json.dumps(metrics))
         return subprocess.CompletedProcess(cmd, 0)
     return real_run(cmd, *args, **kwargs)
 
@@ -743,6 +769,10 @@ seen["rollback"] = [code, record["version"], record["reason"], prod(repo)]
 (repo / "README.md").write_text("an edit"); git("add", "README.md"); git("commit", "-qm", "no new model"); tick()
 code, record = rt.retrain(repo, params)  # a new commit, the same model: still rolled back
 seen["rollback_later"] = [code, record["version"], record["reason"], prod(repo)]
+state["evaluate_only"] = True  # the run commits (new metrics) what the rollback check then rejects
+code, record = rt.retrain(repo, params)
+seen["rollback_committed"] = [code, record["version"], git("log", "-1", "--format=%s"), git("tag", "--points-at", "HEAD")]
+state["evaluate_only"] = False
 write(repo, 0.92); git("commit", "-qam", "new data, a new model"); tick()
 code, record = rt.retrain(repo, params)
 seen["rollback_new_model"] = [code, prod(repo)]
@@ -867,7 +897,12 @@ def test_the_registry_steps_after_the_gate(tmp_path):
     assert (code, version, prod) == (3, "v0.0.3", "v0.0.1") and reason.startswith(
         "the candidate is the model of v0.0.2"
     )
-    assert seen["rollback_new_model"] == [0, "v0.0.4"]  # new data after a rollback: a new model, promoted
+    # ... and one that commits (new metrics, the same model): its commit said "promoted", the gate's decision before
+    # the registry's checks turned it (found by a review on 2026-12-06); the amended commit is the one registered
+    code, version, message, tags = seen["rollback_committed"]
+    assert (code, version, tags) == (3, "v0.0.4", "classifier@v0.0.4"), seen["rollback_committed"]
+    assert message.startswith("retrain: rejected: the candidate is the model of v0.0.2"), message
+    assert seen["rollback_new_model"] == [0, "v0.0.5"]  # new data after a rollback: a new model, promoted
     assert seen["superseded"] == [0, "v0.0.3", "v0.0.3"]  # not a rollback: the gate decides, as for any model
     bad_name, unknown = seen["stage"]
     assert "stage 'prod stage': Invalid value" in bad_name[0] and bad_name[1:] == [True, ""]
