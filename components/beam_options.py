@@ -32,8 +32,8 @@ from typing import Literal, Sequence
 
 import pydantic
 from apache_beam.options.pipeline_options import (
+    DirectOptions,
     PipelineOptions,
-    StandardOptions,
     _BeamArgumentParser,
     _CommaSeparatedListAction,  # Beam's `experiments`: its values add up
 )
@@ -63,8 +63,8 @@ QUALIFIED = {
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class RunnerUnsupported(ValueError):
-    """The stage cannot run on the chosen runner."""
+class RunnerUnsupported(ParamsError):
+    """The stage cannot run on the chosen runner (`beam.runner`): a bad param, said in one line before any work."""
 
 
 class BeamParams(Section):
@@ -193,7 +193,8 @@ def beam_args(params: BeamParams, extra: Sequence[str] = (), environ: dict | Non
         raise ParamsError(f"{ENV}: {exc} in {words!r} (shell words, as on a command line)") from None
     args += list(extra)
     for arg in args:
-        if arg in ("-h", "--help"):  # Beam would print its help and exit 0, the stage having done nothing
+        # Beam would print its help and exit 0, the stage having done nothing (`-hh` too: argparse's short flags)
+        if arg.startswith("-h") or arg.partition("=")[0] == "--help":
             raise ParamsError(f"beam: {arg} is not a pipeline option (from {ENV} or the stage's command line)")
     runner, args = _take_runner(args, params.runner)
     return [f"--runner={QUALIFIED.get(runner, runner)}", *args]
@@ -258,7 +259,9 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     options of a Flink or Spark job server, Dataflow's service options), so there they are only logged.
     """
     args = beam_args(params, extra)
-    runner = str(PipelineOptions(args).view_as(StandardOptions).runner or "DirectRunner").rsplit(".", 1)[-1]
+    # `beam_args` puts the runner first; not Beam's parser, which prints its usage and exits on a bad value (the
+    # strict parser below says which option)
+    runner = args[0].partition("=")[2].rsplit(".", 1)[-1]
     if runner == "DaskRunner":
         _dask_runner()  # registers the Dask options
     parser = _option_parser()
@@ -279,6 +282,11 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
                 raise ParamsError(message)
             log.warning("%s (not checked on %s: its job service takes or ignores it)", message, runner)
     options = PipelineOptions(args)
+    direct = options.view_as(DirectOptions)
+    if direct.direct_num_workers < 0:  # Beam's FnApiRunner fails deep in the job (IndexError)
+        raise ParamsError(f"beam: direct_num_workers {direct.direct_num_workers}: 0 (one a core) or more")
+    if direct.direct_runner_bundle_repeat:  # a profiling option: each bundle runs again, and the counts are wrong
+        raise ParamsError("beam: direct_runner_bundle_repeat runs every bundle again (profiling): leave it out")
     why = UNSUPPORTED.get(stage, {}).get(runner)
     if why:
         works = [r for r in Runner.__args__ if r not in UNSUPPORTED.get(stage, {})]

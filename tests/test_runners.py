@@ -226,7 +226,8 @@ def test_a_bad_beam_section_stops_before_any_work(tmp_path, monkeypatch):
     params.write_text("convert: {}\n")
     assert beam_options.load(params) == beam_options.DIRECT  # no section: the DirectRunner
     dask = beam_options.BeamParams(runner="DaskRunner")
-    with pytest.raises(beam_options.RunnerUnsupported, match="convert cannot run on DaskRunner.*DirectRunner"):
+    # a bad param (the component's command says it in one line, exit 2), not a traceback (found by a review, 2026-12-06)
+    with pytest.raises(ParamsError, match="convert cannot run on DaskRunner.*DirectRunner"):
         convert.run(convert.Config(convert.ConvertParams()), tmp_path / "nowhere", tmp_path / "out", runner=dask)
     assert not (tmp_path / "out").exists()
 
@@ -260,6 +261,14 @@ def test_every_spelling_of_a_runner_is_the_projects_runner_and_its_checks(monkey
     [
         ("--job_name='unclosed", r"TRANSFER_BEAM_ARGS: No closing quotation"),
         ("-h", r"-h is not a pipeline option"),
+        # found by a review on 2026-12-06: Beam's own parser ran first, printed its help and exited 0 (the stage did
+        # nothing) or printed its usage for a bad switch value, never naming the option; values Beam takes and then
+        # fails on deep in the job (IndexError) or miscounts with
+        ("-hh", r"-hh is not a pipeline option"),
+        ("--help=x", r"--help=x is not a pipeline option"),
+        ("--streaming=yes", r"beam: argument --streaming: ignored explicit argument 'yes'"),
+        ("--direct_num_workers=-1", r"direct_num_workers -1: 0 \(one a core\) or more"),
+        ("--direct_runner_bundle_repeat=1", r"direct_runner_bundle_repeat runs every bundle again"),
         ("--runner", r"--runner without a runner name"),
         ("--runner=Sprak", r"runner 'Sprak' is not one of DirectRunner, PortableRunner"),
         ("oops", r"'oops' is not a Beam option"),

@@ -220,7 +220,8 @@ def validate(params: Mapping, where: Path) -> None:
         except ValueError as exc:
             raise ParamsError(str(exc)) from None
         # the sections no stage's config holds: the Beam runner and the scheduled retrain's gate
-        beam_options.pipeline_options("extract", beam_options.load(tmp), ())
+        for stage in ("convert", "extract"):  # every Beam stage: a runner one of them cannot use fails here
+            beam_options.pipeline_options(stage, beam_options.load(tmp), ())
         if "retrain" in params:
             parse_section(retrain.RetrainParams, "retrain", params["retrain"])
     finally:

@@ -154,6 +154,17 @@ def test_every_preset_validates_against_the_params(path, tmp_path):
     preset.validate(preset.merge(read_params(tmp_path / "params.yaml"), spec), tmp_path / "params.yaml")
 
 
+def test_a_runner_a_beam_stage_cannot_use_fails_the_preset_before_any_work(tmp_path):
+    """Only extract's runner was checked: a preset on the DaskRunner passed, and convert (tf.Transform) stopped the
+    experiment once it ran (found by a review on 2026-12-06)."""
+    from components.params import ParamsError, read_params
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    merged = preset.merge(read_params(tmp_path / "params.yaml"), {"beam": {"runner": "DaskRunner"}})
+    with pytest.raises(ParamsError, match="convert cannot run on DaskRunner"):
+        preset.validate(merged, tmp_path / "params.yaml")
+
+
 def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
