@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from importlib import metadata
@@ -277,6 +278,9 @@ def nothing_converted_collected() -> dict:
     return {"converted_removed": 0, "bytes_freed": 0}
 
 
+_GC_ASIDE = re.compile(r"^\..+\.gc-[0-9a-f]{12}$")  # `collect_garbage`'s name for a namespace it deletes
+
+
 def collect_garbage(
     root: str,
     keep_namespace: str | Collection[str],
@@ -296,13 +300,23 @@ def collect_garbage(
         return report
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
+        if _GC_ASIDE.match(name) and os.path.isdir(folder):  # a namespace a killed collection was deleting
+            report["namespaces_removed"].append(name)
+            report["bytes_freed"] += _bytes_under(folder)
+            if not dry_run:
+                shutil.rmtree(folder)
+            continue
         if not os.path.isfile(os.path.join(folder, "meta.json")):
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
         if name not in kept:
             report["namespaces_removed"].append(name)
             report["bytes_freed"] += _bytes_under(folder)
             if not dry_run:
-                shutil.rmtree(folder)
+                # renamed aside first (atomic): a deletion killed half-way left a folder without its meta.json,
+                # which no later collection took for a namespace, so its entries stayed for good
+                aside = os.path.join(root, f".{name}.gc-{uuid.uuid4().hex[:12]}")
+                os.rename(folder, aside)
+                shutil.rmtree(aside)
             continue
         for prefix in sorted(os.listdir(folder)):
             sub = os.path.join(folder, prefix)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,34 @@ def test_only_other_namespaces_and_unused_entries_go(tmp_path):
     assert not (root / feature_cache.namespace_of({"base": "older"})).exists() and (root / "openvino").is_dir()
     with pytest.raises(ValueError, match="local cache folder"):
         feature_cache.collect_garbage("gs://bucket/cache", name, set())
+
+
+def test_a_collection_killed_while_it_deletes_a_namespace_leaves_nothing_for_good(tmp_path, monkeypatch):
+    """Found by a review on 2026-12-06: an unused namespace was deleted in place, and a collection killed after its
+    meta.json went (entry 169 of 257 in the listing there) left a folder no later collection took for a namespace:
+    its entries stayed on disk for good. It is renamed aside first, and a later collection deletes what is aside."""
+    root = tmp_path / "cache"
+    keep = feature_cache.FeatureCache(str(root), {"base": "current"}, [3])
+    other = feature_cache.FeatureCache(str(root), {"base": "older"}, [3])
+    for key in ("a" * 64, "b" * 64):
+        keep.put(key, np.ones(3))
+        other.put(key, np.ones(3))
+    name = feature_cache.namespace_of({"base": "current"})
+    real_rmtree = feature_cache.shutil.rmtree
+
+    def killed(path):  # the deletion gets as far as meta.json, then the process dies
+        (Path(path) / "meta.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_cache.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        feature_cache.collect_garbage(str(root), name, {"a" * 64, "b" * 64})
+    monkeypatch.setattr(feature_cache.shutil, "rmtree", real_rmtree)
+    left = [p.name for p in root.iterdir() if p.name != name]
+    assert len(left) == 1 and left[0].endswith(tuple("0123456789abcdef")) and ".gc-" in left[0], left
+    report = feature_cache.collect_garbage(str(root), name, {"a" * 64, "b" * 64})
+    assert report["namespaces_removed"] == left and report["bytes_freed"] >= 2 * 12
+    assert [p.name for p in root.iterdir()] == [name] and keep.has("a" * 64) and keep.has("b" * 64)
 
 
 def test_notes_a_killed_run_was_writing_and_converted_models_go(tmp_path):
