@@ -136,6 +136,9 @@ def test_most_confused_pairs_and_intervals_by_hand():
     low, high = evaluate.wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
     assert evaluate.wilson_interval(10, 10)[1] == pytest.approx(1.0) and evaluate.wilson_interval(0, 10)[0] == 0.0
+    # exactly, at every size: rounding left 1 - 1e-16 at n = 201 (an interval excluding a 100% beside it; a review)
+    for n in range(1, 600):
+        assert evaluate.wilson_interval(n, n)[1] == 1.0 and evaluate.wilson_interval(0, n)[0] == 0.0, n
     assert evaluate.macro_f1_of(matrix) == pytest.approx(np.mean([2 * 5 / (5 + 6), 2 * 3 / (5 + 5), 2 * 4 / (6 + 5)]))
 
 
