@@ -22,21 +22,36 @@ from typing import Sequence
 
 from components.cli import configure_logging, run_main
 from components.params import read_params, write_params
+from pipelines import sources
 from tools import preset
 
 NEAR_DUPLICATES = "near_duplicates.json"
 LABEL_ISSUES = "label_issues.json"
 
 
-def refuse_given_splits(dataset: dict) -> None:
+def refuse_given_splits(dataset: dict, project: Path = Path(".")) -> None:
     """download.keep_together moves images between hash-split splits only: refuse it, before writing anything,
-    where the source fixes the splits (what download would refuse at the next run)."""
+    where the source fixes the splits (what download would refuse at the next run, after reading every image): a
+    tfds source mapping its slices, a folder of train/val/test folders used as they are (`project`: where the
+    stages run, dataset.dir's base)."""
     if dataset.get("source", "tfds") == "tfds" and isinstance((dataset.get("tfds") or {}).get("splits", {}), dict):
         raise SystemExit(
             "--keep-together: the tfds source maps its own slices to train/val/test (dataset.tfds.splits), which "
             "download keeps; give dataset.tfds.splits one slice (hash-split by download.fractions), or use "
             "--exclude-copies"
         )
+    if dataset.get("source") == "folder" and dataset.get("existing_splits", "use") == "use" and dataset.get("dir"):
+        root = project / str(dataset["dir"])
+        try:
+            given = any(split for _, split in sources._detect_layout(root, "use"))
+        except (OSError, ValueError):  # no such folder, or a layout download refuses with its own message
+            return
+        if given:
+            raise SystemExit(
+                f"--keep-together: {dataset['dir']} has train/val/test folders, which download keeps "
+                "(dataset.existing_splits: use); move the files between them, set dataset.existing_splits: ignore "
+                "to hash-split, or use --exclude-copies"
+            )
 
 
 def fixes(
@@ -97,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     params = read_params(args.params)
     if args.keep_together:
-        refuse_given_splits(params.get("dataset") or {})
+        refuse_given_splits(params.get("dataset") or {}, Path(args.params).resolve().parent)
     download = merged_download(params.get("download") or {}, found)
     merged = {**params, "download": download}
     preset.validate(merged, args.params)

@@ -11,5 +11,7 @@ if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
   echo "fetch_prod.sh: $out is not empty" >&2
   exit 2
 fi
+# an empty OUT_DIR goes first: `dvc artifacts get -o` puts the model inside an existing folder (OUT_DIR/serving)
+if [ -d "$out" ]; then rmdir "$out"; fi
 dvc artifacts get "$repo" classifier --stage "$stage" -o "$out"
 echo "fetched classifier ($stage) into $out"

@@ -72,6 +72,22 @@ def test_impossible_fixes_are_refused_before_anything_is_written(tmp_path):
     before = params.read_text()
     with pytest.raises(SystemExit, match="tfds source maps its own slices"):
         data_fixes.main(["--report", str(report), "--params", str(params), "--keep-together", "--write"])
+    # a folder of train/val/test folders, used as given (found by a review on 2026-12-06: written, and the next
+    # download refused it after reading every image); pooled and hash-split (`existing_splits: ignore`), written
+    (tmp_path / "photos" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "val").mkdir()
+    (tmp_path / "photos" / "test").mkdir()
+    folder = repo_params({"dataset": {"source": "folder", "dir": "photos"}})
+    params.write_text(yaml.safe_dump(folder))
+    with pytest.raises(SystemExit, match="photos has train/val/test folders"):
+        data_fixes.main(["--report", str(report), "--params", str(params), "--keep-together", "--write"])
+    folder["dataset"]["existing_splits"] = "ignore"
+    params.write_text(yaml.safe_dump(folder))
+    assert data_fixes.main(["--report", str(report), "--params", str(params), "--keep-together", "--write"]) in (
+        0,
+        None,
+    )
+    params.write_text(before)
     with pytest.raises(SystemExit):  # argparse: a negative count would exclude all but the last N suspects
         data_fixes.main(["--report", str(report), "--params", str(params), "--exclude-suspects", "-2"])
     assert params.read_text() == before

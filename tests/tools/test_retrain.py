@@ -408,6 +408,10 @@ def test_retrain_pushes_a_promotion_that_another_machine_pulls(scheduled, tmp_pa
     run(["bash", str(fetch), str(server), str(deployed)], deployed.parent)
     promoted = project / "data" / "evaluate" / "serving"
     assert tree_bytes(deployed) == tree_bytes(promoted) and tree_bytes(deployed)
+    empty = tmp_path / "deploy" / "empty"  # an empty folder given: the model in it, not in empty/serving (a review)
+    empty.mkdir()
+    run(["bash", str(fetch), str(server), str(empty)], deployed.parent)
+    assert tree_bytes(empty) == tree_bytes(promoted)
     assert (
         "examples/deploy/fetch_prod.sh . serving"
         in (REPO / "examples" / "deploy" / "github-actions-deploy.yml").read_text()

@@ -148,6 +148,26 @@ def test_a_sweep_refuses_changed_dvc_tracked_data_and_its_end_restores_only_the_
     assert (tmp_path / "n.txt").read_text().strip() == "1"  # the pipeline's output is back from the cache
 
 
+def test_the_baseline_restored_holds_no_output_file_its_commit_lacks(tmp_path):
+    """Found by a review on 2026-12-06: the last variant's Grad-CAM images (names holding its probabilities) stayed
+    in evaluation/gradcam after a sweep, so evaluate's output differed from the lock and the next repro re-ran it."""
+    run(["git", "init", "-q"], tmp_path)
+    gradcam = tmp_path / "evaluation" / "gradcam"
+    gradcam.mkdir(parents=True)
+    (gradcam / "wrong_cat_as_dog_0.160_abc.png").write_bytes(b"baseline")
+    (tmp_path / "evaluation" / ".gitignore").write_text("/cached.json\n")  # a DVC-cached output: DVC's to restore
+    (tmp_path / "notes.txt").write_text("the user's")
+    commit(tmp_path, "baseline")
+    (gradcam / "wrong_cat_as_dog_0.160_abc.png").write_bytes(b"a variant's")
+    (gradcam / "wrong_cat_as_dog_0.128_abc.png").write_bytes(b"a variant's")
+    (tmp_path / "evaluation" / "cached.json").write_text("{}")
+    (tmp_path / "scratch.txt").write_text("untracked, outside the outputs")
+    sweep.restore_baseline(tmp_path)
+    assert sorted(p.name for p in gradcam.iterdir()) == ["wrong_cat_as_dog_0.160_abc.png"]
+    assert (gradcam / "wrong_cat_as_dog_0.160_abc.png").read_bytes() == b"baseline"
+    assert (tmp_path / "evaluation" / "cached.json").exists() and (tmp_path / "scratch.txt").exists()
+
+
 def pooled_sweep(project):
     """A git + DVC project with the baseline params committed, and a sweep file `s.yaml` of one variant, `pooled`."""
     import yaml
