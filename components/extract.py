@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -49,7 +50,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from components import beam_options, conv_base, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import SPLITS
-from components.params import Section, log_resolved, read_params, section, write_resolved
+from components.params import ParamsError, Section, log_resolved, read_params, section, write_resolved
 from pipelines import cache_lock, feature_cache, runtimes
 from pipelines import extract as graph
 
@@ -106,6 +107,17 @@ def base_on_runtime(
     return extractor if runtime == "tensorflow" else runtimes.OpenVINOModel(extractor, cache_dir)
 
 
+def check_base_files(params: conv_base.ConvBaseParams) -> None:
+    """A saved base (`conv_base.path`) or weights file (`conv_base.weights`) that is not there: a bad param."""
+    weights = params.weights if params.weights not in ("imagenet", "none") else None
+    for name, value in (("path", params.path), ("weights", weights)):
+        if value and not Path(value).is_file():
+            raise ParamsError(
+                f"conv_base.{name}: {value} is not a file here (paths are relative to the project; a base in models/ "
+                "is `dvc add`-ed or imported: `dvc pull` or `dvc checkout` brings it)"
+            )
+
+
 def cache_namespace(config: Config, fingerprint: dict | None = None) -> dict:
     """The feature cache's namespace record of these params (`feature_cache.namespace_record`): what the stage
     reads and writes under, and what `tools.cache_gc` keeps."""
@@ -127,6 +139,7 @@ def run(
     runtimes.check_installed(config.extract.runtime)  # before any work (and before the namespace names its version)
     convert_dir, out_dir = Path(convert_dir).resolve(), Path(out_dir).resolve()  # workers elsewhere: absolute paths
     expected = json.loads((convert_dir / "summary.json").read_text())["records"]
+    check_base_files(config.conv_base)  # the fingerprint hashes them: a missing one was a bare FileNotFoundError
     fingerprint = conv_base.fingerprint(config.conv_base)
     runtime = config.extract.runtime
     namespace = cache_namespace(config, fingerprint)
@@ -136,7 +149,19 @@ def run(
     # the base here: a bad layer, size or missing weights stops the stage before Beam starts.
     feature_shape = feature_cache.stored_feature_shape(cache_root, namespace) if cache_root else None
     if feature_shape is None:
-        probe = conv_base.build_extractor(config.conv_base)
+        try:
+            probe = conv_base.build_extractor(config.conv_base)
+        except ValueError as exc:  # Keras's, deep in building a saved base: a fixed input of another size
+            if not config.conv_base.path or isinstance(exc, ParamsError):
+                raise
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Keras's bold
+            lines = [line.strip() for line in plain.splitlines() if line.strip()] or [type(exc).__name__]
+            said = next((line for line in lines if "shape" in line or "size" in line), lines[0])
+            raise ParamsError(
+                f"conv_base.path: the saved base {config.conv_base.path} cannot take conv_base.input_size "
+                f"{list(config.conv_base.input_size)} ({said[:300]}): set the size it was saved for, or save the "
+                "base with a flexible input"
+            ) from None
         feature_shape = [int(d) for d in probe.output_shape[1:]]
         del probe  # each worker builds its own on its first cache miss (~1 s for Lite0): nothing is shared
     factory = functools.partial(

@@ -36,6 +36,14 @@ def test_a_serving_model_that_disagrees_with_keras_fails_the_check(tmp_path):
     with pytest.raises(RuntimeError, match="disagrees with the Keras model"):
         export.check_serving(tmp_path / "serving", model, samples, ["dogs", "cats"])  # other class names
     assert np.isfinite(gap)
+    # a serving model that outputs NaN (one bias NaN: a diverged model) made the gap NaN, which `gap > 1e-4` let
+    # through, the stage logging "agrees (max gap nan)" (found by a review on 2026-12-06)
+    broken = tiny_model(1)
+    kernel, bias = broken.layers[-1].get_weights()
+    broken.layers[-1].set_weights([kernel, np.array([np.nan, 0.0], np.float32)])
+    serving.export(broken, ["cats", "dogs"], SIZE, tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="disagrees with the Keras model"):
+        export.check_serving(tmp_path / "nan", model, samples, ["cats", "dogs"])
 
 
 def test_the_lineage_names_the_runtimes_that_computed_the_features_and_scored_the_models(tmp_path):

@@ -171,6 +171,27 @@ def test_bad_base_params_stop_before_any_work(convert_dir, tmp_path):
     with pytest.raises(ParamsError, match=r"conv_base\.layer: .* has no layer 'no_such_layer'"):
         extract.run(extract.Config(bad, extract.ExtractParams()), convert_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # found by a review on 2026-12-06: a saved base or weights file that is not there was a bare FileNotFoundError
+    # (the fingerprint hashes it first), a saved base of a fixed other size Keras's ValueError from deep in the build
+    for update, said in (
+        ({"name": None, "path": str(tmp_path / "missing.keras")}, r"conv_base\.path: .*missing\.keras is not a file"),
+        (
+            {"weights": str(tmp_path / "missing.weights.h5")},
+            r"conv_base\.weights: .*missing\.weights\.h5 is not a file",
+        ),
+    ):
+        with pytest.raises(ParamsError, match=said):
+            extract.run(
+                extract.Config(BASE.model_copy(update=update), extract.ExtractParams()), convert_dir, tmp_path / "out"
+            )
+    import keras
+
+    inputs = keras.Input((24, 24, 3))
+    keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs)).save(tmp_path / "fixed.keras")
+    fixed = BASE.model_copy(update={"name": None, "path": str(tmp_path / "fixed.keras"), "weights": "none"})
+    with pytest.raises(ParamsError, match=r"conv_base\.path: .*cannot take conv_base\.input_size .*expected shape"):
+        extract.run(extract.Config(fixed, extract.ExtractParams()), convert_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ParamsError, match=r"conv_base: .*exactly one of name"):
         from components.params import parse_section
 
