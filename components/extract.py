@@ -109,9 +109,8 @@ def base_on_runtime(
 
 def check_base_files(params: conv_base.ConvBaseParams) -> None:
     """A saved base (`conv_base.path`) or weights file (`conv_base.weights`) that is not there: a bad param."""
-    weights = params.weights if params.weights not in ("imagenet", "none") else None
-    for name, value in (("path", params.path), ("weights", weights)):
-        if value and not Path(value).is_file():
+    for name, value in conv_base.file_params(params).items():
+        if not Path(value).is_file():
             raise ParamsError(
                 f"conv_base.{name}: {value} is not a file here (paths are relative to the project; a base in models/ "
                 "is `dvc add`-ed or imported: `dvc pull` or `dvc checkout` brings it)"

@@ -300,23 +300,19 @@ def collect_garbage(
         return report
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
-        if _GC_ASIDE.match(name) and os.path.isdir(folder):  # a namespace a killed collection was deleting
-            report["namespaces_removed"].append(name)
-            report["bytes_freed"] += _bytes_under(folder)
-            if not dry_run:
-                shutil.rmtree(folder)
-            continue
-        if not os.path.isfile(os.path.join(folder, "meta.json")):
+        left_aside = bool(_GC_ASIDE.match(name)) and os.path.isdir(folder)  # by a collection killed deleting it
+        if not left_aside and not os.path.isfile(os.path.join(folder, "meta.json")):
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
-        if name not in kept:
+        if left_aside or name not in kept:
             report["namespaces_removed"].append(name)
             report["bytes_freed"] += _bytes_under(folder)
             if not dry_run:
-                # renamed aside first (atomic): a deletion killed half-way left a folder without its meta.json,
-                # which no later collection took for a namespace, so its entries stayed for good
-                aside = os.path.join(root, f".{name}.gc-{uuid.uuid4().hex[:12]}")
-                os.rename(folder, aside)
-                shutil.rmtree(aside)
+                # a namespace deleted in place and killed half-way left a folder without its meta.json, which no
+                # later collection took for a namespace, so its entries stayed for good
+                if left_aside:
+                    shutil.rmtree(folder)
+                else:
+                    _delete_aside(folder)
             continue
         for prefix in sorted(os.listdir(folder)):
             sub = os.path.join(folder, prefix)
@@ -355,14 +351,19 @@ def collect_converted(folder: str, dry_run: bool = False) -> dict:
         report["bytes_freed"] += _bytes_under(path)
         if dry_run:
             continue
-        if os.path.isdir(path):
-            # renamed away first (atomic): a deletion killed half-way never leaves a key folder with one file
-            aside = os.path.join(folder, f".{name}.gc-{uuid.uuid4().hex[:12]}")
-            os.rename(path, aside)
-            shutil.rmtree(aside)
+        if os.path.isdir(path):  # a deletion killed half-way never leaves a key folder with one file
+            _delete_aside(path)
         else:
             os.unlink(path)
     return report
+
+
+def _delete_aside(folder: str) -> None:
+    """Delete a folder renamed aside first (atomic; `_GC_ASIDE`'s name): a deletion killed half-way leaves a
+    folder that is plainly garbage, never a part of what it was."""
+    aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.gc-{uuid.uuid4().hex[:12]}")
+    os.rename(folder, aside)
+    shutil.rmtree(aside)
 
 
 def _bytes_under(path: str) -> int:

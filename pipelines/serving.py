@@ -51,30 +51,30 @@ def check_encoded(images: tf.Tensor) -> tf.Operation:
     )
 
 
-def _le(head: tf.Tensor, offset: int, n: int) -> tf.Tensor:
-    """The little-endian unsigned `n`-byte integers at `offset` of a batch of fixed-length byte strings."""
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, offset, n), tf.uint8), tf.int64)
-    return tf.reduce_sum(raw * tf.constant([256**i for i in range(n)], tf.int64), axis=-1)
-
-
-def unreadable_headers(images: tf.Tensor) -> tf.Tensor:
-    """[n] bool: the files whose header the shared decode cannot read right, which download quarantines
+def unreadable_header(blob: tf.Tensor) -> tf.Tensor:
+    """Whether an encoded image's header is one the shared decode cannot read right, which download quarantines
     (`normalise.bmp_unsupported`, Pillow): a BMP whose info header is not a Windows one of 40 to 124 bytes (an OS/2
-    1.x header's fields are not where TensorFlow reads them; Pillow knows no larger one) or with a bit depth other than 8, 24 or 32, or compressed (RLE: TensorFlow took
-    the compressed bytes for palette indices and served the garbage); a GIF other than GIF87a or GIF89a."""
-    head = tf.strings.substr(images + b"\0" * 34, 0, 34)
-    kind = image.format_index(images)
-    header = _le(head, 14, 4)
-    bits, compression = _le(head, 28, 2), _le(head, 30, 4)
+    1.x header's fields are not where TensorFlow reads them; Pillow knows no larger one) or with a bit depth other
+    than 8, 24 or 32, or compressed (RLE: TensorFlow took the compressed bytes for palette indices and served the
+    garbage); a GIF other than GIF87a or GIF89a. Read with `pipelines.image`'s integer reader, 0 past the end."""
+    buf = image._byte_buffer(blob)
+    kind = image.format_index(blob)
+    header = image._uint(buf, 14, 4, little=True)
+    bits, compression = image._uint(buf, 28, 2, little=True), image._uint(buf, 30, 4, little=True)
     bmp = tf.equal(kind, image.FORMATS.index("BMP")) & (
         (header < 40)
         | (header > 124)
         | ~(tf.equal(bits, 8) | tf.equal(bits, 24) | tf.equal(bits, 32))
         | ~(tf.equal(compression, 0) | tf.equal(compression, 3))
     )
-    version = tf.strings.substr(head, 0, 6)
+    version = tf.strings.substr(buf, 0, 6)
     gif = tf.equal(kind, image.FORMATS.index("GIF")) & ~(tf.equal(version, b"GIF87a") | tf.equal(version, b"GIF89a"))
     return bmp | gif
+
+
+def unreadable_headers(images: tf.Tensor) -> tf.Tensor:
+    """[n] bool: `unreadable_header` of each image of a batch."""
+    return tf.map_fn(unreadable_header, images, fn_output_signature=tf.bool)
 
 
 def check_headers(images: tf.Tensor) -> tf.Operation:

@@ -853,13 +853,13 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     rows = read_rows(manifest_blob) or []
     download = lock["stages"].get("download", {})
     metrics = {}
-    made = {path for outs in stage_outputs(lock).values() for path in outs}
+    produced = {path for outs in stage_outputs(lock).values() for path in outs}
     for path in METRICS:
         text = git_file(repo, commit, path)
         if text is None:
             continue
         # git-tracked outputs are checked against the lock as declared stages'
-        if check_lock and path not in made and enclosing(path, made) is None:
+        if check_lock and path not in produced and enclosing(path, produced) is None:
             lock_problems.append(
                 f"{path} is in the revision but no stage its dvc.yaml declares outputs it: no recorded run vouches "
                 "for its figures, so they are not reported"
@@ -869,7 +869,7 @@ def collect(repo: Path, rev: str, check_lock: bool = True) -> dict:
     constraints = git_file(repo, commit, "constraints.txt") or ""
     # a revision only compared against (not `check_lock`): its lists are not in the report, so not read
     # ... nor a stage dvc.yaml no longer declares, whose lock entry stayed: no run vouches for what git holds there
-    quality = {"checked": check_lock and "quality" in lock["stages"] and "quality" in names}
+    quality = {"checked": check_lock and "quality" in lock["stages"]}  # checked: `lock` holds declared stages only
     if quality["checked"]:
         made = stage_outputs(lock)["quality"]
         for key, path in (("near_duplicates", NEAR_DUPLICATES), ("label_issues", LABEL_ISSUES)):
@@ -1120,18 +1120,17 @@ def audit(repo: Path, rev: str, against: str | None = None, workspace: bool = Fa
                 "is shown to rebuild; fetch its data (`dvc pull`) and run the audit again"
             )
             report["rebuild"] = {"stages": [], "outputs": 0, "identical": False}
-            stages = None
-    if rebuilt and stages is not None:
-        mismatches = rebuild_mismatches(recorded, again)
-        if mismatches:  # say why, where the machine is not the one the revision was trained on
-            mismatches += machine_differences(machines["recorded"], machines["rebuilt"])
-        if not stages:
-            mismatches.append(
-                f"rebuild: {record['revision'][:12]} has none of the stages {', '.join(REBUILT)} in its dvc.lock: "
-                "nothing was re-trained, so nothing is shown to rebuild"
-            )
-        report["rebuild"] = {"stages": stages, "outputs": len(recorded), "identical": not mismatches}
-        problems += mismatches
+        else:
+            mismatches = rebuild_mismatches(recorded, again)
+            if mismatches:  # say why, where the machine is not the one the revision was trained on
+                mismatches += machine_differences(machines["recorded"], machines["rebuilt"])
+            if not stages:
+                mismatches.append(
+                    f"rebuild: {record['revision'][:12]} has none of the stages {', '.join(REBUILT)} in its "
+                    "dvc.lock: nothing was re-trained, so nothing is shown to rebuild"
+                )
+            report["rebuild"] = {"stages": stages, "outputs": len(recorded), "identical": not mismatches}
+            problems += mismatches
     if workspace:
         changes = workspace_changes(repo)
         report["workspace"] = changes

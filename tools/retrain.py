@@ -430,10 +430,7 @@ def pull(repo: Path) -> dict | None:
     server's: tags deleted there (GTO's undo, `gto deprecate --delete --push`, `gto deregister --delete`) are deleted
     here too (a plain `git pull` keeps them: the gate compared with a model taken out of the stage, and the push put
     it back on the server)."""
-    branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
-    remote = subprocess.run(
-        ["git", "config", f"branch.{branch}.remote"], cwd=repo, capture_output=True, text=True
-    ).stdout.strip()
+    remote = branch_remote(repo)
     if remote:  # no upstream: `git pull` below says so
         sh("git", "fetch", "-q", "--prune", "--prune-tags", remote, cwd=repo)
     sh("git", "pull", "--ff-only", cwd=repo)
@@ -450,9 +447,17 @@ def push_tags(repo: Path, tags: Iterable[str]) -> None:
     since it was fetched came back), to the branch's remote."""
     tags = sorted(tags)
     if tags:
-        branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
-        remote = sh("git", "config", f"branch.{branch}.remote", cwd=repo).strip()
+        remote = branch_remote(repo)
+        if not remote:
+            raise RuntimeError("git: the branch has no upstream remote to push the tags to")
         sh("git", "push", "-q", remote, *[f"refs/tags/{tag}" for tag in tags], cwd=repo)
+
+
+def branch_remote(repo: Path) -> str:
+    """The remote the checked-out branch pulls from and pushes to, or "" where it has none."""
+    branch = sh("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+    found = subprocess.run(["git", "config", f"branch.{branch}.remote"], cwd=repo, capture_output=True, text=True)
+    return found.stdout.strip()
 
 
 def local_tags(repo: Path) -> set[str]:
@@ -723,9 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as exc:
             failed = {"decision": "failed", "reason": str(exc)}
         if failed is not None:
-            print(json.dumps(failed, sort_keys=True))
-            log.info("retrain: failed (%s)", failed["reason"])
-            return FAILED
+            return reported(FAILED, failed)
     params = section(read_params(params_path), RetrainParams, "retrain", params_path)
     log_resolved("retrain", {"retrain": params})
     try:
@@ -740,6 +743,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("retrain: failed")
         first = (str(exc).strip().splitlines() or [""])[0]  # TensorFlow's messages run to many lines
         code, record = FAILED, {"decision": "failed", "reason": f"{type(exc).__name__}: {first}"}
+    return reported(code, record)
+
+
+def reported(code: int, record: dict) -> int:
+    """The run's record, as the scheduler's log line (the last line of stdout) and in the log; its exit code."""
     print(json.dumps(record, sort_keys=True))
     log.info("retrain: %s (%s)", record["decision"], record["reason"])
     return code
