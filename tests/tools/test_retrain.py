@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,43 +211,72 @@ def test_metric_lookup_and_params():
 # A stand-in pipeline with the real pipeline's interfaces: convert writes val TFRecords (image bytes and
 # label names), evaluate writes a real TensorFlow SavedModel with the serving signature (its predictions
 # come from a table) and evaluation/metrics.json with its honest val accuracy. The real DVC, git, GTO
-# and `dvc artifacts get` steps of a retrain run; nothing is trained.
+# and `dvc artifacts get` steps of a retrain run; nothing is trained. The day's records and serving model are
+# built here, in a process that has TensorFlow loaded already, and committed with the day's data: the stages
+# copy them, so no stage process imports TensorFlow (seconds each, three stages a retrain, ~20 retrains).
 PIPELINE = r"""
-import json, os, sys
+import json, os, shutil, sys
 day = json.load(open("src/day.json"))
-if sys.argv[1] != "download":
-    import tensorflow as tf  # not for download's manifest: each stage's TF import is seconds of the suite
 if sys.argv[1] == "download":
     os.makedirs("data/download", exist_ok=True)
     rows = [{"id": i, "split": "val"} for i, _ in day["records"]] + [{"id": i, "split": "train"} for i in day["train"]]
     open("data/download/manifest.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
 elif sys.argv[1] == "convert":
     os.makedirs("data/convert/records", exist_ok=True)
-    with tf.io.TFRecordWriter("data/convert/records/val-00000-of-00001.tfrecord") as writer:
-        for image, label in day["records"]:
-            b = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
-            feature = {"id": b(image), "image": b(image), "label_name": b(label)}
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    shutil.copyfile("src/records.tfrecord", "data/convert/records/val-00000-of-00001.tfrecord")
 else:
-    keys, values = zip(*sorted(day["predictions"].items()))
-
-    class Served(tf.Module):
-        def __init__(self):
-            self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(list(keys), list(values)), "?")
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-        def serve(self, images):
-            classes = tf.tile(tf.constant([day["classes"]]), [tf.shape(images)[0], 1])
-            return {"predicted": self.table.lookup(images), "classes": classes}
-
-    served = Served()
-    tf.saved_model.save(served, "data/evaluate/serving", signatures={"serving_default": served.serve})
+    shutil.copytree("src/serving", "data/evaluate/serving")
     right = [day["predictions"].get(image) == label for image, label in day["records"]]
     os.makedirs("evaluation", exist_ok=True)
     json.dump({"finetune": {"val": {"accuracy": sum(right) / len(right)}, "test": {"accuracy": 0.5}}},
               open("evaluation/metrics.json", "w"))
     sys.exit(day.get("fail", 0))
 """
+
+_SERVING_MODELS: dict[
+    str, Path
+] = {}  # one SavedModel per (predictions, classes): a day that repeats, repeats its bytes
+
+
+def write_records(path, records) -> None:
+    import tensorflow as tf
+
+    def feature(value):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image, label in records:
+            example = {"id": feature(image), "image": feature(image), "label_name": feature(label)}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=example)).SerializeToString())
+
+
+def serving_model(predictions: dict, classes) -> Path:
+    """A SavedModel whose `serving_default` predicts each image id's class from a table, as the real one's does
+    from pixels (its `predicted` and `classes` outputs)."""
+    import tempfile
+
+    import tensorflow as tf
+
+    key = json.dumps([predictions, list(classes)], sort_keys=True)
+    if key not in _SERVING_MODELS:
+        keys, values = zip(*sorted(predictions.items()))
+
+        class Served(tf.Module):
+            def __init__(self):
+                self.table = tf.lookup.StaticHashTable(
+                    tf.lookup.KeyValueTensorInitializer(list(keys), list(values)), "?"
+                )
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+            def serve(self, images):
+                names = tf.tile(tf.constant([list(classes)]), [tf.shape(images)[0], 1])
+                return {"predicted": self.table.lookup(images), "classes": names}
+
+        served = Served()
+        path = Path(tempfile.mkdtemp(prefix="retrain-serving-")) / "serving"
+        tf.saved_model.save(served, str(path), signatures={"serving_default": served.serve})
+        _SERVING_MODELS[key] = path
+    return _SERVING_MODELS[key]
 
 
 def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog")):
@@ -259,6 +289,9 @@ def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog"
     (project / "src").mkdir(exist_ok=True)
     day = {"records": records, "predictions": predictions, "fail": fail, "train": [f"img{i}" for i in train]}
     (project / "src" / "day.json").write_text(json.dumps({**day, "classes": list(classes)}))
+    write_records(project / "src" / "records.tfrecord", records)
+    shutil.rmtree(project / "src" / "serving", ignore_errors=True)
+    shutil.copytree(serving_model(predictions, classes), project / "src" / "serving")
     if (project / ".git" / "refs" / "heads" / "main").exists():  # the day's data arrives as a commit (a retrain
         commit(project, "the day's data")  # refuses inputs git tracks that differ from HEAD: a model no one rebuilds)
 
@@ -290,7 +323,11 @@ def scheduled(tmp_path):
     def stage(name, outs, **more):
         return {
             "cmd": f"{sys.executable} src/pipeline.py {name}",
-            "deps": ["src/day.json", "src/pipeline.py"],
+            "deps": [
+                "src/day.json",
+                "src/pipeline.py",
+                *{"convert": ["src/records.tfrecord"], "evaluate": ["src/serving"]}.get(name, []),
+            ],
             "outs": outs,
             **more,
         }
