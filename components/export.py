@@ -125,19 +125,6 @@ def lineage_record(
     }
 
 
-def check_labels(model: keras.Model, names: list[str]) -> None:
-    """The model's outputs are the label vocabulary's classes: one sigmoid unit for two, one unit a class for
-    more. Otherwise the serving model would name its probabilities after other classes."""
-    units = int(model.output_shape[-1])
-    expected = 1 if len(names) == 2 else len(names)
-    if len(names) < 2 or units != expected or len(set(names)) != len(names):
-        raise ValueError(
-            f"export: the model has {units} output unit(s), but labels.json names {len(names)} classes {names} "
-            f"(expected {expected} unit(s) and distinct names): the model was trained on another convert output; "
-            "re-run `dvc repro` so finetune and export read the same data/convert"
-        )
-
-
 def run(
     config: Config,
     model_path: str | Path,
@@ -153,7 +140,7 @@ def run(
     features = json.loads(Path(features_path).read_text(encoding="utf-8"))
     metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     model = keras.saving.load_model(model_path, compile=False)
-    check_labels(model, names)  # before any work
+    serving.check_classes(model, names, "export")  # before any work
     size = tuple(int(s) for s in model.input_shape[1:3])
     serving.check_tta(size, config.tta.quarter_turns)  # before any work
     test_files = records.split_files(convert_dir / "records", "test")

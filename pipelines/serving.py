@@ -112,6 +112,20 @@ def check_pixels(declared: tf.Tensor, max_pixels: int) -> tf.Operation:
     )
 
 
+def check_classes(model, names: list[str], stage: str) -> None:
+    """The model's outputs are the label vocabulary's classes: one sigmoid unit for two, one unit a class for
+    more. Otherwise its probabilities would be named after other classes (evaluate scored a one-unit model against
+    three names as a binary one), so `stage` stops before any work."""
+    units = int(model.output_shape[-1])
+    expected = 1 if len(names) == 2 else len(names)
+    if len(names) < 2 or units != expected or len(set(names)) != len(names):
+        raise ValueError(
+            f"{stage}: the model has {units} output unit(s), but labels.json names {len(names)} classes {names} "
+            f"(expected {expected} unit(s) and distinct names): the model was trained on another convert output; "
+            f"re-run `dvc repro` so the models and {stage} read the same data/convert"
+        )
+
+
 def probabilities_of(outputs: tf.Tensor) -> tf.Tensor:
     """Model outputs -> [n, classes] probabilities (a sigmoid's p becomes [1 - p, p])."""
     if outputs.shape[-1] == 1:

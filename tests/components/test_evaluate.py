@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -423,8 +424,14 @@ def test_three_classes_through_a_tapped_layer_without_pooling(three_class_tapped
         assert np.array(m["confusion_matrix"]).shape == (3, 3) and np.sum(m["confusion_matrix"]) == test_count
         assert set(m["per_class"]) == set(names)
         bars = json.loads((root / "report" / "plots" / f"per_class_{model}.json").read_text())
-        assert [row["class"] for row in bars] == names and sum(row["support"] for row in bars) == test_count
-        assert [row["f1"] for row in bars] == [m["per_class"][name]["f1"] for name in names]
+        scored = [
+            name
+            for name in names
+            if m["per_class"][name]["support"] or sum(np.array(m["confusion_matrix"])[:, names.index(name)])
+        ]
+        assert [row["class"] for row in bars] == scored and sum(row["support"] for row in bars) == test_count
+        assert [row["f1"] for row in bars] == [m["per_class"][name]["f1"] for name in scored]
+        assert all(m["per_class"][name]["f1"] is None for name in names if name not in scored)  # no evidence, no 0
     assert len(list((root / "report" / "gradcam").glob("*.png"))) == result["gradcam"] >= 1
     # The serving model answers with the three classes, as the Keras model does on the training pixels.
     blobs = [encode(image_array(s, color, (24, 32)), "JPEG") for s, color in ((1, (40, 180, 60)), (2, (200, 60, 40)))]
@@ -532,15 +539,36 @@ def test_flip_tta_is_what_evaluate_scores_and_what_the_serving_model_serves(eval
     assert not np.allclose(got, one, rtol=1e-3, atol=0)  # the views changed the (saturated) probabilities
 
 
-def test_export_refuses_a_model_whose_outputs_are_not_the_label_vocabulary():
+def test_export_and_evaluate_refuse_a_model_whose_outputs_are_not_the_label_vocabulary():
     import keras
+
+    from pipelines import serving
 
     def model(units):
         pixels = keras.Input((4,))
         return keras.Model(pixels, keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax")(pixels))
 
-    export.check_labels(model(1), ["cats", "dogs"])
-    export.check_labels(model(3), ["birds", "cats", "dogs"])
+    serving.check_classes(model(1), ["cats", "dogs"], "export")
+    serving.check_classes(model(3), ["birds", "cats", "dogs"], "export")
     for units, names in ((1, ["birds", "cats", "dogs"]), (3, ["cats", "dogs"]), (2, ["cats", "dogs"]), (1, ["a", "a"])):
         with pytest.raises(ValueError, match="trained on another convert output"):
-            export.check_labels(model(units), names)
+            serving.check_classes(model(units), names, "export")
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_models_of_another_vocabulary_before_any_work(evaluated, converted_tiny, tmp_path):
+    """A review: evaluate scored a one-unit (two-class) model against a labels.json of three names as a binary one,
+    writing figures for classes it never knew; export refused it. Now both stop before any work."""
+    from components.params import TtaParams
+
+    root, _ = evaluated
+    convert = tmp_path / "convert"
+    shutil.copytree(converted_tiny, convert)
+    names = json.loads((convert / "labels.json").read_text())
+    (convert / "labels.json").write_text(json.dumps([*names, "zebras"]))
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=0, gradcam_wrong=0, gradcam_per_class=0)
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    with pytest.raises(ValueError, match=r"evaluate: the model has 1 output unit\(s\), but labels.json names 3"):
+        evaluate.run(evaluate.Config(params, TtaParams()), convert, root / "extract", *models, manifest, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
