@@ -288,12 +288,11 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
         unfrozen[-1] if unfrozen else "-",
     )
     binary = num_classes == 2
-    live_dir = Path(live_dir)
-    shutil.rmtree(live_dir, ignore_errors=True)
     with (
         contextlib.ExitStack() as opened,  # the datasets' files and decoded pixels, freed when training is done
         outputs.staged_dir(out_dir) as tmp,
-        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live,
+        outputs.staged_dir(live_dir) as live_tmp,  # replaced with the model, never left describing a failed run
+        Live(dir=str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         train = records.image_dataset(
             files["train"],
@@ -334,6 +333,7 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
                 before_accuracy,
             )
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
+        training.check_converged(model, val_loss, history.history["val_loss"], "finetune", "finetune.learning_rate")
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch}
         outputs.save_keras(model, tmp / MODEL)
         record = {
@@ -347,11 +347,11 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
             "labels": labels,
             "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
             "input_size": list(size),
-            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+            "history": {k: training.finite_or_none(values) for k, values in history.history.items()},
         }
         if weights is not None:  # val loss and accuracy weighted by class, as the training loss; no key unweighted,
             record["val_weighted"] = True  # so unweighted runs write the bytes they always did
-        (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / HISTORY).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
     log.info(

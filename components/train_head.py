@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -101,6 +100,20 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[
     return counts
 
 
+class FiniteEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's EarlyStopping (the best weights restored at the end), except that a NaN (diverged) epoch is never an
+    improvement: Keras took a NaN first epoch as the best (nothing compares below NaN), stopped after `patience`
+    epochs that were improving and kept the NaN weights, while `best_epoch_of` named another epoch. Finite losses
+    stop and restore exactly as Keras's does."""
+
+    def _is_improvement(self, monitor_value, reference_value):
+        if monitor_value is None or not math.isfinite(float(monitor_value)):
+            return False
+        if reference_value is not None and not math.isfinite(float(reference_value)):
+            return True
+        return super()._is_improvement(monitor_value, reference_value)
+
+
 def best_epoch_of(val_losses: list[float]) -> int:
     """The index of the lowest val loss, the earliest on a tie; a NaN (diverged) epoch is never the best, as for
     EarlyStopping, whose weights the stage keeps (compared as NaN, nothing was below a NaN first epoch, so the
@@ -117,22 +130,23 @@ def run(
     size, num_classes, params = int(meta["feature_size"]), len(labels), config.train_head
     files = {split: records.split_files(extract_dir / "features", split) for split in ("train", "val")}
     counts = {split: check_labels(names, size, num_classes) for split, names in files.items()}
+    if not sum(counts["val"]):  # the best epoch is chosen on val: no records, nothing to choose on
+        raise ValueError(f"train_head: the val split of {extract_dir} has no records: re-run download and extract")
     weights = training.class_weights(counts["train"], params.class_weight)
     training.make_deterministic(config.common.seed)
     head = build_head(size, num_classes, params)
     training.compile_head(head, num_classes, params.optimizer, params.learning_rate, weights is not None)
-    live_dir = Path(live_dir)
-    shutil.rmtree(live_dir, ignore_errors=True)
     with (
         contextlib.ExitStack() as opened,  # the datasets' files, closed when training is done
         outputs.staged_dir(out_dir) as tmp,
-        Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) as live,
+        outputs.staged_dir(live_dir) as live_tmp,  # replaced with the model, never left describing a failed run
+        Live(dir=str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         seed = config.common.seed
         train = feature_dataset(files["train"], size, num_classes, params.batch_size, seed, resources=opened)
         val = feature_dataset(files["val"], size, num_classes, params.batch_size, None, resources=opened)
         val = training.weighted_by_class(val, weights)  # the best epoch weighs the classes as training does
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+        stop = FiniteEarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
         history = head.fit(
             train,
             validation_data=val,
@@ -142,6 +156,7 @@ def run(
             verbose=2,
         )
         val_loss, val_accuracy = head.evaluate(val, verbose=0)
+        training.check_converged(head, val_loss, history.history["val_loss"], "train_head", "train_head.learning_rate")
         best_epoch = best_epoch_of(history.history["val_loss"])
         live.summary = {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "best_epoch": best_epoch + 1}
         outputs.save_keras(head, tmp / HEAD)
@@ -154,11 +169,11 @@ def run(
             "labels": labels,
             "class_weight": None if weights is None else {labels[i]: w for i, w in weights.items()},
             "feature_size": size,
-            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+            "history": {k: training.finite_or_none(values) for k, values in history.history.items()},
         }
         if weights is not None:  # val loss and accuracy weighted by class, as the training loss; no key unweighted,
             record["val_weighted"] = True  # so unweighted runs write the bytes they always did
-        (tmp / HISTORY).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / HISTORY).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         write_resolved(tmp, config.sections())
         outputs.require_outputs(tmp, DECLARED_OUTPUTS)
     log.info("train_head: val accuracy %.4f, val loss %.4f (best epoch %d)", val_accuracy, val_loss, best_epoch + 1)

@@ -11,9 +11,11 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Sequence
 
 import keras
+import numpy as np
 import pydantic
 import tensorflow as tf
 
@@ -26,6 +28,35 @@ def trained_on() -> dict:
     instruction sets, the cores TensorFlow's kernels split their sums over, the thread and oneDNN settings):
     recorded in the training stages' histories, so that a rebuild elsewhere can say why its bits differ."""
     return fingerprint.machine_record()
+
+
+class Diverged(RuntimeError):
+    """Training ended with weights, or a validation loss, that are not finite numbers."""
+
+    user_facing = True  # components.cli prints the message and exits 2, no traceback
+
+
+def finite_or_none(values) -> list[float | None]:
+    """An epoch history for JSON: a NaN or infinite loss (a diverged epoch) is null. Written as it was, Python's
+    json module put a bare NaN in history.json, which JSON forbids (other languages' readers, and strict ones,
+    refuse the file)."""
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def check_converged(model, val_loss: float, val_losses: Sequence[float], stage: str, rate_key: str) -> None:
+    """Refuse a model to keep whose weights or validation loss are not finite, before anything is written: a
+    diverged run (a learning rate too high, a NaN in the inputs) saved a NaN model with exit 0, which the next
+    stages scored (argmax of a NaN row is class 0) and a retrain could register."""
+    weights_finite = all(np.isfinite(w).all() for w in model.get_weights())
+    if weights_finite and math.isfinite(float(val_loss)):
+        return
+    epochs = ", ".join(f"{v:.4g}" if math.isfinite(float(v)) else str(float(v)) for v in val_losses)
+    what = "validation loss" if weights_finite else "weights"
+    raise Diverged(
+        f"{stage}: training diverged: the {what} of the model it would keep are not finite (validation loss "
+        f"{float(val_loss)}; by epoch: {epochs}), so nothing was written. Lower {rate_key}, or look for NaN or "
+        "infinite values in the inputs."
+    )
 
 
 def make_deterministic(seed: int, ops: bool = True) -> None:

@@ -310,6 +310,30 @@ def test_a_finetuning_worse_than_its_start_keeps_the_start(converted_tiny, base_
 
 
 @pytest.mark.slow
+def test_a_diverged_finetuning_writes_nothing_and_names_the_learning_rate(
+    converted_tiny, base_params, head_path, tmp_path
+):
+    """A review: started from a head with NaN weights (a diverged train_head, before it refused them), a run kept its
+    best (NaN) epoch, saved the model with exit 0 and wrote a bare NaN into history.json. Now nothing is written, the
+    dvclive folder included."""
+    head = keras.saving.load_model(head_path)
+    head.set_weights([np.full_like(w, np.nan) for w in head.get_weights()])
+    head.save(head_path)
+    params = finetune.FinetuneParams(unfreeze_top=10, epochs=1, batch_size=4, keep_better_start=False)
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "metrics.json").write_text("{}")  # an earlier run's
+    with pytest.raises(training.Diverged, match=r"finetune: training diverged: .*Lower finetune\.learning_rate"):
+        finetune.run(
+            finetune.Config(CommonParams(seed=1), base_params, params),
+            converted_tiny,
+            head_path,
+            tmp_path / "out",
+            tmp_path / "live",
+        )
+    assert not (tmp_path / "out").exists() and tree_bytes(tmp_path / "live") == {"metrics.json": b"{}"}
+
+
+@pytest.mark.slow
 def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params, tmp_path):
     """Bit-reproducible training: same inputs and params, same bytes (model, history, dvclive metrics and plots),
     whether the decoded images are cached in memory (a) or on disk (b, flat memory; the files go afterwards)."""

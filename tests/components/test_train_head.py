@@ -206,3 +206,64 @@ def test_the_head_reads_its_features_from_the_files_every_epoch(tmp_path):
     assert not [op for op in ops if "Cache" in op], ops
     cached = tf.compat.v1.GraphDef.FromString(dataset.cache()._as_serialized_graph().numpy())
     assert any("Cache" in node.op for node in cached.node)  # what the check looks for is there
+
+
+def test_a_diverged_run_writes_nothing_and_names_the_learning_rate(tmp_path):
+    """A review: one NaN feature value in one training record made every weight NaN, and the stage saved that head
+    with exit 0, a bare NaN in history.json and dvclive's metrics.json (JSON forbids it), and the dvclive folder
+    describing the failed run beside the previous run's head. Now nothing is written, the earlier outputs stay as
+    they were, and the error says what to try."""
+    from tests.conftest import tree_bytes
+
+    extract_dir, labels = toy_extract(tmp_path)
+    params = train_head.TrainHeadParams(hidden_units=4, dropout=0.0, epochs=3, patience=2)
+    config = train_head.Config(CommonParams(seed=3), params)
+    out, live = tmp_path / "out", tmp_path / "live"
+    train_head.run(config, extract_dir, labels, out, live)
+    before = tree_bytes(out), tree_bytes(live)
+    centers = np.random.default_rng(0).normal(0, 3.0, (2, SIZE))
+    write_features(extract_dir / "features", "train", 120, np.random.default_rng(1), centers)
+    with tf.io.TFRecordWriter(str(extract_dir / "features" / "train-00000-of-00001.tfrecord")) as writer:
+        for i in range(120):
+            values = centers[i % 2] + np.random.default_rng(i).normal(0, 1, SIZE)
+            values[0] = np.nan if i == 5 else values[0]
+            writer.write(graph.feature_example(f"train{i}".encode(), i % 2, values))
+    with pytest.raises(training.Diverged, match=r"train_head: training diverged: .*Lower train_head\.learning_rate"):
+        train_head.run(config, extract_dir, labels, out, live)
+    assert (tree_bytes(out), tree_bytes(live)) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_history_values_that_are_not_finite_are_json_null():
+    assert training.finite_or_none([0.5, float("nan"), float("inf"), np.float32(0.25)]) == [0.5, None, None, 0.25]
+
+
+def test_a_nan_first_epoch_is_never_the_best_one():
+    """A review: Keras's EarlyStopping took a NaN first epoch as the best (nothing compares below NaN), stopped after
+    `patience` epochs that were improving, and restored the NaN epoch's weights, while history.json named another
+    epoch. The stage's early stopping never counts a NaN epoch as an improvement."""
+    import keras
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    stop = train_head.FiniteEarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    stop.set_model(model)
+    model.stop_training = False  # as fit sets it
+    stop.on_train_begin()
+    for epoch, loss in enumerate([float("nan"), 0.6, 0.5, 0.4, 0.3]):
+        model.set_weights([np.full((1, 1), epoch, "float32"), np.zeros(1, "float32")])
+        stop.on_epoch_end(epoch, {"val_loss": loss})
+        assert not model.stop_training, epoch
+    stop.on_train_end()
+    assert model.get_weights()[0][0, 0] == 4  # the lowest loss's weights
+    assert train_head.best_epoch_of([float("nan"), 0.6, 0.5, 0.4, 0.3]) == 4
+
+
+def test_an_empty_val_split_is_refused_before_training(tmp_path):
+    extract_dir, labels = toy_extract(tmp_path)
+    write_features(extract_dir / "features", "val", 0, np.random.default_rng(2), np.zeros((2, SIZE)))
+    params = train_head.TrainHeadParams(hidden_units=4, epochs=3)
+    with pytest.raises(ValueError, match="the val split of .* has no records"):
+        train_head.run(
+            train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
+        )
+    assert not (tmp_path / "out").exists()
