@@ -41,7 +41,7 @@ import tensorflow as tf
 from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from components import beam_options, outputs
-from components.cli import configure_logging, run_main
+from components.cli import EnvironmentProblem, configure_logging, run_main
 from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, read_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
 from pipelines import convert as graph
@@ -147,6 +147,21 @@ def vocabulary_labels(blob: bytes) -> list[str]:
     return [token.decode("utf-8") for token in blob.split(b"\n")[:-1]]
 
 
+PATTERN_CHARACTERS = "*?[]"
+
+
+def check_no_pattern(*folders: Path) -> None:
+    """Beam reads the manifest's path, and TensorFlow the analysis' scratch folder beside the output, as glob
+    patterns: under a folder named `proj [v2]` convert failed after download had worked, on a missing file (or read
+    another copy's manifest that the pattern matched). A clear error before any work instead."""
+    for folder in folders:
+        if any(c in str(folder) for c in PATTERN_CHARACTERS):
+            raise EnvironmentProblem(
+                f"convert: the path {folder} holds one of {' '.join(PATTERN_CHARACTERS)}, which Beam and TensorFlow "
+                "read as a file pattern: move the project (or data/) to a path without them"
+            )
+
+
 def run(
     config: Config,
     download_dir: str | Path,
@@ -158,6 +173,7 @@ def run(
     started = time.monotonic()
     options = beam_options.pipeline_options("convert", runner, beam_args)  # a runner it cannot use: before any work
     download_dir = Path(download_dir).resolve()  # absolute: workers elsewhere resolve relative paths their own way
+    check_no_pattern(download_dir, Path(out_dir).resolve())
     manifest = read_jsonl(download_dir / MANIFEST)
     check_manifest(manifest)
     expected = expected_counts(manifest)
@@ -187,15 +203,17 @@ def run(
         )
         # waited for explicitly: `with beam.Pipeline(...)` does not wait under `no_wait_until_finish`, and on an
         # asynchronous runner (portable, Flink, Spark, Dataflow) the outputs below would be read mid-job
-        state = pipeline.run().wait_until_finish()
+        try:
+            state = pipeline.run().wait_until_finish()
+        finally:  # a failed job's too: under a temp_location (a bucket) nothing else ever removed them
+            shutil.rmtree(local_temp, ignore_errors=True)  # a killed run's: swept by the next (its process is gone)
+            if temp_location:
+                try:
+                    tf.io.gfile.rmtree(temp_dir)
+                except tf.errors.NotFoundError:
+                    pass
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"convert: the Beam job ended {state}, not DONE")
-        shutil.rmtree(local_temp, ignore_errors=True)  # a failed run's: swept by the next (its process is gone)
-        if temp_location:
-            try:
-                tf.io.gfile.rmtree(temp_dir)
-            except tf.errors.NotFoundError:
-                pass
         vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY
         vocabulary = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
         outputs.stabilise_saved_model(tmp / TRANSFORM / "transform_fn", temp_dir, f"label_vocabulary_{vocabulary}")

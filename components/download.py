@@ -101,8 +101,9 @@ class DatasetParams(Section):
     dir: str
     tfds: TfdsParams = TfdsParams()
     # folder only: with train/val(idation)/test sub-folders, `use` keeps that split
-    # and `ignore` pools them and hash-splits.
-    existing_splits: Literal["use", "ignore"] = "use"
+    # and `ignore` pools them and hash-splits; `none`: the root's folders are all class
+    # folders, one named train, val or test included (CIFAR-100 has a class `train`).
+    existing_splits: Literal["use", "ignore", "none"] = "use"
 
     @pydantic.field_validator("dir")
     @classmethod
@@ -476,13 +477,15 @@ def run(
         if entry.name not in DECLARED_OUTPUTS and entry != staging and not live:
             outputs.remove_entry(entry)
     staging.rmdir()  # every staged file was moved in or removed
-    write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))
     write_listing(out / QUARANTINE, lambda tmp: write_jsonl(tmp, quarantine))
     write_listing(
         out / SUMMARY,
         lambda tmp: tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
     )
     write_listing(out / RESOLVED_PARAMS_FILE, lambda tmp: tmp.write_text(resolved_text(config.sections()), "utf-8"))
+    # the manifest last: it marks the folder whole (written first, a run killed after it left a folder convert read,
+    # its quarantine list gone)
+    write_listing(out / MANIFEST, lambda tmp: write_jsonl(tmp, manifest))
     outputs.require_outputs(out, DECLARED_OUTPUTS)
     if cache:
         log.info("download: %d files from the cache, %d checked and decoded", cache.hits, cache.misses)

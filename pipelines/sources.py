@@ -89,6 +89,8 @@ def class_name_problem(name: str) -> str | None:
 
 def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | None]]:
     """[(class-folder parent, given split)]: the root itself, or its split folders."""
+    if existing_splits == "none":  # every folder of the root is a class, whatever its name
+        return [(root, None)]
     # a symlinked folder is never followed (it is quarantined as an entry of the root instead)
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and not _is_hidden(p.name)]
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDER_NAMES]
@@ -98,7 +100,8 @@ def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | N
     if others:
         raise ValueError(
             f"{root} mixes split folders ({[p.name for p in split_dirs]}) with other folders "
-            f"({others}); use either class folders or train/val/test folders of class folders"
+            f"({others}); use either class folders or train/val/test folders of class folders, or, if they are all "
+            "class folders (a class named train, val or test), set dataset.existing_splits: none"
         )
     if existing_splits == "ignore":
         return [(p, None) for p in split_dirs]

@@ -102,6 +102,35 @@ def test_an_asynchronous_runner_without_waiting_and_a_shared_temp_location_give_
     assert set(glob.glob("/tmp/convert-tft-*")) == before  # its own scratch folder is gone
 
 
+def test_a_failed_convert_leaves_nothing_under_its_temp_location(download_dir, tmp_path):
+    """A review: the analysis folder under a temp_location (a bucket on a cluster) was removed only after a job that
+    succeeded; every failed run left one (the label vocabulary in it), and nothing swept them."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    runner = convert.beam_options.BeamParams(runner="DirectRunner", options={"temp_location": str(temp)})
+    rows = mf.read_jsonl(download_dir / mf.MANIFEST)
+    (download_dir / rows[0]["file"]).unlink()  # a file the manifest names is gone: the job fails
+    with pytest.raises(Exception, match=rows[0]["id"]):  # noqa: B017 - the runner's own error, naming the image
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", runner=runner)
+    assert not (tmp_path / "out").exists() and list(temp.iterdir()) == []
+
+
+def test_a_path_beam_would_read_as_a_pattern_is_refused_before_any_work(download_dir, tmp_path):
+    """A review: under a folder named `proj [v2]`, convert failed after download had worked, on a file "not found"
+    (Beam globs the manifest's path, TensorFlow the analysis folder's)."""
+    from components.cli import EnvironmentProblem
+
+    bracketed = tmp_path / "proj [v2]"
+    bracketed.mkdir()
+    moved = bracketed / "download"
+    download_dir.rename(moved)
+    with pytest.raises(EnvironmentProblem, match=r"the path .*proj \[v2\]/download holds one of"):
+        convert.run(convert.Config(convert.ConvertParams()), moved, bracketed / "convert")
+    with pytest.raises(EnvironmentProblem, match=r"out\*"):
+        convert.run(convert.Config(convert.ConvertParams()), tmp_path / "elsewhere", tmp_path / "out*")
+    assert not (bracketed / "convert").exists() and not (tmp_path / "out*").exists()
+
+
 def test_a_running_converts_analysis_scratch_is_left_alone_and_a_killed_ones_swept(download_dir, tmp_path, live_pid):
     """The scratch folder had one fixed name, deleted at every start: a second convert on the same output (run by
     hand) deleted a running one's tf.Transform files mid-analysis."""

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import io
 import json
@@ -904,6 +905,43 @@ def test_a_run_killed_while_it_moves_images_in_leaves_no_manifest_and_the_next_r
     with pytest.raises(KeyboardInterrupt):
         dl.run(folder_config(root), out)
     assert len(moves) == 2 and not (out / mf.MANIFEST).exists()  # no stage reads a folder without one
+    monkeypatch.undo()
+    dl.run(folder_config(root), out)
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "cold")
+
+
+def test_a_class_named_train_is_a_class_with_existing_splits_none(tmp_path):
+    """A review: a class folder named train (CIFAR-100 has one) beside others made the root a split layout, and the
+    error left no setting to get past it (`ignore` was refused the same way)."""
+    root = make_class_folder(tmp_path / "src", per_class=10, classes=("bus", "train"))
+    for existing in ("use", "ignore"):
+        config = folder_config(root)
+        config = dataclasses.replace(config, dataset=config.dataset.model_copy(update={"existing_splits": existing}))
+        with pytest.raises(ValueError, match="set dataset.existing_splits: none"):
+            dl.run(config, tmp_path / existing)
+    config = folder_config(root)
+    config = dataclasses.replace(config, dataset=config.dataset.model_copy(update={"existing_splits": "none"}))
+    summary = dl.run(config, tmp_path / "out")
+    assert summary["classes"] == ["bus", "train"] and summary["kept"] == 20
+
+
+def test_a_run_killed_while_it_writes_its_listings_leaves_no_manifest(tmp_path, monkeypatch):
+    """A review: the manifest was written first, so a run killed right after it left a folder that convert read, its
+    quarantine list (and summary) gone. The manifest is written last: it marks the folder whole."""
+    root = make_class_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    real = dl.write_listing
+
+    def killed_at_the_params(path, write):
+        if path.name == dl.RESOLVED_PARAMS_FILE:
+            raise KeyboardInterrupt("killed")
+        real(path, write)
+
+    monkeypatch.setattr(dl, "write_listing", killed_at_the_params)
+    with pytest.raises(KeyboardInterrupt):
+        dl.run(folder_config(root), out)
+    assert not (out / mf.MANIFEST).exists()
     monkeypatch.undo()
     dl.run(folder_config(root), out)
     dl.run(folder_config(root), tmp_path / "cold")
