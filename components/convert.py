@@ -147,10 +147,10 @@ def vocabulary_labels(blob: bytes) -> list[str]:
     return [token.decode("utf-8") for token in blob.split(b"\n")[:-1]]
 
 
-PATTERN_CHARACTERS = "*?[]"
+PATTERN_CHARACTERS = "*?["  # what opens a pattern for Beam's match (a lone `]` does not)
 
 
-def check_no_pattern(*folders: Path) -> None:
+def check_no_pattern(*folders: Path | str) -> None:
     """Beam reads the manifest's path, and TensorFlow the analysis' scratch folder beside the output, as glob
     patterns: under a folder named `proj [v2]` convert failed after download had worked, on a missing file (or read
     another copy's manifest that the pattern matched). A clear error before any work instead."""
@@ -191,6 +191,7 @@ def run(
         # never write the same analysis files, and its path is long enough for stabilise_saved_model to replace
         temp_location = _temp_location(options)
         temp_dir = f"{temp_location.rstrip('/')}/convert-tft-{uuid.uuid4().hex}" if temp_location else str(local_temp)
+        check_no_pattern(temp_dir)
         pipeline = beam.Pipeline(options=options)
         graph.convert(
             pipeline,
@@ -212,6 +213,8 @@ def run(
                     tf.io.gfile.rmtree(temp_dir)
                 except tf.errors.NotFoundError:
                     pass
+                except Exception as exc:  # noqa: BLE001 - never in place of the job's own error
+                    log.warning("convert: could not remove the analysis folder %s: %s", temp_dir, exc)
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"convert: the Beam job ended {state}, not DONE")
         vocab_file = tmp / TRANSFORM / "transform_fn" / "assets" / fk.LABEL_VOCABULARY

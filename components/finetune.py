@@ -291,8 +291,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     with (
         contextlib.ExitStack() as opened,  # the datasets' files and decoded pixels, freed when training is done
         outputs.staged_dir(out_dir) as tmp,
-        outputs.staged_dir(live_dir) as live_tmp,  # replaced with the model, never left describing a failed run
-        Live(dir=str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live,
+        training.live_folder(live_dir) as live_path,  # as it was if the run fails
+        Live(dir=str(live_path), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         train = records.image_dataset(
             files["train"],

@@ -139,8 +139,8 @@ def run(
     with (
         contextlib.ExitStack() as opened,  # the datasets' files, closed when training is done
         outputs.staged_dir(out_dir) as tmp,
-        outputs.staged_dir(live_dir) as live_tmp,  # replaced with the model, never left describing a failed run
-        Live(dir=str(live_tmp), save_dvc_exp=False, dvcyaml=None) as live,
+        training.live_folder(live_dir) as live_path,  # as it was if the run fails
+        Live(dir=str(live_path), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         seed = config.common.seed
         train = feature_dataset(files["train"], size, num_classes, params.batch_size, seed, resources=opened)

@@ -11,14 +11,19 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal, Sequence
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
 
 import keras
 import numpy as np
 import pydantic
 import tensorflow as tf
 
+from components import outputs
 from components.params import Section
 from pipelines import fingerprint
 
@@ -57,6 +62,29 @@ def check_converged(model, val_loss: float, val_losses: Sequence[float], stage: 
         f"{float(val_loss)}; by epoch: {epochs}), so nothing was written. Lower {rate_key}, or look for NaN or "
         "infinite values in the inputs."
     )
+
+
+@contextlib.contextmanager
+def live_folder(final: str | Path) -> Iterator[Path]:
+    """dvclive's folder for a run, written in place, so what a user watches under `dvclive/<stage>` (`dvc plots
+    show`, an editor's live plots) is this run's epochs as they come; the previous run's is moved aside first and
+    put back if the run fails, so the folder never describes a run whose model was not kept (deleted up front, a
+    failed run left its own metrics beside the previous run's model). A killed run's moved-aside folder is swept by
+    the next run (`outputs.remove_stale`)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    outputs.remove_stale(final.parent, f".{final.name}.prev-")
+    previous = final.parent / f".{final.name}.prev-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if final.exists() or final.is_symlink():
+        os.replace(final, previous)
+    try:
+        yield final
+    except BaseException:
+        outputs.remove_entry(final, ignore_errors=True)
+        if previous.exists() or previous.is_symlink():
+            os.replace(previous, final)
+        raise
+    outputs.remove_entry(previous, ignore_errors=True)
 
 
 def make_deterministic(seed: int, ops: bool = True) -> None:

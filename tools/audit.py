@@ -1080,7 +1080,7 @@ def to_markdown(report: dict) -> str:
         flat = {
             k: v
             for k, v in flatten(values).items()
-            if not k.startswith(("head.per_class", "finetune.per_class")) and not isinstance(v, list)
+            if ".per_class." not in f".{k}." and not isinstance(v, list)  # (head.test.per_class.rose.f1)
         }
         lines += [
             f"- `{path}`: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())

@@ -102,7 +102,7 @@ def test_an_asynchronous_runner_without_waiting_and_a_shared_temp_location_give_
     assert set(glob.glob("/tmp/convert-tft-*")) == before  # its own scratch folder is gone
 
 
-def test_a_failed_convert_leaves_nothing_under_its_temp_location(download_dir, tmp_path):
+def test_a_failed_convert_leaves_nothing_under_its_temp_location(download_dir, tmp_path, monkeypatch):
     """A review: the analysis folder under a temp_location (a bucket on a cluster) was removed only after a job that
     succeeded; every failed run left one (the label vocabulary in it), and nothing swept them."""
     temp = tmp_path / "temp"
@@ -113,6 +113,19 @@ def test_a_failed_convert_leaves_nothing_under_its_temp_location(download_dir, t
     with pytest.raises(Exception, match=rows[0]["id"]):  # noqa: B017 - the runner's own error, naming the image
         convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", runner=runner)
     assert not (tmp_path / "out").exists() and list(temp.iterdir()) == []
+    # a folder that cannot be removed (a bucket's permissions) is a warning, never in place of the job's own error
+    import tensorflow as tf
+
+    real = tf.io.gfile.rmtree
+
+    def refused(path):  # the analysis folder only (tf.Transform removes its own scratch the same way)
+        if "convert-tft-" in str(path):
+            raise tf.errors.PermissionDeniedError(None, None, f"403 on {path}")
+        real(path)
+
+    monkeypatch.setattr(convert.tf.io.gfile, "rmtree", refused)
+    with pytest.raises(Exception, match=rows[0]["id"]):  # noqa: B017
+        convert.run(convert.Config(convert.ConvertParams()), download_dir, tmp_path / "out", runner=runner)
 
 
 def test_a_path_beam_would_read_as_a_pattern_is_refused_before_any_work(download_dir, tmp_path):

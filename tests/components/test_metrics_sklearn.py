@@ -98,6 +98,17 @@ def test_the_macro_f1_interval_scores_every_class_in_every_resample():
     assert m["macro_f1_low"] <= m["macro_f1"] <= m["macro_f1_high"] < m["macro_f1"] + 0.01, m
 
 
+def test_the_macro_f1_interval_keeps_a_class_only_predicted_in_every_resample():
+    """A second review: one image of 400 predicted as a class the split lacks (F1 0) scores that class in the macro
+    F1; resamples that drew no such image dropped it, and the interval's upper end was 1.0."""
+    labels = np.array([0, 1, 2, 3] * 100)
+    predicted = labels.copy()
+    predicted[0] = 4
+    m = evaluate.classification_metrics(labels, np.eye(5)[predicted], [f"c{i}" for i in range(5)])
+    assert m["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(labels, predicted, average="macro"))
+    assert m["macro_f1_low"] <= m["macro_f1"] <= m["macro_f1_high"] < m["macro_f1"] + 0.01, m
+
+
 def test_a_class_the_split_lacks_and_no_model_predicts_has_no_figures_not_zeros():
     """A review: a perfect model on a split without tulips reported tulip precision, recall and F1 0 (a zero bar in
     the per-class plot, a drop to 0 in `dvc metrics diff`) beside a macro F1 of 1.0 that left tulips out."""

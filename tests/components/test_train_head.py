@@ -267,3 +267,56 @@ def test_an_empty_val_split_is_refused_before_training(tmp_path):
             train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_diverges_after_its_best_epoch_keeps_it_with_nulls_in_its_history(tmp_path, monkeypatch):
+    """The best epoch's weights are kept (finite), the epochs after it are null in history.json (plain JSON), and the
+    dvclive folder is this run's."""
+    import keras
+
+    real = training.live_callback
+
+    def poisoned_after_the_second_epoch(live):
+        inner = real(live)
+
+        class Poison(keras.callbacks.Callback):
+            def set_model(self, model):
+                super().set_model(model)
+                inner.set_model(model)
+
+            def on_epoch_end(self, epoch, logs=None):
+                inner.on_epoch_end(epoch, logs)
+                if epoch == 1:
+                    self.model.set_weights([np.full_like(w, np.nan) for w in self.model.get_weights()])
+
+        return Poison()
+
+    monkeypatch.setattr(training, "live_callback", poisoned_after_the_second_epoch)
+    extract_dir, labels = toy_extract(tmp_path)
+    params = train_head.TrainHeadParams(hidden_units=4, dropout=0.0, epochs=6, patience=2)
+    record = train_head.run(
+        train_head.Config(CommonParams(seed=3), params), extract_dir, labels, tmp_path / "out", tmp_path / "live"
+    )
+    text = (tmp_path / "out" / "history.json").read_text()
+    history = json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert history["best_epoch"] == 2 and history["history"]["val_loss"][2:] == [None, None]
+    assert record["val_loss"] == history["val_loss"] and np.isfinite(history["val_loss"])
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert live["best_epoch"] == 2 and live["val_loss"] == pytest.approx(history["val_loss"])
+
+
+def test_the_live_folder_is_written_in_place_and_put_back_if_the_run_fails(tmp_path):
+    final = tmp_path / "dvclive" / "stage"
+    final.mkdir(parents=True)
+    (final / "metrics.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with training.live_folder(final) as path:
+            assert path == final and not final.exists()  # this run's epochs go where a user watches
+            final.mkdir()
+            (final / "metrics.json").write_text("partial")
+            raise KeyboardInterrupt
+    assert (final / "metrics.json").read_text() == "old"
+    with training.live_folder(final) as path:
+        path.mkdir()
+        (path / "metrics.json").write_text("new")
+    assert (final / "metrics.json").read_text() == "new" and sorted(p.name for p in final.parent.iterdir()) == ["stage"]

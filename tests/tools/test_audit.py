@@ -1152,11 +1152,15 @@ def test_metrics_no_declared_stage_outputs_are_not_reported_and_fail_the_audit(a
         "metrics": [{"evaluation/metrics.json": {"cache": False}}],
     }
     (project / "dvc.yaml").write_text(json.dumps(spec))
-    (project / "src" / "metrics").write_text(json.dumps({"finetune": {"test_accuracy": 0.61}}))
+    figures = {"finetune": {"test_accuracy": 0.61, "test": {"per_class": {"cat": {"f1": 0.37, "support": 1}}}}}
+    (project / "src" / "metrics").write_text(json.dumps(figures))
     rev = revision("evaluate", manifest_rows(*GOOD_ROWS), ["cat", "dog"])
     assert audit_of(project, rev) == (0, [])
     reported = json.loads((project / "audit" / "audit.json").read_text())["revision_record"]["metrics"]
-    assert reported == {"evaluation/metrics.json": {"finetune": {"test_accuracy": 0.61}}}
+    assert reported == {"evaluation/metrics.json": figures}
+    # the markdown lists the figures but not the per-class ones (evaluate's keys: finetune.test.per_class.cat.f1)
+    markdown = (project / "audit" / "audit.md").read_text()
+    assert "finetune.test_accuracy 0.6100" in markdown and "per_class" not in markdown and "0.37" not in markdown
     del spec["stages"]["evaluate"]
     (project / "dvc.yaml").write_text(json.dumps(spec))
     (project / "evaluation" / "metrics.json").write_text(json.dumps({"finetune": {"test_accuracy": 0.99}}))

@@ -233,10 +233,6 @@ else:
     sys.exit(day.get("fail", 0))
 """
 
-_SERVING_MODELS: dict[
-    str, Path
-] = {}  # one SavedModel per (predictions, classes): a day that repeats, repeats its bytes
-
 
 def write_records(path, records) -> None:
     import tensorflow as tf
@@ -250,15 +246,17 @@ def write_records(path, records) -> None:
             writer.write(tf.train.Example(features=tf.train.Features(feature=example)).SerializeToString())
 
 
-def serving_model(predictions: dict, classes) -> Path:
+def serving_model(predictions: dict, classes, root: Path) -> Path:
     """A SavedModel whose `serving_default` predicts each image id's class from a table, as the real one's does
-    from pixels (its `predicted` and `classes` outputs)."""
-    import tempfile
+    from pixels (its `predicted` and `classes` outputs); built once under `root` for each (predictions, classes), so
+    a day that repeats repeats its bytes."""
+    import hashlib
 
     import tensorflow as tf
 
-    key = json.dumps([predictions, list(classes)], sort_keys=True)
-    if key not in _SERVING_MODELS:
+    key = hashlib.sha256(json.dumps([predictions, list(classes)], sort_keys=True).encode()).hexdigest()[:16]
+    path = root / key / "serving"
+    if not path.exists():
         keys, values = zip(*sorted(predictions.items()))
 
         class Served(tf.Module):
@@ -273,10 +271,8 @@ def serving_model(predictions: dict, classes) -> Path:
                 return {"predicted": self.table.lookup(images), "classes": names}
 
         served = Served()
-        path = Path(tempfile.mkdtemp(prefix="retrain-serving-")) / "serving"
         tf.saved_model.save(served, str(path), signatures={"serving_default": served.serve})
-        _SERVING_MODELS[key] = path
-    return _SERVING_MODELS[key]
+    return path
 
 
 def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog")):
@@ -291,7 +287,7 @@ def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog"
     (project / "src" / "day.json").write_text(json.dumps({**day, "classes": list(classes)}))
     write_records(project / "src" / "records.tfrecord", records)
     shutil.rmtree(project / "src" / "serving", ignore_errors=True)
-    shutil.copytree(serving_model(predictions, classes), project / "src" / "serving")
+    shutil.copytree(serving_model(predictions, classes, project.parent / "serving-models"), project / "src" / "serving")
     if (project / ".git" / "refs" / "heads" / "main").exists():  # the day's data arrives as a commit (a retrain
         commit(project, "the day's data")  # refuses inputs git tracks that differ from HEAD: a model no one rebuilds)
 
