@@ -42,9 +42,11 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pydantic
@@ -406,6 +408,25 @@ def write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def spool_folder(cache_dir: str | Path | None) -> Iterator[Path]:
+    """A folder for this run's feature spools, removed when the run ends: under `cache_dir` (the project's
+    `.cache/quality`, on disk) named for this process, so a killed run's (which no clean-up reached) is swept by the
+    next run, never a live one's; the system's temporary folder otherwise (a RAM disk on hosts whose /tmp is a
+    tmpfs, where the spools grow with the dataset: the stage's memory would not stay flat)."""
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="quality-features-") as folder:
+            yield Path(folder)
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    outputs.remove_stale(Path(cache_dir), "quality-features-", legacy=outputs.MKDTEMP_LEGACY)
+    folder = Path(tempfile.mkdtemp(prefix=f"quality-features-{os.getpid()}-", dir=cache_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(
     config: Config,
     extract_dir: str | Path,
@@ -413,7 +434,10 @@ def run(
     download_dir: str | Path,
     history_path: str | Path,
     report_dir: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> dict:
+    """Assess the data; the features are spooled to files for the run, in a folder of this run's own under
+    `cache_dir` (a killed run's is swept by the next), or the system's temporary folder without one."""
     extract_dir, download_dir = Path(extract_dir), Path(download_dir)
     names = json.loads(Path(labels_path).read_text(encoding="utf-8"))
     feature_size = int(json.loads((extract_dir / "features.json").read_text())["feature_size"])
@@ -423,7 +447,7 @@ def run(
     rows_of = functools.partial(manifest_rows_of, manifest_path)
     # The spools close before their folder goes (the inner context exits first), errors included, so their
     # disk space is freed at once, not whenever the objects are collected.
-    with tempfile.TemporaryDirectory(prefix="quality-features-") as spools, contextlib.ExitStack() as opened:
+    with spool_folder(cache_dir) as spools, contextlib.ExitStack() as opened:
         data = {}
         for split in ("train", "val", "test"):
             files = records.split_files(extract_dir / "features", split)
@@ -494,11 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--download", required=True, help="the download stage's folder (manifest and images)")
     parser.add_argument("--history", required=True, help="train_head's history.json (the k-fold heads' epochs)")
     parser.add_argument("--report", required=True, help="output folder (its files declared in dvc.yaml)")
+    parser.add_argument("--cache", default=None, help="scratch folder for the run's feature spools (removed after)")
     args = parser.parse_args(argv)
     configure_logging()
     config = load_config(args.params)
     log_resolved("quality", config.sections())
-    run(config, args.extract, args.labels, args.download, args.history, args.report)
+    run(config, args.extract, args.labels, args.download, args.history, args.report, args.cache)
     return 0
 
 

@@ -4,6 +4,7 @@ bytes on a re-run."""
 
 import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,3 +400,29 @@ def test_features_that_are_not_finite_are_a_clear_error_not_chance_accuracy(tmp_
     with records.FeatureSpool(tmp_path / "spool", 8) as rows:
         with pytest.raises(ValueError, match=r"features that are not finite .*\['img17'\]"):
             quality.spool_split([str(path)], 8, rows)
+
+
+def test_the_feature_spools_go_under_the_cache_named_for_the_run_and_a_killed_runs_are_swept(
+    tmp_path, monkeypatch, live_pid
+):
+    """A review: the spools went to the system's temporary folder (RAM where /tmp is a tmpfs: the stage's memory grew
+    with the dataset there), and a killed run's stayed for good. With `--cache` (dvc.yaml: .cache/quality) they go
+    in a folder of the run's own there, and the next run sweeps a killed one's."""
+    from tests.components.test_outputs import dead_pid
+
+    cache = tmp_path / "cache"
+    dead, live = cache / f"quality-features-{dead_pid()}-abcd1234", cache / f"quality-features-{live_pid}-abcd1234"
+    for folder in (dead, live):
+        (folder / "train").mkdir(parents=True)
+    spooled = []
+    real = quality.records.FeatureSpool
+
+    def recorded(path, *args, **kwargs):
+        spooled.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(quality.records, "FeatureSpool", recorded)
+    inputs = toy_run_inputs(tmp_path)
+    quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report", cache)
+    assert spooled and all(p.parent.parent == cache and p.parent.name.startswith("quality-features-") for p in spooled)
+    assert sorted(p.name for p in cache.iterdir()) == [live.name]  # the killed run's swept, this run's removed
