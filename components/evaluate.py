@@ -196,8 +196,9 @@ def bootstrap_interval(
     full = confusion_matrix(labels, predicted, num_classes)
     classes = (full.sum(axis=0) + full.sum(axis=1)) > 0
     order = np.argsort(labels, kind="stable")  # the images class by class
-    sizes = np.bincount(labels, minlength=num_classes)[labels[order]]  # each position's class size ...
-    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]])[labels[order]]
+    counts = np.bincount(labels, minlength=num_classes)
+    sizes = counts[labels[order]]  # each position's class: its size and where its images start in `order` ...
+    starts = (np.cumsum(counts) - counts)[labels[order]]
     rng = np.random.default_rng(seed)
     scores = np.empty(resamples)
     for r in range(resamples):  # ... and one draw a position: an image of the same class

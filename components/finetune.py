@@ -35,9 +35,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -252,14 +249,9 @@ def decoded_image_cache(enabled: bool, cache_dir: str | Path | None) -> Iterator
     if not enabled or cache_dir is None:
         yield {"train": enabled, "val": enabled}
         return
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     # killed runs' caches, and older releases' (named without a process id); live runs' stay
-    outputs.remove_stale(Path(cache_dir), "finetune-", legacy=outputs.MKDTEMP_LEGACY)
-    scratch = Path(tempfile.mkdtemp(prefix=f"finetune-{os.getpid()}-", dir=cache_dir))
-    try:
+    with training.run_scratch(cache_dir, "finetune-", legacy=outputs.MKDTEMP_LEGACY) as scratch:
         yield {split: str(scratch / split) for split in ("train", "val")}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict) -> dict:

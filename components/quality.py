@@ -42,8 +42,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Sequence
@@ -418,13 +416,8 @@ def spool_folder(cache_dir: str | Path | None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="quality-features-") as folder:
             yield Path(folder)
         return
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    outputs.remove_stale(Path(cache_dir), "quality-features-", legacy=outputs.MKDTEMP_LEGACY)
-    folder = Path(tempfile.mkdtemp(prefix=f"quality-features-{os.getpid()}-", dir=cache_dir))
-    try:
+    with training.run_scratch(cache_dir, "quality-features-") as folder:
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(

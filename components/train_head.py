@@ -108,9 +108,7 @@ class FiniteEarlyStopping(keras.callbacks.EarlyStopping):
 
     def _is_improvement(self, monitor_value, reference_value):
         if monitor_value is None or not math.isfinite(float(monitor_value)):
-            return False
-        if reference_value is not None and not math.isfinite(float(reference_value)):
-            return True
+            return False  # so the best (the reference) is never NaN either
         return super()._is_improvement(monitor_value, reference_value)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -62,6 +64,20 @@ def check_converged(model, val_loss: float, val_losses: Sequence[float], stage: 
         f"{float(val_loss)}; by epoch: {epochs}), so nothing was written. Lower {rate_key}, or look for NaN or "
         "infinite values in the inputs."
     )
+
+
+@contextlib.contextmanager
+def run_scratch(parent: str | Path, prefix: str, legacy: str | None = None) -> Iterator[Path]:
+    """A scratch folder of this run's own under `parent` (`<prefix><pid>-<letters>`), removed when the run ends,
+    errors included; killed runs' (which no clean-up reached) are swept first, live runs' never (`outputs.remove_stale`,
+    `legacy`: an older release's names)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    outputs.remove_stale(Path(parent), prefix, legacy=legacy)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager
