@@ -249,20 +249,28 @@ def classification_metrics(
 
 
 def curve_rows(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[dict], list[dict]]:
-    """ROC and precision-recall rows for DVC plots: the positive class for two classes, micro one-vs-rest for more."""
+    """ROC and precision-recall rows for DVC plots: the positive class for two classes, micro one-vs-rest for more.
+    No rows where a curve is undefined, in a two-class split holding one class only: the ROC without negatives or
+    positives (as `roc_auc` is None), the precision-recall curve without positives (its recall is 0 of 0); such rows
+    drew a line of zeros, a model that finds no positives, for images that hold none to find."""
     num_classes = probabilities.shape[1]
     if num_classes == 2:
         positive, scores = labels == 1, probabilities[:, 1]
     else:
         positive = (np.arange(num_classes)[None, :] == labels[:, None]).ravel()
         scores = probabilities.ravel()
-    fpr, tpr, roc_thresholds = roc_curve(positive, scores)
-    precision, recall, pr_thresholds = precision_recall_curve(positive, scores)
-    roc = [{"fpr": float(f), "tpr": float(t), "threshold": _finite(th)} for f, t, th in zip(fpr, tpr, roc_thresholds)]
-    pr = [
-        {"recall": float(r), "precision": float(p), "threshold": float(th)}
-        for p, r, th in zip(precision, recall, pr_thresholds)
-    ]
+    roc, pr = [], []
+    if positive.any() and not positive.all():
+        fpr, tpr, roc_thresholds = roc_curve(positive, scores)
+        roc = [
+            {"fpr": float(f), "tpr": float(t), "threshold": _finite(th)} for f, t, th in zip(fpr, tpr, roc_thresholds)
+        ]
+    if positive.any():
+        precision, recall, pr_thresholds = precision_recall_curve(positive, scores)
+        pr = [
+            {"recall": float(r), "precision": float(p), "threshold": float(th)}
+            for p, r, th in zip(precision, recall, pr_thresholds)
+        ]
     return roc, pr
 
 
@@ -449,6 +457,12 @@ def run(
                 "runtime": params.runtime,
             }
             roc, pr = curve_rows(labels, probs)
+            if not roc:
+                log.warning(
+                    "evaluate: the test split holds one class only: no ROC curve%s (%s)",
+                    "" if pr else " and no precision-recall curve",
+                    name,
+                )
             write_json(report / "plots" / f"roc_{name}.json", roc)
             write_json(report / "plots" / f"precision_recall_{name}.json", pr)
             write_json(report / "plots" / f"confusion_{name}.json", confusion_rows(labels, probs, names))

@@ -15,7 +15,8 @@ Outputs (one folder, ``--report``, written atomically; its own, since evaluate r
                            at least ``quality.near_duplicate_threshold``, with both source files (the
                            audit fails on any, as on an exact copy)
     ``metrics.json``       the head's k-fold cross-validated accuracy over train + val with its 95%
-                           Wilson interval and the per-fold accuracies; the counts of both lists
+                           Wilson interval and the per-fold accuracies; the counts of both lists; the
+                           features check (`FeatureCheck`: all-zero rows, one vector for every image)
     ``label_suspects.png`` a contact sheet (PNG) of the top suspects: a DVC image plot
 
 Run: ``python -m components.quality --extract data/extract --labels data/convert/labels.json
@@ -314,12 +315,36 @@ def contact_sheet(rows: Sequence[dict], images: Path, count: int) -> Image.Image
 # --------------------------------------------------------------------------- I/O
 
 
+@dataclasses.dataclass
+class FeatureCheck:
+    """What tells features that say nothing about their images, gathered as they stream past (memory: two rows):
+    all-zero rows (similar to nothing, so never a near-duplicate) and features identical for every image (a base
+    whose output does not depend on its input). Either way the suspects and the cross-validated accuracy describe
+    the base, not the labels: the stage says so (a warning, and ``features`` in its metrics)."""
+
+    zero_rows: int = 0
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        self.zero_rows += int(np.count_nonzero(~values.any(axis=1)))
+        low, high = values.min(axis=0), values.max(axis=0)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    def report(self, images: int) -> dict:
+        identical = self.low is not None and images > 1 and bool(np.array_equal(self.low, self.high))
+        return {"zero_rows": self.zero_rows, "identical": identical}
+
+
 def spool_split(
-    files: list[str], feature_size: int, rows: records.FeatureSpool
+    files: list[str], feature_size: int, rows: records.FeatureSpool, check: FeatureCheck | None = None
 ) -> tuple[list[str], np.ndarray, records.FeatureSpool]:
     """One split's ids and labels (in memory: small), and its features copied from its feature files into
     `rows` (a file), read back a batch at a time by the steps after: memory does not grow with the number
-    of images."""
+    of images. `check` sees every batch (`FeatureCheck`)."""
     ids, labels = [], []
     for batch_ids, batch_labels, batch in records.feature_records(files, feature_size).batch(1024):
         values = batch.numpy()
@@ -333,6 +358,8 @@ def spool_split(
         ids += [i.decode() for i in batch_ids.numpy()]
         labels.append(batch_labels.numpy())
         rows.append(values)
+        if check is not None:
+            check.add(values)
     return ids, (np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)), rows
 
 
@@ -386,7 +413,7 @@ def assess(config: Config, data: dict, rows_of: RowsOf, num_classes: int, epochs
     # copies share a fold: pairs inside each trained split, and across them from the search above (not again)
     index, offset, copies = {i: n for n, i in enumerate(ids)}, 0, []
     for split in TRAINED_SPLITS:
-        found = near_duplicates.pairs_within(data[split][2], params.near_duplicate_threshold)
+        found = near_duplicates.pairs_within(data[split][2], params.near_duplicate_threshold, ids=data[split][0])
         copies += [(offset + i, offset + j, similarity) for i, j, similarity in found]
         offset += len(data[split][0])
     copies += [
@@ -441,11 +468,20 @@ def run(
     # The spools close before their folder goes (the inner context exits first), errors included, so their
     # disk space is freed at once, not whenever the objects are collected.
     with spool_folder(cache_dir) as spools, contextlib.ExitStack() as opened:
-        data = {}
+        data, check = {}, FeatureCheck()
         for split in ("train", "val", "test"):
             files = records.split_files(extract_dir / "features", split)
             rows = opened.enter_context(records.FeatureSpool(Path(spools) / split, feature_size))
-            data[split] = spool_split(files, feature_size, rows)
+            data[split] = spool_split(files, feature_size, rows, check)
+        features = check.report(sum(len(ids) for ids, _, _ in data.values()))
+        if features["identical"] or features["zero_rows"]:
+            log.warning(
+                "quality: %s: the suspected label errors and the cross-validated accuracy below describe the conv "
+                "base, not the labels; check conv_base (its weights, its tap layer) and re-run extract",
+                "every image has the same features"
+                if features["identical"]
+                else f"{features['zero_rows']} images have all-zero features",
+            )
         unknown = ids_missing(manifest_path, (i for ids, _, _ in data.values() for i in ids))
         if unknown:
             raise RuntimeError(
@@ -455,6 +491,7 @@ def run(
     cv = cross_validated_accuracy(labels, probabilities, fold_of)
     issues = label_issue_rows(ids, splits, labels, probabilities, names, rows_of)
     metrics = {
+        "features": features,  # zero rows, or one vector for every image: a base that tells nothing apart
         "head_cv": cv,
         "label_issues": {"count": len(issues), "of": len(ids), "fraction": len(issues) / max(1, len(ids))},
         "near_duplicates": {

@@ -32,11 +32,28 @@ class TooManyPairs(ValueError):
     user_facing = True  # components.cli prints the message, no traceback
 
 
-def too_many(limit: int, threshold: float, where: str) -> TooManyPairs:
+def too_many(limit: int, threshold: float, where: str, found: Sequence[tuple[float, str, str]]) -> TooManyPairs:
+    """The refusal, its advice from the pairs (similarity, id, id) `found` before the search stopped: mostly
+    identical features (a similarity of 1: one picture copied many times, blank images, or a base that tells no
+    images apart) are not helped by any threshold, so those name the images instead."""
+    identical = [(a, b) for similarity, a, b in found if similarity >= 1.0]
+    head = f"more than {limit} near-duplicate pairs {where} ({PAIRS_PER_IMAGE} an image) at a cosine similarity of at "
+    if identical and 2 * len(identical) >= len(found):
+        counts: dict[str, int] = {}
+        for pair in identical:
+            for image_id in pair:
+                counts[image_id] = counts.get(image_id, 0) + 1
+        named = sorted(counts, key=lambda i: (-counts[i], i))[:5]
+        return TooManyPairs(
+            f"{head}least {threshold}, {len(identical)} of the {len(found)} found at a similarity of 1 (identical "
+            f"features; the images in most of them: {', '.join(named)}): a large group of copies of one picture "
+            "(each copy pairs with every other), blank or constant images, or a conv base whose features tell no "
+            "images apart (an untrained one gives every image nearly the same features); no threshold separates "
+            "identical features: look at those images, list the extra copies in download.exclude, or check conv_base"
+        )
     return TooManyPairs(
-        f"more than {limit} near-duplicate pairs {where} ({PAIRS_PER_IMAGE} an image) at a cosine similarity of at "
-        f"least {threshold}: a threshold this loose pairs similar photos, not copies, and their list grows with the "
-        "square of the image count; raise quality.near_duplicate_threshold (benchmarks/near_duplicate_threshold.py "
+        f"{head}least {threshold}: a threshold this loose pairs similar photos, not copies, and their list grows with "
+        "the square of the image count; raise quality.near_duplicate_threshold (benchmarks/near_duplicate_threshold.py "
         "measures copies' similarity on your photos)"
     )
 
@@ -106,8 +123,11 @@ def cross_split_pairs(
                     units_b = unit_rows(features[b][other : other + other_block])
                     try:
                         found = _similar(units_a, units_b, threshold, max_pairs - len(rows))
-                    except _Full:
-                        raise too_many(max_pairs, threshold, "across splits") from None
+                    except _Full as full:
+                        seen = [(row["similarity"], row["a_id"], row["b_id"]) for row in rows] + [
+                            (similarity, ids[a][start + r], ids[b][other + c]) for r, c, similarity in full.found
+                        ]
+                        raise too_many(max_pairs, threshold, "across splits", seen) from None
                     for r, c, similarity in found:
                         rows.append(
                             {
@@ -124,12 +144,13 @@ def cross_split_pairs(
 
 
 def pairs_within(
-    rows: Rows, threshold: float, block: int = 2048, max_pairs: int | None = None
+    rows: Rows, threshold: float, block: int = 2048, max_pairs: int | None = None, ids: Sequence[str] | None = None
 ) -> list[tuple[int, int, float]]:
     """Every pair (i, j), i < j, of rows whose features' cosine similarity is >= `threshold`, with it: one set
     searched against itself, a block against the blocks from its own on (the upper triangle), so each pair once.
     Sorted by (i, j). Memory: two blocks and their product, and the pairs found (more than `max_pairs`, default
-    `PAIRS_PER_IMAGE` times the rows, is a `TooManyPairs` error); the rows may stay on disk."""
+    `PAIRS_PER_IMAGE` times the rows, is a `TooManyPairs` error, naming images by `ids` if given, else by row);
+    the rows may stay on disk."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold {threshold} must be in (0, 1]")
     if block < 1:
@@ -145,15 +166,24 @@ def pairs_within(
             # after it lie wholly above the diagonal
             try:
                 pairs = _similar(units_a, units_b, threshold, max_pairs - len(found), upper=other == start)
-            except _Full:
-                raise too_many(max_pairs, threshold, "within one split") from None
+            except _Full as full:
+                name = (lambda k: str(k)) if ids is None else (lambda k: ids[k])
+                seen = [(similarity, name(i), name(j)) for i, j, similarity in found] + [
+                    (similarity, name(start + r), name(other + c)) for r, c, similarity in full.found
+                ]
+                raise too_many(max_pairs, threshold, "within one split", seen) from None
             found += [(start + r, other + c, similarity) for r, c, similarity in pairs]
     found.sort()
     return found
 
 
 class _Full(Exception):
-    """`_similar` found more pairs than the room left: the caller raises `TooManyPairs`, naming its search."""
+    """`_similar` found more pairs than the room left: the caller raises `TooManyPairs`, naming its search and
+    judging from the similarities found (`too_many`)."""
+
+    def __init__(self, found: list[tuple[int, int, float]]):
+        super().__init__(len(found))
+        self.found = found  # (row of a, row of b, similarity) in the blocks' numbering
 
 
 def _similar(
@@ -182,5 +212,5 @@ def _similar(
                 if similarity >= threshold:
                     found.append((r, c, similarity))
             if len(found) > room:
-                raise _Full
+                raise _Full(found)
     return found

@@ -134,6 +134,22 @@ def test_the_roc_files_first_point_has_no_threshold():
     assert json.loads(json.dumps(roc)) == roc  # plain JSON (no Infinity)
 
 
+def test_a_two_class_split_of_one_class_has_no_curves():
+    """A review: a binary test split holding only one class got ROC and precision-recall rows, a line of zeros (a
+    model finding no positives among images that hold none), where its AUC was rightly null; scikit-learn calls
+    that ROC undefined. Its file is now empty (DVC draws no line), the AUC null as before; so is the
+    precision-recall file without positives (recall 0 of 0), while with positives only it is defined (precision 1)."""
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=np.float32)
+    for labels in (np.array([0, 0, 0]), np.array([1, 1, 1])):
+        assert evaluate.classification_metrics(labels, probs, ["cat", "dog"])["roc_auc"] is None
+    assert evaluate.curve_rows(np.array([0, 0, 0]), probs) == ([], [])
+    roc, pr = evaluate.curve_rows(np.array([1, 1, 1]), probs)
+    assert roc == [] and [row["precision"] for row in pr] == [1.0, 1.0, 1.0]
+    assert [row["recall"] for row in pr] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    roc, pr = evaluate.curve_rows(np.array([0, 1, 0]), probs)  # both classes: curves
+    assert len(roc) == 4 and len(pr) == 3
+
+
 @pytest.mark.parametrize("seed,classes,ties", CASES)
 def test_curves_agree_with_scikit_learn(seed, classes, ties):
     labels, probs = random_predictions(seed, 200, classes, ties)

@@ -15,6 +15,7 @@ from components import quality  # noqa: E402
 from components.params import CommonParams  # noqa: E402
 from components.training import TrainHeadParams  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
+from pipelines import features as fk  # noqa: E402
 from tests.conftest import open_files_under  # noqa: E402
 
 SIZE = 16
@@ -107,6 +108,7 @@ def test_the_metrics_count_the_lists_and_the_copies_within_train_and_val(tmp_pat
     assert metrics["label_issues"]["of"] == 135
     assert metrics["near_duplicates"]["pairs"] == len(result["near_duplicates"]) == 1  # across splits: test7
     assert metrics["near_duplicates"]["pairs_within_train_val"] == 1  # train13 and train16, kept in one fold
+    assert metrics["features"] == {"zero_rows": 0, "identical": False}
 
 
 def test_two_classes_flag_the_flipped_labels_with_the_other_class(tmp_path):
@@ -426,3 +428,43 @@ def test_the_feature_spools_go_under_the_cache_named_for_the_run_and_a_killed_ru
     quality.run(config(folds=3, near_duplicate_threshold=0.99), *inputs, tmp_path / "report", cache)
     assert spooled and all(p.parent.parent == cache and p.parent.name.startswith("quality-features-") for p in spooled)
     assert sorted(p.name for p in cache.iterdir()) == [live.name]  # the killed run's swept, this run's removed
+
+
+def test_features_that_tell_no_image_apart_are_counted_and_warned_about(tmp_path, caplog):
+    """A review: all-zero features (or one vector for every image: a base whose output does not depend on its
+    input) gave a list of suspects and a cross-validated accuracy with no word that they describe the base, not the
+    labels. The stage now warns and counts them in its metrics."""
+    import logging
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(0, 1, (12, 8)).astype(np.float32)
+    values[[2, 7]] = 0.0
+    check = quality.FeatureCheck()
+    for batch in (values[:5], values[5:], values[:0]):
+        check.add(batch)
+    assert check.report(12) == {"zero_rows": 2, "identical": False}
+    same = quality.FeatureCheck()
+    same.add(np.tile(values[:1], (6, 1)))
+    assert same.report(6) == {"zero_rows": 0, "identical": True}
+    assert quality.FeatureCheck().report(0) == {"zero_rows": 0, "identical": False}
+    one = quality.FeatureCheck()
+    one.add(values[:1])
+    assert one.report(1)["identical"] is False  # one image is like itself, not a broken base
+
+    # Through the stage: five training images' features all zero (one vector for every image pairs them all at
+    # a similarity of 1, which the near-duplicate search refuses first, saying so: test_near_duplicates).
+    extract, labels, download, history = toy_run_inputs(tmp_path)
+    path = extract / "features" / "train-00000-of-00001.tfrecord"
+    rows = [tf.train.Example.FromString(blob.numpy()) for blob in tf.data.TFRecordDataset(str(path))]
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for k, row in enumerate(rows):
+            record_id = row.features.feature[fk.ID].bytes_list.value[0]
+            label = row.features.feature[fk.LABEL].int64_list.value[0]
+            values = np.array(row.features.feature[fk.FEATURES].float_list.value, np.float32)
+            writer.write(graph.feature_example(record_id, int(label), values * 0 if k in (1, 4, 8, 40, 50) else values))
+    with caplog.at_level(logging.WARNING, logger="components.quality"):
+        result = quality.run(
+            config(folds=3, near_duplicate_threshold=0.99), extract, labels, download, history, tmp_path / "report"
+        )
+    assert result["metrics"]["features"] == {"zero_rows": 5, "identical": False}
+    assert "5 images have all-zero features" in caplog.text and "describe the conv base" in caplog.text

@@ -119,3 +119,27 @@ def test_a_threshold_pairing_similar_photos_stops_early_with_memory_bounded():
     assert len(nd.pairs_within(split["val"], 0.9, max_pairs=250 * 249 // 2)) == 250 * 249 // 2
     few = {"val": split["val"][:20], "test": split["test"][:30]}
     assert len(nd.cross_split_pairs(few, {s: ids[s][: len(v)] for s, v in few.items()}, 0.9, max_pairs=600)) == 600
+
+
+def test_too_many_identical_pairs_name_the_images_instead_of_asking_for_a_higher_threshold():
+    """A group of 100 copies of one picture (or blank images) pairs each copy with every other, all at a
+    similarity of 1: the refusal told the user to raise the threshold, which no threshold up to 1.0 helps. It now
+    says the features are identical and names the images in those pairs, within one split and across splits."""
+    rng = np.random.default_rng(1)
+    distinct = rng.standard_normal((300, 64)).astype(np.float32)  # pairwise cosine near 0
+    copies = np.repeat(distinct[:1], 100, axis=0)  # one picture 100 times: 4,950 pairs at 1.0, over 10 an image
+    rows = np.concatenate([distinct[1:], copies])
+    ids = [f"img{k:03d}" for k in range(len(rows))]
+    with pytest.raises(nd.TooManyPairs) as within:
+        nd.pairs_within(rows, 0.9, ids=ids)
+    message = str(within.value)
+    assert "similarity of 1 (identical features" in message and "download.exclude" in message
+    assert "raise quality.near_duplicate_threshold" not in message
+    named = message.split("the images in most of them: ")[1].split(")")[0].split(", ")
+    assert len(named) == 5 and set(named) <= set(ids[299:])  # the copies, not the distinct images
+    with pytest.raises(nd.TooManyPairs, match=r"within one split.*images in most of them: \d+, "):
+        nd.pairs_within(rows, 0.9)  # no ids: rows by number
+    split = {"train": rows[::2], "val": rows[1::2]}
+    split_ids = {"train": ids[::2], "val": ids[1::2]}
+    with pytest.raises(nd.TooManyPairs, match=r"across splits .* similarity of 1 .*img3"):
+        nd.cross_split_pairs(split, split_ids, 0.9, max_pairs=500)
