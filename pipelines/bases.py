@@ -220,8 +220,12 @@ def _layers(model: keras.layers.Layer):
 
 def seeded_initialisation(model: keras.Model, seed: int) -> None:
     """Re-draw every randomly initialised weight from its own initializer with a seed derived from
-    `seed` and the weight's path: the same weights in every process, whatever the global random state,
-    which is neither read nor reset."""
+    `seed`, the weight's place among the model's weights, its name and its shape: the same weights in every
+    process and every build, whatever the global random state, which is neither read nor reset. Not from its
+    path: Keras numbers the layers it names itself per process (InceptionV3's and Xception's `conv2d`, then
+    `conv2d_94` in the next build), so a process's second base got other weights than its first, and a warm
+    extract (one build in the worker) wrote other features than a cold one (the launcher's probe first)."""
+    place = 0
     for layer in _layers(model):
         for weight in layer.weights:
             if weight.path.rsplit("/", 1)[0] != layer.path:  # a nested layer's weight: drawn at that layer
@@ -236,7 +240,8 @@ def seeded_initialisation(model: keras.Model, seed: int) -> None:
             config = initializer.get_config()
             if "seed" not in config:  # a constant (zeros, ones): nothing random to fix
                 continue
-            digest = hashlib.sha256(f"{seed}:{weight.path}".encode()).digest()
+            place += 1
+            digest = hashlib.sha256(f"{seed}:{place}:{name}:{tuple(weight.shape)}".encode()).digest()
             fixed = type(initializer).from_config({**config, "seed": int.from_bytes(digest[:4], "big") >> 1})
             weight.assign(fixed(weight.shape, weight.dtype))
 

@@ -237,7 +237,9 @@ class ExtractShard(beam.DoFn):
         if root is None:  # no shared cache: a private one, for this worker's lifetime
             self._scratch = tempfile.mkdtemp(prefix="extract-cache-")
             root = self._scratch
-        self._cache = feature_cache.FeatureCache(root, namespace, self._feature_shape)
+        # a namespace of the worker's own names the launcher's, which extract's metrics record: cache_gc keeps both
+        derived = feature_cache.namespace_of(self._namespace) if namespace is not self._namespace else None
+        self._cache = feature_cache.FeatureCache(root, namespace, self._feature_shape, derived_from=derived)
         self._decode = records.record_decoder(self._size)
         self._decoders = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
 

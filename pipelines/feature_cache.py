@@ -219,15 +219,19 @@ def _read_json(path: str) -> dict | None:
 class FeatureCache:
     """One namespace of the store: get/put flattened float32 features by image key."""
 
-    def __init__(self, root: str, record: dict, feature_shape: list[int]):
+    def __init__(self, root: str, record: dict, feature_shape: list[int], derived_from: str | None = None):
+        """`derived_from`: the namespace this one stands in for (a worker whose runner settings differ from the
+        launcher's keys its own, `pipelines.extract`), kept in its meta so that `collect_garbage` keeps both."""
         self._files = _files(root)
         self.record = record
         self.feature_shape = [int(d) for d in feature_shape]
         self.feature_size = int(np.prod(self.feature_shape))
         self.folder = namespace_folder(root, record)
         self._files.makedirs(self.folder)
-        if self.get_note("meta") is None:
-            self.put_note("meta", {**record, "feature_shape": self.feature_shape})
+        meta = self.get_note("meta")
+        if meta is None or (derived_from is not None and meta.get(DERIVED_FROM) != derived_from):
+            extra = {} if derived_from is None else {DERIVED_FROM: derived_from}
+            self.put_note("meta", {**record, "feature_shape": self.feature_shape, **extra})
 
     def _path(self, key: str) -> str:
         return f"{self.folder}/{key[:2]}/{key}{SUFFIX}"
@@ -278,6 +282,14 @@ def nothing_converted_collected() -> dict:
     return {"converted_removed": 0, "bytes_freed": 0}
 
 
+DERIVED_FROM = "derived_from"  # in a namespace's meta.json: the namespace it stands in for
+
+
+def _derived_from(folder: str) -> str | None:
+    meta = _read_json(os.path.join(folder, "meta.json"))
+    return None if meta is None else meta.get(DERIVED_FROM)
+
+
 _GC_ASIDE = re.compile(r"^\..+\.gc-[0-9a-f]{12}$")  # `collect_garbage`'s name for a namespace it deletes
 
 
@@ -289,7 +301,9 @@ def collect_garbage(
     suffixes: tuple[str, ...] = (SUFFIX,),
 ) -> dict:
     """Delete what the current outputs do not use: every other namespace under `root`, and the entries of
-    `keep_namespace` whose key is not in `keep_keys` (its notes stay). An entry is a file `<key><suffix>` in a
+    `keep_namespace` whose key is not in `keep_keys` (its notes stay). A namespace derived from a kept one (its
+    meta's `derived_from`: the one a runner's workers wrote, their settings unlike the launcher's) is kept alike:
+    the outputs came from it, and only the launcher's is recorded. An entry is a file `<key><suffix>` in a
     sub-folder (the download cache's have two suffixes, `pipelines.download_cache`). A local folder only; run
     it when no stage uses the cache. Returns the namespaces and entries removed and kept, and the bytes freed."""
     if "://" in root:
@@ -303,7 +317,7 @@ def collect_garbage(
         left_aside = bool(_GC_ASIDE.match(name)) and os.path.isdir(folder)  # by a collection killed deleting it
         if not left_aside and not os.path.isfile(os.path.join(folder, "meta.json")):
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
-        if left_aside or name not in kept:
+        if left_aside or (name not in kept and _derived_from(folder) not in kept):
             report["namespaces_removed"].append(name)
             report["bytes_freed"] += _bytes_under(folder)
             if not dry_run:

@@ -106,13 +106,17 @@ def test_imagenet_weights_offline_fail_fast_with_instructions(tmp_path, monkeypa
     assert time.monotonic() - started < 30
 
 
-def test_untrained_base_is_the_same_in_every_build():
-    # extract and finetune build `weights: none` bases in separate processes: they must agree.
-    first, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
+@pytest.mark.parametrize("name,side", [("mobilenet_v2", 32), ("inception_v3", 75), ("xception", 71)])
+def test_untrained_base_is_the_same_in_every_build(name, side):
+    """extract and finetune build `weights: none` bases in separate processes, and extract's launcher and an
+    in-process worker two in one: they must agree. A review: InceptionV3's and Xception's weights were seeded by
+    path, which Keras numbers per process for the layers it names itself (`conv2d`, then `conv2d_94`), so a
+    process's second build had other weights (a warm extract wrote other features than a cold one)."""
+    first, _ = bases.load_conv_base(name, None, "none", (side, side))
     keras.utils.set_random_seed(123)  # whatever the caller's seed
-    second, _ = bases.load_conv_base("mobilenet_v2", None, "none", (32, 32))
-    for a, b in zip(first.weights, second.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    second, _ = bases.load_conv_base(name, None, "none", (side, side))
+    assert len(first.weights) == len(second.weights)
+    assert bases.weights_digest(first) == bases.weights_digest(second)
 
 
 def test_an_untrained_base_does_not_reset_the_global_random_state():

@@ -171,6 +171,40 @@ def test_the_namespace_the_outputs_came_from_is_kept(tmp_path):
     assert cache_gc.recorded_namespace(tmp_path / "none.json") is None
 
 
+def test_the_namespace_a_runners_workers_write_under_is_kept_with_the_launchers(tmp_path, monkeypatch):
+    """A review: a worker whose runner settings differ from the launcher's (Dask's nanny sets OMP_NUM_THREADS=1)
+    writes under a namespace of its own, and extract's metrics record only the launcher's, so cache_gc deleted every
+    entry the outputs came from and the next run was cold. The worker's namespace names the launcher's in its meta,
+    and the collection keeps it (its unused entries still go)."""
+    from components.conv_base import ConvBaseParams
+    from pipelines import extract as graph
+
+    root = str(tmp_path / "cache")
+    config = extract.Config(
+        ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32)), extract.ExtractParams(batch_size=4)
+    )
+    namespace = extract.cache_namespace(config)  # what the launcher hands its workers and records
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    launcher = feature_cache.namespace_of(namespace)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Dask worker
+    worker = graph.ExtractShard(None, (32, 32), 4, root, namespace, [1280])
+    worker.setup()
+    try:
+        used, unused = "ab" * 32, "cd" * 32
+        worker._cache.put(used, np.ones(1280))
+        worker._cache.put(unused, np.ones(1280))
+        own = worker._cache.folder.rsplit("/", 1)[-1]
+    finally:
+        worker.teardown()
+    assert own != launcher  # the worker's settings key its own namespace
+    other = feature_cache.FeatureCache(root, {"base": "older"}, [3])  # not derived from a kept one: it goes
+    report = feature_cache.collect_garbage(root, {launcher}, {used})
+    assert report["namespaces_removed"] == [other.folder.rsplit("/", 1)[-1]]
+    assert (report["entries_kept"], report["entries_removed"]) == (1, 1)
+    kept = feature_cache.FeatureCache(root, {**namespace, "environment": worker._cache.record["environment"]}, [1280])
+    assert kept.has(used) and not kept.has(unused)
+
+
 def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch):
     """download and extract hold their cache's lock for their run; the collection refuses to start meanwhile."""
     from components import download
