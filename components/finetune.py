@@ -282,8 +282,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     binary = num_classes == 2
     with (
         contextlib.ExitStack() as opened,  # the datasets' files and decoded pixels, freed when training is done
+        training.live_folder(live_dir) as live_path,  # as it was if the run fails, the model's commit included
         outputs.staged_dir(out_dir) as tmp,
-        training.live_folder(live_dir) as live_path,  # as it was if the run fails
         Live(dir=str(live_path), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         train = records.image_dataset(

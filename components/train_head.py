@@ -136,8 +136,8 @@ def run(
     training.compile_head(head, num_classes, params.optimizer, params.learning_rate, weights is not None)
     with (
         contextlib.ExitStack() as opened,  # the datasets' files, closed when training is done
+        training.live_folder(live_dir) as live_path,  # as it was if the run fails, the model's commit included
         outputs.staged_dir(out_dir) as tmp,
-        training.live_folder(live_dir) as live_path,  # as it was if the run fails
         Live(dir=str(live_path), save_dvc_exp=False, dvcyaml=None) as live,
     ):
         seed = config.common.seed

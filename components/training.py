@@ -12,6 +12,8 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import math
 import os
 import shutil
@@ -28,6 +30,8 @@ import tensorflow as tf
 from components import outputs
 from components.params import Section
 from pipelines import fingerprint
+
+log = logging.getLogger(__name__)
 
 
 def trained_on() -> dict:
@@ -80,27 +84,48 @@ def run_scratch(parent: str | Path, prefix: str, legacy: str | None = None) -> I
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+ABSENT = ".absent"  # in a run's moved-aside dvclive folder: there was no previous folder to put back
+
+
 @contextlib.contextmanager
 def live_folder(final: str | Path) -> Iterator[Path]:
     """dvclive's folder for a run, written in place, so what a user watches under `dvclive/<stage>` (`dvc plots
     show`, an editor's live plots) is this run's epochs as they come; the previous run's is moved aside first and
     put back if the run fails, so the folder never describes a run whose model was not kept (deleted up front, a
-    failed run left its own metrics beside the previous run's model). A killed run's moved-aside folder is swept by
-    the next run (`outputs.remove_stale`)."""
+    failed run left its own metrics beside the previous run's model). Enter it outside the model's
+    `outputs.staged_dir`, so the model is committed before the previous metrics go, and a failed commit puts them
+    back. A killed run's moved-aside folder (its process gone) is put back by the next run before anything else:
+    swept, the only copy of the kept model's metrics went, and the killed run's half-written ones were taken for the
+    previous run's (what a failure of that next run put back). The one gap is a run killed between its model's
+    commit and its own clean-up, two renames apart: its old metrics come back beside its new model."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    outputs.remove_stale(final.parent, f".{final.name}.prev-")
-    previous = final.parent / f".{final.name}.prev-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    prefix = f".{final.name}.prev-"
+    for entry in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
+        if outputs.scratch_owner(entry.name[len(prefix) :]) == 0:
+            log.warning("%s: a killed run's metrics; putting back the previous run's (%s)", final, entry.name)
+            _put_back(entry, final)
+    previous = final.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if final.exists() or final.is_symlink():
         os.replace(final, previous)
+    else:  # nothing to put back, but a killed run must still be told from a finished one
+        previous.mkdir()
+        (previous / ABSENT).touch()
     try:
         yield final
     except BaseException:
-        outputs.remove_entry(final, ignore_errors=True)
-        if previous.exists() or previous.is_symlink():
-            os.replace(previous, final)
+        _put_back(previous, final)
         raise
     outputs.remove_entry(previous, ignore_errors=True)
+
+
+def _put_back(previous: Path, final: Path) -> None:
+    """`final` as it was before the run that moved it aside to `previous`: that folder, or none."""
+    outputs.remove_entry(final, ignore_errors=True)
+    if (previous / ABSENT).is_file() and not previous.is_symlink():
+        outputs.remove_entry(previous, ignore_errors=True)
+    elif previous.exists() or previous.is_symlink():
+        os.replace(previous, final)
 
 
 def make_deterministic(seed: int, ops: bool = True) -> None:

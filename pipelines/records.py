@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -94,7 +95,7 @@ def decoded_batches(
         return [r[0] for r in rows], np.array([r[1] for r in rows], np.int64), np.stack([r[2] for r in rows])
 
     try:
-        for index, serialized in enumerate(tf.data.TFRecordDataset(files).as_numpy_iterator()):
+        for index, serialized in enumerate(_serialized_records(files)):
             if wanted is not None:
                 if index > last:
                     break
@@ -114,6 +115,19 @@ def decoded_batches(
     finally:
         for future in [f for queued in pending for f in queued] + batch:
             future.cancel()
+
+
+def _serialized_records(files: list[str]) -> Iterator[bytes]:
+    """The records of `files` in order; a damaged or truncated file is an error naming it (TensorFlow's own
+    DataLossError named neither the file nor what to do)."""
+    for path in files:
+        try:
+            yield from tf.data.TFRecordDataset(path).as_numpy_iterator()
+        except tf.errors.DataLossError as exc:
+            detail = " ".join(re.sub(r"\{\{.*?\}\}|\[Op:\w+\]|\bname:", "", str(exc.message)).split())[:200]
+            raise ValueError(
+                f"{path}: a damaged or truncated TFRecord ({detail}): re-run the stage that wrote it"
+            ) from None
 
 
 def parse_feature_record(serialized: tf.Tensor, feature_size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +322,69 @@ def test_the_live_folder_is_written_in_place_and_put_back_if_the_run_fails(tmp_p
         path.mkdir()
         (path / "metrics.json").write_text("new")
     assert (final / "metrics.json").read_text() == "new" and sorted(p.name for p in final.parent.iterdir()) == ["stage"]
+
+
+def test_a_killed_runs_metrics_give_way_to_the_previous_runs(tmp_path, live_pid):
+    """A review: a killed run's moved-aside folder (the only copy of the kept model's metrics: metrics.json is not
+    in DVC's cache) was swept by the next run, which then moved the killed run's half-written folder aside as the
+    previous run's and, when it failed too, put that back. The next run now puts the previous run's back first."""
+    from tests.components.test_outputs import dead_pid
+
+    final = tmp_path / "dvclive" / "stage"
+    final.mkdir(parents=True)
+    (final / "metrics.json").write_text("killed, epoch 1")  # the killed run wrote in place ...
+    aside = final.parent / f".stage.prev-{dead_pid()}-abcd1234"
+    aside.mkdir()
+    (aside / "metrics.json").write_text("old")  # ... after moving the kept model's metrics aside
+    running = final.parent / f".stage.prev-{live_pid}-ef012345"  # another run's, still going: left alone
+    running.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with training.live_folder(final) as path:
+            path.mkdir()
+            (path / "metrics.json").write_text("partial")
+            raise KeyboardInterrupt
+    assert (final / "metrics.json").read_text() == "old"
+    assert sorted(p.name for p in final.parent.iterdir()) == sorted(["stage", running.name])
+    # A killed first run (nothing before it): its folder goes, and so does the next run's if that one fails.
+    running.rmdir()
+    shutil.rmtree(final)
+    killed = final.parent / f".stage.prev-{dead_pid()}-abcd1234"
+    killed.mkdir()
+    (killed / training.ABSENT).touch()
+    final.mkdir()
+    (final / "metrics.json").write_text("killed, epoch 1")
+    with pytest.raises(KeyboardInterrupt):
+        with training.live_folder(final) as path:
+            assert not path.exists()
+            path.mkdir()
+            raise KeyboardInterrupt
+    assert list(final.parent.iterdir()) == []
+    with training.live_folder(final) as path:  # and a run that finishes leaves its own folder only
+        path.mkdir()
+        (path / "metrics.json").write_text("new")
+    assert (final / "metrics.json").read_text() == "new" and [p.name for p in final.parent.iterdir()] == ["stage"]
+
+
+def test_a_model_that_cannot_be_committed_keeps_the_previous_runs_metrics(tmp_path, monkeypatch):
+    """A review: the dvclive folder was committed (the previous run's deleted) before the model, so a model folder
+    that could not be moved in (EBUSY: a mount point) left the old head beside the new run's metrics."""
+    from components import outputs
+    from tests.conftest import tree_bytes
+
+    extract_dir, labels = toy_extract(tmp_path)
+    config = train_head.Config(CommonParams(seed=3), train_head.TrainHeadParams(hidden_units=0, epochs=2))
+    out, live = tmp_path / "out", tmp_path / "live"
+    train_head.run(config, extract_dir, labels, out, live)
+    before = tree_bytes(out), tree_bytes(live)
+    real = outputs.os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(16, "Device or resource busy", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", busy)
+    other = train_head.Config(CommonParams(seed=4), train_head.TrainHeadParams(hidden_units=0, epochs=3))
+    with pytest.raises(OSError, match="busy"):
+        train_head.run(other, extract_dir, labels, out, live)
+    assert (tree_bytes(out), tree_bytes(live)) == before

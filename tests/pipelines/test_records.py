@@ -1,3 +1,4 @@
+import concurrent.futures
 import contextlib
 import gc
 import os
@@ -101,6 +102,16 @@ def test_the_record_reader_gives_tensorflows_records_and_refuses_damaged_files(c
     short.write_bytes(Path(files[0]).read_bytes()[:-3])
     with pytest.raises(ValueError, match="short.tfrecord: a damaged or truncated TFRecord"):
         records.RecordReader([str(short)])
+    # A review: finetune's default path (the decoded-image cache, in memory or in a file), extract's and evaluate's
+    # decode read without the reader and stopped on TensorFlow's DataLossError, naming neither the file nor what to do.
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    for bad in (damaged, short):
+        with pytest.raises(ValueError, match=rf"{bad.name}: a damaged or truncated TFRecord \(\w+ record at \d+"):
+            list(records.decoded_batches([files[1], str(bad)], records.record_decoder((20, 12)), 4, pool))
+        for cache in (True, str(tmp_path / "pixels")):
+            with pytest.raises(ValueError, match=rf"{bad.name}: a damaged or truncated TFRecord"):
+                records.image_dataset([str(bad)], (20, 12), 4, binary=False, cache=cache)
+    pool.shutdown()
 
 
 def test_resources_close_the_files_and_free_the_pixels_when_they_exit(converted_tiny, tmp_path):
