@@ -433,15 +433,15 @@ def run(
                 len(already),
                 already[:3],
             )
+        summary["source"] = {"type": ds.source, "dir": ds.dir}
+        if ds.source == "tfds":
+            summary["source"]["tfds"] = ds.tfds.model_dump()
+        split.check_usable(summary)  # its errors carry the quarantine reasons: no quarantine.jsonl is written then
         if summary["empty_classes"]:
             log.warning(
                 "download: classes with no image kept, left out of the label vocabulary: %s (see quarantine.jsonl)",
                 summary["empty_classes"],
             )
-        summary["source"] = {"type": ds.source, "dir": ds.dir}
-        if ds.source == "tfds":
-            summary["source"]["tfds"] = ds.tfds.model_dump()
-        split.check_usable(summary)
         for row in (*manifest, *quarantine, summary):  # what the listings write must be writable, before any change
             json.dumps(row, ensure_ascii=False).encode("utf-8")
     except BaseException:

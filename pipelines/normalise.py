@@ -209,6 +209,35 @@ def gif_walk(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool]:
     return frames, pos >= len(data) or steps < image_header.GIF_MAX_STEPS
 
 
+# Formats the serving model does not read, named by their first bytes (offset, magic, name) in rejections only
+_OTHER_FORMATS = (
+    (0, b"II*\0", "TIFF"),
+    (0, b"MM\0*", "TIFF"),
+    (0, b"%!PS", "EPS"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"%PDF", "PDF"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\0\0\1\0", "ICO"),
+    (0, b"\0\0\0\x0cjP  ", "JPEG 2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"qoif", "QOI"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+    (0, b"\xd0\xcf\x11\xe0", "OLE compound file (FlashPix, MIC or an Office document)"),
+)
+
+
+def unsupported_reason(data: bytes) -> str:
+    """Why a file whose first bytes are none of `image.FORMATS` is quarantined: from those bytes alone, never from
+    a decoder (so the same on every machine, whatever Pillow's plugins, and nothing is run on the file)."""
+    named = next((name for offset, magic, name in _OTHER_FORMATS if data[offset : offset + len(magic)] == magic), None)
+    if named is None:
+        return f"not an image the serving model reads (its first bytes are none of {', '.join(image.FORMATS)})"
+    return f"unsupported format {named}: the serving model reads {', '.join(image.FORMATS)}; convert the file to one of them"
+
+
 def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Decoder) -> Normalised | Rejected:
     """Check a file, and return the pixels training and serving will see, as RGB bytes.
 
@@ -222,7 +251,9 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
     if not data:
         return Rejected("empty file (0 bytes)")
     sniffed = image.sniff_format(data)  # what the serving model will take it for
-    fmt = sniffed or "image"
+    if sniffed is None:  # before Pillow opens it: what its plugins make of it (and run: Ghostscript for an EPS) varies
+        return Rejected(unsupported_reason(data))  # by machine, and a rejection is cached as the file's for good
+    fmt = sniffed
     actions = []
     try:  # Pillow reads frames and EXIF lazily: a damaged later frame fails only after load()
         with warnings.catch_warnings():
@@ -272,11 +303,6 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
             img.load()
         if min(width, height) < min_side:
             return Rejected(f"too small: {width}x{height}, a side below download.min_side={min_side}")
-        if sniffed is None:
-            return Rejected(
-                f"unsupported format {fmt}: the serving model reads {', '.join(image.FORMATS)}; "
-                "convert the file to one of them"
-            )
         if image.is_animated_webp(data):
             return Rejected(image.ANIMATED_WEBP)
         unsupported = bmp_unsupported(data) if sniffed == "BMP" else None
@@ -297,8 +323,8 @@ def normalise_image(data: bytes, *, min_side: int, max_pixels: int, decode: Deco
         reference, how = _to_rgb(img, depth, blank_alpha_opaque=fmt == "BMP")
     except Image.DecompressionBombError as exc:
         return Rejected(f"too large (decompression bomb): {exc}")
-    except UnidentifiedImageError:
-        return Rejected("not an image (unrecognised format)")
+    except UnidentifiedImageError:  # first bytes of a known format, but not a file Pillow can read
+        return Rejected(f"undecodable {fmt}: not recognised as one")
     except MemoryError as exc:  # the run's, not the file's: decode it again next time
         return Rejected(f"undecodable {fmt}: out of memory ({exc})", lasting=False)
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, EOFError; damaged frames: IndexError, struct.error

@@ -87,12 +87,21 @@ def class_name_problem(name: str) -> str | None:
     return None
 
 
+def _is_folder(path: Path) -> bool:
+    """A folder, not a link to one; False where it cannot be looked at (no search permission on its parent:
+    `_read_entry` reports the entry, unreadable, instead of the scan stopping on PermissionError)."""
+    try:
+        return path.is_dir() and not path.is_symlink()
+    except OSError:
+        return False
+
+
 def _detect_layout(root: Path, existing_splits: str) -> list[tuple[Path, str | None]]:
     """[(class-folder parent, given split)]: the root itself, or its split folders."""
     if existing_splits == "none":  # every folder of the root is a class, whatever its name
         return [(root, None)]
     # a symlinked folder is never followed (it is quarantined as an entry of the root instead)
-    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and not _is_hidden(p.name)]
+    subdirs = [p for p in sorted(root.iterdir()) if _is_folder(p) and not _is_hidden(p.name)]
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDER_NAMES]
     if not split_dirs:
         return [(root, None)]
@@ -150,11 +159,7 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
         names = {entry.name for entry in entries}  # as listed (a lookup of another spelling may match on macOS)
         for entry in entries:
             rel = entry.relative_to(root).as_posix()
-            try:
-                is_folder = entry.is_dir() and not entry.is_symlink()
-            except OSError:  # no search permission on the split folder: _read_entry reports the entry
-                is_folder = False
-            if is_folder:
+            if _is_folder(entry):
                 if _is_hidden(entry.name):
                     yield from _scan_class(entry, root, real_root, None, given_split, "in a hidden folder")
                     continue
@@ -180,8 +185,12 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
 def _stray(entry: Path, where: str) -> str:
     """The quarantine reason of an entry of the root that is not a folder to scan."""
     try:
+        entry.lstat()
+    except OSError as exc:  # listed but not looked at (no search permission on its folder): not a stray
+        return f"unreadable: {exc.strerror or exc}"
+    try:
         linked_folder = entry.is_symlink() and entry.is_dir()
-    except OSError:  # a folder that can be listed but not searched: `_read_entry` reports the entry
+    except OSError:  # a link to a folder that cannot be looked at
         linked_folder = False
     return "symlink to a folder (not followed)" if linked_folder else f"not inside {where}"
 

@@ -256,25 +256,22 @@ def check_usable(summary: Mapping) -> None:
     if unreconciled:
         raise RuntimeError(f"download: found != kept + quarantined for {unreconciled}; nothing was written")
     classes = summary["classes"]
+    # why images are missing, where some were quarantined: the run stops before quarantine.jsonl is written
+    why = f" ({summary['quarantined']} quarantined: {summary['quarantine_reasons']})" if summary["quarantined"] else ""
     if len(classes) < 2:
         raise ValueError(
-            f"need at least 2 classes with usable images, found {len(classes)}: {classes}; "
+            f"need at least 2 classes with usable images, found {len(classes)}: {classes}{why}; "
             f"per class: {summary['per_class']}"
         )
     train = summary["splits"]["train"]["per_class"]
     missing = [name for name in classes if train.get(name, 0) == 0]
     if missing:
         raise ValueError(
-            f"classes with no training image: {missing}; add images or raise "
+            f"classes with no training image: {missing}{why}; add images or raise "
             "download.fractions.train (the label vocabulary is learned from train only)"
         )
     empty = [name for name in ("val", "test") if summary["splits"][name]["total"] == 0]
     if empty:  # train_head and finetune failed on an empty val only after convert and extract had run
-        why = (
-            f" ({summary['quarantined']} quarantined: {summary['quarantine_reasons']})"
-            if summary["quarantined"]
-            else ""
-        )
         raise ValueError(
             f"no image in the {' and '.join(empty)} split{why}: train_head and finetune choose their best epoch on "
             "val and evaluate reports on test; add images or raise download.fractions (or the tfds slices)"

@@ -104,6 +104,37 @@ def test_a_format_the_serving_model_cannot_read_is_quarantined():
     assert result.reason.startswith("unsupported format TIFF: the serving model reads JPEG, PNG, GIF, BMP, WEBP")
 
 
+def test_a_format_the_serving_model_cannot_read_is_named_by_its_bytes_and_never_opened(tmp_path, monkeypatch):
+    """A review: Pillow decoded every file before the format check, so an EPS ran Ghostscript (any PostScript file
+    in the data folder started `gs`), and its reason depended on the machine: "undecodable EPS: Unable to locate
+    Ghostscript" without it, "unsupported format EPS" with it. The rejection is cached for good, so a warm run kept
+    one reason where a cold one wrote the other. Now the first bytes decide, before any decoder sees the file."""
+    import io
+    import os
+
+    from PIL import Image
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gs_calls"
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    eps = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(eps, "EPS")
+    tiff = encode(image_array(5, size=(4, 4)), "TIFF")  # too small as well: the format is what it is refused for
+    for data, reason in (
+        (eps.getvalue(), "unsupported format EPS: the serving model reads JPEG, PNG, GIF, BMP, WEBP"),
+        (tiff, "unsupported format TIFF: the serving model reads"),
+        (b"\0\0\0\x18ftypheic" + b"\0" * 40, "unsupported format HEIC"),
+        (b"hello", "not an image the serving model reads (its first bytes are none of JPEG, PNG, GIF, BMP, WEBP)"),
+    ):
+        result = normalise.normalise_image(data, **LIMITS)
+        assert isinstance(result, normalise.Rejected) and result.reason.startswith(reason), result
+    assert not calls.exists()  # Ghostscript never ran
+
+
 def test_a_phone_jpeg_with_a_second_picture_is_kept():
     """Pillow names a JPEG with an MPF segment (phones' multi-picture and Ultra HDR files) MPO; it is a JPEG."""
     frames = [Image.fromarray(image_array(s, size=(24, 32))) for s in (8, 9)]
@@ -978,6 +1009,22 @@ def test_a_single_class_is_a_clear_error_and_writes_nothing(tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
+def test_a_folder_whose_every_file_is_quarantined_says_why(tmp_path, caplog):
+    """A review: a folder of TIFFs (or a download.min_side over every image) stopped with per-class counts only,
+    and a log line pointing to quarantine.jsonl, which a failed run does not write. The error now carries the
+    quarantine reasons, as the empty-split one did."""
+    root = tmp_path / "src"
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for k in range(3):
+            (root / name / f"{k}.tif").write_bytes(encode(image_array(k, size=(32, 32)), "TIFF"))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError) as error:
+        dl.run(folder_config(root), tmp_path / "out")
+    assert "need at least 2 classes" in str(error.value)
+    assert "6 quarantined: {'unsupported format TIFF': 6}" in str(error.value)
+    assert "see quarantine.jsonl" not in caplog.text and not (tmp_path / "out").exists()
+
+
 def test_class_without_training_image_is_a_clear_error(tmp_path):
     root = make_class_folder(tmp_path / "src", per_class=4)
     config = dl.Config(
@@ -1095,6 +1142,15 @@ def test_a_split_folder_that_cannot_be_listed_is_quarantined_not_a_traceback(tmp
     monkeypatch.setattr(os, "lstat", no_search(lstat))
     found = [f for f in sources.scan_folder(root) if f.given_split == "val"]
     assert found and all(f.problem for f in found), found
+    # ... and the dataset's root itself (a review: its layout check raised PermissionError out of the stage, and
+    # with existing_splits: none each class folder was called a stray, "not inside a class folder")
+    locked = root = make_class_folder(tmp_path / "flat", per_class=2)
+    for layout in ("use", "none"):
+        found = list(sources.scan_folder(root, layout))
+        assert sorted((f.source, f.problem) for f in found) == [
+            ("cats", "unreadable: Permission denied"),
+            ("dogs", "unreadable: Permission denied"),
+        ], layout
 
 
 def test_existing_split_folders_can_be_pooled(tmp_path):
