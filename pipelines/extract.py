@@ -1,12 +1,13 @@
 """Beam graph code of the extract stage: a frozen conv base over TFRecord shards.
 
-One work item per input shard. The worker hashes each record's image bytes and
+One work item per input shard, read once as it comes: the worker hashes each record's image bytes and
 looks it up in the content-keyed feature cache (`pipelines.feature_cache`);
 only the misses are decoded (the shared decode/resize, one traced function per
 worker run by a pool of threads a few batches ahead; no input pipeline to build
 per shard) and go through the base, in fixed-size batches, and into the cache.
-Then the output shard is written in the input's order from the cache. Memory
-holds a few batches and one id/key per record whatever the dataset size; the
+Each record's id, label and key go to a file of the worker's (tens of bytes a record), from which the output
+shard is then written in the input's order from the cache. Memory holds a few batches whatever the size of the
+shard or the dataset (one id and key per record of a shard, held until 2026-12-07, grew with the shard); the
 decoder is built once per worker, and the model too, only when a shard has a miss.
 
 **Why a fixed batch shape:** on a CPU an image's features can differ in the last
@@ -32,11 +33,12 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
 import uuid
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -60,16 +62,34 @@ def feature_example(record_id: bytes, label: int, values: np.ndarray) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
-def _scan(source: str) -> list[tuple[bytes, int, str]]:
-    """(id, label, image key) of every record of a shard, in order."""
-    spec = records.image_record_spec()
-    rows = []
-    for batch in tf.data.TFRecordDataset([source]).batch(256).map(lambda r: tf.io.parse_example(r, spec)):
-        for record_id, label, image_bytes in zip(
-            batch[fk.ID].numpy(), batch[fk.LABEL].numpy(), batch[fk.IMAGE].numpy()
-        ):
-            rows.append((record_id, int(label), feature_cache.image_key(image_bytes)))
-    return rows
+def _records_of(source: str) -> Iterator[tuple[bytes, int, str, bytes]]:
+    """(id, label, image key, serialized record) of every record of a shard, in order, read as they come."""
+    for serialized in records.serialized_records([source]):
+        fields = tf.train.Example.FromString(serialized).features.feature
+        try:
+            record_id = fields[fk.ID].bytes_list.value[0]
+            label = int(fields[fk.LABEL].int64_list.value[0])
+            image_bytes = fields[fk.IMAGE].bytes_list.value[0]
+        except IndexError:
+            raise ValueError(
+                f"{source}: a record without its {fk.ID}, {fk.LABEL} or {fk.IMAGE}: not a convert record; re-run convert"
+            ) from None
+        yield record_id, label, feature_cache.image_key(image_bytes), serialized
+
+
+_ROW_HEAD = struct.Struct("<Hq32s")  # a spooled row: the id's length, the label, the key's 32 bytes; then the id
+
+
+def _spool_row(spool, record_id: bytes, label: int, key: str) -> None:
+    spool.write(_ROW_HEAD.pack(len(record_id), label, bytes.fromhex(key)) + record_id)
+
+
+def _spooled_rows(spool) -> Iterator[tuple[bytes, int, str]]:
+    """The rows `_spool_row` wrote, from the start of the file, in order."""
+    spool.seek(0)
+    while head := spool.read(_ROW_HEAD.size):
+        size, label, key = _ROW_HEAD.unpack(head)
+        yield spool.read(size), label, key.hex()
 
 
 TAILS = (1, 2, 4, 8, 16)
@@ -274,21 +294,33 @@ class ExtractShard(beam.DoFn):
             )
         return self._predict
 
-    def _compute(self, source: str, rows: list[tuple[bytes, int, str]], missing: list[int]) -> None:
-        """Run the base over the records at `missing` (indices into the shard) and store their features."""
-        keys = iter([rows[i][2] for i in missing])
-        predict, running, done = self._model(), collections.deque(), 0
+    def _scan_and_compute(self, source: str, spool) -> tuple[int, int]:
+        """Read the shard once: spool each record's (id, label, key) to `spool`, and run the base over the records
+        the cache lacks as they come, storing their features. Memory: the batches in flight, whatever the shard's
+        size. Returns (records, computed)."""
+        counts = {"records": 0, "computed": 0}
+        keys: collections.deque = collections.deque()  # of the records sent to the base, in order: those in flight
+
+        def misses() -> Iterator[bytes]:
+            for record_id, label, key, serialized in _records_of(source):
+                _spool_row(spool, record_id, label, key)
+                counts["records"] += 1
+                if not self._cache.has(key):
+                    counts["computed"] += 1
+                    keys.append(key)
+                    yield serialized
+
+        running: collections.deque = collections.deque()
 
         def store(future) -> None:
             for row in future.result():
-                self._cache.put(next(keys), row)
+                self._cache.put(keys.popleft(), row)
 
+        done = 0
         try:
             with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="extract") as pool:
-                for _, _, batch in records.decoded_batches(
-                    [source], self._decode, self._batch_size, self._decoders, only=missing
-                ):
-                    running.append(pool.submit(predict, batch))
+                for _, _, batch in records.decoded_stream(misses(), self._decode, self._batch_size, self._decoders):
+                    running.append(pool.submit(self._model(), batch))  # the base loads on the first miss only
                     done += len(batch)
                     if len(running) == IN_FLIGHT:
                         store(running.popleft())
@@ -298,39 +330,40 @@ class ExtractShard(beam.DoFn):
             raise ValueError(
                 f"{source}: an image could not be decoded after {done} new records: {exc.message}"
             ) from None
+        return counts["records"], counts["computed"]
 
     def process(self, job: tuple[str, str, str]) -> Iterable[tuple[str, int, int]]:
         split, source, target = job
         started = time.monotonic()
-        rows = _scan(source)
-        missing = [i for i, (_, _, key) in enumerate(rows) if not self._cache.has(key)]
-        if missing:
-            self._compute(source, rows, missing)
-        self._computed.inc(len(missing))  # zero too: a runner with metrics always reports the counter
-        partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
-        try:
-            with tf.io.TFRecordWriter(partial) as writer:
-                for record_id, label, key in rows:
-                    values = self._cache.get(key)
-                    if values is None:
-                        raise RuntimeError(
-                            f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
-                        )
-                    writer.write(feature_example(record_id, label, values))
-            tf.io.gfile.rename(partial, target, overwrite=True)
-        finally:  # a failed attempt leaves nothing in the output folder (a retry's output would carry it)
-            if tf.io.gfile.exists(partial):
-                tf.io.gfile.remove(partial)
+        # each record's (id, label, key) in a file of the worker's for the writing pass (tens of bytes a record;
+        # held in memory they grew with the shard), then the features from the cache in the records' order
+        with tempfile.TemporaryFile(prefix="extract-rows-") as spool:
+            total, computed = self._scan_and_compute(source, spool)
+            self._computed.inc(computed)  # zero too: a runner with metrics always reports the counter
+            partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
+            try:
+                with tf.io.TFRecordWriter(partial) as writer:
+                    for record_id, label, key in _spooled_rows(spool):
+                        values = self._cache.get(key)
+                        if values is None:
+                            raise RuntimeError(
+                                f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
+                            )
+                        writer.write(feature_example(record_id, label, values))
+                tf.io.gfile.rename(partial, target, overwrite=True)
+            finally:  # a failed attempt leaves nothing in the output folder (a retry's output would carry it)
+                if tf.io.gfile.exists(partial):
+                    tf.io.gfile.remove(partial)
         elapsed = time.monotonic() - started
         log.info(
             "extract: %s %d images (%d computed, %d from the cache) in %.1fs",
             source,
-            len(rows),
-            len(missing),
-            len(rows) - len(missing),
+            total,
+            computed,
+            total - computed,
             elapsed,
         )
-        yield split, len(rows), len(missing)
+        yield split, total, computed
 
 
 def extract(

@@ -18,12 +18,13 @@ import array
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import re
 import struct
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import google_crc32c
 import numpy as np
@@ -83,10 +84,30 @@ def decoded_batches(
 ) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
     """(ids, int64 labels, pixels) batches of the records of `files` in order, or of those at the positions
     `only` (counted over the files), each record decoded by `decode` on `pool`'s threads, `ahead` batches
-    ahead of the consumer: besides the batches the consumer holds, `ahead` decoded or decoding batches and
-    the one being filled, whatever the files' size. A consumer that stops early cancels what is queued."""
-    wanted = None if only is None else set(only)
-    last = None if only is None else max(only, default=-1)
+    ahead of the consumer (`decoded_stream`)."""
+    serialized = serialized_records(files)
+    if only is not None:
+        wanted, last = set(only), max(only, default=-1)
+        serialized = (
+            s
+            for index, s in itertools.takewhile(lambda pair: pair[0] <= last, enumerate(serialized))
+            if index in wanted
+        )
+    return decoded_stream(serialized, decode, batch_size, pool, ahead=ahead)
+
+
+def decoded_stream(
+    serialized: Iterable[bytes],
+    decode: RecordDecoder,
+    batch_size: int,
+    pool: concurrent.futures.Executor,
+    *,
+    ahead: int = 2,
+) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
+    """(ids, int64 labels, pixels) batches of the `serialized` records in order, each decoded by `decode` on
+    `pool`'s threads, `ahead` batches ahead of the consumer: besides the batches the consumer holds, `ahead`
+    decoded or decoding batches and the one being filled, whatever the number of records. A consumer that stops
+    early cancels what is queued."""
     batch: list = []
     pending: collections.deque = collections.deque()
 
@@ -95,13 +116,8 @@ def decoded_batches(
         return [r[0] for r in rows], np.array([r[1] for r in rows], np.int64), np.stack([r[2] for r in rows])
 
     try:
-        for index, serialized in enumerate(_serialized_records(files)):
-            if wanted is not None:
-                if index > last:
-                    break
-                if index not in wanted:
-                    continue
-            batch.append(pool.submit(decode, serialized))
+        for record in serialized:
+            batch.append(pool.submit(decode, record))
             if len(batch) == batch_size:
                 pending.append(batch)
                 batch = []
@@ -117,7 +133,7 @@ def decoded_batches(
             future.cancel()
 
 
-def _serialized_records(files: list[str]) -> Iterator[bytes]:
+def serialized_records(files: list[str]) -> Iterator[bytes]:
     """The records of `files` in order; a damaged or truncated file is an error naming it (TensorFlow's own
     DataLossError named neither the file nor what to do)."""
     for path in files:
