@@ -332,6 +332,26 @@ class ExtractShard(beam.DoFn):
             ) from None
         return counts["records"], counts["computed"]
 
+    def _write(self, target: str, spool) -> list[str]:
+        """Write the output shard from the cache in the spooled rows' order; or, where entries are unusable
+        (damaged in place: `FeatureCache.get`'s checksum; or gone), write nothing and return their keys."""
+        unusable: list[str] = []
+        partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
+        try:
+            with tf.io.TFRecordWriter(partial) as writer:
+                for record_id, label, key in _spooled_rows(spool):
+                    values = self._cache.get(key)
+                    if values is None:
+                        unusable.append(key)
+                    elif not unusable:
+                        writer.write(feature_example(record_id, label, values))
+            if not unusable:
+                tf.io.gfile.rename(partial, target, overwrite=True)
+        finally:  # a failed attempt leaves nothing in the output folder (a retry's output would carry it)
+            if tf.io.gfile.exists(partial):
+                tf.io.gfile.remove(partial)
+        return unusable
+
     def process(self, job: tuple[str, str, str]) -> Iterable[tuple[str, int, int]]:
         split, source, target = job
         started = time.monotonic()
@@ -339,21 +359,27 @@ class ExtractShard(beam.DoFn):
         # held in memory they grew with the shard), then the features from the cache in the records' order
         with tempfile.TemporaryFile(prefix="extract-rows-") as spool:
             total, computed = self._scan_and_compute(source, spool)
+            unusable = self._write(target, spool)
+            if unusable:  # damaged or gone since the scan: computed again from the shard, once
+                log.warning(
+                    "extract: %s: %d feature cache entries damaged or gone (e.g. %s); computing them again",
+                    source,
+                    len(unusable),
+                    unusable[0],
+                )
+                for key in unusable:
+                    self._cache.discard(key)
+                spool.seek(0)
+                spool.truncate()
+                total, again = self._scan_and_compute(source, spool)
+                computed += again
+                unusable = self._write(target, spool)
+                if unusable:
+                    raise RuntimeError(
+                        f"{source}: the feature cache lost {len(unusable)} entries while writing, twice (e.g. key "
+                        f"{unusable[0]}): is another process deleting entries (tools.cache_gc during a run)?"
+                    )
             self._computed.inc(computed)  # zero too: a runner with metrics always reports the counter
-            partial = f"{target}.partial-{uuid.uuid4().hex}"  # two attempts at one shard (a retried bundle) write apart
-            try:
-                with tf.io.TFRecordWriter(partial) as writer:
-                    for record_id, label, key in _spooled_rows(spool):
-                        values = self._cache.get(key)
-                        if values is None:
-                            raise RuntimeError(
-                                f"{source}: the feature cache lost the entry of record {record_id!r} while writing"
-                            )
-                        writer.write(feature_example(record_id, label, values))
-                tf.io.gfile.rename(partial, target, overwrite=True)
-            finally:  # a failed attempt leaves nothing in the output folder (a retry's output would carry it)
-                if tf.io.gfile.exists(partial):
-                    tf.io.gfile.remove(partial)
         elapsed = time.monotonic() - started
         log.info(
             "extract: %s %d images (%d computed, %d from the cache) in %.1fs",

@@ -15,8 +15,10 @@ Layout: ``<root>/<namespace>/<key[:2]>/<key>.f32`` with ``<root>/<namespace>/met
   the CPU architecture. Another base, size, batch or decode is another
   namespace, so it never reads these.
 - **key**: the SHA-256 of the image's encoded bytes as convert stored them.
-- **value**: the flattened float32 features, little-endian, nothing else. An
-  entry of the wrong length (a truncated write, a foreign file) is a miss.
+- **value**: the flattened float32 features, little-endian, then the CRC32C of the key and those bytes (4 bytes,
+  little-endian). An entry of the wrong length (a truncated write, a foreign file) is a miss; one whose checksum
+  does not match (bytes damaged in place: a crash before the data reached the disk, bit rot) is never read
+  (`get` gives None), and extract computes it again (`ENTRY_FORMAT`, in the namespace, names this layout).
 
 Writes go to a unique temporary name and are renamed into place, so workers
 writing at once and runs killed mid-write leave only whole entries. A bucket
@@ -34,10 +36,12 @@ import json
 import os
 import re
 import shutil
+import struct
 import uuid
 from importlib import metadata
 from typing import Collection
 
+import google_crc32c
 import keras
 import numpy as np
 import tensorflow as tf
@@ -50,6 +54,8 @@ from pipelines import cache_lock, fingerprint
 # batch-independence probe checks that code against itself, not against an earlier version of it).
 FEATURE_CODE = ("pipelines.image", "pipelines.records", "pipelines.bases", "pipelines.extract", "components.conv_base")
 SUFFIX = ".f32"
+ENTRY_FORMAT = "float32le+crc32c"  # an entry's layout, in every namespace: another layout is another namespace
+_CHECK = struct.Struct("<I")
 
 
 def image_key(image_bytes: bytes) -> str:
@@ -80,6 +86,7 @@ def local_record(runtime: str = "tensorflow") -> dict:
     return {
         **({} if runtime == "tensorflow" else runtime_record(runtime)),
         "code": code_fingerprint(),
+        "entry": ENTRY_FORMAT,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         **fingerprint.machine_record(),
@@ -242,21 +249,38 @@ class FeatureCache:
         self._files.replace(tmp, path)
 
     def has(self, key: str) -> bool:
-        """Is there a whole entry for `key`? (A size check, without reading it.)"""
-        return self._files.size(self._path(key)) == 4 * self.feature_size
+        """Is there an entry of the right size for `key`? (Without reading it: `get` checks its bytes.)"""
+        return self._files.size(self._path(key)) == 4 * self.feature_size + _CHECK.size
 
     def get(self, key: str) -> np.ndarray | None:
+        """The features stored for `key`, or None: no entry, or one of the wrong size or checksum."""
         data = self._files.read(self._path(key))
-        if data is None or len(data) != 4 * self.feature_size:
+        if data is None or len(data) != 4 * self.feature_size + _CHECK.size:
             return None
-        return np.frombuffer(data, dtype="<f4")
+        payload = data[: -_CHECK.size]
+        if _CHECK.unpack(data[-_CHECK.size :])[0] != _checksum(key, payload):
+            return None
+        return np.frombuffer(payload, dtype="<f4")
+
+    def discard(self, key: str) -> None:
+        """Remove `key`'s entry (a damaged one, computed again next)."""
+        path = self._path(key)
+        if "://" in path:
+            if tf.io.gfile.exists(path):
+                tf.io.gfile.remove(path)
+        else:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def put(self, key: str, values: np.ndarray) -> None:
         values = np.asarray(values, dtype="<f4").ravel()
         if values.size != self.feature_size:
             raise ValueError(f"feature cache: {values.size} values for a {self.feature_size}-value namespace")
         self._files.makedirs(f"{self.folder}/{key[:2]}")
-        self._write(self._path(key), values.tobytes())
+        payload = values.tobytes()
+        self._write(self._path(key), payload + _CHECK.pack(_checksum(key, payload)))
 
     def get_note(self, name: str) -> dict | None:
         """A small JSON record kept with the namespace (its meta, the batch plan extract found), or None."""
@@ -264,6 +288,11 @@ class FeatureCache:
 
     def put_note(self, name: str, record: dict) -> None:
         self._write(f"{self.folder}/{name}.json", json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def _checksum(key: str, payload: bytes) -> int:
+    """CRC32C of an entry's key and features: damaged bytes, or an entry under another key's name, do not match."""
+    return google_crc32c.value(key.encode() + payload)
 
 
 def stored_feature_shape(root: str, record: dict) -> list[int] | None:

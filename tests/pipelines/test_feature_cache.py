@@ -29,8 +29,20 @@ def test_entries_notes_and_misses(tmp_path, scheme):
 
     entry = next((tmp_path / "cache").rglob("*" + feature_cache.SUFFIX))
     assert not list(entry.parent.glob("*.tmp-*"))  # written under a temporary name, then renamed
-    entry.write_bytes(entry.read_bytes()[:-4])  # a truncated write is a miss
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[:-4])  # a truncated write is a miss
     assert not cache.has(key) and cache.get(key) is None
+    # damaged in place, the size unchanged: present by its size, never read (its checksum); discarded, a miss
+    for damaged in (bytes(len(whole)), whole[:5] + bytes([whole[5] ^ 1]) + whole[6:]):
+        entry.write_bytes(damaged)
+        assert cache.has(key) and cache.get(key) is None
+    other = feature_cache.image_key(b"another image")  # an entry under another key's name: its checksum fails too
+    (entry.parent.parent / other[:2]).mkdir(exist_ok=True)
+    (entry.parent.parent / other[:2] / f"{other}{feature_cache.SUFFIX}").write_bytes(whole)
+    assert cache.get(other) is None
+    cache.discard(key)
+    cache.discard(key)  # nothing there: nothing to do
+    assert not cache.has(key)
 
 
 def test_a_damaged_note_is_a_missing_one_and_is_written_again(tmp_path):
