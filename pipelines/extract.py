@@ -294,10 +294,10 @@ class ExtractShard(beam.DoFn):
             )
         return self._predict
 
-    def _scan_and_compute(self, source: str, spool) -> tuple[int, int]:
+    def _scan_and_compute(self, source: str, spool, redo: frozenset[str] = frozenset()) -> tuple[int, int]:
         """Read the shard once: spool each record's (id, label, key) to `spool`, and run the base over the records
-        the cache lacks as they come, storing their features. Memory: the batches in flight, whatever the shard's
-        size. Returns (records, computed)."""
+        the cache lacks (or whose keys are in `redo`: entries found unusable) as they come, storing their features.
+        Memory: the batches in flight, whatever the shard's size. Returns (records, computed)."""
         counts = {"records": 0, "computed": 0}
         keys: collections.deque = collections.deque()  # of the records sent to the base, in order: those in flight
 
@@ -305,7 +305,7 @@ class ExtractShard(beam.DoFn):
             for record_id, label, key, serialized in _records_of(source):
                 _spool_row(spool, record_id, label, key)
                 counts["records"] += 1
-                if not self._cache.has(key):
+                if key in redo or not self._cache.has(key):
                     counts["computed"] += 1
                     keys.append(key)
                     yield serialized
@@ -367,12 +367,11 @@ class ExtractShard(beam.DoFn):
                     len(unusable),
                     unusable[0],
                 )
-                for key in unusable:
-                    self._cache.discard(key)
                 spool.seek(0)
                 spool.truncate()
-                total, again = self._scan_and_compute(source, spool)
-                computed += again
+                # replaced, never deleted: another worker meeting the same entry may have stored a good one already
+                total, again = self._scan_and_compute(source, spool, frozenset(unusable))
+                computed = min(total, computed + again)  # images computed, each counted once at most
                 unusable = self._write(target, spool)
                 if unusable:
                     raise RuntimeError(

@@ -262,18 +262,6 @@ class FeatureCache:
             return None
         return np.frombuffer(payload, dtype="<f4")
 
-    def discard(self, key: str) -> None:
-        """Remove `key`'s entry (a damaged one, computed again next)."""
-        path = self._path(key)
-        if "://" in path:
-            if tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
-        else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
     def put(self, key: str, values: np.ndarray) -> None:
         values = np.asarray(values, dtype="<f4").ravel()
         if values.size != self.feature_size:

@@ -142,7 +142,7 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
         for entry in sorted(root.iterdir()):
             if entry in parents:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
+            if _is_folder(entry):
                 yield from _scan_class(entry, root, real_root, None, None, "in a hidden folder")
             else:
                 yield from _read_entry(entry, root, real_root, None, None, _stray(entry, "a split's class folder"))

@@ -1142,6 +1142,22 @@ def test_a_split_folder_that_cannot_be_listed_is_quarantined_not_a_traceback(tmp
     monkeypatch.setattr(os, "lstat", no_search(lstat))
     found = [f for f in sources.scan_folder(root) if f.given_split == "val"]
     assert found and all(f.problem for f in found), found
+    # A link beside the split folders into a folder that cannot be looked at (a second read: it still raised).
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "lstat", lstat)
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+
+    def refused(path, *args, **kwargs):
+        if Path(path) == root / "link" and kwargs.get("follow_symlinks", True):
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    assert [(f.source, f.problem) for f in sources.scan_folder(root) if f.source == "link"] == [
+        ("link", "not inside a split's class folder")  # a stray entry of the root, reported, not raised
+    ]
+    monkeypatch.setattr(os, "stat", no_search(stat))
+    monkeypatch.setattr(os, "lstat", no_search(lstat))
     # ... and the dataset's root itself (a review: its layout check raised PermissionError out of the stage, and
     # with existing_splits: none each class folder was called a stray, "not inside a class folder")
     locked = root = make_class_folder(tmp_path / "flat", per_class=2)

@@ -512,3 +512,50 @@ def test_a_shards_memory_does_not_grow_with_its_records(tmp_path):
     finally:
         shard.teardown()
     assert peaks[3000] < 1.3 * peaks[300] + 100_000, peaks  # held rows: ~320 B x 2,700 more records = 860 KB
+
+
+def test_a_damaged_entry_is_replaced_never_deleted(tmp_path, monkeypatch):
+    """A second read: the redo of a shard with a damaged entry deleted that entry first, so a worker meeting the same
+    entry at once deleted the good one another had just stored, whose next pass then found it gone and failed. Now
+    the redo computes the unusable keys again and replaces their entries."""
+    import io
+    import os
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from pipelines import feature_cache
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, "PNG")
+    namespace = extract.cache_namespace(extract.Config(BASE, extract.ExtractParams(batch_size=4)))
+    source, keys = tmp_path / "in.tfrecord", []
+    with tf.io.TFRecordWriter(str(source)) as writer:
+        for i in range(3):
+            image_bytes = png.getvalue() + i.to_bytes(4, "big")
+            keys.append(feature_cache.image_key(image_bytes))
+            fields = {
+                fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"id%d" % i])),
+                fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+                fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=fields)).SerializeToString())
+    shard = graph.ExtractShard(None, (32, 32), 4, str(tmp_path / "cache"), namespace, [4])
+    shard.setup()
+    try:
+        shard._predict = lambda pixels: pixels.reshape(len(pixels), -1)[:, :4]  # a stand-in base, no probe
+        for key in keys:
+            shard._cache.put(key, np.full(4, 7.0))
+        path = shard._cache._path(keys[1])
+        with open(path, "r+b") as handle:  # damaged in place, its size unchanged
+            handle.write(bytes(8))
+        removed = []
+        real_unlink = os.unlink
+        monkeypatch.setattr(os, "unlink", lambda p, *a, **k: removed.append(str(p)) or real_unlink(p, *a, **k))
+        assert list(shard.process(("train", str(source), str(tmp_path / "out.tfrecord")))) == [("train", 3, 1)]
+    finally:
+        shard.teardown()
+    assert not [p for p in removed if p.endswith(feature_cache.SUFFIX)]  # replaced in place, never deleted
+    assert shard._cache.get(keys[1]) is not None and float(shard._cache.get(keys[0])[0]) == 7.0
+    written = [records.parse_feature_record(r, 4) for r in tf.data.TFRecordDataset(str(tmp_path / "out.tfrecord"))]
+    assert [w[0].numpy() for w in written] == [b"id0", b"id1", b"id2"]

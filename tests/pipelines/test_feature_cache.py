@@ -32,7 +32,7 @@ def test_entries_notes_and_misses(tmp_path, scheme):
     whole = entry.read_bytes()
     entry.write_bytes(whole[:-4])  # a truncated write is a miss
     assert not cache.has(key) and cache.get(key) is None
-    # damaged in place, the size unchanged: present by its size, never read (its checksum); discarded, a miss
+    # damaged in place, the size unchanged: present by its size, never read (its checksum)
     for damaged in (bytes(len(whole)), whole[:5] + bytes([whole[5] ^ 1]) + whole[6:]):
         entry.write_bytes(damaged)
         assert cache.has(key) and cache.get(key) is None
@@ -40,9 +40,8 @@ def test_entries_notes_and_misses(tmp_path, scheme):
     (entry.parent.parent / other[:2]).mkdir(exist_ok=True)
     (entry.parent.parent / other[:2] / f"{other}{feature_cache.SUFFIX}").write_bytes(whole)
     assert cache.get(other) is None
-    cache.discard(key)
-    cache.discard(key)  # nothing there: nothing to do
-    assert not cache.has(key)
+    cache.put(key, np.arange(6, dtype=np.float32))  # replaced by a good one
+    np.testing.assert_array_equal(cache.get(key), np.arange(6, dtype=np.float32))
 
 
 def test_a_damaged_note_is_a_missing_one_and_is_written_again(tmp_path):

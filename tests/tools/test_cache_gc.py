@@ -183,8 +183,8 @@ def test_the_namespace_a_runners_workers_write_under_is_kept_with_the_launchers(
     config = extract.Config(
         ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32)), extract.ExtractParams(batch_size=4)
     )
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher's shell (a CI's may set it)
     namespace = extract.cache_namespace(config)  # what the launcher hands its workers and records
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     launcher = feature_cache.namespace_of(namespace)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Dask worker
     worker = graph.ExtractShard(None, (32, 32), 4, root, namespace, [1280])
