@@ -228,6 +228,7 @@ class ExtractShard(beam.DoFn):
         self._predict = None
         self._cache = None
         self._scratch = None
+        self._spools = None
         self._decode = None
         self._decoders = None
         self._computed = beam.metrics.Metrics.counter("extract", COMPUTED)
@@ -260,6 +261,9 @@ class ExtractShard(beam.DoFn):
         # a namespace of the worker's own names the launcher's, which extract's metrics record: cache_gc keeps both
         derived = feature_cache.namespace_of(self._namespace) if namespace is not self._namespace else None
         self._cache = feature_cache.FeatureCache(root, namespace, self._feature_shape, derived_from=derived)
+        # the shards' row spools beside the cache where it is a local folder (the system's temporary folder may be
+        # a tmpfs, RAM), nameless files that no listing of it shows
+        self._spools = None if "://" in root else root
         self._decode = records.record_decoder(self._size)
         self._decoders = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
 
@@ -357,7 +361,7 @@ class ExtractShard(beam.DoFn):
         started = time.monotonic()
         # each record's (id, label, key) in a file of the worker's for the writing pass (tens of bytes a record;
         # held in memory they grew with the shard), then the features from the cache in the records' order
-        with tempfile.TemporaryFile(prefix="extract-rows-") as spool:
+        with tempfile.TemporaryFile(prefix="extract-rows-", dir=self._spools) as spool:
             total, computed = self._scan_and_compute(source, spool)
             unusable = self._write(target, spool)
             if unusable:  # damaged or gone since the scan: computed again from the shard, once

@@ -466,7 +466,7 @@ def test_computed_counts_come_from_committed_or_attempted_metrics_and_are_null_w
     assert extract.images_computed(result_of(error=RuntimeError("UNIMPLEMENTED: metrics"))) is None
 
 
-def test_a_shards_memory_does_not_grow_with_its_records(tmp_path):
+def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
     """A review: the worker held each record's id, label and key (about 320 bytes) for the whole shard, and convert's
     shard counts are fixed, so a worker's memory grew with the dataset. The rows now go to a file of the worker's
     while the shard is read once; Python's allocations peak at the same size for 300 and 3,000 records."""
@@ -501,7 +501,16 @@ def test_a_shards_memory_does_not_grow_with_its_records(tmp_path):
                     writer.write(tf.train.Example(features=tf.train.Features(feature=fields)).SerializeToString())
             tracemalloc.start()
             try:
-                assert list(shard.process(("train", str(source), str(target)))) == [("train", n, 0)]
+                with monkeypatch.context() as patch:  # the spool goes beside the cache, not to a /tmp that may be RAM
+                    made = []
+                    real_file = graph.tempfile.TemporaryFile
+                    patch.setattr(
+                        graph.tempfile,
+                        "TemporaryFile",
+                        lambda made=made, real=real_file, **kw: made.append(kw.get("dir")) or real(**kw),
+                    )
+                    assert list(shard.process(("train", str(source), str(target)))) == [("train", n, 0)]
+                assert made == [str(tmp_path / "cache")]
                 peaks[n] = tracemalloc.get_traced_memory()[1]
             finally:
                 tracemalloc.stop()
