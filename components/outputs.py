@@ -114,15 +114,21 @@ def scratch_owner(suffix: str, legacy: str | None = None) -> int | None:
     return 0 if legacy and re.fullmatch(legacy, suffix) else None
 
 
+def stale_entries(folder: Path, prefix: str, *, legacy: str | None = None) -> list[Path]:
+    """The entries of `folder` named `<prefix><pid>-<token>` whose process is gone (a killed run's), and those
+    whose rest matches `legacy` (an older release's names, without a process id), in name order; not those of
+    live runs nor any other name."""
+    entries = sorted(folder.glob(f"{glob.escape(prefix)}*")) if folder.is_dir() else []
+    return [entry for entry in entries if scratch_owner(entry.name[len(prefix) :], legacy) == 0]
+
+
 def remove_stale(folder: Path, prefix: str, *, legacy: str | None = None) -> list[str]:
-    """Remove the entries of `folder` named `<prefix><pid>-<token>` whose process is gone (a killed run's
-    scratch), and those whose rest matches `legacy` (an older release's names, without a process id); keep
-    those of live runs and any other name. Returns the names removed."""
+    """Remove a killed run's scratch (`stale_entries`); keep live runs' and any other name. Returns the names
+    removed."""
     removed = []
-    for entry in sorted(folder.glob(f"{glob.escape(prefix)}*")) if folder.is_dir() else ():
-        if scratch_owner(entry.name[len(prefix) :], legacy) == 0:
-            remove_entry(entry, ignore_errors=True)
-            removed.append(entry.name)
+    for entry in stale_entries(folder, prefix, legacy=legacy):
+        remove_entry(entry, ignore_errors=True)
+        removed.append(entry.name)
     return removed
 
 

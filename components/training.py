@@ -12,7 +12,6 @@ they cost a head epoch nothing and a fine-tuning epoch 14-19%
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import math
 import os
@@ -101,10 +100,9 @@ def live_folder(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.prev-"
-    for entry in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
-        if outputs.scratch_owner(entry.name[len(prefix) :]) == 0:
-            log.warning("%s: a killed run's metrics; putting back the previous run's (%s)", final, entry.name)
-            _put_back(entry, final)
+    for entry in outputs.stale_entries(final.parent, prefix):
+        log.warning("%s: a killed run's metrics; putting back the previous run's (%s)", final, entry.name)
+        _put_back(entry, final)
     previous = final.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if final.exists() or final.is_symlink():
         os.replace(final, previous)

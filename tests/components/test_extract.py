@@ -466,12 +466,9 @@ def test_computed_counts_come_from_committed_or_attempted_metrics_and_are_null_w
     assert extract.images_computed(result_of(error=RuntimeError("UNIMPLEMENTED: metrics"))) is None
 
 
-def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
-    """A review: the worker held each record's id, label and key (about 320 bytes) for the whole shard, and convert's
-    shard counts are fixed, so a worker's memory grew with the dataset. The rows now go to a file of the worker's
-    while the shard is read once; Python's allocations peak at the same size for 300 and 3,000 records."""
+def write_image_shard(path: Path, ids: list[bytes], labels: list[int]) -> list[str]:
+    """A convert-like shard of tiny PNGs with distinct bytes (so distinct keys), one a record; returns their keys."""
     import io
-    import tracemalloc
 
     import tensorflow as tf
     from PIL import Image
@@ -480,6 +477,30 @@ def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
 
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(png, "PNG")
+    keys = []
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, (record_id, label) in enumerate(zip(ids, labels)):
+            image_bytes = png.getvalue() + i.to_bytes(4, "big")
+            keys.append(feature_cache.image_key(image_bytes))
+            fields = {
+                fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id])),
+                fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=fields)).SerializeToString())
+    return keys
+
+
+def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
+    """A review: the worker held each record's id, label and key (about 320 bytes) for the whole shard, and convert's
+    shard counts are fixed, so a worker's memory grew with the dataset. The rows now go to a file of the worker's
+    while the shard is read once; Python's allocations peak at the same size for 300 and 3,000 records."""
+    import tracemalloc
+
+    import tensorflow as tf
+
+    from pipelines import feature_cache
+
     config = extract.Config(BASE, extract.ExtractParams(batch_size=4))
     namespace = extract.cache_namespace(config)
     cache = feature_cache.FeatureCache(str(tmp_path / "cache"), namespace, [4])
@@ -489,16 +510,9 @@ def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
     try:
         for n in (20, 300, 3000):  # the first traces the decode and warms TensorFlow up: not compared
             source, target = tmp_path / f"in-{n}.tfrecord", tmp_path / f"out-{n}.tfrecord"
-            with tf.io.TFRecordWriter(str(source)) as writer:
-                for i in range(n):
-                    image_bytes = png.getvalue() + i.to_bytes(4, "big")  # distinct bytes, so distinct keys
-                    cache.put(feature_cache.image_key(image_bytes), np.full(4, i, np.float32))
-                    fields = {
-                        fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{i:020x}".encode()])),
-                        fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2])),
-                        fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-                    }
-                    writer.write(tf.train.Example(features=tf.train.Features(feature=fields)).SerializeToString())
+            keys = write_image_shard(source, [f"{i:020x}".encode() for i in range(n)], [i % 2 for i in range(n)])
+            for i, key in enumerate(keys):
+                cache.put(key, np.full(4, i, np.float32))
             tracemalloc.start()
             try:
                 with monkeypatch.context() as patch:  # the spool goes beside the cache, not to a /tmp that may be RAM
@@ -527,28 +541,15 @@ def test_a_damaged_entry_is_replaced_never_deleted(tmp_path, monkeypatch):
     """A second read: the redo of a shard with a damaged entry deleted that entry first, so a worker meeting the same
     entry at once deleted the good one another had just stored, whose next pass then found it gone and failed. Now
     the redo computes the unusable keys again and replaces their entries."""
-    import io
     import os
 
     import tensorflow as tf
-    from PIL import Image
 
     from pipelines import feature_cache
 
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, "PNG")
     namespace = extract.cache_namespace(extract.Config(BASE, extract.ExtractParams(batch_size=4)))
-    source, keys = tmp_path / "in.tfrecord", []
-    with tf.io.TFRecordWriter(str(source)) as writer:
-        for i in range(3):
-            image_bytes = png.getvalue() + i.to_bytes(4, "big")
-            keys.append(feature_cache.image_key(image_bytes))
-            fields = {
-                fk.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"id%d" % i])),
-                fk.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
-                fk.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-            }
-            writer.write(tf.train.Example(features=tf.train.Features(feature=fields)).SerializeToString())
+    source = tmp_path / "in.tfrecord"
+    keys = write_image_shard(source, [b"id%d" % i for i in range(3)], [0, 0, 0])
     shard = graph.ExtractShard(None, (32, 32), 4, str(tmp_path / "cache"), namespace, [4])
     shard.setup()
     try:
