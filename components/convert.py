@@ -29,11 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import apache_beam as beam
 import pydantic
@@ -42,7 +43,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from components import beam_options, outputs
 from components.cli import EnvironmentProblem, configure_logging, run_main
-from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, read_jsonl
+from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, iter_jsonl  # noqa: F401
 from components.params import Section, load_section, log_resolved, write_resolved
 from pipelines import convert as graph
 from pipelines import features as fk
@@ -81,20 +82,54 @@ def load_config(params_path: str | Path) -> Config:
 # --------------------------------------------------------------------------- pure
 
 
-def check_manifest(manifest: Sequence[Mapping]) -> None:
-    """Refuse a manifest the transform cannot handle, before starting Beam."""
-    if not manifest:
+ID = re.compile(r"[0-9a-f]{12,}")  # what download writes (a content hash); shards are chosen by its first 12 digits
+
+
+def row_problem(row) -> str | None:
+    """What makes one manifest row unusable by the transform (a field missing or of the wrong kind, an id that is
+    not download's hexadecimal hash, a class name that is empty, holds a line break or is not UTF-8), else None."""
+    if not isinstance(row, dict):
+        return f"a row is a JSON object, not {type(row).__name__}"
+    missing = [key for key in ("id", "file", "label", "split") if not isinstance(row.get(key), str)]
+    if missing:
+        return f"fields {missing} are missing or not strings"
+    if row["split"] not in SPLITS:
+        return f"unknown splits [{row['split']!r}]; expected {list(SPLITS)}"
+    if not ID.fullmatch(row["id"]):
+        return f"id {row['id']!r} is not download's hexadecimal hash"
+    label = row["label"]
+    if not label:
+        return "the class name is empty (an empty line of the label vocabulary)"
+    if LINE_BREAKS.intersection(label):
+        return f"class names [{label!r}] hold a line break, which the label vocabulary (a name a line) cannot"
+    for value in (label, row["file"]):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{value!r} is not valid UTF-8 (a lone surrogate)"
+    if not row["file"]:
+        return "the file name is empty"
+    return None
+
+
+def check_manifest(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
+    """Refuse a manifest the transform cannot handle, before starting Beam, read a row at a time (memory holds
+    each id, to refuse one repeated, and the counts); returns its rows per split and class (`expected_counts`)."""
+    counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
+    seen: set[str] = set()
+    number = 0
+    for number, row in enumerate(manifest, 1):
+        problem = row_problem(row)
+        if problem is None and row["id"] in seen:
+            problem = f"id {row['id']} is repeated (the records would depend on the rows' order)"
+        if problem:
+            raise ValueError(
+                f"manifest row {number}: {problem}: rename the class folders or fix the row, and run download again"
+            )
+        seen.add(row["id"])
+        counts[row["split"]][row["label"]] += 1
+    if not number:
         raise ValueError("the manifest is empty: the download stage kept no image")
-    bad = sorted({row.get("split") for row in manifest} - set(SPLITS), key=str)
-    if bad:
-        raise ValueError(f"manifest has unknown splits {bad}; expected {list(SPLITS)}")
-    counts = expected_counts(manifest)
-    broken = sorted(name for name in set().union(*map(set, counts.values())) if LINE_BREAKS.intersection(name))
-    if broken:
-        raise ValueError(
-            f"class names {broken} hold a line break, which the label vocabulary (a name a line) cannot: "
-            "rename the class folders and run download again"
-        )
     train = set(counts["train"])
     unseen = {split: sorted(set(counts[split]) - train) for split in SPLITS[1:]}
     unseen = {split: names for split, names in unseen.items() if names}
@@ -103,6 +138,7 @@ def check_manifest(manifest: Sequence[Mapping]) -> None:
             f"classes {unseen} appear outside train but not in train; the label vocabulary "
             "is learned from train only, so they would have no index"
         )
+    return {split: dict(sorted(c.items())) for split, c in counts.items()}
 
 
 # --------------------------------------------------------------------------- run
@@ -124,7 +160,8 @@ def count_records(records_dir: Path, labels: Sequence[str] | None = None) -> dic
         files = sorted(str(p) for p in records_dir.glob(f"{split}-*.tfrecord"))
         counter: collections.Counter = collections.Counter()
         if files:
-            dataset = tf.data.TFRecordDataset(files).batch(512).map(lambda s: tf.io.parse_example(s, spec))
+            # each record parsed alone, its image dropped before batching: a batch of whole records held 512 images
+            dataset = tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)).batch(512)
             for batch in dataset.as_numpy_iterator():
                 names = [name.decode("utf-8") for name in batch[fk.LABEL_NAME]]
                 if labels is not None:
@@ -174,9 +211,7 @@ def run(
     options = beam_options.pipeline_options("convert", runner, beam_args)  # a runner it cannot use: before any work
     download_dir = Path(download_dir).resolve()  # absolute: workers elsewhere resolve relative paths their own way
     check_no_pattern(download_dir, Path(out_dir).resolve())
-    manifest = read_jsonl(download_dir / MANIFEST)
-    check_manifest(manifest)
-    expected = expected_counts(manifest)
+    expected = check_manifest(iter_jsonl(download_dir / MANIFEST))  # a row at a time
     shards = config.convert.shards.model_dump()
     # The analysis' scratch folder; tf.Transform writes its path into the transform graph, where
     # stabilise_saved_model replaces it (below), so the graph does not depend on where this ran.
@@ -234,7 +269,9 @@ def run(
             "bytes": {
                 split: sum(p.stat().st_size for p in (tmp / RECORDS).glob(f"{split}-*.tfrecord")) for split in SPLITS
             },
-            "source_image_bytes": sum((download_dir / row["file"]).stat().st_size for row in manifest),
+            "source_image_bytes": sum(
+                (download_dir / row["file"]).stat().st_size for row in iter_jsonl(download_dir / MANIFEST)
+            ),
             "image_encoding": "encoded bytes as stored by download (JPEG as-is, PNG if normalised)",
         }
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

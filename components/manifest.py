@@ -24,11 +24,19 @@ def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """The rows of a JSON-lines file, read a line at a time."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    """The rows of a JSON-lines file, read a line at a time, blank lines skipped. Lines end at "\n" only, as Beam's
+    text reader and `parse_jsonl` split them (Python's universal newlines also split at a lone "\r", so a row
+    convert's check passed was two rows to it and one broken line to its Beam job); a line that is not JSON is an
+    error naming the file and the line."""
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"{path}: line {number} is not a JSON row ({exc.msg}, column {exc.colno})"
+                    ) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -109,6 +109,12 @@ def make_preprocessing_fn(vocabulary_dir: str | None = None):
 preprocessing_fn = make_preprocessing_fn()
 
 
+def parse_row(line: str) -> list[dict]:
+    """A manifest line -> its row; none for a blank line, which the stage's own reader skips too
+    (`components.manifest.iter_jsonl`): Beam's text reader passes it on."""
+    return [json.loads(line)] if line.strip() else []
+
+
 def raw_instance(row: Mapping) -> dict:
     """A manifest row -> the raw instance tf.Transform takes."""
     return {
@@ -253,7 +259,7 @@ def convert(
     rows = (
         pipeline
         | "ReadManifest" >> beam.io.ReadFromText(manifest_path)
-        | "ParseRows" >> beam.Map(json.loads)
+        | "ParseRows" >> beam.FlatMap(parse_row)
         | "RawInstances" >> beam.Map(raw_instance)
     )
     train = rows | "TrainOnly" >> beam.Filter(lambda inst: inst[fk.SPLIT] == b"train")
