@@ -47,7 +47,7 @@ from components.cli import configure_logging, run_main
 from components.manifest import rows_of
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
-from pipelines import cache_lock, classifier, records, runtimes, serving
+from pipelines import cache_lock, classifier, record_checks, records, runtimes, serving
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +357,31 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
 def predict_features(head, files: list[str], feature_size: int, batch_size: int):
     """(ids, labels, probabilities) of the head (`runtimes.predictor`) on feature records."""
     ids, labels, probs = [], [], []
-    for batch_ids, label, features in records.feature_records(files, feature_size).batch(batch_size):
-        ids += [i.decode() for i in batch_ids.numpy()]
-        labels.append(label.numpy())
-        probs.append(as_probabilities(head(features.numpy())))
+    with record_checks.damaged_named(files):
+        for batch_ids, label, features in records.feature_records(files, feature_size).batch(batch_size):
+            ids += [i.decode() for i in batch_ids.numpy()]
+            labels.append(label.numpy())
+            probs.append(as_probabilities(head(features.numpy())))
     return ids, np.concatenate(labels), np.concatenate(probs)
+
+
+def check_scores(model: str, split: str, scores: tuple, num_classes: int) -> None:
+    """What the metrics can take: every label a class of labels.json (a label past the end was an IndexError, one
+    below 0 a correct prediction in the confusion matrix but a wrong one in the accuracy), every probability finite
+    (argmax read NaN as class 0, and metrics.json held NaN, which is not JSON)."""
+    ids, labels, probabilities = scores
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(
+            f"evaluate: {len(bad)} {split} records have labels outside the {num_classes} classes of labels.json "
+            f"(e.g. {ids[bad[0]]}: {int(labels[bad[0]])}): the records and labels.json are not one convert's; re-run convert"
+        )
+    bad = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if len(bad):
+        raise ValueError(
+            f"evaluate: the {model} model's probabilities are not finite for {len(bad)} {split} images "
+            f"(e.g. {ids[bad[0]]}): the model diverged or is damaged; train it again (a lower learning rate)"
+        )
 
 
 def predict_images(model, files: list[str], decode: records.RecordDecoder, batch_size: int):
@@ -378,7 +398,7 @@ def predict_images(model, files: list[str], decode: records.RecordDecoder, batch
 
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def run(
@@ -438,6 +458,8 @@ def run(
             config.tta.flip,
             config.tta.quarter_turns,
         )
+        for name, scores in found.items():
+            check_scores(name, split, scores, len(names))
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
             raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")
         return found

@@ -13,7 +13,8 @@ Outputs
     ``<live>/``              dvclive metrics and per-epoch curves
 
 Run: ``python -m components.finetune --convert data/convert --head data/train_head/head.keras
---weights data/base_weights --out data/finetune --live dvclive/finetune``
+--weights data/base_weights --out data/finetune --live dvclive/finetune --cache .cache/finetune``
+(without ``--cache`` the decoded-image cache files go beside the output, never in memory)
 
 The method (keras.io transfer-learning guide; Deep Learning with Python, ch. 5):
 fine-tune only after the head has converged on the frozen features, so start
@@ -47,7 +48,7 @@ from components import outputs, training
 from components.cli import configure_logging, run_main
 from components.conv_base import ConvBaseParams, build_extractor, check_tracked, imagenet_from
 from components.params import CommonParams, ParamsError, Section, log_resolved, read_params, section, write_resolved
-from pipelines import bases, classifier, records
+from pipelines import bases, classifier, record_checks, records
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,8 @@ def _run(config: Config, convert_dir, head_path, out_dir, live_dir, cache: dict)
     num_classes, params, size = len(labels), config.finetune, tuple(config.conv_base.input_size)
     files = {split: records.split_files(convert_dir / "records", split) for split in ("train", "val")}
     summary = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))
+    for split in ("train", "val"):  # before the model is built: a label past labels.json trained without a word
+        record_checks.check_record_labels(files[split], num_classes, f"finetune: the {split} records")
     weights = training.class_weights([summary["per_class"]["train"].get(n, 0) for n in labels], params.class_weight)
     # Before the build: loading the head (and a base) creates its dropout layers' seed generators, which
     # draw their seeds from the global random state when they are made; seeded after the build, they
@@ -369,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--live", required=True, help="dvclive folder (metrics and plots, declared in dvc.yaml)")
     parser.add_argument(
-        "--cache", default=None, help="a folder for this run's decoded-image cache files (else they stay in memory)"
+        "--cache",
+        default=None,
+        help="a folder for this run's decoded-image cache files (default: the output's parent folder; "
+        "in memory only when `run` is called without one)",
     )
     args = parser.parse_args(argv)
     configure_logging()
@@ -378,7 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.weights:  # the versioned ImageNet weights, not Keras's download cache
         config = dataclasses.replace(config, conv_base=imagenet_from(config.conv_base, args.weights))
     log_resolved("finetune", config.sections())
-    run(config, args.convert, args.head, args.out, args.live, args.cache)
+    # never in memory from the command line (307 KB an image at 160: it grew with the dataset), beside the output
+    # when no folder is named (dvc.yaml names .cache/finetune)
+    cache = args.cache if args.cache is not None else Path(args.out).resolve().parent
+    run(config, args.convert, args.head, args.out, args.live, cache)
     return 0
 
 

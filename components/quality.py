@@ -58,7 +58,7 @@ from components.manifest import rows_of as manifest_rows_of
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
 from components.stats import wilson_interval
 from components.training import TrainHeadParams
-from pipelines import near_duplicates, records
+from pipelines import near_duplicates, record_checks, records
 
 # ids -> the manifest rows of those ids (`components.manifest.rows_of`, bound to a manifest file)
 RowsOf = Callable[[Collection[str]], Mapping[str, dict]]
@@ -346,20 +346,21 @@ def spool_split(
     `rows` (a file), read back a batch at a time by the steps after: memory does not grow with the number
     of images. `check` sees every batch (`FeatureCheck`)."""
     ids, labels = [], []
-    for batch_ids, batch_labels, batch in records.feature_records(files, feature_size).batch(1024):
-        values = batch.numpy()
-        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-        if len(bad):  # a head trained on them scores NaN: chance accuracy and no suspects, without a word
-            named = [batch_ids.numpy()[i].decode() for i in bad[:5]]
-            raise ValueError(
-                f"quality: {len(bad)}+ images of {files[0] if files else 'a split'} have features that are not finite "
-                f"(NaN or infinite), e.g. {named}: the conv base computed them so; check the base and re-run extract"
-            )
-        ids += [i.decode() for i in batch_ids.numpy()]
-        labels.append(batch_labels.numpy())
-        rows.append(values)
-        if check is not None:
-            check.add(values)
+    with record_checks.damaged_named(files):
+        for batch_ids, batch_labels, batch in records.feature_records(files, feature_size).batch(1024):
+            values = batch.numpy()
+            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            if len(bad):  # a head trained on them scores NaN: chance accuracy and no suspects, without a word
+                named = [batch_ids.numpy()[i].decode() for i in bad[:5]]
+                raise ValueError(
+                    f"quality: {len(bad)}+ images of {files[0] if files else 'a split'} have features that are not finite "
+                    f"(NaN or infinite), e.g. {named}: the conv base computed them so; check the base and re-run extract"
+                )
+            ids += [i.decode() for i in batch_ids.numpy()]
+            labels.append(batch_labels.numpy())
+            rows.append(values)
+            if check is not None:
+                check.add(values)
     return ids, (np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)), rows
 
 

@@ -38,7 +38,7 @@ from components.cli import configure_logging, run_main
 from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
 from components.training import TrainHeadParams, build_head
 from pipelines import features as fk
-from pipelines import records
+from pipelines import record_checks, records
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,12 @@ def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[
     """Every label must index the vocabulary (a clear error instead of a NaN loss); the count of each class."""
     counts = [0] * num_classes
     bad = set()
-    for _, label, _ in records.feature_records(files, feature_size):
-        if 0 <= int(label) < num_classes:
-            counts[int(label)] += 1
-        else:
-            bad.add(int(label))
+    with record_checks.damaged_named(files):
+        for _, label, _ in records.feature_records(files, feature_size):
+            if 0 <= int(label) < num_classes:
+                counts[int(label)] += 1
+            else:
+                bad.add(int(label))
     if bad:
         raise ValueError(f"labels {sorted(bad)} are outside the vocabulary of {num_classes} classes (labels.json)")
     return counts

@@ -375,3 +375,29 @@ def test_training_twice_gives_byte_identical_outputs(converted_tiny, base_params
     assert "seconds" not in (tmp_path / "a" / "finetune" / finetune.HISTORY).read_text()  # no timings in outputs
     recorded = json.loads((tmp_path / "a" / "finetune" / finetune.HISTORY).read_text())["trained_on"]
     assert recorded == training.trained_on()  # what a rebuild elsewhere compares (tools.audit)
+
+
+def test_records_whose_labels_labels_json_does_not_name_are_refused_before_training(
+    converted_tiny, base_params, head_path, tmp_path
+):
+    """A review: finetune never checked the records' labels against labels.json (train_head did): a label past its
+    names trained as a sigmoid target of 2 and kept the model, or crashed inside TensorFlow with class weights."""
+    convert_dir = tmp_path / "convert"
+    shutil.copytree(converted_tiny, convert_dir)
+    labels = json.loads((convert_dir / "labels.json").read_text())
+    (convert_dir / "labels.json").write_text(json.dumps(labels[:1]))
+    config = finetune.Config(CommonParams(), base_params, finetune.FinetuneParams(epochs=1))
+    with pytest.raises(ValueError, match=r"finetune: the train records: labels \[1\] are outside the vocabulary of 1"):
+        finetune.run(config, convert_dir, head_path, tmp_path / "out", tmp_path / "live")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_never_caches_decoded_images_in_memory(monkeypatch, tmp_path):
+    """A review: without --cache the stage kept every decoded image in memory (307 KB an image at 160), growing with
+    the dataset; from the command line they go to files beside the output unless a folder is named."""
+    seen = []
+    monkeypatch.setattr(finetune, "run", lambda *args: seen.append(args[-1]))
+    common = ["--params", str(REPO / "params.yaml"), "--convert", "c", "--head", "h", "--live", "l"]
+    assert finetune.main([*common, "--out", str(tmp_path / "data" / "finetune")]) == 0
+    assert finetune.main([*common, "--out", "o", "--cache", str(tmp_path / "named")]) == 0
+    assert seen == [tmp_path / "data", str(tmp_path / "named")]
