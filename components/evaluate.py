@@ -460,6 +460,11 @@ def run(
         )
         for name, scores in found.items():
             check_scores(name, split, scores, len(names))
+            if len(scores[0]) != counts[split]:  # images in = images scored: a shard lost from both went unnoticed
+                raise RuntimeError(
+                    f"evaluate: the {name} model scored {len(scores[0])} {split} images, convert wrote "
+                    f"{counts[split]} (summary.json): a feature or record file is missing; re-run convert and extract"
+                )
         if sorted(found["head"][0]) != sorted(found["finetune"][0]):
             raise RuntimeError(f"the {split} features and the {split} records hold different images: re-run extract")
         return found

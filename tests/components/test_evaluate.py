@@ -572,3 +572,24 @@ def test_evaluate_refuses_models_of_another_vocabulary_before_any_work(evaluated
     with pytest.raises(ValueError, match=r"evaluate: the model has 1 output unit\(s\), but labels.json names 3"):
         evaluate.run(evaluate.Config(params, TtaParams()), convert, root / "extract", *models, manifest, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_shard_missing_from_both_the_features_and_the_records_is_an_error(evaluated, converted_tiny, tmp_path):
+    """A second read: evaluate checked that the features and the records hold the same images, never that they hold
+    the images convert wrote, so a test shard gone from both was scored without it, silently."""
+    root, _ = evaluated
+    convert, extract_dir = tmp_path / "convert", tmp_path / "extract"
+    shutil.copytree(converted_tiny, convert)
+    shutil.copytree(root / "extract", extract_dir)
+    summary = json.loads((convert / "summary.json").read_text())
+    summary["records"]["test"] += 1  # as if a shard holding one more image had been lost from both
+    (convert / "summary.json").write_text(json.dumps(summary))
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=0, gradcam_wrong=0, gradcam_per_class=0)
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    expected = summary["records"]["test"]
+    with pytest.raises(
+        RuntimeError, match=rf"the head model scored {expected - 1} test images, convert wrote {expected}"
+    ):
+        evaluate.run(evaluate.Config(params), convert, extract_dir, *models, manifest, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
