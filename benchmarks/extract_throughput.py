@@ -14,6 +14,8 @@ Prepares download + convert of the folder (not timed), then times, on the same i
          feature cache) including model load, OpenVINO's conversion and Beam start;
          each trains the head (train_head stage, logistic head) on its own features
          and reports its val and test accuracy;
+  cpu    the CPU seconds of the bare loop, the decode and the stage (`cpu_seconds`), and the ceilings they set on
+         these cores (`cpu_ceiling_over_bare`): bare + decode CPU over the cores, and the stage's own CPU over them
   seed   the seed's loop: tf_keras `ImageDataGenerator().flow_from_directory(...)`
          over the same folder with `model.predict(batch)` per batch.
 Then the extract stage's peak RSS in a fresh process at 500 and at 2,000 images, and
@@ -72,10 +74,19 @@ def bare_predict(model, convert_dir: Path, size) -> tuple[float, int]:
     pixels = [p.numpy() for path in paths for p, _ in records.image_dataset([str(path)], size, BATCH, binary=False)]
     images = np.concatenate(pixels)
     model.predict_on_batch(images[:BATCH])  # warm-up (trace)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for i in range(0, len(images), BATCH):
         model.predict_on_batch(images[i : i + BATCH])
+    CPU["bare"] = cpu_seconds() - cpu
     return time.perf_counter() - started, len(images)
+
+
+CPU: dict[str, float] = {}  # CPU seconds (user + system, every thread) of each timed part, by name
+
+
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def decode_only(convert_dir: Path, size) -> tuple[float, int]:
@@ -89,10 +100,11 @@ def decode_only(convert_dir: Path, size) -> tuple[float, int]:
     files = [str(p) for p in sorted((convert_dir / "records").glob("*.tfrecord"))]
     decode = records.record_decoder(size)
     n = 0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for ids, _, _ in records.decoded_batches(files, decode, BATCH, pool):
             n += len(ids)
+    CPU["decode"] = cpu_seconds() - cpu
     return time.perf_counter() - started, n
 
 
@@ -135,8 +147,9 @@ def peak_rss_mb(convert_dir: Path, out: Path, params: Path) -> float:
 def time_stage(extract, config, convert_dir: Path, out: Path, cache: Path) -> tuple[float, dict]:
     """Wall time of a cold extract stage (empty feature cache; OpenVINO converts the base once into it)."""
     shutil.rmtree(cache, ignore_errors=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     record = extract.run(config, convert_dir, out, cache_root=str(cache))
+    CPU[f"stage_{config.extract.runtime}"] = cpu_seconds() - cpu
     return time.perf_counter() - started, record
 
 
@@ -306,6 +319,16 @@ def main(argv=None) -> int:
         "images_per_s": round(bare_n / stage_s, 1),
         "over_bare": round(bare_s / stage_s, 3),
         "over_stage_tensorflow": round(report["stage_tensorflow"]["seconds"] / stage_s, 3),
+    }
+    # The CPU the parts used (this process, every thread): the stage does the bare loop's inference and the decode
+    # and more (reading, hashing, the cache, Beam, loading the base) on the same cores, so at best, every core busy
+    # throughout, it takes its own CPU seconds over the cores: its ceiling on this machine, whatever the overlap.
+    cores = os.cpu_count() or 1
+    report["cpu_seconds"] = {name: round(value, 2) for name, value in CPU.items() if not name.endswith("openvino")}
+    report["cores"] = cores
+    report["cpu_ceiling_over_bare"] = {
+        "bare_plus_decode": round(bare_s / ((CPU["bare"] + CPU["decode"]) / cores), 3),
+        "stage_tensorflow": round(bare_s / (CPU["stage_tensorflow"] / cores), 3),
     }
     report["features_max_abs_difference"] = max_feature_difference(
         work / "extract_tensorflow", work / "extract_openvino"

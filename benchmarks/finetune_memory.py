@@ -23,9 +23,17 @@ import yaml
 
 from benchmarks import stage_env, tracked_base
 
+# The stage's command line with its decoded-image cache in memory: since 2026-12-07 the command line never keeps it
+# there (without --cache its files go beside the output), so `run` is called without a folder, as a library would.
+IN_MEMORY = (
+    "import sys; from components import finetune; from components.cli import run_main; real = finetune.run; "
+    "finetune.run = lambda *args: real(*args[:-1], None); run_main(finetune.main)"
+)
+
 
 def run_stage(params: Path, convert_dir: Path, head: Path, out: Path, cache: Path | None) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "components.finetune", "--params", str(params), "--convert", str(convert_dir)]
+    stage = ["-m", "components.finetune"] if cache is not None else ["-c", IN_MEMORY]
+    cmd = [sys.executable, *stage, "--params", str(params), "--convert", str(convert_dir)]
     cmd += ["--head", str(head), "--out", str(out / "finetune"), "--live", str(out / "live")]
     if cache is not None:
         cmd += ["--cache", str(cache)]

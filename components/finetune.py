@@ -374,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cache",
         default=None,
-        help="a folder for this run's decoded-image cache files (default: the output's parent folder; "
-        "in memory only when `run` is called without one)",
+        help="a folder for this run's decoded-image cache files (default: a hidden folder beside the output, "
+        "removed after; in memory only when `run` is called without one)",
     )
     args = parser.parse_args(argv)
     configure_logging()
@@ -384,10 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.weights:  # the versioned ImageNet weights, not Keras's download cache
         config = dataclasses.replace(config, conv_base=imagenet_from(config.conv_base, args.weights))
     log_resolved("finetune", config.sections())
-    # never in memory from the command line (307 KB an image at 160: it grew with the dataset), beside the output
-    # when no folder is named (dvc.yaml names .cache/finetune)
-    cache = args.cache if args.cache is not None else Path(args.out).resolve().parent
-    run(config, args.convert, args.head, args.out, args.live, cache)
+    # never in memory from the command line (307 KB an image at 160: it grew with the dataset): without a folder
+    # (dvc.yaml names .cache/finetune), one of its own beside the output, removed after if empty; never the output's
+    # parent itself, where sweeping killed runs' scratch folders would take a user's `finetune-<anything>` with them
+    out = Path(args.out).resolve()
+    cache = Path(args.cache) if args.cache is not None else out.parent / f".{out.name}.image_cache"
+    try:
+        run(config, args.convert, args.head, args.out, args.live, cache)
+    finally:
+        if args.cache is None:
+            with contextlib.suppress(OSError):  # another run's scratch in it, or never made
+                cache.rmdir()
     return 0
 
 

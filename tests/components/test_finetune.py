@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,8 +397,20 @@ def test_the_command_line_never_caches_decoded_images_in_memory(monkeypatch, tmp
     """A review: without --cache the stage kept every decoded image in memory (307 KB an image at 160), growing with
     the dataset; from the command line they go to files beside the output unless a folder is named."""
     seen = []
-    monkeypatch.setattr(finetune, "run", lambda *args: seen.append(args[-1]))
+
+    def run(*args):
+        seen.append(args[-1])
+        with finetune.decoded_image_cache(True, args[-1]) as cache:
+            assert all(Path(folder).parent.is_dir() for folder in cache.values())  # files, not memory
+
+    monkeypatch.setattr(finetune, "run", run)
     common = ["--params", str(REPO / "params.yaml"), "--convert", "c", "--head", "h", "--live", "l"]
-    assert finetune.main([*common, "--out", str(tmp_path / "data" / "finetune")]) == 0
+    # A second read: the default was the output's parent, where sweeping killed runs' scratch folders took a
+    # user's finetune-<date> or finetune-baseline folder with it. It is a folder of its own now, gone after.
+    data = tmp_path / "data"
+    for name in ("finetune-20240601", "finetune-baseline", "finetune-1234567-v2"):
+        (data / name).mkdir(parents=True)
+    assert finetune.main([*common, "--out", str(data / "finetune")]) == 0
     assert finetune.main([*common, "--out", "o", "--cache", str(tmp_path / "named")]) == 0
-    assert seen == [tmp_path / "data", str(tmp_path / "named")]
+    assert seen == [data / ".finetune.image_cache", tmp_path / "named"]
+    assert sorted(p.name for p in data.iterdir()) == ["finetune-1234567-v2", "finetune-20240601", "finetune-baseline"]
