@@ -310,7 +310,34 @@ def read_params(params_path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level")
+    unknown = sorted(str(name) for name in data if name not in SECTIONS)
+    if unknown:  # no stage reads it: `dvc exp run -S +train_heads.epochs=5` trained with train_head's 30 epochs
+        raise ParamsError(
+            f"{path}: unknown section {unknown[0]!r}{did_you_mean(unknown[0], SECTIONS, n=1, cutoff=0.7)}; "
+            f"the sections are {', '.join(sorted(SECTIONS))}"
+        )
     return data
+
+
+# Every top-level section a stage or tool reads (params.yaml's): another is a typo no stage would ever read.
+SECTIONS = frozenset(
+    {
+        "common",
+        "dataset",
+        "download",
+        "convert",
+        "conv_base",
+        "beam",
+        "extract",
+        "train_head",
+        "quality",
+        "finetune",
+        "evaluate",
+        "tta",
+        "export",
+        "retrain",
+    }
+)
 
 
 def section(data: Mapping[str, Any], model: type[SectionT], name: str, params_path: str | Path) -> SectionT:

@@ -55,7 +55,15 @@ from components import outputs, training
 from components.cli import configure_logging, run_main
 from components.manifest import MANIFEST, ids_missing
 from components.manifest import rows_of as manifest_rows_of
-from components.params import CommonParams, Section, log_resolved, read_params, section, write_resolved
+from components.params import (
+    CommonParams,
+    ParamsError,
+    Section,
+    log_resolved,
+    read_params,
+    section,
+    write_resolved,
+)
 from components.stats import wilson_interval
 from components.training import TrainHeadParams
 from pipelines import near_duplicates, record_checks, records
@@ -112,8 +120,8 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
     counts = np.bincount(labels)
     small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
-    if small:
-        raise ValueError(
+    if small:  # a params error (one line, exit 2), though only the data can show it
+        raise ParamsError(
             f"classes {small} have fewer than quality.folds={folds} images in train + val "
             f"({[int(counts[c]) for c in small]}): lower quality.folds or add images"
         )
@@ -150,7 +158,7 @@ def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray)
         counts = np.bincount(labels[firsts], minlength=int(labels.max()) + 1)
         small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
         if small:
-            raise ValueError(
+            raise ParamsError(
                 f"classes {small} have fewer than quality.folds={folds} distinct images in train + val once "
                 f"near-duplicate copies count once ({[int(counts[c]) for c in small]}; {len(labels) - len(firsts)} "
                 f"of the {len(labels)} images are copies at quality.near_duplicate_threshold): lower quality.folds, "

@@ -46,8 +46,16 @@ from components import (
     train_head,
 )
 from components.cli import dvc, run_main
-from components.params import ParamsError, dump_yaml, load_yaml, parse_section, read_params, write_params
-from pipelines import runtimes, serving
+from components.params import (
+    ParamsError,
+    did_you_mean,
+    dump_yaml,
+    load_yaml,
+    parse_section,
+    read_params,
+    write_params,
+)
+from pipelines import bases, runtimes, serving
 from tools import outputs_in_git, retrain
 
 # Mappings whose keys are the user's, not the params' schema (any Beam option): a key they lack is a new one
@@ -215,6 +223,24 @@ def validate(params: Mapping, where: Path) -> None:
         }
         for runtime in {configs[extract].extract.runtime, configs[evaluate].evaluate.runtime}:
             runtimes.check_installed(runtime)  # not only when evaluate starts, after every stage before it ran
+        base = configs[extract].conv_base
+        if base.path is None:  # a registry base's name and size: a lookup here, not a failure at its first build
+            if base.name not in bases.REGISTRY:
+                raise ParamsError(
+                    f"conv_base.name: unknown base {base.name!r}{did_you_mean(base.name, bases.REGISTRY)}; "
+                    f"known: {', '.join(sorted(bases.REGISTRY))}"
+                )
+            if min(base.input_size) < bases.REGISTRY[base.name].min_size:
+                raise ParamsError(
+                    f"conv_base.input_size: {base.name} needs each side >= {bases.REGISTRY[base.name].min_size}, "
+                    f"got {list(base.input_size)}"
+                )
+        served, kept = configs[export].export.max_pixels, configs[download].download.max_pixels
+        if served < kept:  # the serving model would refuse images download keeps: export's check, the last stage
+            raise ParamsError(
+                f"export.max_pixels {served} is below download.max_pixels {kept}: the serving model would refuse "
+                "images the pipeline trained and tested on; raise export.max_pixels or lower download.max_pixels"
+            )
         try:  # evaluate and export check it again on the model; here before fine-tuning, not after
             serving.check_tta(configs[extract].conv_base.input_size, configs[evaluate].tta.quarter_turns)
         except ValueError as exc:

@@ -127,8 +127,9 @@ def test_a_missing_section_stops_the_stage_instead_of_using_defaults(tmp_path):
 
     path = tmp_path / "params.yaml"
     path.write_text("common: {seed: 1}\ntrain-head: {epochs: 3}\n", encoding="utf-8")  # misspelt
-    with pytest.raises(ParamsError, match=r"section 'train_head' is missing \(did you mean 'train-head'\?\)"):
+    with pytest.raises(ParamsError, match=r"unknown section 'train-head' \(did you mean 'train_head'\?\)"):
         train_head.load_config(path)
+    path.write_text("common: {seed: 1}\n", encoding="utf-8")
     for stage, name in (
         (extract, "conv_base"),
         (finetune, "conv_base"),
@@ -391,3 +392,16 @@ def test_a_params_file_that_is_not_yaml_is_a_params_error_naming_it(tmp_path):
     params.write_text("download:\n  min_side: [16\n")
     with pytest.raises(ParamsError, match=r"params\.yaml: not valid YAML: .*line 3"):
         read_params(params)
+
+
+def test_an_unknown_section_is_refused_by_every_stage_naming_the_nearest(tmp_path):
+    """A review: sections no stage reads were ignored, so `dvc exp run -S +train_heads.epochs=5` (the form DVC's own
+    error suggests for a typo) trained with train_head's 30 epochs, and a stray `tta_:` left tta off, without a word."""
+    from components import params as params_module
+
+    assert set(repo_params()) == params_module.SECTIONS  # params.yaml's sections are the ones the stages know
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({**repo_params(), "train_heads": {"epochs": 5}}))
+    for stage in (download, convert):
+        with pytest.raises(ParamsError, match=r"unknown section 'train_heads' \(did you mean 'train_head'\?\)"):
+            stage.load_config(path)

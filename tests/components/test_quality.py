@@ -12,7 +12,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from components import quality  # noqa: E402
-from components.params import CommonParams  # noqa: E402
+from components.params import CommonParams, ParamsError  # noqa: E402
 from components.training import TrainHeadParams  # noqa: E402
 from pipelines import extract as graph  # noqa: E402
 from pipelines import features as fk  # noqa: E402
@@ -139,7 +139,7 @@ def test_a_threshold_that_makes_a_class_one_group_of_copies_is_refused_naming_it
         quality.run(config(folds=3, near_duplicate_threshold=0.9), extract, labels, download, history, tmp_path / "r")
     labels = np.array([0] * 6 + [1] * 6)
     groups = np.array([0, 0, 0, 0, 0, 1, 6, 7, 8, 9, 10, 11])  # class 0: two distinct images, five of them copies
-    with pytest.raises(ValueError, match=r"fewer than quality.folds=3 distinct images .* copies at quality.near_dup"):
+    with pytest.raises(ParamsError, match=r"fewer than quality.folds=3 distinct images .* copies at quality.near_dup"):
         quality.grouped_folds(labels, 3, 0, groups)
 
 
@@ -236,7 +236,7 @@ def test_folds_are_stratified_seeded_and_need_enough_images_per_class():
     assert not np.array_equal(fold_of, quality.stratified_folds(labels, 5, seed=4))
     for k in range(5):
         assert (np.sum((fold_of == k) & (labels == 0)), np.sum((fold_of == k) & (labels == 1))) == (6, 3)
-    with pytest.raises(ValueError, match="fewer than quality.folds=5"):
+    with pytest.raises(ParamsError, match="fewer than quality.folds=5"):  # one line, exit 2 (a review)
         quality.stratified_folds(np.array([0] * 30 + [1] * 4), 5, seed=0)
 
 

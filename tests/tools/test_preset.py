@@ -165,6 +165,26 @@ def test_a_runner_a_beam_stage_cannot_use_fails_the_preset_before_any_work(tmp_p
         preset.validate(merged, tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"conv_base": {"name": "efficientnet_b1"}}, r"conv_base.name: unknown base 'efficientnet_b1' \(did you mean"),
+        ({"conv_base": {"name": "inception_v3", "input_size": [64, 64]}}, r"inception_v3 needs each side >= 75"),
+        ({"export": {"max_pixels": 200}}, r"export.max_pixels 200 is below download.max_pixels"),
+    ],
+    ids=["unknown base", "too small for the base", "serving refuses what download keeps"],
+)
+def test_a_base_or_a_limit_that_cannot_work_fails_the_preset_before_any_work(overrides, message, tmp_path):
+    """A review: a sweep's or preset's unknown base or input size too small for it stopped the experiment only when
+    a stage built the base (a sweep's variant N after variants 1 to N-1 had run in full), and an export.max_pixels below
+    download.max_pixels only at export's serving check, the last stage, inside a TensorFlow assertion."""
+    from components.params import read_params
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match=message):
+        preset.validate(preset.merge(read_params(tmp_path / "params.yaml"), overrides), tmp_path / "params.yaml")
+
+
 def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
@@ -191,9 +211,9 @@ def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(blank))
     apply_overrides(str(params), [arg for arg in preset.set_args(values) if arg != "-S"])
-    from components.params import read_params  # reads DVC's `1e-05` as the float it is (YAML 1.1 would not)
+    from components.params import load_yaml  # reads DVC's `1e-05` as the float it is (YAML 1.1 would not)
 
-    assert read_params(params) == values
+    assert load_yaml(params.read_text(encoding="utf-8")) == values  # read_params' parser (its sections are made up)
 
 
 def test_a_key_params_yaml_lacks_is_added_as_dvc_takes_it(tmp_path):
