@@ -133,9 +133,11 @@ def no_default_unfreeze_point(conv_base: ConvBaseParams) -> str | None:
     if not conv_base.name:
         return "a saved base (conv_base.path) has no registry default"
     if conv_base.layer:
+        spec = bases.REGISTRY.get(conv_base.name)  # an unknown name is the base's own error, not a KeyError here
+        default = f" ({spec.top_block})" if spec else ""
         return (
-            f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default "
-            f"({bases.REGISTRY[conv_base.name].top_block}) need not lie below the tap"
+            f"the base is tapped at conv_base.layer={conv_base.layer!r}, so {conv_base.name}'s default{default} "
+            "need not lie below the tap"
         )
     return None
 

@@ -171,8 +171,14 @@ def test_a_runner_a_beam_stage_cannot_use_fails_the_preset_before_any_work(tmp_p
         ({"conv_base": {"name": "efficientnet_b1"}}, r"conv_base.name: unknown base 'efficientnet_b1' \(did you mean"),
         ({"conv_base": {"name": "inception_v3", "input_size": [64, 64]}}, r"inception_v3 needs each side >= 75"),
         ({"export": {"max_pixels": 200}}, r"export.max_pixels 200 is below download.max_pixels"),
+        # a second read: a tapped unknown base was a KeyError in finetune's params check, an empty path skipped it all
+        (
+            {"conv_base": {"name": "efficientnet_b1", "layer": "block6a_expand_activation"}},
+            r"efficientnet_b1's default",
+        ),
+        ({"conv_base": {"name": "mobilenet_v2", "input_size": [16, 16], "path": ""}}, r"mobilenet_v2 needs each side"),
     ],
-    ids=["unknown base", "too small for the base", "serving refuses what download keeps"],
+    ids=["unknown base", "too small for the base", "serving refuses what download keeps", "tapped", "empty path"],
 )
 def test_a_base_or_a_limit_that_cannot_work_fails_the_preset_before_any_work(overrides, message, tmp_path):
     """A review: a sweep's or preset's unknown base or input size too small for it stopped the experiment only when
