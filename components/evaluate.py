@@ -415,6 +415,9 @@ def run(
     runtimes.check_installed(params.runtime)  # a clear error before any work, as extract
     convert_dir, extract_dir = Path(convert_dir), Path(extract_dir)
     names = json.loads((convert_dir / "labels.json").read_text(encoding="utf-8"))
+    counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
+    if not counts.get("test"):  # before loading the models (and OpenVINO's conversions) and scoring val
+        raise RuntimeError("the test split has no images: nothing to evaluate")
     if not Path(manifest_path).is_file():  # read once the mistakes are known (their rows only), checked before any work
         raise FileNotFoundError(f"the download manifest {manifest_path} is missing: re-run download")
     features = json.loads((extract_dir / "features.json").read_text())
@@ -435,7 +438,6 @@ def run(
             runtimes.predictor(model, params.runtime, cache_dir), config.tta.flip, config.tta.quarter_turns
         )
     image_files = records.split_files(convert_dir / "records", "test")
-    counts = json.loads((convert_dir / "summary.json").read_text(encoding="utf-8"))["records"]
 
     def scored(split: str) -> dict[str, tuple] | None:
         """Both models' (ids, labels, probabilities) on one split; None for a split without images."""
@@ -470,8 +472,6 @@ def run(
         return found
 
     predictions, validation = scored("test"), scored("val")
-    if predictions is None:
-        raise RuntimeError("the test split has no images: nothing to evaluate")
     metrics, wrong = {}, []
     options = {"confused": params.most_confused, "resamples": params.bootstrap}
     with outputs.staged_dir(report_dir) as report:

@@ -593,3 +593,18 @@ def test_a_shard_missing_from_both_the_features_and_the_records_is_an_error(eval
     ):
         evaluate.run(evaluate.Config(params), convert, extract_dir, *models, manifest, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_test_split_is_refused_before_any_model_is_loaded_or_split_scored(tmp_path):
+    """A review: evaluate loaded both models and scored the whole val split before saying the test split was empty."""
+    convert = tmp_path / "convert"
+    convert.mkdir()
+    (convert / "labels.json").write_text(json.dumps(["cats", "dogs"]))
+    (convert / "summary.json").write_text(json.dumps({"records": {"train": 4, "val": 2, "test": 0}}))
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=0, gradcam_wrong=0, gradcam_per_class=0)
+    missing = tmp_path / "none"  # no extract output, no models, no manifest: none of them is read first
+    with pytest.raises(RuntimeError, match="the test split has no images: nothing to evaluate"):
+        evaluate.run(
+            evaluate.Config(params), convert, missing, missing / "h.keras", missing / "m.keras", missing, tmp_path / "r"
+        )
+    assert not (tmp_path / "r").exists()
