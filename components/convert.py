@@ -34,7 +34,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import pydantic
@@ -43,7 +43,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions
 
 from components import beam_options, outputs
 from components.cli import EnvironmentProblem, configure_logging, run_main
-from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, iter_jsonl  # noqa: F401
+from components.manifest import LINE_BREAKS, MANIFEST, SPLITS, expected_counts, iter_jsonl
 from components.params import Section, load_section, log_resolved, write_resolved
 from pipelines import convert as graph
 from pipelines import features as fk
@@ -112,12 +112,10 @@ def row_problem(row) -> str | None:
     return None
 
 
-def check_manifest(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
-    """Refuse a manifest the transform cannot handle, before starting Beam, read a row at a time (memory holds
-    each id, to refuse one repeated, and the counts); returns its rows per split and class (`expected_counts`)."""
-    counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
+def checked_rows(manifest: Iterable[Mapping]) -> Iterator[Mapping]:
+    """The manifest's rows, each refused with its number where the transform cannot take it (`row_problem`) or
+    its id is repeated (memory holds the ids)."""
     seen: set[str] = set()
-    number = 0
     for number, row in enumerate(manifest, 1):
         problem = row_problem(row)
         if problem is None and row["id"] in seen:
@@ -127,8 +125,14 @@ def check_manifest(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
                 f"manifest row {number}: {problem}: rename the class folders or fix the row, and run download again"
             )
         seen.add(row["id"])
-        counts[row["split"]][row["label"]] += 1
-    if not number:
+        yield row
+
+
+def check_manifest(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
+    """Refuse a manifest the transform cannot handle, before starting Beam, read a row at a time (`checked_rows`);
+    returns its rows per split and class (`expected_counts`)."""
+    counts = expected_counts(checked_rows(manifest))
+    if not any(counts.values()):
         raise ValueError("the manifest is empty: the download stage kept no image")
     train = set(counts["train"])
     unseen = {split: sorted(set(counts[split]) - train) for split in SPLITS[1:]}
@@ -138,7 +142,7 @@ def check_manifest(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
             f"classes {unseen} appear outside train but not in train; the label vocabulary "
             "is learned from train only, so they would have no index"
         )
-    return {split: dict(sorted(c.items())) for split, c in counts.items()}
+    return counts
 
 
 # --------------------------------------------------------------------------- run

@@ -65,7 +65,7 @@ def ids_missing(path: str | Path, ids: Iterable[str]) -> list[str]:
     return sorted(remaining)
 
 
-def expected_counts(manifest: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+def expected_counts(manifest: Iterable[Mapping]) -> dict[str, dict[str, int]]:
     """Manifest rows per split and class (every split, empty ones too): what the records must hold."""
     counts: dict[str, collections.Counter] = {split: collections.Counter() for split in SPLITS}
     for row in manifest:

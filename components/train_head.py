@@ -86,19 +86,10 @@ def feature_dataset(
     return ds.map(parse, num_parallel_calls=2, deterministic=True).prefetch(2)
 
 
-def check_labels(files: list[str], feature_size: int, num_classes: int) -> list[int]:
-    """Every label must index the vocabulary (a clear error instead of a NaN loss); the count of each class."""
-    counts = [0] * num_classes
-    bad = set()
-    with record_checks.damaged_named(files):
-        for _, label, _ in records.feature_records(files, feature_size):
-            if 0 <= int(label) < num_classes:
-                counts[int(label)] += 1
-            else:
-                bad.add(int(label))
-    if bad:
-        raise ValueError(f"labels {sorted(bad)} are outside the vocabulary of {num_classes} classes (labels.json)")
-    return counts
+def check_labels(files: list[str], num_classes: int, split: str = "train") -> list[int]:
+    """Every label must index the vocabulary (a clear error instead of a NaN loss); the count of each class (the
+    feature records' labels read as finetune reads the image records', `record_checks.check_record_labels`)."""
+    return record_checks.check_record_labels(files, num_classes, f"train_head: the {split} features").tolist()
 
 
 class FiniteEarlyStopping(keras.callbacks.EarlyStopping):
@@ -128,7 +119,7 @@ def run(
     labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
     size, num_classes, params = int(meta["feature_size"]), len(labels), config.train_head
     files = {split: records.split_files(extract_dir / "features", split) for split in ("train", "val")}
-    counts = {split: check_labels(names, size, num_classes) for split, names in files.items()}
+    counts = {split: check_labels(names, num_classes, split) for split, names in files.items()}
     if not sum(counts["val"]):  # the best epoch is chosen on val: no records, nothing to choose on
         raise ValueError(f"train_head: the val split of {extract_dir} has no records: re-run download and extract")
     weights = training.class_weights(counts["train"], params.class_weight)

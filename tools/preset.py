@@ -224,7 +224,9 @@ def validate(params: Mapping, where: Path) -> None:
         for runtime in {configs[extract].extract.runtime, configs[evaluate].evaluate.runtime}:
             runtimes.check_installed(runtime)  # not only when evaluate starts, after every stage before it ran
         base = configs[extract].conv_base
-        if not base.path:  # a registry base's name and size (an empty path is none, as the stages read it): a lookup here, not a failure at its first build
+        # a registry base's name and size (an empty path is none, as the stages read it): a lookup here, not a
+        # failure at the base's first build (pipelines/bases.load_conv_base, whose checks these repeat)
+        if not base.path:
             if base.name not in bases.REGISTRY:
                 raise ParamsError(
                     f"conv_base.name: unknown base {base.name!r}{did_you_mean(base.name, bases.REGISTRY)}; "

@@ -33,7 +33,7 @@ def test_a_truncated_feature_shard_is_an_error_naming_it_in_every_stage_that_rea
     with pytest.raises(ValueError, match=named):
         evaluate.predict_features(lambda x: x[:, :1], files, 4, 8)
     with pytest.raises(ValueError, match=named):
-        train_head.check_labels(files, 4, 2)
+        train_head.check_labels(files, 2)
     with records.FeatureSpool(tmp_path / "spool", 4) as rows, pytest.raises(ValueError, match=named):
         quality.spool_split(files, 4, rows)
     with pytest.raises(tf.errors.InvalidArgumentError):  # errors other than damage pass through unchanged
