@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -36,6 +37,7 @@ import yaml
 from components import (
     base_weights,
     beam_options,
+    conv_base,
     convert,
     download,
     evaluate,
@@ -212,8 +214,42 @@ def committed(path: str, repo: Path) -> bool:
     return tracked.returncode == 0 and same.returncode == 0
 
 
-def validate(params: Mapping, where: Path) -> None:
-    """Every stage's config must load from the merged params."""
+def check_architecture(configs: Mapping, repo: Path, sources: Mapping[str, Path]) -> None:
+    """The tapped layer, the pooling and finetune's unfreeze point, on the base's architecture (built without its
+    weights): a layer name the base lacks stopped extract, or finetune, only after every stage before it had run
+    (hours at scale; a sweep's variant N after variants 1 to N-1). A saved base is read from the repository, or from
+    the preset's source for it before the preset imports it; one in neither place is left to the stages."""
+    conv, file = configs[extract].conv_base, None
+    if conv.path:
+        file = sources.get(os.path.normpath(conv.path)) or repo / conv.path
+        if not Path(file).is_file():
+            return
+        conv = conv.model_copy(update={"path": str(file)})
+    # conv_base.build_extractor's steps, weights aside, with Keras's own errors named by the param too
+    with conv_base.errors_named_by_param():
+        try:
+            base, preprocessing = bases.load_conv_base(conv.name, conv.path, "none", conv.input_size)
+        except bases.BaseError:
+            raise
+        except Exception as exc:  # a file Keras cannot read as a model: extract would stop at its first load
+            if not conv.path:
+                raise
+            raise ParamsError(f"conv_base.path: {file} is not a model Keras can load ({exc})") from None
+        takes = tuple(base.inputs[0].shape[1:3]) if getattr(base, "inputs", None) else ()
+        # a saved base made for another size: extract stopped inside Keras, naming no param
+        if conv.path and len(takes) == 2 and None not in takes and takes != tuple(conv.input_size):
+            raise ParamsError(
+                f"conv_base.input_size: the saved base {file} takes {takes[0]}x{takes[1]} images, "
+                f"got {list(conv.input_size)}"
+            )
+        base = bases.tap(base, conv.layer)
+        extractor = bases.build_feature_extractor(base, preprocessing, conv.input_size, conv.pooling)
+    finetune.prepare_for_finetuning(extractor, configs[finetune].conv_base, configs[finetune].finetune)
+
+
+def validate(params: Mapping, where: Path, sources: Mapping[str, Path] | None = None) -> None:
+    """Every stage's config must load from the merged params, and the base must have the layers they name
+    (`sources`: where inputs the preset has not imported yet are, by their path in the repository)."""
     tmp = where.with_name(f".{where.name}.preset-check.yaml")
     tmp.write_text(dump_yaml(dict(params)), encoding="utf-8")
     try:
@@ -252,6 +288,7 @@ def validate(params: Mapping, where: Path) -> None:
             beam_options.pipeline_options(stage, beam_options.load(tmp), ())
         if "retrain" in params:
             parse_section(retrain.RetrainParams, "retrain", params["retrain"])
+        check_architecture(configs, where.resolve().parent, sources or {})
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -281,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ParamsError(f"{args.preset}: inputs: expected a mapping of repo path -> source")
     base = read_params(args.params)
     merged = merge(base, overrides)
-    validate(merged, args.params)
     repo = args.params.resolve().parent
+    sources = {os.path.normpath(target): repo / source for target, source in inputs.items() if "://" not in str(source)}
+    validate(merged, args.params, sources)
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)

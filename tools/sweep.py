@@ -128,7 +128,29 @@ def unusable(found: Mapping[str, dict], names: Sequence[str]) -> list[str]:
     ]
 
 
+def nested_overrides(sweep: SweepFile) -> list[str]:
+    """Where one variant sets a whole mapping (``beam: {options: {}}``) and another a key inside it: each variant sets
+    every key any variant sets, so the first got the other's key back at the baseline's value after its own mapping
+    (DVC's -S applied both: the experiment ran and recorded a mapping the variant did not name)."""
+    owners: dict[str, list[str]] = {}
+    for name, overrides in sweep.variants.items():
+        for key, _ in preset.leaves(overrides):
+            owners.setdefault(key, []).append(name)
+    return [
+        f"{outer} (variant {', '.join(owners[outer])}) and {inner} (variant {', '.join(owners[inner])})"
+        for outer in sorted(owners)
+        for inner in sorted(owners)
+        if inner.startswith(f"{outer}.")
+    ]
+
+
 def validate_variants(sweep: SweepFile, params_path: Path) -> None:
+    nested = nested_overrides(sweep)
+    if nested:
+        raise ParamsError(
+            f"variants set a mapping and a key inside it: {'; '.join(nested)}; set the mapping's keys one by one "
+            "in every variant instead"
+        )
     baseline = read_params(params_path)
     for name, overrides in sweep.variants.items():
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,17 +34,18 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
     shared = tmp_path / "shared"
     (shared / "photos" / "cats").mkdir(parents=True)
     (shared / "photos" / "cats" / "a.jpg").write_bytes(b"cat")
-    (shared / "base.keras").write_bytes(b"a base")
+    saved_base(shared / "base.keras")
+    base_bytes = (shared / "base.keras").read_bytes()
     spec = {
         "inputs": {"sources/photos": "../shared/photos", "models/base.keras": "../shared/base.keras"},
         "dataset": {"source": "folder", "dir": "sources/photos"},
-        "conv_base": {"name": None, "path": "models/base.keras"},
-        "finetune": {"unfreeze_from": "block_16_expand"},  # a saved base has no registry default
+        "conv_base": {"name": None, "path": "models/base.keras", "input_size": [32, 32]},
+        "finetune": {"unfreeze_from": "conv_b"},  # a saved base has no registry default
     }
     (project / "my.yaml").write_text(yaml.safe_dump(spec))
     assert preset.main([str(project / "my.yaml"), "--params", str(project / "params.yaml"), "--write"]) == 0
     assert (project / "sources" / "photos" / "cats" / "a.jpg").read_bytes() == b"cat"
-    assert (project / "models" / "base.keras").read_bytes() == b"a base"
+    assert (project / "models" / "base.keras").read_bytes() == base_bytes
     for made in ("sources/photos.dvc", "models/base.keras.dvc"):
         assert yaml.safe_load((project / made).read_text())["deps"][0]["path"].endswith(made[:-4].split("/")[1])
     untracked = run(["git", "status", "--porcelain"], project).stdout
@@ -64,7 +66,7 @@ def test_inputs_become_dvc_tracked_imports_and_params_point_inside_the_repo(proj
     assert not (clone / "sources" / "photos").exists()
     assert preset.main([str(clone / "my.yaml"), "--params", str(clone / "params.yaml"), "--write"]) == 0
     assert (clone / "sources" / "photos" / "cats" / "a.jpg").read_bytes() == b"cat"
-    assert (clone / "models" / "base.keras").read_bytes() == b"a base"
+    assert (clone / "models" / "base.keras").read_bytes() == base_bytes
 
 
 def test_a_preset_whose_input_another_source_was_imported_to_is_refused_before_any_change(project, tmp_path):
@@ -189,6 +191,76 @@ def test_a_base_or_a_limit_that_cannot_work_fails_the_preset_before_any_work(ove
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     with pytest.raises(ParamsError, match=message):
         preset.validate(preset.merge(read_params(tmp_path / "params.yaml"), overrides), tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"conv_base": {"layer": "block_13_expand_rel"}, "finetune": {"unfreeze_from": "block_12_add"}},
+            r"conv_base\.layer: .* has no layer 'block_13_expand_rel'",
+        ),
+        (
+            {"finetune": {"unfreeze_from": "block_16_projet"}},
+            r"finetune\.unfreeze_from: .* has no layer 'block_16_proj",
+        ),
+        (
+            {"finetune": {"unfreeze_from": None, "unfreeze_top": 500}},
+            r"finetune\.unfreeze_top: the base has \d+ layers",
+        ),
+        (
+            {"conv_base": {"layer": "out_relu", "pooling": "none"}, "finetune": {"unfreeze_from": "block_16_project"}},
+            None,
+        ),
+    ],
+    ids=["tapped layer", "unfreeze point", "unfreeze top", "both there"],
+)
+def test_a_layer_the_base_lacks_fails_the_preset_before_any_work(overrides, message, tmp_path):
+    """A review: `conv_base.layer` and `finetune.unfreeze_from` were looked up only when extract, or finetune, built
+    the base, after download and convert (and extract and train_head) had run on the whole dataset."""
+    from components.params import read_params
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    merged = preset.merge(read_params(tmp_path / "params.yaml"), overrides)
+    if message is None:
+        preset.validate(merged, tmp_path / "params.yaml")
+        return
+    with pytest.raises(ParamsError, match=message):
+        preset.validate(merged, tmp_path / "params.yaml")
+
+
+def saved_base(path: Path) -> None:
+    """A two-layer saved conv base (layers conv_a, conv_b) taking 32x32 RGB."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    hidden = keras.layers.Conv2D(4, 3, name="conv_a")(inputs)
+    keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv_b")(hidden), name="saved").save(path)
+
+
+def test_a_saved_bases_layers_are_checked_from_the_presets_source_before_it_is_imported(tmp_path, monkeypatch):
+    """The preset validates before it imports its inputs: a saved base's unfreeze point is checked on the source file,
+    and nothing is imported when the base lacks it, or when the file is no model."""
+    import yaml
+
+    saved_base(tmp_path / "base.keras")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    conv = {"name": None, "path": "models/base.keras", "input_size": [32, 32]}
+    spec = {"inputs": {"models/base.keras": "base.keras"}, "conv_base": conv, "finetune": {"unfreeze_from": "conv_c"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(preset, "import_inputs", lambda *args: pytest.fail("imported"))
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from: saved has no layer 'conv_c' \(did you mean"):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
+    spec["finetune"]["unfreeze_from"] = "conv_b"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    assert preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml")]) == 0  # prints the -S
+    spec["conv_base"]["input_size"] = [64, 64]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ParamsError, match=r"conv_base\.input_size: the saved base .*base\.keras takes 32x32 images"):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
+    (tmp_path / "base.keras").write_bytes(b"a base")
+    with pytest.raises(ParamsError, match=r"conv_base\.path: .*base\.keras is not a model Keras can load"):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
 
 
 def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):

@@ -290,6 +290,28 @@ def test_a_variant_finetune_would_refuse_stops_the_sweep_before_any_run(tmp_path
         sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
 
 
+def test_a_mapping_one_variant_sets_whole_and_another_inside_stops_the_sweep_before_any_run(tmp_path):
+    """Every variant sets every key any variant sets: one variant's `beam.options: {}` with another's
+    `beam.options.direct_num_workers` gave the first `-S beam.options={} -S beam.options.direct_num_workers=2` (the
+    baseline's), and its experiment ran with the option it had cleared."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["beam"]["options"] = {"direct_num_workers": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    variants = {"none": {"beam": {"options": {}}}, "four": {"beam": {"options": {"direct_num_workers": 4}}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": variants}))
+    with pytest.raises(
+        ParamsError,
+        match=r"beam\.options \(variant none\) and beam\.options\.direct_num_workers \(variant four\)",
+    ):
+        sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
+    # the same options key by key is a sweep
+    variants["none"] = {"beam": {"options": {"direct_num_workers": 1}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": variants}))
+    sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
+
+
 def test_collect_compares_with_the_committed_params_not_an_edit_since(tmp_path, monkeypatch):
     """`--collect` compared the experiments with the working params.yaml: after `dvc exp apply` of the winner (or
     any uncommitted edit) it refused every experiment and told the user to remove them."""
