@@ -236,8 +236,12 @@ class FeatureCache:
         self.folder = namespace_folder(root, record)
         self._files.makedirs(self.folder)
         meta = self.get_note("meta")
-        if meta is None or (derived_from is not None and meta.get(DERIVED_FROM) != derived_from):
-            extra = {} if derived_from is None else {DERIVED_FROM: derived_from}
+        known = _names(meta.get(DERIVED_FROM)) if meta is not None else []
+        if meta is None or (derived_from is not None and derived_from not in known):
+            # every namespace it stands in for (launchers whose settings differ from each other map to the same
+            # worker namespace): keeping only the last one let `collect_garbage` delete what the others' outputs used
+            names = sorted({*known, derived_from} - {None})
+            extra = {DERIVED_FROM: names} if names else {}
             self.put_note("meta", {**record, "feature_shape": self.feature_shape, **extra})
 
     def _path(self, key: str) -> str:
@@ -302,9 +306,16 @@ def nothing_converted_collected() -> dict:
 DERIVED_FROM = "derived_from"  # in a namespace's meta.json: the namespace it stands in for
 
 
-def _derived_from(folder: str) -> str | None:
+def _names(value: object) -> list[str]:
+    """A meta's `derived_from`: a list of namespaces (one name alone as earlier code wrote it)."""
+    if isinstance(value, str):
+        return [value]
+    return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+
+
+def _derived_from(folder: str) -> list[str]:
     meta = _read_json(os.path.join(folder, "meta.json"))
-    return None if meta is None else meta.get(DERIVED_FROM)
+    return [] if meta is None else _names(meta.get(DERIVED_FROM))
 
 
 _GC_ASIDE = re.compile(r"^\..+\.gc-[0-9a-f]{12}$")  # `collect_garbage`'s name for a namespace it deletes
@@ -334,7 +345,7 @@ def collect_garbage(
         left_aside = bool(_GC_ASIDE.match(name)) and os.path.isdir(folder)  # by a collection killed deleting it
         if not left_aside and not os.path.isfile(os.path.join(folder, "meta.json")):
             continue  # not a namespace (the converted models of another runtime, a user's file): untouched
-        if left_aside or (name not in kept and _derived_from(folder) not in kept):
+        if left_aside or (name not in kept and not kept.intersection(_derived_from(folder))):
             report["namespaces_removed"].append(name)
             report["bytes_freed"] += _bytes_under(folder)
             if not dry_run:

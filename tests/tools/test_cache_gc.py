@@ -205,6 +205,27 @@ def test_the_namespace_a_runners_workers_write_under_is_kept_with_the_launchers(
     assert kept.has(used) and not kept.has(unused)
 
 
+def test_a_workers_namespace_standing_in_for_two_launchers_is_kept_for_either(tmp_path):
+    """Launchers whose runner settings differ from each other's map to the same worker namespace: its meta kept only
+    the last one's name, so a collection keeping the first launcher's outputs deleted the features they came from."""
+    root = str(tmp_path / "cache")
+    record = {"base": "b", "environment": {"OMP_NUM_THREADS": "1"}}
+    first, second = "a1" * 32, "b2" * 32
+    feature_cache.FeatureCache(root, record, [3], derived_from=first)
+    worker = feature_cache.FeatureCache(root, record, [3], derived_from=second)
+    feature_cache.FeatureCache(root, record, [3])  # a later open without a launcher changes nothing
+    used = "ab" * 32
+    worker.put(used, np.ones(3))
+    for kept in (first, second):
+        report = feature_cache.collect_garbage(root, {kept}, {used}, dry_run=True)
+        assert report["namespaces_removed"] == [] and report["entries_kept"] == 1, kept
+    # a meta written by the code before (one name, not a list) still names its launcher
+    meta = Path(worker.folder) / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "derived_from": first}))
+    assert feature_cache.collect_garbage(root, {first}, {used}, dry_run=True)["namespaces_removed"] == []
+    assert feature_cache.collect_garbage(root, {second}, {used}, dry_run=True)["namespaces_removed"] != []
+
+
 def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch):
     """download and extract hold their cache's lock for their run; the collection refuses to start meanwhile."""
     from components import download
