@@ -13,12 +13,13 @@ turns, as evaluate scored it.
 A batch holding something that is not a JPEG, PNG, GIF, BMP or WebP (an empty
 string, text, another format) fails with an error naming the batch indices; so
 does one holding a file whose header download quarantines (`unreadable_headers`: a BMP of
-another bit depth than 8, 24 or 32, compressed or with an OS/2 1.x header; a GIF other than
-GIF87a or GIF89a), and one whose header declares more pixels than ``max_pixels`` (a decompression
+another bit depth than 8, 24 or 32, compressed, with bit fields other than 32-bit or 24-bit B, G, R ones, or with an
+OS/2 1.x header; a GIF other than GIF87a or GIF89a), and one whose header declares more pixels than ``max_pixels`` (a decompression
 bomb: a few kilobytes of PNG can declare gigabytes of pixels), or whose size
 cannot be read before decoding, before any pixel is decoded
-(`pipelines.image_header.declared_pixels`); an image with the right header but corrupt
-data fails in TensorFlow's decoder.
+(`pipelines.image_header.declared_pixels`). Of damaged data behind a right header, a JPEG or PNG cut short and a
+PNG failing its checksum fail in TensorFlow's decoder; flipped bytes in a JPEG's entropy-coded data decode as other
+pixels, in training (download keeps the file) and here alike.
 """
 
 from __future__ import annotations
@@ -56,16 +57,22 @@ def unreadable_header(blob: tf.Tensor) -> tf.Tensor:
     (`normalise.bmp_unsupported`, Pillow): a BMP whose info header is not a Windows one of 40 to 124 bytes (an OS/2
     1.x header's fields are not where TensorFlow reads them; Pillow knows no larger one) or with a bit depth other
     than 8, 24 or 32, or compressed (RLE: TensorFlow took the compressed bytes for palette indices and served the
-    garbage); a GIF other than GIF87a or GIF89a. Read with `pipelines.image`'s integer reader, 0 past the end."""
+    garbage), or with bit fields (compression 3) but at 32 bits or at 24 in B, G, R order (the masks Pillow reads
+    there; the shared decode reads other 24-bit ones as B, G, R, red and blue swapped, and 8-bit ones as a palette
+    image); a GIF other than GIF87a or GIF89a. Read with `pipelines.image`'s integer reader, 0 past the end."""
     buf = image._byte_buffer(blob)
     kind = image.format_index(blob)
     header = image._uint(buf, 14, 4, little=True)
     bits, compression = image._uint(buf, 28, 2, little=True), image._uint(buf, 30, 4, little=True)
+    masks = [image._uint(buf, 54 + 4 * i, 4, little=True) for i in range(3)]  # after a 40-byte header, or in it
+    bgr = tf.equal(masks[0], 0xFF0000) & tf.equal(masks[1], 0xFF00) & tf.equal(masks[2], 0xFF)
+    bit_fields = tf.equal(bits, 32) | (tf.equal(bits, 24) & bgr)
     bmp = tf.equal(kind, image.FORMATS.index("BMP")) & (
         (header < 40)
         | (header > 124)
         | ~(tf.equal(bits, 8) | tf.equal(bits, 24) | tf.equal(bits, 32))
         | ~(tf.equal(compression, 0) | tf.equal(compression, 3))
+        | (tf.equal(compression, 3) & ~bit_fields)
     )
     version = tf.strings.substr(buf, 0, 6)
     gif = tf.equal(kind, image.FORMATS.index("GIF")) & ~(tf.equal(version, b"GIF87a") | tf.equal(version, b"GIF89a"))
@@ -83,8 +90,9 @@ def check_headers(images: tf.Tensor) -> tf.Operation:
     return tf.debugging.Assert(
         ~tf.reduce_any(bad),
         [
-            "serving: images the model cannot read (a BMP of another bit depth than 8, 24 or 32, compressed (RLE) or "
-            "with an OS/2 1.x header, or a GIF other than GIF87a or GIF89a; re-save them as PNG) at batch indices",
+            "serving: images the model cannot read (a BMP of another bit depth than 8, 24 or 32, compressed (RLE), "
+            "with bit fields other than 32-bit or 24-bit B, G, R ones, or with an OS/2 1.x header, or a GIF other than "
+            "GIF87a or GIF89a; re-save them as PNG) at batch indices",
             tf.reshape(tf.where(bad), [-1]),
         ],
         summarize=32,

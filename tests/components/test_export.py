@@ -111,6 +111,11 @@ def test_the_serving_model_refuses_the_bmps_and_gifs_download_quarantines_by_the
         "RLE4": (palette[:30] + (2).to_bytes(4, "little") + palette[34:], False),
         "OS/2 1.x": (os2_file, False),
         "GIF80a": (b"GIF80a" + gif[6:], False),
+        # a second review (2026-12-07): 24-bit bit fields in another order than B, G, R were served with red and blue
+        # swapped (the shared decode reads them as BI_RGB), and 8-bit ones as a palette image
+        "24-bit bit fields B, G, R": (bmp_file(rows, 24, 20, 24, 40, (0xFF0000, 0xFF00, 0xFF)), True),
+        "24-bit bit fields R, G, B": (bmp_file(rows, 24, 20, 24, 40, (0xFF, 0xFF00, 0xFF0000)), False),
+        "8-bit bit fields": (palette[:30] + (3).to_bytes(4, "little") + palette[34:], False),
     }
     limits = dict(min_side=16, max_pixels=89_478_485, decode=normalise.make_decoder())
     for name, (data, kept) in files.items():

@@ -257,3 +257,42 @@ def test_a_gif_too_long_to_walk_is_refused_by_serving_and_download_alike():
         rejected = isinstance(normalise.normalise_image(crafted, **limits), normalise.Rejected)
         seen[n] = (int(declared(crafted)), normalise.gif_walk(crafted)[1], rejected)
     assert seen == {image_header.GIF_MAX_STEPS - 100: (64, True, False), image_header.GIF_MAX_STEPS: (-1, False, True)}
+
+
+def test_damaged_data_behind_a_valid_header_fails_when_cut_or_checksummed_and_is_decoded_when_not():
+    """What the README says of damaged files (a review on 2026-12-07 found it claimed every one fails): a JPEG or PNG
+    cut short and a PNG whose data fails its checksum fail in the shared decode (the serving model's too); flipped
+    bytes in a JPEG's entropy-coded data do not: libjpeg only warns and returns other pixels, and download, whose
+    Pillow uses the same library, keeps the file."""
+    import warnings
+
+    import tensorflow as tf
+
+    from pipelines import normalise
+
+    pixels = image_array(3, size=(64, 64))
+    jpeg, png = encode(pixels, "JPEG", quality=90), encode(pixels, "PNG")
+    scan = bytearray(jpeg)
+    start = jpeg.index(b"\xff\xda") + 200  # inside the entropy-coded data after the start of scan
+    for k in range(start, start + 60, 7):
+        scan[k] ^= 0x5A
+    chunk = bytearray(png)
+    chunk[png.index(b"IDAT") + 40] ^= 0xFF  # the chunk's CRC no longer matches
+    failing = {
+        "JPEG cut short": jpeg[: len(jpeg) * 6 // 10],
+        "PNG cut inside IDAT": png[: png.index(b"IDAT") + 2000],
+        "PNG chunk checksum": bytes(chunk),
+    }
+    for name, data in failing.items():
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            image.decode_image(tf.constant(data))
+            pytest.fail(f"{name}: decoded")
+    intact = image.decode_image(tf.constant(jpeg)).numpy()
+    garbled = image.decode_image(tf.constant(bytes(scan))).numpy()  # no error
+    assert garbled.shape == intact.shape and np.abs(garbled.astype(int) - intact.astype(int)).max() > 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = normalise.normalise_image(
+            bytes(scan), min_side=16, max_pixels=89_478_485, decode=normalise.make_decoder()
+        )
+    assert isinstance(kept, normalise.Normalised)
