@@ -92,6 +92,24 @@ def test_a_rebuilt_output_with_another_digest_is_named():
         audit.content_digests(Path("/tmp"), ["nowhere"])
 
 
+def test_a_rebuilt_history_differs_only_in_its_machine_record_or_not_at_all(tmp_path):
+    """`trained_on` is left out of the rebuild's comparison, and nothing else: a history whose bytes differ in another
+    way (a number spelt otherwise, a key given twice) compared equal after both were parsed and written again."""
+    one, two = tmp_path / "a" / "history.json", tmp_path / "b" / "history.json"
+    one.parent.mkdir()
+    two.parent.mkdir()
+    record = {"best_epoch": 2, "val_loss": [0.5, 0.1]}
+    one.write_text(json.dumps({**record, "trained_on": {"cpu": "x86"}}, indent=2) + "\n")
+    two.write_text(json.dumps({**record, "trained_on": {"cpu": "arm"}}, indent=2) + "\n")
+    assert audit.without_machine(one) == audit.without_machine(two) != one.read_bytes()
+    for other in (
+        two.read_text().replace("0.1", "1e-1"),
+        two.read_text().replace('"best_epoch": 2,', '"best_epoch": 1, "best_epoch": 2,'),
+    ):
+        two.write_text(other)
+        assert audit.without_machine(one) != audit.without_machine(two), other
+
+
 def test_a_rebuild_on_another_machine_type_says_so(tmp_path):
     """Two cores and one give other last bits (a k-fold head's score in the sixth digit, seen 2026-12-06): a rebuild
     on another machine failed naming only the outputs, as if the revision could not be rebuilt."""
@@ -101,7 +119,7 @@ def test_a_rebuild_on_another_machine_type_says_so(tmp_path):
     assert here["cpus"] >= 1 and here["machine"] and "environment" in here
     (tmp_path / "data" / "train_head").mkdir(parents=True)
     history = tmp_path / "data" / "train_head" / "history.json"
-    history.write_text(json.dumps({"epochs_run": 3, "trained_on": {**here, "cpus": here["cpus"] + 1}}))
+    history.write_text(json.dumps({"epochs_run": 3, "trained_on": {**here, "cpus": here["cpus"] + 1}}, indent=2) + "\n")
     (tmp_path / "data" / "export").mkdir()  # an output without a history
     recorded = audit.trained_on(tmp_path, ["data/train_head", "data/export"])
     assert recorded == {"data/train_head/history.json": {**here, "cpus": here["cpus"] + 1}}
@@ -251,6 +269,44 @@ def test_inputs_no_stage_makes_are_checked_against_what_the_revision_holds():
     )
 
 
+def test_a_folder_a_dropped_stage_made_is_a_problem_where_the_revision_does_not_version_it():
+    """A review on 2026-12-07: download deleted from dvc.yaml (its lock entry left): data/download became a source
+    of extract that the revision holds nothing of, listed as unversioned and passed, though nothing rebuilds it and
+    `dvc pull` does not restore it."""
+    lock = {
+        "stages": {
+            "download": {
+                "deps": [{"path": "sources", "md5": "s.dir"}],
+                "outs": [{"path": "data/download", "md5": "d.dir"}],
+            },
+            "extract": {
+                "deps": [
+                    {"path": "data/download", "md5": "d.dir", "nfiles": 4},
+                    {"path": "data/download/x", "md5": "x"},
+                ],
+                "outs": [{"path": "data/extract", "md5": "e.dir"}],
+            },
+        }
+    }
+    dropped = audit.dropped_outputs(lock, ["extract"])
+    assert dropped == {"data/download": "download"}
+    lock = audit.declared_only(lock, ["extract"])
+    assert audit.sources(lock) == ["data/download", "data/download/x"]
+    nothing = {"data/download": (None, 0), "data/download/x": (None, 0)}
+    problems, listed = audit.source_problems(lock, nothing.get, dropped)
+    assert listed == [] and [p.split(",")[0] for p in problems] == [
+        "stage extract was run on data/download d.dir",
+        "stage extract was run on the file data/download/x x",  # a file the revision does not hold: as before
+    ]
+    assert "output of stage download, which dvc.yaml no longer declares" in problems[0]
+    assert audit.source_problems(lock, nothing.get)[1] == [
+        "data/download (stage extract: d.dir, 4 files; the revision holds 0)"
+    ]
+    # `dvc add`-ed since (the revision versions it whole, with the recorded hash): nothing to say
+    added = {"data/download": ("d.dir", None), "data/download/x": ("x", None)}
+    assert audit.source_problems(lock, added.get, dropped) == ([], [])
+
+
 @pytest.mark.integration
 def test_an_input_is_hashed_from_the_revision_as_dvc_hashes_it_in_the_workspace(tmp_path):
     # models/ as a preset leaves it: git's README, .gitignore and .dvc file beside a DVC-tracked base; a source
@@ -369,6 +425,19 @@ def test_params_and_stage_definitions_changed_without_repro_are_found():
     # a params file tracked whole (no keys listed in dvc.yaml): the values of the keys dvc.lock recorded are
     # checked by params_changes; a key added to the file later is not (no stage here tracks a file whole)
     assert audit.definition_changes(lock, {"finetune": {**definition, "params": {"params.yaml": None}}}) == []
+    # an empty mapping is a value: one added or removed is a change, as `dvc status` has it
+    with_options = {"params.yaml": {"common": {"seed": 1}, "finetune.learning_rate": 5e-05, "beam": {"options": {}}}}
+    options_lock = {"stages": {"finetune": {**lock["stages"]["finetune"], "params": with_options}}}
+    params = "common: {seed: 1}\nfinetune: {learning_rate: 5.0e-05}\nbeam: {options: {}}\n"
+    assert audit.params_changes(options_lock, {"params.yaml": params}.get) == []
+    (problem,) = audit.params_changes(options_lock, {"params.yaml": params.replace("options: {}", "runner: x")}.get)
+    assert "beam.options removed" in problem or "beam.options: {} -> (absent)" in problem, problem
+    assert audit.diff_flat({"beam": {"options": {}}}, {"beam": {}}) == {"beam.options": [{}, None]}
+    # a params file tracked whole added to dvc.yaml since the run (a review on 2026-12-07: only files gone from it
+    # were seen; `dvc status` says "changed deps: new: extra.yaml")
+    added = {**definition, "params": {**definition["params"], "extra.yaml": None}}
+    (problem,) = audit.definition_changes(lock, {"finetune": added})
+    assert problem.startswith("stage finetune's params in dvc.yaml are not those dvc.lock recorded"), problem
 
 
 def test_a_git_tracked_output_committed_from_another_run_is_found():
