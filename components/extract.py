@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -221,9 +222,11 @@ def run(
         # the cache namespace these features came from (machine-dependent): what tools.cache_gc keeps
         "cache_namespace": feature_cache.namespace_of(namespace),
     }
-    if metrics_path:
+    if metrics_path:  # whole or not at all: tools.cache_gc reads the namespace to keep from it
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_path).write_text(json.dumps(run_metrics, indent=2) + "\n", encoding="utf-8")
+        tmp = Path(metrics_path).with_name(f".{Path(metrics_path).name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(run_metrics, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, metrics_path)
     log.info(
         "extract: %d images %s in %.1fs (%.1f images/s; %s computed, %s from the cache), features %s",
         total,

@@ -235,14 +235,13 @@ class FeatureCache:
         self.feature_size = int(np.prod(self.feature_shape))
         self.folder = namespace_folder(root, record)
         self._files.makedirs(self.folder)
-        meta = self.get_note("meta")
-        known = _names(meta.get(DERIVED_FROM)) if meta is not None else []
-        if meta is None or (derived_from is not None and derived_from not in known):
-            # every namespace it stands in for (launchers whose settings differ from each other map to the same
-            # worker namespace): keeping only the last one let `collect_garbage` delete what the others' outputs used
-            names = sorted({*known, derived_from} - {None})
-            extra = {DERIVED_FROM: names} if names else {}
-            self.put_note("meta", {**record, "feature_shape": self.feature_shape, **extra})
+        if self.get_note("meta") is None:
+            self.put_note("meta", {**record, "feature_shape": self.feature_shape})
+        # every namespace it stands in for, a note each (launchers whose settings differ from each other map to the
+        # same worker namespace): one name in the meta kept only the last, and a list there, read and written back,
+        # lost one of two written at once; either way `collect_garbage` deleted what the others' outputs used
+        if derived_from is not None and self.get_note(f"{DERIVED_FROM}-{derived_from}") is None:
+            self.put_note(f"{DERIVED_FROM}-{derived_from}", {DERIVED_FROM: derived_from})
 
     def _path(self, key: str) -> str:
         return f"{self.folder}/{key[:2]}/{key}{SUFFIX}"
@@ -306,16 +305,15 @@ def nothing_converted_collected() -> dict:
 DERIVED_FROM = "derived_from"  # in a namespace's meta.json: the namespace it stands in for
 
 
-def _names(value: object) -> list[str]:
-    """A meta's `derived_from`: a list of namespaces (one name alone as earlier code wrote it)."""
-    if isinstance(value, str):
-        return [value]
-    return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
-
-
 def _derived_from(folder: str) -> list[str]:
-    meta = _read_json(os.path.join(folder, "meta.json"))
-    return [] if meta is None else _names(meta.get(DERIVED_FROM))
+    """The namespaces a worker's namespace stands in for: its `derived_from-<name>.json` notes, and the name its meta
+    holds where earlier code wrote it there."""
+    meta = _read_json(os.path.join(folder, "meta.json")) or {}
+    names = [meta[DERIVED_FROM]] if isinstance(meta.get(DERIVED_FROM), str) else []
+    prefix = f"{DERIVED_FROM}-"
+    return names + [
+        n[len(prefix) : -len(".json")] for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json")
+    ]
 
 
 _GC_ASIDE = re.compile(r"^\..+\.gc-[0-9a-f]{12}$")  # `collect_garbage`'s name for a namespace it deletes

@@ -219,7 +219,32 @@ def test_a_workers_namespace_standing_in_for_two_launchers_is_kept_for_either(tm
     for kept in (first, second):
         report = feature_cache.collect_garbage(root, {kept}, {used}, dry_run=True)
         assert report["namespaces_removed"] == [] and report["entries_kept"] == 1, kept
-    # a meta written by the code before (one name, not a list) still names its launcher
+    # two opened at once (a review: a list in the meta, read and written back, lost one of them): a note each
+    import threading
+
+    gate = threading.Barrier(2)
+    reads = feature_cache.FeatureCache.get_note
+
+    def read_together(self, name):
+        found = reads(self, name)
+        gate.wait(timeout=10)  # both have read before either writes
+        return found
+
+    third, fourth = "c3" * 32, "d4" * 32
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(feature_cache.FeatureCache, "get_note", read_together)
+        opens = [
+            threading.Thread(target=feature_cache.FeatureCache, args=(root, record, [3], n)) for n in (third, fourth)
+        ]
+        for thread in opens:
+            thread.start()
+        for thread in opens:
+            thread.join()
+    for kept in (first, second, third, fourth):
+        assert feature_cache.collect_garbage(root, {kept}, {used}, dry_run=True)["namespaces_removed"] == [], kept
+    # a meta written by the code before (one name in it) still names its launcher
+    for note in Path(worker.folder).glob("derived_from-*.json"):
+        note.unlink()
     meta = Path(worker.folder) / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "derived_from": first}))
     assert feature_cache.collect_garbage(root, {first}, {used}, dry_run=True)["namespaces_removed"] == []
