@@ -453,10 +453,14 @@ def run(
                 break
         raise
     # Every check passed: from here on the folder changes. The listings go first, so a run killed in
-    # this step leaves a folder without a manifest, which no stage reads and which the next run repairs.
+    # this step leaves a folder without a manifest, which no stage reads and which the next run repairs. (Before
+    # `images/` is made a real folder: a link there was replaced by an empty one under the old manifest, which a
+    # run killed then left vouching for missing images; a review on 2026-12-07. A link in the place of the whole
+    # output is replaced, never followed.)
+    if out.is_dir() and not out.is_symlink():
+        for name in LISTINGS:
+            outputs.remove_entry(out / name)
     images = prepare_in_place(out)
-    for name in LISTINGS:
-        outputs.remove_entry(out / name)
     kept = {row["source"] for row in manifest}
     names = set()
     for n, cand in enumerate(candidates):

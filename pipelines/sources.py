@@ -156,7 +156,11 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                 source=shown, label=None, given_split=given_split, problem=f"unreadable folder: {exc.strerror or exc}"
             )
             continue
-        names = {entry.name for entry in entries}  # as listed (a lookup of another spelling may match on macOS)
+        # the class folders' names by the class each is (as listed: a lookup of another spelling may match on macOS)
+        spellings: dict[str, list[str]] = {}
+        for entry in entries:
+            if not _is_hidden(entry.name) and class_name_problem(entry.name) is None and _is_folder(entry):
+                spellings.setdefault(normalise_label(entry.name), []).append(entry.name)
         for entry in entries:
             rel = entry.relative_to(root).as_posix()
             if _is_folder(entry):
@@ -168,12 +172,13 @@ def scan_folder(root: str | Path, existing_splits: str = "use") -> Iterator[Foun
                     yield from _scan_class(entry, root, real_root, None, given_split, problem)
                     continue
                 label = normalise_label(entry.name)
-                if label != entry.name and label in names:  # `café` twice, composed and decomposed (Linux)
+                # `café` twice, composed and decomposed (Linux); or two spellings neither of which is the composed
+                # one (a review on 2026-12-07: those merged with no warning)
+                if len(spellings.get(label, ())) > 1 and entry.name == spellings[label][0]:
                     log.warning(
-                        "download: class folders %r and %r are one class %r (names are NFC-normalised, so the same "
+                        "download: class folders %s are one class %r (names are NFC-normalised, so the same "
                         "name written by macOS matches): rename one if they are two classes",
-                        rel,
-                        (parent / label).relative_to(root).as_posix(),
+                        " and ".join(repr((parent / name).relative_to(root).as_posix()) for name in spellings[label]),
                         label,
                     )
                 yield Found(source=rel + "/", label=label, given_split=given_split, class_folder=True)
@@ -216,16 +221,22 @@ def _scan_class(folder: Path, root: Path, real_root: Path, label, given_split, p
                 linked = True
             if linked:
                 dirnames.remove(name)
-                yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+                yield from _read_entry(here / name, root, real_root, label, given_split, problem, folder)
             elif problem is None and _is_hidden(name):  # thumbnails, .AppleDouble: not the class's images
                 dirnames.remove(name)
                 yield from _scan_class(here / name, root, real_root, label, given_split, "in a hidden folder")
         for name in sorted(filenames):
-            yield from _read_entry(here / name, root, real_root, label, given_split, problem)
+            yield from _read_entry(here / name, root, real_root, label, given_split, problem, folder)
     yield from report()
 
 
-def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, problem) -> Iterator[Found]:
+def _read_entry(
+    path: Path, root: Path, real_root: Path, label, given_split, problem, within: Path | None = None
+) -> Iterator[Found]:
+    """One file's bytes, or the reason it is not read. `within`: the class folder it was found in, which a link's
+    target must lie in, by a path of no hidden folder or file (a link in `cat/` to `.thumbs/t.png`, to a file
+    outside any class folder, in another class's folder or under a refused class folder's name made that file one
+    of the class's images; a review on 2026-12-07)."""
     rel = path.relative_to(root).as_posix()
     if problem is None and not _utf8(rel):
         problem = NOT_UTF8
@@ -239,6 +250,12 @@ def _read_entry(path: Path, root: Path, real_root: Path, label, given_split, pro
                 problem = "symlink to a folder (not followed)"
             elif not target.is_relative_to(real_root):  # where it points is not written: it names this machine
                 problem = "symlink to a file outside the source folder (not followed)"
+            elif within is not None:
+                home = within.resolve()
+                if not target.is_relative_to(home):
+                    problem = "symlink to a file outside its class folder (not followed)"
+                elif any(_is_hidden(part) for part in target.relative_to(home).parts):
+                    problem = "symlink to a hidden file or into a hidden folder (not followed)"
         if problem is None and not path.is_file():
             problem = "not a regular file"
     except RuntimeError:  # Path.resolve on Python 3.11: "Symlink loop from ..."

@@ -942,6 +942,67 @@ def test_a_run_killed_while_it_moves_images_in_leaves_no_manifest_and_the_next_r
     assert tree_bytes(out) == tree_bytes(tmp_path / "cold")
 
 
+def test_a_run_killed_as_it_replaces_a_link_in_the_place_of_images_leaves_no_manifest(tmp_path, monkeypatch):
+    """A review on 2026-12-07: `images/` a link (to the earlier images, moved away) was replaced by an empty folder
+    before the listings went, so a run killed right then left the old manifest over no images."""
+    root = make_class_folder(tmp_path / "src", per_class=4)
+    out = tmp_path / "out"
+    dl.run(folder_config(root), out)
+    shutil.move(out / "images", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", out / "images")
+    prepare = dl.prepare_in_place
+
+    def prepared_then_killed(folder):
+        prepare(folder)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(dl, "prepare_in_place", prepared_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        dl.run(folder_config(root), out)
+    assert not list((out / "images").iterdir()) and not (out / mf.MANIFEST).exists()
+    monkeypatch.undo()
+    dl.run(folder_config(root), out)
+    dl.run(folder_config(root), tmp_path / "cold")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "cold")
+
+
+def test_a_symlink_to_a_file_is_followed_only_within_its_class_folder_and_past_nothing_hidden(tmp_path):
+    """A review on 2026-12-07: a link in a class folder made any file of the source folder one of that class's
+    images: a thumbnail in a hidden folder, a stray at the root, a file under a class folder's refused name, and one
+    of another class (which then lost its own image too, as content filed under two labels)."""
+    root = make_class_folder(tmp_path / "src", per_class=8)
+    cats, dogs = root / "cats", root / "dogs"
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "t.jpg").write_bytes(encode(image_array(60, size=(40, 40))))
+    (root / "stray.jpg").write_bytes(encode(image_array(61, size=(40, 40))))
+    (root / "bad\nname").mkdir()
+    (root / "bad\nname" / "b.jpg").write_bytes(encode(image_array(62, size=(40, 40))))
+    (cats / "sub" / ".hidden").mkdir(parents=True)
+    (cats / "sub" / ".hidden" / "h.jpg").write_bytes(encode(image_array(63, size=(40, 40))))
+    dog = sorted(dogs.iterdir())[0]
+    links = {
+        "thumb.jpg": root / ".thumbs" / "t.jpg",
+        "stray.jpg": root / "stray.jpg",
+        "refused.jpg": root / "bad\nname" / "b.jpg",
+        "dog.jpg": dog,
+        "hidden.jpg": cats / "sub" / ".hidden" / "h.jpg",
+        "same.jpg": sorted(cats.glob("*.jpg"))[0],
+    }
+    for name, target in links.items():
+        os.symlink(os.path.relpath(target, cats), cats / name)
+    out = tmp_path / "out"
+    summary = dl.run(folder_config(root), out)
+    quarantine = {r["source"]: r["reason"] for r in mf.read_jsonl(out / dl.QUARANTINE)}
+    outside, hidden = "symlink to a file outside its class folder", "symlink to a hidden file or into a hidden folder"
+    for name in ("thumb.jpg", "stray.jpg", "refused.jpg", "dog.jpg"):
+        assert quarantine[f"cats/{name}"].startswith(outside), name
+    assert quarantine["cats/hidden.jpg"].startswith(hidden)
+    assert quarantine["cats/same.jpg"].startswith("duplicate of cats/")  # followed, as before
+    kept = {r["source"] for r in mf.read_jsonl(out / mf.MANIFEST)}
+    assert dog.relative_to(root).as_posix() in kept  # the dog stays the dog's
+    assert summary["reconciled"] is True
+
+
 def test_a_class_named_train_is_a_class_with_existing_splits_none(tmp_path):
     """A review: a class folder named train (CIFAR-100 has one) beside others made the root a split layout, and the
     error left no setting to get past it (`ignore` was refused the same way)."""
@@ -999,6 +1060,17 @@ def test_two_folders_one_class_once_normalised_are_merged_with_a_warning(tmp_pat
         summary = dl.run(folder_config(root), tmp_path / "out")
     assert summary["classes"] == ["café", "dogs"] and summary["per_class"]["café"]["found"] == 12
     assert [r.message for r in caplog.records if "are one class 'café'" in r.message], caplog.text
+    # two spellings, neither the composed one (a review on 2026-12-07: merged with no warning); warned once
+    first, second = "a\u0323\u0302", "a\u0302\u0323"
+    assert first != second and unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second) != first
+    root = make_class_folder(tmp_path / "src2", per_class=6, classes=(first, "dogs"))
+    make_class_folder(root, per_class=6, start=10, classes=(second,))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = dl.run(folder_config(root), tmp_path / "out2")
+    label = unicodedata.normalize("NFC", first)
+    assert summary["per_class"][label]["found"] == 12
+    assert len([r for r in caplog.records if f"are one class {label!r}" in r.message]) == 1, caplog.text
 
 
 def test_a_single_class_is_a_clear_error_and_writes_nothing(tmp_path):
@@ -1648,3 +1720,28 @@ def test_a_cached_rejection_follows_the_limits(tmp_path):
     dl.run(folder_config(root, min_side=30), tmp_path / "b", cache_root=cache)
     reasons = [r["reason"] for r in mf.read_jsonl(tmp_path / "b" / dl.QUARANTINE)]
     assert len(reasons) == 8 and all(r.startswith("too small: 32x24") for r in reasons)
+
+
+def test_dvc_ignores_what_a_killed_run_may_leave_inside_the_output(tmp_path):
+    """A staging folder inside the output, and the rename probe, which is tried into `images/` too (a review on
+    2026-12-07: a run killed between the probe's rename and its unlink left one that DVC hashed as an image)."""
+    import subprocess
+    import sys
+
+    from dvc.repo import Repo
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    shutil.copy(Path(__file__).resolve().parents[2] / ".dvcignore", tmp_path / ".dvcignore")
+    images = tmp_path / "data" / "download" / mf.IMAGES
+    images.mkdir(parents=True)
+    left = [
+        images / f"{dl.INNER_STAGING}1-2.probe",
+        tmp_path / "data" / "download" / f"{dl.INNER_STAGING}1-2" / "a.png",
+    ]
+    kept = images / "0123.png"
+    for path in (*left, kept):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    with Repo(str(tmp_path)) as repo:
+        ignored = lambda path: repo.dvcignore.is_ignored(repo.fs, str(path))  # noqa: E731
+        assert all(ignored(path) for path in left) and not ignored(kept)
