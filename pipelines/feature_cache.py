@@ -306,10 +306,11 @@ DERIVED_FROM = "derived_from"  # in a namespace's meta.json: the namespace it st
 
 
 def _derived_from(folder: str) -> list[str]:
-    """The namespaces a worker's namespace stands in for: its `derived_from-<name>.json` notes, and the name its meta
-    holds where earlier code wrote it there."""
-    meta = _read_json(os.path.join(folder, "meta.json")) or {}
-    names = [meta[DERIVED_FROM]] if isinstance(meta.get(DERIVED_FROM), str) else []
+    """The namespaces a worker's namespace stands in for: its `derived_from-<name>.json` notes, and the name (or
+    list of names) its meta holds where earlier code wrote them there."""
+    recorded = (_read_json(os.path.join(folder, "meta.json")) or {}).get(DERIVED_FROM)  # a name, or a list of them
+    names = [recorded] if isinstance(recorded, str) else []
+    names += [n for n in recorded if isinstance(n, str)] if isinstance(recorded, list) else []
     prefix = f"{DERIVED_FROM}-"
     return names + [
         n[len(prefix) : -len(".json")] for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json")

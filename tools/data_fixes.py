@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from components.cli import configure_logging, run_main
+from components.manifest import MANIFEST, iter_jsonl
 from components.params import read_params, write_params
 from pipelines import sources
 from tools import preset
@@ -72,6 +73,20 @@ def fixes(
     return {"exclude": exclude, "keep_together": groups}
 
 
+def check_current(found: dict[str, list], manifest: Path) -> None:
+    """The ids the lists name must be images of the current download (a review on 2026-12-07: a quality folder from
+    another run or dataset was merged into download.exclude without a word, and download only listed its ids as
+    not found)."""
+    named = {*found["exclude"], *(i for group in found["keep_together"] for i in group)}
+    known = {row.get("id") for row in iter_jsonl(manifest)}
+    unknown = sorted(named - known)
+    if unknown:
+        raise SystemExit(
+            f"data_fixes: {len(unknown)} of the ids the quality lists name are not in {manifest} ({unknown[0]}...): "
+            "the lists come from another run or dataset; run `dvc repro quality` (or `dvc checkout quality`) first"
+        )
+
+
 def merged_download(current: dict, found: dict[str, list]) -> dict:
     """params.yaml's download section with the found ids and groups appended (existing ones first, no repeats)."""
     section = dict(current)
@@ -91,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, default=Path("quality"), help="the quality stage's folder")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="download's manifest the lists must name (default: data/download's beside --params)",
+    )
     parser.add_argument("--keep-together", action="store_true", help="each near-duplicate pair in one split")
     parser.add_argument("--exclude-copies", action="store_true", help="exclude the later split's image of each pair")
     parser.add_argument("--exclude-suspects", type=int, default=0, metavar="N", help="exclude the N most suspect")
@@ -110,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         exclude_copies=args.exclude_copies,
         exclude_suspects=args.exclude_suspects,
     )
+    manifest = args.manifest or Path(args.params).resolve().parent / "data" / "download" / MANIFEST
+    if manifest.is_file():
+        check_current(found, manifest)
     params = read_params(args.params)
     if args.keep_together:
         refuse_given_splits(params.get("dataset") or {}, Path(args.params).resolve().parent)

@@ -57,7 +57,7 @@ from components.params import (
     read_params,
     write_params,
 )
-from pipelines import bases, runtimes, serving
+from pipelines import bases, classifier, runtimes, serving
 from tools import outputs_in_git, retrain
 
 # Mappings whose keys are the user's, not the params' schema (any Beam option): a key they lack is a new one
@@ -218,10 +218,15 @@ def check_architecture(configs: Mapping, repo: Path, sources: Mapping[str, Path]
     """The tapped layer, the pooling and finetune's unfreeze point, on the base's architecture (built without its
     weights): a layer name the base lacks stopped extract, or finetune, only after every stage before it had run
     (hours at scale; a sweep's variant N after variants 1 to N-1). A saved base is read from the repository, or from
-    the preset's source for it before the preset imports it; one in neither place is left to the stages."""
-    conv, file = configs[extract].conv_base, None
+    the preset's source for it (the file, or a folder holding it) before the preset imports it; one in neither place
+    is left to the stages."""
+    conv, file, tune = configs[extract].conv_base, None, configs[finetune].finetune
     if conv.path:
-        file = sources.get(os.path.normpath(conv.path)) or repo / conv.path
+        file = repo / conv.path
+        wanted = Path(os.path.normpath(conv.path))
+        for target, source in sources.items():  # the input itself, or a folder input holding it
+            if wanted == Path(target) or Path(target) in wanted.parents:
+                file = Path(source) / wanted.relative_to(target)
         if not Path(file).is_file():
             return
         conv = conv.model_copy(update={"path": str(file)})
@@ -244,7 +249,13 @@ def check_architecture(configs: Mapping, repo: Path, sources: Mapping[str, Path]
             )
         base = bases.tap(base, conv.layer)
         extractor = bases.build_feature_extractor(base, preprocessing, conv.input_size, conv.pooling)
-    finetune.prepare_for_finetuning(extractor, configs[finetune].conv_base, configs[finetune].finetune)
+    if not conv.path and conv.weights != "none" and tune.unfreeze_top is not None:
+        # Keras builds EfficientNet with one more layer (a Rescaling) for ImageNet weights: the weightless graph
+        # here is one short, so its last layer's count is allowed too (finetune checks the exact bound)
+        layers = len(classifier.find_base(extractor).layers)
+        if tune.unfreeze_top == layers:
+            tune = tune.model_copy(update={"unfreeze_top": layers - 1})
+    finetune.prepare_for_finetuning(extractor, configs[finetune].conv_base, tune)
 
 
 def validate(params: Mapping, where: Path, sources: Mapping[str, Path] | None = None) -> None:

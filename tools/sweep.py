@@ -144,12 +144,15 @@ def nested_overrides(sweep: SweepFile) -> list[str]:
     ]
 
 
-def validate_variants(sweep: SweepFile, params_path: Path) -> None:
-    nested = nested_overrides(sweep)
+def validate_variants(sweep: SweepFile, params_path: Path, running: bool = True) -> None:
+    """Every variant's params as every stage loads them; `running`: the variants are about to run (`--collect` only
+    reads what ran, which a sweep refused now may have run before)."""
+    nested = nested_overrides(sweep) if running else []
     if nested:
         raise ParamsError(
-            f"variants set a mapping and a key inside it: {'; '.join(nested)}; set the mapping's keys one by one "
-            "in every variant instead"
+            f"variants set a mapping and a key inside it: {'; '.join(nested)}; set that key in every variant "
+            "instead (at the value that means unset where a variant clears it, such as Beam's default), or sweep "
+            "them separately"
         )
     baseline = read_params(params_path)
     for name, overrides in sweep.variants.items():
@@ -332,7 +335,7 @@ def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping,
 
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
     sweep = load_sweep(sweep_path)
-    validate_variants(sweep, params_path)
+    validate_variants(sweep, params_path, running=not collect_only)
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:

@@ -143,6 +143,24 @@ def test_a_threshold_that_makes_a_class_one_group_of_copies_is_refused_naming_it
         quality.grouped_folds(labels, 3, 0, groups)
 
 
+def test_a_class_whose_images_are_copies_filed_under_another_class_is_refused_not_left_out_of_a_fold():
+    """A review on 2026-12-07: a group of copies counted only under its first image's class, so a class whose every
+    image is a copy of another class's image counted no group, passed the check, and the heads of all folds but one
+    (class_weight none) trained without it, or `balanced` failed deep in the training code."""
+    labels = np.array([0] * 10 + [1] * 10 + [2])  # class 2: one image, a copy of image 0 (a class 0 photo)
+    groups = quality.copy_groups(len(labels), [(0, 20, 0.95)])
+    with pytest.raises(ParamsError, match=r"classes \[2\] have fewer than quality.folds=3 distinct images"):
+        quality.grouped_folds(labels, 3, 0, groups)
+    # enough groups, but every one of them another class's and dealt to one fold: refused after the deal
+    labels = np.array([0] * 9 + [1] * 9 + [2] * 3)
+    fold_of = quality.grouped_folds(labels[:18], 3, 0, np.arange(18))  # no copies: every fold trains every class
+    assert all(set(labels[:18][fold_of != k]) == {0, 1} for k in range(3))
+    photos = np.flatnonzero((labels[:18] == 0) & (fold_of == 0))[:3]  # three class 0 photos dealt to one fold
+    groups = quality.copy_groups(len(labels), [(int(p), 18 + i, 0.95) for i, p in enumerate(photos)])
+    with pytest.raises(ParamsError, match=r"classes \[2\]: every image of theirs in train \+ val falls in one fold"):
+        quality.grouped_folds(labels, 3, 0, groups)
+
+
 def test_the_largest_seed_params_take_trains_every_fold():
     """Fold k was seeded `seed + k`: with common.seed 2**32 - 1 (valid) fold 1 stopped the stage after train_head
     ran ("Seed must be between 0 and 2**32 - 1")."""

@@ -249,6 +249,9 @@ def test_a_workers_namespace_standing_in_for_two_launchers_is_kept_for_either(tm
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "derived_from": first}))
     assert feature_cache.collect_garbage(root, {first}, {used}, dry_run=True)["namespaces_removed"] == []
     assert feature_cache.collect_garbage(root, {second}, {used}, dry_run=True)["namespaces_removed"] != []
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "derived_from": [first, second]}))  # or a list
+    for kept in (first, second):
+        assert feature_cache.collect_garbage(root, {kept}, {used}, dry_run=True)["namespaces_removed"] == [], kept
 
 
 def test_no_garbage_collection_while_a_stage_uses_a_cache(tmp_path, monkeypatch):

@@ -62,6 +62,27 @@ def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, ca
         data_fixes.main([*args, "--write"])
 
 
+def test_lists_naming_images_the_current_download_lacks_are_refused(tmp_path):
+    """A review on 2026-12-07: a quality folder from another run was merged into download.exclude without a word."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    report = tmp_path / "quality"
+    report.mkdir()
+    (report / "near_duplicates.json").write_text(json.dumps(PAIRS))
+    (report / "label_issues.json").write_text(json.dumps(ISSUES))
+    manifest = tmp_path / "data" / "download" / "manifest.jsonl"
+    manifest.parent.mkdir(parents=True)
+    ids = sorted({p[k] for p in PAIRS for k in ("a_id", "b_id")})
+    manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids if i != "b" * 20))  # an excluded one gone
+    args = ["--report", str(report), "--params", str(params), "--exclude-copies", "--write"]
+    before = params.read_text()
+    with pytest.raises(SystemExit, match=r"not in .*manifest.jsonl .*dvc repro quality"):
+        data_fixes.main(args)
+    assert params.read_text() == before
+    manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    assert data_fixes.main(args) == 0
+
+
 def test_impossible_fixes_are_refused_before_anything_is_written(tmp_path):
     report = tmp_path / "quality"
     report.mkdir()

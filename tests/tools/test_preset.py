@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,24 @@ def test_a_base_or_a_limit_that_cannot_work_fails_the_preset_before_any_work(ove
         preset.validate(preset.merge(read_params(tmp_path / "params.yaml"), overrides), tmp_path / "params.yaml")
 
 
+def test_unfreeze_top_is_bounded_by_the_graph_the_stages_build():
+    """A second read: Keras builds EfficientNet with one more layer (a Rescaling) for ImageNet weights than without,
+    so the weightless build refused an unfreeze_top finetune takes; with weights none it is the same graph."""
+    from components.params import read_params
+
+    top = {"finetune": {"unfreeze_from": None, "unfreeze_top": 237}}
+    base = {"name": "efficientnet_b0", "input_size": [32, 32], "layer": None}
+    params = read_params(REPO / "params.yaml")
+    with tempfile.TemporaryDirectory() as where:
+        for weights, refused in (("imagenet", False), ("none", True)):
+            merged = preset.merge(params, {"conv_base": {**base, "weights": weights}, **top})
+            if refused:
+                with pytest.raises(ParamsError, match=r"finetune\.unfreeze_top: the base has 237 layers, got 237"):
+                    preset.validate(merged, Path(where) / "params.yaml")
+            else:
+                preset.validate(merged, Path(where) / "params.yaml")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -258,7 +277,15 @@ def test_a_saved_bases_layers_are_checked_from_the_presets_source_before_it_is_i
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ParamsError, match=r"conv_base\.input_size: the saved base .*base\.keras takes 32x32 images"):
         preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
-    (tmp_path / "base.keras").write_bytes(b"a base")
+    # the base inside a folder the preset imports (a second read: only an input that is the file itself was found)
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "base.keras").rename(tmp_path / "bases" / "base.keras")
+    spec["inputs"] = {"models/bases": "bases"}
+    spec["conv_base"]["path"] = "models/bases/base.keras"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ParamsError, match=r"conv_base\.input_size: the saved base .*bases/base\.keras takes 32x32"):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
+    (tmp_path / "bases" / "base.keras").write_bytes(b"a base")
     with pytest.raises(ParamsError, match=r"conv_base\.path: .*base\.keras is not a model Keras can load"):
         preset.main([str(tmp_path / "p.yaml"), "--params", str(tmp_path / "params.yaml"), "--write"])
 

@@ -213,7 +213,9 @@ def test_an_override_removed_from_the_sweep_file_since_its_experiment_ran_stops_
     )
     commit(tmp_path, "a sweep file with a new key")
     ran["beam"]["options"]["x"] = 2
-    monkeypatch.setattr(sweep, "validate_variants", lambda *args: None)  # `x` is no Beam option: only the comparison
+    monkeypatch.setattr(
+        sweep, "validate_variants", lambda *args, **kwargs: None
+    )  # `x` is no Beam option: only the comparison
     with pytest.raises(RuntimeError, match=r"variants without val accuracies"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", collect)
 
@@ -306,6 +308,7 @@ def test_a_mapping_one_variant_sets_whole_and_another_inside_stops_the_sweep_bef
         match=r"beam\.options \(variant none\) and beam\.options\.direct_num_workers \(variant four\)",
     ):
         sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
+    sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml", running=False)  # --collect
     # the same options key by key is a sweep
     variants["none"] = {"beam": {"options": {"direct_num_workers": 1}}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": variants}))
