@@ -42,13 +42,19 @@ def test_lists_are_extended_never_shrunk_nor_repeated():
     }  # an older params file gets both keys, so it validates
 
 
-def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, capsys):
+def project_with_lists(tmp_path):
+    """params.yaml (the repository's) and a quality folder holding PAIRS and ISSUES."""
     params = tmp_path / "params.yaml"
     params.write_text((REPO / "params.yaml").read_text())
     report = tmp_path / "quality"
     report.mkdir()
     (report / "near_duplicates.json").write_text(json.dumps(PAIRS))
     (report / "label_issues.json").write_text(json.dumps(ISSUES))
+    return params, report
+
+
+def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, capsys):
+    params, report = project_with_lists(tmp_path)
     args = ["--report", str(report), "--params", str(params), "--exclude-copies"]
     assert data_fixes.main(args) == 0
     assert "-S 'download.exclude=" in capsys.readouterr().out
@@ -64,12 +70,7 @@ def test_write_merges_validated_params_and_printing_changes_nothing(tmp_path, ca
 
 def test_lists_naming_images_the_current_download_lacks_are_refused(tmp_path):
     """A review on 2026-12-07: a quality folder from another run was merged into download.exclude without a word."""
-    params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
-    report = tmp_path / "quality"
-    report.mkdir()
-    (report / "near_duplicates.json").write_text(json.dumps(PAIRS))
-    (report / "label_issues.json").write_text(json.dumps(ISSUES))
+    params, report = project_with_lists(tmp_path)
     manifest = tmp_path / "data" / "download" / "manifest.jsonl"
     manifest.parent.mkdir(parents=True)
     ids = sorted({p[k] for p in PAIRS for k in ("a_id", "b_id")})
