@@ -25,6 +25,7 @@ import pytest
 from components import beam_options, convert, extract
 from components.conv_base import ConvBaseParams
 from components.params import ParamsError
+from pipelines import feature_cache
 from tests.conftest import make_converted, tree_bytes
 
 BASE = ConvBaseParams(name="mobilenet_v2", weights="none", input_size=(32, 32), pooling="avg")
@@ -149,8 +150,15 @@ def test_convert_and_extract_give_the_direct_runners_bytes(name, request, tmp_pa
     assert (
         json.loads((tmp_path / "e2" / "features.json").read_text())["conv_base"]["weights"] == "models/base.weights.h5"
     )
+    # the workers of a runner whose pool was started before (portable, Dask) keyed a namespace of their own, which
+    # names the launcher's (what cache_gc keeps); multi_processing's workers start with the launcher's settings
+    notes = list(Path(cache).glob(f"*/derived_from-{elsewhere['cache_namespace']}.json"))
+    assert len(notes) == (0 if name == "multi_processing" else 1), notes
+    entries = {path: path.stat().st_ino for path in Path(cache).rglob(f"*{feature_cache.SUFFIX}")}
     extract.run(config, reference, tmp_path / "e3", runner=runner, cache_root=cache)  # warm: from the workers' cache
     assert tree_bytes(tmp_path / "e3") == tree_bytes(extracted_on_direct)
+    # nothing computed again: no entry written anew (the portable runner reports no counter that stayed 0)
+    assert {path: path.stat().st_ino for path in Path(cache).rglob(f"*{feature_cache.SUFFIX}")} == entries
     # Counts come from the outputs; Beam's DaskRunner has no metrics, so how many were computed is unknown.
     assert elsewhere["computed"] == (None if name == "dask" else 8)
 

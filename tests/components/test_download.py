@@ -322,6 +322,9 @@ def test_tensorflow_still_misreads_what_the_decode_mends():
     samples = np.arange(20 * 24).reshape(20, 24) % 16
     png = low_depth_png(samples, 4, palette=LOW_PALETTE)
     assert (tf.io.decode_png(png, channels=4).numpy()[..., 3] == 15).all()  # alpha 15, not 255
+    for bits, alpha in ((1, 1), (2, 3), (4, 15)):  # gray at 1, 2 and 4 bits: alpha 1, 3 and 15
+        gray = low_depth_png(np.arange(20 * 24).reshape(20, 24) % 2**bits, bits)
+        assert (tf.io.decode_png(gray, channels=4).numpy()[..., 3] == alpha).all(), bits
     buffer = io.BytesIO()
     Image.fromarray(image_array(3, size=(24, 32))).convert("P").save(buffer, "BMP")
     raw = tf.io.decode_bmp(buffer.getvalue(), channels=3).numpy()

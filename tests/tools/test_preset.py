@@ -309,6 +309,8 @@ def test_every_value_comes_back_from_dvc_with_its_type(tmp_path):
             "m": "café/photos",
             "o": "yes",
             "p": "off",
+            "q": "null",
+            "r": "False",
         },
         "others": {"n": 10, "x": 1e-05, "t": True, "z": None, "l": [224, 224]},
     }
@@ -398,6 +400,9 @@ def test_a_value_dvc_would_change_is_refused():
         preset.set_args({"beam": {"options": {"experiments": ["ok", "a\\b"]}}})
     with pytest.raises(ParamsError, match=r"beam\.options\.experiments: .*interpolate"):
         preset.set_args({"beam": {"options": {"experiments": ["${oc.env:HOME}/x"]}}})
+    for control in ("a\tb", "a\nb", "a\x00b"):  # a control character (below a space), as the README says
+        with pytest.raises(ParamsError, match=r"dataset\.dir: .*control character"):
+            preset.set_args({"dataset": {"dir": control}})
     assert preset.set_args({"beam": {"options": {"experiments": ["a", "b"]}}}) == [
         "-S",
         'beam.options.experiments=["a","b"]',
