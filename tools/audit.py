@@ -608,6 +608,19 @@ def git_tree(repo: Path, rev: str, path: str) -> dict[str, bytes] | None:
     return {name: blob for name, blob in files.items() if blob is not None} or None
 
 
+def git_links(repo: Path, rev: str, path: str) -> list[str]:
+    """The symbolic links git holds at `path` or under it at `rev` (their paths)."""
+    listed = subprocess.run(
+        ["git", "ls-tree", "-r", "-z", rev, "--", path.rstrip("/"), path.rstrip("/") + "/"],
+        cwd=repo,
+        capture_output=True,
+    )
+    entries = (
+        item.split("\t", 1) for item in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if "\t" in item
+    )
+    return sorted({name for meta, name in entries if meta.split()[0] == "120000"})
+
+
 def git_file(repo: Path, rev: str, path: str) -> str | None:
     blob = git_blob(repo, rev, path)
     return None if blob is None else blob.decode("utf-8")
@@ -673,6 +686,15 @@ def versioned_inputs(repo: Path, rev: str, paths: Sequence[str], unreadable: lis
     with Repo(str(repo), rev=rev) as dvc_repo:
         fs = dvc_repo.dvcfs
         for path in paths:
+            links = git_links(repo, rev, path)
+            if links:  # git holds the link's target path, DVC hashed the target's bytes: no comparison is right
+                found[path] = None
+                unreadable.append(
+                    f"{path} at {rev[:12]}, an input of its dvc.lock, is or holds a symbolic link git versions as the "
+                    f"path it points to ({links[0]}), not the bytes DVC hashed: the audit cannot check it; commit the "
+                    "file itself, or `dvc add` it"
+                )
+                continue
             try:
                 kind = subprocess.run(["git", "cat-file", "-t", f"{rev}:{path}"], cwd=repo, capture_output=True)
                 blob = git_blob(repo, rev, path) if kind.stdout.strip() == b"blob" else None

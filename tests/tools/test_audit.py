@@ -308,6 +308,27 @@ def test_a_folder_a_dropped_stage_made_is_a_problem_where_the_revision_does_not_
 
 
 @pytest.mark.integration
+def test_an_input_git_holds_as_a_symbolic_link_cannot_be_checked_and_says_so(tmp_path):
+    """A review on 2026-12-07: git holds a link as the path it points to, DVC hashed the target's bytes, so an up to
+    date revision with a base linked into models/ failed as "changed without `dvc repro`"."""
+    run(["git", "init", "-q"], tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "in.txt").write_text("x\n")
+    (tmp_path / "link.txt").symlink_to("in.txt")
+    (tmp_path / "models" / "base.keras").symlink_to("../in.txt")
+    commit(tmp_path, "inputs")
+    head = run(["git", "rev-parse", "HEAD"], tmp_path).stdout.strip()
+    unreadable = []
+    found = audit.versioned_inputs(tmp_path, head, ["in.txt", "link.txt", "models"], unreadable)
+    assert found["in.txt"] == (hashlib.md5(b"x\n").hexdigest(), 1)
+    assert found["link.txt"] is None and found["models"] is None
+    assert [line.split(",")[0] for line in unreadable] == [
+        f"link.txt at {head[:12]}",
+        f"models at {head[:12]}",
+    ] and "(models/base.keras)" in unreadable[1], unreadable
+
+
 def test_an_input_is_hashed_from_the_revision_as_dvc_hashes_it_in_the_workspace(tmp_path):
     # models/ as a preset leaves it: git's README, .gitignore and .dvc file beside a DVC-tracked base; a source
     # folder `dvc add`-ed whole; a file git holds; and a path the revision holds nothing at
