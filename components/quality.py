@@ -157,8 +157,12 @@ def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray)
     if len(firsts) < len(labels):  # copies: the classes need `folds` groups each, not images
         # the groups holding any image of the class (a group is dealt by its first image's label: a class whose
         # every image is a copy of another class's counted none there, and passed; a review on 2026-12-07)
+        # every class also needs `folds` groups it is the first image of, to deal its groups by (a class with
+        # none is dealt with other classes' groups, which the check after the deal covers)
         classes = int(labels.max()) + 1
-        counts = np.array([len(np.unique(groups[labels == c])) for c in range(classes)])
+        holding = np.array([len(np.unique(groups[labels == c])) for c in range(classes)])
+        leading = np.bincount(labels[firsts], minlength=classes)
+        counts = np.where((leading > 0) & (leading < holding), leading, holding)
         small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
         if small:
             raise ParamsError(
@@ -176,10 +180,11 @@ def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray)
         {int(c) for k in range(folds) for c in np.unique(labels) if not np.any((fold_of != k) & (labels == c))}
     )
     if unseen:
+        fewer = "lower quality.folds, or " if folds > 2 else ""  # 2 is its least
         raise ParamsError(
             f"classes {unseen}: every image of theirs in train + val falls in one fold with its near-duplicate copies "
-            f"(filed under other classes), so that fold's head would never see the class: lower quality.folds, or "
-            "raise quality.near_duplicate_threshold if they are not copies, or fix the copies' labels"
+            f"(filed under other classes), so that fold's head would never see the class: {fewer}raise "
+            "quality.near_duplicate_threshold if they are not copies, or fix the copies' labels"
         )
     return fold_of
 

@@ -23,9 +23,10 @@ from typing import Sequence
 from components.cli import configure_logging, run_main
 from components.manifest import MANIFEST, iter_jsonl
 from components.params import read_params, write_params
-from pipelines import sources
+from pipelines import sources, split
 from tools import preset
 
+QUARANTINE = "quarantine.jsonl"  # download's, beside its manifest
 NEAR_DUPLICATES = "near_duplicates.json"
 LABEL_ISSUES = "label_issues.json"
 
@@ -73,17 +74,21 @@ def fixes(
     return {"exclude": exclude, "keep_together": groups}
 
 
-def check_current(found: dict[str, list], manifest: Path) -> None:
-    """The ids the lists name must be images of the current download (a review on 2026-12-07: a quality folder from
-    another run or dataset was merged into download.exclude without a word, and download only listed its ids as
-    not found)."""
+def check_current(found: dict[str, list], manifest: Path, excluded: Sequence[str] = ()) -> None:
+    """The ids the lists name must be images of the current download: in its manifest, or quarantined by it (an image
+    `download.exclude` took out since the lists were made, or another rule), or listed in `excluded` (a review on
+    2026-12-07: a quality folder from another run or dataset was merged into download.exclude without a word, and
+    download only listed its ids as not found)."""
     named = {*found["exclude"], *(i for group in found["keep_together"] for i in group)}
-    known = {row.get("id") for row in iter_jsonl(manifest)}
+    known = {row.get("id") for row in iter_jsonl(manifest)} | set(excluded)
+    quarantine = manifest.with_name(QUARANTINE)
+    if quarantine.is_file():
+        known |= {split.image_id(row["pixels_sha256"]) for row in iter_jsonl(quarantine) if row.get("pixels_sha256")}
     unknown = sorted(named - known)
     if unknown:
         raise SystemExit(
-            f"data_fixes: {len(unknown)} of the ids the quality lists name are not in {manifest} ({unknown[0]}...): "
-            "the lists come from another run or dataset; run `dvc repro quality` (or `dvc checkout quality`) first"
+            f"data_fixes: {len(unknown)} of the ids the quality lists name are no image of {manifest.parent} "
+            f"({unknown[0]}...): the lists come from another run or dataset; run `dvc repro quality` first"
         )
 
 
@@ -130,10 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         exclude_copies=args.exclude_copies,
         exclude_suspects=args.exclude_suspects,
     )
-    manifest = args.manifest or Path(args.params).resolve().parent / "data" / "download" / MANIFEST
-    if manifest.is_file():
-        check_current(found, manifest)
     params = read_params(args.params)
+    manifest = args.manifest or Path(args.params).resolve().parent / "data" / "download" / MANIFEST
+    if args.manifest and not manifest.is_file():
+        parser.error(f"--manifest {manifest}: no such file")
+    if manifest.is_file():
+        check_current(found, manifest, (params.get("download") or {}).get("exclude") or [])
     if args.keep_together:
         refuse_given_splits(params.get("dataset") or {}, Path(args.params).resolve().parent)
     download = merged_download(params.get("download") or {}, found)

@@ -249,9 +249,10 @@ def check_architecture(configs: Mapping, repo: Path, sources: Mapping[str, Path]
             )
         base = bases.tap(base, conv.layer)
         extractor = bases.build_feature_extractor(base, preprocessing, conv.input_size, conv.pooling)
-    if not conv.path and conv.weights != "none" and tune.unfreeze_top is not None:
-        # Keras builds EfficientNet with one more layer (a Rescaling) for ImageNet weights: the weightless graph
-        # here is one short, so its last layer's count is allowed too (finetune checks the exact bound)
+    imagenet = conv.weights == "imagenet" or Path(conv.weights).name == bases.IMAGENET_FILE  # as bases builds it
+    if str(conv.name).startswith("efficientnet_b") and imagenet and tune.unfreeze_top is not None:
+        # Keras builds EfficientNet with one more layer (a Rescaling) for ImageNet weights, and no other base: the
+        # weightless graph here is one short, so its last layer's count is allowed too (finetune checks it exactly)
         layers = len(classifier.find_base(extractor).layers)
         if tune.unfreeze_top == layers:
             tune = tune.model_copy(update={"unfreeze_top": layers - 1})

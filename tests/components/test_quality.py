@@ -159,6 +159,11 @@ def test_a_class_whose_images_are_copies_filed_under_another_class_is_refused_no
     groups = quality.copy_groups(len(labels), [(int(p), 18 + i, 0.95) for i, p in enumerate(photos)])
     with pytest.raises(ParamsError, match=r"classes \[2\]: every image of theirs in train \+ val falls in one fold"):
         quality.grouped_folds(labels, 3, 0, groups)
+    # a class holding enough groups but first in too few of them: the copies' message, not the deal's "add images"
+    labels = np.array([0] * 9 + [1] * 3)
+    groups = quality.copy_groups(len(labels), [(0, 9, 0.95), (1, 10, 0.95)])
+    with pytest.raises(ParamsError, match=r"classes \[1\] have fewer than quality.folds=3 distinct images .* copies"):
+        quality.grouped_folds(labels, 3, 0, groups)
 
 
 def test_the_largest_seed_params_take_trains_every_fold():

@@ -77,11 +77,23 @@ def test_lists_naming_images_the_current_download_lacks_are_refused(tmp_path):
     manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids if i != "b" * 20))  # an excluded one gone
     args = ["--report", str(report), "--params", str(params), "--exclude-copies", "--write"]
     before = params.read_text()
-    with pytest.raises(SystemExit, match=r"not in .*manifest.jsonl .*dvc repro quality"):
+    with pytest.raises(SystemExit, match=r"no image of .*download .*dvc repro quality"):
         data_fixes.main(args)
     assert params.read_text() == before
     manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
     assert data_fixes.main(args) == 0
+    # a second read: the same lists after download took their images out (excluded: quarantined, and in the params),
+    # and a pair of which download quarantined one image since, are the same run's, not refused
+    manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids if i not in ("b" * 20, "d" * 20)))
+    assert data_fixes.main(args) == 0  # b and d: in download.exclude
+    (manifest.parent / "quarantine.jsonl").write_text(json.dumps({"reason": "excluded", "pixels_sha256": "a" * 64}))
+    manifest.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids if i != "a" * 20))
+    folder = yaml.safe_load(params.read_text())
+    folder["dataset"] = {**folder["dataset"], "source": "folder", "dir": "photos"}  # pairs kept together: a hash split
+    params.write_text(yaml.safe_dump(folder))
+    assert data_fixes.main([*args[:-2], "--keep-together", "--write"]) == 0  # a: quarantined since
+    with pytest.raises(SystemExit):  # argparse: an explicit manifest that is not there
+        data_fixes.main([*args, "--manifest", str(tmp_path / "nowhere.jsonl")])
 
 
 def test_impossible_fixes_are_refused_before_anything_is_written(tmp_path):

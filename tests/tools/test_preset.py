@@ -199,16 +199,22 @@ def test_unfreeze_top_is_bounded_by_the_graph_the_stages_build():
     so the weightless build refused an unfreeze_top finetune takes; with weights none it is the same graph."""
     from components.params import read_params
 
-    top = {"finetune": {"unfreeze_from": None, "unfreeze_top": 237}}
-    base = {"name": "efficientnet_b0", "input_size": [32, 32], "layer": None}
     params = read_params(REPO / "params.yaml")
+    cases = [  # (base, weights, unfreeze_top, its layer count without ImageNet's extra one or None where accepted)
+        ("efficientnet_b0", "imagenet", 237, None),
+        ("efficientnet_b0", "models/imagenet.weights.h5", 237, None),  # the base_weights stage's file: the same
+        ("efficientnet_b0", "none", 237, 237),
+        ("efficientnet_b0", "models/my_b0.weights.h5", 237, 237),  # Keras builds a weights file's graph as none's
+        ("mobilenet_v2", "imagenet", 154, 154),  # a second read: no other base gains a layer
+    ]
     with tempfile.TemporaryDirectory() as where:
-        for weights, refused in (("imagenet", False), ("none", True)):
-            merged = preset.merge(params, {"conv_base": {**base, "weights": weights}, **top})
-            if refused:
-                with pytest.raises(ParamsError, match=r"finetune\.unfreeze_top: the base has 237 layers, got 237"):
-                    preset.validate(merged, Path(where) / "params.yaml")
-            else:
+        for name, weights, top, layers in cases:
+            base = {"name": name, "input_size": [32, 32], "layer": None, "weights": weights}
+            merged = preset.merge(params, {"conv_base": base, "finetune": {"unfreeze_from": None, "unfreeze_top": top}})
+            if layers is None:
+                preset.validate(merged, Path(where) / "params.yaml")
+                continue
+            with pytest.raises(ParamsError, match=rf"finetune\.unfreeze_top: the base has {layers} layers, got {top}"):
                 preset.validate(merged, Path(where) / "params.yaml")
 
 
