@@ -162,7 +162,7 @@ def grouped_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray)
         classes = int(labels.max()) + 1
         holding = np.array([len(np.unique(groups[labels == c])) for c in range(classes)])
         leading = np.bincount(labels[firsts], minlength=classes)
-        counts = np.where((leading > 0) & (leading < holding), leading, holding)
+        counts = np.where(leading > 0, leading, holding)  # a group a class leads holds it: leading <= holding
         small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < folds))]
         if small:
             raise ParamsError(

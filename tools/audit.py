@@ -346,16 +346,18 @@ def source_problems(
                     "without `dvc repro`, or never committed): commit it, or run `dvc repro` and commit"
                 )
                 continue
-            owner = dropped.get(path) or dropped.get(enclosing(path, dropped) or "")
-            if (md5 is None or (folder and fewer)) and owner:
-                problems.append(
-                    f"stage {stage} was run on {path} {recorded}, which dvc.lock records as an output of stage "
-                    f"{owner}, which dvc.yaml no longer declares: nothing rebuilds it and the revision does not "
-                    f"version it; declare the stage again (or `dvc add {path}`), run `dvc repro` and commit"
-                )
-                continue
             if md5 is None or (folder and fewer):
-                unversioned.append(f"{path} (stage {stage}: {recorded}, {counted} files; the revision holds {held})")
+                owner = dropped.get(path) or dropped.get(enclosing(path, dropped) or "")
+                if owner:
+                    problems.append(
+                        f"stage {stage} was run on {path} {recorded}, which dvc.lock records as an output of stage "
+                        f"{owner}, which dvc.yaml no longer declares: nothing rebuilds it and the revision does not "
+                        f"version it; declare the stage again (or `dvc add {path}`), run `dvc repro` and commit"
+                    )
+                else:
+                    unversioned.append(
+                        f"{path} (stage {stage}: {recorded}, {counted} files; the revision holds {held})"
+                    )
                 continue
             problems.append(
                 f"stage {stage} was run on {path} {recorded}, but the revision holds {md5} there: the committed "

@@ -50,7 +50,6 @@ from components import (
 from components.cli import dvc, run_main
 from components.params import (
     ParamsError,
-    did_you_mean,
     dump_yaml,
     load_yaml,
     parse_section,
@@ -271,20 +270,6 @@ def validate(params: Mapping, where: Path, sources: Mapping[str, Path] | None = 
         }
         for runtime in {configs[extract].extract.runtime, configs[evaluate].evaluate.runtime}:
             runtimes.check_installed(runtime)  # not only when evaluate starts, after every stage before it ran
-        base = configs[extract].conv_base
-        # a registry base's name and size (an empty path is none, as the stages read it): a lookup here, not a
-        # failure at the base's first build (pipelines/bases.load_conv_base, whose checks these repeat)
-        if not base.path:
-            if base.name not in bases.REGISTRY:
-                raise ParamsError(
-                    f"conv_base.name: unknown base {base.name!r}{did_you_mean(base.name, bases.REGISTRY)}; "
-                    f"known: {', '.join(sorted(bases.REGISTRY))}"
-                )
-            if min(base.input_size) < bases.REGISTRY[base.name].min_size:
-                raise ParamsError(
-                    f"conv_base.input_size: {base.name} needs each side >= {bases.REGISTRY[base.name].min_size}, "
-                    f"got {list(base.input_size)}"
-                )
         served, kept = configs[export].export.max_pixels, configs[download].download.max_pixels
         if served < kept:  # the serving model would refuse images download keeps: export's check, the last stage
             raise ParamsError(
@@ -300,6 +285,8 @@ def validate(params: Mapping, where: Path, sources: Mapping[str, Path] | None = 
             beam_options.pipeline_options(stage, beam_options.load(tmp), ())
         if "retrain" in params:
             parse_section(retrain.RetrainParams, "retrain", params["retrain"])
+        # the base built as the stages build it (a registry base's name and size included: bases.load_conv_base's
+        # own checks, where they failed at the base's first build, a sweep's variant N after variants 1 to N-1 ran)
         check_architecture(configs, where.resolve().parent, sources or {})
     finally:
         tmp.unlink(missing_ok=True)
