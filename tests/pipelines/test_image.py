@@ -262,8 +262,8 @@ def test_a_gif_too_long_to_walk_is_refused_by_serving_and_download_alike():
 def test_damaged_data_behind_a_valid_header_fails_when_cut_or_checksummed_and_is_decoded_when_not():
     """What the README says of damaged files (a review on 2026-12-07 found it claimed every one fails): a JPEG or PNG
     cut short and a PNG whose data fails its checksum fail in the shared decode (the serving model's too); flipped
-    bytes in a JPEG's entropy-coded data do not: libjpeg only warns and returns other pixels, and download, whose
-    Pillow uses the same library, keeps the file."""
+    bytes in a JPEG's entropy-coded data, a GIF's LZW data or a lossy WebP's data do not: the decoders return other
+    pixels (libjpeg only warns), and download, whose Pillow decodes them the same way, keeps the file."""
     import warnings
 
     import tensorflow as tf
@@ -296,3 +296,21 @@ def test_damaged_data_behind_a_valid_header_fails_when_cut_or_checksummed_and_is
             bytes(scan), min_side=16, max_pixels=89_478_485, decode=normalise.make_decoder()
         )
     assert isinstance(kept, normalise.Normalised)
+    # GIF (LZW) and lossy WebP: no checksum over the image data either
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for fmt, options, first, step in (("GIF", {}, None, 5), ("WEBP", {"quality": 80}, 60, 13)):
+        intact_file = encode(noisy, fmt, **options)
+        damaged = bytearray(intact_file)
+        start = len(damaged) // 2 if first is None else first
+        stop = start + 40 if first is None else len(damaged) - 20
+        for k in range(start, stop, step):
+            damaged[k] ^= 0x55 if fmt == "GIF" else 0x33
+        intact = image.decode_image(tf.constant(intact_file)).numpy()
+        garbled = image.decode_image(tf.constant(bytes(damaged))).numpy()  # no error
+        assert garbled.shape == intact.shape and np.abs(garbled.astype(int) - intact.astype(int)).max() > 100, fmt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = normalise.normalise_image(
+                bytes(damaged), min_side=16, max_pixels=89_478_485, decode=normalise.make_decoder()
+            )
+        assert isinstance(kept, normalise.Normalised), fmt
