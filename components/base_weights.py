@@ -28,12 +28,13 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 from components import conv_base, outputs
-from components.cli import configure_logging, run_main
+from components.cli import EnvironmentProblem, configure_logging, run_main
 from components.conv_base import ConvBaseParams
 from components.params import Section, log_resolved, read_params, section
 from pipelines.fingerprint import file_sha256
@@ -53,6 +54,27 @@ class Config:
 
 def load_config(params_path: str | Path) -> Config:
     return Config(conv_base=section(read_params(params_path), ConvBaseParams, "conv_base", params_path))
+
+
+class UnreadableKerasCache(EnvironmentProblem):
+    """The weights file in Keras's download cache cannot be read (a download cut short, a damaged file)."""
+
+
+def keras_models_folder() -> str:
+    """Where `keras.utils.get_file` keeps the applications' weights (KERAS_HOME's or ~/.keras's `models`)."""
+    from keras.src.backend import config
+
+    return os.path.join(os.path.expanduser(config.keras_home()), "models")
+
+
+def unreadable_cache_message(name: str, exc: OSError) -> str:
+    return (
+        f"conv_base.weights: the ImageNet weights of {name} in Keras's download cache ({keras_models_folder()}) "
+        f"cannot be read ({exc}). Keras downloads straight to the file's final name, so a download cut short (a "
+        f"killed run, a full disk) stays there and is read by every later run: delete {name}'s file in that folder "
+        "and run again where the network is reachable, or `dvc pull data/base_weights` where a machine with "
+        "network access ran and pushed this stage."
+    )
 
 
 def reusable(out_dir: str | Path, record: dict) -> str | None:
@@ -92,10 +114,13 @@ def run(config: Config, out_dir: str | Path) -> dict:
         elif fetches:
             from pipelines import bases  # TensorFlow: only when there are weights to write
 
-            with conv_base.errors_named_by_param():
-                base, _ = bases.load_conv_base(
-                    params.name, None, "imagenet", params.input_size, offline_error=conv_base.BaseWeightsOffline
-                )
+            try:
+                with conv_base.errors_named_by_param():
+                    base, _ = bases.load_conv_base(
+                        params.name, None, "imagenet", params.input_size, offline_error=conv_base.BaseWeightsOffline
+                    )
+            except OSError as exc:  # h5py: Keras downloads to the file's final name, so a cut download stays there
+                raise UnreadableKerasCache(unreadable_cache_message(params.name, exc)) from None
             base.save_weights(tmp / WEIGHTS)
             record.update(file=WEIGHTS, sha256=file_sha256(tmp / WEIGHTS))
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
