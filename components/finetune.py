@@ -150,9 +150,13 @@ def build_augmentation(params: AugmentParams, seed: int):
     strength is zero.
     """
     layers = []
-    if params.flip != "none":
-        mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
-        layers.append(keras.layers.RandomFlip(mode, seed=seed))
+    if params.flip in ("horizontal", "vertical"):
+        layers.append(keras.layers.RandomFlip(params.flip, seed=seed))
+    elif params.flip == "both":
+        # Two draws: Keras's "horizontal_and_vertical" draws one per image for both axes, so an image was kept or
+        # turned a half turn, never mirrored alone (the views tta.flip: both averages over)
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("vertical", seed=seed + 5))
     if params.rotation:
         layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:

@@ -1,3 +1,4 @@
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -193,6 +194,30 @@ def test_augmentation_draws_new_variants_each_call_and_can_be_off():
     assert not np.allclose(first, pixels.numpy()) and not np.allclose(first, second)
     off = finetune.AugmentParams(flip="none", rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
     assert finetune.build_augmentation(off, seed=3) is None
+
+
+@pytest.mark.parametrize(
+    "flip, views",
+    [
+        ("both", {"kept", "mirrored", "upside down", "half turn"}),
+        ("horizontal", {"kept", "mirrored"}),
+        ("vertical", {"kept", "upside down"}),
+    ],
+)
+def test_flips_draw_each_view_the_param_names(flip, views):
+    """flip: both draws all four views tta.flip: both averages over, each about as often; Keras's
+    "horizontal_and_vertical" drew one choice for both axes, so an image was kept or turned a half turn, never
+    mirrored alone (found by a review on 2026-12-07)."""
+    params = finetune.AugmentParams(flip=flip, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+    augment = finetune.build_augmentation(params, seed=0)
+    image = np.arange(4 * 4 * 3, dtype="float32").reshape(4, 4, 3)  # no symmetry: each view is another array
+    named = {"kept": image, "mirrored": image[:, ::-1], "upside down": image[::-1], "half turn": image[::-1, ::-1]}
+    seen = collections.Counter()
+    for batch in tf.data.Dataset.from_tensors(np.stack([image] * 100)).repeat(4).map(augment):
+        for out in batch.numpy():
+            seen[next(name for name, view in named.items() if np.array_equal(out, view))] += 1
+    assert set(seen) == views
+    assert min(seen.values()) > 400 / len(views) * 0.7, seen
 
 
 def test_head_with_another_class_count_is_a_clear_error(converted_tiny, base_params, tmp_path):
