@@ -362,7 +362,18 @@ def predict_features(head, files: list[str], feature_size: int, batch_size: int)
             ids += [i.decode() for i in batch_ids.numpy()]
             labels.append(label.numpy())
             probs.append(as_probabilities(head(features.numpy())))
-    return ids, np.concatenate(labels), np.concatenate(probs)
+    return as_scores(ids, labels, probs)
+
+
+def as_scores(ids: list[str], labels: list[np.ndarray], probs: list[np.ndarray]):
+    """(ids, labels, probabilities) in id order, so no figure depends on the order the records were read in (the
+    bootstrap drew by position: another `convert.shards` moved the macro F1 interval of the same predictions);
+    files holding no record give empty arrays, which the image count check then reports."""
+    if not ids:
+        return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    labels_, probs_ = np.concatenate(labels), np.concatenate(probs)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return [ids[i] for i in order], labels_[order], probs_[order]
 
 
 def check_scores(model: str, split: str, scores: tuple, num_classes: int) -> None:
@@ -393,7 +404,7 @@ def predict_images(model, files: list[str], decode: records.RecordDecoder, batch
             ids += [i.decode() for i in batch_ids]
             labels.append(label)
             probs.append(as_probabilities(model(pixels)))
-    return ids, np.concatenate(labels), np.concatenate(probs)
+    return as_scores(ids, labels, probs)
 
 
 def write_json(path: Path, payload) -> None:

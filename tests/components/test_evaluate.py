@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -593,6 +594,72 @@ def test_a_shard_missing_from_both_the_features_and_the_records_is_an_error(eval
     ):
         evaluate.run(evaluate.Config(params), convert, extract_dir, *models, manifest, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_figures_of_the_same_predictions_do_not_depend_on_the_order_they_were_read_in():
+    """A review on 2026-12-07: the macro F1 bootstrap drew images by position in the order read (the shard count
+    sets it), so another convert.shards gave the same predictions another interval."""
+    rng = np.random.default_rng(0)
+    n, names = 201, ["a", "b", "c", "d", "e"]
+    ids = [f"{i:04x}" for i in rng.permutation(n)]
+    labels, probs = rng.integers(0, 5, n), rng.dirichlet(np.ones(5), n).astype("float32")
+
+    def read_in(order):  # two batches, as predict_features collects them
+        half = len(order) // 2
+        return (
+            [ids[i] for i in order],
+            [labels[order[:half]], labels[order[half:]]],
+            [probs[order[:half]], probs[order[half:]]],
+        )
+
+    first = evaluate.classification_metrics(*evaluate.as_scores(*read_in(np.arange(n)))[1:], names)
+    again = evaluate.classification_metrics(*evaluate.as_scores(*read_in(rng.permutation(n)))[1:], names)
+    assert first == again and first["macro_f1_low"] < first["macro_f1"] < first["macro_f1_high"]
+
+
+def reshard_reversed(folder: Path, split: str, empty: bool = False) -> None:
+    """A split's records in one shard in the reverse order (as another `convert.shards` orders them), or none."""
+    files = sorted(folder.glob(f"{split}-*.tfrecord"))
+    serialized = [bytes(r.numpy()) for r in tf.data.TFRecordDataset([str(f) for f in files])]
+    for f in files:
+        f.unlink()
+    with tf.io.TFRecordWriter(str(folder / f"{split}-00000-of-00001.tfrecord")) as writer:
+        for record in [] if empty else serialized[::-1]:
+            writer.write(record)
+
+
+@pytest.mark.slow
+def test_the_figures_do_not_depend_on_the_order_the_records_are_read_in(evaluated, converted_tiny, tmp_path):
+    """A review on 2026-12-07: the macro F1 bootstrap drew images by their position in the order read, which the shard
+    count sets, so the same predictions gave another interval after a change of convert.shards."""
+    root, _ = evaluated
+    convert, extract_dir = tmp_path / "convert", tmp_path / "extract"
+    shutil.copytree(converted_tiny, convert)
+    shutil.copytree(root / "extract", extract_dir)
+    for split in ("val", "test"):
+        reshard_reversed(convert / "records", split)
+        reshard_reversed(extract_dir / "features", split)
+    params = evaluate.EvaluateParams(batch_size=4, gradcam_correct=2, gradcam_wrong=2)
+    models = (root / "train_head" / "head.keras", root / "finetune" / "model.keras")
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    evaluate.run(evaluate.Config(params), convert, extract_dir, *models, manifest, tmp_path / "r")
+
+    # The same figures, intervals included; the log loss to float rounding only (the head and the model score other
+    # batches of the same images, and a batch's last positions take another oneDNN path: *extract*)
+    def split_losses(metrics: dict) -> tuple[dict, list[float]]:
+        losses = [metrics[m][s].pop("loss") for m in evaluate.MODELS for s in ("val", "test")]
+        return metrics, losses
+
+    now, now_losses = split_losses(json.loads((tmp_path / "r" / "metrics.json").read_text()))
+    before, before_losses = split_losses(json.loads((root / "report" / "metrics.json").read_text()))
+    assert now == before and now_losses == pytest.approx(before_losses, rel=1e-6)
+    assert (tmp_path / "r" / "misclassified.json").read_bytes() == (root / "report" / "misclassified.json").read_bytes()
+    # a split whose shards hold no record at all: the count check's error, not numpy's on an empty list
+    for folder in (convert / "records", extract_dir / "features"):
+        reshard_reversed(folder, "test", empty=True)
+    expected = json.loads((convert / "summary.json").read_text())["records"]["test"]
+    with pytest.raises(RuntimeError, match=rf"the head model scored 0 test images, convert wrote {expected}"):
+        evaluate.run(evaluate.Config(params), convert, extract_dir, *models, manifest, tmp_path / "r2")
 
 
 def test_an_empty_test_split_is_refused_before_any_model_is_loaded_or_split_scored(tmp_path):
