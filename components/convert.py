@@ -189,17 +189,20 @@ def vocabulary_labels(blob: bytes) -> list[str]:
 
 
 PATTERN_CHARACTERS = "*?["  # what opens a pattern for Beam's match (a lone `]` does not)
+# ... and, in the output's and the analysis folder's paths, TensorFlow's escape character (its match read `\x` as
+# `x`: the analysis failed on files "not found") and the quote stabilise_saved_model cannot rewrite (after the job)
+OUTPUT_CHARACTERS = PATTERN_CHARACTERS + '\\"'
 
 
-def check_no_pattern(*folders: Path | str) -> None:
+def check_no_pattern(*folders: Path | str, characters: str = PATTERN_CHARACTERS) -> None:
     """Beam reads the manifest's path, and TensorFlow the analysis' scratch folder beside the output, as glob
     patterns: under a folder named `proj [v2]` convert failed after download had worked, on a missing file (or read
     another copy's manifest that the pattern matched). A clear error before any work instead."""
     for folder in folders:
-        if any(c in str(folder) for c in PATTERN_CHARACTERS):
+        if any(c in str(folder) for c in characters):
             raise EnvironmentProblem(
-                f"convert: the path {folder} holds one of {' '.join(PATTERN_CHARACTERS)}, which Beam and TensorFlow "
-                "read as a file pattern: move the project (or data/) to a path without them"
+                f"convert: the path {folder} holds one of {' '.join(characters)}, which Beam and TensorFlow "
+                "read as a file pattern or an escape: move the project (or data/) to a path without them"
             )
 
 
@@ -214,7 +217,8 @@ def run(
     started = time.monotonic()
     options = beam_options.pipeline_options("convert", runner, beam_args)  # a runner it cannot use: before any work
     download_dir = Path(download_dir).resolve()  # absolute: workers elsewhere resolve relative paths their own way
-    check_no_pattern(download_dir, Path(out_dir).resolve())
+    check_no_pattern(download_dir)
+    check_no_pattern(Path(out_dir).resolve(), characters=OUTPUT_CHARACTERS)
     expected = check_manifest(iter_jsonl(download_dir / MANIFEST))  # a row at a time
     shards = config.convert.shards.model_dump()
     # The analysis' scratch folder; tf.Transform writes its path into the transform graph, where
@@ -230,7 +234,7 @@ def run(
         # never write the same analysis files, and its path is long enough for stabilise_saved_model to replace
         temp_location = _temp_location(options)
         temp_dir = f"{temp_location.rstrip('/')}/convert-tft-{uuid.uuid4().hex}" if temp_location else str(local_temp)
-        check_no_pattern(temp_dir)
+        check_no_pattern(temp_dir, characters=OUTPUT_CHARACTERS)
         pipeline = beam.Pipeline(options=options)
         graph.convert(
             pipeline,

@@ -142,6 +142,16 @@ def test_a_path_beam_would_read_as_a_pattern_is_refused_before_any_work(download
     with pytest.raises(EnvironmentProblem, match=r"out\*"):
         convert.run(convert.Config(convert.ConvertParams()), tmp_path / "elsewhere", tmp_path / "out*")
     assert not (bracketed / "convert").exists() and not (tmp_path / "out*").exists()
+    # In the output's path, the analysis folder's beside it: TensorFlow's escape (the analysis failed on files "not
+    # found") and a quote (refused after the whole job); a review on 2026-12-07. A lone `]` is no pattern.
+    clean = tmp_path / "clean"
+    moved.rename(clean)
+    for name in ("bs\\x", 'q"x'):
+        (tmp_path / name).mkdir()
+        with pytest.raises(EnvironmentProblem, match=r"holds one of \* \? \[ \\ \""):
+            convert.run(convert.Config(convert.ConvertParams()), clean, tmp_path / name / "convert")
+        assert list((tmp_path / name).iterdir()) == []
+    convert.run(convert.Config(convert.ConvertParams()), clean, tmp_path / "v2]" / "convert")
 
 
 def test_a_running_converts_analysis_scratch_is_left_alone_and_a_killed_ones_swept(download_dir, tmp_path, live_pid):
