@@ -40,7 +40,7 @@ from components import lineage, outputs
 from components.cli import configure_logging, run_main
 from components.manifest import iter_jsonl, split_counts
 from components.params import Section, TtaParams, log_resolved, read_params, section, write_resolved
-from pipelines import records, serving
+from pipelines import record_checks, records, serving
 from pipelines.fingerprint import file_sha256
 from pipelines.normalise import DEFAULT_MAX_PIXELS, PILLOW_HARD_LIMIT
 
@@ -148,7 +148,14 @@ def run(
     test_ids = heapq.nsmallest(
         config.export.serving_check, (row["id"] for row in iter_jsonl(manifest_path) if row["split"] == "test")
     )
-    samples = records.encoded_by_id(test_files, set(test_ids), records.record_decoder(size))
+    with record_checks.damaged_named(test_files):  # a damaged shard named, not TensorFlow's DataLossError
+        samples = records.encoded_by_id(test_files, set(test_ids), records.record_decoder(size))
+    if len(samples) != len(test_ids):  # the check would run on fewer images without a word
+        lost = sorted(set(test_ids) - set(samples))
+        raise RuntimeError(
+            f"export: {len(lost)} of the {len(test_ids)} test images the serving check takes are in the manifest but "
+            f"in no test record (e.g. {lost[0]}): the records and the manifest are not one run's; re-run convert"
+        )
     with outputs.staged_dir(out_dir) as tmp:
         tta = config.tta
         serving.export(model, names, size, tmp / SERVING, tta.flip, tta.quarter_turns, config.export.max_pixels)

@@ -617,6 +617,36 @@ def test_the_figures_of_the_same_predictions_do_not_depend_on_the_order_they_wer
     assert first == again and first["macro_f1_low"] < first["macro_f1"] < first["macro_f1_high"]
 
 
+@pytest.mark.slow
+def test_export_names_a_damaged_test_shard_and_refuses_test_images_no_record_holds(evaluated, converted_tiny, tmp_path):
+    """A review on 2026-12-07: export read the test records through tf.data, so a damaged shard was TensorFlow's
+    DataLossError, naming no file; and a test image of the manifest that no record held was left out of the serving
+    check without a word."""
+    root, _ = evaluated
+    convert = tmp_path / "convert"
+    shutil.copytree(converted_tiny, convert)
+    manifest = converted_tiny.parent / "download" / "manifest.jsonl"
+    models = (root / "finetune" / "model.keras", root / "train_head" / "head.keras")
+    config = export.Config(export.ExportParams(serving_check=3))
+
+    def run_export(manifest_path):
+        extract_json, metrics_json = root / "extract" / "features.json", root / "report" / "metrics.json"
+        export.run(config, *models, convert, extract_json, manifest_path, metrics_json, tmp_path / "out")
+
+    shard = sorted((convert / "records").glob("test-*.tfrecord"))[0]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-7])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shard))}: a damaged or truncated TFRecord"):
+        run_export(manifest)
+    shard.write_bytes(whole)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    stray = {**next(r for r in rows if r["split"] == "test"), "id": "0" * 64}  # sorts first: the check takes it
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stray, *rows]))
+    with pytest.raises(RuntimeError, match=r"export: 1 of the 3 test images the serving check takes .*\(e\.g\. 0{64}\)"):
+        run_export(tmp_path / "manifest.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
 def reshard_reversed(folder: Path, split: str, empty: bool = False) -> None:
     """A split's records in one shard in the reverse order (as another `convert.shards` orders them), or none."""
     files = sorted(folder.glob(f"{split}-*.tfrecord"))
