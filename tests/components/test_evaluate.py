@@ -642,7 +642,9 @@ def test_export_names_a_damaged_test_shard_and_refuses_test_images_no_record_hol
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     stray = {**next(r for r in rows if r["split"] == "test"), "id": "0" * 64}  # sorts first: the check takes it
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stray, *rows]))
-    with pytest.raises(RuntimeError, match=r"export: 1 of the 3 test images the serving check takes .*\(e\.g\. 0{64}\)"):
+    with pytest.raises(
+        RuntimeError, match=r"export: 1 of the 3 test images the serving check takes .*\(e\.g\. 0{64}\)"
+    ):
         run_export(tmp_path / "manifest.jsonl")
     assert not (tmp_path / "out").exists()
 
