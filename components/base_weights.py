@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -67,11 +68,16 @@ def keras_models_folder() -> str:
     return os.path.join(os.path.expanduser(config.keras_home()), "models")
 
 
+def raised_by_h5py(exc: BaseException) -> bool:
+    """Whether h5py raised `exc` (reading the weights file), not the download before it."""
+    return any("/h5py/" in frame.filename.replace(os.sep, "/") for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def unreadable_cache_message(name: str, exc: OSError) -> str:
     return (
         f"conv_base.weights: the ImageNet weights of {name} in Keras's download cache ({keras_models_folder()}) "
-        f"cannot be read ({exc}). Keras downloads straight to the file's final name, so a download cut short (a "
-        f"killed run, a full disk) stays there and is read by every later run: delete {name}'s file in that folder "
+        f"cannot be read ({exc}). Keras downloads straight to the file's final name, so a download cut short by a "
+        f"killed run stays there and is read by every later run: delete {name}'s file in that folder "
         "and run again where the network is reachable, or `dvc pull data/base_weights` where a machine with "
         "network access ran and pushed this stage."
     )
@@ -119,7 +125,9 @@ def run(config: Config, out_dir: str | Path) -> dict:
                     base, _ = bases.load_conv_base(
                         params.name, None, "imagenet", params.input_size, offline_error=conv_base.BaseWeightsOffline
                     )
-            except OSError as exc:  # h5py: Keras downloads to the file's final name, so a cut download stays there
+            except OSError as exc:
+                if not raised_by_h5py(exc):  # a download's own failure (Keras deletes its part-written file)
+                    raise
                 raise UnreadableKerasCache(unreadable_cache_message(params.name, exc)) from None
             base.save_weights(tmp / WEIGHTS)
             record.update(file=WEIGHTS, sha256=file_sha256(tmp / WEIGHTS))

@@ -74,9 +74,11 @@ def test_extract_and_finetune_read_the_stages_file_not_this_machines_keras_cache
     assert base_weights.run(base_weights.Config(IMAGENET), tmp_path / "a")["sha256"] not in (None, record["sha256"])
 
 
-def test_a_weights_file_cut_short_in_keras_cache_is_a_clear_error_naming_the_folder(keras_home, tmp_path):
+def test_a_weights_file_cut_short_in_keras_cache_is_a_clear_error_naming_the_folder(keras_home, tmp_path, monkeypatch):
     """Keras downloads to the file's final name: a download cut short stays in its cache and was read by every later
     run, which ended in h5py's traceback (found by a review on 2026-12-07)."""
+    from keras.src.utils import file_utils
+
     path = keras_imagenet_file(keras_home, 96, seed=1)
     whole = path.read_bytes()
     for damaged in (whole[: len(whole) // 2], b"\x00" * 5000):  # cut short; not an HDF5 file at all
@@ -87,6 +89,16 @@ def test_a_weights_file_cut_short_in_keras_cache_is_a_clear_error_naming_the_fol
         assert message.startswith("conv_base.weights: the ImageNet weights of mobilenet_v2") and "delete" in message
         assert f"({keras_home / 'models'})" in message and "dvc pull data/base_weights" in message
         assert not (tmp_path / "out").exists()
+    # an OSError of the download itself is not the cache's file (Keras deletes its part-written file): passed on
+    path.unlink()
+
+    def reset(url, target, hook=None):
+        Path(target).write_bytes(b"partial")
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", reset)
+    with pytest.raises(ConnectionResetError):
+        base_weights.run(base_weights.Config(IMAGENET), tmp_path / "out")
 
 
 def test_a_stale_or_missing_weights_output_is_a_clear_error(tmp_path):
