@@ -53,7 +53,7 @@ from components.cli import configure_logging, dvc, run_main, sh, venv_env
 from components.manifest import MANIFEST, iter_jsonl, parse_jsonl
 from components.params import ParamsError, Section, load_yaml, log_resolved, read_params, section
 from pipelines import features as fk
-from pipelines import serving
+from pipelines import record_checks, serving
 from tools import audit, outputs_in_git
 
 log = logging.getLogger(__name__)
@@ -243,17 +243,20 @@ def served_right(
     serve = tf.saved_model.load(str(serving_dir)).signatures[serving.SIGNATURE]
     spec = {key: fk.record_feature_spec()[key] for key in (fk.ID, fk.IMAGE, fk.LABEL_NAME)}
     ids, labels, right, classes = [], [], [], None
-    for batch in tf.data.TFRecordDataset(record_files).batch(batch_size).map(lambda r: tf.io.parse_example(r, spec)):
-        served = serve(images=batch[fk.IMAGE])
-        if "classes" not in served:
-            raise RuntimeError(
-                f"the serving model in {serving_dir} has no `classes` output: the gate cannot tell "
-                "which classes it knows"
-            )
-        classes = [c.decode() for c in served["classes"].numpy()[0]]
-        ids += [i.decode() for i in batch[fk.ID].numpy()]
-        labels += [label.decode() for label in batch[fk.LABEL_NAME].numpy()]
-        right.append(served["predicted"].numpy() == batch[fk.LABEL_NAME].numpy())
+    with record_checks.damaged_named(record_files):  # a damaged shard named, not TensorFlow's DataLossError
+        for batch in (
+            tf.data.TFRecordDataset(record_files).batch(batch_size).map(lambda r: tf.io.parse_example(r, spec))
+        ):
+            served = serve(images=batch[fk.IMAGE])
+            if "classes" not in served:
+                raise RuntimeError(
+                    f"the serving model in {serving_dir} has no `classes` output: the gate cannot tell "
+                    "which classes it knows"
+                )
+            classes = [c.decode() for c in served["classes"].numpy()[0]]
+            ids += [i.decode() for i in batch[fk.ID].numpy()]
+            labels += [label.decode() for label in batch[fk.LABEL_NAME].numpy()]
+            right.append(served["predicted"].numpy() == batch[fk.LABEL_NAME].numpy())
     return ids, labels, (np.concatenate(right) if right else np.zeros(0, bool)), classes or []
 
 

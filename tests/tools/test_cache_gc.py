@@ -357,3 +357,19 @@ def test_a_cache_a_stage_creates_while_the_collection_runs_is_left_alone(tmp_pat
 def test_a_cache_in_a_bucket_is_refused_not_skipped(flag, tmp_path):
     with pytest.raises(ValueError, match="gs://bucket/cache: garbage collection runs on a local cache folder"):
         cache_gc.main(["--params", str(tmp_path / "params.yaml"), flag, "gs://bucket/cache"])
+
+
+def test_a_damaged_shard_stops_the_collection_naming_it(converted_tiny, tmp_path):
+    """The keys in use were read through tf.data: a damaged shard stopped the collection (nothing deleted) with
+    TensorFlow's DataLossError, naming no file (a review on 2026-12-07)."""
+    import shutil
+
+    convert = tmp_path / "convert"
+    shutil.copytree(converted_tiny, convert)
+    assert len(cache_gc.used_keys(convert)) == sum(
+        json.loads((convert / "summary.json").read_text())["records"].values()
+    )
+    shard = sorted((convert / "records").glob("val-*.tfrecord"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=rf"{shard}: a damaged or truncated TFRecord"):
+        cache_gc.used_keys(convert)

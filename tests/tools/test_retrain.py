@@ -275,6 +275,21 @@ def serving_model(predictions: dict, classes, root: Path) -> Path:
     return path
 
 
+def test_a_damaged_gate_shard_is_an_error_naming_it(tmp_path):
+    """The gate read the val records through tf.data: a damaged shard was TensorFlow's DataLossError, naming no file
+    (a review on 2026-12-07)."""
+    from tools.retrain import served_right
+
+    records = [[f"img{i}", ("cat", "dog")[i % 2]] for i in range(6)]
+    shard = tmp_path / "val-00000-of-00001.tfrecord"
+    write_records(shard, records)
+    model = serving_model({image: label for image, label in records}, ("cat", "dog"), tmp_path / "models")
+    assert served_right(model, [str(shard)])[0] == [image for image, _ in records]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=rf"{shard}: a damaged or truncated TFRecord"):
+        served_right(model, [str(shard)])
+
+
 def write_day(project, images, wrong=(), fail=0, train=(), classes=("cat", "dog")):
     """The day's val records (`images`, indices; labels alternate between the two `classes`), the images of its
     train split, and the model built today, which knows those classes, predicts every image there is and gets
