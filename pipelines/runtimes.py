@@ -1,14 +1,14 @@
 """Inference runtimes for a frozen Keras model: TensorFlow, or OpenVINO on the CPU.
 
 extract (the conv base) and evaluate (the head and the fine-tuned model) run pure
-inference; OpenVINO ran the same network 1.85-2.44x as fast as Keras's
-`predict_on_batch` here (two inference streams, f32; the extract stage, which also
-decodes, 0.91-1.21x: README, *Inference runtime*). The OpenVINO model is
+inference, and OpenVINO runs a network faster than Keras's `predict_on_batch` on a
+CPU (README, *Inference runtime*, has the measured figures). The OpenVINO model is
 converted from the Keras model itself (its traced inference function, through
 `openvino.convert_model`): there is no second source of weights. Converted models
 are cached as IR folders keyed by `conversion_key` (the model's config and weights,
-the OpenVINO version, this module's code and the compile config), so a base
-converts once.
+the OpenVINO, TensorFlow and Keras versions, the code the traced function runs and
+the compile config), so a base converts once; each folder holds the SHA-256 of its
+files, checked before it is compiled, so damaged bytes are converted again, never run.
 
 OpenVINO is compiled with f32 inference precision: on CPUs with bf16 units its
 default is bf16, whose features differ from TensorFlow's by ~0.5 on features of
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,11 +41,30 @@ RUNTIMES: tuple[str, ...] = ("tensorflow", "openvino")
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"  # the weights OpenVINO saves beside the .xml
+CHECKSUMS = "sha256.json"  # the SHA-256 of both, written by the conversion before the folder takes its key
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {name: fingerprint.file_sha256(folder / name) for name in (MODEL_XML, MODEL_BIN)}
 
 
 def _complete(folder: Path) -> bool:
-    """A converted model under its key: both files (a folder a killed deletion left half-emptied is not)."""
-    return (folder / MODEL_XML).is_file() and (folder / MODEL_BIN).is_file()
+    """A converted model under its key, whole: both files, with the checksums its conversion recorded. A folder
+    a killed deletion left half-emptied is not, nor one whose bytes changed after the conversion (a crash before
+    they reached the disk, bit rot): OpenVINO compiles damaged weights without a word and computes other
+    features."""
+    try:
+        return json.loads((folder / CHECKSUMS).read_text()) == _checksums(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _set_aside(folder: Path) -> None:
@@ -87,11 +107,39 @@ def check_installed(runtime: str) -> None:
 
 
 def model_digest(model: keras.Model) -> str:
-    """The SHA-256 of a model's architecture and weights: what decides what it computes."""
-    digest = hashlib.sha256(model.to_json().encode())
+    """The SHA-256 of a model's architecture and weights: what decides what it computes.
+
+    Not of the names Keras gives layers itself: it numbers them per process (InceptionV3's, Xception's and
+    EfficientNet's `conv2d`, then `conv2d_4` in the next build), so the same base built twice had two keys and
+    was converted again (a cold extract builds a probe first, an incremental one does not). Every layer name is
+    replaced by its place in the config, wherever the config names it, and the weights are hashed by their
+    place, shape and dtype, not their path."""
+    config = json.loads(model.to_json())
+    places: dict[str, str] = {}
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str):
+                places.setdefault(node["name"], f"#{len(places)}")
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    def renamed(node):
+        if isinstance(node, dict):
+            return {key: renamed(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [renamed(value) for value in node]
+        return places.get(node, node) if isinstance(node, str) else node
+
+    collect(config)
+    digest = hashlib.sha256(json.dumps(renamed(config), sort_keys=True).encode())
     for weight in model.weights:
-        digest.update(weight.path.encode())
-        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.shape}:{value.dtype}:".encode())
+        digest.update(value.tobytes())
     return digest.hexdigest()
 
 
@@ -110,6 +158,9 @@ def _convert(model: keras.Model, folder: Path) -> None:
     private.mkdir(parents=True)
     try:
         ov.save_model(converted, str(private / MODEL_XML), compress_to_fp16=False)
+        (private / CHECKSUMS).write_text(json.dumps(_checksums(private), sort_keys=True))
+        for name in (MODEL_XML, MODEL_BIN, CHECKSUMS):  # on the disk before the folder takes its key
+            _fsync(private / name)
         try:
             os.rename(private, folder)  # atomic: a folder under the key holds a complete .xml and .bin
         except OSError:
@@ -148,10 +199,18 @@ class OpenVINOModel:
         folder = Path(cache_dir) / self.key
         try:
             if not _complete(folder):
-                if folder.exists():  # damaged (a deletion killed half-way): converted again, not compiled broken
+                if folder.exists():  # damaged (a deletion killed half-way, bytes changed): converted again
+                    logging.warning("runtime openvino: %s is damaged or incomplete; converting it again", folder)
                     _set_aside(folder)
                 _convert(model, folder)
-            self._compiled = ov.Core().compile_model(str(folder / MODEL_XML), "CPU", OPENVINO_CONFIG)
+            try:
+                self._compiled = ov.Core().compile_model(str(folder / MODEL_XML), "CPU", OPENVINO_CONFIG)
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"runtime openvino: OpenVINO could not compile the converted model in {folder} "
+                    f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                    "delete that folder to convert it again"
+                ) from exc
         finally:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -62,6 +62,7 @@ def test_conversion_is_cached_by_the_models_content(base, compiled, monkeypatch)
     assert folder.name == runtimes.conversion_key(base) and sorted(p.name for p in folder.iterdir()) == [
         "model.bin",
         "model.xml",
+        "sha256.json",
     ]
 
     # A worker that converted at the same time as another renames second: its copy is dropped, the first kept.
@@ -96,7 +97,42 @@ def test_a_key_folder_a_killed_deletion_left_with_one_file_is_converted_again(ba
     images = pixels(4)
     assert np.array_equal(again.predict(images), model.predict(images))
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing set aside is left behind
-    assert sorted(p.name for p in damaged.iterdir()) == ["model.bin", "model.xml"]
+    assert sorted(p.name for p in damaged.iterdir()) == ["model.bin", "model.xml", "sha256.json"]
+
+
+@pytest.mark.slow
+def test_a_converted_model_whose_bytes_changed_is_converted_again_not_run(base, compiled, tmp_path, caplog):
+    """OpenVINO compiles damaged weights without a word and computes other features (a crash before the bytes
+    reached the disk, bit rot): the checksums the conversion recorded are checked before a folder is compiled."""
+    import shutil
+
+    model, cache = compiled
+    (folder,) = cache.iterdir()
+    damaged = tmp_path / folder.name
+    shutil.copytree(folder, damaged)
+    weights = bytearray((damaged / "model.bin").read_bytes())
+    weights[len(weights) // 2 : len(weights) // 2 + 64] = bytes(64)  # 16 weights set to 0, the size unchanged
+    (damaged / "model.bin").write_bytes(bytes(weights))
+    with caplog.at_level("WARNING"):
+        again = runtimes.OpenVINOModel(base, tmp_path)
+    assert "damaged or incomplete; converting it again" in caplog.text
+    images = pixels(4)
+    assert np.array_equal(again.predict(images), model.predict(images))
+    assert (damaged / "model.bin").read_bytes() == (folder / "model.bin").read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+def test_a_base_keras_names_itself_has_one_key_in_every_build():
+    """Keras numbers the layers it names itself per process (`conv2d`, then `conv2d_4`): the same base built a
+    second time in a process (a cold extract's probe first, an incremental one's not) must not convert again."""
+    params = conv_base.ConvBaseParams(name="efficientnet_b0", weights="none", input_size=(32, 32), pooling="avg")
+    first, second = conv_base.build_extractor(params), conv_base.build_extractor(params)
+    assert [w.path for w in first.weights] != [w.path for w in second.weights]  # the numbering this is about
+    assert runtimes.model_digest(first) == runtimes.model_digest(second)
+    other = conv_base.build_extractor(params.model_copy(update={"pooling": "max"}))
+    assert runtimes.model_digest(other) != runtimes.model_digest(first)
+    second.set_weights([w * 1.01 for w in second.get_weights()])
+    assert runtimes.model_digest(second) != runtimes.model_digest(first)
 
 
 def test_the_garbage_collection_renames_a_key_folder_away_before_deleting_it(tmp_path, monkeypatch):
