@@ -37,6 +37,7 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
     _CommaSeparatedListAction,  # Beam's `experiments`: its values add up
 )
+from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
 from apache_beam.runners.direct import direct_runner
 
 from components.params import ParamsError, Section, did_you_mean, read_params, section
@@ -265,6 +266,10 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
     # is called (`mypkg.runners.DaskRunner` was refused as Beam's DaskRunner; a review on 2026-12-07)
     given = args[0].partition("=")[2]
     runner = {qualified: name for name, qualified in QUALIFIED.items()}.get(given, given)
+    why = UNSUPPORTED.get(stage, {}).get(runner)
+    if why:  # first: installing what the runner needs would not help (a review on 2026-12-07)
+        works = [r for r in Runner.__args__ if r not in UNSUPPORTED.get(stage, {})]
+        raise RunnerUnsupported(f"{stage} cannot run on {runner}: {why}; the runners it runs on: {', '.join(works)}")
     if runner == "DaskRunner":
         _dask_runner()  # registers the Dask options
     parser = _option_parser()
@@ -290,8 +295,13 @@ def pipeline_options(stage: str, params: BeamParams, extra: Sequence[str] = ()) 
         raise ParamsError(f"beam: direct_num_workers {direct.direct_num_workers}: 0 (one a core) or more")
     if direct.direct_runner_bundle_repeat:  # a profiling option: each bundle runs again, and the counts are wrong
         raise ParamsError("beam: direct_runner_bundle_repeat runs every bundle again (profiling): leave it out")
-    why = UNSUPPORTED.get(stage, {}).get(runner)
-    if why:
-        works = [r for r in Runner.__args__ if r not in UNSUPPORTED.get(stage, {})]
-        raise RunnerUnsupported(f"{stage} cannot run on {runner}: {why}; the runners it runs on: {', '.join(works)}")
+    if direct.direct_test_splits != {}:  # Beam's own tests' option: it sends split requests into the job (a review)
+        raise ParamsError("beam: direct_test_splits is for Beam's own tests (it splits bundles): leave it out")
+    # Beam's own checks of the options, which `beam.Pipeline` ran only once the stage was at work (a bad
+    # --type_check_additional, environment options a LOOPBACK environment cannot take: a review on 2026-12-07);
+    # on a copy, as they may fill in defaults. Without a runner object: a service's own checks (Dataflow's project
+    # and buckets) still come when the job starts.
+    errors = PipelineOptionsValidator(PipelineOptions(args), None).validate()
+    if errors:
+        raise ParamsError("beam: " + "; ".join(" ".join(str(error).split()) for error in errors))
     return options

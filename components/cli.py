@@ -8,11 +8,15 @@ tf.Transform pipeline has run, protobuf's upb extension (6.31 and newer, which
 TensorFlow 2.21 requires) can segfault while garbage-collecting at shutdown
 (protocolbuffers/protobuf#22067), turning a finished stage into exit code 139.
 Every output is closed and moved into place before `main` returns, so nothing
-is lost by skipping finalisation.
+is lost by skipping finalisation. The `atexit` handlers still run first (the
+crash is in the garbage collection after them): Beam stops the Flink and Spark
+job servers it started in one, which `os._exit` alone left running after every
+stage.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
@@ -80,6 +84,10 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         else:
             traceback.print_exc()
             code = 1
+    try:  # each handler's error is printed by atexit itself; none changes the exit code
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - the exit code is decided
+        pass
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -283,6 +283,13 @@ def test_every_spelling_of_a_runner_is_the_projects_runner_and_its_checks(monkey
         ("--streaming=yes", r"beam: argument --streaming: ignored explicit argument 'yes'"),
         ("--direct_num_workers=-1", r"direct_num_workers -1: 0 \(one a core\) or more"),
         ("--direct_runner_bundle_repeat=1", r"direct_runner_bundle_repeat runs every bundle again"),
+        # Beam's own option checks ran only at `beam.Pipeline`, once the stage was at work (a review, 2026-12-07)
+        ("--direct_test_splits=[]", r"direct_test_splits is for Beam's own tests"),
+        ("--type_check_additional=bogus", r"Unrecognized --type_check_additional feature: bogus"),
+        (
+            "--environment_type=LOOPBACK --environment_option=docker_container_image=x",
+            r"not compatible with environment type LOOPBACK",
+        ),
         ("--runner", r"--runner without a runner name"),
         ("--runner=Sprak", r"runner 'Sprak' is not one of DirectRunner, PortableRunner"),
         ("oops", r"'oops' is not a Beam option"),
@@ -293,6 +300,19 @@ def test_bad_beam_words_from_the_environment_are_clear_errors(monkeypatch, words
     monkeypatch.setenv(beam_options.ENV, words)
     with pytest.raises(ParamsError, match=message):
         beam_options.pipeline_options("extract", beam_options.DIRECT)
+
+
+def test_a_stage_a_runner_cannot_run_says_so_before_asking_for_its_packages(monkeypatch):
+    """Without the dask extra, convert on Dask said to install dask and distributed, and refused the stage after."""
+
+    def not_installed():
+        raise beam_options.RunnerUnsupported("beam.runner DaskRunner needs dask and distributed: pip install ...")
+
+    monkeypatch.setattr(beam_options, "_dask_runner", not_installed)
+    with pytest.raises(beam_options.RunnerUnsupported, match="convert cannot run on DaskRunner"):
+        beam_options.pipeline_options("convert", beam_options.BeamParams(runner="DaskRunner"))
+    with pytest.raises(beam_options.RunnerUnsupported, match="needs dask and distributed"):
+        beam_options.pipeline_options("extract", beam_options.BeamParams(runner="DaskRunner"))
 
 
 @pytest.mark.parametrize("runner", ["FlinkRunner", "PortableRunner", "DataflowRunner"])

@@ -123,7 +123,8 @@ def unsatisfied(requirements: str) -> list[str]:
             continue
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
-        if not requirement.specifier.contains(installed, prereleases=True):
+        # `pkg[extra]`: the extra's own dependencies may be missing whatever `pkg`'s version (a review): pip decides
+        if requirement.extras or not requirement.specifier.contains(installed, prereleases=True):
             wanted.append(text)
     return wanted
 
@@ -154,11 +155,19 @@ def without_the_checkout() -> None:
     sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != here]
 
 
+def work_folder(worker_id: str, semi_persistent_directory: str | None) -> Path:
+    """A new folder for this boot's staged files and installs, inside the semi-persistent directory when one is
+    given: that directory outlives the worker, and `pip install --target` into a site-packages an earlier job
+    filled keeps that job's code (a review on 2026-12-07), as its staged folder kept its files."""
+    if semi_persistent_directory is not None:
+        os.makedirs(semi_persistent_directory, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"beam-worker-{worker_id}-", dir=semi_persistent_directory))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     without_the_checkout()
-    own = args.semi_persistent_directory is None
-    work = Path(tempfile.mkdtemp(prefix=f"beam-worker-{args.id}-")) if own else Path(args.semi_persistent_directory)
+    work = work_folder(args.id, args.semi_persistent_directory)
     staged, site = work / "staged", work / "site-packages"
     staged.mkdir(parents=True, exist_ok=True)
     environment = {
@@ -185,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sdk_worker_main.main([])
     finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
