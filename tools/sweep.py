@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pydantic
+import yaml
 
 from components import cli
 from components.cli import configure_logging, run_main, sh
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 EXTRACT_METRICS = "metrics/extract.json"
 EVALUATION_METRICS = "evaluation/metrics.json"
 RESTORED = ("params.yaml", "dvc.lock", "metrics", "evaluation", "dvclive", "quality")
+# sections that decide which images are in val: variants that set them would be ranked on different images
+SAME_DATA = ("dataset", "download")
+
+
+class SweepRefused(RuntimeError):
+    """The sweep cannot start or rank as asked; the message says what to do."""
+
+    user_facing = True  # components.cli.run_main: the message and exit 2, not a traceback
 
 
 class SweepFile(pydantic.BaseModel):
@@ -69,6 +78,10 @@ def load_sweep(path: Path) -> SweepFile:
         return SweepFile.model_validate(load_yaml(path.read_text(encoding="utf-8")) or {})
     except ParamsError as exc:  # a key given twice
         raise ParamsError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:  # the file and the place, not a parser's traceback
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     except pydantic.ValidationError as exc:
         raise ParamsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
@@ -87,11 +100,17 @@ def variant_values(sweep: SweepFile, baseline: Mapping) -> dict[str, dict[str, A
     values = {}
     for name, overrides in sweep.variants.items():
         own = dict(preset.leaves(overrides))
-        values[name] = {
-            key: own[key] if key in own else lookup(baseline, key)
-            for key in keys
-            if key in own or preset.has_key(baseline, key)
-        }
+        values[name] = {}
+        for key in keys:
+            if key in own:
+                values[name][key] = own[key]
+            elif preset.has_key(baseline, key):
+                value = lookup(baseline, key)
+                # the baseline's mapping where another variant sets one value (`dataset.tfds.splits`: three slices or
+                # one): key by key, as DVC's -S refuses a mapping in JSON (quoted keys) after the others had run
+                values[name].update(
+                    preset.leaves({key: value}) if isinstance(value, Mapping) and value else {key: value}
+                )
     return values
 
 
@@ -144,9 +163,12 @@ def nested_overrides(sweep: SweepFile) -> list[str]:
     ]
 
 
-def validate_variants(sweep: SweepFile, params_path: Path, running: bool = True) -> None:
+def validate_variants(
+    sweep: SweepFile, params_path: Path, running: bool = True, baseline: Mapping | None = None
+) -> None:
     """Every variant's params as every stage loads them; `running`: the variants are about to run (`--collect` only
-    reads what ran, which a sweep refused now may have run before)."""
+    reads what ran, which a sweep refused now may have run before); `baseline`: the params they run from (the
+    file's by default)."""
     nested = nested_overrides(sweep) if running else []
     if nested:
         raise ParamsError(
@@ -154,7 +176,13 @@ def validate_variants(sweep: SweepFile, params_path: Path, running: bool = True)
             "instead (at the value that means unset where a variant clears it, such as Beam's default), or sweep "
             "them separately"
         )
-    baseline = read_params(params_path)
+    data = sorted({f"{name}: {section}" for name, o in sweep.variants.items() for section in o if section in SAME_DATA})
+    if data:  # the ranking compares val accuracies: of the same images only (a review on 2026-12-07)
+        raise ParamsError(
+            f"variants set {', '.join(data)}: which images are in val (and test) would differ between them, and the "
+            "leaderboard ranks them by val accuracy; sweep models on one dataset (set it in params.yaml)"
+        )
+    baseline = read_params(params_path) if baseline is None else baseline
     for name, overrides in sweep.variants.items():
         try:
             preset.validate(preset.merge(baseline, overrides), params_path)
@@ -222,7 +250,10 @@ def check_scored(rows: list[dict]) -> None:
     with numbers it does not have."""
     unscored = [r["variant"] for r in rows if r["finetune_val_accuracy"] is None or r["head_val_accuracy"] is None]
     if unscored:
-        raise RuntimeError(f"variants without val accuracies in {EVALUATION_METRICS}: {unscored}")
+        raise SweepRefused(f"variants without val accuracies in {EVALUATION_METRICS}: {unscored}")
+    counts = {r["variant"]: r.get("val_images") for r in rows}
+    if len(set(counts.values())) > 1:  # not the same val images: no ranking (experiments run before that refusal)
+        raise SweepRefused(f"the variants were scored on different val splits (images: {counts}): not ranked")
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -307,8 +338,8 @@ def committed_params(repo: Path, params_path: Path) -> Mapping:
     """The params file as the current commit holds it (the baseline every variant ran from); the file itself where
     the commit has none."""
     relative = os.path.relpath(Path(params_path).resolve(), Path(repo).resolve())
-    shown = subprocess.run(
-        ["git", "show", f"HEAD:{Path(relative).as_posix()}"], cwd=repo, capture_output=True, text=True
+    shown = subprocess.run(  # `./`: relative to the project, which may be a folder of a larger git repository
+        ["git", "show", f"HEAD:./{Path(relative).as_posix()}"], cwd=repo, capture_output=True, text=True
     )
     return load_yaml(shown.stdout) or {} if shown.returncode == 0 else read_params(params_path)
 
@@ -326,16 +357,38 @@ def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping,
         # a key the baseline lacks that the experiment set (a `+key=`), no longer in the file
         stale |= {k: (v, None) for k, v in preset.leaves(done[name]["params"]) if k not in expected}
         if stale:
-            raise RuntimeError(
+            raise SweepRefused(
                 f"experiment {name} ran with other params than variant {variant} has now "
                 f"({ {k: f'{old!r} -> {new!r}' for k, (old, new) in stale.items()} }): remove it "
                 f"(`dvc exp remove {name}`) or name the variant anew"
             )
 
 
+def changed_code(repo: Path, sweep_path: Path, out: Path) -> list[str]:
+    """Committed files other than the sweep's own (the params and outputs it restores, the sweep file, the
+    leaderboard, .dvc files: `changed_inputs`) that differ from the commit: `dvc exp run` would run the variants
+    with the edit (code, dvc.yaml) and the leaderboard rank them as runs of one commit (a review, 2026-12-07)."""
+    own = {
+        *RESTORED,
+        os.path.relpath(sweep_path.resolve(), repo.resolve()),
+        os.path.relpath(out.resolve(), repo.resolve()),
+    }
+    changed = sh("git", "diff", "--name-only", "--relative", "HEAD", cwd=repo).splitlines()
+    return [
+        path
+        for path in changed
+        if not any(path == p or path.startswith(f"{p}/") for p in own)
+        and not path.endswith(".dvc")
+        and Path(path).name != ".gitignore"  # DVC's own edits; what runs is the same
+    ]
+
+
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
     sweep = load_sweep(sweep_path)
-    validate_variants(sweep, params_path, running=not collect_only)
+    # --collect: against the committed params, which the experiments ran from (an uncommitted edit since, such as
+    # `dvc exp apply` of the winner, is no other run)
+    baseline = committed_params(repo, params_path) if collect_only else None
+    validate_variants(sweep, params_path, running=not collect_only, baseline=baseline)
     prefix = sweep_path.stem
     names = {variant: f"{prefix}-{variant}" for variant in sweep.variants}
     if not collect_only:
@@ -347,28 +400,35 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         untracked = sh("git", "ls-files", "--others", "--exclude-standard", "--", "dvc.lock", "params.yaml", cwd=repo)
         changed = modified + untracked.splitlines()
         if changed:
-            raise RuntimeError(
+            raise SweepRefused(
                 f"uncommitted changes in {', '.join(RESTORED)} ({changed[0]}{', ...' if len(changed) > 1 else ''}): "
                 "commit them first (every variant runs from "
                 "the committed baseline, and the sweep puts the committed files back when it ends)"
             )
+        code = changed_code(repo, sweep_path, out)
+        if code:
+            raise SweepRefused(
+                f"uncommitted changes to files the runs use ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "
+                "commit them first (dvc exp run would run every variant with them, and the leaderboard ranks the "
+                "variants as runs of one commit)"
+            )
         inputs = changed_inputs(repo)
         if inputs:
-            raise RuntimeError(
+            raise SweepRefused(
                 f"data tracked by .dvc files differs from the commit ({', '.join(inputs[:3])}"
                 f"{', ...' if len(inputs) > 3 else ''}): `dvc add` it and commit the .dvc file (or `dvc checkout` "
                 "it back) first: every variant runs from the committed baseline"
             )
         in_git = outputs_in_git.git_tracked_cached_outputs(repo)
         if in_git:  # DVC would fail their stages only after training them
-            raise RuntimeError(outputs_in_git.advice(in_git))
+            raise SweepRefused(outputs_in_git.advice(in_git))
         baseline = read_params(params_path)
         values = variant_values(sweep, baseline)
         args = variant_args(values, baseline)
         done = experiments(repo)
         not_finished = unusable(done, list(names.values()))
         if not_finished:
-            raise RuntimeError(
+            raise SweepRefused(
                 f"experiments that did not finish: {not_finished}; remove them (`dvc exp remove NAME`, a queued "
                 "one `dvc queue remove NAME`) and run the sweep again"
             )
@@ -390,10 +450,10 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
     found = experiments(repo)
     missing = [name for name in names.values() if name not in found]
     if missing:
-        raise RuntimeError(f"no experiment for {missing} on this commit: run the sweep without --collect first")
+        raise SweepRefused(f"no experiment for {missing} on this commit: run the sweep without --collect first")
     not_finished = unusable(found, list(names.values()))
     if not_finished:
-        raise RuntimeError(f"experiments that did not finish cannot be ranked: {not_finished}")
+        raise SweepRefused(f"experiments that did not finish cannot be ranked: {not_finished}")
     if collect_only:  # (a sweep checked them before its runs) against the committed params, which the experiments
         # ran from (an uncommitted edit since, such as `dvc exp apply` of the winner, is no other run)
         check_current(sweep, names, committed_params(repo, params_path), found)

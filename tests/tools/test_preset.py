@@ -515,3 +515,34 @@ def test_every_preset_sets_every_key_another_preset_sets():
             else:  # nor tfds settings to a folder
                 after["dataset"]["tfds"] = alone["dataset"]["tfds"]
             assert after == alone, (name, "after", other_name)
+
+
+def test_a_value_dvc_would_change_is_refused_when_written_too(tmp_path):
+    """Only printing and --run refused it: --write put `${oc.env:HOME}/photos` in params.yaml, and the next
+    `dvc exp run -S` of any key (a sweep, a preset's --run) resolved it (DVC rewrites the whole file)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    spec = tmp_path / "p.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": {"dir": "${oc.env:HOME}/photos"}}))
+    with pytest.raises(ParamsError, match=r"dataset\.dir: .*interpolate"):
+        preset.main([str(spec), "--params", str(params), "--write"])
+    assert params.read_text() == (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train_head: {epochs: [1}\n", r"p\.yaml: not valid YAML"),
+        ("- train_head\n", r"p\.yaml: expected a mapping of params sections"),
+        ("inputs: {sources/x: 3}\n", r"p\.yaml: inputs: expected a mapping of repo path -> source \(strings\)"),
+        (None, r"p\.yaml: cannot read it"),
+    ],
+)
+def test_a_preset_file_that_cannot_be_read_is_a_clear_error(tmp_path, text, message):
+    """A syntax error, a list at top level, a source that is no string or a missing file was a traceback."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    if text is not None:
+        (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=message):
+        preset.main([str(tmp_path / "p.yaml"), "--params", str(params)])

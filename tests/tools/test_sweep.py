@@ -330,3 +330,85 @@ def test_collect_compares_with_the_committed_params_not_an_edit_since(tmp_path, 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))  # uncommitted
     with pytest.raises(RuntimeError, match="variants without val accuracies"):  # past the comparison, to the ranking
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", True)
+
+
+def test_a_baseline_mapping_another_variant_sets_to_one_value_is_passed_key_by_key(tmp_path):
+    """`dataset.tfds.splits` is three slices or one: a variant of one slice gave the others the baseline's
+    mapping as one `-S key={"train":...}`, which DVC's -S refuses (quoted keys), after the variants before had run."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    baseline = yaml.safe_load((REPO / "params.yaml").read_text())
+    splits = {"train": "train[:2000]", "val": "train[2000:3000]", "test": "train[3000:4000]"}
+    baseline["dataset"]["tfds"]["splits"] = splits
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(baseline, sort_keys=False))
+    file = sweep.SweepFile(
+        variants={"three": {"conv_base": {"pooling": "max"}}, "one": {"dataset": {"tfds": {"splits": "train[:4000]"}}}}
+    )
+    values = sweep.variant_values(file, baseline)
+    assert values["three"]["dataset.tfds.splits.val"] == "train[2000:3000]"
+    assert "dataset.tfds.splits" not in values["three"] and values["one"]["dataset.tfds.splits"] == "train[:4000]"
+    args = sweep.variant_args(values, baseline)
+    apply_overrides(tmp_path / "params.yaml", args["three"][1::2])  # what dvc exp run does with them
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["dataset"]["tfds"]["splits"] == splits
+
+
+def test_variants_that_change_the_data_are_refused_they_would_be_ranked_on_other_val_images(tmp_path):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    for section, value in (("download", {"fractions": {"train": 0.5, "val": 0.3, "test": 0.2}}), ("dataset", {})):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"a": {}, "wide_val": {section: value}}}))
+        with pytest.raises(ParamsError, match=rf"variants set wide_val: {section}: which images are in val"):
+            sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
+    # experiments run before that refusal, scored on val splits of other sizes: not ranked
+    rows = [{**row("a", 0.9, 0.9, 0.9, 0.9), "val_images": 20}, {**row("b", 0.9, 0.95, 0.9, 0.9), "val_images": 500}]
+    with pytest.raises(sweep.SweepRefused, match=r"different val splits \(images: \{'a': 20, 'b': 500\}\)"):
+        sweep.check_scored(rows)
+    rows[1]["val_images"] = 20
+    sweep.check_scored(rows)
+
+
+def test_a_sweep_refuses_to_start_over_uncommitted_code_the_runs_would_use(tmp_path, monkeypatch):
+    """`dvc exp run` commits the workspace's edits into each experiment: a variant run before an edit of the code
+    or dvc.yaml was ranked beside one run after it, as runs of one commit."""
+    pooled_sweep(tmp_path)
+    (tmp_path / "train.py").write_text("print('v1')\n")
+    (tmp_path / ".gitignore").write_text("/data\n")
+    commit(tmp_path, "code")
+    monkeypatch.setattr(sweep, "experiments", lambda repo: {})
+    (tmp_path / "train.py").write_text("print('v2')\n")
+    with pytest.raises(sweep.SweepRefused, match=r"uncommitted changes to files the runs use \(train.py\)"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    run(["git", "checkout", "-q", "--", "train.py"], tmp_path)
+    # the sweep file, its leaderboard and DVC's .gitignore edits are no code: past that check (to the runs,
+    # which this stand-in refuses)
+    (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text() + "\n")
+    (tmp_path / ".gitignore").write_text("/data\n/other\n")
+    monkeypatch.setattr(sweep, "variant_args", lambda *a: (_ for _ in ()).throw(KeyError("past the checks")))
+    with pytest.raises(KeyError, match="past the checks"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    assert sweep.SweepRefused.user_facing  # a message and exit 2, not a traceback
+
+
+def test_collect_reads_the_projects_committed_params_in_a_folder_of_a_larger_repository(tmp_path):
+    """`git show HEAD:params.yaml` names a path from the git root: in a project folder it read the top-level
+    repository's params.yaml (or fell back to the working file)."""
+    import yaml
+
+    run(["git", "init", "-q"], tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"common": {"seed": 42}}))
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump({"common": {"seed": 1337}}))
+    commit(tmp_path, "two params files")
+    (project / "params.yaml").write_text(yaml.safe_dump({"common": {"seed": 7}}))  # an edit since
+    assert sweep.committed_params(project, project / "params.yaml") == {"common": {"seed": 1337}}
+
+
+def test_a_sweep_file_that_is_not_yaml_is_a_clear_error(tmp_path):
+    (tmp_path / "s.yaml").write_text("variants: {a: [1, 2}\n")
+    with pytest.raises(ParamsError, match=r"s.yaml: not valid YAML"):
+        sweep.load_sweep(tmp_path / "s.yaml")
+    with pytest.raises(ParamsError, match=r"missing.yaml: cannot read it"):
+        sweep.load_sweep(tmp_path / "missing.yaml")
