@@ -397,13 +397,14 @@ def run(
                 staged[len(candidates)].write_bytes(result.data)
             candidates.append(cand)
         manifest, duplicates = split.resolve(candidates, config.common.seed, dl.fractions)
-        if dl.keep_together and any(c.given_split for c in candidates):
-            how = (
-                "give dataset.tfds.splits one slice, which download.fractions hash-splits"
-                if ds.source == "tfds"
-                else "move the files between its train/val/test folders, or set dataset.existing_splits: ignore "
-                "to hash-split"
-            )
+        given = any(c.given_split for c in candidates)  # the dataset's own splits: download.fractions is not used
+        how = (
+            "give dataset.tfds.splits one slice, which download.fractions hash-splits"
+            if ds.source == "tfds"
+            else "move the files between its train/val/test folders, or set dataset.existing_splits: ignore "
+            "to hash-split"
+        )
+        if dl.keep_together and given:
             raise ValueError(
                 f"download.keep_together moves images between splits, but this dataset gives its own: {how}"
             )
@@ -436,7 +437,9 @@ def run(
         summary["source"] = {"type": ds.source, "dir": ds.dir}
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()
-        split.check_usable(summary)  # its errors carry the quarantine reasons: no quarantine.jsonl is written then
+        split.check_usable(
+            summary, how if given else None
+        )  # its errors carry the quarantine reasons: no quarantine.jsonl is written then
         if summary["empty_classes"]:
             log.warning(
                 "download: classes with no image kept, left out of the label vocabulary: %s (see quarantine.jsonl)",

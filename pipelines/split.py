@@ -227,7 +227,8 @@ def summarise(
         for split in SPLITS
     }
     reasons = collections.Counter(_reason_kind(row["reason"]) for row in quarantine)
-    duplicates = [row for row in quarantine if "duplicate" in row["reason"]]
+    # by the rule's own reasons: a decoder's message may hold the word (a review on 2026-12-07)
+    duplicates = [row for row in quarantine if _reason_kind(row["reason"]).startswith("duplicate")]
     return {
         "found": sum(found.values()),
         "kept": len(manifest),
@@ -249,9 +250,11 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0] if not reason.startswith("duplicate of") else "duplicate"
 
 
-def check_usable(summary: Mapping) -> None:
+def check_usable(summary: Mapping, given_splits: str | None = None) -> None:
     """Refuse datasets the later stages cannot train on, with a message that says why, and counts that do not
-    add up (found = kept + quarantined per class: an image lost or counted twice is a bug, never an output)."""
+    add up (found = kept + quarantined per class: an image lost or counted twice is a bug, never an output).
+    `given_splits`: where the dataset gives its own splits, what to do instead of raising download.fractions
+    (which it does not use)."""
     unreconciled = {k: c for k, c in summary["per_class"].items() if c["found"] != c["kept"] + c["quarantined"]}
     if unreconciled:
         raise RuntimeError(f"download: found != kept + quarantined for {unreconciled}; nothing was written")
@@ -267,14 +270,14 @@ def check_usable(summary: Mapping) -> None:
     missing = [name for name in classes if train.get(name, 0) == 0]
     if missing:
         raise ValueError(
-            f"classes with no training image: {missing}{why}; add images or raise "
-            "download.fractions.train (the label vocabulary is learned from train only)"
+            f"classes with no training image: {missing}{why}; add images or "
+            f"{given_splits or 'raise download.fractions.train'} (the label vocabulary is learned from train only)"
         )
     empty = [name for name in ("val", "test") if summary["splits"][name]["total"] == 0]
     if empty:  # train_head and finetune failed on an empty val only after convert and extract had run
         raise ValueError(
             f"no image in the {' and '.join(empty)} split{why}: train_head and finetune choose their best epoch on "
-            "val and evaluate reports on test; add images or raise download.fractions (or the tfds slices)"
+            f"val and evaluate reports on test; add images or {given_splits or 'raise download.fractions'}"
         )
 
 

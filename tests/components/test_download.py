@@ -907,6 +907,38 @@ def test_a_split_left_empty_is_refused_at_download_not_in_train_head():
         splitting.check_usable(summary)
 
 
+def test_where_the_dataset_gives_its_splits_the_advice_is_not_the_fractions_it_does_not_use():
+    rows = [{"label": label, "split": "train"} for label in ("cats", "dogs")] + [{"label": "cats", "split": "test"}]
+    summary = splitting.summarise(["cats", "dogs", "cats"], rows, [], ["cats", "dogs"])
+    with pytest.raises(ValueError, match=r"no image in the val split: .*add images or move the files") as raised:
+        splitting.check_usable(summary, "move the files between its train/val/test folders")
+    assert "fractions" not in str(raised.value)
+    rows = [{"label": "cats", "split": s} for s in ("train", "val", "test")] + [{"label": "dogs", "split": "val"}]
+    summary = splitting.summarise(["cats"] * 3 + ["dogs"], rows, [], ["cats", "dogs"])
+    with pytest.raises(ValueError, match=r"no training image: \['dogs'\]; add images or widen") as raised:
+        splitting.check_usable(summary, "widen the slices")
+    assert "fractions" not in str(raised.value)
+
+
+def test_only_the_duplicate_rules_rows_count_as_duplicates():
+    """Rows were picked by the word "duplicate" anywhere in the reason: a decoder's message holding it (a PNG's
+    "duplicate ... chunk") was read for its pixels' hash, which only the duplicate rule's rows have (KeyError)."""
+    quarantine = [
+        {"source": "cats/a.png", "label": "cats", "reason": "undecodable PNG: duplicate PLTE chunk"},
+        {"source": "cats/b.png", "label": "cats", "reason": "duplicate of cats/c.png", "pixels_sha256": "ab" * 32},
+        {
+            "source": "dogs/c.png",
+            "label": "dogs",
+            "reason": "duplicate content under different labels (cats, dogs)",
+            "pixels_sha256": "cd" * 32,
+        },
+    ]
+    rows = [{"label": label, "split": "train"} for label in ("cats", "dogs")]
+    summary = splitting.summarise(["cats", "cats", "cats", "dogs", "dogs"], rows, quarantine, ["cats", "dogs"])
+    assert summary["duplicates"] == {"files_quarantined": 2, "distinct_images": 2}
+    assert summary["quarantine_reasons"]["undecodable PNG"] == 1
+
+
 def test_a_run_whose_counts_do_not_add_up_fails_and_leaves_the_earlier_output(tmp_path, monkeypatch):
     root = make_class_folder(tmp_path / "src", per_class=6)
     out = tmp_path / "out"
