@@ -50,7 +50,15 @@ DTYPES = {
 
 
 class PortError(ValueError):
-    pass
+    user_facing = True  # components.cli.run_main: the message and exit 2, not a traceback
+
+
+def head_width(variant: str) -> int:
+    """The channels into the head conv: the last stage's 320 scaled by the width and rounded to 8 (the builder's
+    round_filters), which tells Lite2's weights (352) from Lite0's and Lite1's (320)."""
+    scaled = 320 * COEFFICIENTS[variant][0]
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
 
 
 # ---- PyTorch's legacy serialisation, read with NumPy ------------------------------------------
@@ -94,7 +102,17 @@ class _Unpickler(pickle.Unpickler):
 
 def read_legacy_pth(stream: BinaryIO) -> dict[str, np.ndarray]:
     """A state dict saved by ``torch.save`` in the legacy (pre-zip) format -> {name: array}."""
-    if pickle.load(stream) != MAGIC:
+    if stream.read(4) == b"PK\x03\x04":  # torch.save's default format since PyTorch 1.6
+        raise PortError(
+            "a zip-format torch.save file: save the state dict again with "
+            "torch.save(state, path, _use_new_zipfile_serialization=False)"
+        )
+    stream.seek(0)
+    try:
+        magic = pickle.load(stream)
+    except Exception:  # noqa: BLE001 - any unpickling failure: not such a file
+        magic = None
+    if magic != MAGIC:
         raise PortError("not a PyTorch legacy weights file (magic number)")
     if pickle.load(stream) != 1001:
         raise PortError("unknown PyTorch serialisation protocol")
@@ -104,9 +122,15 @@ def read_legacy_pth(stream: BinaryIO) -> dict[str, np.ndarray]:
     dtypes = {t.storage[0]: t.storage[1] for t in described.values()}
     storages = {}
     for key in keys:
-        (count,) = struct.unpack("<q", stream.read(8))
+        header = stream.read(8)
+        if len(header) < 8:
+            raise PortError("the weights file is truncated")
+        (count,) = struct.unpack("<q", header)
         dtype = np.dtype(dtypes.get(key, np.float32)).newbyteorder("<")
-        storages[key] = np.frombuffer(stream.read(count * dtype.itemsize), dtype=dtype)
+        data = stream.read(count * dtype.itemsize)
+        if len(data) < count * dtype.itemsize:
+            raise PortError("the weights file is truncated")
+        storages[key] = np.frombuffer(data, dtype=dtype)
     return {name: t.array(storages) for name, t in described.items()}
 
 
@@ -128,13 +152,28 @@ def build(state: dict[str, np.ndarray], variant: str):
     import keras
 
     strides = block_strides(variant)
-    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
+    numbered = [int(k.split(".")[1]) for k in state if k.startswith("_blocks.")]
+    if not numbered or "_conv_head.weight" not in state:
+        raise PortError(
+            f"no EfficientNet-Lite state dict (keys such as _blocks.0... and _conv_head.weight; found "
+            f"{sorted(state)[:3]}): a checkpoint saved from a wrapped model has its keys prefixed (module.)"
+        )
+    blocks = 1 + max(numbered)
     if blocks != len(strides):
         raise PortError(f"the weights hold {blocks} blocks, {variant} has {len(strides)}")
+    width = state["_conv_head.weight"].shape[1]
+    if width != head_width(variant):  # Lite1 and Lite2 have the same blocks: the widths tell them apart
+        others = [name for name in COEFFICIENTS if head_width(name) == width and len(block_strides(name)) == blocks]
+        raise PortError(
+            f"the weights' head takes {width} channels, {variant}'s {head_width(variant)}: "
+            f"{'the weights of ' + ', '.join(others) if others else 'not an EfficientNet-Lite variant here'}"
+        )
     weights: dict[str, list[np.ndarray]] = {}
     read: set[str] = set()  # the state's keys placed in the model
 
     def conv(x, name, key, stride=1, depthwise=False):
+        if f"{key}.weight" not in state:
+            raise PortError(f"the weights lack {key}.weight")
         kernel = state[f"{key}.weight"]  # [out, in / groups, kh, kw]
         read.add(f"{key}.weight")
         if depthwise:
@@ -149,6 +188,9 @@ def build(state: dict[str, np.ndarray], variant: str):
 
     def norm(x, name, key):
         keys = [f"{key}.{w}" for w in ("weight", "bias", "running_mean", "running_var")]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise PortError(f"the weights lack {missing[0]}")
         weights[name] = [state[k] for k in keys]
         read.update(keys)
         return keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=name)(x)
@@ -232,4 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from components.cli import run_main
+
+    run_main(main)

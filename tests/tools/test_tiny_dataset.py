@@ -29,3 +29,20 @@ def test_every_class_has_its_own_colour_and_names_may_not_repeat(tmp_path):
     with pytest.raises(SystemExit):
         tiny_dataset.main(["--out", str(tmp_path / "t"), "--classes", "cats", "cats"])
     assert not (tmp_path / "t").exists()
+
+
+def test_a_second_run_into_a_filled_folder_and_nonsense_counts_are_refused(tmp_path, capsys):
+    """A second run with fewer images or other classes left the first run's beside them (the dataset then held
+    classes the run never printed); `--per-class -3` reported -6 images (a review on 2026-12-07)."""
+    assert tiny_dataset.main(["--out", str(tmp_path / "t"), "--per-class", "2"]) == 0
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "t").rglob("*"))
+    with pytest.raises(SystemExit):
+        tiny_dataset.main(["--out", str(tmp_path / "t"), "--per-class", "1", "--classes", "a", "b"])
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "t").rglob("*")) == before
+    for count in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            tiny_dataset.main(["--out", str(tmp_path / f"n{count}"), "--per-class", count])
+        assert "one image a class or more" in capsys.readouterr().err and not (tmp_path / f"n{count}").exists()
+    (tmp_path / "empty").mkdir()
+    assert tiny_dataset.main(["--out", str(tmp_path / "empty"), "--per-class", "1"]) == 0  # an empty folder is fine
