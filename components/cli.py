@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from typing import Callable, NoReturn
 
@@ -32,6 +33,7 @@ class EnvironmentProblem(RuntimeError):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ATEXIT_SECONDS = 60.0  # how long the exit waits for the atexit handlers
 
 
 def configure_logging() -> None:
@@ -84,10 +86,11 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         else:
             traceback.print_exc()
             code = 1
-    try:  # each handler's error is printed by atexit itself; none changes the exit code
-        atexit._run_exitfuncs()
-    except BaseException:  # noqa: BLE001 - the exit code is decided
-        pass
+    # each handler's error is printed by atexit itself and changes no exit code; in a thread with a time limit, as
+    # one may wait on workers that Python's own shutdown would have stopped first (an executor left open)
+    handlers = threading.Thread(target=atexit._run_exitfuncs, daemon=True)
+    handlers.start()
+    handlers.join(ATEXIT_SECONDS)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -111,36 +111,48 @@ def model_digest(model: keras.Model) -> str:
 
     Not of the names Keras gives layers itself: it numbers them per process (InceptionV3's, Xception's and
     EfficientNet's `conv2d`, then `conv2d_4` in the next build), so the same base built twice had two keys and
-    was converted again (a cold extract builds a probe first, an incremental one does not). Every layer name is
-    replaced by its place in the config, wherever the config names it, and the weights are hashed by their
-    place, shape and dtype, not their path."""
-    config = json.loads(model.to_json())
+    was converted again (a cold extract builds a probe first, an incremental one does not). A layer's name, where
+    the config gives it (`name`) or refers to it (`keras_history`, `input_layers`, `output_layers`), is replaced by
+    its place in the config; any other string stays (an activation called like a layer is still that activation),
+    and the weights are hashed by their place, shape and dtype, not their path."""
+    layers = {model.name} | {layer.name for layer in _all_layers(model)}
     places: dict[str, str] = {}
 
-    def collect(node) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("name"), str):
-                places.setdefault(node["name"], f"#{len(places)}")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
+    def place(name):
+        return places.setdefault(name, f"#{len(places)}") if isinstance(name, str) and name in layers else name
 
-    def renamed(node):
-        if isinstance(node, dict):
-            return {key: renamed(value) for key, value in node.items()}
+    def reference(entry):  # [layer name, node index, tensor index]
+        return [place(entry[0]), *entry[1:]] if isinstance(entry, list) and entry else canonical(entry)
+
+    def canonical(node):
         if isinstance(node, list):
-            return [renamed(value) for value in node]
-        return places.get(node, node) if isinstance(node, str) else node
+            return [canonical(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "name":
+                out[key] = place(value)
+            elif key == "keras_history":
+                out[key] = reference(value)
+            elif key in ("input_layers", "output_layers") and isinstance(value, list):
+                one = bool(value) and isinstance(value[0], str)  # one reference, or a list of them
+                out[key] = reference(value) if one else [reference(entry) for entry in value]
+            else:
+                out[key] = canonical(value)
+        return out
 
-    collect(config)
-    digest = hashlib.sha256(json.dumps(renamed(config), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(canonical(json.loads(model.to_json())), sort_keys=True).encode())
     for weight in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{value.shape}:{value.dtype}:".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def _all_layers(model):
+    """Every layer inside `model`, those a wrapper holds as an attribute (`pipelines.bases.InferenceMode`) too."""
+    return model._flatten_layers(include_self=False, recursive=True)
 
 
 def _convert(model: keras.Model, folder: Path) -> None:

@@ -168,3 +168,80 @@ def test_no_output_has_a_remote_of_its_own():
     with Repo(str(REPO)) as repo:
         own = [str(out) for stage in repo.index.stages for out in stage.outs if out.remote]
     assert not own, f"outputs with a remote of their own, which the audit does not check: {own}"
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(f"{folder.rstrip('/')}/")
+
+
+def _declared_outputs(entry: dict) -> list[str]:
+    return [
+        next(iter(item)) if isinstance(item, dict) else item
+        for kind in ("outs", "metrics", "plots")
+        for item in entry.get(kind, [])
+    ]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_path_a_stage_is_given_is_a_dependency_or_an_output(stage):
+    """The imports and sections above miss files a stage reads by the path its command gives it: quality without
+    `data/train_head/history.json` among its deps (it reads the best epoch there) passed every check (a review on
+    2026-12-07). Each `--flag path` of the command is a dependency, or an output (a folder the stage writes its
+    declared outputs under); `--params` is DVC's params and `--cache` a scratch folder no output holds."""
+    import shlex
+
+    entry = STAGES[stage]
+    words = shlex.split(entry["cmd"])
+    given = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    deps = [d for d in entry["deps"] if not d.startswith("$")]
+    outputs = _declared_outputs(entry)
+    assert outputs, f"stage {stage} declares no output"
+    for flag, path in given.items():
+        if flag in ("--params", "--cache"):
+            continue
+        read = any(_under(path, dep) for dep in deps)
+        written = any(_under(out, path) or _under(path, out) for out in outputs)
+        assert read or written, f"dvc.yaml stage {stage}: {flag} {path} is neither a dependency nor an output"
+    for dep in deps:  # and no data dependency its command does not hand it, but the saved bases' folder (below)
+        if not dep.endswith(".py") and dep != "models":
+            assert any(_under(path, dep) or _under(dep, path) for path in given.values()), (stage, dep)
+
+
+def test_the_stages_that_build_the_base_depend_on_the_folder_a_saved_base_must_be_in():
+    """`conv_base.path` must name a file under `conv_base.TRACKED` (models/): only that folder among the deps of
+    every stage that reads the conv_base section makes a new saved base re-run them."""
+    from components import conv_base
+
+    for stage, entry in STAGES.items():
+        reads_base = any(str(key).split(".")[0] == "conv_base" for key in entry.get("params", []))
+        builds = stage in ("extract", "finetune")
+        assert not builds or reads_base, stage
+        if builds:
+            assert conv_base.TRACKED in entry["deps"], f"dvc.yaml stage {stage} does not depend on {conv_base.TRACKED}"
+
+
+def test_imports_are_absolute_so_the_reader_sees_them():
+    """`imported_modules` follows absolute imports only: a relative one (`from . import stats`) would be a
+    dependency this file never checks."""
+    relative = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for package in PACKAGES
+        for path in sorted((REPO / package).glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert not relative, relative
+
+
+def test_dvcignore_leaves_out_the_projects_byproducts_only_at_its_root():
+    """`.cache/` (and `.venv/`, `*.egg-info/`) unanchored matched inside the stages' inputs too: a saved base at
+    `models/.cache/base.keras` was read by extract and finetune while DVC hashed nothing of it (a review)."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+
+        def ignored(path: str) -> bool:
+            return repo.dvcignore.is_ignored(repo.fs, str(REPO / path))
+
+        assert all(ignored(p) for p in (".cache/extract/x.f32", ".venv/bin/python", "transfer.egg-info/PKG-INFO"))
+        assert not any(ignored(p) for p in ("models/.cache/base.keras", "photos/x.egg-info/a.jpg", "data/.venv/a"))

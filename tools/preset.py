@@ -327,9 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     repo = args.params.resolve().parent
     sources = {os.path.normpath(target): repo / source for target, source in inputs.items() if "://" not in str(source)}
     validate(merged, args.params, sources)
-    # what `-S` could not carry is refused in every mode, before any import: a `${...}` written by --write was
-    # interpolated by the next `dvc exp run -S` of any key (DVC resolves the whole file; a review on 2026-12-07)
-    arguments = set_args(overrides, base)
+    # before any import: what `-S` could not carry, and with --write a `${...}`, which the next `dvc exp run -S` of
+    # any key interpolated (DVC resolves the whole file; it keeps backslashes there; a review on 2026-12-07)
+    arguments = [] if args.write else set_args(overrides, base)
+    if args.write:
+        interpolated = [text for text in _strings(overrides) if "${" in text]
+        if interpolated:
+            raise ParamsError(f"{interpolated[0]!r}: the next `dvc exp run -S` would interpolate ${{...}} in it")
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)

@@ -41,7 +41,7 @@ import yaml
 from components import cli
 from components.cli import configure_logging, run_main, sh
 from components.params import ParamsError, load_yaml, read_params
-from tools import outputs_in_git, preset
+from tools import outputs_in_git, preset, retrain
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ EXTRACT_METRICS = "metrics/extract.json"
 EVALUATION_METRICS = "evaluation/metrics.json"
 RESTORED = ("params.yaml", "dvc.lock", "metrics", "evaluation", "dvclive", "quality")
 # sections that decide which images are in val: variants that set them would be ranked on different images
-SAME_DATA = ("dataset", "download")
+# (`common` holds the seed, which draws the hash split)
+SAME_DATA = ("dataset", "download", "common")
 
 
 class SweepRefused(RuntimeError):
@@ -180,7 +181,8 @@ def validate_variants(
     if data:  # the ranking compares val accuracies: of the same images only (a review on 2026-12-07)
         raise ParamsError(
             f"variants set {', '.join(data)}: which images are in val (and test) would differ between them, and the "
-            "leaderboard ranks them by val accuracy; sweep models on one dataset (set it in params.yaml)"
+            "leaderboard ranks them by val accuracy (common.seed draws the hash split); sweep models on one "
+            "dataset and split (set them in params.yaml)"
         )
     baseline = read_params(params_path) if baseline is None else baseline
     for name, overrides in sweep.variants.items():
@@ -252,7 +254,7 @@ def check_scored(rows: list[dict]) -> None:
     if unscored:
         raise SweepRefused(f"variants without val accuracies in {EVALUATION_METRICS}: {unscored}")
     counts = {r["variant"]: r.get("val_images") for r in rows}
-    if len(set(counts.values())) > 1:  # not the same val images: no ranking (experiments run before that refusal)
+    if len(set(counts.values())) > 1:  # a backstop: val splits that differ by any other way are not ranked
         raise SweepRefused(f"the variants were scored on different val splits (images: {counts}): not ranked")
 
 
@@ -364,23 +366,19 @@ def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping,
             )
 
 
-def changed_code(repo: Path, sweep_path: Path, out: Path) -> list[str]:
-    """Committed files other than the sweep's own (the params and outputs it restores, the sweep file, the
-    leaderboard, .dvc files: `changed_inputs`) that differ from the commit: `dvc exp run` would run the variants
-    with the edit (code, dvc.yaml) and the leaderboard rank them as runs of one commit (a review, 2026-12-07)."""
-    own = {
-        *RESTORED,
-        os.path.relpath(sweep_path.resolve(), repo.resolve()),
-        os.path.relpath(out.resolve(), repo.resolve()),
-    }
-    changed = sh("git", "diff", "--name-only", "--relative", "HEAD", cwd=repo).splitlines()
-    return [
-        path
-        for path in changed
-        if not any(path == p or path.startswith(f"{p}/") for p in own)
-        and not path.endswith(".dvc")
-        and Path(path).name != ".gitignore"  # DVC's own edits; what runs is the same
-    ]
+def changed_code(repo: Path) -> list[str]:
+    """The files the pipeline reads (dvc.yaml, every stage's local dependencies: its code) that differ from the
+    commit or that no commit holds: `dvc exp run` would run the variants with them and the leaderboard rank them
+    as runs of one commit (a review, 2026-12-07). Not the data `.dvc` files track (`changed_inputs`), nor the
+    params and outputs the sweep restores; names as they are (-z) and literal pathspecs, as the retrain's check."""
+    root, read, sources, _, _ = retrain.pipeline_files(repo)
+    read = [path for path in read if path not in sources and not retrain.under(path, RESTORED)]
+    if not read:
+        return []
+    specs = ["--", *(f":(literal){path}" for path in read)]
+    changed = retrain.git_names(root, "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", *specs)
+    untracked = retrain.git_names(root, "ls-files", "--others", "--exclude-standard", "-z", *specs)
+    return sorted(set(changed + untracked))
 
 
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
@@ -405,7 +403,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
                 "commit them first (every variant runs from "
                 "the committed baseline, and the sweep puts the committed files back when it ends)"
             )
-        code = changed_code(repo, sweep_path, out)
+        code = changed_code(repo)
         if code:
             raise SweepRefused(
                 f"uncommitted changes to files the runs use ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "

@@ -123,10 +123,31 @@ def unsatisfied(requirements: str) -> list[str]:
             continue
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
-        # `pkg[extra]`: the extra's own dependencies may be missing whatever `pkg`'s version (a review): pip decides
-        if requirement.extras or not requirement.specifier.contains(installed, prereleases=True):
+        if not requirement.specifier.contains(installed, prereleases=True) or not extras_installed(requirement):
             wanted.append(text)
     return wanted
+
+
+def extras_installed(requirement) -> bool:
+    """Whether what `pkg[extra]` adds to `pkg` is installed too (its dependencies whose marker names the extra,
+    at a version each takes): `pkg` alone counted as `pkg[extra]` (a review on 2026-12-07)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    for text in metadata.requires(requirement.name) or []:
+        dependency = Requirement(text)
+        if dependency.marker is None or not any(
+            dependency.marker.evaluate({"extra": extra}) for extra in requirement.extras
+        ):
+            continue  # `pkg`'s own, or another extra's
+        try:
+            installed = metadata.version(dependency.name)
+        except metadata.PackageNotFoundError:
+            return False
+        if not dependency.specifier.contains(installed, prereleases=True):
+            return False
+    return True
 
 
 def install_staged(staged: Path, target: Path) -> None:

@@ -134,6 +134,22 @@ def test_a_base_keras_names_itself_has_one_key_in_every_build():
     second.set_weights([w * 1.01 for w in second.get_weights()])
     assert runtimes.model_digest(second) != runtimes.model_digest(first)
 
+    # names only where they name a layer: a layer called like its activation keeps the activation in the key
+    def named_like_its_activation(activation):
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Activation(activation, name=activation)(inputs))
+
+    assert runtimes.model_digest(named_like_its_activation("relu")) != runtimes.model_digest(
+        named_like_its_activation("tanh")
+    )
+
+    # nor a dtype policy's name (float32 against bfloat16 computes other bits)
+    def dense(dtype):
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dense(2, dtype=dtype, kernel_initializer="ones", name="d")(inputs))
+
+    assert runtimes.model_digest(dense("float32")) != runtimes.model_digest(dense("bfloat16"))
+
 
 def test_the_garbage_collection_renames_a_key_folder_away_before_deleting_it(tmp_path, monkeypatch):
     import shutil

@@ -524,9 +524,13 @@ def test_a_value_dvc_would_change_is_refused_when_written_too(tmp_path):
     params.write_text((REPO / "params.yaml").read_text())
     spec = tmp_path / "p.yaml"
     spec.write_text(yaml.safe_dump({"dataset": {"dir": "${oc.env:HOME}/photos"}}))
-    with pytest.raises(ParamsError, match=r"dataset\.dir: .*interpolate"):
+    with pytest.raises(ParamsError, match=r"oc\.env:HOME.*would interpolate"):
         preset.main([str(spec), "--params", str(params), "--write"])
     assert params.read_text() == (REPO / "params.yaml").read_text()
+    # a backslash, which -S could not carry, is kept by DVC in the file: written (a second read, 2026-12-07)
+    spec.write_text(yaml.safe_dump({"dataset": {"dir": "photos\\2024"}}))
+    assert preset.main([str(spec), "--params", str(params), "--write"]) == 0
+    assert yaml.safe_load(params.read_text())["dataset"]["dir"] == "photos\\2024"
 
 
 @pytest.mark.parametrize(

@@ -333,31 +333,37 @@ def test_collect_compares_with_the_committed_params_not_an_edit_since(tmp_path, 
 
 
 def test_a_baseline_mapping_another_variant_sets_to_one_value_is_passed_key_by_key(tmp_path):
-    """`dataset.tfds.splits` is three slices or one: a variant of one slice gave the others the baseline's
-    mapping as one `-S key={"train":...}`, which DVC's -S refuses (quoted keys), after the variants before had run."""
+    """A variant that clears `beam.options: {}` gave the others the baseline's options as one
+    `-S beam.options={"direct_num_workers":2}`, which DVC's -S refuses (quoted keys), after the variants before had
+    run."""
     import yaml
     from dvc.utils.hydra import apply_overrides
 
     baseline = yaml.safe_load((REPO / "params.yaml").read_text())
-    splits = {"train": "train[:2000]", "val": "train[2000:3000]", "test": "train[3000:4000]"}
-    baseline["dataset"]["tfds"]["splits"] = splits
+    baseline["beam"]["options"] = {"direct_num_workers": 2, "direct_running_mode": "multi_threading"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(baseline, sort_keys=False))
-    file = sweep.SweepFile(
-        variants={"three": {"conv_base": {"pooling": "max"}}, "one": {"dataset": {"tfds": {"splits": "train[:4000]"}}}}
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"variants": {"max": {"conv_base": {"pooling": "max"}}, "none": {"beam": {"options": {}}}}})
     )
+    file = sweep.load_sweep(tmp_path / "s.yaml")
+    sweep.validate_variants(file, tmp_path / "params.yaml")  # a sweep that runs
     values = sweep.variant_values(file, baseline)
-    assert values["three"]["dataset.tfds.splits.val"] == "train[2000:3000]"
-    assert "dataset.tfds.splits" not in values["three"] and values["one"]["dataset.tfds.splits"] == "train[:4000]"
+    assert values["max"]["beam.options.direct_num_workers"] == 2 and "beam.options" not in values["max"]
+    assert values["none"]["beam.options"] == {}
     args = sweep.variant_args(values, baseline)
-    apply_overrides(tmp_path / "params.yaml", args["three"][1::2])  # what dvc exp run does with them
-    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["dataset"]["tfds"]["splits"] == splits
+    apply_overrides(tmp_path / "params.yaml", args["max"][1::2])  # what dvc exp run does with them
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["beam"]["options"] == baseline["beam"]["options"]
 
 
 def test_variants_that_change_the_data_are_refused_they_would_be_ranked_on_other_val_images(tmp_path):
     import yaml
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    for section, value in (("download", {"fractions": {"train": 0.5, "val": 0.3, "test": 0.2}}), ("dataset", {})):
+    for section, value in (
+        ("download", {"fractions": {"train": 0.5, "val": 0.3, "test": 0.2}}),
+        ("dataset", {}),
+        ("common", {"seed": 7}),  # the seed draws the hash split
+    ):
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({"variants": {"a": {}, "wide_val": {section: value}}}))
         with pytest.raises(ParamsError, match=rf"variants set wide_val: {section}: which images are in val"):
             sweep.validate_variants(sweep.load_sweep(tmp_path / "s.yaml"), tmp_path / "params.yaml")
@@ -372,19 +378,34 @@ def test_variants_that_change_the_data_are_refused_they_would_be_ranked_on_other
 def test_a_sweep_refuses_to_start_over_uncommitted_code_the_runs_would_use(tmp_path, monkeypatch):
     """`dvc exp run` commits the workspace's edits into each experiment: a variant run before an edit of the code
     or dvc.yaml was ranked beside one run after it, as runs of one commit."""
+    import yaml
+
     pooled_sweep(tmp_path)
     (tmp_path / "train.py").write_text("print('v1')\n")
-    (tmp_path / ".gitignore").write_text("/data\n")
+    (tmp_path / "README.md").write_text("notes\n")
+    stage = {"cmd": "python train.py", "deps": ["train.py", "lib"], "outs": ["out"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "r\u00e9glages.py").write_text("A = 1\n")  # a name git quotes without -z
     commit(tmp_path, "code")
     monkeypatch.setattr(sweep, "experiments", lambda repo: {})
-    (tmp_path / "train.py").write_text("print('v2')\n")
-    with pytest.raises(sweep.SweepRefused, match=r"uncommitted changes to files the runs use \(train.py\)"):
+    for edit, name in (
+        ("train.py", "train.py"),
+        ("dvc.yaml", "dvc.yaml"),
+        ("lib/r\u00e9glages.py", "lib/r\u00e9glages.py"),
+    ):
+        (tmp_path / edit).write_text((tmp_path / edit).read_text() + "\n")
+        with pytest.raises(sweep.SweepRefused, match=rf"uncommitted changes to files the runs use \({name}\)"):
+            sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+        run(["git", "checkout", "-q", "--", edit], tmp_path)
+    (tmp_path / "lib" / "new.py").write_text("B = 2\n")  # no commit holds it, and the stage reads its folder
+    with pytest.raises(sweep.SweepRefused, match=r"\(lib/new.py\)"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
-    run(["git", "checkout", "-q", "--", "train.py"], tmp_path)
-    # the sweep file, its leaderboard and DVC's .gitignore edits are no code: past that check (to the runs,
+    (tmp_path / "lib" / "new.py").unlink()
+    # files no stage reads (notes, the sweep file, DVC's .gitignore edits) are not: past that check (to the runs,
     # which this stand-in refuses)
+    (tmp_path / "README.md").write_text("more notes\n")
     (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text() + "\n")
-    (tmp_path / ".gitignore").write_text("/data\n/other\n")
     monkeypatch.setattr(sweep, "variant_args", lambda *a: (_ for _ in ()).throw(KeyError("past the checks")))
     with pytest.raises(KeyError, match="past the checks"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
