@@ -90,7 +90,12 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     # one may wait on workers that Python's own shutdown would have stopped first (an executor left open)
     handlers = threading.Thread(target=atexit._run_exitfuncs, daemon=True)
     handlers.start()
-    handlers.join(ATEXIT_SECONDS)
+    try:  # a Ctrl-C now must not hand the exit to Python's shutdown (the handlers again, a wait on threads)
+        handlers.join(ATEXIT_SECONDS)
+        if handlers.is_alive():
+            print(f"warning: the exit handlers did not finish in {ATEXIT_SECONDS:.0f} s; exiting", file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - the exit code is decided
+        pass
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

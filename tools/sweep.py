@@ -367,18 +367,13 @@ def check_current(sweep: SweepFile, names: Mapping[str, str], baseline: Mapping,
 
 
 def changed_code(repo: Path) -> list[str]:
-    """The files the pipeline reads (dvc.yaml, every stage's local dependencies: its code) that differ from the
-    commit or that no commit holds: `dvc exp run` would run the variants with them and the leaderboard rank them
-    as runs of one commit (a review, 2026-12-07). Not the data `.dvc` files track (`changed_inputs`), nor the
-    params and outputs the sweep restores; names as they are (-z) and literal pathspecs, as the retrain's check."""
-    root, read, sources, _, _ = retrain.pipeline_files(repo)
-    read = [path for path in read if path not in sources and not retrain.under(path, RESTORED)]
-    if not read:
-        return []
-    specs = ["--", *(f":(literal){path}" for path in read)]
-    changed = retrain.git_names(root, "diff", "HEAD", "--name-only", "-z", "--no-renames", "--relative", *specs)
-    untracked = retrain.git_names(root, "ls-files", "--others", "--exclude-standard", "-z", *specs)
-    return sorted(set(changed + untracked))
+    """The files the pipeline reads (dvc.yaml, every stage's local dependencies: its code, a saved base) that
+    neither git nor DVC holds as they are (the retrain's check, `retrain.unversioned_inputs`: changed since the
+    commit, in none, git-ignored and in no DVC output, or outside the repository): `dvc exp run` would run the
+    variants with them and the leaderboard rank them as runs of one commit (a review, 2026-12-07). Not the params
+    and outputs the sweep restores; the data `.dvc` files track is `changed_inputs`'."""
+    _, _, unversioned = retrain.unversioned_inputs(repo)
+    return sorted(path for path in unversioned if not retrain.under(path, RESTORED))
 
 
 def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collect_only: bool) -> list[dict]:
@@ -406,7 +401,7 @@ def run_sweep(sweep_path: Path, out: Path, repo: Path, params_path: Path, collec
         code = changed_code(repo)
         if code:
             raise SweepRefused(
-                f"uncommitted changes to files the runs use ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "
+                f"files the runs use that no commit holds as they are ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "
                 "commit them first (dvc exp run would run every variant with them, and the leaderboard ranks the "
                 "variants as runs of one commit)"
             )

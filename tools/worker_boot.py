@@ -128,25 +128,30 @@ def unsatisfied(requirements: str) -> list[str]:
     return wanted
 
 
-def extras_installed(requirement) -> bool:
+def extras_installed(requirement, seen: frozenset = frozenset()) -> bool:
     """Whether what `pkg[extra]` adds to `pkg` is installed too (its dependencies whose marker names the extra,
-    at a version each takes): `pkg` alone counted as `pkg[extra]` (a review on 2026-12-07)."""
+    at a version each takes, and their own extras': `dvc[all]` is `dvc[ssh,...]`): `pkg` alone counted as
+    `pkg[extra]` (a review on 2026-12-07). Anything it cannot read is not installed: pip decides."""
     from importlib import metadata
 
-    from packaging.requirements import Requirement
+    from packaging.requirements import InvalidRequirement, Requirement
 
-    for text in metadata.requires(requirement.name) or []:
-        dependency = Requirement(text)
-        if dependency.marker is None or not any(
-            dependency.marker.evaluate({"extra": extra}) for extra in requirement.extras
-        ):
-            continue  # `pkg`'s own, or another extra's
-        try:
+    seen = seen | {(requirement.name.lower(), frozenset(requirement.extras))}  # `dvc[all]` names dvc[ssh,...]
+    try:
+        for text in metadata.requires(requirement.name) or []:
+            dependency = Requirement(text)
+            if dependency.marker is None or not any(
+                dependency.marker.evaluate({"extra": extra}) for extra in requirement.extras
+            ):
+                continue  # `pkg`'s own, or another extra's
             installed = metadata.version(dependency.name)
-        except metadata.PackageNotFoundError:
-            return False
-        if not dependency.specifier.contains(installed, prereleases=True):
-            return False
+            if not dependency.specifier.contains(installed, prereleases=True):
+                return False
+            key = (dependency.name.lower(), frozenset(dependency.extras))
+            if dependency.extras and key not in seen and not extras_installed(dependency, seen):
+                return False
+    except (InvalidRequirement, metadata.PackageNotFoundError):
+        return False
     return True
 
 

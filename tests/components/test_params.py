@@ -276,16 +276,17 @@ def test_the_exit_without_finalisation_still_runs_the_atexit_handlers(tmp_path, 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == code, done.stderr[-2000:]
     assert marker.read_text() == "job server stopped"
-    # a handler that never returns (one waiting on workers nothing told to stop) holds the exit only so long
-    hung = script.replace(
-        "run_main(",
-        "import threading, components.cli as c\nc.ATEXIT_SECONDS = 1\n"
-        "atexit.register(threading.Event().wait)\nrun_main(",
+    # a handler that never returns (one waiting on workers nothing told to stop) holds the exit only so long; it
+    # is registered first, so it runs last (atexit's order), after the one that stops the job server
+    marker.unlink()
+    hung = (
+        "import atexit, threading, components.cli as c\nc.ATEXIT_SECONDS = 1\natexit.register(threading.Event().wait)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", hung], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60
+        [sys.executable, "-c", hung + script], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60
     )
     assert done.returncode == code, done.stderr[-2000:]
+    assert marker.read_text() == "job server stopped" and "did not finish in 1 s" in done.stderr
 
 
 def test_only_true_and_false_are_bools_as_dvc_reads_them():

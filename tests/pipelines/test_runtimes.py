@@ -143,12 +143,12 @@ def test_a_base_keras_names_itself_has_one_key_in_every_build():
         named_like_its_activation("tanh")
     )
 
-    # nor a dtype policy's name (float32 against bfloat16 computes other bits)
+    # nor a dtype policy's name (mixed float16 against mixed bfloat16: the same float32 weights, other bits)
     def dense(dtype):
         inputs = keras.Input((4,))
         return keras.Model(inputs, keras.layers.Dense(2, dtype=dtype, kernel_initializer="ones", name="d")(inputs))
 
-    assert runtimes.model_digest(dense("float32")) != runtimes.model_digest(dense("bfloat16"))
+    assert runtimes.model_digest(dense("mixed_float16")) != runtimes.model_digest(dense("mixed_bfloat16"))
 
 
 def test_the_garbage_collection_renames_a_key_folder_away_before_deleting_it(tmp_path, monkeypatch):

@@ -395,13 +395,20 @@ def test_a_sweep_refuses_to_start_over_uncommitted_code_the_runs_would_use(tmp_p
         ("lib/r\u00e9glages.py", "lib/r\u00e9glages.py"),
     ):
         (tmp_path / edit).write_text((tmp_path / edit).read_text() + "\n")
-        with pytest.raises(sweep.SweepRefused, match=rf"uncommitted changes to files the runs use \({name}\)"):
+        with pytest.raises(
+            sweep.SweepRefused, match=rf"files the runs use that no commit holds as they are \({name}\)"
+        ):
             sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
         run(["git", "checkout", "-q", "--", edit], tmp_path)
     (tmp_path / "lib" / "new.py").write_text("B = 2\n")  # no commit holds it, and the stage reads its folder
     with pytest.raises(sweep.SweepRefused, match=r"\(lib/new.py\)"):
         sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
     (tmp_path / "lib" / "new.py").unlink()
+    (tmp_path / ".git" / "info" / "exclude").write_text("/lib/local.py\n")  # git ignores it, DVC does not hold it
+    (tmp_path / "lib" / "local.py").write_text("C = 3\n")
+    with pytest.raises(sweep.SweepRefused, match=r"\(lib/local.py\)"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "out", tmp_path, tmp_path / "params.yaml", False)
+    (tmp_path / "lib" / "local.py").unlink()
     # files no stage reads (notes, the sweep file, DVC's .gitignore edits) are not: past that check (to the runs,
     # which this stand-in refuses)
     (tmp_path / "README.md").write_text("more notes\n")
