@@ -437,9 +437,8 @@ def run(
         summary["source"] = {"type": ds.source, "dir": ds.dir}
         if ds.source == "tfds":
             summary["source"]["tfds"] = ds.tfds.model_dump()
-        split.check_usable(
-            summary, how if given else None
-        )  # its errors carry the quarantine reasons: no quarantine.jsonl is written then
+        # its errors carry the quarantine reasons: no quarantine.jsonl is written then
+        split.check_usable(summary, how if given else None)
         if summary["empty_classes"]:
             log.warning(
                 "download: classes with no image kept, left out of the label vocabulary: %s (see quarantine.jsonl)",
