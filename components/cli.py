@@ -8,20 +8,15 @@ tf.Transform pipeline has run, protobuf's upb extension (6.31 and newer, which
 TensorFlow 2.21 requires) can segfault while garbage-collecting at shutdown
 (protocolbuffers/protobuf#22067), turning a finished stage into exit code 139.
 Every output is closed and moved into place before `main` returns, so nothing
-is lost by skipping finalisation. The `atexit` handlers still run first (the
-crash is in the garbage collection after them): Beam stops the Flink and Spark
-job servers it started in one, which `os._exit` alone left running after every
-stage.
+is lost by skipping finalisation.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import subprocess
 import sys
-import threading
 import traceback
 from typing import Callable, NoReturn
 
@@ -33,7 +28,6 @@ class EnvironmentProblem(RuntimeError):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-ATEXIT_SECONDS = 60.0  # how long the exit waits for the atexit handlers
 
 
 def configure_logging() -> None:
@@ -86,16 +80,6 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         else:
             traceback.print_exc()
             code = 1
-    # each handler's error is printed by atexit itself and changes no exit code; in a thread with a time limit, as
-    # one may wait on workers that Python's own shutdown would have stopped first (an executor left open)
-    handlers = threading.Thread(target=atexit._run_exitfuncs, daemon=True)
-    handlers.start()
-    try:  # a Ctrl-C now must not hand the exit to Python's shutdown (the handlers again, a wait on threads)
-        handlers.join(ATEXIT_SECONDS)
-        if handlers.is_alive():
-            print(f"warning: the exit handlers did not finish in {ATEXIT_SECONDS:.0f} s; exiting", file=sys.stderr)
-    except BaseException:  # noqa: BLE001 - the exit code is decided
-        pass
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

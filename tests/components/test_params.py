@@ -258,37 +258,6 @@ def test_an_error_that_says_what_to_do_is_a_message_and_exit_2_not_a_traceback()
     assert done.returncode == 1 and "Traceback" in done.stderr
 
 
-@pytest.mark.parametrize("code", [0, 3])
-def test_the_exit_without_finalisation_still_runs_the_atexit_handlers(tmp_path, code):
-    """Beam stops a Flink or Spark job server it started only in an `atexit` handler: `os._exit` alone (the
-    protobuf crash's workaround) left one running after every stage. A failing handler changes no exit code."""
-    import subprocess
-    import sys
-
-    marker = tmp_path / "stopped"
-    script = (
-        "import atexit\n"
-        "from components.cli import run_main\n"
-        "atexit.register(lambda: 1 / 0)\n"
-        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('job server stopped'))\n"
-        f"run_main(lambda: {code})\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert done.returncode == code, done.stderr[-2000:]
-    assert marker.read_text() == "job server stopped"
-    # a handler that never returns (one waiting on workers nothing told to stop) holds the exit only so long; it
-    # is registered first, so it runs last (atexit's order), after the one that stops the job server
-    marker.unlink()
-    hung = (
-        "import atexit, threading, components.cli as c\nc.ATEXIT_SECONDS = 1\natexit.register(threading.Event().wait)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", hung + script], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60
-    )
-    assert done.returncode == code, done.stderr[-2000:]
-    assert marker.read_text() == "job server stopped" and "did not finish in 1 s" in done.stderr
-
-
 def test_only_true_and_false_are_bools_as_dvc_reads_them():
     from components.params import load_yaml
 
