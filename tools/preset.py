@@ -102,15 +102,35 @@ def has_key(params: Mapping, dotted: str) -> bool:
     return True
 
 
+def check_carried(key: str, value: Any, in_file: bool = False) -> None:
+    """Refuse what DVC's -S would change in a value: `${...}`, which it interpolates (`${oc.env:HOME}` became
+    /root), and a backslash or a control character; `in_file`: a value written into params.yaml, where the next
+    `dvc exp run -S` of any key interpolates `${...}` (DVC resolves the whole file) but keeps the others."""
+    for text in _strings(value):  # a list's strings too (`beam.options.experiments`): DVC reads them the same way
+        if not in_file and any(c == "\\" or ord(c) < 32 for c in text):
+            raise ParamsError(f"{key}: {text!r}: a backslash or control character does not survive DVC's -S")
+        if "${" in text:
+            raise ParamsError(f"{key}: {text!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A preset's or sweep's YAML, read as the stages read params.yaml; a file that cannot be read or parsed is
+    an error naming it, not a parser's traceback."""
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except ParamsError as exc:  # a key given twice
+        raise ParamsError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:  # the file and the place (a review on 2026-12-07)
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def set_arg(key: str, value: Any, new: bool = False) -> list[str]:
     """``-S key=value`` for one dotted key; the value in JSON (a string quoted unless plain), which DVC reads as
     YAML. `new`: a key params.yaml does not have yet (an option under `beam.options: {}`), which DVC's -S
     sets only as ``+key=value`` (it refuses the plain form)."""
-    for text in _strings(value):  # a list's strings too (`beam.options.experiments`): DVC reads them the same way
-        if any(c == "\\" or ord(c) < 32 for c in text):
-            raise ParamsError(f"{key}: {text!r}: a backslash or control character does not survive DVC's -S")
-        if "${" in text:  # DVC's -S interpolates it (`${oc.env:HOME}` became /root)
-            raise ParamsError(f"{key}: {text!r}: DVC's -S would interpolate ${{...}} instead of keeping it")
+    check_carried(key, value)
     plain = isinstance(value, str) and _PLAIN.fullmatch(value) and value.lower() not in _READ_AS_OTHER
     text = value if plain else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return ["-S", f"{'+' if new else ''}{key}={text}"]
@@ -308,14 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.queue or args.name) and not args.run:
         parser.error("--queue and --name go with --run")
-    try:
-        loaded = load_yaml(args.preset.read_text(encoding="utf-8")) or {}
-    except ParamsError as exc:
-        raise ParamsError(f"{args.preset}: {exc}") from None
-    except OSError as exc:
-        raise ParamsError(f"{args.preset}: cannot read it: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:  # the file and the place, not a parser's traceback (a review on 2026-12-07)
-        raise ParamsError(f"{args.preset}: not valid YAML: {' '.join(str(exc).split())}") from None
+    loaded = read_yaml_file(args.preset) or {}
     if not isinstance(loaded, Mapping):
         raise ParamsError(f"{args.preset}: expected a mapping of params sections (and inputs) at top level")
     overrides = dict(loaded)
@@ -327,13 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     repo = args.params.resolve().parent
     sources = {os.path.normpath(target): repo / source for target, source in inputs.items() if "://" not in str(source)}
     validate(merged, args.params, sources)
-    # before any import: what `-S` could not carry, and with --write a `${...}`, which the next `dvc exp run -S` of
-    # any key interpolated (DVC resolves the whole file; it keeps backslashes there; a review on 2026-12-07)
-    arguments = [] if args.write else set_args(overrides, base)
+    # before any import: what `-S` could not carry, or with --write what the next `dvc exp run -S` would change in
+    # the file (a review on 2026-12-07)
     if args.write:
-        interpolated = [text for text in _strings(overrides) if "${" in text]
-        if interpolated:
-            raise ParamsError(f"{interpolated[0]!r}: the next `dvc exp run -S` would interpolate ${{...}} in it")
+        arguments = []
+        for key, value in leaves(overrides):
+            check_carried(key, value, in_file=True)
+    else:
+        arguments = set_args(overrides, base)
     check_inputs(inputs, args.preset, repo)
     if args.write or args.run:  # printing the arguments changes nothing in the repository
         made = import_inputs(inputs, repo)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pydantic
-import yaml
 
 from components import cli
 from components.cli import configure_logging, run_main, sh
@@ -75,14 +74,9 @@ class SweepFile(pydantic.BaseModel):
 
 
 def load_sweep(path: Path) -> SweepFile:
+    loaded = preset.read_yaml_file(path) or {}
     try:
-        return SweepFile.model_validate(load_yaml(path.read_text(encoding="utf-8")) or {})
-    except ParamsError as exc:  # a key given twice
-        raise ParamsError(f"{path}: {exc}") from None
-    except OSError as exc:
-        raise ParamsError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:  # the file and the place, not a parser's traceback
-        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        return SweepFile.model_validate(loaded)
     except pydantic.ValidationError as exc:
         raise ParamsError(f"{path}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
@@ -107,8 +101,8 @@ def variant_values(sweep: SweepFile, baseline: Mapping) -> dict[str, dict[str, A
                 values[name][key] = own[key]
             elif preset.has_key(baseline, key):
                 value = lookup(baseline, key)
-                # the baseline's mapping where another variant sets one value (`dataset.tfds.splits`: three slices or
-                # one): key by key, as DVC's -S refuses a mapping in JSON (quoted keys) after the others had run
+                # the baseline's mapping where another variant replaces it (`beam.options: {}`): key by key, as
+                # DVC's -S refuses a mapping in JSON (quoted keys) after the others had run
                 values[name].update(
                     preset.leaves({key: value}) if isinstance(value, Mapping) and value else {key: value}
                 )
