@@ -18,6 +18,8 @@ Prepares download + convert of the folder (not timed), then times, on the same i
          these cores (`cpu_ceiling_over_bare`): bare + decode CPU over the cores, and the stage's own CPU over them
   seed   the seed's loop: tf_keras `ImageDataGenerator().flow_from_directory(...)`
          over the same folder with `model.predict(batch)` per batch.
+  shards with --shards, the stage with each runtime with one shard at a time and with `SHARDS_AT_ONCE` (a worker's
+         shards at once), alternating, twice each, cold (OpenVINO converts in each run): the ratio of the two.
 Then the extract stage's peak RSS in a fresh process at 500 and at 2,000 images, and
 evaluate with each runtime (after a short TensorFlow fine-tune), cold (the models
 converted in the run) and warm, with both models' accuracies.
@@ -244,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--finetune-epochs", type=int, default=1, help="epochs of the model evaluate scores (0: skip evaluate)"
     )
+    parser.add_argument(
+        "--shards", action="store_true", help="also time the stage with one shard at a time against several at once"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -334,6 +339,8 @@ def main(argv=None) -> int:
         work / "extract_tensorflow", work / "extract_openvino"
     )
 
+    if args.shards:
+        report["shards_at_once"] = shards_at_once(extract, base, convert_dir, work)
     if not args.no_seed_loop:
         seed_s, seed_n = seed_loop(model, args.folder, size)
         report["seed_loop_images_per_s"] = round(seed_n / seed_s, 1)
@@ -361,6 +368,46 @@ def main(argv=None) -> int:
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def shards_at_once(extract, base, convert_dir: Path, work: Path) -> dict:
+    """Cold stage runs of each runtime with a worker's shards one at a time (as before 2026-12-08) and
+    `SHARDS_AT_ONCE` at once, alternating, twice each: their mean seconds and the speed-up; the outputs' bytes
+    must be the same."""
+    from pipelines import extract as graph
+
+    results = {}
+    at_once = graph.SHARDS_AT_ONCE
+    for runtime in ("tensorflow", "openvino"):
+        config = extract.Config(base, extract.ExtractParams(batch_size=BATCH, runtime=runtime))
+        seconds: dict[int, list[float]] = {1: [], at_once: []}
+        try:
+            for attempt in range(2):
+                for shards in (1, at_once):
+                    graph.SHARDS_AT_ONCE = shards
+                    out = work / f"shards_{runtime}_{shards}_{attempt}"
+                    seconds[shards].append(time_stage(extract, config, convert_dir, out, work / "cache_shards")[0])
+        finally:
+            graph.SHARDS_AT_ONCE = at_once
+        outputs = {tree_digest(work / f"shards_{runtime}_{n}_{a}") for n in seconds for a in range(2)}
+        if len(outputs) != 1:
+            raise SystemExit(f"shards at once: {runtime}: the outputs differ with the number of shards at once")
+        one, many = (sum(seconds[n]) / len(seconds[n]) for n in (1, at_once))
+        results[runtime] = {
+            "one_at_a_time_s": [round(t, 2) for t in seconds[1]],
+            f"{at_once}_at_once_s": [round(t, 2) for t in seconds[at_once]],
+            "speedup": round(one / many, 3),
+        }
+    return results
+
+
+def tree_digest(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def max_feature_difference(a_dir: Path, b_dir: Path) -> dict:

@@ -47,6 +47,7 @@ import numpy as np
 import pydantic
 import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import StandardOptions
 
 from components import beam_options, conv_base, outputs
 from components.cli import configure_logging, run_main
@@ -186,6 +187,7 @@ def run(
             cache_root=cache_root,
             namespace=namespace,
             feature_shape=feature_shape,
+            shards_at_once=shards_at_once(options),
         )
         result = pipeline.run()
         result.wait_until_finish()
@@ -244,6 +246,13 @@ def count_records(folder: Path, split: str) -> int:
     """Records in a split's feature shards (0 without shards)."""
     files = sorted(str(p) for p in folder.glob(f"{split}-*.tfrecord"))
     return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1)) if files else 0
+
+
+def shards_at_once(options) -> int | None:
+    """The shards a worker runs at once: one on Beam's DaskRunner, which gathers a bundle's outputs before it calls
+    `finish_bundle` (`apache_beam/runners/dask/transform_evaluator.py`), so the counts a worker running several
+    emits there, the last shards', were lost; None (the graph's own number) elsewhere."""
+    return 1 if "DaskRunner" in str(options.view_as(StandardOptions).runner) else None
 
 
 def images_computed(result) -> int | None:

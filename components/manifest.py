@@ -27,9 +27,16 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
     """The rows of a JSON-lines file, read a line at a time, blank lines skipped. Lines end at "\n" only, as Beam's
     text reader and `parse_jsonl` split them (Python's universal newlines also split at a lone "\r", so a row
     convert's check passed was two rows to it and one broken line to its Beam job); a line that is not JSON is an
-    error naming the file and the line."""
-    with open(path, encoding="utf-8", newline="\n") as handle:
-        for number, line in enumerate(handle, 1):
+    error naming the file and the line, as is one that is not UTF-8 (read as text, the decoder's error named
+    neither)."""
+    with open(path, "rb") as handle:  # a binary file's lines end at b"\n" only
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}: line {number} is not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})"
+                ) from None
             if line.strip():
                 try:
                     yield json.loads(line)

@@ -35,9 +35,16 @@ log = logging.getLogger(__name__)
 
 def trained_on() -> dict:
     """The machine a model is trained on, as far as it decides the model's last bits (the architecture, its
-    instruction sets, the cores TensorFlow's kernels split their sums over, the thread and oneDNN settings):
-    recorded in the training stages' histories, so that a rebuild elsewhere can say why its bits differ."""
-    return fingerprint.machine_record()
+    instruction sets, the cores TensorFlow's kernels split their sums over, the thread and oneDNN settings; and,
+    where they are not the defaults, Keras's config from `~/.keras/keras.json` and the GPUs TensorFlow would run
+    the kernels on, as the feature cache's namespaces record them: nothing more on a machine without a GPU, so
+    the records made before they were named stay as they were): recorded in the training stages' histories, so
+    that a rebuild elsewhere can say why its bits differ."""
+    return {
+        **fingerprint.machine_record(),
+        **fingerprint.keras_settings(keras.config.floatx(), keras.config.backend(), keras.config.image_data_format()),
+        **fingerprint.accelerators(tf.config.list_physical_devices("GPU")),
+    }
 
 
 class Diverged(RuntimeError):

@@ -83,6 +83,11 @@ def unfreeze(model: keras.Model, start: int, train_batch_norm: bool = False) -> 
     for index, layer in enumerate(base.layers):
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = index >= start and (train_batch_norm or not is_bn)
+        if layer.trainable and not train_batch_norm:
+            # a nested block (a model inside the base) just made all its layers trainable, batch norm too
+            for inner in layer._flatten_layers(include_self=False):
+                if isinstance(inner, keras.layers.BatchNormalization):
+                    inner.trainable = False
         if layer.trainable and layer.weights:
             trainable.append(layer.name)
     return trainable

@@ -95,33 +95,9 @@ def local_record(runtime: str = "tensorflow") -> dict:
     }
 
 
-KERAS_DEFAULTS = {"floatx": "float32", "backend": "tensorflow", "image_data_format": "channels_last"}
-
-
-def keras_settings(floatx: str, backend: str, image_data_format: str) -> dict:
-    """Keras's config (~/.keras/keras.json, KERAS_HOME) where it is not the default: float64 computes other
-    features. Nothing where it is, so the namespaces made before this was recorded stay valid."""
-    settings = {"floatx": floatx, "backend": backend, "image_data_format": image_data_format}
-    return {} if settings == KERAS_DEFAULTS else {"keras_config": settings}
-
-
-def accelerators(gpus) -> dict:
-    """The GPUs TensorFlow would run the base on (their kernels and TF32 give other bits than a CPU's), with
-    TF32's setting; nothing on a machine without one (the namespaces made before stay valid)."""
-    if not gpus:
-        return {}
-    details = []
-    for gpu in gpus:
-        try:
-            found = tf.config.experimental.get_device_details(gpu)
-        except Exception:  # noqa: BLE001 - a fake or odd device: its name still tells it apart
-            found = {}
-        details.append({"name": getattr(gpu, "name", str(gpu)), **{k: str(v) for k, v in sorted(found.items())}})
-    return {
-        "gpus": details,
-        "tensor_float_32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
-        "cuda": {k: str(v) for k, v in sorted(tf.sysconfig.get_build_info().items()) if "cuda" in k or "cudnn" in k},
-    }
+KERAS_DEFAULTS = fingerprint.KERAS_DEFAULTS
+keras_settings = fingerprint.keras_settings
+accelerators = fingerprint.accelerators
 
 
 def local_differences(namespace: dict) -> list[str]:

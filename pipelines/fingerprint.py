@@ -104,3 +104,35 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+KERAS_DEFAULTS = {"floatx": "float32", "backend": "tensorflow", "image_data_format": "channels_last"}
+
+
+def keras_settings(floatx: str, backend: str, image_data_format: str) -> dict:
+    """Keras's config (~/.keras/keras.json, KERAS_HOME) where it is not the default: float64 computes other
+    features and trains other weights. Nothing where it is, so the feature cache's namespaces and the training
+    histories' machine records made before this was recorded stay valid."""
+    settings = {"floatx": floatx, "backend": backend, "image_data_format": image_data_format}
+    return {} if settings == KERAS_DEFAULTS else {"keras_config": settings}
+
+
+def accelerators(gpus) -> dict:
+    """The GPUs TensorFlow would run the base, or training, on (their kernels and TF32 give other bits than a
+    CPU's), with TF32's setting; nothing on a machine without one (the records made before stay valid)."""
+    if not gpus:
+        return {}
+    import tensorflow as tf  # only where there is a GPU: this module stays light
+
+    details = []
+    for gpu in gpus:
+        try:
+            found = tf.config.experimental.get_device_details(gpu)
+        except Exception:  # noqa: BLE001 - a fake or odd device: its name still tells it apart
+            found = {}
+        details.append({"name": getattr(gpu, "name", str(gpu)), **{k: str(v) for k, v in sorted(found.items())}})
+    return {
+        "gpus": details,
+        "tensor_float_32": bool(tf.config.experimental.tensor_float_32_execution_enabled()),
+        "cuda": {k: str(v) for k, v in sorted(tf.sysconfig.get_build_info().items()) if "cuda" in k or "cudnn" in k},
+    }

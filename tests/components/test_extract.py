@@ -523,7 +523,7 @@ def test_a_shards_memory_does_not_grow_with_its_records(tmp_path, monkeypatch):
                         "TemporaryFile",
                         lambda made=made, real=real_file, **kw: made.append(kw.get("dir")) or real(**kw),
                     )
-                    assert list(shard.process(("train", str(source), str(target)))) == [("train", n, 0)]
+                    assert shard.run_shard(("train", str(source), str(target))) == ("train", n, 0)
                 assert made == [str(tmp_path / "cache")]
                 peaks[n] = tracemalloc.get_traced_memory()[1]
             finally:
@@ -562,10 +562,71 @@ def test_a_damaged_entry_is_replaced_never_deleted(tmp_path, monkeypatch):
         removed = []
         real_unlink = os.unlink
         monkeypatch.setattr(os, "unlink", lambda p, *a, **k: removed.append(str(p)) or real_unlink(p, *a, **k))
-        assert list(shard.process(("train", str(source), str(tmp_path / "out.tfrecord")))) == [("train", 3, 1)]
+        assert shard.run_shard(("train", str(source), str(tmp_path / "out.tfrecord"))) == ("train", 3, 1)
     finally:
         shard.teardown()
     assert not [p for p in removed if p.endswith(feature_cache.SUFFIX)]  # replaced in place, never deleted
     assert shard._cache.get(keys[1]) is not None and float(shard._cache.get(keys[0])[0]) == 7.0
     written = [records.parse_feature_record(r, 4) for r in tf.data.TFRecordDataset(str(tmp_path / "out.tfrecord"))]
     assert [w[0].numpy() for w in written] == [b"id0", b"id1", b"id2"]
+
+
+def test_a_worker_runs_two_shards_at_once_and_a_failed_one_waits_for_the_other(tmp_path, monkeypatch):
+    """Between shards the cores idled (a shard's start fills the decode queue, its end drains it and writes the
+    output on one thread), so a worker runs two at once: each shard's counts come out, in order, by the bundle's
+    end; the computed counter adds them up in the bundle's thread; an error stops the bundle only once the other
+    running shard is done, so nothing is left writing behind a failed bundle."""
+    import threading
+    import time
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    namespace = extract.cache_namespace(extract.Config(BASE, extract.ExtractParams(batch_size=4)))
+    shard = graph.ExtractShard(None, (32, 32), 4, str(tmp_path / "cache"), namespace, [4])
+    shard.setup()
+    met = threading.Barrier(2, timeout=20)  # broken unless the first two shards run at the same time
+    finished, counted = [], []
+    monkeypatch.setattr(shard._computed, "inc", counted.append)
+
+    def run_shard(job):
+        split, index, fail = job
+        if index < 2:
+            met.wait()
+        if fail:
+            raise ValueError(f"shard {index} is broken")
+        time.sleep(0.3 if index == 0 else 0.0)  # the first finishes last: its counts still come out first
+        finished.append(index)
+        return split, 10 + index, index
+
+    monkeypatch.setattr(shard, "run_shard", run_shard)
+
+    def bundle(jobs):
+        shard.start_bundle()
+        out = [row for job in jobs for row in shard.process(job)]
+        last = list(shard.finish_bundle())  # Beam needs a windowed value from finish_bundle
+        assert all(isinstance(w, WindowedValue) and w.windows == [GlobalWindow()] for w in last), last
+        return out + [w.value for w in last]
+
+    try:
+        assert bundle([("train", 0, False), ("train", 1, False), ("val", 2, False)]) == [
+            ("train", 10, 0),
+            ("train", 11, 1),
+            ("val", 12, 2),
+        ]
+        assert counted == [0, 1, 2]
+        met.reset()
+        finished.clear()
+        with pytest.raises(ValueError, match="shard 1 is broken"):
+            bundle([("train", 1, True), ("train", 0, False)])
+        assert finished == [0]  # the other shard, running when the error came, was done before it surfaced
+        assert counted == [0, 1, 2]  # a failed bundle's shards counted nothing
+    finally:
+        shard.teardown()
+    # Beam's DaskRunner gathers a bundle's outputs before finish_bundle: there, one shard at a time
+    assert extract.shards_at_once(PipelineOptions(["--runner=DaskRunner"])) == 1
+    assert extract.shards_at_once(PipelineOptions([])) is None
+    assert (
+        graph.ExtractShard(None, (32, 32), 4, None, {}, [4], extract.shards_at_once(PipelineOptions([])))._at_once == 2
+    )

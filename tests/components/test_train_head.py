@@ -388,3 +388,25 @@ def test_a_model_that_cannot_be_committed_keeps_the_previous_runs_metrics(tmp_pa
     with pytest.raises(OSError, match="busy"):
         train_head.run(other, extract_dir, labels, out, live)
     assert (tree_bytes(out), tree_bytes(live)) == before
+
+
+def test_the_machine_record_names_the_gpus_and_keras_settings(monkeypatch):
+    """A history's `trained_on` is what a rebuild elsewhere explains its bits by (tools.audit): a GPU runs the
+    kernels instead of the CPU, and `~/.keras/keras.json`'s float type changes every weight; neither was in it.
+    Each is named where it is not the default, so a record of this CPU machine is what it was before."""
+    import keras
+
+    from pipelines import fingerprint
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # a machine without a GPU
+    for name, value in fingerprint.KERAS_DEFAULTS.items():
+        monkeypatch.setattr(keras.config, name, lambda value=value: value)
+    assert training.trained_on() == fingerprint.machine_record()  # as recorded before
+    monkeypatch.setattr(keras.config, "floatx", lambda: "float64")
+    assert training.trained_on()["keras_config"]["floatx"] == "float64"
+    monkeypatch.setattr(
+        tf.config, "list_physical_devices", lambda kind=None: [tf.config.PhysicalDevice("/gpu:0", "GPU")]
+    )
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda device: {"device_name": "NVIDIA H100"})
+    gpus = training.trained_on()["gpus"]
+    assert gpus == [{"name": "/gpu:0", "device_name": "NVIDIA H100"}]

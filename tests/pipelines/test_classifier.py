@@ -79,3 +79,46 @@ def test_grad_cam_refuses_classes_that_do_not_match_the_images(units):
     for classes in ([0, 1, 0], [0, 1, 0, 1, 0], [0, 1, 0, top], [0, -1, 0, 1], [0.0, 1.0, 0.0, 1.0]):
         with pytest.raises(ValueError, match="one class in 0..%d per image \\(4 images\\)" % (top - 1)):
             classifier.grad_cam(model, PIXELS, np.array(classes))
+
+
+def nested_classifier() -> keras.Model:
+    """A base whose block is a model of its own, with batch norm inside it (a saved base built from parts)."""
+    block = keras.Sequential(
+        [
+            keras.Input((8, 8, 4)),
+            keras.layers.Conv2D(4, 3, padding="same", name="block_conv"),
+            keras.layers.BatchNormalization(name="block_bn"),
+        ],
+        name="block",
+    )
+    pixels = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(pixels)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    base = keras.Model(pixels, block(x), name="base")
+    extractor = keras.Model(pixels, keras.layers.GlobalAveragePooling2D()(InferenceMode(base)(pixels)))
+    features = keras.Input((4,))
+    return classifier.assemble(extractor, keras.Model(features, keras.layers.Dense(1, activation="sigmoid")(features)))
+
+
+@pytest.mark.parametrize("train_batch_norm", [False, True])
+@pytest.mark.parametrize("start", [0, 3])
+def test_unfreezing_reaches_batch_norm_inside_nested_blocks(train_batch_norm, start):
+    """Batch norm's scale and offset train only with train_batch_norm, in a nested block too (they trained
+    there whatever it said: the block's own trainable flag set its layers'), and nothing below the start trains."""
+    model = nested_classifier()
+    base = classifier.find_base(model)
+    assert [layer.name for layer in base.layers[1:]] == ["stem", "stem_bn", "block"]
+    trainable = classifier.unfreeze(model, start, train_batch_norm)
+    names = {id(v): f"{layer.name}/{v.name}" for layer in base._flatten_layers() for v in layer._trainable_variables}
+    got = sorted(names[id(v)] for v in model.trainable_weights if id(v) in names)
+    layers = {"stem": 1, "stem_bn": 2, "block_conv": 3, "block_bn": 3}  # the index in base.layers of each
+    expected = sorted(
+        f"{layer}/{name}"
+        for layer, index in layers.items()
+        for name in (("gamma", "beta") if layer.endswith("_bn") else ("kernel", "bias"))
+        if index >= start and (train_batch_norm or not layer.endswith("_bn"))
+    )
+    assert got == expected
+    assert trainable == [
+        layer.name for layer in base.layers[max(start, 1) :] if train_batch_norm or not layer.name.endswith("_bn")
+    ]  # the base's own layers that train, in part at least (all of these have weights)

@@ -131,6 +131,13 @@ def test_a_rebuild_on_another_machine_type_says_so(tmp_path):
     ]
     assert audit.machine_differences(rebuilt, rebuilt) == []
     assert audit.machine_differences({}, rebuilt) == []  # a revision from before the record: nothing to say
+    # A GPU, named only where there is one (as Keras's config only where not the default): missing is none.
+    gpu = {"data/train_head/history.json": {**here, "gpus": [{"name": "/physical_device:GPU:0"}]}}
+    assert audit.machine_differences(gpu, rebuilt) == [
+        "rebuild: data/train_head/history.json was trained on another machine type than this rebuild's (gpus "
+        "[{'name': '/physical_device:GPU:0'}] there, None here): TensorFlow's last bits follow the machine, so "
+        "rebuild on the one it names"
+    ]
     # The record is no difference itself: a rebuild whose bits are the same passes wherever it ran.
     digest = audit.content_digests(tmp_path, ["data/train_head"])
     history.write_text(json.dumps({"epochs_run": 3, "trained_on": here}, indent=2) + "\n")
