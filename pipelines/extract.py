@@ -10,7 +10,7 @@ shard is then written in the input's order from the cache. Memory holds a few ba
 shard or the dataset (one id and key per record of a shard, held until 2026-12-07, grew with the shard); the
 decoder is built once per worker, and the model too, only when a shard has a miss. A worker runs two shards at once
 (`SHARDS_AT_ONCE`; one on Dask), so that one's start and end, when few batches are in flight, leave fewer cores idle:
-the same bytes, 1.27-1.42x the images a second with OpenVINO and 1.04x with TensorFlow on 2,000 photos
+the same bytes, 1.20-1.42x the images a second with OpenVINO and 1.04-1.17x with TensorFlow on 2,000 photos
 (`benchmarks/extract_throughput.py --shards`, 2026-12-08).
 
 **Why a fixed batch shape:** on a CPU an image's features can differ in the last
