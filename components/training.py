@@ -40,11 +40,7 @@ def trained_on() -> dict:
     the kernels on, as the feature cache's namespaces record them: nothing more on a machine without a GPU, so
     the records made before they were named stay as they were): recorded in the training stages' histories, so
     that a rebuild elsewhere can say why its bits differ."""
-    return {
-        **fingerprint.machine_record(),
-        **fingerprint.keras_settings(keras.config.floatx(), keras.config.backend(), keras.config.image_data_format()),
-        **fingerprint.accelerators(tf.config.list_physical_devices("GPU")),
-    }
+    return fingerprint.compute_record()
 
 
 class Diverged(RuntimeError):

@@ -89,9 +89,7 @@ def local_record(runtime: str = "tensorflow") -> dict:
         "entry": ENTRY_FORMAT,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        **fingerprint.machine_record(),
-        **keras_settings(keras.config.floatx(), keras.config.backend(), keras.config.image_data_format()),
-        **accelerators(tf.config.list_physical_devices("GPU")),
+        **fingerprint.compute_record(),
     }
 
 

@@ -117,6 +117,20 @@ def keras_settings(floatx: str, backend: str, image_data_format: str) -> dict:
     return {} if settings == KERAS_DEFAULTS else {"keras_config": settings}
 
 
+def compute_record() -> dict:
+    """What of this process decides a TensorFlow computation's last bits: `machine_record`, with Keras's config and
+    the GPUs where they are not the defaults (feature cache namespaces and training histories record it alike).
+    Keras and TensorFlow are imported here, on use: download, which needs only `machine_record`, does not load them."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        **machine_record(),
+        **keras_settings(keras.config.floatx(), keras.config.backend(), keras.config.image_data_format()),
+        **accelerators(tf.config.list_physical_devices("GPU")),
+    }
+
+
 def accelerators(gpus) -> dict:
     """The GPUs TensorFlow would run the base, or training, on (their kernels and TF32 give other bits than a
     CPU's), with TF32's setting; nothing on a machine without one (the records made before stay valid)."""
